@@ -1,0 +1,1 @@
+"""cw_pipeline."""

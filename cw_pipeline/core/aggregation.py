@@ -1,0 +1,202 @@
+"""Descriptor aggregation: l2 → PCA-whitening → l2 per class vector, then sum and l2.
+
+* ``PCAWhitening``: fitted on class vectors of a *training* dataset (the paired dataset: Paris for
+  Oxford and vice versa), N_pca vectors per image. Persisted as ``.npz`` + JSON metadata.
+* Offline aggregation (OfA): an image's own top N_C class vectors, at indexing time.
+* Online aggregation (OnA): the query's top N_C classes applied to every database image, at
+  search time (see ``search.online_descriptors``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+EPS = 1e-12
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Rows scaled to unit l2 norm; all-zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, EPS)
+
+
+@dataclass
+class PCAWhitening:
+    """PCA-whitening: ``y = ((x - mean) @ components.T) / sqrt(eigenvalues)``.
+
+    Attributes:
+        mean: D-vector.
+        components: d × D principal directions (rows), by decreasing variance.
+        eigenvalues: d variances.
+        metadata: provenance (backbone, layer, n_pca, dims, training set and size ...).
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    eigenvalues: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.components.shape[0])
+
+    @classmethod
+    def fit(
+        cls,
+        vectors: np.ndarray,
+        dims: int | None = None,
+        *,
+        whiten: bool = True,
+        metadata: dict[str, Any] | None = None,
+    ) -> PCAWhitening:
+        """Fit on training vectors (n × D), already l2-normalised by the caller.
+
+        With fewer training vectors than dimensions only min(D, n − 1) components carry
+        variance: that many are kept (and said in a log line). ``dims`` optionally cuts further.
+        """
+        x = np.asarray(vectors, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(f"PCA needs at least 2 training vectors, got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("PCA training vectors contain NaN or infinity")
+        n, d_in = x.shape
+        mean = x.mean(axis=0)
+        centred = x - mean
+        # Economy SVD of the centred data: eigenvalues of the covariance are s² / (n − 1).
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        eig = s**2 / (n - 1)
+        available = min(d_in, n - 1)
+        keep = available if dims is None else min(int(dims), available)
+        if dims is not None and dims > available:
+            logger.info(
+                "PCA: %d training vectors for %d dimensions: fitting %d components instead of %d",
+                n,
+                d_in,
+                available,
+                dims,
+            )
+        elif dims is None and available < d_in:
+            logger.info(
+                "PCA: %d training vectors for %d dimensions: fitting %d components",
+                n,
+                d_in,
+                available,
+            )
+        # Drop numerically null directions (rank-deficient data), which whitening would blow up.
+        tol = eig[0] * 1e-10 if eig.size and eig[0] > 0 else 0.0
+        keep = max(1, min(keep, int((eig > tol).sum())))
+        meta = dict(metadata or {})
+        meta.update(
+            {
+                "training_vectors": int(n),
+                "input_dim": int(d_in),
+                "output_dim": int(keep),
+                "whiten": bool(whiten),
+            }
+        )
+        return cls(
+            mean=mean.astype(np.float32),
+            components=vt[:keep].astype(np.float32),
+            eigenvalues=(eig[:keep] if whiten else np.ones(keep)).astype(np.float32),
+            metadata=meta,
+        )
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Project and whiten (no normalisation); accepts (..., D) arrays."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape[-1] != self.input_dim:
+            raise ValueError(f"PCA expects {self.input_dim}-d vectors, got {x.shape[-1]}-d")
+        y = (x - self.mean) @ self.components.T
+        return y / np.sqrt(np.maximum(self.eigenvalues, EPS))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The paper's per-vector step: l2 → PCA-whitening → l2."""
+        return l2_normalize(self.transform(l2_normalize(x)))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<path>.npz`` (arrays) and ``<path>.json`` (metadata) atomically."""
+        base = Path(path)
+        base = base.with_suffix("") if base.suffix in (".npz", ".json") else base
+        base.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(
+            base.with_suffix(".npz"),
+            lambda f: np.savez(
+                f, mean=self.mean, components=self.components, eigenvalues=self.eigenvalues
+            ),
+        )
+        payload = json.dumps(self.metadata, indent=2, sort_keys=True, default=str).encode()
+        _atomic_write(base.with_suffix(".json"), lambda f: f.write(payload))
+        return base.with_suffix(".npz")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PCAWhitening:
+        """Read a model written by ``save`` (no pickles are loaded)."""
+        base = Path(path)
+        base = base.with_suffix("") if base.suffix in (".npz", ".json") else base
+        with np.load(base.with_suffix(".npz"), allow_pickle=False) as data:
+            mean, comps, eig = data["mean"], data["components"], data["eigenvalues"]
+        meta_path = base.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if comps.shape[1] != mean.shape[0] or comps.shape[0] != eig.shape[0]:
+            raise ValueError(f"PCA model {base} has inconsistent array shapes")
+        return cls(mean=mean, components=comps, eigenvalues=eig, metadata=meta)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def pca_training_vectors(class_vectors: np.ndarray, n_pca: int) -> np.ndarray:
+    """The first ``n_pca`` class vectors of each image (n × N_C × K → (n·N_pca) × K), l2-normed."""
+    cv = np.asarray(class_vectors, dtype=np.float32)
+    if cv.ndim != 3:
+        raise ValueError(f"class vectors must be n×N_C×K, got shape {cv.shape}")
+    if n_pca < 1 or n_pca > cv.shape[1]:
+        raise ValueError(f"N_pca={n_pca} outside 1..{cv.shape[1]} stored class vectors")
+    return l2_normalize(cv[:, :n_pca].reshape(-1, cv.shape[2]))
+
+
+def aggregate(class_vectors: np.ndarray, pca: PCAWhitening | None, n_classes: int) -> np.ndarray:
+    """OfA descriptors: l2(Σ_{c ≤ N_C} l2(PCAw(l2(f_c)))) for n × N_C' × K class vectors.
+
+    ``class_vectors`` must be ordered by class rank (most probable first); the first
+    ``n_classes`` are aggregated. Without PCA the l2-normalised vectors are summed.
+    """
+    cv = np.asarray(class_vectors, dtype=np.float32)
+    if cv.ndim == 2:
+        cv = cv[None]
+    if cv.ndim != 3:
+        raise ValueError(f"class vectors must be n×N_C×K, got shape {cv.shape}")
+    if n_classes < 1 or n_classes > cv.shape[1]:
+        raise ValueError(f"N_C={n_classes} outside 1..{cv.shape[1]} stored class vectors")
+    sel = cv[:, :n_classes]
+    per_class = pca(sel) if pca is not None else l2_normalize(sel)
+    return l2_normalize(per_class.sum(axis=1))
+
+
+def raw_descriptors(sum_pooled: np.ndarray, pca: PCAWhitening | None = None) -> np.ndarray:
+    """Baseline: l2 of the sum-pooled vector, optionally l2 → PCA-whitening → l2."""
+    x = np.asarray(sum_pooled, dtype=np.float32)
+    return pca(x) if pca is not None else l2_normalize(x)

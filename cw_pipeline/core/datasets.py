@@ -1,0 +1,604 @@
+"""Retrieval datasets: ground-truth readers (Oxford/Paris text files, ``gnd_*.pkl``, UKBench,
+INRIA Holidays) and a deterministic image-folder scanner.
+
+Image ids are file names without extension (``"all_souls_000013"``); the scanner keeps
+sub-folders in the id (``"shard1/img"``) unless asked for flat ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_IMAGE_EXTENSIONS",
+    "GroundTruth",
+    "Query",
+    "QueryProtocol",
+    "UnsafePickleError",
+    "check_query_protocol",
+    "holidays_groundtruth",
+    "load_gnd_pickle",
+    "read_oxford_groundtruth",
+    "scan_image_folder",
+    "ukbench_groundtruth",
+    "ukbench_labels",
+    "validate_groundtruth",
+]
+
+logger = logging.getLogger(__name__)
+
+QueryProtocol = Literal["paper", "crop"]
+"""How a query with a bounding box is searched.
+
+* ``"paper"``: the original code's protocol — the full query image goes through the network
+  and the box is applied on its feature map (box / stride, context leaks in through receptive
+  fields); the query image stays in the database (classic Oxford/Paris count it as positive).
+* ``"crop"``: the image is cropped to the box before the forward pass (the Revisited
+  Oxford/Paris protocol).
+
+For the revisited datasets the query images are never part of the database, whatever the
+protocol.
+"""
+
+DEFAULT_IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+
+_OXFORD_QUERY_PREFIX = "oxc1_"
+
+
+def check_query_protocol(value: str) -> QueryProtocol:
+    """Return ``value`` as a :data:`QueryProtocol`, or raise ValueError naming it."""
+    allowed = get_args(QueryProtocol)
+    if value not in allowed:
+        raise ValueError(f"unknown query protocol {value!r}; expected one of {allowed}")
+    return value  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# data model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query of a retrieval benchmark.
+
+    ``positives`` is good ∪ ok (classic) or easy ∪ hard (revisited, the Medium positives);
+    ``bbox`` is (x1, y1, x2, y2) in original-image pixels, or None for whole-image queries.
+    """
+
+    image_id: str
+    bbox: tuple[float, float, float, float] | None
+    positives: frozenset[str]
+    junk: frozenset[str]
+    easy: frozenset[str] = frozenset()
+    hard: frozenset[str] = frozenset()
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """A benchmark's database order and queries.
+
+    ``queries_in_database`` is True for classic Oxford/Paris, UKBench and Holidays, False for
+    the revisited sets (their query images are not in ``image_ids``).
+    """
+
+    dataset: str
+    image_ids: tuple[str, ...]
+    queries: tuple[Query, ...]
+    revisited: bool
+    queries_in_database: bool
+
+    def to_index_gnd(self, strict: bool = True) -> list[dict[str, np.ndarray]]:
+        """Per-query dicts of sorted int64 index arrays into ``image_ids`` for evaluation.
+
+        Keys: ``'ok'`` (positives) and ``'junk'``, plus ``'easy'`` and ``'hard'`` when
+        revisited. With ``strict`` a ground-truth name missing from ``image_ids`` raises
+        ValueError; otherwise it is dropped (see :func:`validate_groundtruth`).
+        """
+        index = {name: i for i, name in enumerate(self.image_ids)}
+
+        def to_idx(names: frozenset[str], query: Query, field: str) -> np.ndarray:
+            idx = []
+            for name in sorted(names):
+                i = index.get(name)
+                if i is None:
+                    if strict:
+                        raise ValueError(
+                            f"{self.dataset}: {field} image {name!r} of query "
+                            f"{query.name or query.image_id!r} is not in image_ids"
+                        )
+                    continue
+                idx.append(i)
+            return np.array(sorted(idx), dtype=np.int64)
+
+        out: list[dict[str, np.ndarray]] = []
+        for q in self.queries:
+            entry = {"ok": to_idx(q.positives, q, "positive"), "junk": to_idx(q.junk, q, "junk")}
+            if self.revisited:
+                entry["easy"] = to_idx(q.easy, q, "easy")
+                entry["hard"] = to_idx(q.hard, q, "hard")
+            out.append(entry)
+        return out
+
+
+def _check_unique_ids(ids: Sequence[str], source: str) -> tuple[str, ...]:
+    """Return ``ids`` as a tuple, raising ValueError on the first repeated id."""
+    seen: set[str] = set()
+    for image_id in ids:
+        if not isinstance(image_id, str):
+            raise ValueError(f"{source}: image ids must be strings, got {image_id!r}")
+        if image_id in seen:
+            raise ValueError(f"{source}: duplicate image id {image_id!r}")
+        seen.add(image_id)
+    return tuple(ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Oxford / Paris text files
+# --------------------------------------------------------------------------------------------
+
+
+def _query_sort_key(name: str) -> tuple[str, int, str]:
+    """Natural order of query names: ``all_souls_2`` before ``all_souls_10``."""
+    stem, _, number = name.rpartition("_")
+    if stem and number.isdigit():
+        return (stem, int(number), name)
+    return (name, -1, name)
+
+
+def _read_name_list(path: Path) -> set[str]:
+    """Read a ``_good/_ok/_junk.txt`` list (one image name a line; blank lines ignored)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"ground-truth file missing: {path}")
+    names: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) != 1:
+                raise ValueError(f"{path}:{lineno}: expected one image name, got {line.strip()!r}")
+            names.add(tokens[0])
+    return names
+
+
+def _read_query_file(path: Path) -> tuple[str, tuple[float, float, float, float]]:
+    """Parse ``<image> x1 y1 x2 y2`` (image may carry the ``oxc1_`` prefix)."""
+    with path.open(encoding="utf-8") as fh:
+        lines = [(n, line.split()) for n, line in enumerate(fh, start=1) if line.strip()]
+    if len(lines) != 1:
+        raise ValueError(f"{path}: expected exactly one query line, found {len(lines)}")
+    lineno, tokens = lines[0]
+    if len(tokens) != 5:
+        raise ValueError(f"{path}:{lineno}: expected '<image> x1 y1 x2 y2', got {tokens!r}")
+    try:
+        x1, y1, x2, y2 = (float(t) for t in tokens[1:])
+    except ValueError:
+        raise ValueError(
+            f"{path}:{lineno}: box coordinates are not numbers: {tokens[1:]!r}"
+        ) from None
+    if not all(np.isfinite((x1, y1, x2, y2))) or x2 < x1 or y2 < y1:
+        raise ValueError(f"{path}:{lineno}: invalid box {(x1, y1, x2, y2)!r}")
+    return tokens[0].removeprefix(_OXFORD_QUERY_PREFIX), (x1, y1, x2, y2)
+
+
+def read_oxford_groundtruth(
+    folder: Path | str,
+    image_ids: Sequence[str] | None = None,
+    dataset: str | None = None,
+) -> GroundTruth:
+    """Read the official Oxford/Paris ground-truth folder (``<name>_<n>_{query,good,ok,junk}.txt``).
+
+    The ``oxc1_`` prefix of Oxford query lines is stripped; positives = good ∪ ok; duplicate
+    lines are merged. Queries come in natural name order (the ``gnd_*.pkl`` ``qimlist`` order).
+    ``image_ids`` is the database order — the real database is the image folder, which the
+    pipeline passes; when None, it is the sorted union of every name in the files (queries
+    included), which misses images that appear in no list. ``dataset`` defaults to the folder
+    name.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"ground-truth folder not found: {folder}")
+    query_files = sorted(folder.glob("*_query.txt"))
+    if not query_files:
+        raise ValueError(f"{folder}: no '*_query.txt' files")
+    names = sorted((p.name[: -len("_query.txt")] for p in query_files), key=_query_sort_key)
+
+    queries: list[Query] = []
+    all_names: set[str] = set()
+    for name in names:
+        image_id, bbox = _read_query_file(folder / f"{name}_query.txt")
+        good = _read_name_list(folder / f"{name}_good.txt")
+        ok = _read_name_list(folder / f"{name}_ok.txt")
+        junk = _read_name_list(folder / f"{name}_junk.txt")
+        positives = good | ok
+        both = sorted(positives & junk)
+        if both:
+            raise ValueError(f"{folder / f'{name}_junk.txt'}: {both[0]!r} is also a positive")
+        all_names |= positives | junk | {image_id}
+        queries.append(Query(image_id, bbox, frozenset(positives), frozenset(junk), name=name))
+
+    if image_ids is None:
+        db = tuple(sorted(all_names))
+    else:
+        db = _check_unique_ids(list(image_ids), "image_ids")
+    return GroundTruth(
+        dataset=dataset or folder.name,
+        image_ids=db,
+        queries=tuple(queries),
+        revisited=False,
+        queries_in_database=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# gnd_*.pkl
+# --------------------------------------------------------------------------------------------
+
+
+class UnsafePickleError(ValueError):
+    """A pickle asked for a global outside the ground-truth allow-list."""
+
+
+def _numpy_attr(module: str, name: str) -> Any:
+    """Resolve an allowed numpy global without importing the deprecated ``numpy.core``."""
+    import importlib
+
+    sub = module.split(".", 2)[-1] if module.startswith(("numpy.core.", "numpy._core.")) else ""
+    if module == "numpy":
+        return getattr(np, name)
+    for base in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{base}.{sub}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise AttributeError(f"{module}.{name}")
+
+
+_SAFE_BUILTINS = frozenset(
+    {"list", "dict", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes",
+     "bytearray", "bool"}
+)  # fmt: skip
+_SAFE_NUMPY = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        *(
+            (f"{base}.{mod}", name)
+            for base in ("numpy.core", "numpy._core")
+            for mod, name in (
+                ("multiarray", "_reconstruct"),
+                ("multiarray", "scalar"),
+                ("numeric", "_frombuffer"),  # protocol-5 arrays
+            )
+        ),
+    }
+)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler admitting only builtin containers/scalars and what rebuilds numpy arrays."""
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file, encoding="latin1")  # latin1: Python-2 numpy pickles
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
+            import builtins
+
+            return getattr(builtins, name)
+        if (module, name) == ("_codecs", "encode"):  # bytes in protocol-2 pickles
+            import codecs
+
+            return codecs.encode
+        if (module, name) in _SAFE_NUMPY:
+            return _numpy_attr(module, name)
+        raise UnsafePickleError(f"{self._path}: refused to load global {module}.{name}")
+
+
+def _pkl_names(data: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
+    values = data.get(key)
+    if values is None:
+        raise ValueError(f"{path}: missing key {key!r} (keys: {sorted(data)})")
+    values = [v.item() if isinstance(v, np.generic) else v for v in list(values)]
+    return _check_unique_ids(values, f"{path} [{key}]")
+
+
+def _pkl_indices(value: Any, n_db: int, path: Path, where: str) -> list[int]:
+    arr = np.asarray(value).reshape(-1) if value is not None else np.empty(0)
+    if arr.size and arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise ValueError(f"{path}: {where} holds non-integer indices (dtype {arr.dtype})")
+    idx = [int(i) for i in arr]
+    bad = [i for i in idx if not 0 <= i < n_db]
+    if bad:
+        raise ValueError(f"{path}: {where} index {bad[0]} out of range for {n_db} images")
+    return idx
+
+
+def load_gnd_pickle(path: Path | str) -> GroundTruth:
+    """Load a ``gnd_<dataset>.pkl`` (cirtorch / revisitop format) with a restricted unpickler.
+
+    Classic files have per-query ``bbx``, ``ok``, ``junk``; revisited ones (detected by
+    ``'easy'``) have ``bbx``, ``easy``, ``hard``, ``junk`` and their queries are not in the
+    database. Query names are not stored in the pickle and are left empty. A pickle that needs
+    any other global raises :class:`UnsafePickleError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ground-truth pickle not found: {path}")
+    with path.open("rb") as fh:
+        try:
+            data = _RestrictedUnpickler(fh, path).load()
+        except UnsafePickleError:
+            raise
+        except Exception as exc:  # corrupt or truncated file
+            raise ValueError(f"{path}: cannot unpickle ground truth: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a dict, got {type(data).__name__}")
+    imlist = _pkl_names(data, "imlist", path)
+    qimlist = _pkl_names(data, "qimlist", path)
+    gnd = data.get("gnd")
+    if not isinstance(gnd, list) or len(gnd) != len(qimlist):
+        raise ValueError(
+            f"{path}: 'gnd' must be a list with one entry per qimlist name ({len(qimlist)})"
+        )
+    flags = {isinstance(g, dict) and "easy" in g for g in gnd}
+    if len(flags) > 1:
+        raise ValueError(f"{path}: some gnd entries have 'easy' and others do not")
+    revisited = flags == {True}
+    fields = ("easy", "hard", "junk") if revisited else ("ok", "junk")
+
+    n_db = len(imlist)
+    queries = []
+    for i, (qname, g) in enumerate(zip(qimlist, gnd, strict=True)):
+        if not isinstance(g, dict):
+            raise ValueError(f"{path}: gnd[{i}] is a {type(g).__name__}, not a dict")
+        for f in fields:
+            if f not in g:
+                raise ValueError(f"{path}: gnd[{i}] lacks {f!r} (keys: {sorted(g)})")
+        sets = {
+            f: frozenset(imlist[j] for j in _pkl_indices(g[f], n_db, path, f"gnd[{i}][{f!r}]"))
+            for f in fields
+        }
+        bbx = g.get("bbx")
+        bbox: tuple[float, float, float, float] | None = None
+        if bbx is not None:
+            coords = [float(v) for v in np.asarray(bbx, dtype=np.float64).reshape(-1)]
+            if len(coords) != 4:
+                raise ValueError(f"{path}: gnd[{i}]['bbx'] must hold 4 numbers, got {bbx!r}")
+            bbox = (coords[0], coords[1], coords[2], coords[3])
+        if revisited:
+            q = Query(
+                qname, bbox, sets["easy"] | sets["hard"], sets["junk"], sets["easy"], sets["hard"]
+            )
+        else:
+            q = Query(qname, bbox, sets["ok"], sets["junk"])
+        queries.append(q)
+
+    dataset = path.stem.removeprefix("gnd_")
+    return GroundTruth(
+        dataset=dataset,
+        image_ids=imlist,
+        queries=tuple(queries),
+        revisited=revisited,
+        queries_in_database=not revisited,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# UKBench and Holidays
+# --------------------------------------------------------------------------------------------
+
+_UKBENCH_RE = re.compile(r"ukbench(\d+)")
+_HOLIDAYS_RE = re.compile(r"(\d{4})(\d{2})")
+
+
+def _basename_stem(image_id: str) -> str:
+    """Last path component of an id, without a known image extension."""
+    base = image_id.rsplit("/", 1)[-1]
+    stem, dot, ext = base.rpartition(".")
+    if dot and f".{ext.lower()}" in DEFAULT_IMAGE_EXTENSIONS:
+        return stem
+    return base
+
+
+def ukbench_labels(image_ids: Sequence[str]) -> np.ndarray:
+    """Object label (``number // 4``) of each UKBench id (``ukbench00123``, maybe ``jpg/…``)."""
+    labels = np.empty(len(image_ids), dtype=np.int64)
+    for i, image_id in enumerate(image_ids):
+        m = _UKBENCH_RE.fullmatch(_basename_stem(str(image_id)))
+        if m is None:
+            raise ValueError(f"not a UKBench image id (ukbenchNNNNN): {image_id!r}")
+        labels[i] = int(m.group(1)) // 4
+    return labels
+
+
+def ukbench_groundtruth(image_ids: Sequence[str]) -> GroundTruth:
+    """Every image queries the whole set; positives = same object, the query included."""
+    ids = _check_unique_ids(list(image_ids), "ukbench image_ids")
+    labels = ukbench_labels(ids)
+    groups: dict[int, list[str]] = {}
+    for image_id, label in zip(ids, labels.tolist(), strict=True):
+        groups.setdefault(label, []).append(image_id)
+    members = {label: frozenset(g) for label, g in groups.items()}
+    queries = tuple(
+        Query(image_id, None, members[label], frozenset(), name=image_id)
+        for image_id, label in zip(ids, labels.tolist(), strict=True)
+    )
+    return GroundTruth("ukbench", ids, queries, revisited=False, queries_in_database=True)
+
+
+def holidays_groundtruth(image_ids: Sequence[str]) -> GroundTruth:
+    """INRIA Holidays (``123400.jpg``): group = first four digits, query = ``xxxx00``.
+
+    Positives are the other images of the group; the query image itself is junk (it stays in
+    the database but is ignored in its own ranking). Every group needs its ``xxxx00`` image.
+    """
+    ids = _check_unique_ids(list(image_ids), "holidays image_ids")
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for image_id in ids:
+        m = _HOLIDAYS_RE.fullmatch(_basename_stem(image_id))
+        if m is None:
+            raise ValueError(
+                f"not an INRIA Holidays image id (six digits, e.g. 123400): {image_id!r}"
+            )
+        groups.setdefault(m.group(1), []).append((m.group(2), image_id))
+    queries = []
+    for group in sorted(groups):
+        members = groups[group]
+        query_ids = [image_id for suffix, image_id in members if suffix == "00"]
+        if not query_ids:
+            raise ValueError(f"Holidays group {group} has no query image {group}00")
+        if len(query_ids) > 1:
+            raise ValueError(f"Holidays group {group} has several query images: {query_ids}")
+        qid = query_ids[0]
+        positives = frozenset(image_id for _, image_id in members if image_id != qid)
+        queries.append(Query(qid, None, positives, frozenset({qid}), name=group))
+    return GroundTruth("holidays", ids, tuple(queries), revisited=False, queries_in_database=True)
+
+
+# --------------------------------------------------------------------------------------------
+# image folders
+# --------------------------------------------------------------------------------------------
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def scan_image_folder(
+    root: Path | str,
+    extensions: Iterable[str] = DEFAULT_IMAGE_EXTENSIONS,
+    *,
+    flat: bool = False,
+) -> list[tuple[str, str]]:
+    """List the images under ``root`` as sorted ``(image_id, relative posix path)`` pairs.
+
+    Recursive; extensions match case-insensitively; hidden files and folders are skipped.
+    ``image_id`` is the relative path without extension (``"shard1/img"``), or the bare file
+    stem with ``flat=True`` (for archives that nest images, e.g. Paris's
+    ``paris/<landmark>/``). Ids must be unique. Symlinks resolving inside ``root`` are
+    followed (each real folder is scanned once, so loops end); one pointing outside raises
+    ValueError; broken or looping links are skipped with a log warning. A plain folder carries
+    no ground truth (distractors).
+    """
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root_path}")
+    real_root = root_path.resolve()
+    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+
+    found: list[tuple[str, str]] = []  # (relative posix path, image_id)
+    visited: set[Path] = {real_root}
+    stack: list[tuple[Path, tuple[str, ...]]] = [(root_path, ())]
+    while stack:
+        folder, rel_parts = stack.pop()
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            parts = (*rel_parts, entry.name)
+            rel = "/".join(parts)
+            path = Path(entry.path)
+            if entry.is_symlink():
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError) as exc:
+                    logger.warning("skipping broken or looping symlink %s (%s)", path, exc)
+                    continue
+                is_dir = target.is_dir()
+                if not _is_within(target, real_root):
+                    if is_dir or Path(entry.name).suffix.lower() in exts:
+                        raise ValueError(
+                            f"symlink {path} points outside the image folder {root_path}: {target}"
+                        )
+                    continue
+            else:
+                target = path
+                is_dir = entry.is_dir(follow_symlinks=False)
+            if is_dir:
+                real = target.resolve()
+                if real in visited:
+                    logger.warning("skipping %s: folder %s already scanned", path, real)
+                    continue
+                visited.add(real)
+                stack.append((path, parts))
+            elif Path(entry.name).suffix.lower() in exts and (
+                entry.is_symlink() or entry.is_file(follow_symlinks=False)
+            ):
+                stem = Path(entry.name).stem
+                image_id = stem if flat else "/".join((*rel_parts, stem))
+                found.append((rel, image_id))
+
+    found.sort()
+    by_id: dict[str, str] = {}
+    for rel, image_id in found:
+        if image_id in by_id:
+            raise ValueError(
+                f"image id {image_id!r} is not unique: {by_id[image_id]!r} and {rel!r}"
+            )
+        by_id[image_id] = rel
+    return [(image_id, rel) for rel, image_id in found]
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+
+def validate_groundtruth(gt: GroundTruth, available_ids: Iterable[str]) -> list[str]:
+    """Check ``gt`` against the available images; return warnings for missing names.
+
+    A missing query image raises ValueError (it cannot be searched); missing positives, junk
+    or database images only produce warnings (the evaluation still counts missing positives in
+    ``nres``, so they lower the AP).
+    """
+    available = set(available_ids)
+    for q in gt.queries:
+        if q.image_id not in available:
+            raise ValueError(
+                f"{gt.dataset}: query image {q.image_id!r} (query {q.name or '?'}) is not "
+                "among the available images"
+            )
+    warnings: list[str] = []
+    missing_db = [i for i in gt.image_ids if i not in available]
+    if missing_db:
+        shown = ", ".join(repr(i) for i in missing_db[:5])
+        more = f" and {len(missing_db) - 5} more" if len(missing_db) > 5 else ""
+        warnings.append(
+            f"{gt.dataset}: {len(missing_db)} of {len(gt.image_ids)} database images are "
+            f"missing: {shown}{more}"
+        )
+    for q in gt.queries:
+        label = q.name or q.image_id
+        for field, names in (("positive", q.positives), ("junk", q.junk)):
+            missing = sorted(names - available)
+            if missing:
+                warnings.append(
+                    f"{gt.dataset}: query {label!r}: {len(missing)} of {len(names)} {field} "
+                    f"images missing from the database: {', '.join(missing)}"
+                )
+    return warnings

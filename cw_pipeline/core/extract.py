@@ -1,0 +1,430 @@
+"""From images to per-image records: top classes, class vectors, sum-pooled vector, CAM boxes.
+
+One forward pass per image gives everything the index needs (the paper's Fig. 1, stages 1-2).
+``FeatureExtractor.extract_files`` decodes and resizes images on background threads while the
+network runs, groups images of equal size into batches, and yields one record per file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cw_pipeline.core import images as imgs
+from cw_pipeline.core.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from cw_pipeline.core.cams import (
+    BOX_THRESHOLDS,
+    boxes_to_pixels,
+    class_activation_maps,
+    heatmap_boxes,
+    pixels_to_cells,
+    top_classes,
+)
+from cw_pipeline.core.encoding import class_vectors, crow_channel_weights, sum_pool
+
+logger = logging.getLogger(__name__)
+
+QueryProtocol = Literal["paper", "crop"]
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """Everything that determines the stored features of an image.
+
+    ``code_version()`` hashes it: changing any field marks stored features stale.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    layer: str | None = None
+    weights: str | None = None
+    resize: str = "native"
+    n_classes: int = 64
+    box_classes: int = 2
+    thresholds: tuple[float, ...] = BOX_THRESHOLDS
+    max_pixels: int | None = imgs.DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        imgs.ResizePolicy.parse(self.resize)  # fail early on a bad policy string
+        if self.n_classes < 1 or self.n_classes > 1000:
+            raise ValueError(f"n_classes must be in 1..1000, got {self.n_classes}")
+        if not 1 <= self.box_classes <= self.n_classes:
+            raise ValueError(f"box_classes must be in 1..n_classes, got {self.box_classes}")
+
+    @property
+    def resize_policy(self) -> imgs.ResizePolicy:
+        return imgs.ResizePolicy.parse(self.resize)
+
+    def code_version(self) -> str:
+        """Short stable hash of the settings that change stored features."""
+        payload = asdict(self)
+        payload["resize"] = self.resize_policy.describe()
+        payload.pop("max_pixels")
+        digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return f"{self.backbone}-{digest[:10]}"
+
+
+@dataclass
+class ImageFeatures:
+    """Per-image record.
+
+    Attributes:
+        class_ids: N_C class ids, most probable first.
+        class_probs: their softmax probabilities.
+        class_vectors: N_C × K class vectors (Eq. 4), in class-rank order.
+        sum_pooled: K raw sum-pooled vector (baseline).
+        boxes: T × 4 CAM boxes (x1, y1, x2, y2) in original-image pixels, one per threshold of
+            the heatmap = mean of the top ``box_classes`` CAMs; NaN rows where none.
+        grid: (h, w) of X.
+        input_size: (W, H) of the network input.
+        image_size: (W, H) of the original image (after EXIF orientation).
+        maps: optional ``FeatureMaps`` kept for online aggregation and re-ranking.
+    """
+
+    class_ids: np.ndarray
+    class_probs: np.ndarray
+    class_vectors: np.ndarray
+    sum_pooled: np.ndarray
+    boxes: np.ndarray
+    grid: tuple[int, int]
+    input_size: tuple[int, int]
+    image_size: tuple[int, int]
+    maps: FeatureMaps | None = None
+
+
+@dataclass
+class FeatureMaps:
+    """X and A of one image on X's grid (A resampled when its grid differs), float16 to save RAM.
+
+    ``cam_maps`` is None when A is X (the default layer of every backbone except VGG16-CAM).
+    """
+
+    features: np.ndarray
+    cam_maps: np.ndarray | None = None
+    input_size: tuple[int, int] = (0, 0)
+    image_size: tuple[int, int] = (0, 0)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.features.nbytes + (0 if self.cam_maps is None else self.cam_maps.nbytes))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(self.features.astype(np.float32))[None]
+        a = x if self.cam_maps is None else torch.from_numpy(self.cam_maps.astype(np.float32))[None]
+        return x, a
+
+
+@dataclass
+class ExtractionStats:
+    """Counters of an extraction run."""
+
+    images: int = 0
+    batches: int = 0
+    failed: int = 0
+    forward_seconds: float = 0.0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def encode_maps(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    n_classes: int,
+    class_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class ids, probabilities and class vectors of a batch of (X, A) on the same grid.
+
+    When ``class_ids`` is None each image uses its own top ``n_classes`` (OfA); otherwise the
+    given ids (1-D, shared; or N × n) are used (OnA, re-ranking) and probabilities are theirs.
+    """
+    logits = a.mean(dim=(2, 3)) @ weight.T + bias
+    probs = torch.softmax(logits, dim=1)
+    if class_ids is None:
+        ids, p = top_classes(probs, n_classes)
+    else:
+        ids = class_ids.to(torch.long)
+        ids = ids.expand(x.shape[0], -1) if ids.ndim == 1 else ids
+        p = torch.gather(probs, 1, ids)
+    cams = class_activation_maps(a, weight, ids, size=tuple(x.shape[-2:]))
+    cv = class_vectors(x, cams, crow_channel_weights(x))
+    return ids, p, cv
+
+
+def crop_cells(t: torch.Tensor, cells: Sequence[int]) -> torch.Tensor:
+    """Crop an N × K × h × w tensor to cells (x1, y1, x2, y2), end-exclusive."""
+    x1, y1, x2, y2 = (int(v) for v in cells)
+    return t[..., y1:y2, x1:x2]
+
+
+class FeatureExtractor:
+    """Runs a backbone over images and encodes them into ``ImageFeatures``."""
+
+    def __init__(
+        self,
+        config: ExtractionConfig | None = None,
+        *,
+        backbone: Backbone | None = None,
+        device: str = "cpu",
+        num_threads: int | None = None,
+        batch_size: int = 16,
+        keep_maps: bool = False,
+    ):
+        self.config = config or ExtractionConfig()
+        self.backbone = backbone or load_backbone(
+            self.config.backbone,
+            layer=self.config.layer,
+            weights=self.config.weights,
+            device=device,
+            num_threads=num_threads,
+        )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.keep_maps = keep_maps
+        self.policy = self.config.resize_policy
+        self.stats = ExtractionStats()
+
+    # ------------------------------------------------------------------ preprocessing
+    def prepare(self, image: Image.Image) -> tuple[Image.Image, tuple[int, int]]:
+        """Resize by the configured policy; returns the input image and the original size."""
+        resized = imgs.resize(image, self.policy)
+        if min(resized.size) < self.backbone.stride:
+            raise ValueError(
+                f"image of {resized.size[0]}×{resized.size[1]} px is smaller than the network "
+                f"stride ({self.backbone.stride} px)"
+            )
+        return resized, image.size
+
+    def load(self, path: str | os.PathLike) -> tuple[Image.Image, tuple[int, int]]:
+        """Load (EXIF, colour, bomb limit) and resize one file."""
+        image = imgs.load_image(path, max_pixels=self.config.max_pixels)
+        try:
+            return self.prepare(image)
+        except ValueError as exc:
+            raise imgs.ImageLoadError(path, str(exc)) from exc
+
+    # ------------------------------------------------------------------ encoding
+    def _maps_on_grid(self, out_x: torch.Tensor, out_a: torch.Tensor) -> torch.Tensor:
+        if out_a is out_x or tuple(out_a.shape[-2:]) == tuple(out_x.shape[-2:]):
+            return out_a
+        return F.interpolate(out_a, size=tuple(out_x.shape[-2:]), mode="bilinear")
+
+    def encode_batch(
+        self, images: Sequence[Image.Image], original_sizes: Sequence[tuple[int, int]]
+    ) -> list[ImageFeatures]:
+        """Encode a batch of equal-sized (already resized) images in one forward pass."""
+        import time
+
+        bb = self.backbone
+        batch = imgs.to_tensor(images, bb.mean, bb.std)
+        t0 = time.perf_counter()
+        out = bb.forward(batch)
+        x = out.features
+        a = self._maps_on_grid(x, out.cam_maps)
+        with torch.inference_mode():
+            ids, probs, cv = encode_maps(
+                x, a, bb.classifier_weight, bb.classifier_bias, n_classes=self.config.n_classes
+            )
+            sp = sum_pool(x)
+            heat = class_activation_maps(
+                a, bb.classifier_weight, ids[:, : self.config.box_classes], size=x.shape[-2:]
+            ).mean(dim=1)
+        self.stats.forward_seconds += time.perf_counter() - t0
+        self.stats.batches += 1
+        grid = (int(x.shape[-2]), int(x.shape[-1]))
+        input_size = images[0].size
+        records = []
+        ids_np, probs_np = ids.cpu().numpy(), probs.cpu().numpy()
+        cv_np, sp_np, heat_np = cv.cpu().numpy(), sp.cpu().numpy(), heat.cpu().numpy()
+        for i, orig in enumerate(original_sizes):
+            boxes = boxes_to_pixels(heatmap_boxes(heat_np[i], self.config.thresholds), grid, orig)
+            maps = None
+            if self.keep_maps:
+                maps = FeatureMaps(
+                    features=x[i].cpu().numpy().astype(np.float16),
+                    cam_maps=None if a is x else a[i].cpu().numpy().astype(np.float16),
+                    input_size=input_size,
+                    image_size=tuple(orig),
+                )
+            records.append(
+                ImageFeatures(
+                    class_ids=ids_np[i].astype(np.int16),
+                    class_probs=probs_np[i].astype(np.float32),
+                    class_vectors=cv_np[i].astype(np.float32),
+                    sum_pooled=sp_np[i].astype(np.float32),
+                    boxes=boxes,
+                    grid=grid,
+                    input_size=input_size,
+                    image_size=tuple(orig),
+                    maps=maps,
+                )
+            )
+        self.stats.images += len(records)
+        return records
+
+    def extract_images(self, images: Sequence[Image.Image]) -> list[ImageFeatures]:
+        """Encode in-memory RGB images (resized by the policy), batching equal sizes."""
+        prepared = [self.prepare(im) for im in images]
+        results: list[ImageFeatures | None] = [None] * len(prepared)
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, (im, _) in enumerate(prepared):
+            buckets.setdefault(im.size, []).append(i)
+        for idx in buckets.values():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                recs = self.encode_batch(
+                    [prepared[i][0] for i in chunk], [prepared[i][1] for i in chunk]
+                )
+                for i, rec in zip(chunk, recs, strict=True):
+                    results[i] = rec
+        return [r for r in results if r is not None]
+
+    def extract_files(
+        self,
+        items: Iterable[tuple[str, str | os.PathLike]],
+        *,
+        workers: int = 2,
+        on_error: Literal["raise", "yield"] = "raise",
+    ) -> Iterator[tuple[str, ImageFeatures | Exception]]:
+        """Encode files ``(key, path)``, decoding on ``workers`` threads while the network runs.
+
+        Equal-sized images are batched (up to ``batch_size``); records come out as batches
+        complete, not necessarily in input order. With ``on_error="yield"`` an unreadable file
+        yields ``(key, exception)`` and the rest proceed; with ``"raise"`` it raises.
+        """
+        items = list(items)
+        pending: OrderedDict[tuple[int, int], list] = OrderedDict()
+        # Bound the look-ahead so memory does not grow with the number of files.
+        window = max(self.batch_size * 4, workers * 2)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures: deque = deque()
+            it = iter(items)
+
+            def submit_next() -> bool:
+                nxt = next(it, None)
+                if nxt is None:
+                    return False
+                key, path = nxt
+                futures.append((key, pool.submit(self.load, path)))
+                return True
+
+            for _ in range(window):
+                if not submit_next():
+                    break
+            while futures:
+                key, fut = futures.popleft()
+                submit_next()
+                try:
+                    image, orig = fut.result()
+                except Exception as exc:
+                    self.stats.failed += 1
+                    self.stats.errors.append((key, str(exc)))
+                    if on_error == "raise":
+                        raise
+                    yield key, exc
+                    continue
+                bucket = pending.setdefault(image.size, [])
+                bucket.append((key, image, orig))
+                if len(bucket) >= self.batch_size:
+                    yield from self._flush(pending.pop(image.size))
+            for bucket in pending.values():
+                yield from self._flush(bucket)
+
+    def _flush(self, bucket: list) -> Iterator[tuple[str, ImageFeatures]]:
+        recs = self.encode_batch([b[1] for b in bucket], [b[2] for b in bucket])
+        for (key, _, _), rec in zip(bucket, recs, strict=True):
+            yield key, rec
+
+    # ------------------------------------------------------------------ queries and regions
+    def extract_query(
+        self,
+        image: Image.Image,
+        box: Sequence[float] | None = None,
+        protocol: QueryProtocol = "crop",
+    ) -> ImageFeatures:
+        """Encode a query image, optionally restricted to a box (original-image pixels).
+
+        ``crop``: the image is cropped to the box before the forward pass. ``paper``: the full
+        image goes through the network and X and A are cropped to the box's cells (the box is
+        scaled to the resized image first, unlike the original code); the query's classes are
+        those predicted from the region's pooled A.
+        """
+        if box is None:
+            return self.extract_images([image])[0]
+        if protocol == "crop":
+            rec = self.extract_images([imgs.crop_box(image, box)])[0]
+            # Report boxes in the full image's coordinates.
+            rec.boxes = rec.boxes + np.array([box[0], box[1], box[0], box[1]], dtype=np.float32)
+            rec.image_size = image.size
+            return rec
+        if protocol != "paper":
+            raise ValueError(f"unknown query protocol {protocol!r}; use 'paper' or 'crop'")
+        imgs.crop_box(image, box)  # validates the box against the image
+        resized, orig = self.prepare(image)
+        bb = self.backbone
+        out = bb.forward(imgs.to_tensor([resized], bb.mean, bb.std))
+        x = out.features
+        a = self._maps_on_grid(x, out.cam_maps)
+        grid = (int(x.shape[-2]), int(x.shape[-1]))
+        cells = pixels_to_cells(box, grid, orig)
+        rec = self.encode_region(x, a, cells)
+        rec.input_size, rec.image_size = resized.size, orig
+        rec.boxes = boxes_to_pixels(heatmap_boxes(self._heat(x, a, rec.class_ids)), grid, orig)
+        return rec
+
+    def _heat(self, x: torch.Tensor, a: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+        k = self.config.box_classes
+        cams = class_activation_maps(
+            a, self.backbone.classifier_weight, torch.as_tensor(ids[:k]).long(), size=x.shape[-2:]
+        )
+        return cams[0].mean(dim=0).cpu().numpy()
+
+    def encode_region(
+        self,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        cells: Sequence[int] | None = None,
+        class_ids: torch.Tensor | np.ndarray | None = None,
+    ) -> ImageFeatures:
+        """Encode one image's maps (1 × K × h × w), optionally cropped to ``cells``.
+
+        CroW weights and CAM normalisation are computed on the region itself.
+        """
+        if cells is not None:
+            x, a = crop_cells(x, cells), crop_cells(a, cells)
+        bb = self.backbone
+        ids_t = None if class_ids is None else torch.as_tensor(np.asarray(class_ids)).long()
+        with torch.inference_mode():
+            ids, probs, cv = encode_maps(
+                x,
+                a,
+                bb.classifier_weight,
+                bb.classifier_bias,
+                n_classes=self.config.n_classes,
+                class_ids=ids_t,
+            )
+            sp = sum_pool(x)
+        grid = (int(x.shape[-2]), int(x.shape[-1]))
+        return ImageFeatures(
+            class_ids=ids[0].cpu().numpy().astype(np.int16),
+            class_probs=probs[0].cpu().numpy().astype(np.float32),
+            class_vectors=cv[0].cpu().numpy().astype(np.float32),
+            sum_pooled=sp[0].cpu().numpy().astype(np.float32),
+            boxes=np.full((0, 4), np.nan, dtype=np.float32),
+            grid=grid,
+            input_size=(0, 0),
+            image_size=(0, 0),
+        )

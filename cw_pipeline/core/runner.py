@@ -1,0 +1,204 @@
+"""Evaluate methods end to end on an image folder with a known layout (used by ``cw-pipeline
+evaluate``): extract features once, learn PCA on a separate training set, search, score."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from cw_pipeline.core import datasets as ds
+from cw_pipeline.core.evaluation import (
+    compute_map,
+    compute_map_revisited,
+    ukbench_map,
+    ukbench_ns_score,
+)
+from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca, run_search
+from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.core.images import load_image
+
+logger = logging.getLogger(__name__)
+
+Layout = Literal["oxford", "paris", "gnd", "ukbench", "holidays"]
+LAYOUTS: tuple[str, ...] = ("oxford", "paris", "gnd", "ukbench", "holidays")
+GROUPED_LAYOUTS = ("ukbench", "holidays")
+
+
+@dataclass
+class Benchmark:
+    """A database of images with ground truth, ready to evaluate."""
+
+    name: str
+    root: Path
+    ids: list[str]
+    paths: list[Path]
+    groundtruth: ds.GroundTruth
+    labels: np.ndarray | None = None  # object/group label per image (grouped layouts)
+
+    @property
+    def grouped(self) -> bool:
+        return self.labels is not None
+
+
+def load_benchmark(layout: str, images: Path, groundtruth: Path | None = None) -> Benchmark:
+    """Read an image folder and its ground truth; fails early with a message naming the path."""
+    images = Path(images)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if not images.is_dir():
+        raise FileNotFoundError(f"image folder not found: {images}")
+    flat = layout in ("oxford", "paris", "gnd")
+    found = ds.scan_image_folder(images, flat=flat)
+    if not found:
+        raise ValueError(f"no images found under {images}")
+    rel = dict(found)
+    if layout in GROUPED_LAYOUTS:
+        ids = [i for i, _ in found]
+        if layout == "ukbench":
+            gt, labels = ds.ukbench_groundtruth(ids), ds.ukbench_labels(ids)
+        else:
+            gt = ds.holidays_groundtruth(ids)
+            labels = np.array([int(Path(i).name[:4]) for i in ids])
+        return Benchmark(layout, images, ids, [images / rel[i] for i in ids], gt, labels)
+    if groundtruth is None:
+        raise ValueError(f"layout {layout!r} needs --groundtruth (a folder or a gnd_*.pkl)")
+    groundtruth = Path(groundtruth)
+    if layout == "gnd" or groundtruth.suffix == ".pkl":
+        gt = ds.load_gnd_pickle(groundtruth)
+        missing = [i for i in gt.image_ids if i not in rel]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} images of {groundtruth.name} are missing under {images}, "
+                f"e.g. {missing[0]}"
+            )
+        ids = list(gt.image_ids)
+    else:
+        ids = sorted(rel)
+        gt = ds.read_oxford_groundtruth(groundtruth, image_ids=ids, dataset=layout)
+        for warning in ds.validate_groundtruth(gt, ids):
+            logger.warning("%s", warning)
+    return Benchmark(layout, images, ids, [images / rel[i] for i in ids], gt)
+
+
+def extract_features(
+    extractor: FeatureExtractor,
+    ids: Sequence[str],
+    paths: Sequence[Path],
+    progress: Callable[[int, int], None] | None = None,
+) -> FeatureSet:
+    """Features of a list of files (decode overlapped with the forward pass)."""
+    records = {}
+    for n, (key, rec) in enumerate(extractor.extract_files(zip(ids, paths, strict=True)), 1):
+        records[key] = rec
+        if progress is not None:
+            progress(n, len(ids))
+    return FeatureSet.from_records(list(ids), [records[i] for i in ids])
+
+
+def extract_queries(
+    extractor: FeatureExtractor, bench: Benchmark, protocol: ds.QueryProtocol
+) -> FeatureSet:
+    """Features of the queries of a benchmark with boxes (Oxford/Paris style)."""
+    index = {i: p for i, p in zip(bench.ids, bench.paths, strict=True)}
+    recs = []
+    for q in bench.groundtruth.queries:
+        path = index.get(q.image_id) or _find_query_image(bench.root, q.image_id)
+        recs.append(extractor.extract_query(load_image(path), q.bbox, protocol))
+    return FeatureSet.from_records([q.image_id for q in bench.groundtruth.queries], recs)
+
+
+def _find_query_image(root: Path, image_id: str) -> Path:
+    for ext in (".jpg", ".jpeg", ".png", ".JPG"):
+        hits = list(root.rglob(f"{image_id}{ext}"))
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(f"query image {image_id!r} not found under {root}")
+
+
+@dataclass
+class MethodScore:
+    """Scores of one method on one database."""
+
+    method: str
+    map: float
+    ns_score: float | None = None
+    revisited: dict[str, float] | None = None
+    aps: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method, "map": round(self.map, 4)}
+        if self.ns_score is not None:
+            out["ns_score"] = round(self.ns_score, 4)
+        if self.revisited is not None:
+            out["revisited"] = {k: round(v, 4) for k, v in self.revisited.items()}
+        out["seconds"] = round(self.seconds, 2)
+        return out
+
+
+def score_grouped(rankings: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(N-S score, mAP) of full rankings where every image queries its own set."""
+    return ukbench_ns_score(rankings, labels), ukbench_map(rankings, labels)
+
+
+def score_groundtruth(
+    rankings: np.ndarray, gt: ds.GroundTruth
+) -> tuple[float, dict[str, float] | None, list[float]]:
+    """(mAP, revisited E/M/H mAPs or None, per-query APs) of full rankings (n_q × n_db)."""
+    gnd = gt.to_index_gnd(strict=False)
+    if gt.revisited:
+        res = compute_map_revisited(rankings.T, gnd)
+        rev = {p: float(res[p]["map"]) for p in ("easy", "medium", "hard")}
+        return rev["medium"], rev, [float(a) for a in res["medium"]["aps"]]
+    res = compute_map(rankings.T, gnd)
+    return float(res.map), None, [float(a) for a in res.aps]
+
+
+def evaluate_methods(
+    methods: Sequence[Method],
+    database: FeatureSet,
+    queries: FeatureSet | None,
+    train: FeatureSet,
+    params: SearchParams,
+    extractor: FeatureExtractor,
+    *,
+    labels: np.ndarray | None = None,
+    groundtruth: ds.GroundTruth | None = None,
+    pca_metadata: dict[str, Any] | None = None,
+) -> list[MethodScore]:
+    """Score each method; PCA is always fitted on ``train``, never on the evaluated images."""
+    bb = extractor.backbone
+    classifier = (bb.classifier_weight, bb.classifier_bias)
+    meta = {"backbone": bb.name, "layer": bb.layer, **(pca_metadata or {})}
+    out = []
+    for method in methods:
+        t0 = time.perf_counter()
+        pca = fit_pca(method, train, params, metadata=meta)
+        res = run_search(method, database, queries or database, pca, params, classifier)
+        if labels is not None:
+            ns, mp = score_grouped(res.rankings, labels)
+            score = MethodScore(method.name, mp, ns_score=ns)
+        elif groundtruth is not None:
+            mp, rev, aps = score_groundtruth(res.rankings, groundtruth)
+            score = MethodScore(method.name, mp, revisited=rev, aps=aps)
+        else:
+            raise ValueError("evaluation needs labels or ground truth")
+        score.seconds = time.perf_counter() - t0
+        out.append(score)
+    return out
+
+
+def split_by_group(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split image indices into two halves of the objects (sorted labels; first half, second)."""
+    groups = np.unique(labels)
+    if groups.size < 2:
+        raise ValueError("a split needs at least two objects")
+    first = set(groups[: groups.size // 2].tolist())
+    mask = np.array([lab in first for lab in labels])
+    return np.flatnonzero(mask), np.flatnonzero(~mask)

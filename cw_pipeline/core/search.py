@@ -1,0 +1,257 @@
+"""Search: cosine ranking, query expansion, online aggregation and CAM-box re-ranking.
+
+Descriptors are l2-normalised, so cosine similarity is a matrix product. Top-k uses
+``argpartition`` and a stable order on ties (higher score first, then lower database index), so
+the same inputs always give the same ranking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cw_pipeline.core.aggregation import PCAWhitening, l2_normalize
+from cw_pipeline.core.cams import BOX_THRESHOLDS, class_activation_maps, heatmap_boxes
+from cw_pipeline.core.extract import FeatureMaps, crop_cells, encode_maps
+
+
+@dataclass
+class Ranking:
+    """Top-k database indices (n_q × k, best first) and their scores."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+
+
+def _check_dims(queries: np.ndarray, database: np.ndarray) -> None:
+    if queries.ndim != 2 or database.ndim != 2:
+        raise ValueError(
+            f"queries and database must be 2-D, got {queries.shape} and {database.shape}"
+        )
+    if queries.shape[1] != database.shape[1]:
+        raise ValueError(
+            f"query dimension {queries.shape[1]} != database dimension {database.shape[1]}"
+        )
+    if database.shape[0] == 0:
+        raise ValueError("the database is empty")
+
+
+def _stable_top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best scores per row: descending score, ascending index on ties."""
+    n = scores.shape[1]
+    if k < n:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        # Include every index tied with the k-th score, so the tie-break is by index.
+        kth = np.take_along_axis(scores, part, axis=1).min(axis=1, keepdims=True)
+        out = np.empty((scores.shape[0], k), dtype=np.int64)
+        for i in range(scores.shape[0]):
+            cand = np.flatnonzero(scores[i] >= kth[i])
+            order = np.lexsort((cand, -scores[i, cand]))
+            out[i] = cand[order[:k]]
+        return out
+    idx = np.arange(n)
+    return np.stack([idx[np.lexsort((idx, -row))] for row in scores])
+
+
+def rank(queries: np.ndarray, database: np.ndarray, top_k: int | None = None) -> Ranking:
+    """Cosine ranking of l2-normalised descriptors; ``top_k`` None ranks the whole database."""
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    database = np.asarray(database, dtype=np.float32)
+    _check_dims(queries, database)
+    scores = queries @ database.T
+    k = database.shape[0] if top_k is None else min(int(top_k), database.shape[0])
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    idx = _stable_top(scores, k)
+    return Ranking(indices=idx, scores=np.take_along_axis(scores, idx, axis=1))
+
+
+def expand_queries(database: np.ndarray, ranking: Ranking, k: int) -> np.ndarray:
+    """Query expansion as the paper: the new query is l2(Σ of the top-k database descriptors)."""
+    if k < 1:
+        raise ValueError(f"query expansion needs k >= 1, got {k}")
+    top = ranking.indices[:, :k]
+    return l2_normalize(np.asarray(database, dtype=np.float32)[top].sum(axis=1))
+
+
+def query_expansion(
+    queries: np.ndarray, database: np.ndarray, k: int, top_k: int | None = None
+) -> Ranking:
+    """Rank, expand each query with its top-k results, and rank again."""
+    first = rank(queries, database, top_k=max(k, 1))
+    return rank(expand_queries(database, first, k), database, top_k=top_k)
+
+
+# --------------------------------------------------------------------------- online aggregation
+
+
+def online_descriptors(
+    maps: Sequence[FeatureMaps],
+    class_ids: np.ndarray,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    pca: PCAWhitening | None,
+    cells: Sequence[Sequence[int] | None] | None = None,
+) -> np.ndarray:
+    """OnA: descriptors of database images aggregated over the *query's* classes.
+
+    Each image's class vectors are computed from its stored maps (X, A) for ``class_ids``, then
+    l2 → PCA-whitening → l2, summed and l2-normalised. ``cells`` optionally restricts each image
+    to a region (re-ranking boxes). Maps of equal shape are encoded together in one einsum.
+    """
+    ids = torch.as_tensor(np.asarray(class_ids)).long()
+    groups: dict[tuple, list[int]] = {}
+    crops: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i, m in enumerate(maps):
+        x, a = m.tensors()
+        if cells is not None and cells[i] is not None:
+            x, a = crop_cells(x, cells[i]), crop_cells(a, cells[i])
+        crops.append((x, a))
+        groups.setdefault((tuple(x.shape), tuple(a.shape)), []).append(i)
+    dim = pca.output_dim if pca is not None else (maps[0].features.shape[0] if maps else 0)
+    out = np.zeros((len(maps), dim), dtype=np.float32)
+    for members in groups.values():
+        x = torch.cat([crops[i][0] for i in members])
+        a = torch.cat([crops[i][1] for i in members])
+        with torch.inference_mode():
+            _, _, cv = encode_maps(x, a, weight, bias, n_classes=len(ids), class_ids=ids)
+        vecs = cv.numpy()
+        per_class = pca(vecs) if pca is not None else l2_normalize(vecs)
+        out[members] = l2_normalize(per_class.sum(axis=1))
+    return out
+
+
+class OnlineIndex:
+    """Online aggregation over a fixed database: per-image, per-class PCA-whitened vectors.
+
+    For every database image and every class in ``classes`` (the union of the classes that
+    queries may ask for; all 1000 at most) it keeps l2(PCAw(l2(f_c))), so each query's OnA
+    descriptors are a sum of rows plus one l2 — no forward pass and no PCA at search time.
+    Memory: n_db × |classes| × d × 4 bytes (``nbytes``); the paper's reason to offer OnA only
+    without distractors.
+    """
+
+    def __init__(
+        self,
+        maps: Sequence[FeatureMaps],
+        classes: np.ndarray,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        pca: PCAWhitening | None,
+        chunk: int = 32,
+    ):
+        self.classes = np.unique(np.asarray(classes, dtype=np.int64))
+        self._pos = {int(c): i for i, c in enumerate(self.classes)}
+        ids = torch.as_tensor(self.classes)
+        dim = pca.output_dim if pca is not None else (maps[0].features.shape[0] if maps else 0)
+        self.vectors = np.zeros((len(maps), len(self.classes), dim), dtype=np.float32)
+        groups: dict[tuple, list[int]] = {}
+        for i, m in enumerate(maps):
+            groups.setdefault(
+                (m.features.shape, None if m.cam_maps is None else m.cam_maps.shape), []
+            ).append(i)
+        for members in groups.values():
+            for start in range(0, len(members), chunk):
+                part = members[start : start + chunk]
+                xs, as_ = zip(*(maps[i].tensors() for i in part), strict=True)
+                with torch.inference_mode():
+                    _, _, cv = encode_maps(
+                        torch.cat(xs),
+                        torch.cat(as_),
+                        weight,
+                        bias,
+                        n_classes=len(ids),
+                        class_ids=ids,
+                    )
+                vecs = cv.numpy()
+                self.vectors[part] = pca(vecs) if pca is not None else l2_normalize(vecs)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.vectors.nbytes)
+
+    def descriptors(self, class_ids: np.ndarray) -> np.ndarray:
+        """OnA database descriptors (n_db × d) for one query's classes."""
+        try:
+            pos = [self._pos[int(c)] for c in np.asarray(class_ids)]
+        except KeyError as exc:
+            raise ValueError(f"class {exc.args[0]} is not in this online index") from None
+        return l2_normalize(self.vectors[:, pos].sum(axis=1))
+
+
+# --------------------------------------------------------------------------- re-ranking
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """CAM-box re-ranking settings (the paper's Sec. 4.3 / NOTES.md).
+
+    Attributes:
+        top_r: how many of the first results are re-ranked.
+        n_classes: query classes whose CAMs are computed on each image (the code used 6).
+        box_classes: how many of them are averaged into the heatmap (2).
+        thresholds: fractions of the heatmap maximum giving one box each.
+        min_cells: boxes of fewer feature-map cells are skipped.
+    """
+
+    top_r: int = 100
+    n_classes: int = 6
+    box_classes: int = 2
+    thresholds: tuple[float, ...] = BOX_THRESHOLDS
+    min_cells: int = 5
+
+
+def region_boxes(
+    maps: FeatureMaps, class_ids: np.ndarray, weight: torch.Tensor, config: RerankConfig
+) -> list[tuple[int, int, int, int]]:
+    """Cell boxes of one image from the mean CAM of the query's first ``box_classes`` classes."""
+    x, a = maps.tensors()
+    ids = torch.as_tensor(np.asarray(class_ids[: config.box_classes])).long()
+    with torch.inference_mode():
+        heat = class_activation_maps(a, weight, ids, size=tuple(x.shape[-2:]))[0].mean(0)
+    boxes = heatmap_boxes(heat.numpy(), config.thresholds, min_cells=config.min_cells)
+    uniq: list[tuple[int, int, int, int]] = []
+    for b in boxes:
+        if np.isnan(b).any():
+            continue
+        t = tuple(int(v) for v in b)
+        if t not in uniq:
+            uniq.append(t)
+    return uniq
+
+
+def rerank(
+    query_descriptor: np.ndarray,
+    query_classes: np.ndarray,
+    ranking_indices: np.ndarray,
+    load_maps: Callable[[int], FeatureMaps],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    pca: PCAWhitening | None,
+    config: RerankConfig = RerankConfig(),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank the top R of one query by the best CAM-box region score.
+
+    For each of the first R images: boxes from the heatmap of the query's top-2 classes; each
+    region's descriptor is built like a query's (class vectors of the query's top
+    ``n_classes`` on the region, l2 → PCAw → l2, sum, l2); the image's new score is its best
+    region score (the whole image counts as a region too, so an image without usable boxes keeps
+    a fair score). The top R are re-sorted by it; the rest keep their order.
+
+    Returns the new ordering of ``ranking_indices`` and the new top-R scores.
+    """
+    r = min(config.top_r, len(ranking_indices))
+    classes = np.asarray(query_classes)[: config.n_classes]
+    q = np.asarray(query_descriptor, dtype=np.float32)
+    scores = np.empty(r, dtype=np.float32)
+    for j in range(r):
+        m = load_maps(int(ranking_indices[j]))
+        cells: list[Sequence[int] | None] = [None, *region_boxes(m, classes, weight, config)]
+        descs = online_descriptors([m] * len(cells), classes, weight, bias, pca, cells=cells)
+        scores[j] = float((descs @ q).max())
+    order = np.lexsort((np.arange(r), -scores))
+    head = np.asarray(ranking_indices[:r])[order]
+    return np.concatenate([head, np.asarray(ranking_indices[r:])]), scores[order]

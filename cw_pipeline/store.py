@@ -1,0 +1,431 @@
+"""The feature store: Parquet shards and small files under one root, over fsspec (no Dagster).
+
+The root is a local folder or any fsspec URL (``s3://bucket/prefix``, ``memory://name``,
+``file:///abs/path``). Paths inside the store are relative POSIX paths; shards follow the
+hive-style layout ``<kind>/dataset=<dataset>/shard=<shard>.parquet`` (:meth:`shard_path`).
+
+Writes are atomic, so readers never see a partial file and concurrent writers of one path
+leave one complete file (the last rename wins):
+
+* local files are written to ``.<name>.<uuid>.tmp`` in the target folder, fsynced, then
+  moved into place with :func:`os.replace`;
+* other filesystems (object stores, ``memory://``) get the final key in a single put, which
+  is atomic there.
+
+Temporary files start with ``.`` and never end in ``.parquet``; :meth:`FeatureStore.list`
+and :meth:`FeatureStore.dataset` skip every name starting with ``.``. Parquet files are
+zstd-compressed and carry page checksums, verified on read: a truncated or damaged file
+raises :class:`CorruptShardError` naming it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = [
+    "CorruptFileError",
+    "CorruptShardError",
+    "FeatureStore",
+    "decode_component",
+    "encode_component",
+    "parse_shard_path",
+    "shard_name_from_path",
+]
+
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_ENCODED_RE = re.compile(r"(?:[A-Za-z0-9._-]|%[0-9A-Fa-f]{2})+")
+_KIND_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_SHARD_FILE_RE = re.compile(r"shard=([^/]+)\.parquet")
+_DATASET_DIR_RE = re.compile(r"dataset=([^/]+)")
+_PARQUET = ".parquet"
+
+
+class CorruptFileError(ValueError):
+    """A file in the store exists but cannot be decoded; ``str()`` names it and the reason."""
+
+    def __init__(self, relpath: str, reason: str, location: str | None = None) -> None:
+        super().__init__(relpath, reason, location)
+        self.relpath = relpath
+        self.reason = reason
+        self.location = location or relpath
+
+    def __str__(self) -> str:
+        return f"corrupt or unreadable file '{self.location}': {self.reason}"
+
+
+class CorruptShardError(CorruptFileError):
+    """A Parquet file is truncated or damaged (``relpath``, ``reason``, ``location``)."""
+
+    def __str__(self) -> str:
+        return f"corrupt or truncated Parquet file '{self.location}': {self.reason}"
+
+
+# --------------------------------------------------------------------------------------------
+# shard names
+# --------------------------------------------------------------------------------------------
+
+
+def encode_component(name: str) -> str:
+    """Make ``name`` a safe path component: ``[A-Za-z0-9._-]`` kept, other UTF-8 bytes as
+    ``%XX``, a leading ``.`` as ``%2E`` (no hidden files, no ``.``/``..``). Reversible with
+    :func:`decode_component`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a shard or dataset name must be a non-empty string, got {name!r}")
+    out = []
+    for i, ch in enumerate(name):
+        if ch in _SAFE and not (i == 0 and ch == "."):
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
+def decode_component(text: str) -> str:
+    """Inverse of :func:`encode_component`; ValueError on text it cannot have produced."""
+    if not _ENCODED_RE.fullmatch(text):
+        raise ValueError(f"not an encoded name: {text!r}")
+    raw = bytearray()
+    i = 0
+    while i < len(text):
+        if text[i] == "%":
+            raw.append(int(text[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.extend(text[i].encode("ascii"))
+            i += 1
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not an encoded name: {text!r} ({exc})") from None
+
+
+def shard_name_from_path(path: str) -> str:
+    """The shard name of a ``.../shard=<encoded>.parquet`` path (relative, absolute or URL)."""
+    m = _SHARD_FILE_RE.fullmatch(path.rstrip("/").rsplit("/", 1)[-1])
+    if m is None:
+        raise ValueError(f"not a shard path (…/shard=<name>.parquet): {path!r}")
+    return decode_component(m[1])
+
+
+def parse_shard_path(path: str) -> tuple[str, str, str]:
+    """``(kind, dataset, shard)`` of a ``<kind>/dataset=<ds>/shard=<shard>.parquet`` path."""
+    parts = path.rstrip("/").split("/")
+    m = _DATASET_DIR_RE.fullmatch(parts[-2]) if len(parts) >= 3 else None
+    if m is None or not _KIND_RE.fullmatch(parts[-3]):
+        raise ValueError(f"not a shard path (<kind>/dataset=<ds>/shard=<name>.parquet): {path!r}")
+    return parts[-3], decode_component(m[1]), shard_name_from_path(path)
+
+
+def _arrow_owned(data: bytes) -> pa.Buffer:
+    """Copy ``data`` into Arrow-allocated memory.
+
+    A buffer wrapping a Python object must take the GIL when Arrow's threads release it; if
+    that happens while the interpreter shuts down, the process aborts ("terminate called
+    without an active exception"). Arrow-owned memory has no such tie.
+    """
+    sink = pa.BufferOutputStream()
+    sink.write(data)
+    return sink.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# the store
+# --------------------------------------------------------------------------------------------
+
+
+class FeatureStore:
+    """Atomic Parquet / bytes / JSON files under ``root`` (a local path or an fsspec URL)."""
+
+    def __init__(self, root: str | os.PathLike[str], **storage_options: Any) -> None:
+        self.root = os.fspath(root)
+        self.storage_options = dict(storage_options)
+        self.fs, base = fsspec.core.url_to_fs(self.root, **storage_options)
+        self._base = base.rstrip("/") or "/"
+        self._local = isinstance(self.fs, LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({self.root!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FeatureStore):
+            return NotImplemented
+        return (self.fs.protocol, self._base) == (other.fs.protocol, other._base)
+
+    def __hash__(self) -> int:
+        return hash((str(self.fs.protocol), self._base))
+
+    # ---- paths ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _relpath(parts: Sequence[str], *, allow_root: bool = False) -> str:
+        pieces = [p for part in parts for p in str(part).split("/")]
+        text = "/".join(pieces)
+        if not text and allow_root:
+            return ""
+        if not text or any(p in ("", ".", "..") for p in pieces) or "\\" in text:
+            raise ValueError(
+                f"invalid store path {text!r}: use a relative 'a/b/c' path without '.', '..' "
+                "or empty parts"
+            )
+        return text
+
+    def path(self, *parts: str) -> str:
+        """The filesystem path (without protocol) of a relative path; no parts: the root."""
+        rel = self._relpath(parts, allow_root=True)
+        if not rel:
+            return self._base
+        return f"{self._base.rstrip('/')}/{rel}"
+
+    def url(self, *parts: str) -> str:
+        """A displayable location: a local path, or the URL with its protocol."""
+        path = self.path(*parts)
+        return path if self._local else self.fs.unstrip_protocol(path)
+
+    @staticmethod
+    def shard_path(kind: str, dataset: str, shard: str) -> str:
+        """``<kind>/dataset=<dataset>/shard=<shard>.parquet`` with names made path-safe."""
+        if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
+            raise ValueError(f"invalid kind {kind!r}: use [A-Za-z0-9_.-], not starting with '.'")
+        return f"{kind}/dataset={encode_component(dataset)}/shard={encode_component(shard)}.parquet"
+
+    # ---- atomic writes --------------------------------------------------------------------
+
+    def _write_atomic(self, relpath: str, write: Callable[[IO[bytes]], None]) -> str:
+        """Run ``write(fileobj)`` and publish the result at ``relpath`` atomically."""
+        path = self.path(relpath)
+        if self._local:
+            folder, name = path.rsplit("/", 1)
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(tmp, "wb") as fh:
+                    write(fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+                raise
+        else:
+            buf = io.BytesIO()
+            write(buf)
+            self.fs.pipe_file(path, buf.getvalue())
+        return relpath
+
+    def write_bytes(self, relpath: str, data: bytes) -> str:
+        """Write ``data`` at ``relpath`` atomically; returns ``relpath``."""
+        return self._write_atomic(self._relpath([relpath]), lambda fh: fh.write(bytes(data)))
+
+    def read_bytes(self, relpath: str) -> bytes:
+        """The bytes at ``relpath`` (FileNotFoundError naming it when absent)."""
+        path = self.path(relpath)
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"not in the feature store: {self.url(relpath)}") from None
+
+    def write_json(self, relpath: str, obj: Any, *, indent: int | None = 2) -> str:
+        """Write ``obj`` as UTF-8 JSON (sorted keys, stable bytes) atomically."""
+        text = json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False)
+        return self.write_bytes(relpath, (text + "\n").encode("utf-8"))
+
+    def read_json(self, relpath: str) -> Any:
+        """Parse the JSON at ``relpath``; :class:`CorruptFileError` if it does not parse."""
+        data = self.read_bytes(relpath)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CorruptFileError(relpath, f"invalid JSON ({exc})", self.url(relpath)) from None
+
+    def write_table(
+        self, relpath: str, table: pa.Table, metadata: Mapping[str, str] | None = None
+    ) -> str:
+        """Write ``table`` as zstd Parquet with page checksums, atomically.
+
+        ``metadata`` (str -> str) is merged into the schema metadata and comes back from
+        :meth:`read_table` (``table.schema.metadata``) and :meth:`read_metadata`.
+        """
+        relpath = self._relpath([relpath])
+        if not relpath.endswith(_PARQUET):
+            raise ValueError(f"a table path must end with {_PARQUET!r}: {relpath!r}")
+        if metadata:
+            bad = [
+                k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)
+            ]
+            if bad:
+                raise TypeError(f"metadata keys and values must be strings: {bad!r}")
+            merged = dict(table.schema.metadata or {})
+            merged.update({k.encode(): v.encode() for k, v in metadata.items()})
+            table = table.replace_schema_metadata(merged)
+
+        def write(fh: IO[bytes]) -> None:
+            pq.write_table(table, fh, compression="zstd", write_page_checksum=True)
+
+        return self._write_atomic(relpath, write)
+
+    # ---- reading tables -------------------------------------------------------------------
+
+    def _parquet_file(self, relpath: str) -> pq.ParquetFile:
+        """Open a Parquet file: native reads locally, one whole-object fetch elsewhere (no
+        Python callbacks from Arrow's I/O threads, which can abort the interpreter at exit)."""
+        path = self.path(relpath)
+        try:
+            if self._local:
+                source: Any = path
+            else:
+                source = pa.BufferReader(_arrow_owned(self.fs.cat_file(path)))
+            return pq.ParquetFile(source, page_checksum_verification=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"not in the feature store: {self.url(relpath)}") from None
+        except IsADirectoryError:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise CorruptShardError(relpath, str(exc), self.url(relpath)) from None
+
+    def read_table(self, relpath: str, columns: Sequence[str] | None = None) -> pa.Table:
+        """Read a Parquet file (optionally some columns).
+
+        Raises:
+            FileNotFoundError: no such file.
+            KeyError: a requested column is not in the file.
+            CorruptShardError: the file is truncated or damaged (names the file).
+        """
+        relpath = self._relpath([relpath])
+        pf = self._parquet_file(relpath)
+        if columns is not None:
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise KeyError(
+                    f"{self.url(relpath)}: no column(s) {missing} (has {pf.schema_arrow.names})"
+                )
+        try:
+            return pf.read(columns=list(columns) if columns is not None else None)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise CorruptShardError(relpath, str(exc), self.url(relpath)) from None
+
+    def read_metadata(self, relpath: str) -> dict[str, str]:
+        """The schema metadata of a Parquet file, decoded as text."""
+        meta = self._parquet_file(self._relpath([relpath])).schema_arrow.metadata or {}
+        return {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in meta.items()}
+
+    # ---- listing and deleting -------------------------------------------------------------
+
+    def exists(self, relpath: str) -> bool:
+        """Whether a file or folder exists at ``relpath``."""
+        return bool(self.fs.exists(self.path(relpath)))
+
+    def delete(self, relpath: str, *, recursive: bool = False) -> bool:
+        """Delete a file (or, with ``recursive``, a folder); False when nothing was there."""
+        path = self.path(self._relpath([relpath]))
+        if not self.fs.exists(path):
+            return False
+        if self.fs.isdir(path) and not recursive:
+            raise IsADirectoryError(f"{self.url(relpath)} is a folder; pass recursive=True")
+        self.fs.rm(path, recursive=recursive)
+        return True
+
+    def list(self, prefix: str = "", suffix: str | None = _PARQUET) -> list[str]:
+        """Sorted relative paths of the files under the folder ``prefix`` ending in ``suffix``
+        (None: any), skipping hidden and temporary names (any part starting with ``.``)."""
+        top = self.path(prefix) if prefix else self._base
+        try:
+            found = self.fs.find(top)
+        except FileNotFoundError:
+            return []
+        base = self._base.rstrip("/") + "/"
+        out = []
+        for full in found:
+            full = self.fs._strip_protocol(full)
+            if not full.startswith(base):
+                continue
+            rel = full[len(base) :]
+            if any(part.startswith(".") for part in rel.split("/")):
+                continue
+            if suffix and not rel.endswith(suffix):
+                continue
+            out.append(rel)
+        return sorted(out)
+
+    def dataset(
+        self,
+        prefix: str = "",
+        *,
+        schema: pa.Schema | None = None,
+        partitioning: str | None = None,
+    ) -> pads.Dataset:
+        """A :class:`pyarrow.dataset.Dataset` over every ``*.parquet`` under ``prefix``.
+
+        Local stores scan the files lazily. Other stores fetch the files under ``prefix``
+        (in parallel where the filesystem allows) when the dataset is built and decode them
+        lazily; narrow ``prefix`` for large remote stores. ``partitioning="hive"`` adds the
+        ``key=value`` folder levels below ``prefix`` (e.g. ``dataset``) as string columns.
+        The schema is ``schema`` or the first file's. With no files, an empty dataset needs
+        ``schema``; otherwise FileNotFoundError.
+        """
+        if partitioning not in (None, "hive"):
+            raise ValueError(f"partitioning must be None or 'hive', got {partitioning!r}")
+        rels = self.list(prefix)
+        if not rels and schema is None:
+            raise FileNotFoundError(f"no Parquet files under {self.url(prefix)}")
+        files = [self.path(rel) for rel in rels]
+        if self._local:
+            return pads.dataset(
+                files,
+                schema=schema,
+                format="parquet",
+                filesystem=pafs.LocalFileSystem(),
+                partitioning=partitioning,
+                partition_base_dir=self.path(prefix) if partitioning else None,
+            )
+        fmt = pads.ParquetFileFormat()
+        blobs = self.fs.cat(files, on_error="raise") if files else {}
+        fragments = []
+        keys: list[str] = []
+        for rel, full in zip(rels, files, strict=True):
+            data = blobs.get(full)
+            if data is None:  # some filesystems key the answer with the protocol
+                data = blobs[self.fs.unstrip_protocol(full)]
+            expr = None
+            if partitioning == "hive":
+                below = rel[len(prefix.rstrip("/")) + 1 :] if prefix else rel
+                for part in below.split("/")[:-1]:
+                    key, eq, value = part.partition("=")
+                    if not eq:
+                        continue
+                    try:
+                        value = decode_component(value)
+                    except ValueError:
+                        pass
+                    if key not in keys:
+                        keys.append(key)
+                    term = pads.field(key) == value
+                    expr = term if expr is None else expr & term
+            try:
+                fragment = fmt.make_fragment(_arrow_owned(data), partition_expression=expr)
+                physical = fragment.physical_schema
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise CorruptShardError(rel, str(exc), self.url(rel)) from None
+            fragments.append(fragment)
+            if schema is None:
+                schema = physical
+        assert schema is not None
+        for key in keys:
+            if key not in schema.names:
+                schema = schema.append(pa.field(key, pa.string()))
+        return pads.FileSystemDataset(fragments, schema, fmt)

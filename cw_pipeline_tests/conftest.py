@@ -1,0 +1,28 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder (``<repo>/../shared/data``, or ``$CW_SHARED_DATA``).
+
+    Fails (never skips) when the folder is missing: the real-data tests are mandatory.
+    """
+    override = os.environ.get("CW_SHARED_DATA")
+    path = Path(override) if override else REPO_ROOT / ".." / "shared" / "data"
+    if not path.is_dir():
+        source = "CW_SHARED_DATA" if override else "the default location"
+        pytest.fail(
+            f"shared test data folder not found at {path} (from {source}); "
+            "set CW_SHARED_DATA to the folder holding groundtruth/ and ukbench/",
+            pytrace=False,
+        )
+    return path.resolve()

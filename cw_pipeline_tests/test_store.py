@@ -1,0 +1,391 @@
+"""Tests for cw_pipeline.store: the fsspec feature store (local folders and memory://)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cw_pipeline import store as store_mod
+from cw_pipeline.store import (
+    CorruptFileError,
+    CorruptShardError,
+    FeatureStore,
+    decode_component,
+    encode_component,
+    parse_shard_path,
+    shard_name_from_path,
+)
+
+
+@pytest.fixture(params=["local", "file-url", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FeatureStore]:
+    """A fresh store on the local disk (path or file:// URL) or in fsspec's memory fs."""
+    if request.param == "local":
+        yield FeatureStore(tmp_path / "wh")
+    elif request.param == "file-url":
+        yield FeatureStore(f"file://{tmp_path}/wh")
+    else:
+        root = f"memory://cw-test-{uuid.uuid4().hex}"
+        st = FeatureStore(root)
+        yield st
+        if st.fs.exists(st.path()):
+            st.fs.rm(st.path(), recursive=True)
+
+
+def table(n: int = 3, tag: str = "x") -> pa.Table:
+    return pa.table(
+        {
+            "image_id": [f"{tag}{i}" for i in range(n)],
+            "value": pa.array([float(i) for i in range(n)], pa.float32()),
+            "vec": pa.array([[i, i + 1] for i in range(n)], pa.list_(pa.int16())),
+        }
+    )
+
+
+def raw_names(st: FeatureStore, prefix: str = "") -> list[str]:
+    """Every file name under ``prefix`` as the filesystem shows it (temporaries included)."""
+    top = st.path(prefix) if prefix else st.path()
+    return sorted(p.rsplit("/", 1)[-1] for p in st.fs.find(top)) if st.fs.exists(top) else []
+
+
+# --------------------------------------------------------------------------------------------
+# names and paths
+# --------------------------------------------------------------------------------------------
+
+
+def test_shard_path_layout() -> None:
+    assert (
+        FeatureStore.shard_path("cam_features", "oxford5k", "shard-00012")
+        == "cam_features/dataset=oxford5k/shard=shard-00012.parquet"
+    )
+    assert (
+        FeatureStore.shard_path("cam_features", "demo-a", "_root")
+        == "cam_features/dataset=demo-a/shard=_root.parquet"
+    )
+    assert (
+        FeatureStore.shard_path("k", "d", "paris/eiffel 2=x%")
+        == "k/dataset=d/shard=paris%2Feiffel%202%3Dx%25.parquet"
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a", "shard_001", "A.b-c_d", "sub/dir", "x y", "100%", "k=v", "é", "日本", "..", ".",
+     ".hidden", "a.", "tab\tnew\nline", "%41", "emoji😀"],
+)  # fmt: skip
+def test_component_encoding_round_trips(name: str) -> None:
+    encoded = encode_component(name)
+    assert all(c.isascii() and (c.isalnum() or c in "._-%") for c in encoded)
+    assert not encoded.startswith(".")
+    assert decode_component(encoded) == name
+    rel = FeatureStore.shard_path("kind", name, name)
+    assert shard_name_from_path(rel) == name
+    assert parse_shard_path(rel) == ("kind", name, name)
+    assert parse_shard_path("s3://bucket/prefix/" + rel) == ("kind", name, name)
+
+
+def test_encoding_errors() -> None:
+    for bad in ("", None):
+        with pytest.raises(ValueError, match="non-empty string"):
+            encode_component(bad)  # type: ignore[arg-type]
+    for bad in ("a b", "%4", "%zz", "", "%FF"):
+        with pytest.raises(ValueError, match="not an encoded name"):
+            decode_component(bad)
+    with pytest.raises(ValueError, match="not a shard path"):
+        shard_name_from_path("k/dataset=d/other.parquet")
+    with pytest.raises(ValueError, match="not a shard path"):
+        parse_shard_path("dataset=d/shard=x.parquet")
+    with pytest.raises(ValueError, match="invalid kind"):
+        FeatureStore.shard_path(".tmp", "d", "s")
+    with pytest.raises(ValueError, match="invalid kind"):
+        FeatureStore.shard_path("a/b", "d", "s")
+
+
+def test_paths_and_urls(tmp_path: Path) -> None:
+    local = FeatureStore(tmp_path)
+    assert local.path() == str(tmp_path)
+    assert local.path("a", "b/c.parquet") == f"{tmp_path}/a/b/c.parquet"
+    assert local.url("a") == f"{tmp_path}/a"
+    assert FeatureStore(f"file://{tmp_path}") == local
+    assert FeatureStore(str(tmp_path) + "/") == local
+    memory = FeatureStore("memory://bucket/prefix")
+    assert memory.path("x.parquet") == "/bucket/prefix/x.parquet"
+    assert memory.url("x.parquet") == "memory:///bucket/prefix/x.parquet"
+    assert memory != local and repr(memory) == "FeatureStore('memory://bucket/prefix')"
+    for bad in ("../x", "a/../b", "/abs", "a//b", "a/./b", "a\\b", ""):
+        with pytest.raises(ValueError, match="invalid store path"):
+            local.write_bytes(bad, b"x")
+
+
+def test_store_pickles(tmp_path: Path) -> None:
+    st = FeatureStore(tmp_path)
+    st.write_bytes("a.bin", b"1")
+    clone = pickle.loads(pickle.dumps(st))
+    assert clone == st and clone.read_bytes("a.bin") == b"1"
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------
+
+
+def test_table_round_trip_with_metadata(store: FeatureStore) -> None:
+    rel = FeatureStore.shard_path("cam_features", "demo-a", "s0")
+    t = table()
+    assert store.write_table(rel, t, metadata={"code_version": "v1", "n": "3"}) == rel
+    back = store.read_table(rel)
+    assert back.drop_columns([]).equals(t.replace_schema_metadata(back.schema.metadata))
+    assert back.schema.metadata[b"code_version"] == b"v1"
+    assert store.read_metadata(rel) == {"code_version": "v1", "n": "3"}
+    assert store.read_table(rel, columns=["value"]).column_names == ["value"]
+    with pytest.raises(KeyError, match=r"no column\(s\) \['nope'\]"):
+        store.read_table(rel, columns=["value", "nope"])
+    # overwrite replaces the file and its metadata
+    store.write_table(rel, table(5, "y"))
+    assert store.read_table(rel).num_rows == 5 and store.read_metadata(rel) == {}
+    # the files are zstd-compressed Parquet
+    meta = pq.ParquetFile(io.BytesIO(store.read_bytes(rel))).metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_table_argument_errors(store: FeatureStore) -> None:
+    with pytest.raises(ValueError, match=r"must end with '\.parquet'"):
+        store.write_table("x.arrow", table())
+    with pytest.raises(TypeError, match="metadata keys and values must be strings"):
+        store.write_table("x.parquet", table(), metadata={"n": 3})  # type: ignore[dict-item]
+    with pytest.raises(FileNotFoundError, match=r"not in the feature store: .*missing\.parquet"):
+        store.read_table("missing.parquet")
+    with pytest.raises(FileNotFoundError, match=r"missing\.bin"):
+        store.read_bytes("missing.bin")
+    assert store.list() == []
+
+
+def test_truncated_parquet_raises_corrupt_shard_error(store: FeatureStore) -> None:
+    rel = FeatureStore.shard_path("cam_features", "d", "s")
+    store.write_table(rel, table(200))
+    data = store.read_bytes(rel)
+    for broken in (data[: len(data) // 2], data[:-1], b"", b"PAR1 not really parquet"):
+        store.fs.pipe_file(store.path(rel), broken)
+        with pytest.raises(CorruptShardError) as info:
+            store.read_table(rel)
+        assert isinstance(info.value, ValueError)
+        assert info.value.relpath == rel
+        assert str(info.value).startswith(f"corrupt or truncated Parquet file '{store.url(rel)}'")
+        with pytest.raises(CorruptShardError):
+            store.read_metadata(rel)
+
+
+def test_damaged_page_is_caught_by_checksums(store: FeatureStore) -> None:
+    rel = "t/x.parquet"
+    big = pa.table({"v": pa.array(range(5000), pa.int64())})
+    store.write_table(rel, big)
+    data = bytearray(store.read_bytes(rel))
+    data[200] ^= 0xFF  # inside the first data page, after the 4-byte magic and page header
+    store.fs.pipe_file(store.path(rel), bytes(data))
+    with pytest.raises(CorruptShardError, match=r"t/x\.parquet"):
+        store.read_table(rel)
+
+
+def test_killed_write_leaves_no_partial_file(
+    store: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rel = "cam_features/dataset=d/shard=s.parquet"
+    store.write_table(rel, table(2, "old"))
+
+    def dying_write(tbl: pa.Table, where: object, **kwargs: object) -> None:
+        where.write(b"PAR1 half a file")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(store_mod.pq, "write_table", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_table(rel, table(9, "new"))
+    with pytest.raises(KeyboardInterrupt):
+        store.write_table("cam_features/dataset=d/shard=fresh.parquet", table())
+    monkeypatch.undo()
+    assert store.read_table(rel).column("image_id").to_pylist() == ["old0", "old1"]
+    assert store.list() == [rel]
+    assert raw_names(store) == ["shard=s.parquet"]  # the temporary file was removed too
+
+
+def test_temp_files_left_by_a_dead_process_are_invisible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = FeatureStore(tmp_path)
+    monkeypatch.setattr(store_mod.os, "replace", _raise_oserror)
+    monkeypatch.setattr(store_mod.os, "unlink", lambda path: None)  # the process "dies"
+    with pytest.raises(OSError, match="power cut"):
+        st.write_table("k/dataset=d/shard=s.parquet", table())
+    monkeypatch.undo()
+    left = raw_names(st)
+    assert len(left) == 1 and left[0].startswith(".shard=s.parquet.") and left[0].endswith(".tmp")
+    assert not left[0].endswith(".parquet")
+    assert st.list() == [] and st.list(suffix=None) == []
+    assert not st.exists("k/dataset=d/shard=s.parquet")
+    with pytest.raises(FileNotFoundError, match="no Parquet files"):
+        st.dataset("k")
+    st.write_table("k/dataset=d/shard=t.parquet", table(4))
+    assert st.dataset("k").count_rows() == 4
+
+
+def _raise_oserror(*args: object) -> None:
+    raise OSError("power cut")
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_concurrent_writers_leave_one_complete_file(kind: str, tmp_path: Path) -> None:
+    root = str(tmp_path) if kind == "local" else f"memory://cw-conc-{uuid.uuid4().hex}"
+    st = FeatureStore(root)
+    rel = "cam_features/dataset=d/shard=s.parquet"
+    tables = {f"w{i}": table(50 + i, f"w{i}-") for i in range(8)}
+    st.write_table(rel, tables["w0"])
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    seen: set[int] = set()
+
+    def writer(name: str) -> None:
+        try:
+            for _ in range(10):
+                st.write_table(rel, tables[name], metadata={"writer": name})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                seen.add(st.read_table(rel).num_rows)  # never partial, never corrupt
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in tables]
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in readers + threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    for t in readers:
+        t.join()
+    assert errors == []
+    final = st.read_table(rel)
+    writer_name = st.read_metadata(rel)["writer"]
+    assert final.equals(tables[writer_name].replace_schema_metadata(final.schema.metadata))
+    assert seen <= {t.num_rows for t in tables.values()}
+    assert st.list() == [rel] and raw_names(st) == ["shard=s.parquet"]
+    if kind == "memory":
+        st.fs.rm(st.path(), recursive=True)
+
+
+# --------------------------------------------------------------------------------------------
+# bytes, JSON, listing, deleting, datasets
+# --------------------------------------------------------------------------------------------
+
+
+def test_bytes_and_json(store: FeatureStore) -> None:
+    store.write_bytes("blobs/a.bin", b"\x00\x01")
+    assert store.read_bytes("blobs/a.bin") == b"\x00\x01"
+    obj = {"b": [1, 2.5, None], "a": "é", "nested": {"z": True}}
+    store.write_json("meta/m.json", obj)
+    assert store.read_json("meta/m.json") == obj
+    text = store.read_bytes("meta/m.json").decode()
+    assert text.index('"a"') < text.index('"b"') and text.endswith("\n") and "é" in text
+    store.write_bytes("meta/bad.json", b"{not json")
+    with pytest.raises(CorruptFileError, match=r"meta/bad\.json': invalid JSON"):
+        store.read_json("meta/bad.json")
+    assert store.list(suffix=".json") == ["meta/bad.json", "meta/m.json"]
+
+
+def test_list_exists_delete(store: FeatureStore) -> None:
+    names = [
+        FeatureStore.shard_path("cam_features", ds, sh)
+        for ds in ("b", "a")
+        for sh in ("2", "10", "1")
+    ]
+    for rel in names:
+        store.write_table(rel, table(1))
+    store.write_json("cam_features/dataset=a/_index.json", {})
+    store.write_bytes("cam_features/dataset=a/.hidden.parquet", b"x")
+    store.write_bytes("cam_features/dataset=a/.shard=9.parquet.abc.tmp", b"x")
+    store.write_bytes("other/x.parquet", b"x")
+    assert store.list("cam_features") == sorted(names)
+    assert store.list("cam_features/dataset=a") == [
+        "cam_features/dataset=a/shard=1.parquet",
+        "cam_features/dataset=a/shard=10.parquet",
+        "cam_features/dataset=a/shard=2.parquet",
+    ]
+    assert store.list("cam_features/dataset=a", suffix=None) == [
+        "cam_features/dataset=a/_index.json",
+        *store.list("cam_features/dataset=a"),
+    ]
+    assert store.list() == sorted([*names, "other/x.parquet"])
+    assert store.list("nothing/here") == []
+    assert store.exists(names[0]) and store.exists("cam_features") and not store.exists("zz")
+    assert store.delete(names[0]) is True
+    assert store.delete(names[0]) is False
+    assert not store.exists(names[0])
+    with pytest.raises(IsADirectoryError, match="recursive=True"):
+        store.delete("cam_features/dataset=a")
+    assert store.delete("cam_features/dataset=a", recursive=True) is True
+    assert store.list("cam_features") == sorted(names[1:3])
+
+
+def test_dataset_over_shards(store: FeatureStore) -> None:
+    for ds in ("demo-a", "x y"):
+        for i in range(3):
+            store.write_table(
+                FeatureStore.shard_path("cam_features", ds, f"s{i}"), table(2, f"{ds}/{i}/")
+            )
+    store.write_bytes("cam_features/dataset=demo-a/.shard=s9.parquet.1.tmp", b"partial")
+    whole = store.dataset("cam_features")
+    assert whole.count_rows() == 12
+    assert whole.schema.names == ["image_id", "value", "vec"]
+    got = whole.to_table(columns=["image_id"]).column("image_id").to_pylist()
+    assert sorted(got) == sorted(
+        f"{ds}/{i}/{j}" for ds in ("demo-a", "x y") for i in range(3) for j in range(2)
+    )
+    one = store.dataset("cam_features/dataset=x%20y")
+    assert one.count_rows() == 6
+    hive = store.dataset("cam_features", partitioning="hive")
+    assert "dataset" in hive.schema.names
+    rows = hive.to_table(columns=["image_id", "dataset"]).to_pylist()
+    assert all(r["image_id"].startswith(r["dataset"] + "/") for r in rows)
+    assert {r["dataset"] for r in rows} == {"demo-a", "x y"}
+    import pyarrow.dataset as pads
+
+    filtered = hive.to_table(filter=pads.field("dataset") == "demo-a")
+    assert filtered.num_rows == 6
+    schema = pa.schema([("image_id", pa.string())])
+    assert store.dataset("nothing", schema=schema).to_table().num_rows == 0
+    with pytest.raises(FileNotFoundError, match="no Parquet files under"):
+        store.dataset("nothing")
+    with pytest.raises(ValueError, match="partitioning"):
+        store.dataset("cam_features", partitioning="directory")
+
+
+def test_local_writes_use_os_replace_of_a_hidden_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = FeatureStore(tmp_path)
+    calls: list[tuple[str, str]] = []
+    real = os.replace
+
+    def spy(src: str, dst: str) -> None:
+        calls.append((src, dst))
+        real(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "replace", spy)
+    st.write_bytes("a/b.bin", b"1")
+    st.write_table("a/t.parquet", table())
+    assert [Path(d).name for _, d in calls] == ["b.bin", "t.parquet"]
+    for src, dst in calls:
+        name = Path(src).name
+        assert Path(src).parent == Path(dst).parent
+        assert name.startswith(f".{Path(dst).name}.") and name.endswith(".tmp")
