@@ -86,7 +86,7 @@ DEFAULT_METHODS: tuple[str, ...] = (
 )
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
-_EVAL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_+-]*")
+_EVAL_NAME_RE = _NAME_RE  # names become Dagster asset keys and op names
 _METHOD_RE = re.compile(r"(raw\+pca|raw|ofa|ona)(?:\+r([1-9][0-9]*))?(?:\+qe([1-9][0-9]*))?")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")

@@ -90,10 +90,10 @@ def test_real_config_loads_on_a_clean_checkout() -> None:
     assert a.generate == "demo" and a.generate_root == REPO / "data" / "demo"
     assert a.groundtruth == REPO / "data" / "demo" / "demo-a" / "gt"
     assert config.dataset("demo-distractors").layout == "folder"
-    ev = config.evaluation("demo-a+distractors")
+    ev = config.evaluation("demo-a-distractors")
     assert ev.dataset == "demo-a" and ev.distractors == ("demo-distractors",)
     assert ev.schedule == "0 3 * * *"
-    assert config.evaluation("demo-b+distractors").distractors == ("demo-distractors",)
+    assert config.evaluation("demo-b-distractors").distractors == ("demo-distractors",)
     assert config.evaluation("demo-a").implicit
     assert [m.name for m in config.methods] == list(DEFAULT_METHODS)
 
@@ -121,8 +121,8 @@ def test_real_config_ukbench_is_optional(tmp_path: Path, caplog: pytest.LogCaptu
     assert set(moved.evaluations) == {
         "demo-a",
         "demo-b",
-        "demo-a+distractors",
-        "demo-b+distractors",
+        "demo-a-distractors",
+        "demo-b-distractors",
     }
 
 

@@ -134,27 +134,32 @@ class PCAWhitening:
         base = base.with_suffix("") if base.suffix in (".npz", ".json") else base
         base.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(
-            base.with_suffix(".npz"),
+            _with_ext(base, ".npz"),
             lambda f: np.savez(
                 f, mean=self.mean, components=self.components, eigenvalues=self.eigenvalues
             ),
         )
         payload = json.dumps(self.metadata, indent=2, sort_keys=True, default=str).encode()
-        _atomic_write(base.with_suffix(".json"), lambda f: f.write(payload))
-        return base.with_suffix(".npz")
+        _atomic_write(_with_ext(base, ".json"), lambda f: f.write(payload))
+        return _with_ext(base, ".npz")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PCAWhitening:
         """Read a model written by ``save`` (no pickles are loaded)."""
         base = Path(path)
         base = base.with_suffix("") if base.suffix in (".npz", ".json") else base
-        with np.load(base.with_suffix(".npz"), allow_pickle=False) as data:
+        with np.load(_with_ext(base, ".npz"), allow_pickle=False) as data:
             mean, comps, eig = data["mean"], data["components"], data["eigenvalues"]
-        meta_path = base.with_suffix(".json")
+        meta_path = _with_ext(base, ".json")
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         if comps.shape[1] != mean.shape[0] or comps.shape[0] != eig.shape[0]:
             raise ValueError(f"PCA model {base} has inconsistent array shapes")
         return cls(mean=mean, components=comps, eigenvalues=eig, metadata=meta)
+
+
+def _with_ext(base: Path, ext: str) -> Path:
+    """``base`` with ``ext`` appended (not substituted: ``pca.v1`` → ``pca.v1.npz``)."""
+    return base.with_name(base.name + ext)
 
 
 def _atomic_write(path: Path, write) -> None:

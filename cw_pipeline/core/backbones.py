@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +71,7 @@ class Backbone:
         classifier_bias: the classifier bias (only used for the class probabilities).
         mean, std: RGB normalisation of inputs in [0, 1].
         stride: the input-to-X downsampling factor.
+        feature_dim: K, the channels of X.
         device: torch device the trunk lives on.
     """
 
@@ -82,6 +83,7 @@ class Backbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     stride: int
+    feature_dim: int
     weights: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -181,9 +183,16 @@ def _load_state_file(net: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"weights file not found: {p}")
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"weights file {p} is not a readable state dict: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"weights file {p} holds a {type(state).__name__}, not a state dict (name → tensor)"
+        )
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -328,12 +337,12 @@ BACKBONES: dict[str, BackboneSpec] = {
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
-def _measure_stride(trunk: nn.Module, device: torch.device) -> int:
-    """Input-to-X downsampling factor, read off one small dummy forward pass."""
+def _probe(trunk: nn.Module, device: torch.device) -> tuple[int, int]:
+    """Input-to-X downsampling factor and X's channel count, from one small dummy pass."""
     side = 64
     with torch.inference_mode():
         x, _ = trunk(torch.zeros(1, 3, side, side, device=device))
-    return max(1, round(side / x.shape[-1]))
+    return max(1, round(side / x.shape[-1])), int(x.shape[1])
 
 
 def set_num_threads(num_threads: int | None) -> None:
@@ -380,7 +389,7 @@ def load_backbone(
     net.eval().to(dev)
     trunk = _Trunk(net, run).eval()
     trunk.layer = layer
-    stride = _measure_stride(trunk, dev)
+    stride, feature_dim = _probe(trunk, dev)
     logger.info("loaded backbone %s (layer %s, weights %s) on %s", name, layer, source, dev)
     return Backbone(
         name=name,
@@ -391,6 +400,7 @@ def load_backbone(
         mean=spec.mean,
         std=spec.std,
         stride=stride,
+        feature_dim=feature_dim,
         weights=source if source in ("packaged", "random", "imagenet") else Path(source).name,
         device=dev,
     )

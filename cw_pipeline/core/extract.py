@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -366,8 +367,11 @@ class FeatureExtractor:
             return self.extract_images([image])[0]
         if protocol == "crop":
             rec = self.extract_images([imgs.crop_box(image, box)])[0]
-            # Report boxes in the full image's coordinates.
-            rec.boxes = rec.boxes + np.array([box[0], box[1], box[0], box[1]], dtype=np.float32)
+            # Report boxes in the full image's coordinates: shift by the origin of the pixels
+            # crop_box actually cut (the box clipped to the image and floored, as it does).
+            left = min(math.floor(max(0.0, float(box[0])) + 1e-6), image.width - 1)
+            top = min(math.floor(max(0.0, float(box[1])) + 1e-6), image.height - 1)
+            rec.boxes = rec.boxes + np.array([left, top, left, top], dtype=np.float32)
             rec.image_size = image.size
             return rec
         if protocol != "paper":
@@ -382,7 +386,8 @@ class FeatureExtractor:
         cells = pixels_to_cells(box, grid, orig)
         rec = self.encode_region(x, a, cells)
         rec.input_size, rec.image_size = resized.size, orig
-        rec.boxes = boxes_to_pixels(heatmap_boxes(self._heat(x, a, rec.class_ids)), grid, orig)
+        heat = self._heat(x, a, rec.class_ids)
+        rec.boxes = boxes_to_pixels(heatmap_boxes(heat, self.config.thresholds), grid, orig)
         return rec
 
     def _heat(self, x: torch.Tensor, a: torch.Tensor, ids: np.ndarray) -> np.ndarray:

@@ -209,7 +209,7 @@ def region_boxes(
 ) -> list[tuple[int, int, int, int]]:
     """Cell boxes of one image from the mean CAM of the query's first ``box_classes`` classes."""
     x, a = maps.tensors()
-    ids = torch.as_tensor(np.asarray(class_ids[: config.box_classes])).long()
+    ids = torch.as_tensor(np.array(class_ids[: config.box_classes], dtype=np.int64))
     with torch.inference_mode():
         heat = class_activation_maps(a, weight, ids, size=tuple(x.shape[-2:]))[0].mean(0)
     boxes = heatmap_boxes(heat.numpy(), config.thresholds, min_cells=config.min_cells)
@@ -246,12 +246,20 @@ def rerank(
     r = min(config.top_r, len(ranking_indices))
     classes = np.asarray(query_classes)[: config.n_classes]
     q = np.asarray(query_descriptor, dtype=np.float32)
-    scores = np.empty(r, dtype=np.float32)
+    # All regions of all R images in one call: regions of equal shape share one einsum/PCA.
+    region_maps: list[FeatureMaps] = []
+    region_cells: list[Sequence[int] | None] = []
+    owner: list[int] = []
     for j in range(r):
         m = load_maps(int(ranking_indices[j]))
         cells: list[Sequence[int] | None] = [None, *region_boxes(m, classes, weight, config)]
-        descs = online_descriptors([m] * len(cells), classes, weight, bias, pca, cells=cells)
-        scores[j] = float((descs @ q).max())
+        region_maps += [m] * len(cells)
+        region_cells += cells
+        owner += [j] * len(cells)
+    scores = np.full(r, -np.inf, dtype=np.float32)
+    if r:
+        descs = online_descriptors(region_maps, classes, weight, bias, pca, cells=region_cells)
+        np.maximum.at(scores, np.asarray(owner), (descs @ q).astype(np.float32))
     order = np.lexsort((np.arange(r), -scores))
     head = np.asarray(ranking_indices[:r])[order]
     return np.concatenate([head, np.asarray(ranking_indices[r:])]), scores[order]

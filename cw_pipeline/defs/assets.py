@@ -1,0 +1,465 @@
+"""Asset factories: one set of assets per dataset, one per evaluation.
+
+Per dataset ``<ds>`` (group ``<ds>``), partitioned by shards (``DynamicPartitionsDefinition``):
+
+* ``<ds>/manifest`` — image id, path, bytes, mtime, sha1, width, height per shard.
+* ``<ds>/cam_features`` — top classes, class vectors, sum-pooled vector, CAM boxes per shard;
+  rows are reused by sha1, so only new or changed images get a forward pass.
+
+Per dataset with ground truth (unpartitioned):
+
+* ``<ds>/query_features`` (box queries), ``<ds>/pca_model`` (fitted on the paired dataset's
+  features), ``<ds>/descriptors`` (raw, raw+PCA, OfA).
+
+Per evaluation ``<ev>`` (a dataset, optionally with distractor sets):
+
+* ``<ev>/<d>_descriptors`` per distractor set ``d`` (partitioned like ``d``), with ``<ds>``'s PCA.
+* ``<ev>/rankings`` — one Parquet table per method; ``<ev>/map_report`` — mAP per method.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+
+from cw_pipeline import reports, stages
+from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
+from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.defs.resources import PipelineResource
+from cw_pipeline.indexing import (
+    build_manifest,
+    extraction_config,
+    fingerprint,
+    manifest_version,
+    scan_dataset,
+    update_features,
+)
+from cw_pipeline.store import CorruptFileError, FeatureStore, encode_component
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 50  # images between progress log lines inside runs
+
+
+def ident(name: str) -> str:
+    """A Dagster-safe identifier for a dataset or evaluation name."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+
+
+def partitions_def(ds_name: str) -> dg.DynamicPartitionsDefinition:
+    return dg.DynamicPartitionsDefinition(name=f"{ident(ds_name)}_shards")
+
+
+def eager() -> dg.AutomationCondition:
+    """Eager, but also filling partitions that were missing before automation started."""
+    return dg.AutomationCondition.eager().replace("newly_missing", dg.AutomationCondition.missing())
+
+
+def on_cron_if_changed(cron: str) -> dg.AutomationCondition:
+    """Run after a cron tick, only when some dependency changed since the last run."""
+    AC = dg.AutomationCondition
+    return (
+        AC.cron_tick_passed(cron).since_last_handled()
+        & AC.any_deps_updated().since_last_handled()
+        & ~AC.any_deps_missing()
+        & ~AC.any_deps_in_progress()
+        & ~AC.in_progress()
+    )
+
+
+def current_shards(instance: dg.DagsterInstance, ds_name: str) -> list[str]:
+    return sorted(instance.get_dynamic_partitions(partitions_def(ds_name).name))
+
+
+def _read_optional(store: FeatureStore, rel: str, log: logging.Logger | None = None):
+    """A stored table, or None when absent or corrupt (a corrupt file is rebuilt)."""
+    if not store.exists(rel):
+        return None
+    try:
+        return store.read_table(rel)
+    except CorruptFileError as exc:
+        (log or logger).warning("%s: rebuilding it", exc)
+        return None
+
+
+def _progress(log, label: str) -> Callable[[int, int], None]:
+    start = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        if done % PROGRESS_EVERY and done != total:
+            return
+        elapsed = time.perf_counter() - start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        log.info("%s: %d/%d images, %.1f img/s, ETA %.0f s", label, done, total, rate, eta)
+
+    return report
+
+
+# --------------------------------------------------------------------------- per dataset
+
+
+def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDefinition]:
+    """manifest and cam_features (partitioned), and the ground-truth assets where relevant."""
+    parts = partitions_def(ds.name)
+    group = ident(ds.name)
+    manifest_key = dg.AssetKey([ds.name, "manifest"])
+    features_key = dg.AssetKey([ds.name, "cam_features"])
+    code_version = extraction_config(ds).code_version()
+
+    @dg.asset(
+        key=manifest_key,
+        partitions_def=parts,
+        group_name=group,
+        kinds={"parquet"},
+        description=f"Files of {ds.name} per shard: id, path, bytes, sha1, width, height.",
+        check_specs=[dg.AssetCheckSpec("ids_unique_and_readable", asset=manifest_key)],
+    )
+    def manifest(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        store = pipeline.store()
+        shard = context.partition_key
+        files = scan_dataset(ds, store).get(shard, [])
+        rel = stages.shard_relpath("manifest", ds.name, shard)
+        previous = _read_optional(store, rel, context.log)
+        table, hashed = build_manifest(ds, files, previous)
+        store.write_table(rel, table, metadata={"fingerprint": fingerprint(files)})
+        ids = table.column("image_id").to_pylist()
+        errors = [e for e in table.column("error").to_pylist() if e]
+        unique = len(set(ids)) == len(ids)
+        return dg.MaterializeResult(
+            metadata={
+                "images": len(ids),
+                "hashed": hashed,
+                "unreadable": len(errors),
+                "path": store.url(rel),
+            },
+            data_version=dg.DataVersion(manifest_version(table)),
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="ids_unique_and_readable",
+                    passed=unique and not errors,
+                    severity=dg.AssetCheckSeverity.ERROR
+                    if not unique
+                    else dg.AssetCheckSeverity.WARN,
+                    metadata={
+                        "duplicate_ids": len(ids) - len(set(ids)),
+                        "unreadable": len(errors),
+                        "first_error": errors[0] if errors else "",
+                    },
+                )
+            ],
+        )
+
+    @dg.asset(
+        key=features_key,
+        deps=[manifest_key],
+        partitions_def=parts,
+        group_name=group,
+        kinds={"pytorch", "parquet"},
+        pool="cnn",
+        code_version=code_version,
+        description=(
+            f"CAM features of {ds.name} per shard ({ds.extraction.backbone}, "
+            f"resize {ds.extraction.resize}, N_C={ds.extraction.n_classes})."
+        ),
+        check_specs=[
+            dg.AssetCheckSpec("features_finite_and_shaped", asset=features_key),
+            dg.AssetCheckSpec("no_rejected_images", asset=features_key),
+        ],
+    )
+    def cam_features(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        store = pipeline.store()
+        shard = context.partition_key
+        manifest_table = store.read_table(stages.shard_relpath("manifest", ds.name, shard))
+        rel = stages.shard_relpath("cam_features", ds.name, shard)
+        previous = _read_optional(store, rel, context.log)
+        if previous is not None:
+            stored_version = store.read_metadata(rel).get("code_version")
+            if stored_version != code_version:
+                context.log.info("stored features are from %s: recomputing", stored_version)
+                previous = None
+        extractor = pipeline.extractor(ds)
+        update = update_features(
+            ds, manifest_table, previous, extractor, _progress(context.log, f"{ds.name}/{shard}")
+        )
+        store.write_table(rel, update.table, metadata={"code_version": code_version})
+        store.write_table(stages.shard_relpath("rejected", ds.name, shard), update.rejected)
+        finite, shaped = _features_ok(update.table, ds, extractor)
+        return dg.MaterializeResult(
+            metadata={
+                "rows": update.table.num_rows,
+                "forward_passes": update.forward_passes,
+                "reused": update.reused,
+                "rejected": update.rejected.num_rows,
+                "seconds": round(update.seconds, 3),
+                "images_per_second": round(update.images_per_second, 2),
+                "path": store.url(rel),
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="features_finite_and_shaped",
+                    passed=finite and shaped,
+                    metadata={"finite": finite, "shaped": shaped},
+                ),
+                dg.AssetCheckResult(
+                    check_name="no_rejected_images",
+                    passed=update.rejected.num_rows == 0,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata={
+                        "rejected": update.rejected.num_rows,
+                        "reasons": "\n".join(f"{i}: {r}" for i, r in update.errors[:20]),
+                    },
+                ),
+            ],
+        )
+
+    out = [manifest, cam_features]
+    if not ds.has_groundtruth:
+        return out
+
+    if ds.layout not in ("ukbench", "holidays"):
+
+        @dg.asset(
+            key=[ds.name, "query_features"],
+            deps=[manifest_key],
+            group_name=group,
+            kinds={"pytorch", "parquet"},
+            code_version=f"{code_version}-{ds.query_protocol}",
+            automation_condition=eager(),
+            description=f"Features of {ds.name}'s queries ({ds.query_protocol} protocol).",
+        )
+        def query_features(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+            store = pipeline.store()
+            shards = current_shards(context.instance, ds.name)
+            tables = [
+                store.read_table(stages.shard_relpath("manifest", ds.name, s)) for s in shards
+            ]
+            import pyarrow as pa
+
+            man = pa.concat_tables(tables)
+            t0 = time.perf_counter()
+            table = stages.compute_query_features(ds, man, pipeline.extractor(ds))
+            rel = f"query_features/dataset={encode_component(ds.name)}/queries.parquet"
+            store.write_table(rel, table)
+            return dg.MaterializeResult(
+                metadata={"queries": table.num_rows, "seconds": round(time.perf_counter() - t0, 2)}
+            )
+
+        out.append(query_features)
+
+    paired = config.paired(ds.name)
+    assert paired is not None, f"dataset {ds.name} has ground truth but no PCA source"
+    pca_key = dg.AssetKey([ds.name, "pca_model"])
+
+    @dg.asset(
+        key=pca_key,
+        deps=[dg.AssetKey([paired.name, "cam_features"])],
+        group_name=group,
+        kinds={"numpy"},
+        automation_condition=eager(),
+        description=(
+            f"PCA-whitening for {ds.name}, learned on "
+            + ("the other half of its objects." if ds.self_split else f"{paired.name}.")
+        ),
+    )
+    def pca_model(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        store = pipeline.store()
+        train = stages.load_features(
+            store, paired.name, current_shards(context.instance, paired.name)
+        )
+        models = stages.fit_pca_models(config, ds, train)
+        for rel, model in models.items():
+            stages.save_pca(store, rel, model)
+        first = next(iter(models.values()))
+        return dg.MaterializeResult(
+            metadata={
+                "training_set": str(first.metadata.get("training_set")),
+                "training_images": len(train),
+                "models": len(models),
+                "dims": {Path(r).name: m.output_dim for r, m in models.items()},
+            }
+        )
+
+    @dg.asset(
+        key=[ds.name, "descriptors"],
+        deps=[features_key, pca_key],
+        group_name=group,
+        kinds={"parquet"},
+        automation_condition=eager(),
+        description=f"Raw, raw+PCA and OfA descriptors of {ds.name}.",
+    )
+    def descriptors(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        store = pipeline.store()
+        feats = stages.load_features(store, ds.name, current_shards(context.instance, ds.name))
+        desc = stages.dataset_descriptors(config, store, ds, feats)
+        dims = {}
+        for agg, (ids, mat) in desc.items():
+            store.write_table(
+                stages.descriptors_rel(ds.name, agg), stages.descriptor_table(ids, mat)
+            )
+            dims[agg] = int(mat.shape[1])
+        return dg.MaterializeResult(metadata={"images": len(feats), "dims": dims})
+
+    out += [pca_model, descriptors]
+    return out
+
+
+def _features_ok(table, ds: DatasetConfig, extractor: FeatureExtractor) -> tuple[bool, bool]:
+    if table.num_rows == 0:
+        return True, True
+    from cw_pipeline.indexing import table_to_featureset
+
+    fs = table_to_featureset(table)
+    finite = bool(np.isfinite(fs.class_vectors).all() and np.isfinite(fs.sum_pooled).all())
+    shaped = fs.class_vectors.shape[1:] == (ds.extraction.n_classes, extractor.backbone.feature_dim)
+    return finite, shaped
+
+
+# --------------------------------------------------------------------------- per evaluation
+
+
+def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.AssetsDefinition]:
+    ds = config.dataset(ev.dataset)
+    group = ident(ev.name)
+    out: list[dg.AssetsDefinition] = []
+    deps = [dg.AssetKey([ds.name, "descriptors"]), dg.AssetKey([ds.name, "pca_model"])]
+    if ds.layout not in ("ukbench", "holidays"):
+        deps.append(dg.AssetKey([ds.name, "query_features"]))
+    for dname in ev.distractors:
+        out.append(_distractor_descriptors(config, ev, dname))
+        deps.append(dg.AssetKey([ev.name, f"{dname}_descriptors"]))
+    condition = on_cron_if_changed(ev.schedule or "0 3 * * *") if ev.distractors else eager()
+    rankings_key = dg.AssetKey([ev.name, "rankings"])
+    methods = [m.name for m in ev.methods]
+
+    @dg.asset(
+        key=rankings_key,
+        deps=deps,
+        group_name=group,
+        kinds={"parquet"},
+        automation_condition=condition,
+        description=f"Rankings of {ev.name} for {', '.join(methods)}.",
+        check_specs=[dg.AssetCheckSpec("covers_every_query", asset=rankings_key)],
+    )
+    def rankings(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        store = pipeline.store()
+        shards = {ds.name: current_shards(context.instance, ds.name)}
+        for dname in ev.distractors:
+            shards[dname] = current_shards(context.instance, dname)
+        needs_maps = any(m.rerank or m.aggregation == "ona" for m in ev.methods)
+        extractor = pipeline.extractor(ds) if needs_maps else None
+        tables, stats = stages.evaluation_rankings(config, store, ev, shards, extractor)
+        for name, table in tables.items():
+            store.write_table(stages.rankings_rel(ev.name, name), table)
+        expected = _expected_queries(config, store, ev, shards)
+        covered = all(set(t.column("query_id").to_pylist()) == expected for t in tables.values())
+        return dg.MaterializeResult(
+            metadata={
+                "methods": methods,
+                "database_images": stats["database"],
+                "queries": stats["queries"],
+                "seconds_per_method": stats["seconds"],
+                "map_forward_passes": stats["map_forward_passes"],
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="covers_every_query",
+                    passed=covered,
+                    metadata={"expected_queries": len(expected)},
+                )
+            ],
+        )
+
+    report_key = dg.AssetKey([ev.name, "map_report"])
+    checks = []
+    floor = reports.MAP_FLOORS.get(ev.name)
+    if floor is not None:
+        checks.append(dg.AssetCheckSpec("map_above_floor", asset=report_key))
+
+    @dg.asset(
+        key=report_key,
+        deps=[rankings_key],
+        group_name=group,
+        kinds={"markdown"},
+        automation_condition=eager(),
+        description=f"mAP of {ev.name} per method, per query, beside the paper's numbers.",
+        check_specs=checks,
+    )
+    def map_report(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        store = pipeline.store()
+        shards = {ds.name: current_shards(context.instance, ds.name)}
+        for dname in ev.distractors:
+            shards[dname] = current_shards(context.instance, dname)
+        report = reports.build_report(config, store, ev, shards)
+        folder = reports.write_report(pipeline.reports_dir(), report)
+        md = reports.markdown(report)
+        results = []
+        if floor is not None:
+            best = report["results"][0]["map"] if report["results"] else 0.0
+            primary = next((r for r in report["results"] if r["method"] == "ofa"), None)
+            value = primary["map"] if primary else best
+            results.append(
+                dg.AssetCheckResult(
+                    check_name="map_above_floor",
+                    passed=bool(value >= floor),
+                    metadata={"ofa_map": value, "floor": floor},
+                )
+            )
+        meta = {
+            "report": dg.MetadataValue.md(md),
+            "path": dg.MetadataValue.path(str(folder / "report.md")),
+        }
+        for r in report["results"]:
+            meta[f"map/{r['method']}"] = round(r["map"], 4)
+        return dg.MaterializeResult(metadata=meta, check_results=results)
+
+    return [*out, rankings, map_report]
+
+
+def _expected_queries(config, store, ev, shards) -> set[str]:
+    ds = config.dataset(ev.dataset)
+    if ds.layout in ("ukbench", "holidays"):
+        feats = stages.load_features(store, ds.name, shards[ds.name])
+        return set(feats.ids)
+    rel = f"query_features/dataset={encode_component(ds.name)}/queries.parquet"
+    return set(store.read_table(rel, ["image_id"]).column("image_id").to_pylist())
+
+
+def _distractor_descriptors(
+    config: ProjectConfig, ev: EvaluationConfig, dname: str
+) -> dg.AssetsDefinition:
+    ds = config.dataset(ev.dataset)
+    dset = config.dataset(dname)
+
+    @dg.asset(
+        key=[ev.name, f"{dname}_descriptors"],
+        deps=[dg.AssetKey([dname, "cam_features"]), dg.AssetKey([ds.name, "pca_model"])],
+        partitions_def=partitions_def(dname),
+        group_name=ident(ev.name),
+        kinds={"parquet"},
+        automation_condition=eager(),
+        description=f"Descriptors of distractor set {dname} with {ds.name}'s PCA.",
+    )
+    def distractor_descriptors(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        store = pipeline.store()
+        shard = context.partition_key
+        rel = stages.shard_relpath("cam_features", dset.name, shard)
+        if store.read_table(rel, ["image_id"]).num_rows == 0:
+            for agg in stages.OFFLINE_AGGREGATIONS:  # drop descriptors of removed images
+                store.delete(stages.distractor_rel(ev.name, dname, agg, shard))
+            return dg.MaterializeResult(metadata={"images": 0})
+        feats = stages.load_features(store, dset.name, [shard])
+        if ds.self_split:
+            raise ValueError(f"{ev.name}: distractors with a self-split dataset are not supported")
+        desc = stages.offline_descriptors(
+            feats, stages.pca_models_for(store, ds), stages.search_params(config)
+        )
+        for agg, mat in desc.items():
+            rel = stages.distractor_rel(ev.name, dname, agg, shard)
+            store.write_table(rel, stages.descriptor_table(feats.ids, mat))
+        return dg.MaterializeResult(metadata={"images": len(feats)})
+
+    return distractor_descriptors

@@ -1,0 +1,143 @@
+"""mAP reports: scores of stored rankings, markdown tables beside the paper's numbers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from cw_pipeline import stages
+from cw_pipeline.config import EvaluationConfig, ProjectConfig
+from cw_pipeline.store import FeatureStore
+
+#: The paper's Table 2 (VGG16-CAM, 512-d) and Table 1a baselines, by benchmark and method.
+PAPER_MAP: dict[str, dict[str, float]] = {
+    "oxford5k": {
+        "raw": 0.396,
+        "raw+pca": 0.589,
+        "ona": 0.736,
+        "ofa": 0.712,
+        "ona+qe10": 0.760,
+        "ofa+qe10": 0.730,
+        "ofa+r100+qe10": 0.773,
+        "ofa+r1000+qe5": 0.801,
+    },
+    "paris6k": {
+        "raw": 0.526,
+        "raw+pca": 0.662,
+        "ona": 0.855,
+        "ofa": 0.805,
+        "ona+qe10": 0.873,
+        "ofa+qe10": 0.836,
+        "ofa+r100+qe10": 0.838,
+        "ofa+r1000+qe5": 0.855,
+    },
+    "oxford105k": {"ofa": 0.672, "ofa+qe10": 0.712, "ofa+r100+qe10": 0.750, "ofa+r1000+qe5": 0.769},
+    "paris106k": {"ofa": 0.733, "ofa+qe10": 0.791, "ofa+r100+qe10": 0.780, "ofa+r1000+qe5": 0.800},
+}
+
+#: Minimum OfA mAP the demo evaluations must reach (asset check ``map_above_floor``).
+MAP_FLOORS: dict[str, float] = {
+    "demo-a": 0.60,
+    "demo-b": 0.60,
+    "demo-a-distractors": 0.55,
+    "demo-b-distractors": 0.55,
+}
+
+
+def build_report(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+) -> dict[str, Any]:
+    """Scores of every method's stored rankings for one evaluation."""
+    ds = config.dataset(ev.dataset)
+    db_ids, _ = stages.read_descriptors(store, stages.descriptors_rel(ds.name, "raw"))
+    all_ids = list(db_ids)
+    for dname in ev.distractors:
+        for shard in shards.get(dname, []):
+            rel = stages.distractor_rel(ev.name, dname, "raw", shard)
+            if store.exists(rel):
+                all_ids += store.read_table(rel, ["image_id"]).column("image_id").to_pylist()
+    gt = stages.load_groundtruth(ds, db_ids)
+    paper = PAPER_MAP.get(ev.name, {})
+    results, per_query = [], {}
+    for m in ev.methods:
+        table = store.read_table(stages.rankings_rel(ev.name, m.name))
+        score = stages.score_rankings(ds, gt, all_ids, table)
+        entry = {"method": m.name, "map": score["map"]}
+        for key in ("ns_score", "revisited"):
+            if key in score:
+                entry[key] = score[key]
+        if m.name in paper:
+            entry["paper"] = paper[m.name]
+        results.append(entry)
+        per_query[m.name] = score.get("aps", {})
+    return {
+        "evaluation": ev.name,
+        "dataset": ds.name,
+        "distractors": list(ev.distractors),
+        "database_images": len(all_ids),
+        "queries": len(next(iter(per_query.values()), {})) or None,
+        "backbone": ds.extraction.backbone,
+        "results": results,
+        "per_query": per_query,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown table (mAP beside the paper's VGG16 numbers where they exist)."""
+    rows = report["results"]
+    has_ns = any("ns_score" in r for r in rows)
+    has_rev = any("revisited" in r for r in rows)
+    head = ["method", "mAP"]
+    if has_ns:
+        head.append("N-S")
+    if has_rev:
+        head += ["Easy", "Medium", "Hard"]
+    head.append("paper (VGG16)")
+    lines = [
+        f"### {report['evaluation']}",
+        "",
+        f"{report['database_images']} database images"
+        + (f" (with {', '.join(report['distractors'])})" if report["distractors"] else "")
+        + f", backbone {report['backbone']}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        cells = [r["method"], f"{r['map']:.4f}"]
+        if has_ns:
+            cells.append(f"{r['ns_score']:.3f}" if "ns_score" in r else "")
+        if has_rev:
+            rev = r.get("revisited") or {}
+            cells += [f"{rev[k]:.4f}" if k in rev else "" for k in ("easy", "medium", "hard")]
+        cells.append(f"{r['paper']:.3f}" if "paper" in r else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(reports_root: str, report: dict[str, Any]) -> Path:
+    """Write ``<reports>/<evaluation>/report.{md,json}`` and ``per_query_ap.csv`` atomically."""
+    store = FeatureStore(reports_root)
+    ev = report["evaluation"]
+    store.write_bytes(f"{ev}/report.md", markdown(report).encode())
+    store.write_json(f"{ev}/report.json", report)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    methods = list(report["per_query"])
+    writer.writerow(["query", *methods])
+    queries = sorted({q for aps in report["per_query"].values() for q in aps})
+    for q in queries:
+        writer.writerow(
+            [q, *(f"{report['per_query'][m].get(q, float('nan')):.4f}" for m in methods)]
+        )
+    store.write_bytes(f"{ev}/per_query_ap.csv", buf.getvalue().encode())
+    return Path(store.path(ev))
+
+
+__all__ = ["MAP_FLOORS", "PAPER_MAP", "build_report", "json", "markdown", "write_report"]

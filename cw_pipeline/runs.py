@@ -1,0 +1,157 @@
+"""Run the pipeline in-process against a Dagster instance (used by the CLI and tests).
+
+``index_dataset`` does what the folder sensor and the automation daemon do, synchronously:
+add new shards as partitions, materialize manifest + features of new or changed shards, then
+execute what declarative automation requests until nothing is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from cw_pipeline.config import ProjectConfig
+from cw_pipeline.defs.assets import current_shards, partitions_def
+from cw_pipeline.defs.automation import plan_shards
+from cw_pipeline.store import FeatureStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexResult:
+    dataset: str
+    shards: int = 0
+    indexed_shards: list[str] = field(default_factory=list)
+    images: int = 0
+    forward_passes: int = 0
+    reused: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "shards": self.shards,
+            "indexed_shards": self.indexed_shards,
+            "images": self.images,
+            "forward_passes": self.forward_passes,
+            "reused": self.reused,
+            "rejected": self.rejected,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _assets(defs: dg.Definitions) -> list:
+    return list(defs.assets or [])
+
+
+def _materialize(defs, instance, keys: Iterable[dg.AssetKey], partition_key: str | None = None):
+    keys = list(keys)
+    return dg.materialize(
+        _assets(defs),
+        instance=instance,
+        resources=defs.resources,
+        selection=dg.AssetSelection.assets(*keys),
+        partition_key=partition_key,
+    )
+
+
+def index_dataset(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    config: ProjectConfig,
+    name: str,
+    store: FeatureStore,
+    force: bool = False,
+) -> IndexResult:
+    """Index new or changed shards of one dataset (manifest + features)."""
+    t0 = time.perf_counter()
+    ds = config.dataset(name)
+    parts = partitions_def(name)
+    existing = set(instance.get_dynamic_partitions(parts.name))
+    fps, new, todo, removed = plan_shards(ds, store, existing)
+    if new:
+        instance.add_dynamic_partitions(parts.name, new)
+    for s in removed:
+        instance.delete_dynamic_partition(parts.name, s)
+    if force:
+        todo = sorted(fps)
+    result = IndexResult(name, shards=len(fps), indexed_shards=todo)
+    keys = [dg.AssetKey([name, "manifest"]), dg.AssetKey([name, "cam_features"])]
+    for shard in todo:
+        run = _materialize(defs, instance, keys, partition_key=shard)
+        for mat in run.asset_materializations_for_node(f"{_op(name)}__cam_features"):
+            md = mat.metadata
+            result.forward_passes += int(md["forward_passes"].value)
+            result.reused += int(md["reused"].value)
+            result.rejected += int(md["rejected"].value)
+    for shard in current_shards(instance, name):
+        rel = store.shard_path("cam_features", name, shard)
+        if store.exists(rel):
+            result.images += store.read_table(rel, ["image_id"]).num_rows
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _op(name: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+
+
+def refresh(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    max_rounds: int = 10,
+    include_cron: bool = False,
+) -> list[str]:
+    """Execute what declarative automation requests, round after round, until it is quiet.
+
+    With ``include_cron`` every asset still missing afterwards is materialized too (cron-gated
+    evaluations would otherwise wait for their tick). Returns the asset keys materialized.
+    """
+    done: list[str] = []
+    cursor = None
+    all_keys = list(defs.resolve_asset_graph().get_all_asset_keys())
+    for _ in range(max_rounds):
+        res = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+        cursor = res.cursor
+        if not res.total_requested:
+            break
+        by_partition: dict[str | None, list[dg.AssetKey]] = {}
+        for key in all_keys:
+            for pk in res.get_requested_partitions(key):
+                by_partition.setdefault(pk, []).append(key)
+        # Partitioned requests first: unpartitioned assets downstream of them read all shards.
+        for pk in sorted(by_partition, key=lambda p: (p is None, p or "")):
+            keys = by_partition[pk]
+            _materialize(defs, instance, keys, partition_key=pk)
+            done += [k.to_user_string() + (f"[{pk}]" if pk else "") for k in keys]
+    if include_cron:
+        done += materialize_missing(defs, instance)
+    return done
+
+
+def materialize_missing(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
+    """Materialize every asset (and partition) that has never been materialized, in order."""
+    graph = defs.resolve_asset_graph()
+    done = []
+    for level in graph.toposorted_asset_keys_by_level:
+        for key in level:
+            node = graph.get(key)
+            pdef = node.partitions_def
+            if pdef is None:
+                if instance.get_latest_materialization_event(key) is None:
+                    _materialize(defs, instance, [key])
+                    done.append(key.to_user_string())
+                continue
+            keys = pdef.get_partition_keys(dynamic_partitions_store=instance)
+            have = instance.get_materialized_partitions(key)
+            for pk in keys:
+                if pk not in have:
+                    _materialize(defs, instance, [key], partition_key=pk)
+                    done.append(f"{key.to_user_string()}[{pk}]")
+    return done

@@ -1,0 +1,621 @@
+"""What each pipeline asset computes, over the feature store, without Dagster.
+
+The Dagster assets in ``cw_pipeline.defs`` call these functions; the CLI and tests can call
+them directly. Store layout (relative to the warehouse root):
+
+* ``manifest/dataset=<ds>/shard=<s>.parquet``, ``cam_features/…``, ``rejected/…``
+* ``query_features/dataset=<ds>/queries.parquet``
+* ``pca/dataset=<ds>/<space>[-half<k>].npz`` + ``.json`` (``space``: ``class`` or ``raw``)
+* ``descriptors/dataset=<ds>/<aggregation>.parquet``
+* ``distractor_descriptors/evaluation=<ev>/set=<d>/shard=<s>.parquet``
+* ``rankings/evaluation=<ev>/method=<m>.parquet``
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
+from cw_pipeline.core import datasets as gtio
+from cw_pipeline.core.aggregation import PCAWhitening, aggregate, raw_descriptors
+from cw_pipeline.core.evaluation import (
+    compute_map,
+    compute_map_revisited,
+    ukbench_map,
+    ukbench_ns_score,
+)
+from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca
+from cw_pipeline.core.extract import FeatureExtractor, FeatureMaps
+from cw_pipeline.core.images import load_image
+from cw_pipeline.core.search import OnlineIndex, Ranking, RerankConfig, expand_queries, rank, rerank
+from cw_pipeline.indexing import (
+    records_to_table,
+    table_to_featureset,
+)
+from cw_pipeline.store import FeatureStore, encode_component
+
+logger = logging.getLogger(__name__)
+
+#: Rankings keep the full list up to this many database images, then the top this many.
+MAX_RANKING_LENGTH = 10_000
+
+
+def shard_relpath(kind: str, dataset: str, shard: str) -> str:
+    return FeatureStore.shard_path(kind, dataset, shard)
+
+
+def load_features(store: FeatureStore, dataset: str, shards: Sequence[str]) -> FeatureSet:
+    """All feature rows of the given shards of a dataset (missing shards are an error)."""
+    tables = []
+    for shard in shards:
+        rel = shard_relpath("cam_features", dataset, shard)
+        if not store.exists(rel):
+            raise FileNotFoundError(f"features of {dataset} shard {shard} are not materialized")
+        t = store.read_table(rel)
+        if t.num_rows:
+            tables.append(t)
+    if not tables:
+        raise ValueError(f"dataset {dataset!r} has no feature rows (no readable images)")
+    return table_to_featureset(pa.concat_tables(tables).sort_by("image_id"))
+
+
+def search_params(config: ProjectConfig) -> SearchParams:
+    s = config.search
+    return SearchParams(n_classes=s.n_classes, n_pca=s.n_pca, pca_dims=s.pca_dims)
+
+
+# --------------------------------------------------------------------------- PCA models
+
+PCA_SPACES = {"class": Method.parse("ofa"), "raw": Method.parse("raw+pca")}
+
+
+def _pca_rel(dataset: str, space: str, half: int | None) -> str:
+    suffix = "" if half is None else f"-half{half}"
+    return f"pca/dataset={encode_component(dataset)}/{space}{suffix}"
+
+
+def save_pca(store: FeatureStore, rel: str, model: PCAWhitening) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, mean=model.mean, components=model.components, eigenvalues=model.eigenvalues)
+    store.write_bytes(f"{rel}.npz", buf.getvalue())
+    store.write_json(f"{rel}.json", model.metadata)
+
+
+def load_pca(store: FeatureStore, rel: str) -> PCAWhitening:
+    with np.load(io.BytesIO(store.read_bytes(f"{rel}.npz")), allow_pickle=False) as data:
+        arrays = {k: data[k] for k in ("mean", "components", "eigenvalues")}
+    return PCAWhitening(**arrays, metadata=store.read_json(f"{rel}.json"))
+
+
+def halves_of(ds: DatasetConfig, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Self-split halves (by object) of a grouped dataset."""
+    from cw_pipeline.core.runner import split_by_group
+
+    return split_by_group(group_labels(ds, ids))
+
+
+def group_labels(ds: DatasetConfig, ids: Sequence[str]) -> np.ndarray:
+    if ds.layout == "ukbench":
+        return gtio.ukbench_labels(ids)
+    if ds.layout == "holidays":
+        return np.array([int(Path(i).name[:4]) for i in ids])
+    raise ValueError(f"dataset {ds.name!r} (layout {ds.layout}) has no object groups")
+
+
+def fit_pca_models(
+    config: ProjectConfig, ds: DatasetConfig, train: FeatureSet
+) -> dict[str, PCAWhitening]:
+    """PCA models of ``ds`` fitted on ``train`` (its paired dataset's features), by store path.
+
+    Two spaces: ``class`` (class vectors, N_pca per image; for OfA/OnA) and ``raw``
+    (sum-pooled vectors; for raw+PCA). A self-split dataset gets one model per half, each
+    fitted on the *other* half.
+    """
+    params = search_params(config)
+    e = ds.extraction
+    base = {
+        "dataset": ds.name,
+        "backbone": e.backbone,
+        "layer": e.layer or "default",
+        "resize": e.resize,
+        "n_pca": params.n_pca,
+        "pca_dims": params.pca_dims,
+    }
+    out: dict[str, PCAWhitening] = {}
+    if ds.self_split:
+        halves = halves_of(ds, train.ids)
+        for k in (1, 2):
+            other = train.subset(halves[2 - k])
+            meta = {**base, "training_set": f"{ds.name}-half{3 - k}"}
+            for space, method in PCA_SPACES.items():
+                out[_pca_rel(ds.name, space, k)] = fit_pca(method, other, params, meta)  # type: ignore[assignment]
+    else:
+        meta = {**base, "training_set": ds.pca_from}
+        for space, method in PCA_SPACES.items():
+            out[_pca_rel(ds.name, space, None)] = fit_pca(method, train, params, meta)  # type: ignore[assignment]
+    return out
+
+
+# --------------------------------------------------------------------------- descriptors
+
+
+def descriptor_table(ids: Sequence[str], desc: np.ndarray) -> pa.Table:
+    dim = desc.shape[1]
+    flat = pa.array(np.ascontiguousarray(desc, dtype=np.float32).reshape(-1), pa.float32())
+    return pa.table(
+        {
+            "image_id": pa.array(list(ids), pa.string()),
+            "descriptor": pa.FixedSizeListArray.from_arrays(flat, dim),
+        }
+    )
+
+
+def read_descriptors(store: FeatureStore, rel: str) -> tuple[list[str], np.ndarray]:
+    t = store.read_table(rel)
+    dim = t.schema.field("descriptor").type.list_size
+    values = t.column("descriptor").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return t.column("image_id").to_pylist(), values.reshape(t.num_rows, dim)
+
+
+OFFLINE_AGGREGATIONS = ("raw", "raw+pca", "ofa")
+
+
+def offline_descriptors(
+    feats: FeatureSet, pcas: dict[str, PCAWhitening | None], params: SearchParams
+) -> dict[str, np.ndarray]:
+    """Raw, raw+PCA and OfA descriptors of a feature set with given PCA models."""
+    n_c = min(params.n_classes, feats.class_vectors.shape[1])
+    return {
+        "raw": raw_descriptors(feats.sum_pooled),
+        "raw+pca": raw_descriptors(feats.sum_pooled, pcas["raw"]),
+        "ofa": aggregate(feats.class_vectors, pcas["class"], n_c),
+    }
+
+
+def pca_models_for(
+    store: FeatureStore, ds: DatasetConfig, half: int | None = None
+) -> dict[str, PCAWhitening]:
+    return {space: load_pca(store, _pca_rel(ds.name, space, half)) for space in PCA_SPACES}
+
+
+def dataset_descriptors(
+    config: ProjectConfig, store: FeatureStore, ds: DatasetConfig, feats: FeatureSet
+) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Offline descriptors of a ground-truth dataset (self-split: each half with its PCA)."""
+    params = search_params(config)
+    if not ds.self_split:
+        d = offline_descriptors(feats, pca_models_for(store, ds), params)
+        return {agg: (feats.ids, v) for agg, v in d.items()}
+    out: dict[str, list] = {agg: [[], []] for agg in OFFLINE_AGGREGATIONS}
+    for k, half in enumerate(halves_of(ds, feats.ids), 1):
+        sub = feats.subset(half)
+        d = offline_descriptors(sub, pca_models_for(store, ds, k), params)
+        for agg, v in d.items():
+            out[agg][0].extend(sub.ids)
+            out[agg][1].append(v)
+    return {agg: (ids, np.concatenate(vs)) for agg, (ids, vs) in out.items()}
+
+
+def descriptors_rel(dataset: str, aggregation: str) -> str:
+    return (
+        f"descriptors/dataset={encode_component(dataset)}/{encode_component(aggregation)}.parquet"
+    )
+
+
+def distractor_rel(evaluation: str, dset: str, aggregation: str, shard: str) -> str:
+    """Descriptors of one distractor shard under one evaluation's PCA."""
+    return (
+        f"distractor_descriptors/evaluation={encode_component(evaluation)}/"
+        f"set={encode_component(dset)}/agg={encode_component(aggregation)}/"
+        f"shard={encode_component(shard)}.parquet"
+    )
+
+
+def rankings_rel(evaluation: str, method: str) -> str:
+    return (
+        f"rankings/evaluation={encode_component(evaluation)}/"
+        f"method={encode_component(method)}.parquet"
+    )
+
+
+# --------------------------------------------------------------------------- queries
+
+
+QUERY_EXTRA = [("bbox", pa.list_(pa.float32(), 4)), ("query_name", pa.string())]
+
+
+def load_groundtruth(ds: DatasetConfig, image_ids: Sequence[str]) -> gtio.GroundTruth:
+    """Ground truth of a dataset for the given database ids."""
+    if ds.layout in ("oxford", "paris"):
+        return gtio.read_oxford_groundtruth(
+            ds.groundtruth, image_ids=list(image_ids), dataset=ds.name
+        )  # type: ignore[arg-type]
+    if ds.layout in ("gnd", "revisited"):
+        return gtio.load_gnd_pickle(ds.groundtruth)  # type: ignore[arg-type]
+    if ds.layout == "ukbench":
+        return gtio.ukbench_groundtruth(list(image_ids))
+    if ds.layout == "holidays":
+        return gtio.holidays_groundtruth(list(image_ids))
+    raise ValueError(f"dataset {ds.name!r} (layout {ds.layout}) has no ground truth")
+
+
+def compute_query_features(
+    ds: DatasetConfig,
+    manifest: pa.Table,
+    extractor: FeatureExtractor,
+) -> pa.Table:
+    """Features of a box-query dataset's queries (crop or paper protocol)."""
+    gt = load_groundtruth(ds, manifest.column("image_id").to_pylist())
+    paths = dict(
+        zip(
+            manifest.column("image_id").to_pylist(),
+            manifest.column("relpath").to_pylist(),
+            strict=True,
+        )
+    )
+    recs, ids, boxes, names = [], [], [], []
+    for q in gt.queries:
+        if q.image_id not in paths:
+            raise FileNotFoundError(
+                f"query image {q.image_id!r} of {ds.name} is not in {ds.images}"
+            )
+        img = load_image(ds.images / paths[q.image_id])
+        box = q.bbox
+        if box is not None:
+            w, h = img.size
+            box = (max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3]))
+        recs.append(extractor.extract_query(img, box, ds.query_protocol))
+        ids.append(q.image_id)
+        boxes.append(list(q.bbox) if q.bbox is not None else [np.nan] * 4)
+        names.append(q.name or q.image_id)
+    table = records_to_table(ids, [""] * len(ids), recs)
+    table = table.append_column("bbox", pa.array(boxes, pa.list_(pa.float32(), 4)))
+    return table.append_column("query_name", pa.array(names, pa.string()))
+
+
+# --------------------------------------------------------------------------- rankings
+
+
+class MapProvider:
+    """Feature maps of database images for OnA and re-ranking.
+
+    Maps are not stored in the warehouse (about 2 MB per Oxford-size image): they are
+    recomputed by one forward pass on first use and cached for the rest of the run.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, paths: Sequence[Path]):
+        self.extractor = extractor
+        self.paths = list(paths)
+        self._cache: dict[int, FeatureMaps] = {}
+        self.forward_passes = 0
+        bb = extractor.backbone
+        self.weight, self.bias = bb.classifier_weight, bb.classifier_bias
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Compute the maps of many images in batches (decode overlapped with the network)."""
+        todo = sorted({int(i) for i in indices} - set(self._cache))
+        if not todo:
+            return
+        keep = self.extractor.keep_maps
+        self.extractor.keep_maps = True
+        try:
+            items = [(i, self.paths[i]) for i in todo]
+            for i, rec in self.extractor.extract_files(items):
+                self._cache[i] = rec.maps  # type: ignore[union-attr]
+                self.forward_passes += 1
+        finally:
+            self.extractor.keep_maps = keep
+
+    def get(self, i: int) -> FeatureMaps:
+        if i not in self._cache:
+            image, orig = self.extractor.load(self.paths[i])
+            keep = self.extractor.keep_maps
+            self.extractor.keep_maps = True
+            try:
+                rec = self.extractor.encode_batch([image], [orig])[0]
+            finally:
+                self.extractor.keep_maps = keep
+            self._cache[i] = rec.maps  # type: ignore[assignment]
+            self.forward_passes += 1
+        return self._cache[i]
+
+
+def run_method(
+    method: Method,
+    db: np.ndarray,
+    q: np.ndarray,
+    top_k: int,
+    *,
+    queries: FeatureSet | None = None,
+    pca: PCAWhitening | None = None,
+    maps: MapProvider | None = None,
+    params: SearchParams | None = None,
+) -> Ranking:
+    """Rank (top ``top_k``) with a method: offline descriptors or OnA, re-ranking, then QE.
+
+    OnA and re-ranking need the query feature set, the class-space PCA and a map provider.
+    """
+    params = params or SearchParams()
+    if method.needs_maps and (queries is None or maps is None):
+        raise ValueError(f"method {method.name} needs query features and feature maps")
+    depth = min(db.shape[0], max(top_k, method.rerank, method.qe))
+    if method.aggregation == "ona":
+        return _run_online(method, q, queries, pca, maps, params, top_k, depth)  # type: ignore[arg-type]
+    res = rank(q, db, top_k=depth)
+    if method.rerank:
+        res = _rerank_all(res, queries, pca, maps, params, method)  # type: ignore[arg-type]
+    if method.qe:
+        res = rank(expand_queries(db, res, method.qe), db, top_k=top_k)
+    return Ranking(res.indices[:, :top_k], res.scores[:, :top_k])
+
+
+def _rerank_all(
+    res: Ranking,
+    queries: FeatureSet,
+    pca: PCAWhitening | None,
+    maps: MapProvider,
+    params: SearchParams,
+    method: Method,
+) -> Ranking:
+    base = params.rerank
+    cfg = RerankConfig(
+        method.rerank, base.n_classes, base.box_classes, base.thresholds, base.min_cells
+    )
+    q_r = aggregate(queries.class_vectors, pca, min(cfg.n_classes, queries.class_vectors.shape[1]))
+    idx, scores = res.indices.copy(), res.scores.copy()
+    maps.prefetch(np.unique(idx[:, : method.rerank]))
+    for i in range(len(queries)):
+        order, new = rerank(
+            q_r[i], queries.class_ids[i], idx[i], maps.get, maps.weight, maps.bias, pca, cfg
+        )
+        idx[i], scores[i, : len(new)] = order, new
+    return Ranking(idx, scores)
+
+
+def _run_online(
+    method: Method,
+    q: np.ndarray,
+    queries: FeatureSet,
+    pca: PCAWhitening | None,
+    maps: MapProvider,
+    params: SearchParams,
+    top_k: int,
+    depth: int,
+) -> Ranking:
+    n_c = min(params.n_classes, queries.class_ids.shape[1])
+    maps.prefetch(range(len(maps)))
+    all_maps = [maps.get(i) for i in range(len(maps))]
+    index = OnlineIndex(all_maps, queries.class_ids[:, :n_c], maps.weight, maps.bias, pca)
+    logger.info(
+        "OnA index: %d images x %d classes, %.1f MB",
+        len(maps),
+        len(index.classes),
+        index.nbytes / 1e6,
+    )
+    out_idx, out_scores = [], []
+    for i in range(len(queries)):
+        db = index.descriptors(queries.class_ids[i, :n_c])
+        res = rank(q[i : i + 1], db, top_k=depth)
+        if method.rerank:
+            res = _rerank_all(res, queries.subset([i]), pca, maps, params, method)
+        if method.qe:
+            res = rank(expand_queries(db, res, method.qe), db, top_k=top_k)
+        out_idx.append(res.indices[0, :top_k])
+        out_scores.append(res.scores[0, :top_k])
+    return Ranking(np.stack(out_idx), np.stack(out_scores))
+
+
+def ranking_table(query_ids: Sequence[str], db_ids: Sequence[str], r: Ranking) -> pa.Table:
+    """Rankings as rows: query id, ranked image ids (best first), scores."""
+    ids = np.asarray(db_ids, dtype=object)
+    return pa.table(
+        {
+            "query_id": pa.array(list(query_ids), pa.string()),
+            "ranked_ids": pa.array([ids[row].tolist() for row in r.indices], pa.list_(pa.string())),
+            "scores": pa.array(
+                [row.astype(np.float32) for row in r.scores], pa.list_(pa.float32())
+            ),
+        }
+    )
+
+
+def score_rankings(
+    ds: DatasetConfig, gt: gtio.GroundTruth, db_ids: Sequence[str], table: pa.Table
+) -> dict[str, Any]:
+    """mAP (and N-S, or revisited E/M/H) of stored rankings; per-query AP by query id."""
+    pos = {i: k for k, i in enumerate(db_ids)}
+    qids = table.column("query_id").to_pylist()
+    rankings = [
+        np.fromiter((pos[i] for i in row), dtype=np.int64, count=len(row))
+        for row in table.column("ranked_ids").to_pylist()
+    ]
+    if ds.layout == "ukbench":
+        labels = group_labels(ds, db_ids)
+        k = min(len(r) for r in rankings)
+        rk = np.stack([r[:k] for r in rankings])
+        qidx = np.array([pos[q] for q in qids])
+        return {
+            "map": ukbench_map(rk, labels, qidx),
+            "ns_score": ukbench_ns_score(rk, labels, qidx),
+        }
+    by_query = dict(zip((q.image_id for q in gt.queries), gt.queries, strict=True))
+    gnd = []
+    for qid in qids:
+        q = by_query[qid]
+        entry = {
+            "ok": [pos[i] for i in q.positives if i in pos],
+            "junk": [pos[i] for i in q.junk if i in pos],
+        }
+        if gt.revisited:
+            entry["easy"] = [pos[i] for i in q.easy if i in pos]
+            entry["hard"] = [pos[i] for i in q.hard if i in pos]
+        if ds.layout == "holidays":
+            entry["junk"].append(pos[qid])
+        gnd.append(entry)
+    if gt.revisited:
+        res = compute_map_revisited(rankings, gnd, n_db=len(db_ids))
+        return {
+            "map": float(res["medium"]["map"]),
+            "revisited": {p: float(res[p]["map"]) for p in ("easy", "medium", "hard")},
+            "aps": dict(zip(qids, map(float, res["medium"]["aps"]), strict=True)),
+        }
+    res = compute_map(rankings, gnd, n_db=len(db_ids))
+    return {"map": float(res.map), "aps": dict(zip(qids, map(float, res.aps), strict=True))}
+
+
+def _read_all_descriptors(store: FeatureStore, rels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    ids, mats = [], []
+    for rel in rels:
+        if not store.exists(rel):  # a shard without readable images has no descriptors
+            continue
+        i, m = read_descriptors(store, rel)
+        ids.extend(i)
+        mats.append(m)
+    return ids, np.concatenate(mats) if mats else np.zeros((0, 0), np.float32)
+
+
+def manifest_paths(
+    store: FeatureStore, ds: DatasetConfig, shards: Sequence[str]
+) -> dict[str, Path]:
+    """image id → absolute path, from the stored manifests of the given shards."""
+    out: dict[str, Path] = {}
+    for shard in shards:
+        t = store.read_table(shard_relpath("manifest", ds.name, shard), ["image_id", "relpath"])
+        for i, rel in zip(
+            t.column("image_id").to_pylist(), t.column("relpath").to_pylist(), strict=True
+        ):
+            out[i] = ds.images / rel
+    return out
+
+
+def evaluation_rankings(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+    extractor: FeatureExtractor | None = None,
+) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """Rankings of every method of an evaluation, and run statistics.
+
+    ``shards`` lists the current shards of the evaluated dataset and each distractor set.
+    ``extractor`` is needed only by OnA and re-ranking methods (maps are recomputed).
+    """
+    ds = config.dataset(ev.dataset)
+    params = search_params(config)
+    methods = [Method.parse(m.name) for m in ev.methods]
+    aggs = ("raw", "raw+pca", "ofa")
+    db_ids, db = [], {}
+    for agg in aggs:
+        db_ids, db[agg] = read_descriptors(store, descriptors_rel(ds.name, agg))
+    for dname in ev.distractors:
+        rels = {
+            agg: [distractor_rel(ev.name, dname, agg, s) for s in shards[dname]] for agg in aggs
+        }
+        for agg in aggs:
+            ids, m = _read_all_descriptors(store, rels[agg])
+            if len(ids):
+                db[agg] = np.concatenate([db[agg], m])
+        db_ids = db_ids + ids
+    if len(set(db_ids)) != len(db_ids):
+        raise ValueError(f"evaluation {ev.name}: image ids are not unique across its datasets")
+    needs_maps = any(m.needs_maps for m in methods)
+    maps = None
+    if needs_maps:
+        if extractor is None:
+            raise ValueError(f"evaluation {ev.name}: OnA/re-ranking need a feature extractor")
+        paths = manifest_paths(store, ds, shards[ds.name])
+        for dname in ev.distractors:
+            paths.update(manifest_paths(store, config.dataset(dname), shards[dname]))
+        maps = MapProvider(extractor, [paths[i] for i in db_ids])
+
+    # Query groups: (query ids, query FeatureSet, query descriptors, db rows, PCA models).
+    groups = []
+    if ds.layout in ("ukbench", "holidays"):
+        feats = load_features(store, ds.name, shards[ds.name])
+        pos = {i: k for k, i in enumerate(db_ids)}
+        halves = halves_of(ds, feats.ids) if ds.self_split else [np.arange(len(feats))]
+        n_ds = len(feats)
+        for k, half in enumerate(halves, 1):
+            sub = feats.subset(half)
+            rows = np.array([pos[i] for i in sub.ids])
+            rows = np.concatenate([rows, np.arange(n_ds, len(db_ids))])  # + distractors
+            pcas = pca_models_for(store, ds, k if ds.self_split else None)
+            qd = {agg: db[agg][rows[: len(sub)]] for agg in aggs}
+            groups.append((sub.ids, sub, qd, rows, pcas))
+    else:
+        qt = store.read_table(f"query_features/dataset={encode_component(ds.name)}/queries.parquet")
+        qfeats = table_to_featureset(qt.drop_columns(["bbox", "query_name"]))
+        pcas = pca_models_for(store, ds)
+        qd = offline_descriptors(qfeats, pcas, params)
+        groups.append((qfeats.ids, qfeats, qd, np.arange(len(db_ids)), pcas))
+
+    tables: dict[str, pa.Table] = {}
+    stats: dict[str, Any] = {"database": len(db_ids), "queries": 0, "seconds": {}}
+    for method in methods:
+        t0 = time.perf_counter()
+        qids_all, rows_all, scores_all = [], [], []
+        for qids, qfs, qd, rows, pcas in groups:
+            sub_db = db[_agg_key(method)][rows]
+            top_k = min(len(rows), MAX_RANKING_LENGTH)
+            sub_maps = None
+            if maps is not None:
+                sub_maps = _SubsetMaps(maps, rows)
+            r = run_method(
+                method,
+                sub_db,
+                qd[_agg_key(method)],
+                top_k,
+                queries=qfs,
+                pca=pcas["class"],
+                maps=sub_maps,
+                params=params,  # type: ignore[arg-type]
+            )
+            qids_all.extend(qids)
+            rows_all.append(rows[r.indices])
+            scores_all.append(r.scores)
+        width = min(x.shape[1] for x in rows_all)
+        ranking = Ranking(
+            np.concatenate([x[:, :width] for x in rows_all]),
+            np.concatenate([x[:, :width] for x in scores_all]),
+        )
+        tables[method.name] = ranking_table(qids_all, db_ids, ranking)
+        stats["seconds"][method.name] = round(time.perf_counter() - t0, 3)
+        stats["queries"] = len(qids_all)
+    stats["map_forward_passes"] = 0 if maps is None else maps.forward_passes
+    return tables, stats
+
+
+def _agg_key(method: Method) -> str:
+    return "ofa" if method.aggregation == "ona" else method.aggregation
+
+
+class _SubsetMaps:
+    """A MapProvider restricted to some database rows (self-split halves)."""
+
+    def __init__(self, maps: MapProvider, rows: np.ndarray):
+        self._maps, self._rows = maps, rows
+        self.weight, self.bias = maps.weight, maps.bias
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, i: int) -> FeatureMaps:
+        return self._maps.get(int(self._rows[i]))
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        self._maps.prefetch([int(self._rows[i]) for i in indices])
+
+    @property
+    def forward_passes(self) -> int:
+        return self._maps.forward_passes

@@ -1,0 +1,278 @@
+"""Tests for cw_pipeline.core.experiment: methods, feature sets, PCA fitting, run_search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cw_pipeline.core.aggregation import aggregate, l2_normalize
+from cw_pipeline.core.experiment import (
+    FeatureSet,
+    Method,
+    SearchParams,
+    fit_pca,
+    offline_descriptors,
+    run_search,
+)
+from cw_pipeline.core.extract import FeatureMaps, ImageFeatures, encode_maps
+from cw_pipeline.core.search import RerankConfig, online_descriptors
+
+K, C, N_C = 6, 12, 4  # channels, classes, stored class vectors per image
+
+
+def _classifier(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(C, K, generator=gen), torch.randn(C, generator=gen)
+
+
+def _records(n: int, seed: int, classifier, keep_maps: bool = True) -> list[ImageFeatures]:
+    """Records built from random maps exactly as the extractor builds them."""
+    rng = np.random.default_rng(seed)
+    weight, bias = classifier
+    out = []
+    for _ in range(n):
+        x16 = np.maximum(rng.normal(size=(K, 3, 4)), 0).astype(np.float16)
+        x = torch.from_numpy(x16.astype(np.float32))[None]
+        ids, probs, cv = encode_maps(x, x, weight, bias, n_classes=N_C)
+        out.append(
+            ImageFeatures(
+                class_ids=ids[0].numpy().astype(np.int16),
+                class_probs=probs[0].numpy(),
+                class_vectors=cv[0].numpy(),
+                sum_pooled=x[0].sum(dim=(1, 2)).numpy(),
+                boxes=np.full((5, 4), np.nan, dtype=np.float32),
+                grid=(3, 4),
+                input_size=(128, 96),
+                image_size=(128, 96),
+                maps=FeatureMaps(features=x16, input_size=(128, 96)) if keep_maps else None,
+            )
+        )
+    return out
+
+
+def _set(n: int, seed: int, classifier, prefix: str, keep_maps: bool = True) -> FeatureSet:
+    recs = _records(n, seed, classifier, keep_maps)
+    return FeatureSet.from_records([f"{prefix}{i}" for i in range(n)], recs)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    clf = _classifier()
+    train = _set(30, seed=1, classifier=clf, prefix="train")
+    database = _set(10, seed=2, classifier=clf, prefix="db")
+    queries = database.subset([7, 2, 4])
+    return clf, train, database, queries
+
+
+PARAMS = SearchParams(n_classes=N_C, n_pca=1, rerank=RerankConfig(n_classes=3, min_cells=1))
+
+
+def _brute_rank(q: np.ndarray, db: np.ndarray) -> list[list[int]]:
+    s = q.astype(np.float32) @ db.astype(np.float32).T
+    return [sorted(range(db.shape[0]), key=lambda j, r=row: (-r[j], j)) for row in s]
+
+
+# --------------------------------------------------------------------------- Method
+
+
+@pytest.mark.parametrize("name", ["raw", "raw+pca", "ofa", "ona", "ona+qe10", "ofa+r100+qe10"])
+def test_method_parse_round_trips(name):
+    method = Method.parse(name)
+    assert method.name == name
+    assert Method.parse(method.name) == method
+
+
+def test_method_parse_fields():
+    assert Method.parse("ofa+r100+qe10") == Method("ofa", rerank=100, qe=10)
+    assert Method.parse("ona+qe10") == Method("ona", rerank=0, qe=10)
+    assert Method.parse("raw+pca") == Method("raw+pca")
+    assert Method.parse("  OFA+QE5 ") == Method("ofa", qe=5)
+    # Options in either order; the name is normalised to r before qe.
+    assert Method.parse("ofa+qe10+r100").name == "ofa+r100+qe10"
+    assert not Method.parse("raw").uses_pca
+    assert Method.parse("raw+pca").uses_pca and Method.parse("ofa").uses_pca
+    assert Method.parse("ona").needs_maps and Method.parse("ofa+r10").needs_maps
+    assert not Method.parse("ofa+qe10").needs_maps
+
+
+@pytest.mark.parametrize(
+    "junk",
+    ["", "foo", "ofa+", "ofa+qe", "ofa+x10", "raw+pca+pca", "ona qe10", "ofa+qe-1", "pca", "ofa+"],
+)
+def test_method_parse_rejects_junk(junk):
+    with pytest.raises(ValueError, match="unknown method"):
+        Method.parse(junk)
+
+
+# --------------------------------------------------------------------------- FeatureSet
+
+
+def test_feature_set_from_records_subset_concat(scene):
+    _, train, database, _ = scene
+    assert len(database) == 10
+    assert database.class_ids.shape == (10, N_C)
+    assert database.class_vectors.shape == (10, N_C, K)
+    assert database.sum_pooled.shape == (10, K)
+    assert database.boxes.shape == (10, 5, 4)
+    assert database.maps is not None and len(database.maps) == 10
+    sub = database.subset([3, 1])
+    assert sub.ids == ["db3", "db1"]
+    np.testing.assert_array_equal(sub.class_vectors[0], database.class_vectors[3])
+    assert sub.maps[1] is database.maps[1]
+    both = FeatureSet.concat([sub, train.subset([0])])
+    assert both.ids == ["db3", "db1", "train0"]
+    np.testing.assert_array_equal(both.sum_pooled[2], train.sum_pooled[0])
+    no_maps = _set(2, seed=9, classifier=_classifier(), prefix="x", keep_maps=False)
+    assert no_maps.maps is None
+    assert FeatureSet.concat([sub, no_maps]).maps is None
+
+
+def test_feature_set_from_records_errors():
+    recs = _records(2, seed=3, classifier=_classifier())
+    with pytest.raises(ValueError, match="1 ids for 2 records"):
+        FeatureSet.from_records(["a"], recs)
+    with pytest.raises(ValueError, match="empty"):
+        FeatureSet.from_records([], [])
+
+
+# --------------------------------------------------------------------------- PCA
+
+
+def test_fit_pca_uses_only_the_training_set(scene):
+    _, train, database, _ = scene
+    pca = fit_pca(Method.parse("ofa"), train, PARAMS, metadata={"dataset": "train"})
+    train_vecs = l2_normalize(train.class_vectors[:, 0])
+    db_vecs = l2_normalize(database.class_vectors[:, 0])
+    np.testing.assert_allclose(pca.mean, train_vecs.mean(axis=0), atol=1e-6)
+    assert not np.allclose(pca.mean, db_vecs.mean(axis=0), atol=1e-3)
+    assert pca.metadata["training_images"] == 30
+    assert pca.metadata["training_vectors"] == 30
+    assert pca.metadata["vectors"] == "class_vectors"
+    assert pca.metadata["dataset"] == "train"
+    # Whitens the training vectors (and only those) to identity covariance.
+    y = pca.transform(train_vecs).astype(np.float64)
+    np.testing.assert_allclose(np.cov(y, rowvar=False), np.eye(K), atol=1e-3)
+    y_db = pca.transform(db_vecs).astype(np.float64)
+    assert not np.allclose(np.cov(y_db, rowvar=False), np.eye(K), atol=1e-1)
+    # Same model whatever the database: the database is not an input.
+    again = fit_pca(Method.parse("ofa"), train, PARAMS)
+    np.testing.assert_array_equal(again.components, pca.components)
+
+
+def test_fit_pca_n_pca_and_raw_spaces(scene):
+    _, train, _, _ = scene
+    params2 = SearchParams(n_classes=N_C, n_pca=2)
+    pca2 = fit_pca(Method.parse("ona"), train, params2)
+    assert pca2.metadata["training_vectors"] == 60
+    ref = l2_normalize(train.class_vectors[:, :2].reshape(-1, K)).mean(axis=0)
+    np.testing.assert_allclose(pca2.mean, ref, atol=1e-6)
+    raw = fit_pca(Method.parse("raw+pca"), train, SearchParams(pca_dims=3))
+    assert raw.metadata["vectors"] == "sum_pooled"
+    assert raw.output_dim == 3
+    np.testing.assert_allclose(raw.mean, l2_normalize(train.sum_pooled).mean(axis=0), atol=1e-6)
+    assert fit_pca(Method.parse("raw"), train, PARAMS) is None
+
+
+# --------------------------------------------------------------------------- descriptors
+
+
+def test_offline_descriptors_by_hand():
+    fs = FeatureSet(
+        ids=["a", "b"],
+        class_ids=np.zeros((2, 2), dtype=np.int16),
+        class_probs=np.zeros((2, 2), dtype=np.float32),
+        class_vectors=np.array([[[3.0, 4.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]]),
+        sum_pooled=np.array([[3.0, 4.0], [0.0, 2.0]]),
+        boxes=np.zeros((2, 0, 4)),
+    )
+    raw = offline_descriptors(Method.parse("raw"), fs, None, SearchParams())
+    np.testing.assert_allclose(raw, [[0.6, 0.8], [0.0, 1.0]])
+    # N_C = 64 asked, 2 stored: all are aggregated.
+    ofa = offline_descriptors(Method.parse("ofa"), fs, None, SearchParams(n_classes=64))
+    np.testing.assert_allclose(ofa, [np.array([0.6, 1.8]) / np.sqrt(3.6), [1.0, 0.0]], atol=1e-6)
+    one = offline_descriptors(Method.parse("ofa"), fs, None, SearchParams(n_classes=1))
+    np.testing.assert_allclose(one, [[0.6, 0.8], [1.0, 0.0]], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- run_search
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["raw", "raw+pca", "ofa", "ofa+qe2", "ona", "ona+qe2", "ofa+r3", "ona+r3+qe2", "ofa+r100"],
+)
+def test_run_search_gives_full_rankings(scene, name):
+    clf, train, database, queries = scene
+    method = Method.parse(name)
+    pca = fit_pca(method, train, PARAMS)
+    result = run_search(method, database, queries, pca, PARAMS, classifier=clf)
+    assert result.rankings.shape == (3, 10)
+    assert result.scores.shape == (3, 10)
+    for row in result.rankings:
+        assert sorted(row.tolist()) == list(range(10))
+    assert np.isfinite(result.scores).all()
+
+
+@pytest.mark.parametrize("name", ["raw", "raw+pca", "ofa", "ona", "ofa+r3", "ona+r3"])
+def test_queries_equal_to_database_items_rank_first(scene, name):
+    clf, train, database, queries = scene
+    method = Method.parse(name)
+    pca = fit_pca(method, train, PARAMS)
+    result = run_search(method, database, queries, pca, PARAMS, classifier=clf)
+    assert result.rankings[:, 0].tolist() == [7, 2, 4]
+    if not method.rerank:
+        np.testing.assert_allclose(result.scores[:, 0], 1.0, atol=1e-5)
+        assert (result.scores[:, 1] < 1.0 - 1e-4).all()
+
+
+def test_run_search_ofa_equals_brute_force(scene):
+    _, train, database, queries = scene
+    method = Method.parse("ofa")
+    pca = fit_pca(method, train, PARAMS)
+    result = run_search(method, database, queries, pca, PARAMS)
+    q = aggregate(queries.class_vectors, pca, N_C)
+    db = aggregate(database.class_vectors, pca, N_C)
+    assert result.rankings.tolist() == _brute_rank(q, db)
+    expected = np.take_along_axis(q @ db.T, result.rankings, axis=1)
+    np.testing.assert_allclose(result.scores, expected, atol=1e-6)
+    assert (np.diff(result.scores, axis=1) <= 0).all()
+    # Precomputed database descriptors give the same result.
+    again = run_search(method, database, queries, pca, PARAMS, db_descriptors=db)
+    np.testing.assert_array_equal(again.rankings, result.rankings)
+
+
+def test_run_search_ofa_qe_equals_brute_force(scene):
+    _, train, database, queries = scene
+    method = Method.parse("ofa+qe3")
+    pca = fit_pca(method, train, PARAMS)
+    result = run_search(method, database, queries, pca, PARAMS)
+    q = aggregate(queries.class_vectors, pca, N_C)
+    db = aggregate(database.class_vectors, pca, N_C)
+    expanded = []
+    for i, order in enumerate(_brute_rank(q, db)):
+        s = db[order[:3]].astype(np.float64).sum(axis=0)
+        expanded.append(s / np.linalg.norm(s))
+        assert order[0] == [7, 2, 4][i]
+    assert result.rankings.tolist() == _brute_rank(np.array(expanded), db)
+
+
+def test_run_search_ona_equals_per_query_online_descriptors(scene):
+    clf, train, database, queries = scene
+    method = Method.parse("ona")
+    pca = fit_pca(method, train, PARAMS)
+    result = run_search(method, database, queries, pca, PARAMS, classifier=clf)
+    q = aggregate(queries.class_vectors, pca, N_C)
+    for i in range(len(queries)):
+        db = online_descriptors(database.maps, queries.class_ids[i], *clf, pca)
+        assert result.rankings[i].tolist() == _brute_rank(q[i : i + 1], db)[0]
+        np.testing.assert_allclose(result.scores[i], (db @ q[i])[result.rankings[i]], atol=1e-5)
+
+
+def test_run_search_needs_maps_and_classifier(scene):
+    clf, _, database, queries = scene
+    no_maps = _set(4, seed=5, classifier=clf, prefix="n", keep_maps=False)
+    with pytest.raises(ValueError, match="'ona' needs stored feature maps"):
+        run_search(Method.parse("ona"), no_maps, queries, None, PARAMS, classifier=clf)
+    with pytest.raises(ValueError, match="'ofa\\+r10' needs stored feature maps"):
+        run_search(Method.parse("ofa+r10"), database, queries, None, PARAMS)

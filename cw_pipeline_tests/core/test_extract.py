@@ -1,0 +1,410 @@
+"""Tests for cw_pipeline.core.extract: configs, per-image records, batching, queries."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cw_pipeline.core.aggregation import l2_normalize
+from cw_pipeline.core.backbones import load_backbone
+from cw_pipeline.core.cams import BOX_THRESHOLDS
+from cw_pipeline.core.encoding import crow_channel_weights
+from cw_pipeline.core.extract import (
+    ExtractionConfig,
+    FeatureExtractor,
+    FeatureMaps,
+    ImageFeatures,
+    crop_cells,
+    encode_maps,
+)
+from cw_pipeline.core.images import ImageLoadError, to_tensor
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny inputs: one intra-op thread is fastest, and immune to other jobs on busy CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_backbone()
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    """Smooth random colour image (a few blobs), so the network sees some structure."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)
+
+
+def _assert_same_record(a: ImageFeatures, b: ImageFeatures) -> None:
+    """Bit-identical records."""
+    np.testing.assert_array_equal(a.class_ids, b.class_ids)
+    np.testing.assert_array_equal(a.class_probs, b.class_probs)
+    np.testing.assert_array_equal(a.class_vectors, b.class_vectors)
+    np.testing.assert_array_equal(a.sum_pooled, b.sum_pooled)
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    assert (a.grid, a.input_size, a.image_size) == (b.grid, b.input_size, b.image_size)
+
+
+def _assert_close_record(a: ImageFeatures, b: ImageFeatures) -> None:
+    """Records equal up to float noise of a different batch composition.
+
+    The convolutions' results differ by ~1e-5 between batch sizes, and class vectors are sums
+    over cells of magnitude ~100: they are compared l2-normalised (as they are used), at 1e-5.
+    """
+    np.testing.assert_array_equal(a.class_ids, b.class_ids)
+    np.testing.assert_allclose(a.class_probs, b.class_probs, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        l2_normalize(a.class_vectors), l2_normalize(b.class_vectors), atol=1e-5, rtol=0
+    )
+    scale = np.abs(b.class_vectors).max()
+    np.testing.assert_allclose(a.class_vectors, b.class_vectors, atol=1e-5 * scale, rtol=0)
+    np.testing.assert_allclose(a.sum_pooled, b.sum_pooled, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    assert (a.grid, a.input_size, a.image_size) == (b.grid, b.input_size, b.image_size)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_code_version_stable_for_equal_configs():
+    a, b = ExtractionConfig(), ExtractionConfig()
+    assert a.code_version() == b.code_version()
+    assert a.code_version().startswith("efficientnet_lite0-")
+    assert len(a.code_version()) == len("efficientnet_lite0-") + 10
+    # max_pixels only guards decoding: it does not change stored features.
+    assert ExtractionConfig(max_pixels=1000).code_version() == a.code_version()
+    # Equivalent spellings of the same resize policy give the same version.
+    assert (
+        ExtractionConfig(resize="paper").code_version()
+        == ExtractionConfig(resize="paper:720:1024").code_version()
+        == ExtractionConfig(resize="paper-min720-max1024").code_version()
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"backbone": "resnet50"},
+        {"resize": "paper"},
+        {"resize": "fixed:224x224"},
+        {"n_classes": 32},
+        {"box_classes": 3},
+        {"layer": "block15"},
+        {"weights": "random"},
+        {"thresholds": (0.1, 0.2)},
+    ],
+)
+def test_code_version_changes_with_feature_settings(change):
+    base = ExtractionConfig()
+    assert dataclasses.replace(base, **change).code_version() != base.code_version()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match=r"n_classes must be in 1\.\.1000"):
+        ExtractionConfig(n_classes=0)
+    with pytest.raises(ValueError, match=r"n_classes must be in 1\.\.1000"):
+        ExtractionConfig(n_classes=1001)
+    with pytest.raises(ValueError, match="box_classes"):
+        ExtractionConfig(n_classes=4, box_classes=5)
+    with pytest.raises(ValueError, match="resize policy"):
+        ExtractionConfig(resize="bogus")
+
+
+def test_batch_size_must_be_positive(lite0):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        FeatureExtractor(backbone=lite0, batch_size=0)
+
+
+# --------------------------------------------------------------------------- encode_maps
+
+
+def test_encode_maps_top_classes_and_given_classes():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 2, 3, generator=gen)
+    weight = torch.randn(5, 3, generator=gen)
+    bias = torch.randn(5, generator=gen)
+    logits = x.mean(dim=(2, 3)) @ weight.T + bias
+    probs = torch.softmax(logits, dim=1)
+    ids, p, cv = encode_maps(x, x, weight, bias, n_classes=2)
+    order = torch.argsort(probs, dim=1, descending=True)[:, :2]
+    assert torch.equal(ids, order)
+    torch.testing.assert_close(p, torch.gather(probs, 1, order))
+    assert cv.shape == (2, 2, 3)
+    # Given (shared) classes: their probabilities, in the given order.
+    ids2, p2, cv2 = encode_maps(x, x, weight, bias, n_classes=2, class_ids=torch.tensor([4, 0]))
+    assert ids2.tolist() == [[4, 0], [4, 0]]
+    torch.testing.assert_close(p2, probs[:, [4, 0]])
+    # Class vector of image 0, class 4, by loops.
+    cam = sum(float(weight[4, k]) * x[0, k] for k in range(3))
+    cam = (cam / cam.max()).clamp(min=0) if cam.max() > 0 else torch.zeros_like(cam)
+    cw = crow_channel_weights(x)[0]
+    ref = torch.stack([cw[k] * (x[0, k] * cam).sum() for k in range(3)])
+    torch.testing.assert_close(cv2[0, 0], ref, atol=1e-5, rtol=0)
+
+
+def test_crop_cells_by_hand():
+    t = torch.arange(24.0).reshape(1, 1, 4, 6)
+    out = crop_cells(t, (1, 2, 4, 4))  # x1, y1, x2, y2
+    assert out.tolist() == [[[[13.0, 14.0, 15.0], [19.0, 20.0, 21.0]]]]
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_equal_images_give_identical_records(lite0):
+    extractor = FeatureExtractor(ExtractionConfig(n_classes=8), backbone=lite0)
+    img = _image(96, 64, seed=1)
+    a, b = extractor.extract_images([img, img.copy()])
+    _assert_same_record(a, b)
+    assert a.class_ids.dtype == np.int16 and len(a.class_ids) == 8
+    assert a.class_vectors.shape == (8, 1280) and a.class_vectors.dtype == np.float32
+    assert a.sum_pooled.shape == (1280,)
+    assert a.boxes.shape == (len(BOX_THRESHOLDS), 4)
+    assert a.grid == (2, 3) and a.input_size == (96, 64) and a.image_size == (96, 64)
+    assert a.maps is None
+    assert (np.diff(a.class_probs) <= 0).all()
+
+
+def test_record_matches_a_direct_forward_pass(lite0):
+    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    img = _image(64, 96, seed=2)
+    rec = extractor.extract_images([img])[0]
+    out = lite0.forward(to_tensor([img], lite0.mean, lite0.std))
+    top = torch.topk(out.probs[0], 4)
+    assert rec.class_ids.tolist() == top.indices.tolist()
+    np.testing.assert_allclose(rec.class_probs, top.values.numpy(), atol=1e-6)
+    np.testing.assert_allclose(rec.sum_pooled, out.features[0].sum(dim=(1, 2)).numpy(), rtol=1e-5)
+
+
+def test_batching_does_not_change_records(lite0):
+    images = [_image(64, 64, seed=s) for s in range(4)]
+    config = ExtractionConfig(n_classes=8)
+    one = FeatureExtractor(config, backbone=lite0, batch_size=1)
+    four = FeatureExtractor(config, backbone=lite0, batch_size=4)
+    a, b = one.extract_images(images), four.extract_images(images)
+    assert one.stats.batches == 4 and four.stats.batches == 1
+    assert one.stats.images == four.stats.images == 4
+    for ra, rb in zip(a, b, strict=True):
+        _assert_close_record(ra, rb)
+    # The four images differ, so their records do.
+    assert not np.allclose(a[0].class_vectors, a[1].class_vectors)
+
+
+def test_mixed_sizes_keep_input_order(lite0):
+    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0, batch_size=8)
+    images = [_image(64, 64, 3), _image(96, 64, 4), _image(64, 64, 5)]
+    together = extractor.extract_images(images)
+    assert extractor.stats.batches == 2  # one per size
+    for img, rec in zip(images, together, strict=True):
+        alone = extractor.extract_images([img])[0]
+        _assert_close_record(rec, alone)
+
+
+def test_boxes_are_in_original_image_pixels(lite0):
+    # 128×96 image resized to 64×64: a 2×2 grid, so cells are 64 × 48 original pixels.
+    extractor = FeatureExtractor(ExtractionConfig(resize="fixed:64x64"), backbone=lite0)
+    rec = extractor.extract_images([_image(128, 96, 6)])[0]
+    assert rec.grid == (2, 2) and rec.input_size == (64, 64) and rec.image_size == (128, 96)
+    boxes = rec.boxes[~np.isnan(rec.boxes).any(axis=1)]
+    assert len(boxes) > 0
+    np.testing.assert_array_equal(boxes[:, [0, 2]] % 64, 0)
+    np.testing.assert_array_equal(boxes[:, [1, 3]] % 48, 0)
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert boxes[:, [0, 2]].max() <= 128 and boxes[:, [1, 3]].max() <= 96
+
+
+def test_image_smaller_than_stride_raises_naming_the_size(lite0, tmp_path):
+    extractor = FeatureExtractor(backbone=lite0)
+    with pytest.raises(ValueError, match=r"40×16 px is smaller than the network stride \(32 px\)"):
+        extractor.extract_images([_image(40, 16, 7)])
+    path = tmp_path / "tiny.png"
+    _image(16, 40, 8).save(path)
+    with pytest.raises(ImageLoadError, match=r"tiny\.png.*16×40"):
+        extractor.load(path)
+
+
+def test_keep_maps_stores_float16_maps(lite0):
+    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0, keep_maps=True)
+    img = _image(96, 64, 9)
+    rec = extractor.extract_images([img])[0]
+    maps = rec.maps
+    assert isinstance(maps, FeatureMaps)
+    assert maps.features.dtype == np.float16
+    assert maps.features.shape == (1280, 2, 3)
+    assert maps.cam_maps is None  # A is X for the default layer
+    assert maps.input_size == (96, 64) and maps.image_size == (96, 64)
+    assert maps.nbytes == 1280 * 6 * 2
+    out = lite0.forward(to_tensor([img], lite0.mean, lite0.std))
+    np.testing.assert_array_equal(maps.features, out.features[0].numpy().astype(np.float16))
+    x, a = maps.tensors()
+    assert x.dtype == torch.float32 and x.shape == (1, 1280, 2, 3)
+    assert a is x
+
+
+def test_keep_maps_resamples_a_onto_x_grid():
+    # ResNet-50 with X = layer3 (stride 16) and A = layer4 (stride 32).
+    bb = load_backbone("resnet50", layer="layer3", weights="random")
+    extractor = FeatureExtractor(ExtractionConfig(n_classes=3), backbone=bb, keep_maps=True)
+    rec = extractor.extract_images([_image(64, 64, 10)])[0]
+    assert rec.grid == (4, 4)
+    assert rec.maps.features.shape == (1024, 4, 4)
+    assert rec.maps.cam_maps is not None
+    assert rec.maps.cam_maps.shape == (2048, 4, 4) and rec.maps.cam_maps.dtype == np.float16
+    assert rec.class_vectors.shape == (3, 1024)
+    x, a = rec.maps.tensors()
+    assert x.shape == (1, 1024, 4, 4) and a.shape == (1, 2048, 4, 4)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_extract_files_yields_errors_and_records(lite0, tmp_path):
+    images = {f"img{i}": _image(64, 64 + 32 * (i % 2), 20 + i) for i in range(3)}
+    items = []
+    for key, img in images.items():
+        path = tmp_path / f"{key}.png"
+        img.save(path)
+        items.append((key, path))
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    items.insert(1, ("bad", bad))
+
+    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0, batch_size=2)
+    results = dict(extractor.extract_files(items, workers=2, on_error="yield"))
+    assert set(results) == {"img0", "img1", "img2", "bad"}
+    assert isinstance(results["bad"], ImageLoadError)
+    assert "corrupt.jpg" in str(results["bad"])
+    assert extractor.stats.failed == 1
+    assert extractor.stats.errors[0][0] == "bad"
+    reference = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    for key, img in images.items():
+        assert isinstance(results[key], ImageFeatures)
+        _assert_close_record(results[key], reference.extract_images([img])[0])
+
+
+def test_extract_files_raise_names_the_file(lite0, tmp_path):
+    good = tmp_path / "good.png"
+    _image(64, 64, 30).save(good)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    extractor = FeatureExtractor(backbone=lite0)
+    with pytest.raises(ImageLoadError, match=r"broken\.png"):
+        list(extractor.extract_files([("g", good), ("b", bad)], on_error="raise"))
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def test_extract_query_without_box_is_the_whole_image(lite0):
+    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    img = _image(64, 96, 40)
+    _assert_same_record(extractor.extract_query(img), extractor.extract_images([img])[0])
+
+
+def test_extract_query_crop_protocol(lite0):
+    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    img = _image(160, 128, 41)
+    box = (32, 16, 128, 112)
+    rec = extractor.extract_query(img, box, protocol="crop")
+    crop = extractor.extract_images([img.crop(box)])[0]  # PIL's crop, 96×96
+    np.testing.assert_array_equal(rec.class_ids, crop.class_ids)
+    np.testing.assert_allclose(rec.class_vectors, crop.class_vectors, atol=1e-6)
+    assert rec.grid == (3, 3)
+    assert rec.image_size == (160, 128)
+    # Boxes in the full image's coordinates: the crop's boxes shifted by the box origin.
+    np.testing.assert_array_equal(rec.boxes, crop.boxes + np.array([32, 16, 32, 16]))
+
+
+def test_extract_query_crop_protocol_box_origin_is_the_crop_origin(lite0):
+    # A box with fractional / outside coordinates is clipped and widened to whole pixels by
+    # crop_box: the boxes must be shifted by the pixel origin of the actual crop.
+    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    img = _image(160, 128, 42)
+    for box, origin, pixels in [
+        ((32.5, 16.25, 128.0, 112.0), (32, 16), (32, 16, 128, 112)),
+        ((-10.0, -20.0, 96.0, 64.0), (0, 0), (0, 0, 96, 64)),
+    ]:
+        rec = extractor.extract_query(img, box, protocol="crop")
+        crop = extractor.extract_images([img.crop(pixels)])[0]
+        np.testing.assert_allclose(rec.class_vectors, crop.class_vectors, atol=1e-6)
+        shift = np.array([origin[0], origin[1], origin[0], origin[1]], dtype=np.float32)
+        np.testing.assert_array_equal(rec.boxes, crop.boxes + shift)
+        valid = rec.boxes[~np.isnan(rec.boxes).any(axis=1)]
+        assert len(valid) > 0
+        assert (valid >= 0).all()
+
+
+def test_extract_query_paper_protocol(lite0):
+    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    img = _image(128, 96, 43)  # 4×3 grid of 32-px cells
+    box = (32, 32, 96, 96)  # cells x 1..3, y 1..3
+    rec = extractor.extract_query(img, box, protocol="paper")
+    out = lite0.forward(to_tensor([img], lite0.mean, lite0.std))
+    x = out.features[..., 1:3, 1:3]
+    ids, probs, cv = encode_maps(x, x, lite0.classifier_weight, lite0.classifier_bias, n_classes=4)
+    np.testing.assert_allclose(rec.class_probs, probs[0].numpy(), atol=1e-6)
+    # The region's classes come from the region's pooled A.
+    region_probs = torch.softmax(
+        x.mean(dim=(2, 3)) @ lite0.classifier_weight.T + lite0.classifier_bias, dim=1
+    )
+    assert rec.class_ids.tolist() == torch.topk(region_probs[0], 4).indices.tolist()
+    assert rec.class_ids.tolist() == ids[0].tolist()
+    np.testing.assert_allclose(rec.class_vectors, cv[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(rec.sum_pooled, x[0].sum(dim=(1, 2)).numpy(), rtol=1e-5)
+    assert rec.grid == (2, 2)
+    assert rec.input_size == (128, 96) and rec.image_size == (128, 96)
+    assert rec.boxes.shape == (len(BOX_THRESHOLDS), 4)
+    valid = rec.boxes[~np.isnan(rec.boxes).any(axis=1)]
+    assert len(valid) > 0
+    np.testing.assert_array_equal(valid % 32, 0)  # whole cells of the full image
+
+
+def test_extract_query_paper_protocol_uses_configured_thresholds(lite0):
+    config = ExtractionConfig(n_classes=4, thresholds=(0.1, 0.5))
+    extractor = FeatureExtractor(config, backbone=lite0)
+    img = _image(128, 96, 44)
+    paper = extractor.extract_query(img, (32, 32, 96, 96), protocol="paper")
+    assert paper.boxes.shape == (2, 4)
+    crop = extractor.extract_query(img, (32, 32, 96, 96), protocol="crop")
+    assert crop.boxes.shape == (2, 4)
+
+
+def test_extract_query_errors(lite0):
+    extractor = FeatureExtractor(backbone=lite0)
+    img = _image(64, 64, 45)
+    with pytest.raises(ValueError, match="unknown query protocol 'bogus'"):
+        extractor.extract_query(img, (0, 0, 32, 32), protocol="bogus")
+    with pytest.raises(ValueError, match="zero area"):
+        extractor.extract_query(img, (100, 100, 200, 200), protocol="paper")
+    with pytest.raises(ValueError, match="smaller than the network stride"):
+        extractor.extract_query(img, (0, 0, 16, 16), protocol="crop")
+
+
+def test_encode_region_with_given_classes(lite0):
+    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    img = _image(96, 96, 46)
+    out = lite0.forward(to_tensor([img], lite0.mean, lite0.std))
+    x = out.features
+    rec = extractor.encode_region(x, x, cells=(0, 1, 2, 3), class_ids=np.array([698, 1]))
+    assert rec.class_ids.tolist() == [698, 1]
+    assert rec.grid == (2, 2)
+    _, p, cv = encode_maps(
+        x[..., 1:3, 0:2],
+        x[..., 1:3, 0:2],
+        lite0.classifier_weight,
+        lite0.classifier_bias,
+        n_classes=2,
+        class_ids=torch.tensor([698, 1]),
+    )
+    np.testing.assert_allclose(rec.class_vectors, cv[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(rec.class_probs, p[0].numpy(), atol=1e-7)
