@@ -3,6 +3,9 @@
 Sub-commands:
 
 * ``evaluate`` — run the retrieval library end to end on an image folder with a known layout.
+* ``index`` — index a configured dataset through the Dagster pipeline (new or changed shards).
+* ``demo`` — generate the demo dataset, materialize the whole graph, print the mAP report and
+  (unless ``--no-ui``) serve the Dagster UI.
 """
 
 from __future__ import annotations
@@ -99,7 +102,168 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extraction_args(ev)
     _add_search_args(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    ix = sub.add_parser("index", help="index a configured dataset through the Dagster pipeline")
+    ix.add_argument("--dataset", required=True, help="a name from the datasets YAML")
+    ix.add_argument("--config", type=Path, default=None, help="datasets YAML")
+    ix.add_argument("--no-refresh", action="store_true", help="only manifest and features")
+    ix.add_argument("--force", action="store_true", help="re-run every shard")
+    ix.add_argument("--json", action="store_true")
+    ix.set_defaults(func=cmd_index)
+
+    dm = sub.add_parser("demo", help="build the demo, materialize everything, serve the UI")
+    dm.add_argument("--config", type=Path, default=None, help="datasets YAML")
+    dm.add_argument("--no-ui", action="store_true", help="print the report and exit")
+    dm.add_argument("--host", default="127.0.0.1", help="UI address (default: loopback only)")
+    dm.add_argument("--port", type=int, default=3000)
+    dm.add_argument("--json", action="store_true")
+    dm.set_defaults(func=cmd_demo)
     return parser
+
+
+def _dagster_home() -> Path:
+    """$DAGSTER_HOME, or the project's ``.dagster/`` seeded with its ``dagster.yaml``."""
+    import os
+    import shutil
+
+    from cw_pipeline.config import project_root
+
+    home = os.environ.get("DAGSTER_HOME")
+    if home:
+        return Path(home)
+    root = project_root()
+    path = root / ".dagster"
+    path.mkdir(parents=True, exist_ok=True)
+    src = root / "dagster.yaml"
+    if src.exists() and not (path / "dagster.yaml").exists():
+        shutil.copyfile(src, path / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(path)
+    return path
+
+
+def _pipeline(config_path: Path | None):
+    import os
+
+    from cw_pipeline.config import load_config
+
+    if config_path is not None:
+        os.environ["CW_PIPELINE_CONFIG"] = str(Path(config_path).resolve())
+    config = load_config(config_path)
+    from cw_pipeline.defs import build_definitions
+
+    return config, build_definitions(config)
+
+
+def _generate(config) -> list[str]:
+    from cw_pipeline.core.demo import generate_demo
+
+    roots = {ds.generate_root for ds in config.datasets.values() if ds.generate == "demo"}
+    made = []
+    for root in sorted(r for r in roots if r is not None):
+        info = generate_demo(root)
+        made += list(info.generated)
+    return made
+
+
+def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
+    import dagster as dg
+
+    from cw_pipeline.runs import index_dataset, refresh
+    from cw_pipeline.store import FeatureStore
+
+    _dagster_home()
+    config, defs = _pipeline(args.config)
+    ds = config.dataset(args.dataset)
+    if ds.generate == "demo":
+        _generate(config)
+    t0 = time.perf_counter()
+    with dg.DagsterInstance.get() as instance:
+        res = index_dataset(
+            defs, instance, config, ds.name, FeatureStore(config.warehouse), force=args.force
+        )
+        refreshed = [] if args.no_refresh else refresh(defs, instance)
+    out = res.as_dict()
+    out["refreshed"] = refreshed
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    if not args.json:
+        print(
+            f"{ds.name}: {out['shards']} shards, {out['images']} images; "
+            f"{out['forward_passes']} forward passes, {out['reused']} reused, "
+            f"{out['rejected']} rejected; refreshed {len(refreshed)} assets "
+            f"({out['seconds']:.1f} s)"
+        )
+        return None  # type: ignore[return-value]
+    return out
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
+    import os
+    import subprocess
+
+    import dagster as dg
+
+    from cw_pipeline.config import project_root
+    from cw_pipeline.runs import index_dataset, refresh
+    from cw_pipeline.store import FeatureStore
+
+    home = _dagster_home()
+    config, defs = _pipeline(args.config)
+    t0 = time.perf_counter()
+    _generate(config)
+    store = FeatureStore(config.warehouse)
+    indexed = {}
+    with dg.DagsterInstance.get() as instance:
+        for name in config.datasets:
+            indexed[name] = index_dataset(defs, instance, config, name, store).as_dict()
+        refresh(defs, instance, include_cron=True)
+    reports_root = Path(config.reports)
+    report_text = []
+    for ev in sorted(config.evaluations):
+        path = reports_root / ev / "report.md"
+        if path.exists():
+            report_text.append(path.read_text())
+    seconds = round(time.perf_counter() - t0, 2)
+    from cw_pipeline.runs import CHECK_LOG
+
+    failed = [f"{k} {c} ({sev})" for k, c, ok, sev in CHECK_LOG if not ok]
+    checks = {"evaluated": len(CHECK_LOG), "failed": failed}
+    if args.json:
+        import json as _json
+
+        out = {"datasets": indexed, "seconds": seconds, "checks": checks, "reports": {}}
+        for ev in sorted(config.evaluations):
+            p = reports_root / ev / "report.json"
+            if p.exists():
+                out["reports"][ev] = _json.loads(p.read_text())["results"]
+        if args.no_ui:
+            return out
+        print(_json.dumps(out))
+    else:
+        print("\n".join(report_text))
+        print(f"asset checks: {len(CHECK_LOG) - len(failed)}/{len(CHECK_LOG)} passed")
+        for line in failed:
+            print(f"  failed: {line}")
+        print(f"demo materialized in {seconds:.1f} s; reports in {reports_root}")
+    if args.no_ui:
+        return None
+    print(f"serving the Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home})")
+    cmd = [
+        "dagster",
+        "dev",
+        "-w",
+        str(project_root() / "workspace.yaml"),
+        "-h",
+        args.host,
+        "-p",
+        str(args.port),
+    ]
+    env = dict(os.environ)
+    bindir = Path(sys.executable).parent
+    env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
+    return_code = subprocess.call(cmd, env=env, cwd=project_root())
+    if return_code not in (0, 130, -2):
+        raise CLIError(f"dagster dev exited with status {return_code}")
+    return None
 
 
 def _methods(args: argparse.Namespace) -> list[Method]:
@@ -282,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if result is not None:
         if getattr(args, "json", False):
-            print(json.dumps(result, sort_keys=False))
+            print(json.dumps(result, sort_keys=False, default=str))
         elif args.command == "evaluate":
             _print_human(result)
     return 0

@@ -31,6 +31,9 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from cw_pipeline.core.experiment import AGGREGATIONS
+from cw_pipeline.core.experiment import Method as MethodSpec
+
 __all__ = [
     "AGGREGATIONS",
     "CONFIG_ENV",
@@ -58,12 +61,10 @@ CONFIG_ENV = "CW_PIPELINE_CONFIG"
 Layout = Literal["oxford", "paris", "gnd", "revisited", "ukbench", "holidays", "folder"]
 ShardBy = Literal["folder", "batch"]
 QueryProtocol = Literal["paper", "crop"]
-Aggregation = Literal["raw", "raw+pca", "ofa", "ona"]
 
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 SHARD_BY: tuple[str, ...] = get_args(ShardBy)
 QUERY_PROTOCOLS: tuple[str, ...] = get_args(QueryProtocol)
-AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 GENERATORS: tuple[str, ...] = ("demo",)
 
 #: ``pca_from`` value: split the dataset's objects in halves, each uses the other's PCA.
@@ -87,7 +88,6 @@ DEFAULT_METHODS: tuple[str, ...] = (
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _EVAL_NAME_RE = _NAME_RE  # names become Dagster asset keys and op names
-_METHOD_RE = re.compile(r"(raw\+pca|raw|ofa|ona)(?:\+r([1-9][0-9]*))?(?:\+qe([1-9][0-9]*))?")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _CRON_FIELD_RE = re.compile(r"[0-9A-Za-z*/,?#-]+")
@@ -215,59 +215,6 @@ class SearchSettings:
         if self.pca_dims is not None:
             _check_int("pca_dims", self.pca_dims, 1)
         _check_int("n_classes", self.n_classes, 1, 1000)
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A search method: an aggregation, optional CAM-box re-ranking and query expansion.
-
-    Written ``<aggregation>[+r<N>][+qe<M>]``, e.g. ``ofa+r100+qe10``: OfA descriptors,
-    re-rank the top 100 with CAM boxes, then average-query-expand with the top 10.
-    Aggregations: ``raw`` (sum-pooled, no PCA), ``raw+pca``, ``ofa`` (one descriptor for all
-    classes), ``ona`` (one per class). ``parse(name).name == name`` for every valid string.
-    """
-
-    aggregation: Aggregation
-    rerank: int = 0
-    qe: int = 0
-
-    def __post_init__(self) -> None:
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"unknown aggregation {self.aggregation!r} (expected one of {AGGREGATIONS})"
-            )
-        _check_int("rerank", self.rerank, 0)
-        _check_int("qe", self.qe, 0)
-
-    @classmethod
-    def parse(cls, text: str) -> MethodSpec:
-        """Parse a method string; raises ValueError naming it when malformed."""
-        if not isinstance(text, str):
-            raise ValueError(f"method must be a string, got {text!r}")
-        m = _METHOD_RE.fullmatch(text.strip())
-        if m is None:
-            raise ValueError(
-                f"invalid method {text!r}: expected <aggregation>[+r<N>][+qe<M>] with "
-                f"aggregation one of {AGGREGATIONS} and N, M >= 1, e.g. 'ofa+r100+qe10'"
-            )
-        return cls(m[1], int(m[2] or 0), int(m[3] or 0))  # type: ignore[arg-type]
-
-    @property
-    def name(self) -> str:
-        parts = [self.aggregation]
-        if self.rerank:
-            parts.append(f"r{self.rerank}")
-        if self.qe:
-            parts.append(f"qe{self.qe}")
-        return "+".join(parts)
-
-    @property
-    def uses_pca(self) -> bool:
-        """Whether the method needs a fitted PCA-whitening model."""
-        return self.aggregation != "raw"
-
-    def __str__(self) -> str:
-        return self.name
 
 
 @dataclass(frozen=True)
@@ -579,6 +526,8 @@ class _Loader:
                 spec = MethodSpec.parse(item)
             except ValueError as exc:
                 raise self.error(entry, str(exc)) from None
+            if spec.name != item:  # the YAML must spell methods canonically
+                raise self.error(entry, f"invalid method {item!r}: write it as {spec.name!r}")
             if spec in specs:
                 raise self.error(entry, f"method {spec.name!r} is listed twice")
             specs.append(spec)

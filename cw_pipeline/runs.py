@@ -50,15 +50,25 @@ def _assets(defs: dg.Definitions) -> list:
     return list(defs.assets or [])
 
 
+#: Asset check evaluations of the runs executed by this module in this process:
+#: (asset key, check name, passed, severity).
+CHECK_LOG: list[tuple[str, str, bool, str]] = []
+
+
 def _materialize(defs, instance, keys: Iterable[dg.AssetKey], partition_key: str | None = None):
     keys = list(keys)
-    return dg.materialize(
+    result = dg.materialize(
         _assets(defs),
         instance=instance,
         resources=defs.resources,
         selection=dg.AssetSelection.assets(*keys),
         partition_key=partition_key,
     )
+    for ev in result.get_asset_check_evaluations():
+        CHECK_LOG.append(
+            (ev.asset_key.to_user_string(), ev.check_name, bool(ev.passed), ev.severity.value)
+        )
+    return result
 
 
 def index_dataset(
@@ -112,15 +122,38 @@ def refresh(
 
     With ``include_cron`` every asset still missing afterwards is materialized too (cron-gated
     evaluations would otherwise wait for their tick). Returns the asset keys materialized.
+
+    Like the automation sensor, ``refresh`` keeps its cursor (in the instance) from call to
+    call: "a dependency was updated" means updated since the previous evaluation, and the
+    first evaluation with a new cursor requests nothing by design.
     """
+    done = _automation_rounds(defs, instance, max_rounds)
+    if include_cron:
+        missing = materialize_missing(defs, instance)
+        if missing:
+            # Evaluate once more so that the next refresh compares with a state that includes
+            # these materializations (else the next change upstream of them would be taken as
+            # already handled, and never refreshed).
+            missing += _automation_rounds(defs, instance, max_rounds)
+        done += missing
+    return done
+
+
+def _automation_rounds(defs: dg.Definitions, instance: dg.DagsterInstance, max_rounds: int):
     done: list[str] = []
-    cursor = None
+    cursor = _load_refresh_cursor(instance)
+    initial = cursor is None
     all_keys = list(defs.resolve_asset_graph().get_all_asset_keys())
     for _ in range(max_rounds):
         res = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
         cursor = res.cursor
+        _save_refresh_cursor(instance, cursor)
         if not res.total_requested:
+            if initial:  # the initial evaluation never requests: evaluate again
+                initial = False
+                continue
             break
+        initial = False
         by_partition: dict[str | None, list[dg.AssetKey]] = {}
         for key in all_keys:
             for pk in res.get_requested_partitions(key):
@@ -130,9 +163,29 @@ def refresh(
             keys = by_partition[pk]
             _materialize(defs, instance, keys, partition_key=pk)
             done += [k.to_user_string() + (f"[{pk}]" if pk else "") for k in keys]
-    if include_cron:
-        done += materialize_missing(defs, instance)
     return done
+
+
+#: Where :func:`refresh` keeps its automation cursor (the instance's daemon cursor storage).
+REFRESH_CURSOR_KEY = "cw_pipeline/refresh_cursor"
+
+
+def _load_refresh_cursor(instance: dg.DagsterInstance):
+    stored = instance.daemon_cursor_storage.get_cursor_values({REFRESH_CURSOR_KEY})
+    raw = stored.get(REFRESH_CURSOR_KEY)
+    if not raw:
+        return None
+    try:
+        return dg.deserialize_value(raw)
+    except Exception as exc:  # written by another Dagster version: start afresh
+        logger.warning("ignoring the stored refresh cursor (%s)", exc)
+        return None
+
+
+def _save_refresh_cursor(instance: dg.DagsterInstance, cursor) -> None:
+    instance.daemon_cursor_storage.set_cursor_values(
+        {REFRESH_CURSOR_KEY: dg.serialize_value(cursor)}
+    )
 
 
 def materialize_missing(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:

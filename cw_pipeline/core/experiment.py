@@ -33,6 +33,7 @@ from cw_pipeline.core.search import (
 )
 
 Aggregation = Literal["raw", "raw+pca", "ofa", "ona"]
+AGGREGATIONS: tuple[str, ...] = ("raw", "raw+pca", "ofa", "ona")
 _METHOD_RE = re.compile(r"^(raw\+pca|raw|ofa|ona)((?:\+(?:qe|r)\d+)*)$")
 
 
@@ -47,16 +48,29 @@ class Method:
     rerank: int = 0
     qe: int = 0
 
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"unknown aggregation {self.aggregation!r} (expected one of {AGGREGATIONS})"
+            )
+        for name in ("rerank", "qe"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+
     @classmethod
     def parse(cls, text: str) -> Method:
         m = _METHOD_RE.match(text.strip().lower())
         if not m:
             raise ValueError(
-                f"unknown method {text!r}: expected raw|raw+pca|ofa|ona, optionally followed by "
+                f"invalid method {text!r}: expected raw|raw+pca|ofa|ona, optionally followed by "
                 "+r<R> and/or +qe<k> (e.g. ofa+r100+qe10)"
             )
         opts = dict(re.findall(r"\+(qe|r)(\d+)", m.group(2)))
         return cls(aggregation=m.group(1), rerank=int(opts.get("r", 0)), qe=int(opts.get("qe", 0)))
+
+    def __str__(self) -> str:
+        return self.name
 
     @property
     def name(self) -> str:

@@ -9,7 +9,7 @@ import dagster as dg
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.assets import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.indexing import fingerprint, scan_dataset
+from cw_pipeline.indexing import extraction_config, fingerprint, scan_dataset
 from cw_pipeline.stages import shard_relpath
 from cw_pipeline.store import FeatureStore
 
@@ -38,27 +38,54 @@ def stored_fingerprint(store: FeatureStore, ds: DatasetConfig, shard: str) -> st
         return None
 
 
+def stored_code_version(store: FeatureStore, ds: DatasetConfig, shard: str) -> str | None:
+    """The extraction code version the shard's stored features were computed with."""
+    rel = shard_relpath("cam_features", ds.name, shard)
+    if not store.exists(rel):
+        return None
+    try:
+        return store.read_metadata(rel).get("code_version")
+    except Exception:
+        return None
+
+
 def plan_shards(
     ds: DatasetConfig,
     store: FeatureStore,
     existing: set[str],
     seen: dict[str, str] | None = None,
+    seen_code_version: str | None = None,
 ) -> tuple[dict[str, str], list[str], list[str], list[str]]:
     """Compare the folder with what is indexed.
 
     Returns (fingerprints of current shards, new shards, shards to (re)index, removed shards).
     A shard needs indexing when its stat fingerprint differs from the one already requested
-    (``seen``, the sensor cursor) or, failing that, from the one stored with its manifest.
+    (``seen``, the sensor cursor) or, failing that, from the one stored with its manifest; or
+    when its stored features were computed with other extraction settings (code version) than
+    the current ones. Stored code versions are read unless ``seen_code_version`` (the sensor
+    cursor's) is the current one and the shard's fingerprint was already requested.
     """
     shards = scan_dataset(ds, store)
     fps = {s: fingerprint(files) for s, files in shards.items()}
     seen = seen or {}
+    code_version = extraction_config(ds).code_version()
     new = sorted(s for s in fps if s not in existing)
-    todo = sorted(
-        s for s, fp in fps.items() if fp != (seen.get(s) or stored_fingerprint(store, ds, s))
-    )
+
+    def needs_indexing(s: str, fp: str) -> bool:
+        if fp != (seen.get(s) or stored_fingerprint(store, ds, s)):
+            return True
+        if s in seen and seen_code_version == code_version:
+            return False  # requested under the current settings already
+        return stored_code_version(store, ds, s) != code_version
+
+    todo = sorted(s for s, fp in fps.items() if needs_indexing(s, fp))
     removed = sorted(s for s in existing if s not in fps)
     return fps, new, todo, removed
+
+
+def _run_key(ds: DatasetConfig, shard: str, fp: str) -> str:
+    """Run key of indexing a shard: changes with its files and with the extraction settings."""
+    return f"{shard}:{fp}:{extraction_config(ds).code_version()}"
 
 
 def dataset_sensor(ds: DatasetConfig, job) -> dg.SensorDefinition:
@@ -75,16 +102,23 @@ def dataset_sensor(ds: DatasetConfig, job) -> dg.SensorDefinition:
     def watch(context: dg.SensorEvaluationContext, pipeline: PipelineResource):
         store = pipeline.store()
         existing = set(context.instance.get_dynamic_partitions(parts.name))
-        seen = json.loads(context.cursor) if context.cursor else {}
-        fps, new, todo, removed = plan_shards(ds, store, existing, seen)
-        requests = [dg.RunRequest(partition_key=s, run_key=f"{s}:{fps[s]}") for s in todo]
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        if "shards" not in cursor:  # older cursors: the fingerprints only
+            cursor = {"shards": cursor, "code_version": None}
+        fps, new, todo, removed = plan_shards(
+            ds, store, existing, cursor["shards"], cursor["code_version"]
+        )
+        requests = [dg.RunRequest(partition_key=s, run_key=_run_key(ds, s, fps[s])) for s in todo]
         dyn = []
         if new:
             dyn.append(parts.build_add_request(new))
         if removed:
             dyn.append(parts.build_delete_request(removed))
+        code_version = extraction_config(ds).code_version()
         return dg.SensorResult(
-            run_requests=requests, dynamic_partitions_requests=dyn, cursor=json.dumps(fps)
+            run_requests=requests,
+            dynamic_partitions_requests=dyn,
+            cursor=json.dumps({"shards": fps, "code_version": code_version}),
         )
 
     return watch
@@ -109,7 +143,7 @@ def dataset_schedule(ds: DatasetConfig, job) -> dg.ScheduleDefinition:
             context.instance.add_dynamic_partitions(parts.name, new)
         for s in removed:
             context.instance.delete_dynamic_partition(parts.name, s)
-        return [dg.RunRequest(partition_key=s, run_key=f"{s}:{fps[s]}") for s in todo] or (
+        return [dg.RunRequest(partition_key=s, run_key=_run_key(ds, s, fps[s])) for s in todo] or (
             dg.SkipReason(f"{ds.name}: nothing new")
         )
 

@@ -7,30 +7,35 @@ from pathlib import Path
 
 import dagster as dg
 
-from cw_pipeline.config import DatasetConfig, ProjectConfig, load_config
-from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.config import DatasetConfig, ProjectConfig, default_config_path, load_config
+from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 from cw_pipeline.indexing import extraction_config
 from cw_pipeline.store import FeatureStore
 
 
-@functools.lru_cache(maxsize=8)
 def _config(path: str) -> ProjectConfig:
-    return load_config(Path(path) if path else None)
+    """The project configuration, re-read when the file changes."""
+    source = Path(path) if path else default_config_path()
+    try:
+        st = source.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = None  # load_config reports the missing file
+    return _load(str(source), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, stamp: tuple[int, int] | None) -> ProjectConfig:
+    del stamp  # part of the cache key only
+    return load_config(Path(path))
 
 
 @functools.lru_cache(maxsize=4)
 def _extractor(
-    code_version: str, ds_key: tuple, device: str, threads: int | None
+    config: ExtractionConfig, batch_size: int, device: str, threads: int | None
 ) -> FeatureExtractor:
-    del code_version  # part of the cache key only
-    config_path, name = ds_key
-    ds = _config(config_path).dataset(name)
-    return FeatureExtractor(
-        extraction_config(ds),
-        device=device,
-        num_threads=threads,
-        batch_size=ds.extraction.batch_size,
-    )
+    """One network per extraction settings (datasets with equal settings share it)."""
+    return FeatureExtractor(config, device=device, num_threads=threads, batch_size=batch_size)
 
 
 class PipelineResource(dg.ConfigurableResource):
@@ -59,7 +64,8 @@ class PipelineResource(dg.ConfigurableResource):
         return self.project().reports
 
     def extractor(self, ds: DatasetConfig) -> FeatureExtractor:
-        code_version = extraction_config(ds).code_version()
+        # Built from ``ds`` itself, not from the file: the caller's settings are the ones that
+        # its code version (stored with the features) describes.
         threads = self.num_threads or ds.extraction.num_threads
         device = self.device or ds.extraction.device
-        return _extractor(code_version, (self.config_path, ds.name), device, threads)
+        return _extractor(extraction_config(ds), ds.extraction.batch_size, device, threads)

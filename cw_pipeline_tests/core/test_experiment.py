@@ -101,7 +101,7 @@ def test_method_parse_fields():
     ["", "foo", "ofa+", "ofa+qe", "ofa+x10", "raw+pca+pca", "ona qe10", "ofa+qe-1", "pca", "ofa+"],
 )
 def test_method_parse_rejects_junk(junk):
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="invalid method"):
         Method.parse(junk)
 
 

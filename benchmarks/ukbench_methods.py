@@ -1,0 +1,95 @@
+"""UKBench-600 method table: N-S, mAP and seconds per method (PCA from the other half).
+
+Usage: python benchmarks/ukbench_methods.py [--images DIR] [--rerank-queries N]
+
+Features are extracted once (native 320×240, efficientnet_lite0); each half of the objects is
+evaluated as its own database with PCA learned on the other half, and the two are averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cw_pipeline.core.datasets import ukbench_labels
+from cw_pipeline.core.evaluation import ukbench_map, ukbench_ns_score
+from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca, run_search
+from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
+from cw_pipeline.core.runner import split_by_group
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIGS = [
+    ("raw", 64, 1, None),
+    ("raw+pca", 64, 1, None),
+    ("ofa", 1, 1, None),
+    ("ofa", 1, 8, None),
+    ("ofa", 8, 1, None),
+    ("ofa", 8, 8, None),
+    ("ofa", 64, 1, None),
+    ("ofa", 64, 8, None),
+    ("ofa", 64, 8, 256),
+    ("ona", 64, 8, None),
+    ("ofa+qe2", 64, 8, None),
+    ("ona+qe2", 64, 8, None),
+    ("ofa+r10", 64, 8, None),
+    ("ofa+r10+qe2", 64, 8, None),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/ukbench/jpg")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    paths = sorted(args.images.glob("*.jpg"))
+    ids = [p.stem for p in paths]
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    fe = FeatureExtractor(
+        ExtractionConfig(resize="native"), keep_maps=True, num_threads=args.threads
+    )
+    t0 = time.perf_counter()
+    recs = dict(fe.extract_files(zip(ids, paths, strict=True)))
+    dt = time.perf_counter() - t0
+    print(
+        f"features: {len(ids)} images in {dt:.1f} s ({len(ids) / dt:.1f} img/s, "
+        f"forward {fe.stats.forward_seconds:.1f} s)"
+    )
+    fs = FeatureSet.from_records(ids, [recs[i] for i in ids])
+    labels = ukbench_labels(ids)
+    halves = split_by_group(labels)
+    clf = (fe.backbone.classifier_weight, fe.backbone.classifier_bias)
+    print()
+    print("| method | N_C | N_pca | dims | N-S | mAP | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n_c, n_pca, dims in CONFIGS:
+        method = Method.parse(name)
+        params = SearchParams(n_classes=n_c, n_pca=n_pca, pca_dims=dims)
+        t = time.perf_counter()
+        scores = []
+        for h in (0, 1):
+            db, train = fs.subset(halves[h]), fs.subset(halves[1 - h])
+            pca = fit_pca(method, train, params)
+            res = run_search(method, db, db, pca, params, classifier=clf)
+            lab = labels[halves[h]]
+            scores.append((ukbench_ns_score(res.rankings, lab), ukbench_map(res.rankings, lab)))
+        ns, mp = np.mean(scores, axis=0)
+        cam = method.aggregation in ("ofa", "ona")
+        print(
+            f"| {name} | {n_c if cam else '–'} | {n_pca if method.uses_pca and cam else '–'} | "
+            f"{dims or 'all'} | {ns:.3f} | {mp:.4f} | {time.perf_counter() - t:.1f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
