@@ -264,6 +264,13 @@ class Automation:
         self.last = requested(res, self.project.defs)
         return self.last
 
+    def start(self) -> set[str]:
+        """The initial evaluation (which requests nothing by design: every condition's
+        ``since_last_handled`` is reset by it), then a first real tick; returns its requests."""
+        assert self.cursor is None
+        assert self.tick() == set()
+        return self.tick()
+
     def execute(self) -> None:
         """Materialize what the last tick requested (partitioned assets first, like refresh)."""
         by_partition: dict[str | None, list[str]] = {}

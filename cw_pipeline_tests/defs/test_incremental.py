@@ -47,7 +47,7 @@ BETA_DISTRACTORS = {
 def test_new_images_in_one_shard(indexed_project):
     project = indexed_project
     auto = Automation(project)
-    assert auto.tick() == set(), "a fully materialized project has nothing to refresh"
+    assert auto.start() == set(), "a fully materialized project has nothing to refresh"
     counts = {
         (ds, s): project.materialization_count(f"{ds}/cam_features", s)
         for ds in DATASETS
