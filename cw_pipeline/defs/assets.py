@@ -59,14 +59,22 @@ def eager() -> dg.AutomationCondition:
 
 
 def on_cron_if_changed(cron: str) -> dg.AutomationCondition:
-    """Run after a cron tick, only when some dependency changed since the last run."""
+    """Run after a cron tick, only when some dependency changed since the last run, and only
+    once every dependency is current.
+
+    A dependency is not current while its own dependencies changed since it last ran: e.g.
+    distractor descriptors (partitioned by shard) are rebuilt a tick after a new PCA model,
+    in runs of their own; rankings started with the new PCA's descriptors must wait for them.
+    """
     AC = dg.AutomationCondition
+    dep_pending = AC.any_deps_updated().since_last_handled()
     return (
         AC.cron_tick_passed(cron).since_last_handled()
         & AC.any_deps_updated().since_last_handled()
         & ~AC.any_deps_missing()
         & ~AC.any_deps_in_progress()
         & ~AC.in_progress()
+        & ~AC.any_deps_match(dep_pending)
     )
 
 

@@ -1,298 +1,25 @@
-"""A small temporary project for the Dagster pipeline tests.
-
-Layout of a project folder (paths in its ``datasets.yaml`` are relative to it)::
-
-    datasets.yaml
-    alpha/jpg/part{1,2,3}/   demo-a in three sub-folders (``shard_by: folder``), PCA from beta
-    alpha/gt/                demo-a's Oxford-style ground truth
-    beta/jpg/, beta/gt/      demo-b (``shard_by: batch``, two shards), PCA from alpha
-    gamma/jpg/               the demo distractors (``shard_by: batch``, two shards): the
-                             distractor set of evaluation ``beta-gamma`` (nightly cron)
-    delta/jpg/misc{1,2}/     six synthetic images (``shard_by: folder``), used by nothing else
-    warehouse/, reports/     the feature store and the reports
-
-48 + 48 + 12 + 6 images of 160 px. Every dataset runs with one torch thread: on a CPU shared
-with other processes, several torch threads spin (seconds per image instead of ~15 ms).
-
-Instances are ephemeral (in-memory SQLite): with an on-disk SQLite instance every Dagster event
-costs a file commit, which makes a full index several times slower.
-"""
+"""Fixtures of the pipeline tests: the demo images, fresh and fully indexed projects
+(see :mod:`cw_pipeline_tests.defs.project`)."""
 
 from __future__ import annotations
 
-import datetime as dt
-import shutil
-import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
-import dagster as dg
-import numpy as np
 import pytest
-import yaml
-from PIL import Image
+from threadpoolctl import threadpool_limits
 
-from cw_pipeline.config import ProjectConfig, load_config
 from cw_pipeline.core.demo import generate_demo
-from cw_pipeline.defs import build_definitions
-from cw_pipeline.runs import IndexResult, index_dataset, refresh
-from cw_pipeline.store import FeatureStore
-
-DATASETS = ("alpha", "beta", "gamma", "delta")
-#: alpha's shards (folders) and the demo-a instances in each (6 images per instance).
-ALPHA_PARTS = {
-    "part1": ("astronaut", "cat", "motorcycle"),
-    "part2": ("pagoda", "coins", "moon"),
-    "part3": ("retina", "page"),
-}
-DELTA_PARTS = ("misc1", "misc2")
-DISTRACTOR_EVAL = "beta-gamma"
-NIGHTLY = "0 3 * * *"
-METHODS = ["raw", "raw+pca", "ofa", "ofa+qe5"]
-FIXED = "fixed:160x160"
+from cw_pipeline.runs import refresh
+from cw_pipeline_tests.defs.project import Project, build_project, open_project
 
 
-def project_yaml(resize: str = FIXED) -> dict:
-    return {
-        "warehouse": "warehouse",
-        "reports": "reports",
-        "defaults": {
-            "backbone": "efficientnet_lite0",
-            "resize": resize,
-            "n_classes": 16,
-            "batch_size": 16,
-            "device": "cpu",
-            "num_threads": 1,
-        },
-        "datasets": {
-            "alpha": {
-                "layout": "oxford",
-                "images": "alpha/jpg",
-                "groundtruth": "alpha/gt",
-                "pca_from": "beta",
-                "shard_by": "folder",
-                "query_protocol": "crop",
-            },
-            "beta": {
-                "layout": "oxford",
-                "images": "beta/jpg",
-                "groundtruth": "beta/gt",
-                "pca_from": "alpha",
-                "shard_by": "batch",
-                "shard_size": 30,
-                "query_protocol": "crop",
-            },
-            "gamma": {
-                "layout": "folder",
-                "images": "gamma/jpg",
-                "shard_by": "batch",
-                "shard_size": 6,
-            },
-            "delta": {"layout": "folder", "images": "delta/jpg", "shard_by": "folder"},
-        },
-        "evaluations": {
-            DISTRACTOR_EVAL: {"dataset": "beta", "distractors": ["gamma"], "schedule": NIGHTLY}
-        },
-        "methods": METHODS,
-        "search": {"n_pca": 4, "n_classes": 16},
-    }
-
-
-def write_config(root: Path, resize: str = FIXED) -> Path:
-    path = root / "datasets.yaml"
-    path.write_text(yaml.safe_dump(project_yaml(resize), sort_keys=False), encoding="utf-8")
-    return path
-
-
-def synthetic_jpeg(path: Path, seed: int, size: tuple[int, int] = (160, 120)) -> Path:
-    """A random but structured JPEG (blocks of colour plus noise)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    blocks = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    img = np.kron(blocks, np.ones((h // 6 + 1, w // 8 + 1, 1), dtype=np.uint8))[:h, :w]
-    noise = rng.integers(-20, 21, img.shape)
-    img = np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path, quality=90)
-    return path
-
-
-def truncated_jpeg(path: Path, seed: int) -> Path:
-    """A JPEG cut in half: its header parses, its pixels do not decode."""
-    synthetic_jpeg(path, seed)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return path
-
-
-def _alpha_part(stem: str) -> str:
-    instance = stem.rsplit("_", 1)[0]
-    return next(part for part, names in ALPHA_PARTS.items() if instance in names)
-
-
-def build_project(root: Path, demo: Path) -> Path:
-    """Write a fresh project under ``root`` from a generated demo; returns the config path."""
-    root.mkdir(parents=True, exist_ok=True)
-    for src in sorted((demo / "demo-a" / "jpg").glob("*.jpg")):
-        dst = root / "alpha" / "jpg" / _alpha_part(src.stem) / src.name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
-    shutil.copytree(demo / "demo-a" / "gt", root / "alpha" / "gt")
-    shutil.copytree(demo / "demo-b" / "jpg", root / "beta" / "jpg")
-    shutil.copytree(demo / "demo-b" / "gt", root / "beta" / "gt")
-    shutil.copytree(demo / "demo-distractors" / "jpg", root / "gamma" / "jpg")
-    for k, sub in enumerate(DELTA_PARTS):
-        for i in range(3):
-            synthetic_jpeg(root / "delta" / "jpg" / sub / f"d{k}_{i}.jpg", seed=1000 + 10 * k + i)
-    return write_config(root)
-
-
-# --------------------------------------------------------------------------- the project
-
-
-@dataclass
-class Project:
-    """A project folder with its config, definitions and Dagster instance."""
-
-    root: Path
-    config: ProjectConfig
-    defs: dg.Definitions
-    instance: dg.DagsterInstance
-    index_results: dict[str, IndexResult] = field(default_factory=dict)  #: the full index
-    refreshed: list[str] = field(default_factory=list)  #: what its refresh materialized
-
-    @property
-    def store(self) -> FeatureStore:
-        return FeatureStore(self.config.warehouse)
-
-    def reload(self) -> Project:
-        """Config and definitions re-read from the YAML (after it was edited)."""
-        config = load_config(self.root / "datasets.yaml")
-        return Project(self.root, config, build_definitions(config), self.instance)
-
-    def index(self, name: str) -> IndexResult:
-        return index_dataset(self.defs, self.instance, self.config, name, self.store)
-
-    def index_all(self) -> dict[str, IndexResult]:
-        return {name: self.index(name) for name in DATASETS}
-
-    def images(self, name: str) -> Path:
-        return self.config.dataset(name).images
-
-    def features(self, name: str, shard: str):
-        return self.store.read_table(self.store.shard_path("cam_features", name, shard))
-
-    def materialization_count(self, key: str, partition: str | None = None) -> int:
-        flt = dg.AssetRecordsFilter(
-            asset_key=dg.AssetKey.from_user_string(key),
-            asset_partitions=None if partition is None else [partition],
-        )
-        return len(self.instance.fetch_materializations(flt, limit=1000).records)
-
-
-def open_project(root: Path) -> Project:
-    config = load_config(root / "datasets.yaml")
-    return Project(root, config, build_definitions(config), dg.DagsterInstance.ephemeral())
-
-
-def check_evaluations(instance: dg.DagsterInstance) -> list[tuple[object, str | None]]:
-    """Every asset check evaluation recorded in ``instance`` (oldest first), with the shard of
-    the run that evaluated it (checks are declared per asset, so the evaluation itself carries
-    no partition)."""
-    with warnings.catch_warnings():  # deprecated in 2.0, no replacement for check events yet
-        warnings.simplefilter("ignore", DeprecationWarning)
-        records = instance.get_event_records(
-            dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION),
-            ascending=True,
-        )
-    out = []
-    for r in records:
-        run = instance.get_run_by_id(r.event_log_entry.run_id)
-        shard = run.tags.get("dagster/partition") if run is not None else None
-        out.append((r.event_log_entry.dagster_event.event_specific_data, shard))
-    return out
-
-
-# --------------------------------------------------------------------------- automation
-
-
-def requested(result, defs: dg.Definitions) -> set[str]:
-    """What an automation evaluation requests, as ``key`` / ``key[partition]`` strings."""
-    out = set()
-    for key in defs.resolve_asset_graph().get_all_asset_keys():
-        for pk in result.get_requested_partitions(key):
-            out.add(key.to_user_string() + (f"[{pk}]" if pk is not None else ""))
-    return out
-
-
-def materialize(project: Project, keys: Iterable[str], partition: str | None = None):
-    return dg.materialize(
-        list(project.defs.assets or []),
-        instance=project.instance,
-        resources=project.defs.resources,
-        selection=dg.AssetSelection.assets(*(dg.AssetKey.from_user_string(k) for k in keys)),
-        partition_key=partition,
-    )
-
-
-def next_noon() -> dt.datetime:
-    """Tomorrow 12:00 UTC: far from the 03:00 cron ticks, whenever the tests run."""
-    now = dt.datetime.now(dt.UTC)
-    return now.replace(hour=12, minute=0, second=0, microsecond=0) + dt.timedelta(days=1)
-
-
-@dataclass
-class Automation:
-    """Declarative automation evaluated like the automation sensor: a cursor kept from tick to
-    tick, on a controlled clock (see :func:`next_noon`)."""
-
-    project: Project
-    now: dt.datetime = field(default_factory=next_noon)
-    cursor: object = None
-    last: set[str] = field(default_factory=set)
-
-    def tick(self, at: dt.datetime | None = None) -> set[str]:
-        self.now = at or self.now + dt.timedelta(minutes=1)
-        res = dg.evaluate_automation_conditions(
-            defs=self.project.defs,
-            instance=self.project.instance,
-            cursor=self.cursor,  # type: ignore[arg-type]
-            evaluation_time=self.now,
-        )
-        self.cursor = res.cursor
-        self.last = requested(res, self.project.defs)
-        return self.last
-
-    def start(self) -> set[str]:
-        """The initial evaluation (which requests nothing by design: every condition's
-        ``since_last_handled`` is reset by it), then a first real tick; returns its requests."""
-        assert self.cursor is None
-        assert self.tick() == set()
-        return self.tick()
-
-    def execute(self) -> None:
-        """Materialize what the last tick requested (partitioned assets first, like refresh)."""
-        by_partition: dict[str | None, list[str]] = {}
-        for item in self.last:
-            key, _, rest = item.partition("[")
-            by_partition.setdefault(rest[:-1] if rest else None, []).append(key)
-        for pk in sorted(by_partition, key=lambda p: (p is None, p or "")):
-            assert materialize(self.project, by_partition[pk], pk).success
-
-    def rounds(self, max_rounds: int = 6) -> list[set[str]]:
-        """Tick and execute until a tick requests nothing; returns each round's requests."""
-        out = []
-        for _ in range(max_rounds):
-            got = self.tick()
-            if not got:
-                return out
-            out.append(got)
-            self.execute()
-        raise AssertionError(f"automation still requesting after {max_rounds} rounds: {out}")
-
-
-# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _one_blas_thread() -> Iterator[None]:
+    """NumPy's BLAS on one thread, like torch: PCA fits are ~7x slower with two threads on a
+    CPU shared with other processes."""
+    with threadpool_limits(1):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -304,10 +31,10 @@ def demo_source(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def fresh_project(tmp_path, demo_source) -> Iterator[Project]:
-    """A project with its files and an empty instance (nothing indexed)."""
+def fresh_project(tmp_path, demo_source) -> Project:
+    """A project with its files and an empty ephemeral instance (nothing indexed)."""
     build_project(tmp_path / "project", demo_source)
-    yield open_project(tmp_path / "project")
+    return open_project(tmp_path / "project")
 
 
 @pytest.fixture

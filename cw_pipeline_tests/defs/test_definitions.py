@@ -15,7 +15,7 @@ from cw_pipeline.config import load_config
 from cw_pipeline.defs import build_definitions
 from cw_pipeline.defs.assets import partitions_def
 from cw_pipeline.runs import materialize_missing
-from cw_pipeline_tests.defs.conftest import (
+from cw_pipeline_tests.defs.project import (
     DATASETS,
     DISTRACTOR_EVAL,
     check_evaluations,
@@ -24,7 +24,7 @@ from cw_pipeline_tests.defs.conftest import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DAGSTER = Path(sys.executable).parent / "dagster"
+DAGSTER = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
 
 
 def K(text: str) -> dg.AssetKey:
@@ -41,7 +41,7 @@ def test_dagster_definitions_validate_default_config(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CW_PIPELINE_CONFIG"}
     env["DAGSTER_HOME"] = str(tmp_path)  # never the developer's instance
     proc = subprocess.run(
-        [str(DAGSTER), "definitions", "validate", "-m", "cw_pipeline.definitions"],
+        [DAGSTER, "definitions", "validate", "-m", "cw_pipeline.definitions"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -8,7 +8,7 @@ import dagster as dg
 from cw_pipeline.indexing import extraction_config
 from cw_pipeline.runs import refresh
 from cw_pipeline.stages import descriptors_rel, rankings_rel, read_descriptors
-from cw_pipeline_tests.defs.conftest import (
+from cw_pipeline_tests.defs.project import (
     DATASETS,
     DISTRACTOR_EVAL,
     METHODS,
@@ -22,10 +22,10 @@ from cw_pipeline_tests.defs.conftest import (
 ALPHA_IMAGES = 48
 PART2_IMAGES = 18
 
-#: What a change of alpha's features makes stale: alpha's own downstream assets, and
-#: everything built on the PCA that beta learns from alpha (beta's descriptors and rankings,
-#: and the descriptors of beta's distractor set), but not the cron-gated rankings with
-#: distractors, not alpha's PCA (learned on beta), and nothing of gamma or delta themselves.
+#: What a change of alpha's features makes stale, first tick: alpha's own downstream assets,
+#: and what is built on the PCA that beta learns from alpha (beta's PCA, descriptors,
+#: rankings); not alpha's PCA (learned on beta), not the cron-gated rankings with
+#: distractors, and nothing of gamma or delta themselves.
 ALPHA_DOWNSTREAM = {
     "alpha/query_features",
     "alpha/descriptors",
@@ -36,8 +36,8 @@ ALPHA_DOWNSTREAM = {
     "beta/rankings",
     "beta/map_report",
 }
-#: Partitioned descriptors of beta's distractor set follow one tick later: they run in their
-#: own (per-shard) runs, after beta/pca_model has been rebuilt.
+#: Second tick: the descriptors of beta's distractor set, with beta's new PCA. Partitioned,
+#: they cannot run with the unpartitioned PCA, so Dagster requests them once it is rebuilt.
 BETA_DISTRACTORS = {
     f"{DISTRACTOR_EVAL}/gamma_descriptors[b000]",
     f"{DISTRACTOR_EVAL}/gamma_descriptors[b001]",

@@ -1,0 +1,162 @@
+"""The folder sensors and the daily schedule: new shards become partitions, and only new or
+changed shards are indexed."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+
+from cw_pipeline_tests.defs.project import Project, materialize, synthetic_jpeg, write_config
+
+
+def tick(project: Project, name: str, cursor: str | None) -> dg.SensorResult:
+    sensor = project.defs.resolve_sensor_def(f"watch_{name}")
+    with dg.build_sensor_context(
+        instance=project.instance, cursor=cursor, resources=project.defs.resources
+    ) as context:
+        result = sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
+def apply_partition_requests(project: Project, result: dg.SensorResult) -> None:
+    """What the sensor daemon does with a result's dynamic partition requests."""
+    for req in result.dynamic_partitions_requests or []:
+        if isinstance(req, dg.AddDynamicPartitionsRequest):
+            project.instance.add_dynamic_partitions(req.partitions_def_name, req.partition_keys)
+        else:
+            for key in req.partition_keys:
+                project.instance.delete_dynamic_partition(req.partitions_def_name, key)
+
+
+def partition_requests(result) -> list[tuple[str, str, list[str]]]:
+    return [
+        (type(r).__name__, r.partitions_def_name, sorted(r.partition_keys))
+        for r in result.dynamic_partitions_requests or []
+    ]
+
+
+def requested_shards(requests) -> list[str]:
+    return sorted(r.partition_key for r in requests)
+
+
+def test_folder_sensor(fresh_project):
+    project = fresh_project
+    alpha = project.images("alpha")
+    job = project.defs.resolve_sensor_def("watch_alpha").job_name
+    assert job == "index_alpha"
+
+    first = tick(project, "alpha", None)
+    assert partition_requests(first) == [
+        ("AddDynamicPartitionsRequest", "alpha_shards", ["part1", "part2", "part3"])
+    ]
+    assert requested_shards(first.run_requests) == ["part1", "part2", "part3"]
+    apply_partition_requests(project, first)
+
+    # a new shard (folder): added as a partition and indexed, nothing else
+    synthetic_jpeg(alpha / "part4" / "extra_000.jpg", seed=1)
+    synthetic_jpeg(alpha / "part4" / "extra_001.jpg", seed=2)
+    second = tick(project, "alpha", first.cursor)
+    assert partition_requests(second) == [
+        ("AddDynamicPartitionsRequest", "alpha_shards", ["part4"])
+    ]
+    assert requested_shards(second.run_requests) == ["part4"]
+    apply_partition_requests(project, second)
+
+    # unchanged, with the previous tick's cursor: nothing
+    third = tick(project, "alpha", second.cursor)
+    assert not third.run_requests and not third.dynamic_partitions_requests
+
+    # a file added to one shard: only that shard, under a new run key
+    synthetic_jpeg(alpha / "part2" / "extra_002.jpg", seed=3)
+    fourth = tick(project, "alpha", third.cursor)
+    assert not fourth.dynamic_partitions_requests
+    assert requested_shards(fourth.run_requests) == ["part2"]
+    (old_key,) = [r.run_key for r in first.run_requests if r.partition_key == "part2"]
+    assert fourth.run_requests[0].run_key != old_key
+
+    # a removed shard folder: its partition is deleted, nothing is run
+    shutil.rmtree(alpha / "part3")
+    fifth = tick(project, "alpha", fourth.cursor)
+    assert partition_requests(fifth) == [
+        ("DeleteDynamicPartitionsRequest", "alpha_shards", ["part3"])
+    ]
+    assert not fifth.run_requests
+    apply_partition_requests(project, fifth)
+    assert sorted(project.instance.get_dynamic_partitions("alpha_shards")) == [
+        "part1",
+        "part2",
+        "part4",
+    ]
+    assert not tick(project, "alpha", fifth.cursor).run_requests
+
+    # other extraction settings: every shard again, under new run keys
+    write_config(project.root, resize="native")
+    changed = tick(project.reload(), "alpha", fifth.cursor)
+    assert requested_shards(changed.run_requests) == ["part1", "part2", "part4"]
+    assert not {r.run_key for r in changed.run_requests} & {
+        r.run_key for r in (*first.run_requests, *second.run_requests, *fourth.run_requests)
+    }
+
+
+def test_batch_sensor_requests_the_bucket_of_a_new_file(fresh_project):
+    project = fresh_project
+    first = tick(project, "gamma", None)
+    assert requested_shards(first.run_requests) == ["b000", "b001"]
+    apply_partition_requests(project, first)
+    synthetic_jpeg(project.images("gamma") / "extra_000.jpg", seed=4)
+    second = tick(project, "gamma", first.cursor)
+    assert not second.dynamic_partitions_requests  # the bucket count is fixed
+    assert len(second.run_requests) == 1
+    assert second.run_requests[0].partition_key in ("b000", "b001")
+
+
+def _schedule(project: Project, name: str):
+    schedule = project.defs.resolve_schedule_def(f"daily_index_{name}")
+    # Closed after use: the context opens an instance of its own from the reference, which
+    # must not outlive it as Dagster's current definitions-state storage.
+    with dg.build_schedule_context(
+        instance=project.instance, resources=project.defs.resources
+    ) as context:
+        return schedule(context)
+
+
+def _execute(project: Project, name: str, requests) -> None:
+    for r in requests:
+        result = materialize(project, [f"{name}/manifest", f"{name}/cam_features"], r.partition_key)
+        assert result.success
+
+
+def test_daily_schedule_requests_only_changed_shards(fresh_project):
+    # A schedule context needs an instance that can be referenced, not an ephemeral one; its
+    # SQLite files go to memory where possible (on disk every event costs a commit).
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None) as home:
+        with dg.instance_for_test(temp_dir=home) as instance:
+            _daily_schedule(dataclasses.replace(fresh_project, instance=instance))
+
+
+def _daily_schedule(project: Project) -> None:
+    delta = project.images("delta")
+    schedule = project.defs.resolve_schedule_def("daily_index_delta")
+    assert schedule.job_name == "index_delta"
+
+    first = _schedule(project, "delta")
+    assert requested_shards(first) == ["misc1", "misc2"]
+    assert sorted(project.instance.get_dynamic_partitions("delta_shards")) == ["misc1", "misc2"]
+    _execute(project, "delta", first)
+
+    assert isinstance(_schedule(project, "delta"), dg.SkipReason)  # unchanged
+
+    synthetic_jpeg(delta / "misc1" / "extra_000.jpg", seed=5)
+    synthetic_jpeg(delta / "misc3" / "extra_001.jpg", seed=6)
+    shutil.rmtree(delta / "misc2")
+    second = _schedule(project, "delta")
+    assert requested_shards(second) == ["misc1", "misc3"]
+    assert sorted(project.instance.get_dynamic_partitions("delta_shards")) == ["misc1", "misc3"]
+    _execute(project, "delta", second)
+    assert isinstance(_schedule(project, "delta"), dg.SkipReason)
