@@ -31,7 +31,7 @@ from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.defs.resources import PipelineResource
 from cw_pipeline.indexing import (
     build_manifest,
-    extraction_config,
+    feature_code_version,
     fingerprint,
     manifest_version,
     scan_dataset,
@@ -116,7 +116,7 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
     group = ident(ds.name)
     manifest_key = dg.AssetKey([ds.name, "manifest"])
     features_key = dg.AssetKey([ds.name, "cam_features"])
-    code_version = extraction_config(ds).code_version()
+    code_version = feature_code_version(ds)
 
     @dg.asset(
         key=manifest_key,

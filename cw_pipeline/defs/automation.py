@@ -9,7 +9,7 @@ import dagster as dg
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.assets import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.indexing import extraction_config, fingerprint, scan_dataset
+from cw_pipeline.indexing import feature_code_version, fingerprint, scan_dataset
 from cw_pipeline.stages import shard_relpath
 from cw_pipeline.store import FeatureStore
 
@@ -68,7 +68,7 @@ def plan_shards(
     shards = scan_dataset(ds, store)
     fps = {s: fingerprint(files) for s, files in shards.items()}
     seen = seen or {}
-    code_version = extraction_config(ds).code_version()
+    code_version = feature_code_version(ds)
     new = sorted(s for s in fps if s not in existing)
 
     def needs_indexing(s: str, fp: str) -> bool:
@@ -85,7 +85,7 @@ def plan_shards(
 
 def _run_key(ds: DatasetConfig, shard: str, fp: str) -> str:
     """Run key of indexing a shard: changes with its files and with the extraction settings."""
-    return f"{shard}:{fp}:{extraction_config(ds).code_version()}"
+    return f"{shard}:{fp}:{feature_code_version(ds)}"
 
 
 def dataset_sensor(ds: DatasetConfig, job) -> dg.SensorDefinition:
@@ -114,7 +114,7 @@ def dataset_sensor(ds: DatasetConfig, job) -> dg.SensorDefinition:
             dyn.append(parts.build_add_request(new))
         if removed:
             dyn.append(parts.build_delete_request(removed))
-        code_version = extraction_config(ds).code_version()
+        code_version = feature_code_version(ds)
         return dg.SensorResult(
             run_requests=requests,
             dynamic_partitions_requests=dyn,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from cw_pipeline.indexing import extraction_config
+from cw_pipeline.indexing import feature_code_version
 from cw_pipeline.runs import refresh
 from cw_pipeline.stages import descriptors_rel, rankings_rel, read_descriptors
 from cw_pipeline_tests.defs.project import (
@@ -125,7 +125,7 @@ def test_deleted_image_leaves_features_and_downstream(indexed_project):
 def test_changed_extraction_settings_recompute_features(indexed_project):
     project = indexed_project
     store = project.store
-    old_version = extraction_config(project.config.dataset("alpha")).code_version()
+    old_version = feature_code_version(project.config.dataset("alpha"))
     rel = store.shard_path("cam_features", "alpha", "part1")
     assert store.read_metadata(rel)["code_version"] == old_version
 
@@ -136,7 +136,7 @@ def test_changed_extraction_settings_recompute_features(indexed_project):
     key = dg.AssetKey(["alpha", "cam_features"])
     new_version = graph_new.get(key).code_version
     assert graph_old.get(key).code_version == old_version != new_version
-    assert new_version == extraction_config(project.config.dataset("alpha")).code_version()
+    assert new_version == feature_code_version(project.config.dataset("alpha"))
 
     # the files did not change, but every stored row carries the old code version
     res = project.index("alpha")

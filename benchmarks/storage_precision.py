@@ -1,0 +1,80 @@
+"""Feature-store size and the mAP cost of storing class vectors as float16 or int8.
+
+Usage: python benchmarks/storage_precision.py [--images DIR]
+
+Targets: ≤ 100 KB per image at default settings (N_C = 64, efficientnet_lite0, K = 1280), and
+a UKBench mAP change ≤ 0.002 from the storage precision against float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from cw_pipeline.core.datasets import ukbench_labels
+from cw_pipeline.core.evaluation import ukbench_map, ukbench_ns_score
+from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca, run_search
+from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
+from cw_pipeline.core.runner import split_by_group
+from cw_pipeline.indexing import records_to_table, table_to_featureset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def score(fs: FeatureSet, labels: np.ndarray, params: SearchParams) -> tuple[float, float]:
+    method = Method.parse("ofa")
+    out = []
+    for db_idx, train_idx in [split_by_group(labels), split_by_group(labels)[::-1]]:
+        db, train = fs.subset(db_idx), fs.subset(train_idx)
+        res = run_search(method, db, db, fit_pca(method, train, params), params)
+        lab = labels[db_idx]
+        out.append((ukbench_ns_score(res.rankings, lab), ukbench_map(res.rankings, lab)))
+    ns, mp = np.mean(out, axis=0)
+    return float(ns), float(mp)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/ukbench/jpg")
+    args = ap.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    paths = sorted(args.images.glob("*.jpg"))
+    ids = [p.stem for p in paths]
+    fe = FeatureExtractor(ExtractionConfig(resize="native"))
+    t0 = time.perf_counter()
+    recs = dict(fe.extract_files(zip(ids, paths, strict=True)))
+    print(f"features: {len(ids)} images in {time.perf_counter() - t0:.1f} s")
+    records = [recs[i] for i in ids]
+    labels = ukbench_labels(ids)
+    params = SearchParams(n_classes=64, n_pca=8)
+    exact = FeatureSet.from_records(ids, records)
+    ns32, map32 = score(exact, labels, params)
+    print()
+    print("| class vectors | bytes/image (Parquet, zstd) | N-S | mAP | ΔmAP vs float32 |")
+    print("|---|---|---|---|---|")
+    print(f"| float32 (in memory) | – | {ns32:.3f} | {map32:.4f} | – |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for storage in ("float16", "int8"):
+            table = records_to_table(ids, [""] * len(ids), records, storage=storage)
+            path = Path(tmp) / f"{storage}.parquet"
+            pq.write_table(table, path, compression="zstd")
+            per_image = path.stat().st_size / len(ids)
+            fs = table_to_featureset(pq.read_table(path))
+            ns, mp = score(fs, labels, params)
+            print(
+                f"| {storage} | {per_image / 1000:.1f} KB | {ns:.3f} | {mp:.4f} | "
+                f"{mp - map32:+.4f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Manifests, shards, feature tables and sha1 reuse (indexing.py, without Dagster)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cw_pipeline.config import DatasetConfig, ExtractionSettings
+from cw_pipeline.core.extract import ImageFeatures
+from cw_pipeline.indexing import (
+    build_manifest,
+    dequantize_int8,
+    fingerprint,
+    quantize_int8,
+    records_to_table,
+    scan_files,
+    shard_files,
+    table_to_featureset,
+)
+from cw_pipeline.store import FeatureStore
+
+
+def _dataset(root: Path, shard_by: str = "batch", shard_size: int = 3) -> DatasetConfig:
+    return DatasetConfig(
+        name="t",
+        layout="folder",
+        images=root,
+        shard_by=shard_by,
+        shard_size=shard_size,
+        extraction=ExtractionSettings(resize="native"),
+    )
+
+
+def _jpeg(path: Path, colour: tuple[int, int, int], size=(48, 40)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, quality=90)
+
+
+def _record(rng: np.random.Generator, n_c: int = 4, dim: int = 6) -> ImageFeatures:
+    return ImageFeatures(
+        class_ids=rng.permutation(1000)[:n_c].astype(np.int16),
+        class_probs=rng.random(n_c).astype(np.float32),
+        class_vectors=(rng.standard_normal((n_c, dim)) * 10).astype(np.float32),
+        sum_pooled=rng.random(dim).astype(np.float32),
+        boxes=rng.random((5, 4)).astype(np.float32),
+        grid=(3, 4),
+        input_size=(128, 96),
+        image_size=(256, 192),
+    )
+
+
+def test_int8_quantization_error_is_bounded_by_half_a_step() -> None:
+    v = np.array([[1.0, -2.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    q, scale = quantize_int8(v)
+    assert q.dtype == np.int8 and scale.shape == (2,)
+    assert scale[0] == pytest.approx(2.0 / 127)
+    assert q[0].tolist() == [64, -127, 32, 0]  # 1/(2/127) = 63.5 rounds to even 64
+    back = dequantize_int8(q, scale)
+    assert np.abs(back - v).max() <= scale[0] / 2 + 1e-7
+    assert np.all(back[1] == 0)  # an all-zero vector stays zero (no division by zero)
+
+
+@pytest.mark.parametrize("storage", ["int8", "float16"])
+def test_feature_table_round_trip(storage: str) -> None:
+    rng = np.random.default_rng(0)
+    recs = [_record(rng) for _ in range(3)]
+    table = records_to_table(["a", "b", "c"], ["s1", "s2", "s3"], recs, storage=storage)
+    fs = table_to_featureset(table)
+    assert fs.ids == ["a", "b", "c"]
+    want = np.stack([r.class_vectors for r in recs])
+    tol = np.abs(want).max(axis=-1, keepdims=True) / 127 if storage == "int8" else 0.01
+    assert np.all(np.abs(fs.class_vectors - want) <= tol)
+    np.testing.assert_array_equal(fs.class_ids, np.stack([r.class_ids for r in recs]))
+    np.testing.assert_array_equal(fs.sum_pooled, np.stack([r.sum_pooled for r in recs]))
+    np.testing.assert_array_equal(fs.boxes, np.stack([r.boxes for r in recs]))
+
+
+def test_int8_rows_are_smaller_than_float16() -> None:
+    rng = np.random.default_rng(1)
+    recs = [_record(rng, n_c=64, dim=1280) for _ in range(2)]
+    int8 = records_to_table(["a", "b"], ["1", "2"], recs, storage="int8")
+    half = records_to_table(["a", "b"], ["1", "2"], recs, storage="float16")
+    assert int8.column("class_vectors").nbytes * 2 == half.column("class_vectors").nbytes
+
+
+def test_batch_shards_are_stable_when_files_are_added(tmp_path: Path) -> None:
+    root = tmp_path / "img"
+    for i in range(9):
+        _jpeg(root / f"img{i:03d}.jpg", (i * 20, 0, 0))
+    store = FeatureStore(tmp_path / "wh")
+    ds = _dataset(root)
+    before = shard_files(ds, scan_files(ds), store)
+    assert len(before) == 3  # ceil(9 / 3), fixed at the first scan
+    _jpeg(root / "img100.jpg", (1, 2, 3))
+    _jpeg(root / "aaa.jpg", (3, 2, 1))
+    after = shard_files(ds, scan_files(ds), store)
+    assert len(after) == 3
+    where = {f.relpath: s for s, files in after.items() for f in files}
+    for shard, files in before.items():
+        for f in files:
+            assert where[f.relpath] == shard  # no existing file moved
+    changed = [s for s in after if fingerprint(after[s]) != fingerprint(before.get(s, []))]
+    assert 1 <= len(changed) <= 2  # only the shards that received a new file
+
+
+def test_folder_shards_and_root_files(tmp_path: Path) -> None:
+    root = tmp_path / "img"
+    _jpeg(root / "x" / "a.jpg", (1, 1, 1))
+    _jpeg(root / "y" / "b.jpg", (2, 2, 2))
+    _jpeg(root / "c.jpg", (3, 3, 3))
+    ds = _dataset(root, shard_by="folder")
+    shards = shard_files(ds, scan_files(ds), FeatureStore(tmp_path / "wh"))
+    assert {s: [f.relpath for f in fs] for s, fs in shards.items()} == {
+        "_root": ["c.jpg"],
+        "x": ["x/a.jpg"],
+        "y": ["y/b.jpg"],
+    }
+
+
+def test_manifest_rehashes_only_new_or_changed_files(tmp_path: Path) -> None:
+    root = tmp_path / "img"
+    _jpeg(root / "a.jpg", (10, 20, 30))
+    _jpeg(root / "b.jpg", (40, 50, 60))
+    (root / "bad.jpg").write_bytes(b"not an image")
+    ds = _dataset(root)
+    first, hashed = build_manifest(ds, scan_files(ds))
+    assert hashed == 3
+    rows = {r["image_id"]: r for r in first.to_pylist()}
+    assert rows["a"]["width"] == 48 and rows["a"]["height"] == 40 and rows["a"]["error"] is None
+    assert rows["bad"]["width"] == -1 and "bad.jpg" in rows["bad"]["error"]
+    again, hashed = build_manifest(ds, scan_files(ds), first)
+    assert hashed == 0 and again.equals(first)
+    _jpeg(root / "b.jpg", (41, 50, 60), size=(50, 40))
+    st = os.stat(root / "b.jpg")
+    os.utime(root / "b.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third, hashed = build_manifest(ds, scan_files(ds), again)
+    assert hashed == 1
+    assert {r["image_id"]: r["width"] for r in third.to_pylist()}["b"] == 50
