@@ -29,6 +29,7 @@ class IndexResult:
     indexed_shards: list[str] = field(default_factory=list)
     images: int = 0
     forward_passes: int = 0
+    feature_seconds: float = 0.0  #: time inside the cam_features steps
     reused: int = 0
     rejected: int = 0
     seconds: float = 0.0
@@ -42,6 +43,7 @@ class IndexResult:
             "forward_passes": self.forward_passes,
             "reused": self.reused,
             "rejected": self.rejected,
+            "feature_seconds": round(self.feature_seconds, 3),
             "seconds": round(self.seconds, 2),
         }
 
@@ -100,6 +102,7 @@ def index_dataset(
             result.forward_passes += int(md["forward_passes"].value)
             result.reused += int(md["reused"].value)
             result.rejected += int(md["rejected"].value)
+            result.feature_seconds += float(md["seconds"].value)
     for shard in current_shards(instance, name):
         rel = store.shard_path("cam_features", name, shard)
         if store.exists(rel):
