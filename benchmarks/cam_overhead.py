@@ -15,8 +15,6 @@ figures are medians over the repeats, so load from other jobs hits both sides al
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import machine_info
 from PIL import Image
 
 from cw_pipeline.core import images as imgs
@@ -36,21 +35,6 @@ from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, encode_
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.03
 N_CLASSES = (64, 1, 8, 1000)
-
-
-def machine_info() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (
-        f"machine: {model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
-        f"load average {load}; torch {torch.__version__}, {torch.get_num_threads()} intra-op / "
-        f"{torch.get_num_interop_threads()} inter-op threads"
-    )
 
 
 def encode_part(

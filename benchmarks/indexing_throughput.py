@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import torch
+from _machine import machine_info
 
 from cw_pipeline.core import images as imgs
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
@@ -35,21 +34,6 @@ from cw_pipeline.indexing import records_to_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.80
-
-
-def machine_info() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (
-        f"machine: {model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
-        f"load average {load}; torch {torch.__version__}, {torch.get_num_threads()} intra-op / "
-        f"{torch.get_num_interop_threads()} inter-op threads"
-    )
 
 
 def cpu_times() -> tuple[float, float, int]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -35,6 +34,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from _machine import machine_info
 from PIL import Image
 
 from cw_pipeline.config import DatasetConfig
@@ -51,20 +51,6 @@ from cw_pipeline.store import FeatureStore
 
 TARGET_SCAN_S = 20.0
 TARGET_RESCAN_S = 3.0
-
-
-def machine_info() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (
-        f"machine: {model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
-        f"load average {load}"
-    )
 
 
 def maxrss_mib() -> float:

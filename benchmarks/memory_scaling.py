@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -34,26 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.2
 VARIANTS = (("flip_q95", True, 95), ("q80", False, 80), ("flip_q70", True, 70), ("q60", False, 60))
-
-
-def machine_info() -> str:
-    import torch
-
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (
-        f"machine: {model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
-        f"load average {load}; torch {torch.__version__}, {torch.get_num_threads()} intra-op / "
-        f"{torch.get_num_interop_threads()} inter-op threads"
-    )
 
 
 def vm_status() -> dict[str, int]:

@@ -15,14 +15,13 @@ Each variant runs alternately with the others within each repeat; figures are me
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from _machine import machine_info
 
 from cw_pipeline.core import search
 from cw_pipeline.core.search import rank
@@ -30,29 +29,6 @@ from cw_pipeline.core.search import rank
 TARGET_BATCH_S = 0.3
 TARGET_ONE_S = 0.030
 TOP_K = 1000
-
-
-def machine_info() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    blas = "?"
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = ", ".join(
-            f"{p.get('internal_api')} {p.get('num_threads')} threads" for p in threadpool_info()
-        )
-    except ImportError:
-        pass
-    return (
-        f"machine: {model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
-        f"load average {load}; numpy {np.__version__}, BLAS: {blas}"
-    )
 
 
 def fast_top(scores: np.ndarray, k: int) -> np.ndarray:

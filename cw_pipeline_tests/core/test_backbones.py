@@ -39,20 +39,6 @@ def _assert_same_state(net: torch.nn.Module, state: dict) -> None:
         assert torch.equal(ours[key].cpu(), value), key
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny inputs: one intra-op thread is fastest, and immune to other jobs on busy CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def lite0():
-    return load_backbone()
-
-
 @pytest.fixture(scope="module")
 def resnet50_random():
     return load_backbone("resnet50", weights="random")

@@ -24,20 +24,6 @@ from cw_pipeline.core.extract import (
 from cw_pipeline.core.images import ImageLoadError, to_tensor
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny inputs: one intra-op thread is fastest, and immune to other jobs on busy CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def lite0():
-    return load_backbone()
-
-
 def _image(w: int, h: int, seed: int) -> Image.Image:
     """Smooth random colour image (a few blobs), so the network sees some structure."""
     rng = np.random.default_rng(seed)

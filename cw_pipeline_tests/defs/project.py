@@ -289,3 +289,19 @@ class Automation:
             out.append(got)
             self.execute()
         raise AssertionError(f"automation still requesting after {max_rounds} rounds: {out}")
+
+
+#: What a change of alpha's features makes stale, first tick: alpha's own downstream assets,
+#: and what is built on the PCA that beta learns from alpha (beta's PCA, descriptors,
+#: rankings); not alpha's PCA (learned on beta), not the cron-gated rankings with
+#: distractors, and nothing of gamma or delta themselves.
+ALPHA_DOWNSTREAM = {
+    "alpha/query_features",
+    "alpha/descriptors",
+    "alpha/rankings",
+    "alpha/map_report",
+    "beta/pca_model",
+    "beta/descriptors",
+    "beta/rankings",
+    "beta/map_report",
+}

@@ -10,6 +10,7 @@ import dagster as dg
 from cw_pipeline.defs.assets import eager, on_cron_if_changed
 from cw_pipeline.runs import materialize_missing, refresh
 from cw_pipeline_tests.defs.project import (
+    ALPHA_DOWNSTREAM,
     DATASETS,
     DISTRACTOR_EVAL,
     NIGHTLY,
@@ -53,16 +54,6 @@ def test_automation_sensor_and_conditions(fresh_project):
     assert graph.get(K(f"{EV}/rankings")).automation_condition == on_cron_if_changed(NIGHTLY)
 
 
-ALPHA_DOWNSTREAM = {  # alpha's own downstream assets and those of beta's PCA (from alpha)
-    "alpha/query_features",
-    "alpha/descriptors",
-    "alpha/rankings",
-    "alpha/map_report",
-    "beta/pca_model",
-    "beta/descriptors",
-    "beta/rankings",
-    "beta/map_report",
-}
 CRON_RUN = {f"{EV}/rankings", f"{EV}/map_report"}
 
 

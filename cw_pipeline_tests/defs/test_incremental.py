@@ -9,6 +9,7 @@ from cw_pipeline.indexing import feature_code_version
 from cw_pipeline.runs import refresh
 from cw_pipeline.stages import descriptors_rel, rankings_rel, read_descriptors
 from cw_pipeline_tests.defs.project import (
+    ALPHA_DOWNSTREAM,
     DATASETS,
     DISTRACTOR_EVAL,
     METHODS,
@@ -22,20 +23,6 @@ from cw_pipeline_tests.defs.project import (
 ALPHA_IMAGES = 48
 PART2_IMAGES = 18
 
-#: What a change of alpha's features makes stale, first tick: alpha's own downstream assets,
-#: and what is built on the PCA that beta learns from alpha (beta's PCA, descriptors,
-#: rankings); not alpha's PCA (learned on beta), not the cron-gated rankings with
-#: distractors, and nothing of gamma or delta themselves.
-ALPHA_DOWNSTREAM = {
-    "alpha/query_features",
-    "alpha/descriptors",
-    "alpha/rankings",
-    "alpha/map_report",
-    "beta/pca_model",
-    "beta/descriptors",
-    "beta/rankings",
-    "beta/map_report",
-}
 #: Second tick: the descriptors of beta's distractor set, with beta's new PCA. Partitioned,
 #: they cannot run with the unpartitioned PCA, so Dagster requests them once it is rebuilt.
 BETA_DISTRACTORS = {
