@@ -47,7 +47,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/ukbench/jpg")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", default="", help="comma-separated method names to run")
     args = ap.parse_args()
+    only = {m for m in args.only.split(",") if m}
     paths = sorted(args.images.glob("*.jpg"))
     ids = [p.stem for p in paths]
     print(
@@ -72,6 +74,8 @@ def main() -> None:
     print("| method | N_C | N_pca | dims | N-S | mAP | seconds |")
     print("|---|---|---|---|---|---|---|")
     for name, n_c, n_pca, dims in CONFIGS:
+        if only and name not in only:
+            continue
         method = Method.parse(name)
         params = SearchParams(n_classes=n_c, n_pca=n_pca, pca_dims=dims)
         t = time.perf_counter()
