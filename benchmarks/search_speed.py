@@ -52,24 +52,8 @@ def fast_top(scores: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def torch_top(scores: np.ndarray, k: int) -> np.ndarray:
-    """Like ``fast_top`` with ``torch.topk`` (multi-threaded) choosing the k candidates.
-
-    topk returns some k entries >= the k-th score; the same index sort + stable score sort and
-    the same boundary-tie check make the result identical to ``_stable_top``. (NaN scores would
-    need care: topk ranks NaN highest.)
-    """
-    n = scores.shape[1]
-    if k >= n:
-        return np.argsort(-scores, axis=1, kind="stable")
-    part = torch.topk(torch.from_numpy(scores), k, dim=1, sorted=False).indices.numpy()
-    part.sort(axis=1)
-    vals = np.take_along_axis(scores, part, axis=1)
-    out = np.take_along_axis(part, np.argsort(-vals, axis=1, kind="stable"), axis=1)
-    kth = vals.min(axis=1, keepdims=True)
-    for i in np.flatnonzero((scores >= kth).sum(axis=1) > k):
-        out[i] = search._stable_top(scores[i : i + 1], k)[0]
-    return out
+#: The library's own top-k now picks candidates with ``torch.topk`` (it was the prototype here).
+torch_top = search._stable_top
 
 
 def fast_rank(

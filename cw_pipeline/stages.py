@@ -13,6 +13,7 @@ them directly. Store layout (relative to the warehouse root):
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
@@ -35,7 +36,7 @@ from cw_pipeline.core.evaluation import (
 from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca
 from cw_pipeline.core.extract import FeatureExtractor, FeatureMaps
 from cw_pipeline.core.images import load_image
-from cw_pipeline.core.search import OnlineIndex, Ranking, RerankConfig, expand_queries, rank, rerank
+from cw_pipeline.core.search import OnlineIndex, Ranking, expand_queries, rank, rerank
 from cw_pipeline.indexing import (
     records_to_table,
     table_to_featureset,
@@ -368,10 +369,7 @@ def _rerank_all(
     params: SearchParams,
     method: Method,
 ) -> Ranking:
-    base = params.rerank
-    cfg = RerankConfig(
-        method.rerank, base.n_classes, base.box_classes, base.thresholds, base.min_cells
-    )
+    cfg = dataclasses.replace(params.rerank, top_r=method.rerank)
     q_r = aggregate(queries.class_vectors, pca, min(cfg.n_classes, queries.class_vectors.shape[1]))
     idx, scores = res.indices.copy(), res.scores.copy()
     maps.prefetch(np.unique(idx[:, : method.rerank]))

@@ -7,6 +7,7 @@ which returns full rankings for a set of queries.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -248,14 +249,8 @@ def run_search(
 
 
 def _rerank_cfg(params: SearchParams, method: Method) -> RerankConfig:
-    cfg = params.rerank
-    return RerankConfig(
-        top_r=method.rerank,
-        n_classes=cfg.n_classes,
-        box_classes=cfg.box_classes,
-        thresholds=cfg.thresholds,
-        min_cells=cfg.min_cells,
-    )
+    """The search's re-ranking settings with the method's R."""
+    return dataclasses.replace(params.rerank, top_r=method.rerank)
 
 
 def _run_online(
