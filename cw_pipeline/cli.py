@@ -33,6 +33,7 @@ from cw_pipeline.core.runner import (
     split_by_group,
 )
 from cw_pipeline.core.search import RerankConfig
+from cw_pipeline.indexing import progress_logger
 
 logger = logging.getLogger("cw_pipeline")
 
@@ -310,7 +311,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         pca_dims=args.pca_dims,
         rerank=RerankConfig(n_classes=args.rerank_classes),
     )
-    progress = _progress("features") if args.verbose else None
+    progress = progress_logger(logger, "features", every_seconds=5) if args.verbose else None
     feats = extract_features(extractor, bench.ids, bench.paths, progress)
     result: dict[str, Any] = {
         "dataset": bench.name,
@@ -397,21 +398,6 @@ def _training_features(args: argparse.Namespace, extractor: FeatureExtractor) ->
         raise CLIError(f"no images under --pca-from {root}")
     ids = [i for i, _ in found]
     return extract_features(extractor, ids, [root / r for _, r in found])
-
-
-def _progress(label: str):
-    start = time.perf_counter()
-    state = {"last": 0.0}
-
-    def report(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done == total or now - state["last"] > 5:
-            state["last"] = now
-            rate = done / max(now - start, 1e-9)
-            eta = (total - done) / rate if rate > 0 else float("inf")
-            logger.info("%s: %d/%d images, %.1f img/s, ETA %.0f s", label, done, total, rate, eta)
-
-    return report
 
 
 def _print_human(result: dict[str, Any]) -> None:

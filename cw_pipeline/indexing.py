@@ -122,6 +122,35 @@ def scan_dataset(ds: DatasetConfig, store: FeatureStore) -> dict[str, list[FileS
     return shard_files(ds, scan_files(ds), store)
 
 
+def progress_logger(
+    log: logging.Logger,
+    label: str,
+    *,
+    every_images: int | None = None,
+    every_seconds: float | None = None,
+) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback logging images/s and ETA, every N images or seconds
+    (and at the end)."""
+    start = time.perf_counter()
+    last = [start]
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter()
+        due = done == total
+        if every_images is not None and done % every_images == 0:
+            due = True
+        if every_seconds is not None and now - last[0] > every_seconds:
+            due = True
+        if not due:
+            return
+        last[0] = now
+        rate = done / (now - start) if now > start else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        log.info("%s: %d/%d images, %.1f img/s, ETA %.0f s", label, done, total, rate, eta)
+
+    return report
+
+
 # --------------------------------------------------------------------------- manifests
 
 MANIFEST_SCHEMA = pa.schema(

@@ -19,7 +19,6 @@ Per evaluation ``<ev>`` (a dataset, optionally with distractor sets):
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -34,6 +33,7 @@ from cw_pipeline.indexing import (
     feature_code_version,
     fingerprint,
     manifest_version,
+    progress_logger,
     scan_dataset,
     update_features,
 )
@@ -91,20 +91,6 @@ def _read_optional(store: FeatureStore, rel: str, log: logging.Logger | None = N
     except CorruptFileError as exc:
         (log or logger).warning("%s: rebuilding it", exc)
         return None
-
-
-def _progress(log, label: str) -> Callable[[int, int], None]:
-    start = time.perf_counter()
-
-    def report(done: int, total: int) -> None:
-        if done % PROGRESS_EVERY and done != total:
-            return
-        elapsed = time.perf_counter() - start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else float("nan")
-        log.info("%s: %d/%d images, %.1f img/s, ETA %.0f s", label, done, total, rate, eta)
-
-    return report
 
 
 # --------------------------------------------------------------------------- per dataset
@@ -191,7 +177,11 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
                 previous = None
         extractor = pipeline.extractor(ds)
         update = update_features(
-            ds, manifest_table, previous, extractor, _progress(context.log, f"{ds.name}/{shard}")
+            ds,
+            manifest_table,
+            previous,
+            extractor,
+            progress_logger(context.log, f"{ds.name}/{shard}", every_images=PROGRESS_EVERY),
         )
         store.write_table(rel, update.table, metadata={"code_version": code_version})
         store.write_table(stages.shard_relpath("rejected", ds.name, shard), update.rejected)

@@ -28,25 +28,24 @@ def index_job(ds: DatasetConfig):
     )
 
 
-def stored_fingerprint(store: FeatureStore, ds: DatasetConfig, shard: str) -> str | None:
-    rel = shard_relpath("manifest", ds.name, shard)
+def _stored_metadata(store: FeatureStore, rel: str, key: str) -> str | None:
+    """One key of a stored Parquet file's metadata; None when the file is absent or unreadable."""
     if not store.exists(rel):
         return None
     try:
-        return store.read_metadata(rel).get("fingerprint")
+        return store.read_metadata(rel).get(key)
     except Exception:
         return None
+
+
+def stored_fingerprint(store: FeatureStore, ds: DatasetConfig, shard: str) -> str | None:
+    """The stat fingerprint the shard's manifest was built from."""
+    return _stored_metadata(store, shard_relpath("manifest", ds.name, shard), "fingerprint")
 
 
 def stored_code_version(store: FeatureStore, ds: DatasetConfig, shard: str) -> str | None:
     """The extraction code version the shard's stored features were computed with."""
-    rel = shard_relpath("cam_features", ds.name, shard)
-    if not store.exists(rel):
-        return None
-    try:
-        return store.read_metadata(rel).get("code_version")
-    except Exception:
-        return None
+    return _stored_metadata(store, shard_relpath("cam_features", ds.name, shard), "code_version")
 
 
 def plan_shards(
