@@ -8,7 +8,9 @@ fetchers, some of which download) and scikit-learn's ``china.jpg`` / ``flower.jp
 Each *instance* is a region of one photograph (two instances may share a photograph only as
 non-overlapping regions). Every instance gets one query view with a box around the object,
 ``views`` positive views (perspective warp, crop, scale, rotation, lighting and colour changes,
-blur, noise, JPEG quality) and one heavily-cropped *junk* view. The motorcycle instance also
+blur, noise, JPEG quality) and one heavily-cropped *junk* view. Every "ok" view and half of
+the "good" ones are set, smaller, into clutter from the distractor photos, often with an
+occluding patch (:func:`_clutter`), so that the demo separates methods. The motorcycle instance also
 uses the real second photograph of its stereo pair for one view. Layout (Oxford format, read
 by :func:`cw_pipeline.core.datasets.read_oxford_groundtruth`)::
 
@@ -61,7 +63,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bump whenever the generator's output changes: existing demos are then regenerated.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 #: The dataset folders :func:`generate_demo` writes under its root.
 DEMO_DATASETS: tuple[str, ...] = ("demo-a", "demo-b", "demo-distractors")
 
@@ -217,6 +219,63 @@ _GEOMETRY: dict[ViewKind, _Geometry] = {
     "ok": _Geometry((0.65, 1.05), 0.2, 25.0, 0.15, (0.75, 1.0)),
     "junk": _Geometry((0.3, 0.45), 0.0, 20.0, 0.1, (0.75, 1.0)),
 }
+
+
+@dataclass(frozen=True)
+class _Clutter:
+    """How a view is set into a cluttered scene (the object no longer fills the frame)."""
+
+    p: float  # probability that a view of this kind is composited at all
+    scale: tuple[float, float]  # the view's size in the new frame (fraction of each side)
+    p_occlusion: float  # probability of an occluding patch over the view
+    occlusion: tuple[float, float]  # the patch's side, fraction of the view's sides
+
+
+_CLUTTER: dict[ViewKind, _Clutter] = {
+    "good": _Clutter(0.5, (0.55, 0.8), 0.3, (0.25, 0.4)),
+    "ok": _Clutter(1.0, (0.4, 0.6), 0.7, (0.35, 0.5)),
+}
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A random crop of a distractor region, resized to ``width`` × ``height``."""
+    source, region = _DISTRACTOR_REGIONS[int(rng.integers(len(_DISTRACTOR_REGIONS)))]
+    img = _source_image(source, region)
+    frac = rng.uniform(0.5, 1.0)
+    aspect = width / height
+    cw = min(img.width, img.height * aspect) * frac
+    ch = cw / aspect
+    x0 = rng.uniform(0, img.width - cw)
+    y0 = rng.uniform(0, img.height - ch)
+    box = (x0, y0, x0 + cw, y0 + ch)
+    return img.convert("RGB").resize((width, height), Image.Resampling.LANCZOS, box=box)
+
+
+def _clutter(rng: np.random.Generator, view: Image.Image, kind: ViewKind) -> Image.Image:
+    """Set ``view`` into a background from the distractor photos, maybe partly occluded.
+
+    The frame keeps ``view``'s size; the object shrinks to ``scale`` of it. Distractor images
+    come from the same photos, so background content is shared with negatives: this is what
+    makes sum-pooling over the whole frame confusable, and CAM weighting worth having.
+    """
+    c = _CLUTTER.get(kind)
+    if c is None or rng.random() >= c.p:
+        return view
+    w, h = view.size
+    canvas = _background(rng, w, h)
+    s = rng.uniform(*c.scale)
+    vw, vh = max(8, round(w * s)), max(8, round(h * s))
+    small = view.resize((vw, vh), Image.Resampling.LANCZOS)
+    x, y = int(rng.integers(0, w - vw + 1)), int(rng.integers(0, h - vh + 1))
+    canvas.paste(small, (x, y))
+    if rng.random() < c.p_occlusion:
+        ow = max(4, round(vw * rng.uniform(*c.occlusion)))
+        oh = max(4, round(vh * rng.uniform(*c.occlusion)))
+        patch = _background(rng, ow, oh)
+        px = x + int(rng.integers(0, vw - ow + 1))
+        py = y + int(rng.integers(0, vh - oh + 1))
+        canvas.paste(patch, (px, py))
+    return canvas
 
 
 def _fit_quad(quad: np.ndarray, width: float, height: float) -> np.ndarray:
@@ -448,7 +507,7 @@ def _render_instance(
         quad = _view_quad(rng, obj, src.width, src.height, kind)
         long_side = round(size * rng.uniform(*_GEOMETRY[kind].out_scale))
         img, _ = _warp(src, quad, long_side)
-        img = _photometric(rng, img, kind)
+        img = _photometric(rng, _clutter(rng, img, kind), kind)
         images[name] = _jpeg_bytes(
             img, int(rng.integers(*_PHOTOMETRY[kind].quality, endpoint=True))
         )

@@ -113,23 +113,26 @@ def online_descriptors(
     ids = torch.as_tensor(np.asarray(class_ids)).long()
     groups: dict[tuple, list[int]] = {}
     crops: list[tuple[torch.Tensor, torch.Tensor]] = []
+    full: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one float32 copy per distinct map
     for i, m in enumerate(maps):
-        x, a = m.tensors()
+        if id(m) not in full:
+            full[id(m)] = m.tensors()
+        x, a = full[id(m)]
         if cells is not None and cells[i] is not None:
             x, a = crop_cells(x, cells[i]), crop_cells(a, cells[i])
         crops.append((x, a))
         groups.setdefault((tuple(x.shape), tuple(a.shape)), []).append(i)
-    dim = pca.output_dim if pca is not None else (maps[0].features.shape[0] if maps else 0)
-    out = np.zeros((len(maps), dim), dtype=np.float32)
+    k = maps[0].features.shape[0] if maps else 0
+    vecs = np.zeros((len(maps), len(ids), k), dtype=np.float32)
     for members in groups.values():
         x = torch.cat([crops[i][0] for i in members])
         a = torch.cat([crops[i][1] for i in members])
         with torch.inference_mode():
             _, _, cv = encode_maps(x, a, weight, bias, n_classes=len(ids), class_ids=ids)
-        vecs = cv.numpy()
-        per_class = pca(vecs) if pca is not None else l2_normalize(vecs)
-        out[members] = l2_normalize(per_class.sum(axis=1))
-    return out
+        vecs[members] = cv.numpy()
+    # One PCA product for all regions (not one per shape group): most of re-ranking's time.
+    per_class = pca(vecs) if pca is not None else l2_normalize(vecs)
+    return l2_normalize(per_class.sum(axis=1))
 
 
 class OnlineIndex:

@@ -269,3 +269,14 @@ def test_raw_descriptors_by_hand():
     v = np.array([[3.0, 0.0, 4.0]])
     y = (np.array([0.6, 0.0, 0.8]) - pca.mean) @ pca.components.T / np.sqrt(pca.eigenvalues)
     np.testing.assert_allclose(raw_descriptors(v, pca), [_unit(y)], atol=1e-5)
+
+
+def test_pca_transform_of_stacked_vectors_equals_row_by_row():
+    """(n, n_c, D) input is projected as one 2-D product; results equal the per-row ones."""
+    rng = np.random.default_rng(3)
+    pca = PCAWhitening.fit(rng.normal(size=(40, 16)), dims=6)
+    x = rng.normal(size=(5, 3, 16)).astype(np.float32)
+    y = pca.transform(x)
+    assert y.shape == (5, 3, 6)
+    rows = np.stack([pca.transform(v) for v in x.reshape(-1, 16)]).reshape(5, 3, 6)
+    np.testing.assert_allclose(y, rows, rtol=1e-5, atol=1e-6)

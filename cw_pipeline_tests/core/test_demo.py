@@ -270,3 +270,30 @@ def test_sources_are_bundled_files_read_without_network() -> None:
     assert arr.shape == (100, 100, 3) and arr.dtype == np.uint8 and not arr.flags.writeable
     with pytest.raises(FileNotFoundError, match="needs the installed package"):
         demo._package_file("no_such_package_xyz", "a.png")
+
+
+@pytest.mark.parametrize("kind", ["good", "ok"])
+def test_clutter_sets_the_view_into_a_smaller_region_of_a_background(kind: str) -> None:
+    """A composited view keeps its frame size; the object shrinks into a background region."""
+    view = Image.new("RGB", (200, 150), (255, 0, 255))  # magenta: in no source photo
+    cfg = demo._CLUTTER[kind]
+    composited = 0
+    for k in range(20):
+        out = demo._clutter(np.random.default_rng(k), view, kind)  # type: ignore[arg-type]
+        assert out.size == view.size
+        magenta = np.all(np.asarray(out) == (255, 0, 255), axis=2)
+        if magenta.all():
+            continue  # not composited this time (p < 1 for good views)
+        composited += 1
+        ys, xs = np.nonzero(magenta)
+        w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        assert cfg.scale[0] * 200 - 2 <= w <= cfg.scale[1] * 200 + 2
+        assert cfg.scale[0] * 150 - 2 <= h <= cfg.scale[1] * 150 + 2
+        assert magenta.mean() < cfg.scale[1] ** 2 + 0.01  # the rest is background
+    assert composited >= (20 if cfg.p == 1.0 else 3)
+
+
+def test_query_views_are_never_cluttered() -> None:
+    view = Image.new("RGB", (64, 48), (255, 0, 255))
+    out = demo._clutter(np.random.default_rng(0), view, "query")
+    assert out is view
