@@ -57,6 +57,20 @@ def test_automation_sensor_and_conditions(fresh_project):
 CRON_RUN = {f"{EV}/rankings", f"{EV}/map_report"}
 
 
+def test_automation_waits_for_a_dataset_without_shards(fresh_project):
+    """Only beta indexed: alpha has no shards (no partitions at all), so nothing that reads
+    alpha's shards is requested (it would fail on an empty input) until alpha is indexed.
+    alpha's PCA is learned on beta: it can run."""
+    project = fresh_project
+    project.index("beta")
+    auto = Automation(project)
+    assert auto.start() == {"beta/query_features", "alpha/pca_model"}
+    auto.execute()
+    assert auto.rounds() == []
+    project.index("alpha")
+    assert {"alpha/query_features", "beta/pca_model"} <= auto.tick()
+
+
 def test_automation_after_indexing(fresh_project):
     project = fresh_project
     for ds in DATASETS:
