@@ -2,9 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The Dagster UI has no authentication: it binds to loopback unless UI_HOST says otherwise
+# (`make ui UI_HOST=0.0.0.0` exposes it to the network; prefer an SSH tunnel, see README).
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 3000
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: install test lint format demo demo-headless ui bench clean
+.PHONY: install test lint format demo demo-headless ui figures screenshots bench clean
 
 install: $(VENV)/.installed
 
@@ -30,13 +34,23 @@ format: install
 	$(BIN)/ruff format cw_pipeline cw_pipeline_tests benchmarks
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/cw-pipeline demo
+	$(BIN)/cw-pipeline demo --host $(UI_HOST) --port $(UI_PORT)
 
 demo-headless: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/cw-pipeline demo --no-ui
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
+
+# Redraw data/reports/<evaluation>/ (sheets, CAM overlays, PR curves, AP bars) from the
+# materialized rankings; EVAL=name for one evaluation (default: every one).
+figures: install
+	$(BIN)/cw-pipeline report-figures $(EVAL)
+
+# Redraw the README's UI screenshots (docs/img/ui-*.png): the browser test over a fresh demo,
+# headless Debian Chromium (`apt-get install chromium`; .ci/run installs it).
+screenshots: install
+	CW_ARTIFACTS=docs/img $(BIN)/python -m pytest -q cw_pipeline_tests/e2e/test_ui_browser.py
 
 bench: install
 	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -6,16 +6,24 @@ Sub-commands:
 * ``index`` — index a configured dataset through the Dagster pipeline (new or changed shards).
 * ``demo`` — generate the demo dataset, materialize the whole graph, print the mAP report and
   (unless ``--no-ui``) serve the Dagster UI.
+* ``report-figures`` — redraw the report and pictures of materialized evaluations.
+* ``download`` — fetch a benchmark from its official sources into the configured layout
+  (:mod:`cw_pipeline.download`).
+* ``search`` — rank a configured dataset's indexed images for a query image
+  (:mod:`cw_pipeline.query`).
+* ``datasets`` — the configured datasets and the state of their index
+  (:mod:`cw_pipeline.catalog`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +41,8 @@ from cw_pipeline.core.runner import (
     split_by_group,
 )
 from cw_pipeline.core.search import RerankConfig
-from cw_pipeline.indexing import progress_logger
+from cw_pipeline.indexing import progress_listener, progress_logger
+from cw_pipeline.progress import ImageBar, bars_enabled
 
 logger = logging.getLogger("cw_pipeline")
 
@@ -100,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--protocol", choices=("paper", "crop"), default="crop")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_extraction_args(ev)
     _add_search_args(ev)
     ev.set_defaults(func=cmd_evaluate)
@@ -110,15 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--no-refresh", action="store_true", help="only manifest and features")
     ix.add_argument("--force", action="store_true", help="re-run every shard")
     ix.add_argument("--json", action="store_true")
+    ix.add_argument("--quiet", action="store_true", help="no progress bars or run log")
     ix.set_defaults(func=cmd_index)
 
     dm = sub.add_parser("demo", help="build the demo, materialize everything, serve the UI")
     dm.add_argument("--config", type=Path, default=None, help="datasets YAML")
     dm.add_argument("--no-ui", action="store_true", help="print the report and exit")
-    dm.add_argument("--host", default="127.0.0.1", help="UI address (default: loopback only)")
+    dm.add_argument(
+        "--host",
+        default=DEFAULT_UI_HOST,
+        help="address the UI binds to (default: 127.0.0.1, loopback only; the UI has no "
+        "authentication)",
+    )
     dm.add_argument("--port", type=int, default=3000)
     dm.add_argument("--json", action="store_true")
     dm.set_defaults(func=cmd_demo)
+    _add_download_parser(sub)
+    _add_query_parsers(sub)
+    _add_report_figures_parser(sub)
     return parser
 
 
@@ -169,7 +188,7 @@ def _generate(config) -> list[str]:
 def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
     import dagster as dg
 
-    from cw_pipeline.runs import index_dataset, refresh
+    from cw_pipeline.runs import console_log_level, index_dataset, refresh
     from cw_pipeline.store import FeatureStore
 
     _dagster_home()
@@ -178,10 +197,15 @@ def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
     if ds.generate == "demo":
         _generate(config)
     t0 = time.perf_counter()
-    with dg.DagsterInstance.get() as instance:
-        res = index_dataset(
-            defs, instance, config, ds.name, FeatureStore(config.warehouse), force=args.force
-        )
+    bars = bars_enabled(args.quiet)
+    # Dagster's run log on the console: warnings only under a bar (or --quiet), else progress
+    # lines (INFO), or every event with --verbose.
+    level = "WARNING" if bars or args.quiet else "DEBUG" if args.verbose else "INFO"
+    with dg.DagsterInstance.get() as instance, console_log_level(level):
+        with ImageBar(f"{ds.name} features", enabled=bars) as bar, progress_listener(bar.listener):
+            res = index_dataset(
+                defs, instance, config, ds.name, FeatureStore(config.warehouse), force=args.force
+            )
         refreshed = [] if args.no_refresh else refresh(defs, instance)
     out = res.as_dict()
     out["refreshed"] = refreshed
@@ -195,6 +219,27 @@ def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
         )
         return None  # type: ignore[return-value]
     return out
+
+
+#: Where ``cw-pipeline demo`` serves the Dagster UI unless ``--host`` says otherwise.
+DEFAULT_UI_HOST = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names the loopback interface only (``localhost``, 127.x, ``::1``)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ui_command(host: str, port: int, workspace: Path) -> list[str]:
+    """The ``dagster dev`` command line serving the UI on ``host:port`` only."""
+    return ["dagster", "dev", "-w", str(workspace), "-h", host, "-p", str(port)]
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -217,12 +262,11 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
         for name in config.datasets:
             indexed[name] = index_dataset(defs, instance, config, name, store).as_dict()
         refresh(defs, instance, include_cron=True)
-    reports_root = Path(config.reports)
+    reports = FeatureStore(config.reports)  # a folder or a URL (s3://...)
     report_text = []
     for ev in sorted(config.evaluations):
-        path = reports_root / ev / "report.md"
-        if path.exists():
-            report_text.append(path.read_text())
+        if reports.exists(f"{ev}/report.md"):
+            report_text.append(reports.read_bytes(f"{ev}/report.md").decode("utf-8"))
     seconds = round(time.perf_counter() - t0, 2)
     from cw_pipeline.runs import CHECK_LOG
 
@@ -233,9 +277,8 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
 
         out = {"datasets": indexed, "seconds": seconds, "checks": checks, "reports": {}}
         for ev in sorted(config.evaluations):
-            p = reports_root / ev / "report.json"
-            if p.exists():
-                out["reports"][ev] = _json.loads(p.read_text())["results"]
+            if reports.exists(f"{ev}/report.json"):
+                out["reports"][ev] = reports.read_json(f"{ev}/report.json")["results"]
         if args.no_ui:
             return out
         print(_json.dumps(out))
@@ -244,26 +287,228 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
         print(f"asset checks: {len(CHECK_LOG) - len(failed)}/{len(CHECK_LOG)} passed")
         for line in failed:
             print(f"  failed: {line}")
-        print(f"demo materialized in {seconds:.1f} s; reports in {reports_root}")
+        print(f"demo materialized in {seconds:.1f} s; reports in {reports.url()}")
     if args.no_ui:
         return None
     print(f"serving the Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home})")
-    cmd = [
-        "dagster",
-        "dev",
-        "-w",
-        str(project_root() / "workspace.yaml"),
-        "-h",
-        args.host,
-        "-p",
-        str(args.port),
-    ]
+    if not is_loopback(args.host):
+        print(
+            f"warning: the Dagster UI has no authentication and {args.host} is not a loopback "
+            "address; expose it through an SSH tunnel or a reverse proxy with authentication",
+            file=sys.stderr,
+        )
+    cmd = ui_command(args.host, args.port, project_root() / "workspace.yaml")
     env = dict(os.environ)
     bindir = Path(sys.executable).parent
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
     return_code = subprocess.call(cmd, env=env, cwd=project_root())
     if return_code not in (0, 130, -2):
         raise CLIError(f"dagster dev exited with status {return_code}")
+    return None
+
+
+def _add_download_parser(sub: Any) -> None:
+    from cw_pipeline.download import ALIASES, CATALOGUE, DEFAULT_TIMEOUT, MIRROR_ENV
+
+    names = ", ".join([*CATALOGUE, *ALIASES])
+    dl = sub.add_parser(
+        "download",
+        help="fetch Oxford5k, Paris6k, their ground truth or the distractors",
+        description="Download a benchmark from its official sources into the layout of its "
+        "entry in the datasets YAML (or, while the entry is commented out, the layout that "
+        "entry would use): resumable, verified, safely extracted.",
+    )
+    dl.add_argument("name", metavar="NAME", help=f"one of: {names}")
+    dl.add_argument("--config", type=Path, default=None, help="datasets YAML")
+    dl.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="use the default layout under this folder instead of the config's",
+    )
+    dl.add_argument(
+        "--mirror",
+        default=None,
+        help=f"fetch scheme://host/path from MIRROR/host/path instead (or ${MIRROR_ENV})",
+    )
+    dl.add_argument(
+        "--distractor-archives",
+        type=int,
+        default=None,
+        metavar="N",
+        help="flickr100k: how many 10k-image revisitop1m archives (default 10, at most 100)",
+    )
+    dl.add_argument("--dry-run", action="store_true", help="print what would be fetched, where")
+    dl.add_argument("--quiet", action="store_true", help="no progress bars or step lines")
+    dl.add_argument("--keep-archives", action="store_true", help="keep archives once extracted")
+    dl.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to connect / per read"
+    )
+    dl.add_argument("--cache", type=Path, default=None, help="archive folder (default: downloads/)")
+    dl.set_defaults(func=cmd_download)
+
+
+def cmd_download(args: argparse.Namespace) -> dict[str, Any] | None:
+    from cw_pipeline import download
+
+    plan = download.plan_download(
+        args.name,
+        config=args.config,
+        root=args.root,
+        mirror=download.resolve_mirror(args.mirror),
+        distractor_archives=args.distractor_archives,
+        cache=args.cache,
+    )
+    if args.dry_run:
+        print("\n".join(download.describe_plan(plan)))
+        return None
+    if args.timeout <= 0:
+        raise CLIError(f"--timeout must be positive, got {args.timeout}")
+    download.run_plan(
+        plan,
+        progress=download.progress_enabled(args.quiet),
+        log=None if args.quiet else print,
+        keep_archives=args.keep_archives,
+        timeout=args.timeout,
+    )
+    return None
+
+
+def _add_query_parsers(sub: Any) -> None:
+    """``search`` and ``datasets``: read the materialized index (no Dagster instance)."""
+    se = sub.add_parser(
+        "search", help="rank a configured dataset's indexed images for a query image"
+    )
+    se.add_argument("image", type=Path, help="query image file")
+    se.add_argument("--dataset", required=True, help="a name from the datasets YAML")
+    se.add_argument(
+        "--box",
+        nargs=4,
+        type=float,
+        metavar=("X1", "Y1", "X2", "Y2"),
+        help="query region in the (upright) image's pixels",
+    )
+    se.add_argument("--top", type=int, default=10, help="results to print (default 10)")
+    se.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        help="raw | raw+pca | ofa | ona, optionally +r<R>/+qe<K> (default: ofa)",
+    )
+    se.add_argument("--qe", type=int, default=None, help="query expansion with the top K")
+    se.add_argument("--rerank", type=int, default=None, help="CAM-box re-ranking of the top R")
+    se.add_argument(
+        "--protocol",
+        choices=("crop", "paper"),
+        default=None,
+        help="how a box is applied (default: the dataset's query_protocol)",
+    )
+    se.add_argument("--sheet", type=Path, default=None, help="write a results sheet (PNG)")
+    se.add_argument("--config", type=Path, default=None, help="datasets YAML")
+    se.add_argument("--json", action="store_true", help="print one JSON object")
+    se.set_defaults(func=cmd_search)
+
+    da = sub.add_parser("datasets", help="configured datasets and the state of their index")
+    da.add_argument("--config", type=Path, default=None, help="datasets YAML")
+    da.add_argument("--json", action="store_true", help="print one JSON object")
+    da.set_defaults(func=cmd_datasets)
+
+
+def cmd_search(args: argparse.Namespace) -> dict[str, Any] | None:
+    from cw_pipeline.config import load_config
+    from cw_pipeline.query import format_results, search
+
+    method = Method.parse(args.method)
+    for name in ("qe", "rerank"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise CLIError(f"--{name} must be >= 0, got {value}")
+    method = Method(
+        method.aggregation,
+        rerank=method.rerank if args.rerank is None else args.rerank,
+        qe=method.qe if args.qe is None else args.qe,
+    )
+    if args.top < 1:
+        raise CLIError(f"--top must be >= 1, got {args.top}")
+    if args.sheet is not None and args.sheet.suffix.lower() != ".png":
+        raise CLIError(f"--sheet writes a PNG: give a file ending in .png, not {args.sheet}")
+    config = load_config(args.config)
+    result = search(
+        config,
+        args.dataset,
+        args.image,
+        box=args.box,
+        top=args.top,
+        method=method,
+        protocol=args.protocol,
+    )
+    out = result.as_dict()
+    if args.sheet is not None:
+        from cw_pipeline.figures import SheetItem, results_sheet, save_png
+
+        items = [SheetItem(h.path, h.score, caption=h.image_id) for h in result.hits]
+        title = f"{result.dataset} | {result.method} | {result.query.name}"
+        out["sheet"] = str(
+            save_png(results_sheet(result.query, result.box, items, title), args.sheet)
+        )
+    if args.json:
+        return out
+    print(format_results(result))
+    if args.sheet is not None:
+        print(f"results sheet: {out['sheet']}")
+    return None
+
+
+def cmd_datasets(args: argparse.Namespace) -> dict[str, Any] | None:
+    from cw_pipeline.catalog import format_table, list_datasets
+    from cw_pipeline.config import load_config
+
+    config = load_config(args.config)
+    statuses = list_datasets(config)
+    if args.json:
+        return {"config": str(config.source), "datasets": [s.as_dict() for s in statuses]}
+    print(format_table(statuses))
+    return None
+
+
+def _add_report_figures_parser(sub: Any) -> None:
+    rf = sub.add_parser(
+        "report-figures",
+        help="redraw the report and pictures of materialized evaluations",
+        description="Redraw data/reports/<evaluation>/ (report.md, results sheets, CAM "
+        "overlays, precision-recall curves, per-query AP) from the stored rankings.",
+    )
+    rf.add_argument("evaluation", nargs="*", help="evaluation names (default: every one)")
+    rf.add_argument("--config", type=Path, default=None, help="datasets YAML")
+    rf.add_argument(
+        "--queries", type=int, default=100, help="results sheets per evaluation (default 100)"
+    )
+    rf.add_argument("--top", type=int, default=10, help="results per sheet (default 10)")
+    rf.add_argument("--method", default=None, help="method of the sheets (default: best mAP)")
+    rf.add_argument("--cams", type=int, default=3, help="CAM overlays (0: no network needed)")
+    rf.add_argument("--json", action="store_true", help="print one JSON object")
+    rf.set_defaults(func=cmd_report_figures)
+
+
+def cmd_report_figures(args: argparse.Namespace) -> dict[str, Any] | None:
+    from cw_pipeline.config import load_config
+    from cw_pipeline.report_figures import FigureOptions, redraw
+
+    for name, low in (("queries", 0), ("top", 1), ("cams", 0)):
+        if getattr(args, name) < low:
+            raise CLIError(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    options = FigureOptions(
+        max_queries=args.queries, top=args.top, cam_samples=args.cams, method=args.method
+    )
+    config = load_config(args.config)
+    names = args.evaluation or sorted(config.evaluations)
+    done = [redraw(config, name, options) for name in names]
+    if args.json:
+        return {"evaluations": done}
+    for d in done:
+        print(
+            f"{d['evaluation']}: {d['queries']} results sheets ({d['method']}), {d['cams']} CAM "
+            f"overlays, {len(d['charts'])} charts in {d['folder']}"
+        )
     return None
 
 
@@ -311,8 +556,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         pca_dims=args.pca_dims,
         rerank=RerankConfig(n_classes=args.rerank_classes),
     )
-    progress = progress_logger(logger, "features", every_seconds=5) if args.verbose else None
-    feats = extract_features(extractor, bench.ids, bench.paths, progress)
+    with _progress(args, "features") as progress:
+        feats = extract_features(extractor, bench.ids, bench.paths, progress)
     result: dict[str, Any] = {
         "dataset": bench.name,
         "images": len(bench.ids),
@@ -397,7 +642,20 @@ def _training_features(args: argparse.Namespace, extractor: FeatureExtractor) ->
     if not found:
         raise CLIError(f"no images under --pca-from {root}")
     ids = [i for i, _ in found]
-    return extract_features(extractor, ids, [root / r for _, r in found])
+    with _progress(args, "PCA training features") as progress:
+        return extract_features(extractor, ids, [root / r for _, r in found], progress)
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress callback: a bar on a terminal (unless --quiet), else log lines with -v."""
+    if bars_enabled(args.quiet):
+        with ImageBar(label) as bar:
+            yield bar
+    elif args.verbose:
+        yield progress_logger(logger, label, every_seconds=5)
+    else:
+        yield None
 
 
 def _print_human(result: dict[str, Any]) -> None:

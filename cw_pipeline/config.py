@@ -42,12 +42,14 @@ __all__ = [
     "SELF_SPLIT",
     "ConfigError",
     "DatasetConfig",
+    "DatasetLocation",
     "EvaluationConfig",
     "ExtractionSettings",
     "MethodSpec",
     "ProjectConfig",
     "SearchSettings",
     "UnknownNameError",
+    "dataset_location",
     "default_config_path",
     "load_config",
     "project_root",
@@ -101,22 +103,33 @@ _WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
 class ConfigError(ValueError):
-    """An invalid configuration; ``str()`` names the file and the entry.
+    """An invalid configuration; ``str()`` names the file, the line and the entry, e.g.
+    ``datasets.yaml:12: dataset 'oxford5k': unknown layout 'oxfrod' (…)``.
 
-    Attributes ``source`` (file), ``entry`` (e.g. ``"dataset 'oxford5k'"``) and ``reason``
-    hold the parts.
+    Attributes ``source`` (file), ``line`` (1-based line of the offending key or entry in the
+    YAML file, when known), ``entry`` (e.g. ``"dataset 'oxford5k'"``) and ``reason`` hold the
+    parts.
     """
 
     def __init__(
-        self, reason: str, *, source: Path | str | None = None, entry: str | None = None
+        self,
+        reason: str,
+        *,
+        source: Path | str | None = None,
+        entry: str | None = None,
+        line: int | None = None,
     ) -> None:
         self.source = None if source is None else str(source)
         self.entry = entry
         self.reason = reason
-        super().__init__(": ".join(p for p in (self.source, entry, reason) if p))
+        self.line = line
+        super().__init__(str(self))
 
     def __str__(self) -> str:
-        return ": ".join(p for p in (self.source, self.entry, self.reason) if p)
+        where = self.source
+        if where is not None and self.line is not None:
+            where = f"{where}:{self.line}"
+        return ": ".join(p for p in (where, self.entry, self.reason) if p)
 
 
 class UnknownNameError(ConfigError, KeyError):
@@ -418,9 +431,45 @@ class _Loader:
         self.source = source
         self.base = source.absolute().parent
         self.warnings: list[str] = []
+        #: (entry, key or None) -> 1-based line in the YAML file, see :meth:`record_lines`.
+        self.lines: dict[tuple[str | None, str | None], int] = {}
 
-    def error(self, entry: str | None, reason: str) -> ConfigError:
-        return ConfigError(reason, source=self.source, entry=entry)
+    def error(self, entry: str | None, reason: str, key: str | None = None) -> ConfigError:
+        """A :class:`ConfigError` at ``entry`` (and its ``key``), with the line it is on."""
+        line = self.lines.get((entry, key)) if key is not None else None
+        if line is None:
+            line = self.lines.get((entry, None))
+        return ConfigError(reason, source=self.source, entry=entry, line=line)
+
+    def record_lines(self, text: str) -> None:
+        """Remember the line of every top-level key, dataset and evaluation entry, and of the
+        keys inside them, under the ``(entry, key)`` that :meth:`error` looks up."""
+        try:
+            root = yaml.compose(text, Loader=_StrictLoader)
+        except yaml.YAMLError:  # pragma: no cover - yaml.load accepted the same text
+            return
+        if not isinstance(root, yaml.MappingNode):
+            return
+
+        def keys(node: yaml.Node) -> list[tuple[str, yaml.Node, int]]:
+            if not isinstance(node, yaml.MappingNode):
+                return []
+            return [
+                (k.value, v, k.start_mark.line + 1)
+                for k, v in node.value
+                if isinstance(k, yaml.ScalarNode)
+            ]
+
+        kinds = {"datasets": "dataset", "evaluations": "evaluation"}
+        for top, value, line in keys(root):
+            self.lines[(top, None)] = line
+            for name, sub, sub_line in keys(value):
+                self.lines[(top, name)] = sub_line
+                if top in kinds:
+                    entry = f"{kinds[top]} {name!r}"
+                    self.lines[(entry, None)] = sub_line
+                    for key, _, key_line in keys(sub):
+                        self.lines[(entry, key)] = key_line
 
     def warn(self, message: str) -> None:
         text = f"{self.source}: {message}"
@@ -445,7 +494,9 @@ class _Loader:
                 close = difflib.get_close_matches(str(key), allowed, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise self.error(
-                    entry, f"unknown key {key!r}{hint} (allowed: {', '.join(allowed)})"
+                    entry,
+                    f"unknown key {key!r}{hint} (allowed: {', '.join(allowed)})",
+                    str(key),
                 )
         return value
 
@@ -453,14 +504,14 @@ class _Loader:
         if value is None and optional:
             return None
         if not isinstance(value, str) or not value.strip():
-            raise self.error(entry, f"{key} must be a non-empty string, got {value!r}")
+            raise self.error(entry, f"{key} must be a non-empty string, got {value!r}", key)
         return value
 
     def choice(self, value: Any, entry: str, key: str, allowed: Iterable[str]) -> str:
         allowed = tuple(allowed)
         if value not in allowed:
             raise self.error(
-                entry, f"unknown {key} {value!r} (expected one of {', '.join(allowed)})"
+                entry, f"unknown {key} {value!r} (expected one of {', '.join(allowed)})", key
             )
         return value
 
@@ -472,7 +523,7 @@ class _Loader:
                 return env
             if default is not None:
                 return default
-            raise self.error(entry, f"{key}: environment variable {name!r} is not set")
+            raise self.error(entry, f"{key}: environment variable {name!r} is not set", key)
 
         return os.path.expanduser(_ENV_RE.sub(replace, value))
 
@@ -486,7 +537,7 @@ class _Loader:
         if text.startswith("file://"):
             text = text[len("file://") :]
         elif _URL_RE.match(text):
-            raise self.error(entry, f"{key} must be a local path, got URL {text!r}")
+            raise self.error(entry, f"{key} must be a local path, got URL {text!r}", key)
         path = Path(text)
         return Path(os.path.normpath(path if path.is_absolute() else self.base / path))
 
@@ -618,17 +669,18 @@ class _Loader:
         if generate == "demo":
             self.check_demo(ds, entry)
             return ds, None
-        problem = None
+        problem, key = None, "images"
         if not images.is_dir():
             problem = f"image folder not found: {images}"
         elif groundtruth is not None:
+            key = "groundtruth"
             if layout in GT_FOLDER_LAYOUTS and not groundtruth.is_dir():
                 problem = f"ground-truth folder not found: {groundtruth}"
             elif layout in GT_FILE_LAYOUTS and not groundtruth.is_file():
                 problem = f"ground-truth file not found: {groundtruth}"
         if problem is not None:
             if not optional:
-                raise self.error(entry, problem)
+                raise self.error(entry, problem, key)
             return ds, problem
         return ds, None
 
@@ -699,7 +751,8 @@ class _Loader:
 
     # ---- the whole file -------------------------------------------------------------------
 
-    def load(self) -> ProjectConfig:
+    def read(self) -> Any:
+        """The parsed YAML document (not yet validated)."""
         try:
             text = self.source.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -712,7 +765,11 @@ class _Loader:
             raise self.error(None, f"invalid YAML: {exc}") from None
         if data is None:
             raise self.error(None, "the file is empty")
-        top = self.mapping(data, None, _TOP_KEYS)
+        self.record_lines(text)
+        return data
+
+    def load(self) -> ProjectConfig:
+        top = self.mapping(self.read(), None, _TOP_KEYS)
 
         warehouse = self.location(top.get("warehouse", "warehouse"), "warehouse")
         reports = self.location(top.get("reports", "reports"), "reports")
@@ -903,6 +960,47 @@ def _looks_like_path(weights: str) -> bool:
         or weights.startswith(("~", ".", "$"))
         or weights.lower().endswith(_WEIGHT_FILE_SUFFIXES)
     )
+
+
+@dataclass(frozen=True)
+class DatasetLocation:
+    """Where a dataset entry of the YAML puts its files (which need not exist yet)."""
+
+    name: str
+    layout: str
+    images: Path
+    groundtruth: Path | None
+    source: Path  #: the YAML file
+
+
+def dataset_location(name: str, path: Path | str | None = None) -> DatasetLocation | None:
+    """Layout, image folder and ground truth of dataset ``name`` as the YAML file writes them.
+
+    Only that entry is read and checked; paths are resolved as :func:`load_config` resolves
+    them (variables, ``~``, relative to the file's folder), but need not exist — this is for
+    ``cw-pipeline download``, which creates the folders :func:`load_config` requires. None when
+    the file has no such entry (e.g. it is commented out).
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, or an invalid entry.
+    """
+    source = Path(path) if path is not None else default_config_path()
+    loader = _Loader(source)
+    top = loader.mapping(loader.read(), None, None)
+    raw = loader.mapping(top.get("datasets"), "datasets", None).get(name)
+    if raw is None:
+        return None
+    entry = f"dataset {name!r}"
+    raw = loader.mapping(raw, entry, _DATASET_KEYS)
+    if "layout" not in raw:
+        raise loader.error(entry, f"missing 'layout' (one of {', '.join(LAYOUTS)})")
+    layout = loader.choice(raw["layout"], entry, "layout", LAYOUTS)
+    if "images" not in raw:
+        raise loader.error(entry, "missing 'images' (the image folder)")
+    images = loader.local_path(raw["images"], entry, "images")
+    gt = raw.get("groundtruth")
+    groundtruth = None if gt is None else loader.local_path(gt, entry, "groundtruth")
+    return DatasetLocation(name, layout, images, groundtruth, source)
 
 
 def load_config(path: Path | str | None = None) -> ProjectConfig:

@@ -16,7 +16,8 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import pyarrow as pa
 
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core import images as imgs
-from cw_pipeline.core.datasets import scan_image_folder
+from cw_pipeline.core.datasets import image_path, scan_image_folder
 from cw_pipeline.core.experiment import FeatureSet
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, ImageFeatures
 from cw_pipeline.store import FeatureStore
@@ -122,6 +123,22 @@ def scan_dataset(ds: DatasetConfig, store: FeatureStore) -> dict[str, list[FileS
     return shard_files(ds, scan_files(ds), store)
 
 
+#: Receivers of every :func:`progress_logger` report, see :func:`progress_listener`.
+_PROGRESS_LISTENERS: list[Callable[[str, int, int], None]] = []
+
+
+@contextmanager
+def progress_listener(listener: Callable[[str, int, int], None]) -> Iterator[None]:
+    """Call ``listener(label, done, total)`` on every image reported by any
+    :func:`progress_logger` of this process while the context is active (in-process Dagster
+    runs included: the CLI draws its progress bars from the assets' reports this way)."""
+    _PROGRESS_LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _PROGRESS_LISTENERS.remove(listener)
+
+
 def progress_logger(
     log: logging.Logger,
     label: str,
@@ -130,11 +147,13 @@ def progress_logger(
     every_seconds: float | None = None,
 ) -> Callable[[int, int], None]:
     """A ``progress(done, total)`` callback logging images/s and ETA, every N images or seconds
-    (and at the end)."""
+    (and at the end); every report also goes to the listeners of :func:`progress_listener`."""
     start = time.perf_counter()
     last = [start]
 
     def report(done: int, total: int) -> None:
+        for listener in tuple(_PROGRESS_LISTENERS):
+            listener(label, done, total)
         now = time.perf_counter()
         due = done == total
         if every_images is not None and done % every_images == 0:
@@ -167,6 +186,62 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
+def _stored_metadata(store: FeatureStore, rel: str, key: str) -> str | None:
+    """One key of a stored Parquet file's metadata; None when the file is absent or unreadable."""
+    if not store.exists(rel):
+        return None
+    try:
+        return store.read_metadata(rel).get(key)
+    except Exception:
+        return None
+
+
+def stored_fingerprint(store: FeatureStore, ds: DatasetConfig, shard: str) -> str | None:
+    """The stat fingerprint the shard's manifest was built from."""
+    rel = FeatureStore.shard_path("manifest", ds.name, shard)
+    return _stored_metadata(store, rel, "fingerprint")
+
+
+def stored_code_version(store: FeatureStore, ds: DatasetConfig, shard: str) -> str | None:
+    """The extraction code version the shard's stored features were computed with."""
+    rel = FeatureStore.shard_path("cam_features", ds.name, shard)
+    return _stored_metadata(store, rel, "code_version")
+
+
+def plan_shards(
+    ds: DatasetConfig,
+    store: FeatureStore,
+    existing: set[str],
+    seen: dict[str, str] | None = None,
+    seen_code_version: str | None = None,
+) -> tuple[dict[str, str], list[str], list[str], list[str]]:
+    """Compare the folder with what is indexed.
+
+    Returns (fingerprints of current shards, new shards, shards to (re)index, removed shards).
+    A shard needs indexing when its stat fingerprint differs from the one already requested
+    (``seen``, the sensor cursor) or, failing that, from the one stored with its manifest; or
+    when its stored features were computed with other extraction settings (code version) than
+    the current ones. Stored code versions are read unless ``seen_code_version`` (the sensor
+    cursor's) is the current one and the shard's fingerprint was already requested.
+    """
+    shards = scan_dataset(ds, store)
+    fps = {s: fingerprint(files) for s, files in shards.items()}
+    seen = seen or {}
+    code_version = feature_code_version(ds)
+    new = sorted(s for s in fps if s not in existing)
+
+    def needs_indexing(s: str, fp: str) -> bool:
+        if fp != (seen.get(s) or stored_fingerprint(store, ds, s)):
+            return True
+        if s in seen and seen_code_version == code_version:
+            return False  # requested under the current settings already
+        return stored_code_version(store, ds, s) != code_version
+
+    todo = sorted(s for s, fp in fps.items() if needs_indexing(s, fp))
+    removed = sorted(s for s in existing if s not in fps)
+    return fps, new, todo, removed
+
+
 def sha1_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -189,7 +264,7 @@ def build_manifest(
         if old and old["bytes"] == f.size and old["mtime_ns"] == f.mtime_ns:
             rows.append({**old, "image_id": f.image_id})
             continue
-        path = ds.images / f.relpath
+        path = image_path(ds.images, f.relpath)
         hashed += 1
         sha1, error, width, height = sha1_file(path), None, -1, -1
         try:
@@ -366,7 +441,11 @@ def _class_vectors(table: pa.Table, n_c: int, dim: int) -> np.ndarray:
 
 @dataclass
 class ShardUpdate:
-    """Result of updating one feature shard."""
+    """Result of updating one feature shard.
+
+    ``reused`` counts every row taken over by sha1; ``resumed`` the part of them that came
+    from the checkpoints of an interrupted run.
+    """
 
     table: pa.Table
     rejected: pa.Table
@@ -374,10 +453,28 @@ class ShardUpdate:
     reused: int = 0
     seconds: float = 0.0
     errors: list[tuple[str, str]] = field(default_factory=list)
+    resumed: int = 0
 
     @property
     def images_per_second(self) -> float:
         return self.forward_passes / self.seconds if self.seconds > 0 else 0.0
+
+
+_LAYOUT_CHANGED = (
+    "stored features have a different layout than new ones (N_C, K or boxes "
+    "changed): re-materialize the whole dataset"
+)
+
+
+def _stored_rows(previous: pa.Table | None, resumed: pa.Table | None) -> pa.Table | None:
+    """``previous`` then ``resumed`` rows in one table (schema metadata dropped)."""
+    parts = [t.replace_schema_metadata(None) for t in (previous, resumed) if t is not None]
+    parts = [t for t in parts if t.num_rows]
+    if not parts:
+        return None
+    if len(parts) == 2 and parts[0].schema != parts[1].schema:
+        raise ValueError(_LAYOUT_CHANGED)
+    return pa.concat_tables(parts)
 
 
 def update_features(
@@ -386,19 +483,28 @@ def update_features(
     previous: pa.Table | None,
     extractor: FeatureExtractor,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    resumed: pa.Table | None = None,
+    checkpoint: Callable[[pa.Table], None] | None = None,
 ) -> ShardUpdate:
-    """Feature rows for a manifest shard, reusing ``previous`` rows by sha1.
+    """Feature rows for a manifest shard, reusing ``previous`` and ``resumed`` rows by sha1.
 
     Only images whose sha1 has no stored row get a forward pass; rows of images no longer in the
     manifest are dropped. Unreadable images are recorded in ``rejected`` and skipped.
+
+    ``checkpoint`` receives the feature rows of every batch as soon as its forward pass is done,
+    before the next batch starts; ``resumed`` holds such rows left by an interrupted run (see
+    :class:`cw_pipeline.checkpoints.ShardCheckpoints`). Both are optional.
     """
     t0 = time.perf_counter()
+    stored = _stored_rows(previous, resumed)
+    n_previous = previous.num_rows if previous is not None else 0
     reuse: dict[str, int] = {}
-    if previous is not None and previous.num_rows:
-        for i, s in enumerate(previous.column("sha1").to_pylist()):
+    if stored is not None:
+        for i, s in enumerate(stored.column("sha1").to_pylist()):
             reuse.setdefault(s, i)
     rows = manifest.to_pylist()
-    todo = [r for r in rows if r["sha1"] not in reuse and not r["error"]]
+    todo = {r["image_id"]: r for r in rows if r["sha1"] not in reuse and not r["error"]}
     rejected = [
         {
             "image_id": r["image_id"],
@@ -409,42 +515,45 @@ def update_features(
         for r in rows
         if r["error"] and r["sha1"] not in reuse
     ]
-    new: dict[str, ImageFeatures] = {}
-    items = [(r["image_id"], ds.images / r["relpath"]) for r in todo]
-    for n, (key, rec) in enumerate(extractor.extract_files(items, on_error="yield"), 1):
-        if isinstance(rec, Exception):
-            r = next(x for x in todo if x["image_id"] == key)
-            rejected.append(
-                {"image_id": key, "relpath": r["relpath"], "sha1": r["sha1"], "reason": str(rec)}
-            )
-        else:
-            new[key] = rec
-        if progress is not None:
-            progress(n, len(items))
+    fresh: list[pa.Table] = []
+    items = [(key, image_path(ds.images, r["relpath"])) for key, r in todo.items()]
+    n = 0
+    for batch in extractor.extract_batches(items, on_error="yield"):
+        ids, shas, recs = [], [], []
+        for key, rec in batch:
+            r = todo[key]
+            if isinstance(rec, Exception):
+                reason = str(rec)
+                rejected.append(
+                    {"image_id": key, "relpath": r["relpath"], "sha1": r["sha1"], "reason": reason}
+                )
+            else:
+                ids.append(key)
+                shas.append(r["sha1"])
+                recs.append(rec)
+        if recs:
+            table = records_to_table(ids, shas, recs)
+            if checkpoint is not None:
+                checkpoint(table)
+            fresh.append(table)
+        for _ in batch:
+            n += 1
+            if progress is not None:
+                progress(n, len(items))
     parts = []
-    kept_ids, kept_sha, take = [], [], []
-    new_ids, new_sha, new_recs = [], [], []
+    kept_ids, take = [], []
     for r in rows:
         if r["sha1"] in reuse:
             take.append(reuse[r["sha1"]])
             kept_ids.append(r["image_id"])
-            kept_sha.append(r["sha1"])
-        elif r["image_id"] in new:
-            new_ids.append(r["image_id"])
-            new_sha.append(r["sha1"])
-            new_recs.append(new[r["image_id"]])
     if take:
-        old = previous.take(pa.array(take, pa.int64()))  # type: ignore[union-attr]
+        old = stored.take(pa.array(take, pa.int64()))  # type: ignore[union-attr]
         old = old.set_column(0, "image_id", pa.array(kept_ids, pa.string()))
         parts.append(old)
-    if new_recs:
-        parts.append(records_to_table(new_ids, new_sha, new_recs))
+    parts += fresh
     if parts:
-        if len(parts) == 2 and parts[0].schema != parts[1].schema:
-            raise ValueError(
-                "stored features have a different layout than new ones (N_C, K or boxes "
-                "changed): re-materialize the whole dataset"
-            )
+        if any(t.schema != parts[0].schema for t in parts[1:]):
+            raise ValueError(_LAYOUT_CHANGED)
         table = pa.concat_tables(parts).sort_by("image_id")
     else:
         e = extractor
@@ -453,8 +562,9 @@ def update_features(
     return ShardUpdate(
         table=table,
         rejected=pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA),
-        forward_passes=len(new_recs),
+        forward_passes=sum(t.num_rows for t in fresh),
         reused=len(take),
         seconds=time.perf_counter() - t0,
         errors=[(r["image_id"], r["reason"]) for r in rejected],
+        resumed=sum(1 for i in take if i >= n_previous),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,22 @@ MAP_FLOORS: dict[str, float] = {
 }
 
 
+def evaluation_image_ids(
+    config: ProjectConfig, store: FeatureStore, ev: EvaluationConfig, shards: dict[str, list[str]]
+) -> list[str]:
+    """Database image ids of an evaluation (its dataset, then each distractor shard), in the
+    order its rankings were computed over."""
+    ds = config.dataset(ev.dataset)
+    db_ids, _ = stages.read_descriptors(store, stages.descriptors_rel(ds.name, "raw"))
+    all_ids = list(db_ids)
+    for dname in ev.distractors:
+        for shard in shards.get(dname, []):
+            rel = stages.distractor_rel(ev.name, dname, "raw", shard)
+            if store.exists(rel):
+                all_ids += store.read_table(rel, ["image_id"]).column("image_id").to_pylist()
+    return all_ids
+
+
 def build_report(
     config: ProjectConfig,
     store: FeatureStore,
@@ -56,12 +73,7 @@ def build_report(
     """Scores of every method's stored rankings for one evaluation."""
     ds = config.dataset(ev.dataset)
     db_ids, _ = stages.read_descriptors(store, stages.descriptors_rel(ds.name, "raw"))
-    all_ids = list(db_ids)
-    for dname in ev.distractors:
-        for shard in shards.get(dname, []):
-            rel = stages.distractor_rel(ev.name, dname, "raw", shard)
-            if store.exists(rel):
-                all_ids += store.read_table(rel, ["image_id"]).column("image_id").to_pylist()
+    all_ids = evaluation_image_ids(config, store, ev, shards)
     gt = stages.load_groundtruth(ds, db_ids)
     paper = PAPER_MAP.get(ev.name, {})
     results, per_query = [], {}
@@ -88,8 +100,9 @@ def build_report(
     }
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """The report as a markdown table (mAP beside the paper's VGG16 numbers where they exist)."""
+def markdown(report: dict[str, Any], images: Sequence[tuple[str, str]] = ()) -> str:
+    """The report as a markdown table (mAP beside the paper's VGG16 numbers where they exist),
+    then ``images`` — (alt text, URL or relative path) pairs — under "Figures"."""
     rows = report["results"]
     has_ns = any("ns_score" in r for r in rows)
     has_rev = any("revisited" in r for r in rows)
@@ -118,14 +131,21 @@ def markdown(report: dict[str, Any]) -> str:
             cells += [f"{rev[k]:.4f}" if k in rev else "" for k in ("easy", "medium", "hard")]
         cells.append(f"{r['paper']:.3f}" if "paper" in r else "–")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    if images:
+        lines += ["", "#### Figures", ""]
+        for alt, src in images:
+            lines += [f"![{alt}]({src})", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_report(reports_root: str, report: dict[str, Any]) -> Path:
-    """Write ``<reports>/<evaluation>/report.{md,json}`` and ``per_query_ap.csv`` atomically."""
+def write_report(
+    reports_root: str, report: dict[str, Any], images: Sequence[tuple[str, str]] = ()
+) -> Path:
+    """Write ``<reports>/<evaluation>/report.{md,json}`` and ``per_query_ap.csv`` atomically;
+    ``report.md`` links ``images`` (alt text, path relative to the evaluation's folder)."""
     store = FeatureStore(reports_root)
     ev = report["evaluation"]
-    store.write_bytes(f"{ev}/report.md", markdown(report).encode())
+    store.write_bytes(f"{ev}/report.md", markdown(report, images).encode())
     store.write_json(f"{ev}/report.json", report)
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -140,4 +160,12 @@ def write_report(reports_root: str, report: dict[str, Any]) -> Path:
     return Path(store.path(ev))
 
 
-__all__ = ["MAP_FLOORS", "PAPER_MAP", "build_report", "json", "markdown", "write_report"]
+__all__ = [
+    "MAP_FLOORS",
+    "PAPER_MAP",
+    "build_report",
+    "evaluation_image_ids",
+    "json",
+    "markdown",
+    "write_report",
+]

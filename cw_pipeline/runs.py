@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import dagster as dg
 
 from cw_pipeline.config import ProjectConfig
 from cw_pipeline.defs.assets import current_shards, partitions_def
-from cw_pipeline.defs.automation import plan_shards
+from cw_pipeline.indexing import plan_shards
 from cw_pipeline.store import FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ class IndexResult:
     forward_passes: int = 0
     feature_seconds: float = 0.0  #: time inside the cam_features steps
     reused: int = 0
+    resumed: int = 0  #: of ``reused``: rows from the checkpoints of an interrupted run
     rejected: int = 0
     seconds: float = 0.0
 
@@ -42,6 +45,7 @@ class IndexResult:
             "images": self.images,
             "forward_passes": self.forward_passes,
             "reused": self.reused,
+            "resumed": self.resumed,
             "rejected": self.rejected,
             "feature_seconds": round(self.feature_seconds, 3),
             "seconds": round(self.seconds, 2),
@@ -57,14 +61,39 @@ def _assets(defs: dg.Definitions) -> list:
 CHECK_LOG: list[tuple[str, str, bool, str]] = []
 
 
+#: Threshold of the console log of the runs started here (None: Dagster's default, DEBUG).
+_CONSOLE_LEVEL: ContextVar[str | None] = ContextVar("cw_pipeline_console_level", default=None)
+
+
+@contextmanager
+def console_log_level(level: str | None) -> Iterator[None]:
+    """Runs started inside the context print their events to the console from ``level`` up
+    (e.g. ``"WARNING"`` while the CLI draws progress bars; None: Dagster's default)."""
+    token = _CONSOLE_LEVEL.set(level)
+    # refresh's automation evaluations log through Python logging, one line per asset.
+    evaluator = logging.getLogger("dagster.automation_condition_tester")
+    previous = evaluator.level
+    if level is not None:
+        evaluator.setLevel(level)
+    try:
+        yield
+    finally:
+        _CONSOLE_LEVEL.reset(token)
+        evaluator.setLevel(previous)
+
+
 def _materialize(defs, instance, keys: Iterable[dg.AssetKey], partition_key: str | None = None):
     keys = list(keys)
+    level = _CONSOLE_LEVEL.get()
     result = dg.materialize(
         _assets(defs),
         instance=instance,
         resources=defs.resources,
         selection=dg.AssetSelection.assets(*keys),
         partition_key=partition_key,
+        run_config=None
+        if level is None
+        else {"loggers": {"console": {"config": {"log_level": level}}}},
     )
     for ev in result.get_asset_check_evaluations():
         CHECK_LOG.append(
@@ -91,6 +120,13 @@ def index_dataset(
         instance.add_dynamic_partitions(parts.name, new)
     for s in removed:
         instance.delete_dynamic_partition(parts.name, s)
+    if not fps:
+        from cw_pipeline.core.datasets import DEFAULT_IMAGE_EXTENSIONS
+
+        raise ValueError(
+            f"dataset {name!r} ({config.source}) has no images under {ds.images} "
+            f"(looked for {' '.join(DEFAULT_IMAGE_EXTENSIONS)} files, hidden ones skipped)"
+        )
     if force:
         todo = sorted(fps)
     result = IndexResult(name, shards=len(fps), indexed_shards=todo)
@@ -101,6 +137,7 @@ def index_dataset(
             md = mat.metadata
             result.forward_passes += int(md["forward_passes"].value)
             result.reused += int(md["reused"].value)
+            result.resumed += int(md["resumed"].value)
             result.rejected += int(md["rejected"].value)
             result.feature_seconds += float(md["seconds"].value)
     for shard in current_shards(instance, name):

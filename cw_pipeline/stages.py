@@ -53,18 +53,48 @@ def shard_relpath(kind: str, dataset: str, shard: str) -> str:
     return FeatureStore.shard_path(kind, dataset, shard)
 
 
-def load_features(store: FeatureStore, dataset: str, shards: Sequence[str]) -> FeatureSet:
-    """All feature rows of the given shards of a dataset (missing shards are an error)."""
+def load_features(
+    store: FeatureStore,
+    dataset: str,
+    shards: Sequence[str],
+    images: Path | str | None = None,
+) -> FeatureSet:
+    """All feature rows of the given shards of a dataset (missing shards are an error).
+
+    An image id stored in two shards (a stale shard left by a changed shard plan, a copied
+    shard file) is an error naming the id and both shards: the index is never silently
+    deduplicated. ``images`` (the dataset's folder) only makes the messages more precise.
+    """
+    where = f" under {images}" if images is not None else ""
     tables = []
+    owner: dict[str, str] = {}
     for shard in shards:
         rel = shard_relpath("cam_features", dataset, shard)
         if not store.exists(rel):
             raise FileNotFoundError(f"features of {dataset} shard {shard} are not materialized")
         t = store.read_table(rel)
+        for image_id in t.column("image_id").to_pylist():
+            first = owner.setdefault(image_id, shard)
+            if first != shard:
+                raise ValueError(
+                    f"dataset {dataset!r}: image id {image_id!r} is stored in shards {first!r} "
+                    f"and {shard!r} (a stale or duplicated feature shard); re-index the dataset "
+                    f"(cw-pipeline index --dataset {dataset} --force)"
+                )
         if t.num_rows:
             tables.append(t)
     if not tables:
-        raise ValueError(f"dataset {dataset!r} has no feature rows (no readable images)")
+        if not shards:
+            raise ValueError(f"dataset {dataset!r} has no images{where} (no shards indexed)")
+        rejected = 0
+        for shard in shards:
+            rej = shard_relpath("rejected", dataset, shard)
+            if store.exists(rej):
+                rejected += store.read_table(rej, ["image_id"]).num_rows
+        raise ValueError(
+            f"dataset {dataset!r} has no feature rows: no readable images{where} "
+            f"({len(shards)} shard(s), {rejected} image(s) rejected as unreadable)"
+        )
     return table_to_featureset(pa.concat_tables(tables).sort_by("image_id"))
 
 
@@ -111,6 +141,24 @@ def group_labels(ds: DatasetConfig, ids: Sequence[str]) -> np.ndarray:
     raise ValueError(f"dataset {ds.name!r} (layout {ds.layout}) has no object groups")
 
 
+#: Fewest images a PCA training set may have: a PCA needs two vectors, and the raw space
+#: (raw+PCA) has one per image. (Fewer vectors than ``search.pca_dims`` only truncates the
+#: model, with a log line; see ``PCAWhitening.fit``.)
+MIN_PCA_TRAINING_IMAGES = 2
+
+
+def check_pca_training_size(ds: DatasetConfig, source: str, n_images: int) -> None:
+    """Refuse (ValueError naming the dataset, the training set, the count and the minimum) a
+    PCA training set too small to fit the models of :data:`PCA_SPACES`."""
+    if n_images < MIN_PCA_TRAINING_IMAGES:
+        raise ValueError(
+            f"dataset {ds.name!r}: its PCA is learned on {source}, which has {n_images} "
+            f"image(s) with features; at least {MIN_PCA_TRAINING_IMAGES} are needed (a PCA "
+            "needs two vectors and raw+PCA has one per image): add images to it, or take "
+            "the PCA from a larger dataset (pca_from)"
+        )
+
+
 def fit_pca_models(
     config: ProjectConfig, ds: DatasetConfig, train: FeatureSet
 ) -> dict[str, PCAWhitening]:
@@ -135,10 +183,12 @@ def fit_pca_models(
         halves = halves_of(ds, train.ids)
         for k in (1, 2):
             other = train.subset(halves[2 - k])
+            check_pca_training_size(ds, f"half {3 - k} of its objects (self-split)", len(other))
             meta = {**base, "training_set": f"{ds.name}-half{3 - k}"}
             for space, method in PCA_SPACES.items():
                 out[_pca_rel(ds.name, space, k)] = fit_pca(method, other, params, meta)  # type: ignore[assignment]
     else:
+        check_pca_training_size(ds, f"dataset {ds.pca_from!r}", len(train))
         meta = {**base, "training_set": ds.pca_from}
         for space, method in PCA_SPACES.items():
             out[_pca_rel(ds.name, space, None)] = fit_pca(method, train, params, meta)  # type: ignore[assignment]
@@ -248,36 +298,86 @@ def load_groundtruth(ds: DatasetConfig, image_ids: Sequence[str]) -> gtio.Ground
     raise ValueError(f"dataset {ds.name!r} (layout {ds.layout}) has no ground truth")
 
 
+def check_groundtruth_images(
+    ds: DatasetConfig, gt: gtio.GroundTruth, available: Sequence[str]
+) -> None:
+    """Fail fast (ValueError naming the ground-truth file, the count and the first ids) when
+    the ground truth names images — database, query, positive or junk — that are not files of
+    the dataset's folder."""
+    have = set(available)
+    named = set(gt.image_ids)
+    for q in gt.queries:
+        named |= {q.image_id} | q.positives | q.junk
+    missing = sorted(named - have)
+    if missing:
+        shown = ", ".join(repr(i) for i in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise ValueError(
+            f"{ds.groundtruth}: the ground truth of dataset {ds.name!r} names {len(missing)} "
+            f"image(s) that are not in {ds.images}: {shown}{more}"
+        )
+
+
+def query_box(
+    ds: DatasetConfig, query: gtio.Query, width: int, height: int
+) -> tuple[float, float, float, float] | None:
+    """A query's box clipped to its ``width``×``height`` image (None: the whole image).
+
+    A box that is not finite, has zero area or lies entirely outside the image is an error
+    naming the ground-truth file, the query, its image and the box; a box reaching past the
+    border is clipped to it.
+    """
+    box = query.bbox
+    if box is None:
+        return None
+    label = f"{ds.groundtruth}: query {query.name or query.image_id!r} (image {query.image_id!r}"
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(np.isfinite((x1, y1, x2, y2))) or x2 <= x1 or y2 <= y1:
+        raise ValueError(f"{label}): box {tuple(box)} has zero area or is inverted")
+    cx1, cy1 = max(0.0, x1), max(0.0, y1)
+    cx2, cy2 = min(float(width), x2), min(float(height), y2)
+    if cx2 <= cx1 or cy2 <= cy1:
+        raise ValueError(f"{label}, {width}x{height} px): box {tuple(box)} lies outside the image")
+    return (cx1, cy1, cx2, cy2)
+
+
 def compute_query_features(
     ds: DatasetConfig,
     manifest: pa.Table,
     extractor: FeatureExtractor,
 ) -> pa.Table:
-    """Features of a box-query dataset's queries (crop or paper protocol)."""
-    gt = load_groundtruth(ds, manifest.column("image_id").to_pylist())
-    paths = dict(
-        zip(
-            manifest.column("image_id").to_pylist(),
-            manifest.column("relpath").to_pylist(),
-            strict=True,
-        )
-    )
-    recs, ids, boxes, names = [], [], [], []
+    """Features of a box-query dataset's queries (crop or paper protocol).
+
+    The ground truth is checked against the manifest first (missing images, unreadable query
+    images, empty or outside boxes fail naming the file and query) before any forward pass.
+    """
+    ids = manifest.column("image_id").to_pylist()
+    gt = load_groundtruth(ds, ids)
+    check_groundtruth_images(ds, gt, ids)
+    rows = {
+        r["image_id"]: r
+        for r in manifest.select(["image_id", "relpath", "width", "height", "error"]).to_pylist()
+    }
+    plan = []
     for q in gt.queries:
-        if q.image_id not in paths:
-            raise FileNotFoundError(
-                f"query image {q.image_id!r} of {ds.name} is not in {ds.images}"
+        row = rows[q.image_id]
+        if row["error"]:
+            raise ValueError(
+                f"{ds.groundtruth}: query {q.name or q.image_id!r}: its image {q.image_id!r} "
+                f"cannot be read: {row['error']}"
             )
-        img = load_image(ds.images / paths[q.image_id])
-        box = q.bbox
-        if box is not None:
-            w, h = img.size
-            box = (max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3]))
-        recs.append(extractor.extract_query(img, box, ds.query_protocol))
-        ids.append(q.image_id)
+        plan.append((q, row["relpath"], query_box(ds, q, row["width"], row["height"])))
+    recs, qids, boxes, names = [], [], [], []
+    for q, relpath, box in plan:
+        try:
+            img = load_image(gtio.image_path(ds.images, relpath))
+            recs.append(extractor.extract_query(img, box, ds.query_protocol))
+        except ValueError as exc:  # ImageLoadError, or a box smaller than the network stride
+            raise ValueError(f"{ds.groundtruth}: query {q.name or q.image_id!r}: {exc}") from exc
+        qids.append(q.image_id)
         boxes.append(list(q.bbox) if q.bbox is not None else [np.nan] * 4)
         names.append(q.name or q.image_id)
-    table = records_to_table(ids, [""] * len(ids), recs)
+    table = records_to_table(qids, [""] * len(qids), recs)
     table = table.append_column("bbox", pa.array(boxes, pa.list_(pa.float32(), 4)))
     return table.append_column("query_name", pa.array(names, pa.string()))
 
@@ -493,7 +593,7 @@ def manifest_paths(
         for i, rel in zip(
             t.column("image_id").to_pylist(), t.column("relpath").to_pylist(), strict=True
         ):
-            out[i] = ds.images / rel
+            out[i] = gtio.image_path(ds.images, rel)
     return out
 
 

@@ -10,7 +10,15 @@ leave one complete file (the last rename wins):
 * local files are written to ``.<name>.<uuid>.tmp`` in the target folder, fsynced, then
   moved into place with :func:`os.replace`;
 * other filesystems (object stores, ``memory://``) get the final key in a single put, which
-  is atomic there.
+  is atomic there: an S3 object appears complete or not at all (a multipart upload, used
+  above 100 MiB, is aborted on failure and never visible). The data is built in memory first,
+  so a writer that fails leaves nothing behind, and there are no temporary keys.
+
+On S3-compatible stores (``s3://bucket/prefix``, through s3fs) endpoint and credentials come
+from the standard variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE``) or
+``storage_options``; directory listings are not cached, so files written by other processes
+are seen at once.
 
 Temporary files start with ``.`` and never end in ``.parquet``; :meth:`FeatureStore.list`
 and :meth:`FeatureStore.dataset` skip every name starting with ``.``. Parquet files are
@@ -51,6 +59,8 @@ _KIND_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _SHARD_FILE_RE = re.compile(r"shard=([^/]+)\.parquet")
 _DATASET_DIR_RE = re.compile(r"dataset=([^/]+)")
 _PARQUET = ".parquet"
+#: Object stores whose fsspec filesystems cache directory listings (turned off, see __init__).
+_LISTING_CACHE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
 
 
 class CorruptFileError(ValueError):
@@ -152,6 +162,11 @@ class FeatureStore:
     def __init__(self, root: str | os.PathLike[str], **storage_options: Any) -> None:
         self.root = os.fspath(root)
         self.storage_options = dict(storage_options)
+        if fsspec.core.split_protocol(self.root)[0] in _LISTING_CACHE_PROTOCOLS:
+            # Other processes (workers, the daemon) write under the same prefix: a cached
+            # listing would hide their files from exists() and list().
+            self.storage_options.setdefault("use_listings_cache", False)
+        storage_options = self.storage_options
         self.fs, base = fsspec.core.url_to_fs(self.root, **storage_options)
         self._base = base.rstrip("/") or "/"
         self._local = isinstance(self.fs, LocalFileSystem)

@@ -26,3 +26,12 @@ def shared_data() -> Path:
             pytrace=False,
         )
     return path.resolve()
+
+
+@pytest.fixture(scope="session")
+def cli_project(tmp_path_factory):
+    """A small project indexed through Dagster, for the ``search`` and ``datasets`` tests
+    (see :mod:`cw_pipeline_tests.cli_project`)."""
+    from cw_pipeline_tests.cli_project import build_cli_project
+
+    return build_cli_project(tmp_path_factory.mktemp("cli"))

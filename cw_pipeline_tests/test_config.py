@@ -466,7 +466,7 @@ def test_method_spec_validates_fields() -> None:
 def test_unknown_layout_message_format(tmp_path: Path) -> None:
     message = error_of(tmp_path, "datasets:\n  oxford5k:\n    layout: oxfrod\n    images: ox/jpg\n")
     assert message == (
-        f"{tmp_path / 'datasets.yaml'}: dataset 'oxford5k': unknown layout 'oxfrod' "
+        f"{tmp_path / 'datasets.yaml'}:3: dataset 'oxford5k': unknown layout 'oxfrod' "
         "(expected one of oxford, paris, gnd, revisited, ukbench, holidays, folder)"
     )
 
@@ -665,5 +665,5 @@ def test_relative_config_path_gives_absolute_paths(
     config = load_config("datasets.yaml")
     assert config.dataset("fl").images == tmp_path / "fl"
     assert config.warehouse == str(tmp_path / "warehouse")
-    with pytest.raises(ConfigError, match=r"^datasets\.yaml: dataset 'fl': unknown key"):
+    with pytest.raises(ConfigError, match=r"^datasets\.yaml:3: dataset 'fl': unknown key"):
         load_config(write(tmp_path, "datasets:\n  fl:\n    layot: folder\n").name)

@@ -24,8 +24,10 @@ __all__ = [
     "Query",
     "QueryProtocol",
     "UnsafePickleError",
+    "check_image_id",
     "check_query_protocol",
     "holidays_groundtruth",
+    "image_path",
     "load_gnd_pickle",
     "read_oxford_groundtruth",
     "scan_image_folder",
@@ -139,6 +141,42 @@ class GroundTruth:
         return out
 
 
+def check_image_id(image_id: str, source: str) -> str:
+    """Return ``image_id`` if it is a safe relative name, else raise ValueError naming it.
+
+    Image ids come from ground truth and manifests and name files under a dataset's root, so
+    an id may not be empty, absolute, contain ``.``/``..`` components, backslashes or NUL: no
+    id can point outside the dataset folder. ``source`` (file, line or entry) starts the
+    message.
+    """
+    if not isinstance(image_id, str):
+        raise ValueError(f"{source}: image ids must be strings, got {image_id!r}")
+    parts = image_id.split("/")
+    if (
+        not image_id
+        or image_id.startswith("/")
+        or "\\" in image_id
+        or "\0" in image_id
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise ValueError(
+            f"{source}: image id {image_id!r} is not a relative name inside the dataset "
+            "folder (no absolute paths, '.', '..', empty parts, backslashes or NUL)"
+        )
+    return image_id
+
+
+def image_path(root: Path | str, relpath: str) -> Path:
+    """``root / relpath`` for a relative image path read from a manifest or ground truth.
+
+    Refuses (ValueError naming both) a path that could leave ``root``: absolute, with ``.``
+    or ``..`` components, backslashes or NUL. The check is lexical; symlinks are vetted by
+    :func:`scan_image_folder`, which is where relative paths come from.
+    """
+    check_image_id(relpath, f"image folder {root}")
+    return Path(root) / relpath
+
+
 def _check_unique_ids(ids: Sequence[str], source: str) -> tuple[str, ...]:
     """Return ``ids`` as a tuple, raising ValueError on the first repeated id."""
     seen: set[str] = set()
@@ -176,7 +214,7 @@ def _read_name_list(path: Path) -> set[str]:
                 continue
             if len(tokens) != 1:
                 raise ValueError(f"{path}:{lineno}: expected one image name, got {line.strip()!r}")
-            names.add(tokens[0])
+            names.add(check_image_id(tokens[0], f"{path}:{lineno}"))
     return names
 
 
@@ -195,9 +233,13 @@ def _read_query_file(path: Path) -> tuple[str, tuple[float, float, float, float]
         raise ValueError(
             f"{path}:{lineno}: box coordinates are not numbers: {tokens[1:]!r}"
         ) from None
-    if not all(np.isfinite((x1, y1, x2, y2))) or x2 < x1 or y2 < y1:
-        raise ValueError(f"{path}:{lineno}: invalid box {(x1, y1, x2, y2)!r}")
-    return tokens[0].removeprefix(_OXFORD_QUERY_PREFIX), (x1, y1, x2, y2)
+    if not all(np.isfinite((x1, y1, x2, y2))) or x2 <= x1 or y2 <= y1:
+        raise ValueError(
+            f"{path}:{lineno}: invalid box {(x1, y1, x2, y2)!r} (zero area, inverted or "
+            "not finite; expected x1 < x2 and y1 < y2)"
+        )
+    name = tokens[0].removeprefix(_OXFORD_QUERY_PREFIX)
+    return check_image_id(name, f"{path}:{lineno}"), (x1, y1, x2, y2)
 
 
 def read_oxford_groundtruth(
@@ -320,6 +362,8 @@ def _pkl_names(data: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
     if values is None:
         raise ValueError(f"{path}: missing key {key!r} (keys: {sorted(data)})")
     values = [v.item() if isinstance(v, np.generic) else v for v in list(values)]
+    for i, value in enumerate(values):
+        check_image_id(value, f"{path} [{key}][{i}]")
     return _check_unique_ids(values, f"{path} [{key}]")
 
 
@@ -389,6 +433,11 @@ def load_gnd_pickle(path: Path | str) -> GroundTruth:
             if len(coords) != 4:
                 raise ValueError(f"{path}: gnd[{i}]['bbx'] must hold 4 numbers, got {bbx!r}")
             bbox = (coords[0], coords[1], coords[2], coords[3])
+            if not all(np.isfinite(bbox)) or bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
+                raise ValueError(
+                    f"{path}: gnd[{i}]['bbx'] of query {qname!r} is {bbox!r}: zero area, "
+                    "inverted or not finite (expected x1 < x2 and y1 < y2)"
+                )
         if revisited:
             q = Query(
                 qname, bbox, sets["easy"] | sets["hard"], sets["junk"], sets["easy"], sets["hard"]

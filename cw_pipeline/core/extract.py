@@ -200,12 +200,20 @@ class FeatureExtractor:
 
     # ------------------------------------------------------------------ preprocessing
     def prepare(self, image: Image.Image) -> tuple[Image.Image, tuple[int, int]]:
-        """Resize by the configured policy; returns the input image and the original size."""
+        """Resize by the configured policy; returns the input image and the original size.
+
+        Policy for tiny images: an input whose shorter side is below the network stride
+        (one feature-map cell) is refused, never silently upscaled — its features would be
+        one interpolated cell. The error says which resize policies would enlarge it.
+        """
         resized = imgs.resize(image, self.policy)
         if min(resized.size) < self.backbone.stride:
             raise ValueError(
                 f"image of {resized.size[0]}×{resized.size[1]} px is smaller than the network "
-                f"stride ({self.backbone.stride} px)"
+                f"stride ({self.backbone.stride} px) after resize policy "
+                f"'{self.policy.describe()}'; it is not upscaled silently (a policy that "
+                "enlarges small images, e.g. 'paper:720:1024:upscale' or 'fixed:WxH', "
+                "would index it)"
             )
         return resized, image.size
 
@@ -306,6 +314,22 @@ class FeatureExtractor:
         complete, not necessarily in input order. With ``on_error="yield"`` an unreadable file
         yields ``(key, exception)`` and the rest proceed; with ``"raise"`` it raises.
         """
+        for group in self.extract_batches(items, workers=workers, on_error=on_error):
+            yield from group
+
+    def extract_batches(
+        self,
+        items: Iterable[tuple[str, str | os.PathLike]],
+        *,
+        workers: int = 2,
+        on_error: Literal["raise", "yield"] = "raise",
+    ) -> Iterator[list[tuple[str, ImageFeatures | Exception]]]:
+        """Like :meth:`extract_files`, one list per forward pass (the records of one batch) or
+        per unreadable file (``[(key, exception)]``, with ``on_error="yield"``).
+
+        The next batch is computed only when the caller asks for it, so a caller can make each
+        batch durable (see ``cw_pipeline.checkpoints``) before any more work is done.
+        """
         items = list(items)
         pending: OrderedDict[tuple[int, int], list] = OrderedDict()
         # Bound the look-ahead so memory does not grow with the number of files.
@@ -335,14 +359,14 @@ class FeatureExtractor:
                     self.stats.errors.append((key, str(exc)))
                     if on_error == "raise":
                         raise
-                    yield key, exc
+                    yield [(key, exc)]
                     continue
                 bucket = pending.setdefault(image.size, [])
                 bucket.append((key, image, orig))
                 if len(bucket) >= self.batch_size:
-                    yield from self._flush(pending.pop(image.size))
+                    yield list(self._flush(pending.pop(image.size)))
             for bucket in pending.values():
-                yield from self._flush(bucket)
+                yield list(self._flush(bucket))
 
     def _flush(self, bucket: list) -> Iterator[tuple[str, ImageFeatures]]:
         recs = self.encode_batch([b[1] for b in bucket], [b[2] for b in bucket])

@@ -12,6 +12,7 @@ from cw_pipeline.defs.automation import (
     dataset_sensor,
     index_job,
 )
+from cw_pipeline.defs.executors import executor_from_env
 from cw_pipeline.defs.resources import PipelineResource
 
 
@@ -32,6 +33,7 @@ def build_definitions(config: ProjectConfig, warehouse: str = "") -> dg.Definiti
         jobs=jobs,
         sensors=sensors,
         schedules=schedules,
+        executor=executor_from_env(),
         resources={
             "pipeline": PipelineResource(config_path=str(config.source), warehouse=warehouse)
         },

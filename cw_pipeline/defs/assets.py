@@ -24,9 +24,11 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 
-from cw_pipeline import reports, stages
+from cw_pipeline import report_figures, reports, stages
+from cw_pipeline.checkpoints import ShardCheckpoints
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.defs.executors import cnn_op_tags
 from cw_pipeline.defs.resources import PipelineResource
 from cw_pipeline.indexing import (
     build_manifest,
@@ -54,8 +56,15 @@ def partitions_def(ds_name: str) -> dg.DynamicPartitionsDefinition:
 
 
 def eager() -> dg.AutomationCondition:
-    """Eager, but also filling partitions that were missing before automation started."""
-    return dg.AutomationCondition.eager().replace("newly_missing", dg.AutomationCondition.missing())
+    """Eager, but also filling partitions that were missing before automation started.
+
+    Every dependency must have something materialized (or requested in the same tick): a
+    dataset with no shards yet (no partitions at all) would pass ``~any_deps_missing`` and
+    start a run that has no input.
+    """
+    AC = dg.AutomationCondition
+    has_input = AC.all_deps_match(~AC.missing() | AC.will_be_requested())
+    return AC.eager().replace("newly_missing", AC.missing()) & has_input
 
 
 def on_cron_if_changed(cron: str) -> dg.AutomationCondition:
@@ -154,6 +163,7 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
         group_name=group,
         kinds={"pytorch", "parquet"},
         pool="cnn",
+        op_tags=cnn_op_tags(),  # executor hints (Dask resources, Kubernetes GPU); see executors
         code_version=code_version,
         description=(
             f"CAM features of {ds.name} per shard ({ds.extraction.backbone}, "
@@ -171,10 +181,15 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
         rel = stages.shard_relpath("cam_features", ds.name, shard)
         previous = _read_optional(store, rel, context.log)
         if previous is not None:
-            stored_version = store.read_metadata(rel).get("code_version")
+            # The version of the rows just read (not a second read: another run may have
+            # replaced the file since).
+            meta = previous.schema.metadata or {}
+            stored_version = meta.get(b"code_version", b"").decode("utf-8", "replace")
             if stored_version != code_version:
                 context.log.info("stored features are from %s: recomputing", stored_version)
                 previous = None
+        # Every batch is checkpointed; a run killed mid-shard resumes from its checkpoints.
+        checkpoints = ShardCheckpoints(store, "cam_features", ds.name, shard, code_version)
         extractor = pipeline.extractor(ds)
         update = update_features(
             ds,
@@ -182,15 +197,19 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
             previous,
             extractor,
             progress_logger(context.log, f"{ds.name}/{shard}", every_images=PROGRESS_EVERY),
+            resumed=checkpoints.load(context.log),
+            checkpoint=checkpoints.write,
         )
         store.write_table(rel, update.table, metadata={"code_version": code_version})
         store.write_table(stages.shard_relpath("rejected", ds.name, shard), update.rejected)
+        checkpoints.clear()
         finite, shaped = _features_ok(update.table, ds, extractor)
         return dg.MaterializeResult(
             metadata={
                 "rows": update.table.num_rows,
                 "forward_passes": update.forward_passes,
                 "reused": update.reused,
+                "resumed": update.resumed,
                 "rejected": update.rejected.num_rows,
                 "seconds": round(update.seconds, 3),
                 "images_per_second": round(update.images_per_second, 2),
@@ -215,6 +234,7 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
         )
 
     out = [manifest, cam_features]
+    out += [shards_readable_check(ds, manifest_key), shards_readable_check(ds, features_key)]
     if not ds.has_groundtruth:
         return out
 
@@ -266,7 +286,7 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
     def pca_model(context: dg.AssetExecutionContext, pipeline: PipelineResource):
         store = pipeline.store()
         train = stages.load_features(
-            store, paired.name, current_shards(context.instance, paired.name)
+            store, paired.name, current_shards(context.instance, paired.name), paired.images
         )
         models = stages.fit_pca_models(config, ds, train)
         for rel, model in models.items():
@@ -291,7 +311,9 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
     )
     def descriptors(context: dg.AssetExecutionContext, pipeline: PipelineResource):
         store = pipeline.store()
-        feats = stages.load_features(store, ds.name, current_shards(context.instance, ds.name))
+        feats = stages.load_features(
+            store, ds.name, current_shards(context.instance, ds.name), ds.images
+        )
         desc = stages.dataset_descriptors(config, store, ds, feats)
         dims = {}
         for agg, (ids, mat) in desc.items():
@@ -303,6 +325,56 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
 
     out += [pca_model, descriptors]
     return out
+
+
+SHARDS_READABLE = "shards_readable"
+
+
+def shards_readable_check(ds: DatasetConfig, key: dg.AssetKey) -> dg.AssetChecksDefinition:
+    """Check ``shards_readable`` of a partitioned table asset (``<ds>/manifest`` or
+    ``<ds>/cam_features``): its Parquet shards decode, page checksums included.
+
+    In a run of one shard (every materialization) it reads that shard; run on its own (the
+    UI's "Execute" on the check, or a job selecting it) it reads every shard of the dataset.
+    A truncated or damaged file fails it (ERROR) with the file named; re-materializing the
+    shard rebuilds it (a corrupt stored shard is not reused). Shards not materialized yet are
+    counted, not failed.
+    """
+    kind = key.path[-1]
+
+    @dg.asset_check(
+        asset=key,
+        name=SHARDS_READABLE,
+        description=f"Every stored {kind} shard of {ds.name} is a complete Parquet file.",
+    )
+    def shards_readable(context: dg.AssetCheckExecutionContext, pipeline: PipelineResource):
+        store = pipeline.store()
+        shard = context.run.tags.get("dagster/partition")
+        shards = [shard] if shard else current_shards(context.instance, ds.name)
+        corrupt: list[CorruptFileError] = []
+        missing = 0
+        for s in shards:
+            rel = stages.shard_relpath(kind, ds.name, s)
+            try:
+                store.read_table(rel)
+            except FileNotFoundError:
+                missing += 1
+            except CorruptFileError as exc:
+                context.log.error("%s: re-materialize shard %r to rebuild it", exc, s)
+                corrupt.append(exc)
+        return dg.AssetCheckResult(
+            passed=not corrupt,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description="; ".join(str(e) for e in corrupt) or None,
+            metadata={
+                "checked": len(shards) - missing,
+                "not_materialized": missing,
+                "corrupt": len(corrupt),
+                "corrupt_files": "\n".join(e.location for e in corrupt),
+            },
+        )
+
+    return shards_readable
 
 
 def _features_ok(table, ds: DatasetConfig, extractor: FeatureExtractor) -> tuple[bool, bool]:
@@ -391,9 +463,10 @@ def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.As
         shards = {ds.name: current_shards(context.instance, ds.name)}
         for dname in ev.distractors:
             shards[dname] = current_shards(context.instance, dname)
-        report = reports.build_report(config, store, ev, shards)
-        folder = reports.write_report(pipeline.reports_dir(), report)
-        md = reports.markdown(report)
+        report, figs, folder = report_figures.report_with_figures(
+            config, store, ev, shards, pipeline.reports_dir(), pipeline.extractor(ds)
+        )
+        md = reports.markdown(report, figs.embedded)
         results = []
         if floor is not None:
             best = report["results"][0]["map"] if report["results"] else 0.0
@@ -409,6 +482,8 @@ def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.As
         meta = {
             "report": dg.MetadataValue.md(md),
             "path": dg.MetadataValue.path(str(folder / "report.md")),
+            "figures": dg.MetadataValue.path(str(figs.folder)),
+            **figs.as_metadata(),
         }
         for r in report["results"]:
             meta[f"map/{r['method']}"] = round(r["map"], 4)

@@ -9,9 +9,7 @@ import dagster as dg
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.assets import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.indexing import feature_code_version, fingerprint, scan_dataset
-from cw_pipeline.stages import shard_relpath
-from cw_pipeline.store import FeatureStore
+from cw_pipeline.indexing import feature_code_version, plan_shards
 
 #: Cron of the daily incremental indexing (override with $CW_PIPELINE_INDEX_CRON).
 DEFAULT_INDEX_CRON = "0 2 * * *"
@@ -26,60 +24,6 @@ def index_job(ds: DatasetConfig):
         ),
         description=f"Index new or changed shards of {ds.name}.",
     )
-
-
-def _stored_metadata(store: FeatureStore, rel: str, key: str) -> str | None:
-    """One key of a stored Parquet file's metadata; None when the file is absent or unreadable."""
-    if not store.exists(rel):
-        return None
-    try:
-        return store.read_metadata(rel).get(key)
-    except Exception:
-        return None
-
-
-def stored_fingerprint(store: FeatureStore, ds: DatasetConfig, shard: str) -> str | None:
-    """The stat fingerprint the shard's manifest was built from."""
-    return _stored_metadata(store, shard_relpath("manifest", ds.name, shard), "fingerprint")
-
-
-def stored_code_version(store: FeatureStore, ds: DatasetConfig, shard: str) -> str | None:
-    """The extraction code version the shard's stored features were computed with."""
-    return _stored_metadata(store, shard_relpath("cam_features", ds.name, shard), "code_version")
-
-
-def plan_shards(
-    ds: DatasetConfig,
-    store: FeatureStore,
-    existing: set[str],
-    seen: dict[str, str] | None = None,
-    seen_code_version: str | None = None,
-) -> tuple[dict[str, str], list[str], list[str], list[str]]:
-    """Compare the folder with what is indexed.
-
-    Returns (fingerprints of current shards, new shards, shards to (re)index, removed shards).
-    A shard needs indexing when its stat fingerprint differs from the one already requested
-    (``seen``, the sensor cursor) or, failing that, from the one stored with its manifest; or
-    when its stored features were computed with other extraction settings (code version) than
-    the current ones. Stored code versions are read unless ``seen_code_version`` (the sensor
-    cursor's) is the current one and the shard's fingerprint was already requested.
-    """
-    shards = scan_dataset(ds, store)
-    fps = {s: fingerprint(files) for s, files in shards.items()}
-    seen = seen or {}
-    code_version = feature_code_version(ds)
-    new = sorted(s for s in fps if s not in existing)
-
-    def needs_indexing(s: str, fp: str) -> bool:
-        if fp != (seen.get(s) or stored_fingerprint(store, ds, s)):
-            return True
-        if s in seen and seen_code_version == code_version:
-            return False  # requested under the current settings already
-        return stored_code_version(store, ds, s) != code_version
-
-    todo = sorted(s for s, fp in fps.items() if needs_indexing(s, fp))
-    removed = sorted(s for s in existing if s not in fps)
-    return fps, new, todo, removed
 
 
 def _run_key(ds: DatasetConfig, shard: str, fp: str) -> str:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import dagster as dg
 
-from cw_pipeline.config import DatasetConfig, ProjectConfig, default_config_path, load_config
+from cw_pipeline.config import (
+    ConfigError,
+    DatasetConfig,
+    ProjectConfig,
+    _check_device,
+    default_config_path,
+    load_config,
+)
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 from cw_pipeline.indexing import extraction_config
 from cw_pipeline.store import FeatureStore
@@ -38,6 +46,22 @@ def _extractor(
     return FeatureExtractor(config, device=device, num_threads=threads, batch_size=batch_size)
 
 
+#: Torch device for this process's forward passes, overriding the datasets' ``device`` (e.g.
+#: ``cuda`` on GPU workers only, while other steps of the same run stay on CPUs).
+DEVICE_ENV = "CW_PIPELINE_DEVICE"
+
+
+def _env_device() -> str | None:
+    value = os.environ.get(DEVICE_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        _check_device(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=f"${DEVICE_ENV}") from None
+    return value
+
+
 class PipelineResource(dg.ConfigurableResource):
     """Where the project's configuration lives, and overrides for this deployment.
 
@@ -45,7 +69,8 @@ class PipelineResource(dg.ConfigurableResource):
         config_path: the datasets YAML file ("" = ``$CW_PIPELINE_CONFIG`` or
             ``data/datasets.yaml``).
         warehouse: feature-store root or URL overriding the YAML's ``warehouse``.
-        device: torch device for forward passes ("" = each dataset's ``device``).
+        device: torch device for forward passes ("" = ``$CW_PIPELINE_DEVICE`` of the process
+            running the step, else each dataset's ``device``).
         num_threads: torch CPU threads (0 = each dataset's setting / torch default).
     """
 
@@ -67,5 +92,5 @@ class PipelineResource(dg.ConfigurableResource):
         # Built from ``ds`` itself, not from the file: the caller's settings are the ones that
         # its code version (stored with the features) describes.
         threads = self.num_threads or ds.extraction.num_threads
-        device = self.device or ds.extraction.device
+        device = self.device or _env_device() or ds.extraction.device
         return _extractor(extraction_config(ds), ds.extraction.batch_size, device, threads)

@@ -124,6 +124,8 @@ def test_temp_project_definitions(fresh_project):
         assert (f"{ds}/manifest", "ids_unique_and_readable") in check_keys
         assert (f"{ds}/cam_features", "features_finite_and_shaped") in check_keys
         assert (f"{ds}/cam_features", "no_rejected_images") in check_keys
+        assert (f"{ds}/manifest", "shards_readable") in check_keys
+        assert (f"{ds}/cam_features", "shards_readable") in check_keys
     for ev_name in ("alpha", "beta", ev):
         assert (f"{ev_name}/rankings", "covers_every_query") in check_keys
 

@@ -1,0 +1,460 @@
+"""The pictures of an evaluation's report, from its stored rankings (no Dagster).
+
+:func:`write_report_figures` writes, under ``<reports>/<evaluation>/``:
+
+* ``queries/<query>.png`` — the query with its box, then its top results framed green
+  (positive), red (negative) or grey (junk), for the best method (highest mAP) or a chosen one;
+* ``cams/<image>.png`` — for a few queries, the CAM heatmap of the query's top classes on its
+  first result, with the re-ranking boxes (one per threshold of ``RerankConfig``);
+* ``pr_curves.png`` — mean interpolated precision–recall curve per method (junk ignored);
+* ``ap_per_query.png`` — per-query AP of every method.
+
+It returns the written paths and small PNG data URIs of a few of them, for markdown shown in the
+Dagster UI (:func:`cw_pipeline.reports.markdown` takes both as ``images``).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from cw_pipeline import figures, reports, stages
+from cw_pipeline.config import EvaluationConfig, ProjectConfig
+from cw_pipeline.core import datasets as gtio
+from cw_pipeline.core.cams import boxes_to_pixels, class_activation_maps, heatmap_boxes
+from cw_pipeline.core.evaluation import average_precision, precision_recall_points
+from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.core.images import ImageLoadError, load_image
+from cw_pipeline.core.search import RerankConfig
+from cw_pipeline.store import FeatureStore, encode_component
+
+__all__ = [
+    "CAM_MIN_SIDE",
+    "EMBED_BUDGET",
+    "FigureOptions",
+    "ReportFigures",
+    "data_uri",
+    "redraw",
+    "report_with_figures",
+    "write_report_figures",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Upper bound of the bytes of all data URIs returned for the UI metadata.
+EMBED_BUDGET = 900_000
+#: CAM overlays of narrower images are enlarged to this width (display only).
+CAM_MIN_SIDE = 384
+
+
+@dataclass(frozen=True)
+class FigureOptions:
+    """What :func:`write_report_figures` draws.
+
+    Attributes:
+        max_queries: results sheets for at most this many queries (in ranking order;
+            None: every query).
+        top: results per sheet.
+        cam_samples: CAM overlays, for the first queries that have a sheet (each on its
+            first result other than itself).
+        thumb: thumbnail side of the sheets, in pixels (at least 32).
+        method: the method of the sheets and CAM samples (None: the highest mAP).
+        embed_sheets: how many query sheets are embedded in the UI markdown.
+    """
+
+    max_queries: int | None = 100
+    top: int = 10
+    cam_samples: int = 3
+    thumb: int = 160
+    method: str | None = None
+    embed_sheets: int = 2
+
+    def __post_init__(self) -> None:
+        if self.top < 1:
+            raise ValueError(f"top must be >= 1, got {self.top}")
+        if self.thumb < 32:
+            raise ValueError(f"thumb must be >= 32 pixels, got {self.thumb}")
+        for name in ("cam_samples", "embed_sheets"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_queries is not None and self.max_queries < 0:
+            raise ValueError(f"max_queries must be >= 0 or None, got {self.max_queries}")
+
+
+@dataclass
+class ReportFigures:
+    """What :func:`write_report_figures` wrote (paths relative to ``folder``)."""
+
+    folder: Path
+    method: str
+    queries: list[str] = field(default_factory=list)
+    cams: list[str] = field(default_factory=list)
+    charts: list[str] = field(default_factory=list)
+    #: (alt text, ``data:image/png;base64,…``) of the images embedded in the UI markdown.
+    embedded: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[str]:
+        """Every written file, relative to ``folder``."""
+        return [*self.charts, *self.queries, *self.cams]
+
+    def links(self) -> list[tuple[str, str]]:
+        """(alt text, relative path) of the charts, the first sheets and the CAM overlays."""
+        out = [(f"cw-figure {Path(p).stem.replace('_', '-')}", p) for p in self.charts]
+        out += [(f"cw-figure query {Path(p).stem}", p) for p in self.queries[:3]]
+        out += [(f"cw-figure cam {Path(p).stem}", p) for p in self.cams]
+        return out
+
+    def as_metadata(self) -> dict[str, Any]:
+        """Counts for the materialization metadata."""
+        return {
+            "figures_method": self.method,
+            "figures_queries": len(self.queries),
+            "figures_cams": len(self.cams),
+        }
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def _image_paths(
+    config: ProjectConfig, store: FeatureStore, ev: EvaluationConfig, shards: dict[str, list[str]]
+) -> dict[str, Path]:
+    paths = stages.manifest_paths(store, config.dataset(ev.dataset), shards[ev.dataset])
+    for dname in ev.distractors:
+        paths.update(stages.manifest_paths(store, config.dataset(dname), shards.get(dname, [])))
+    return paths
+
+
+def _label(q: gtio.Query, image_id: str) -> str:
+    if image_id in q.junk:
+        return "junk"
+    return "positive" if image_id in q.positives else "negative"
+
+
+def _query_classes(
+    store: FeatureStore, ds_name: str, layout: str, shards: Sequence[str], wanted: set[str]
+) -> dict[str, np.ndarray]:
+    """Top class ids of the wanted queries (from query_features, or cam_features for datasets
+    whose queries are database images)."""
+    if layout in ("ukbench", "holidays"):
+        rels = [stages.shard_relpath("cam_features", ds_name, s) for s in shards]
+    else:
+        rels = [f"query_features/dataset={encode_component(ds_name)}/queries.parquet"]
+    out: dict[str, np.ndarray] = {}
+    for rel in rels:
+        if not store.exists(rel):
+            continue
+        t = store.read_table(rel, ["image_id", "class_ids"])
+        for i, ids in zip(
+            t.column("image_id").to_pylist(), t.column("class_ids").to_pylist(), strict=True
+        ):
+            if i in wanted:
+                out[i] = np.asarray(ids, dtype=np.int64)
+    return out
+
+
+def _safe_name(image_id: str) -> str:
+    return encode_component(image_id).replace("/", "_")
+
+
+# ------------------------------------------------------------------------------ embedding
+
+
+def data_uri(image: Image.Image, max_width: int = 720, colours: int = 128) -> str:
+    """A small ``data:image/png;base64,…`` copy of ``image``: at most ``max_width`` wide,
+    quantized to ``colours`` colours (PNG palette), for markdown metadata."""
+    small = image.convert("RGB")
+    if small.width > max_width:
+        h = max(1, round(small.height * max_width / small.width))
+        small = small.resize((max_width, h), Image.Resampling.LANCZOS)
+    small = small.quantize(colors=colours)
+    return "data:image/png;base64," + base64.b64encode(figures.png_bytes(small)).decode("ascii")
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def _cam_figure(
+    extractor: FeatureExtractor, path: Path, class_ids: np.ndarray, rerank: RerankConfig
+) -> Image.Image:
+    """The mean CAM of ``class_ids[:box_classes]`` on the image at ``path`` (one forward pass),
+    with the boxes re-ranking would score: one per threshold, labelled with it."""
+    image = load_image(path, max_pixels=extractor.config.max_pixels)
+    resized, orig = extractor.prepare(image)
+    keep = extractor.keep_maps
+    extractor.keep_maps = True
+    try:
+        rec = extractor.encode_batch([resized], [orig])[0]
+    finally:
+        extractor.keep_maps = keep
+    assert rec.maps is not None
+    x, a = rec.maps.tensors()
+    ids = torch.as_tensor(np.asarray(class_ids[: rerank.box_classes], dtype=np.int64))
+    with torch.inference_mode():
+        heat = class_activation_maps(
+            a, extractor.backbone.classifier_weight, ids, size=tuple(x.shape[-2:])
+        )
+    heat_np = heat[0].mean(0).cpu().numpy()
+    cells = heatmap_boxes(heat_np, rerank.thresholds, min_cells=rerank.min_cells)
+    # Drawn at least CAM_MIN_SIDE pixels wide so that small images stay legible.
+    scale = max(1.0, CAM_MIN_SIDE / image.width)
+    shown = image.resize((round(image.width * scale), round(image.height * scale)))
+    boxes = boxes_to_pixels(cells, rec.grid, shown.size)
+    labels = [f"{t:.0%}" for t in rerank.thresholds]
+    return figures.cam_overlay(shown, heat_np, boxes, labels)
+
+
+def _best_method(report: dict[str, Any], methods: Sequence[str]) -> str:
+    scored = [r for r in report.get("results", []) if r["method"] in methods]
+    if not scored:
+        return methods[0]
+    return max(scored, key=lambda r: (r["map"], -methods.index(r["method"])))["method"]
+
+
+def write_report_figures(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+    report: dict[str, Any],
+    reports_root: str,
+    extractor: FeatureExtractor | None = None,
+    options: FigureOptions = FigureOptions(),
+) -> ReportFigures:
+    """Draw an evaluation's figures from its stored rankings into ``<reports_root>/<ev>/``.
+
+    ``shards`` lists the current shards of the dataset and of each distractor set (as for
+    :func:`cw_pipeline.reports.build_report`, whose result ``report`` supplies the mAP and
+    per-query AP). CAM overlays need ``extractor`` (one forward pass per sample); without it
+    none are drawn. Files of earlier runs in ``queries/`` and ``cams/`` that this run did not
+    write are removed. Every file is written atomically.
+
+    Raises:
+        FileNotFoundError: the evaluation's rankings or manifests are not in the store.
+        ValueError: ``options.method`` is not one of the evaluation's methods.
+    """
+    ds = config.dataset(ev.dataset)
+    methods = [m.name for m in ev.methods]
+    if options.method is not None and options.method not in methods:
+        raise ValueError(
+            f"evaluation {ev.name} has no method {options.method!r}; it has {', '.join(methods)}"
+        )
+    method = options.method or _best_method(report, methods)
+    out_store = FeatureStore(reports_root)
+    result = ReportFigures(folder=Path(out_store.path(ev.name)), method=method)
+
+    ds_rel = stages.descriptors_rel(ds.name, "raw")
+    ds_ids = store.read_table(ds_rel, ["image_id"]).column("image_id").to_pylist()
+    db_ids = reports.evaluation_image_ids(config, store, ev, shards)
+    pos = {i: k for k, i in enumerate(db_ids)}
+    paths = _image_paths(config, store, ev, shards)
+    gt = stages.load_groundtruth(ds, ds_ids)
+    by_query = {q.image_id: q for q in gt.queries}
+    tables: dict[str, pa.Table] = {
+        m: store.read_table(stages.rankings_rel(ev.name, m)) for m in methods
+    }
+
+    def write(rel: str, image: Image.Image) -> str:
+        out_store.write_bytes(f"{ev.name}/{rel}", figures.png_bytes(image))
+        return rel
+
+    # Per method and query: PR points and AP (Oxford protocol: junk removed from the list).
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    aps: dict[str, dict[str, float]] = {}
+    for m, table in tables.items():
+        curves[m], aps[m] = {}, {}
+        stored_aps = report.get("per_query", {}).get(m) or {}
+        for qid, ranked in zip(
+            table.column("query_id").to_pylist(),
+            table.column("ranked_ids").to_pylist(),
+            strict=True,
+        ):
+            q = by_query.get(qid)
+            if q is None:
+                continue
+            ranking = np.fromiter((pos[i] for i in ranked), dtype=np.int64, count=len(ranked))
+            positives = [pos[i] for i in q.positives if i in pos]
+            junk = [pos[i] for i in q.junk if i in pos]
+            if positives:
+                curves[m][qid] = precision_recall_points(ranking, positives, junk)
+            ap = stored_aps.get(qid)
+            if ap is None:
+                ap = average_precision(ranking, positives, junk) if positives else math.nan
+            aps[m][qid] = float(ap)
+
+    maps = {r["method"]: r["map"] for r in report.get("results", [])}
+    if any(curves.values()):
+        evaluated = {m: list(c.values()) for m, c in curves.items() if c}
+        chosen = {q: a for q, a in aps[method].items() if not math.isnan(a)}
+        selected = {}
+        if chosen and method in evaluated:
+            worst = min(chosen, key=lambda q: (chosen[q], q))
+            if worst in curves[method]:
+                selected = {method: {f"hardest query {worst}": curves[method][worst]}}
+        n = max(len(c) for c in evaluated.values())
+        img = figures.pr_curves(
+            evaluated,
+            title=f"{ev.name}: precision–recall, mean over {n} queries (junk ignored)",
+            maps=maps,
+            queries=selected,
+        )
+        result.charts.append(write("pr_curves.png", img))
+        result.embedded.append(("cw-figure pr-curves", data_uri(img, 560)))
+    if any(aps.values()):
+        img = figures.ap_bars(aps, title=f"{ev.name}: average precision per query")
+        result.charts.append(write("ap_per_query.png", img))
+        result.embedded.append(("cw-figure ap-per-query", data_uri(img, 720)))
+
+    # Results sheets of the chosen method.
+    table = tables[method]
+    rows = list(
+        zip(
+            table.column("query_id").to_pylist(),
+            table.column("ranked_ids").to_pylist(),
+            table.column("scores").to_pylist(),
+            strict=True,
+        )
+    )
+    if options.max_queries is not None:
+        rows = rows[: options.max_queries]
+    sheet_rows = []
+    for qid, ranked, scores in rows:
+        q = by_query.get(qid)
+        if q is None or qid not in paths:
+            logger.warning("%s: no image for query %s, no results sheet", ev.name, qid)
+            continue
+        items = [
+            figures.SheetItem(paths.get(i, Path(i)), float(s), _label(q, i), caption=i)
+            for i, s in zip(ranked[: options.top], scores[: options.top], strict=True)
+        ]
+        ap = aps[method].get(qid, math.nan)
+        title = f"{ev.name} · {method} · query {q.name or qid}" + (
+            "" if math.isnan(ap) else f" · AP {ap:.3f}"
+        )
+        sheet = figures.results_sheet(paths[qid], q.bbox, items, title, options.thumb)
+        rel = write(f"queries/{_safe_name(qid)}.png", sheet)
+        result.queries.append(rel)
+        if len(sheet_rows) < options.embed_sheets:
+            result.embedded.append((f"cw-figure query {qid}", data_uri(sheet, 960)))
+        sheet_rows.append((qid, ranked))
+
+    # CAM overlays: the query's classes on its first result (what re-ranking boxes).
+    if extractor is not None and options.cam_samples:
+        samples = []
+        for qid, ranked in sheet_rows:
+            first = next((i for i in ranked if i != qid and i in paths), None)
+            if first is not None and first not in {s for _, s in samples}:
+                samples.append((qid, first))
+            if len(samples) == options.cam_samples:
+                break
+        classes = _query_classes(
+            store, ds.name, ds.layout, shards[ds.name], {q for q, _ in samples}
+        )
+        rerank = RerankConfig()
+        for qid, image_id in samples:
+            if qid not in classes:
+                continue
+            try:
+                overlay = _cam_figure(extractor, paths[image_id], classes[qid], rerank)
+            except (OSError, ImageLoadError, ValueError) as exc:
+                logger.warning("%s: no CAM overlay of %s: %s", ev.name, image_id, exc)
+                continue
+            text = (
+                f"{image_id}: CAM of query {qid}'s top {rerank.box_classes} classes; "
+                f"boxes at {', '.join(f'{t:.0%}' for t in rerank.thresholds)} of the max"
+            )
+            overlay = figures.with_caption(overlay, text)
+            rel = write(f"cams/{_safe_name(image_id)}.png", overlay)
+            result.cams.append(rel)
+            if len(result.cams) == 1:
+                result.embedded.append((f"cw-figure cam {image_id}", data_uri(overlay, 480)))
+
+    # Files of earlier runs that this one did not write (queries or samples that changed).
+    written = {f"{ev.name}/{p}" for p in result.files}
+    for sub in ("queries", "cams"):
+        for rel in out_store.list(f"{ev.name}/{sub}", suffix=".png"):
+            if rel not in written:
+                out_store.delete(rel)
+
+    # Keep the embedded images under budget (drop the last ones first).
+    while result.embedded and sum(len(u) for _, u in result.embedded) > EMBED_BUDGET:
+        result.embedded.pop()
+    return result
+
+
+def report_with_figures(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+    reports_root: str,
+    extractor: FeatureExtractor | None = None,
+    options: FigureOptions = FigureOptions(),
+) -> tuple[dict[str, Any], ReportFigures, Path]:
+    """Score an evaluation's stored rankings, draw its figures and write its report folder
+    (``report.md`` linking the figures); returns the report, the figures and the folder."""
+    missing = [m.name for m in ev.methods if not store.exists(stages.rankings_rel(ev.name, m.name))]
+    if missing:
+        raise FileNotFoundError(
+            f"evaluation {ev.name} has no stored rankings for {', '.join(missing)} in "
+            f"{store.url()}: materialize {ev.name}/rankings first"
+        )
+    report = reports.build_report(config, store, ev, shards)
+    figs = write_report_figures(config, store, ev, shards, report, reports_root, extractor, options)
+    folder = reports.write_report(reports_root, report, figs.links())
+    return report, figs, folder
+
+
+def redraw(
+    config: ProjectConfig,
+    evaluation: str,
+    options: FigureOptions = FigureOptions(),
+    cams: bool = True,
+) -> dict[str, Any]:
+    """Redraw an evaluation's report and figures from what is stored (no Dagster instance):
+    shards are those whose manifests are in the warehouse. ``cams=False`` skips the CAM
+    overlays (and loading the network). Returns a summary for the command line."""
+    from cw_pipeline.catalog import stored_shards
+    from cw_pipeline.indexing import extraction_config
+
+    ev = config.evaluation(evaluation)
+    store = FeatureStore(config.warehouse)
+    shards = {n: stored_shards(store, "manifest", n) for n in (ev.dataset, *ev.distractors)}
+    if not shards[ev.dataset]:
+        raise FileNotFoundError(
+            f"evaluation {ev.name}: dataset {ev.dataset} is not indexed in {store.url()} "
+            f"(run: cw-pipeline index --dataset {ev.dataset})"
+        )
+    extractor = None
+    if cams and options.cam_samples:
+        ds = config.dataset(ev.dataset)
+        e = ds.extraction
+        extractor = FeatureExtractor(
+            extraction_config(ds),
+            device=e.device,
+            num_threads=e.num_threads,
+            batch_size=e.batch_size,
+        )
+    report, figs, folder = report_with_figures(
+        config, store, ev, shards, config.reports, extractor, options
+    )
+    return {
+        "evaluation": ev.name,
+        "folder": str(folder),
+        "method": figs.method,
+        "queries": len(figs.queries),
+        "cams": len(figs.cams),
+        "charts": figs.charts,
+        "map": {r["method"]: r["map"] for r in report["results"]},
+    }

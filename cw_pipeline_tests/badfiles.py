@@ -1,0 +1,225 @@
+"""A generated corpus of bad and awkward image files (for the reliability tests).
+
+Every file is written by the functions below into a test's temporary folder; nothing is
+stored in the repository. :data:`CORPUS` lists the corpus with what the pipeline must do with
+each file: index it (``rejected is None``) or quarantine it with a reason matching
+``rejected``. Readable files are 64×48 (EXIF-rotated: 48×64 upright) so that they clear the
+network stride under ``resize: native``.
+
+Colours of the four quadrants of :func:`quadrants` (stored orientation):
+
+    red   | green
+    ------+-------
+    blue  | yellow
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SIZE = (64, 48)  #: (width, height) of the readable files
+RED, GREEN, BLUE, YELLOW = (230, 20, 20), (20, 200, 20), (20, 20, 230), (230, 230, 20)
+#: Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), which the loader enforces.
+PIL_LIMIT = 89_478_485
+
+
+def quadrants(size: tuple[int, int] = SIZE) -> Image.Image:
+    """An RGB image with a red, green, blue and yellow quadrant (see the module docstring)."""
+    w, h = size
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[: h // 2, : w // 2] = RED
+    arr[: h // 2, w // 2 :] = GREEN
+    arr[h // 2 :, : w // 2] = BLUE
+    arr[h // 2 :, w // 2 :] = YELLOW
+    return Image.fromarray(arr)
+
+
+def _parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------- unreadable
+
+
+def zero_byte(path: Path) -> Path:
+    _parent(path).write_bytes(b"")
+    return path
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A noisy JPEG cut in half: the header parses, the pixels do not decode."""
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 256, (SIZE[1], SIZE[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).save(_parent(path), "JPEG", quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def text_as_jpeg(path: Path) -> Path:
+    _parent(path).write_text("these are notes, not a photograph\n" * 20, encoding="utf-8")
+    return path
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(tag + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+
+def bomb_png(path: Path, width: int = 10_000, height: int = 10_000) -> Path:
+    """A *valid* 1-bit PNG of ``width``×``height`` black pixels, a few KB on disk.
+
+    Decoded as RGB it would take ``3·width·height`` bytes (300 MB for the default
+    100 Mpx, over Pillow's limit of 89.5 Mpx); written row by row without holding it.
+    """
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    row = b"\x00" + bytes((width + 7) // 8)  # filter byte + packed pixels
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    png = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
+    _parent(path).write_bytes(png + _png_chunk(b"IEND", b""))
+    return path
+
+
+def tiny_png(path: Path, side: int = 16) -> Path:
+    """A readable image smaller than the network stride (32 px for efficientnet_lite0)."""
+    quadrants((side, side)).save(_parent(path), "PNG")
+    return path
+
+
+# --------------------------------------------------------------------------- readable, awkward
+
+
+def png_alpha(path: Path) -> Path:
+    """RGBA: left half fully transparent (black underneath), right half opaque blue."""
+    w, h = SIZE
+    arr = np.zeros((h, w, 4), dtype=np.uint8)
+    arr[:, w // 2 :] = (*BLUE, 255)
+    Image.fromarray(arr, "RGBA").save(_parent(path), "PNG")
+    return path
+
+
+def grayscale_jpeg(path: Path) -> Path:
+    """Mode L: left half 40, right half 200."""
+    w, h = SIZE
+    arr = np.full((h, w), 40, dtype=np.uint8)
+    arr[:, w // 2 :] = 200
+    Image.fromarray(arr, "L").save(_parent(path), "JPEG", quality=95)
+    return path
+
+
+#: CMYK ink of :func:`cmyk_jpeg` and the RGB it stands for:
+#: R = 255·(1−C)·(1−K), G = 255·(1−M)·(1−K), B = 255·(1−Y)·(1−K) with K = 64/255.
+CMYK_INK, CMYK_RGB = (0, 128, 255, 64), (191, 95, 0)
+
+
+def cmyk_jpeg(path: Path) -> Path:
+    Image.new("CMYK", SIZE, CMYK_INK).save(_parent(path), "JPEG", quality=95)
+    return path
+
+
+def png_16bit(path: Path) -> Path:
+    """16-bit greyscale: left half 0, right half 65535, one column of 32768 in the middle."""
+    w, h = SIZE
+    arr = np.zeros((h, w), dtype=np.uint16)
+    arr[:, w // 2 :] = 65535
+    arr[:, w // 2] = 32768
+    Image.fromarray(arr).save(_parent(path), "PNG")
+    return path
+
+
+def exif_rotated_jpeg(path: Path, orientation: int = 6) -> Path:
+    """:func:`quadrants` stored as is, with EXIF orientation 6 (display rotated 90° clockwise:
+    upright the image is 48×64 with blue top-left, red top-right, yellow bottom-left, green
+    bottom-right)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    quadrants().save(_parent(path), "JPEG", quality=95, exif=exif)
+    return path
+
+
+def plain_jpeg(path: Path) -> Path:
+    quadrants().save(_parent(path), "JPEG", quality=90)
+    return path
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def symlink_loops(folder: Path) -> list[Path]:
+    """A link from ``folder`` back to its parent (the dataset root: a loop) and a file link to
+    itself (unresolvable)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    loop_dir = folder / "loop"
+    loop_dir.symlink_to("..", target_is_directory=True)
+    self_link = folder / "self.jpg"
+    self_link.symlink_to("self.jpg")
+    return [loop_dir, self_link]
+
+
+# --------------------------------------------------------------------------- the corpus
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """One file of the corpus: where it goes, how it is made, what the pipeline must do."""
+
+    name: str
+    relpath: str
+    make: Callable[[Path], Path]
+    rejected: str | None = None  #: regex the quarantine reason must match; None: indexed
+
+    @property
+    def image_id(self) -> str:
+        """Its id in a ``folder``-layout dataset: the relative path without extension."""
+        return self.relpath.rsplit(".", 1)[0]
+
+
+CORPUS: tuple[BadFile, ...] = (
+    BadFile("zero_byte", "corpus/empty.jpg", zero_byte, r"file is empty \(0 bytes\)"),
+    BadFile("truncated_jpeg", "corpus/truncated.jpg", truncated_jpeg, r"decoding failed"),
+    BadFile("text_as_jpeg", "corpus/notes.jpg", text_as_jpeg, r"unrecognised or unsupported"),
+    BadFile(
+        "bomb",
+        "corpus/bomb.png",
+        bomb_png,
+        rf"10000x10000 = 100000000 pixels, over the limit of {PIL_LIMIT} pixels",
+    ),
+    BadFile(
+        "bomb_hard",
+        "corpus/bomb_hard.png",
+        lambda p: bomb_png(p, 20_000, 10_000),
+        r"exceeds Pillow's hard pixel limit",
+    ),
+    BadFile(
+        "tiny",
+        "corpus/tiny.png",
+        tiny_png,
+        r"16×16 px is smaller than the network stride \(32 px\)",
+    ),
+    BadFile("png_alpha", "corpus/alpha.png", png_alpha),
+    BadFile("grayscale", "corpus/grey.jpg", grayscale_jpeg),
+    BadFile("cmyk", "corpus/cmyk.jpg", cmyk_jpeg),
+    BadFile("png_16bit", "corpus/deep.png", png_16bit),
+    BadFile("exif_rotated", "corpus/rotated.jpg", exif_rotated_jpeg),
+    BadFile("plain", "corpus/plain.jpg", plain_jpeg),
+    BadFile("unicode", "été 2024/façade 東京 n°1.jpg", plain_jpeg),
+)
+BY_NAME = {f.name: f for f in CORPUS}
+
+
+def write_corpus(root: Path, *, loops: bool = True) -> dict[str, Path]:
+    """Write every file of :data:`CORPUS` under ``root`` (and, with ``loops``, the symlink
+    loops of :func:`symlink_loops` into ``root/corpus``); returns name → path."""
+    out = {f.name: f.make(root / f.relpath) for f in CORPUS}
+    if loops:
+        symlink_loops(root / "corpus")
+    return out
