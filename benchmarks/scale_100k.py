@@ -185,20 +185,27 @@ def watch_services(env: dict, seconds: float) -> dict:
             ticks[s["name"]] = [t["endTimestamp"] - t["timestamp"] for t in done]
         out["tick_seconds"] = ticks
     finally:
-        peak = sampler.stop()
-        for p in (web, daemon):
-            try:
-                os.killpg(p.pid, 15)
-            except ProcessLookupError:
-                pass
-        for p in (web, daemon):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
+        try:
+            peak = sampler.stop()
+        finally:
+            _stop(web, daemon)
         log.close()
     out["peak_rss"] = peak
     return out
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    """TERM each process group, then KILL what is left after 30 s."""
+    for p in procs:
+        try:
+            os.killpg(p.pid, 15)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
 
 
 def main() -> None:

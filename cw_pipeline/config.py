@@ -591,6 +591,15 @@ class _Loader:
         except ValueError as exc:
             raise self.error("search", str(exc)) from None
 
+    def layout_and_images(self, raw: dict[str, Any], entry: str) -> tuple[str, Path]:
+        """A dataset entry's ``layout`` and ``images`` folder (which need not exist yet)."""
+        if "layout" not in raw:
+            raise self.error(entry, f"missing 'layout' (one of {', '.join(LAYOUTS)})")
+        layout = self.choice(raw["layout"], entry, "layout", LAYOUTS)
+        if "images" not in raw:
+            raise self.error(entry, "missing 'images' (the image folder)")
+        return layout, self.local_path(raw["images"], entry, "images")
+
     def dataset(
         self, name: Any, raw: Any, defaults: ExtractionSettings
     ) -> tuple[DatasetConfig, str | None]:
@@ -603,12 +612,7 @@ class _Loader:
                 "letter or digit",
             )
         raw = self.mapping(raw, entry, _DATASET_KEYS)
-        if "layout" not in raw:
-            raise self.error(entry, f"missing 'layout' (one of {', '.join(LAYOUTS)})")
-        layout = self.choice(raw["layout"], entry, "layout", LAYOUTS)
-        if "images" not in raw:
-            raise self.error(entry, "missing 'images' (the image folder)")
-        images = self.local_path(raw["images"], entry, "images")
+        layout, images = self.layout_and_images(raw, entry)
         optional = raw.get("optional", False)
         if not isinstance(optional, bool):
             raise self.error(entry, f"optional must be true or false, got {optional!r}")
@@ -992,12 +996,7 @@ def dataset_location(name: str, path: Path | str | None = None) -> DatasetLocati
         return None
     entry = f"dataset {name!r}"
     raw = loader.mapping(raw, entry, _DATASET_KEYS)
-    if "layout" not in raw:
-        raise loader.error(entry, f"missing 'layout' (one of {', '.join(LAYOUTS)})")
-    layout = loader.choice(raw["layout"], entry, "layout", LAYOUTS)
-    if "images" not in raw:
-        raise loader.error(entry, "missing 'images' (the image folder)")
-    images = loader.local_path(raw["images"], entry, "images")
+    layout, images = loader.layout_and_images(raw, entry)
     gt = raw.get("groundtruth")
     groundtruth = None if gt is None else loader.local_path(gt, entry, "groundtruth")
     return DatasetLocation(name, layout, images, groundtruth, source)

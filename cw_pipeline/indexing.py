@@ -439,6 +439,26 @@ def _class_vectors(table: pa.Table, n_c: int, dim: int) -> np.ndarray:
     return _column_matrix(table, "class_vectors", np.float32, (n_c, dim))
 
 
+def stored_finite(table: pa.Table) -> bool:
+    """Whether a feature shard's numbers are all finite, read without dequantising: int8 class
+    vectors are finite by construction, so their scales (or float16 vectors) and the
+    sum-pooled vectors are what is checked."""
+    vectors = (
+        "class_vector_scales" if "class_vector_scales" in table.schema.names else "class_vectors"
+    )
+    for name in (vectors, "sum_pooled"):
+        values = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        if not np.isfinite(values.astype(np.float32, copy=False)).all():
+            return False
+    return True
+
+
+def stored_class_shape(table: pa.Table) -> tuple[int, int]:
+    """(N_C, K) of a feature shard's class vectors, from its schema."""
+    n_c = table.schema.field("class_ids").type.list_size
+    return n_c, table.schema.field("class_vectors").type.list_size // n_c
+
+
 @dataclass
 class ShardUpdate:
     """Result of updating one feature shard.

@@ -289,8 +289,14 @@ class FeatureStore:
             merged.update({k.encode(): v.encode() for k, v in metadata.items()})
             table = table.replace_schema_metadata(merged)
 
+        # Dictionary encoding only for text: on the large numeric list columns (class vectors)
+        # it made writes 1.5x and reads 2.5x slower for 7 % less space (1,000-row shard).
+        text = [f.name for f in table.schema if pa.types.is_string(f.type)]
+
         def write(fh: IO[bytes]) -> None:
-            pq.write_table(table, fh, compression="zstd", write_page_checksum=True)
+            pq.write_table(
+                table, fh, compression="zstd", write_page_checksum=True, use_dictionary=text
+            )
 
         return self._write_atomic(relpath, write)
 

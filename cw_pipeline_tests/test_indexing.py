@@ -19,6 +19,8 @@ from cw_pipeline.indexing import (
     records_to_table,
     scan_files,
     shard_files,
+    stored_class_shape,
+    stored_finite,
     table_to_featureset,
 )
 from cw_pipeline.store import FeatureStore
@@ -77,6 +79,18 @@ def test_feature_table_round_trip(storage: str) -> None:
     np.testing.assert_array_equal(fs.class_ids, np.stack([r.class_ids for r in recs]))
     np.testing.assert_array_equal(fs.sum_pooled, np.stack([r.sum_pooled for r in recs]))
     np.testing.assert_array_equal(fs.boxes, np.stack([r.boxes for r in recs]))
+
+
+@pytest.mark.parametrize("storage", ["int8", "float16"])
+@pytest.mark.parametrize("bad", ["class_vectors", "sum_pooled"])
+def test_stored_finite_and_shape_without_dequantising(storage: str, bad: str) -> None:
+    rng = np.random.default_rng(1)
+    recs = [_record(rng) for _ in range(3)]
+    table = records_to_table(["a", "b", "c"], ["s1", "s2", "s3"], recs, storage=storage)
+    assert stored_finite(table) and stored_class_shape(table) == (4, 6)
+    getattr(recs[1], bad)[0] = np.nan  # a NaN class vector gives a NaN int8 scale
+    table = records_to_table(["a", "b", "c"], ["s1", "s2", "s3"], recs, storage=storage)
+    assert not stored_finite(table)
 
 
 def test_int8_rows_are_smaller_than_float16() -> None:

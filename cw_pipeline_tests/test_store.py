@@ -389,3 +389,21 @@ def test_local_writes_use_os_replace_of_a_hidden_temp(
         name = Path(src).name
         assert Path(src).parent == Path(dst).parent
         assert name.startswith(f".{Path(dst).name}.") and name.endswith(".tmp")
+
+
+def test_tables_dictionary_encode_text_columns_only(tmp_path: Path) -> None:
+    """Ids are dictionary-encoded; int8 class-vector lists are not (slower both ways)."""
+    st = FeatureStore(tmp_path)
+    table = pa.table(
+        {
+            "image_id": [f"img_{i % 3}" for i in range(50)],
+            "class_vectors": pa.array([[i % 7] * 8 for i in range(50)], pa.list_(pa.int8(), 8)),
+        }
+    )
+    st.write_table("t/x.parquet", table)
+    meta = pq.ParquetFile(tmp_path / "t" / "x.parquet").metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(2)}
+    assert any("DICTIONARY" in e for e in encodings["image_id"])
+    vectors = next(v for k, v in encodings.items() if k.startswith("class_vectors"))
+    assert not any("DICTIONARY" in e for e in vectors)
+    assert st.read_table("t/x.parquet").equals(table)

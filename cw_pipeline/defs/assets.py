@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 
 from cw_pipeline import report_figures, reports, stages
 from cw_pipeline.checkpoints import ShardCheckpoints
@@ -37,6 +36,8 @@ from cw_pipeline.indexing import (
     manifest_version,
     progress_logger,
     scan_dataset,
+    stored_class_shape,
+    stored_finite,
     update_features,
 )
 from cw_pipeline.store import CorruptFileError, FeatureStore, encode_component
@@ -380,12 +381,8 @@ def shards_readable_check(ds: DatasetConfig, key: dg.AssetKey) -> dg.AssetChecks
 def _features_ok(table, ds: DatasetConfig, extractor: FeatureExtractor) -> tuple[bool, bool]:
     if table.num_rows == 0:
         return True, True
-    from cw_pipeline.indexing import table_to_featureset
-
-    fs = table_to_featureset(table)
-    finite = bool(np.isfinite(fs.class_vectors).all() and np.isfinite(fs.sum_pooled).all())
-    shaped = fs.class_vectors.shape[1:] == (ds.extraction.n_classes, extractor.backbone.feature_dim)
-    return finite, shaped
+    expected = (ds.extraction.n_classes, extractor.backbone.feature_dim)
+    return stored_finite(table), stored_class_shape(table) == expected
 
 
 # --------------------------------------------------------------------------- per evaluation
