@@ -366,7 +366,7 @@ def cmd_download(args: argparse.Namespace) -> dict[str, Any] | None:
         raise CLIError(f"--timeout must be positive, got {args.timeout}")
     download.run_plan(
         plan,
-        progress=download.progress_enabled(args.quiet),
+        progress=bars_enabled(args.quiet),
         log=None if args.quiet else print,
         keep_archives=args.keep_archives,
         timeout=args.timeout,

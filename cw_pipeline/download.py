@@ -81,7 +81,6 @@ __all__ = [
     "describe_plan",
     "fetch",
     "plan_download",
-    "progress_enabled",
     "resolve_mirror",
     "run_plan",
     "safe_extract",
@@ -480,13 +479,6 @@ class _Interrupted(Exception):
 
 class _Restart(Exception):
     """The server cannot continue the ``.part`` (e.g. 416): start over."""
-
-
-def progress_enabled(quiet: bool, stream: IO[str] | None = None) -> bool:
-    """Progress bars only on an interactive stderr and without ``--quiet``."""
-    stream = sys.stderr if stream is None else stream
-    isatty = getattr(stream, "isatty", None)
-    return not quiet and bool(isatty and isatty())
 
 
 def _host(url: str) -> str:

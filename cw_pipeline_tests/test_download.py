@@ -697,9 +697,6 @@ def test_progress_bar_shows_rate_only_when_enabled(tmp_path: Path, server: FileS
         def isatty(self) -> bool:
             return True
 
-    assert dl.progress_enabled(False, Tty()) is True
-    assert dl.progress_enabled(True, Tty()) is False  # --quiet
-    assert dl.progress_enabled(False, io.StringIO()) is False  # not a terminal
     path = server.serve(f"{OX}/x.bin", b"z" * 5000)
     url = server.direct(path)
     stream = Tty()

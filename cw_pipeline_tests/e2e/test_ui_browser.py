@@ -164,9 +164,11 @@ def shown_as(shown: str, full: str) -> bool:
     return False
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """One headless Debian Chromium for the session."""
+    """One headless Debian Chromium for this module. Not for the session: Playwright's sync API
+    keeps an asyncio loop running in the main thread until it stops, and later tests that call
+    ``asyncio.run`` (Dagster's automation evaluation does) would fail."""
     if not CHROMIUM.exists():
         pytest.fail(
             f"Chromium not found at {CHROMIUM}: install Debian's package "
