@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from ukbench_methods import CONFIGS as UKBENCH_CONFIGS  # benchmarks/ is on sys.path
+from ukbench_methods import grid
 
 from cw_pipeline.core.demo import generate_demo
-from cw_pipeline.core.experiment import Method, SearchParams
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 from cw_pipeline.core.runner import (
     evaluate_methods,
@@ -64,29 +64,22 @@ def main() -> None:
         print()
         print("| method | N_C | N_pca | dims | mAP demo-a | mAP demo-b | mean | seconds |")
         print("|---|---|---|---|---|---|---|---|")
-        for name, n_c, n_pca, dims in CONFIGS:
-            if only and name not in only:
-                continue
-            method = Method.parse(name)
-            params = SearchParams(n_classes=n_c, n_pca=n_pca, pca_dims=dims)
+        for row in grid(CONFIGS, only):
             t = time.perf_counter()
             maps = []
             for half, other in zip(HALVES, reversed(HALVES), strict=True):
                 (score,) = evaluate_methods(
-                    [method],
+                    [row.method],
                     db[half],
                     queries[half],
                     db[other],
-                    params,
+                    row.params,
                     fe,
                     groundtruth=benches[half].groundtruth,
                 )
                 maps.append(score.map)
-            cam = method.aggregation in ("ofa", "ona")
             print(
-                f"| {name} | {n_c if cam else '–'} | "
-                f"{n_pca if method.uses_pca and cam else '–'} | {dims or 'all'} | "
-                f"{maps[0]:.4f} | {maps[1]:.4f} | {np.mean(maps):.4f} | "
+                f"{row.cells()} | {maps[0]:.4f} | {maps[1]:.4f} | {np.mean(maps):.4f} | "
                 f"{time.perf_counter() - t:.1f} |",
                 flush=True,
             )

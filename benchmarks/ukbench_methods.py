@@ -12,6 +12,7 @@ import argparse
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,31 @@ CONFIGS = [
     ("ofa+r10", 64, 8, None),
     ("ofa+r10+qe2", 64, 8, None),
 ]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration of the method grid."""
+
+    name: str
+    method: Method
+    params: SearchParams
+
+    def cells(self) -> str:
+        """The table's first cells: method | N_C | N_pca | dims (– where a setting is unused)."""
+        cam = self.method.aggregation in ("ofa", "ona")
+        n_pca = self.params.n_pca if self.method.uses_pca and cam else "–"
+        n_c = self.params.n_classes if cam else "–"
+        return f"| {self.name} | {n_c} | {n_pca} | {self.params.pca_dims or 'all'}"
+
+
+def grid(configs: list[tuple], only: set[str]) -> list[Row]:
+    """The configurations to run (all, or those whose method name is in ``only``)."""
+    return [
+        Row(name, Method.parse(name), SearchParams(n_classes=n_c, n_pca=n_pca, pca_dims=dims))
+        for name, n_c, n_pca, dims in configs
+        if not only or name in only
+    ]
 
 
 def main() -> None:
@@ -73,26 +99,17 @@ def main() -> None:
     print()
     print("| method | N_C | N_pca | dims | N-S | mAP | seconds |")
     print("|---|---|---|---|---|---|---|")
-    for name, n_c, n_pca, dims in CONFIGS:
-        if only and name not in only:
-            continue
-        method = Method.parse(name)
-        params = SearchParams(n_classes=n_c, n_pca=n_pca, pca_dims=dims)
+    for row in grid(CONFIGS, only):
         t = time.perf_counter()
         scores = []
         for h in (0, 1):
             db, train = fs.subset(halves[h]), fs.subset(halves[1 - h])
-            pca = fit_pca(method, train, params)
-            res = run_search(method, db, db, pca, params, classifier=clf)
+            pca = fit_pca(row.method, train, row.params)
+            res = run_search(row.method, db, db, pca, row.params, classifier=clf)
             lab = labels[halves[h]]
             scores.append((ukbench_ns_score(res.rankings, lab), ukbench_map(res.rankings, lab)))
         ns, mp = np.mean(scores, axis=0)
-        cam = method.aggregation in ("ofa", "ona")
-        print(
-            f"| {name} | {n_c if cam else '–'} | {n_pca if method.uses_pca and cam else '–'} | "
-            f"{dims or 'all'} | {ns:.3f} | {mp:.4f} | {time.perf_counter() - t:.1f} |",
-            flush=True,
-        )
+        print(f"{row.cells()} | {ns:.3f} | {mp:.4f} | {time.perf_counter() - t:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,17 @@ def extraction_config(ds: DatasetConfig) -> ExtractionConfig:
     )
 
 
+def dataset_extractor(ds: DatasetConfig) -> FeatureExtractor:
+    """A feature extractor with all of the dataset's settings (device, threads, batch size).
+
+    Outside Dagster runs; inside them ``PipelineResource.extractor`` adds the deployment's
+    overrides and shares one network per settings."""
+    e = ds.extraction
+    return FeatureExtractor(
+        extraction_config(ds), device=e.device, num_threads=e.num_threads, batch_size=e.batch_size
+    )
+
+
 def scan_files(ds: DatasetConfig) -> list[FileStat]:
     """All images of a dataset with size and mtime (sorted by relative path)."""
     flat = ds.layout in FLAT_ID_LAYOUTS

@@ -45,7 +45,6 @@ __all__ = [
     "format_results",
     "load_index",
     "load_query_image",
-    "make_extractor",
     "search",
 ]
 
@@ -316,19 +315,6 @@ def _folder_index(
 # --------------------------------------------------------------------------- search
 
 
-def make_extractor(ds: DatasetConfig) -> FeatureExtractor:
-    """A feature extractor with the dataset's extraction settings."""
-    from cw_pipeline.indexing import extraction_config
-
-    e = ds.extraction
-    return FeatureExtractor(
-        extraction_config(ds),
-        device=e.device,
-        num_threads=e.num_threads,
-        batch_size=e.batch_size,
-    )
-
-
 def search(
     config: ProjectConfig,
     dataset: str,
@@ -361,7 +347,10 @@ def search(
     qbox = None if box is None else check_box(box, query.size, image)
     store = store or FeatureStore(config.warehouse)
     index = load_index(config, store, ds.name, method)
-    extractor = extractor or make_extractor(ds)
+    if extractor is None:
+        from cw_pipeline.indexing import dataset_extractor
+
+        extractor = dataset_extractor(ds)
     record = extractor.extract_query(query, qbox, protocol)  # type: ignore[arg-type]
     qfs = FeatureSet.from_records([image.stem], [record])
     params = search_params(config)

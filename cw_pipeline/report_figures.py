@@ -426,7 +426,7 @@ def redraw(
     shards are those whose manifests are in the warehouse. ``cams=False`` skips the CAM
     overlays (and loading the network). Returns a summary for the command line."""
     from cw_pipeline.catalog import stored_shards
-    from cw_pipeline.indexing import extraction_config
+    from cw_pipeline.indexing import dataset_extractor
 
     ev = config.evaluation(evaluation)
     store = FeatureStore(config.warehouse)
@@ -436,16 +436,8 @@ def redraw(
             f"evaluation {ev.name}: dataset {ev.dataset} is not indexed in {store.url()} "
             f"(run: cw-pipeline index --dataset {ev.dataset})"
         )
-    extractor = None
-    if cams and options.cam_samples:
-        ds = config.dataset(ev.dataset)
-        e = ds.extraction
-        extractor = FeatureExtractor(
-            extraction_config(ds),
-            device=e.device,
-            num_threads=e.num_threads,
-            batch_size=e.batch_size,
-        )
+    use_cnn = cams and options.cam_samples
+    extractor = dataset_extractor(config.dataset(ev.dataset)) if use_cnn else None
     report, figs, folder = report_with_figures(
         config, store, ev, shards, config.reports, extractor, options
     )

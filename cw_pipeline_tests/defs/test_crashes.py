@@ -281,6 +281,19 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def truncate_shard(project, dataset: str, kind: str, shard: str) -> str:
+    """Cut a stored shard file in half; returns its location (as checks and errors name it)."""
+    location = project.store.url(project.store.shard_path(kind, dataset, shard))
+    truncate(Path(location))
+    return location
+
+
+def assert_names_corrupt(check, location: str) -> None:
+    """The shards_readable check failed as an ERROR naming the damaged file."""
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+    assert location in check.description
+
+
 def test_corrupt_feature_shard_fails_its_check_and_is_rebuilt(fresh_project) -> None:
     project = fresh_project
     for name in ("alpha", "beta"):
@@ -288,13 +301,9 @@ def test_corrupt_feature_shard_fails_its_check_and_is_rebuilt(fresh_project) -> 
     assert materialize(project, ["alpha/pca_model", "alpha/descriptors"]).success
     assert check_alone(project, "alpha/cam_features").passed
 
-    rel = project.store.shard_path("cam_features", "alpha", "part2")
-    location = project.store.url(rel)
-    truncate(Path(location))
-
+    location = truncate_shard(project, "alpha", "cam_features", "part2")
     check = check_alone(project, "alpha/cam_features")
-    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
-    assert location in check.description
+    assert_names_corrupt(check, location)
     assert check.metadata["corrupt_files"].value == location
     assert check.metadata["checked"].value == 3 and check.metadata["corrupt"].value == 1
 
@@ -322,19 +331,17 @@ def test_corrupt_feature_shard_fails_its_check_and_is_rebuilt(fresh_project) -> 
 def test_corrupt_manifest_shard_is_named_and_rebuilt(fresh_project) -> None:
     project = fresh_project
     project.index("delta")
-    rel = project.store.shard_path("manifest", "delta", "misc1")
-    location = project.store.url(rel)
-    truncate(Path(location))
-
-    check = check_alone(project, "delta/manifest")
-    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
-    assert location in check.description
+    location = truncate_shard(project, "delta", "manifest", "misc1")
+    assert_names_corrupt(check_alone(project, "delta/manifest"), location)
     failed = materialize_failure(project, ["delta/cam_features"], "misc1")
     assert CorruptShardError.__name__ in failed and location in failed
 
     assert materialize(project, ["delta/manifest", "delta/cam_features"], "misc1").success
     assert check_alone(project, "delta/manifest").passed
-    assert project.store.read_table(rel).num_rows == 3
+    assert (
+        project.store.read_table(project.store.shard_path("manifest", "delta", "misc1")).num_rows
+        == 3
+    )
 
 
 def materialize_failure(project: Project, keys: list[str], partition: str | None = None) -> str:
