@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--config", type=Path, default=None, help="datasets YAML")
     dm.add_argument("--no-ui", action="store_true", help="print the report and exit")
     dm.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="rebuild demo folders that differ from the generator's output (refused when a "
+        "folder holds files the generator did not write); by default an existing demo folder "
+        "is the user's data and is never modified",
+    )
+    dm.add_argument(
         "--host",
         default=DEFAULT_UI_HOST,
         help="address the UI binds to (default: 127.0.0.1, loopback only; the UI has no "
@@ -174,13 +181,18 @@ def _pipeline(config_path: Path | None):
     return config, build_definitions(config)
 
 
-def _generate(config) -> list[str]:
+def _generate(config, regenerate: bool = False) -> list[str]:
+    """Generate the demo folders that do not exist yet (or, with ``regenerate``, rebuild
+    those that hold only generated files); never touches anything else."""
     from cw_pipeline.core.demo import generate_demo
 
     roots = {ds.generate_root for ds in config.datasets.values() if ds.generate == "demo"}
     made = []
     for root in sorted(r for r in roots if r is not None):
-        info = generate_demo(root)
+        try:
+            info = generate_demo(root, regenerate=regenerate)
+        except FileExistsError as exc:
+            raise CLIError(str(exc)) from exc
         made += list(info.generated)
     return made
 
@@ -255,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     home = _dagster_home()
     config, defs = _pipeline(args.config)
     t0 = time.perf_counter()
-    _generate(config)
+    _generate(config, regenerate=args.regenerate)
     store = FeatureStore(config.warehouse)
     indexed = {}
     with dg.DagsterInstance.get() as instance:

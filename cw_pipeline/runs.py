@@ -18,6 +18,8 @@ import dagster as dg
 
 from cw_pipeline.config import ProjectConfig
 from cw_pipeline.defs.assets import current_shards, partitions_def
+from cw_pipeline.defs.automation import active_index_shards, index_run_tags
+from cw_pipeline.defs.versions import is_stale
 from cw_pipeline.indexing import plan_shards
 from cw_pipeline.store import FeatureStore
 
@@ -82,7 +84,13 @@ def console_log_level(level: str | None) -> Iterator[None]:
         evaluator.setLevel(previous)
 
 
-def _materialize(defs, instance, keys: Iterable[dg.AssetKey], partition_key: str | None = None):
+def _materialize(
+    defs,
+    instance,
+    keys: Iterable[dg.AssetKey],
+    partition_key: str | None = None,
+    tags: dict[str, str] | None = None,
+):
     keys = list(keys)
     level = _CONSOLE_LEVEL.get()
     result = dg.materialize(
@@ -91,6 +99,7 @@ def _materialize(defs, instance, keys: Iterable[dg.AssetKey], partition_key: str
         resources=defs.resources,
         selection=dg.AssetSelection.assets(*keys),
         partition_key=partition_key,
+        tags=tags,
         run_config=None
         if level is None
         else {"loggers": {"console": {"config": {"log_level": level}}}},
@@ -109,8 +118,14 @@ def index_dataset(
     name: str,
     store: FeatureStore,
     force: bool = False,
+    wait_seconds: float = 3600.0,
 ) -> IndexResult:
-    """Index new or changed shards of one dataset (manifest + features)."""
+    """Index new or changed shards of one dataset (manifest + features).
+
+    A shard that another run is indexing (the daemon's sensor, a UI materialization, another
+    command) is never indexed twice at once: this waits for that run (up to
+    ``wait_seconds``, saying so in the log), then indexes the shard only if it still differs.
+    """
     t0 = time.perf_counter()
     ds = config.dataset(name)
     parts = partitions_def(name)
@@ -129,10 +144,18 @@ def index_dataset(
         )
     if force:
         todo = sorted(fps)
-    result = IndexResult(name, shards=len(fps), indexed_shards=todo)
+    result = IndexResult(name, shards=len(fps), indexed_shards=[])
     keys = [dg.AssetKey([name, "manifest"]), dg.AssetKey([name, "cam_features"])]
     for shard in todo:
-        run = _materialize(defs, instance, keys, partition_key=shard)
+        if not force and _wait_for_other_runs(instance, ds.name, shard, wait_seconds):
+            # Another run (the daemon's sensor, the UI, another command) indexed it meanwhile:
+            # index it only if what it left still differs from the files.
+            if shard not in plan_shards(ds, store, set(fps))[2]:
+                continue
+        result.indexed_shards.append(shard)
+        run = _materialize(
+            defs, instance, keys, partition_key=shard, tags=index_run_tags(name, shard)
+        )
         for mat in run.asset_materializations_for_node(f"{_op(name)}__cam_features"):
             md = mat.metadata
             result.forward_passes += int(md["forward_passes"].value)
@@ -148,6 +171,30 @@ def index_dataset(
     return result
 
 
+def _wait_for_other_runs(
+    instance: dg.DagsterInstance, dataset: str, shard: str, wait_seconds: float
+) -> bool:
+    """Wait while a queued or running run indexes ``shard``; True if one did."""
+    waited = False
+    deadline = time.monotonic() + wait_seconds
+    while shard in active_index_shards(instance, dataset):
+        if not waited:
+            logger.warning(
+                "%s: shard %r is being indexed by another run (daemon, UI or command): waiting "
+                "for it to finish",
+                dataset,
+                shard,
+            )
+            waited = True
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{dataset}: shard {shard!r} is still being indexed by another run after "
+                f"{wait_seconds:.0f} s; see the Runs page of the Dagster UI"
+            )
+        time.sleep(1.0)
+    return waited
+
+
 def _op(name: str) -> str:
     return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
 
@@ -160,12 +207,13 @@ def refresh(
 ) -> list[str]:
     """Execute what declarative automation requests, round after round, until it is quiet.
 
-    With ``include_cron`` every asset still missing afterwards is materialized too (cron-gated
-    evaluations would otherwise wait for their tick). Returns the asset keys materialized.
+    With ``include_cron`` every asset still missing or stale afterwards is materialized too
+    (cron-gated evaluations would otherwise wait for their tick). Returns the asset keys
+    materialized.
 
-    Like the automation sensor, ``refresh`` keeps its cursor (in the instance) from call to
-    call: "a dependency was updated" means updated since the previous evaluation, and the
-    first evaluation with a new cursor requests nothing by design.
+    The conditions compare data versions (:mod:`cw_pipeline.defs.versions`), so ``refresh``
+    and the daemon's automation sensor agree on what is stale: what one refreshed, the other
+    finds current. ``refresh`` keeps its own cursor (in the instance) only for the cron ticks.
     """
     done = _automation_rounds(defs, instance, max_rounds)
     if include_cron:
@@ -229,22 +277,25 @@ def _save_refresh_cursor(instance: dg.DagsterInstance, cursor) -> None:
 
 
 def materialize_missing(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
-    """Materialize every asset (and partition) that has never been materialized, in order."""
+    """Materialize, level by level, every asset (and partition) never materialized or whose
+    inputs' data changed since it was (e.g. cron-gated ones, ahead of their tick)."""
     graph = defs.resolve_asset_graph()
     done = []
     for level in graph.toposorted_asset_keys_by_level:
         for key in level:
             node = graph.get(key)
             pdef = node.partitions_def
+            condition = node.automation_condition
             if pdef is None:
-                if instance.get_latest_materialization_event(key) is None:
+                never = instance.get_latest_materialization_event(key) is None
+                if never or is_stale(instance, key, condition):
                     _materialize(defs, instance, [key])
                     done.append(key.to_user_string())
                 continue
             keys = pdef.get_partition_keys(dynamic_partitions_store=instance)
             have = instance.get_materialized_partitions(key)
             for pk in keys:
-                if pk not in have:
+                if pk not in have or is_stale(instance, key, condition, pk):
                     _materialize(defs, instance, [key], partition_key=pk)
                     done.append(f"{key.to_user_string()}[{pk}]")
     return done

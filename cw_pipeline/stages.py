@@ -635,6 +635,12 @@ def evaluation_rankings(
         paths = manifest_paths(store, ds, shards[ds.name])
         for dname in ev.distractors:
             paths.update(manifest_paths(store, config.dataset(dname), shards[dname]))
+        unknown = [i for i in db_ids if i not in paths]
+        if unknown:
+            raise ValueError(
+                f"evaluation {ev.name}: {len(unknown)} described image(s) are not in the current "
+                f"manifests (first: {unknown[0]!r}): the descriptors are out of date"
+            )
         maps = MapProvider(extractor, [paths[i] for i in db_ids])
 
     # Query groups: (query ids, query FeatureSet, query descriptors, db rows, PCA models).
@@ -717,3 +723,152 @@ class _SubsetMaps:
     @property
     def forward_passes(self) -> int:
         return self._maps.forward_passes
+
+
+# --------------------------------------------------------------------------- data versions
+
+
+def table_version(tables: dict[str, pa.Table]) -> str:
+    """Content hash of named Arrow tables (Arrow IPC bytes: equal data, equal hash)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name in sorted(tables):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, tables[name].schema.remove_metadata()) as writer:
+            writer.write_table(tables[name].replace_schema_metadata(None))
+        h.update(name.encode() + b"\0")
+        h.update(hashlib.sha1(sink.getvalue().to_pybytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def array_version(arrays: dict[str, np.ndarray], ids: Sequence[str] = ()) -> str:
+    """Content hash of named arrays (dtype, shape, bytes) and an id list."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    for i in ids:
+        h.update(f"{i}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _groundtruth_bytes(ds: DatasetConfig) -> bytes:
+    """The ground truth's files, concatenated with their names (for its version)."""
+    root = Path(str(ds.groundtruth))
+    if root.is_file():
+        return root.read_bytes()
+    out = []
+    for p in sorted(root.rglob("*")) if root.is_dir() else []:
+        if p.is_file():
+            out.append(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    return b"\n".join(out)
+
+
+def query_input_version(
+    store: FeatureStore, ds: DatasetConfig, shards: Sequence[str], code_version: str
+) -> str | None:
+    """What ``<ds>/query_features`` depends on: the ground truth's files, the sha1 of each
+    query's image, the extraction settings and the query protocol — not the other images, so
+    adding or changing a non-query image leaves the query features as they are.
+
+    None while a manifest shard is missing. A ground truth that cannot be read still gets a
+    version (with its error), so the asset runs and fails with that error.
+    """
+    import hashlib
+
+    rows: dict[str, str] = {}
+    for shard in shards:
+        rel = shard_relpath("manifest", ds.name, shard)
+        if not store.exists(rel):
+            return None
+        t = store.read_table(rel, ["image_id", "sha1"])
+        rows.update(
+            zip(t.column("image_id").to_pylist(), t.column("sha1").to_pylist(), strict=True)
+        )
+    h = hashlib.sha1(f"{code_version}\0{ds.query_protocol}\0".encode())
+    h.update(hashlib.sha1(_groundtruth_bytes(ds)).digest())
+    try:
+        gt = load_groundtruth(ds, sorted(rows))
+        for q in gt.queries:
+            h.update(f"{q.image_id}\0{rows.get(q.image_id, 'missing')}\n".encode())
+    except (OSError, ValueError) as exc:
+        h.update(f"error\0{exc}".encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- consistency
+
+
+def _stored_ids(store: FeatureStore, rel: str) -> list[str]:
+    return store.read_table(rel, ["image_id"]).column("image_id").to_pylist()
+
+
+def evaluation_input_problems(
+    config: ProjectConfig, store: FeatureStore, ev: EvaluationConfig, shards: dict[str, list[str]]
+) -> list[str]:
+    """Why the stored inputs of ``<ev>/rankings`` do not describe one state of the data.
+
+    The descriptors must hold exactly the images whose features are stored now (the current
+    manifest's readable images), each distractor shard's descriptors exactly that shard's
+    features, every query must be a database image with stored features, and the ground
+    truth must name only images of the database. An empty list: consistent.
+    """
+    ds = config.dataset(ev.dataset)
+    problems: list[str] = []
+    features: set[str] = set()
+    manifest: set[str] = set()
+    for s in shards[ds.name]:
+        rel = shard_relpath("cam_features", ds.name, s)
+        if not store.exists(rel):
+            problems.append(f"features of {ds.name} shard {s!r} are not materialized")
+            continue
+        features.update(_stored_ids(store, rel))
+        manifest.update(_stored_ids(store, shard_relpath("manifest", ds.name, s)))
+    for agg in OFFLINE_AGGREGATIONS:
+        rel = descriptors_rel(ds.name, agg)
+        if not store.exists(rel):
+            problems.append(f"{ds.name} {agg} descriptors are not materialized")
+            continue
+        have = set(_stored_ids(store, rel))
+        if have != features:
+            problems.append(
+                f"{ds.name} {agg} descriptors hold {len(have)} images, the stored features "
+                f"{len(features)} ({len(features - have)} not described, {len(have - features)} "
+                "no longer indexed): the descriptors are out of date"
+            )
+    database = set(features)
+    for dname in ev.distractors:
+        for s in shards[dname]:
+            frel = shard_relpath("cam_features", dname, s)
+            if not store.exists(frel):
+                problems.append(f"features of {dname} shard {s!r} are not materialized")
+                continue
+            fids = set(_stored_ids(store, frel))
+            database |= fids
+            drel = distractor_rel(ev.name, dname, "ofa", s)
+            dids = set(_stored_ids(store, drel)) if store.exists(drel) else set()
+            if dids != fids:
+                problems.append(
+                    f"{ev.name}: {dname} shard {s!r} has {len(fids)} images with features but "
+                    f"{len(dids)} descriptors: its distractor descriptors are out of date"
+                )
+    if ds.layout not in ("ukbench", "holidays"):
+        rel = f"query_features/dataset={encode_component(ds.name)}/queries.parquet"
+        if not store.exists(rel):
+            problems.append(f"{ds.name} query features are not materialized")
+        else:
+            missing = sorted(set(_stored_ids(store, rel)) - manifest)
+            if missing:
+                problems.append(
+                    f"{ds.name}: query image(s) {', '.join(map(repr, missing[:5]))} are no "
+                    "longer in the manifest: the query features are out of date"
+                )
+        try:
+            check_groundtruth_images(ds, load_groundtruth(ds, sorted(manifest)), sorted(manifest))
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems

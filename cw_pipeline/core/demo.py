@@ -633,19 +633,65 @@ def _is_complete(folder: Path, params: dict[str, Any]) -> bool:
     return True
 
 
+def _foreign_files(folder: Path) -> list[str]:
+    """Files under ``folder`` that this generator did not write (or that changed since).
+
+    A file is the generator's when the folder's manifest lists it with the same sha1; the
+    manifest itself counts as the generator's. Without a generator manifest every file is
+    foreign.
+    """
+    manifest = _read_manifest(folder)
+    listed: dict[str, Any] = {}
+    if manifest is not None and manifest.get("generator") == _GENERATOR:
+        files = manifest.get("files")
+        listed = files if isinstance(files, dict) else {}
+    foreign = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        rel = path.relative_to(folder).as_posix()
+        if rel == _MANIFEST and listed:
+            continue
+        entry = listed.get(rel)
+        if not isinstance(entry, dict) or path.is_symlink() or not path.is_file():
+            foreign.append(rel)
+        elif hashlib.sha1(path.read_bytes()).hexdigest() != entry.get("sha1"):
+            foreign.append(rel)
+    return foreign
+
+
 def _check_replaceable(folder: Path) -> None:
-    """Refuse to replace a non-empty folder that this generator did not write."""
+    """Refuse to replace a folder holding any file the generator did not write unchanged."""
     if not folder.exists():
         return
+    foreign = _foreign_files(folder)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise FileExistsError(
+            f"{folder} holds {len(foreign)} file(s) that the demo generator did not write "
+            f"(added or edited since: {shown}); refusing to regenerate it. Move them away, or "
+            "choose another demo root"
+        )
+
+
+def _differences(folder: Path, params: dict[str, Any]) -> str:
+    """How a kept demo folder differs from what the generator would write (for the log)."""
     manifest = _read_manifest(folder)
-    if manifest is not None and manifest.get("generator") == _GENERATOR:
-        return
-    if folder.is_dir() and not any(folder.iterdir()):
-        return
-    raise FileExistsError(
-        f"{folder} exists but is not a generated demo dataset (no {_MANIFEST} from "
-        f"{_GENERATOR}); move it away or choose another demo root"
-    )
+    if manifest is None or manifest.get("generator") != _GENERATOR:
+        return "it has no manifest from the generator"
+    parts = []
+    if manifest.get("params") != params:
+        parts.append(f"generated with {manifest.get('params')}, not {params}")
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    missing = [r for r in files if not (folder / r).exists()]
+    foreign = _foreign_files(folder)
+    if foreign:
+        parts.append(f"{len(foreign)} file(s) added or edited")
+    if missing:
+        parts.append(f"{len(missing)} file(s) removed")
+    return "; ".join(parts) or "nothing"
 
 
 def _write_atomically(root: Path, name: str, files: dict[str, bytes], manifest: dict) -> None:
@@ -687,8 +733,9 @@ def generate_demo(
     size: int = 320,
     n_distractors: int = 40,
     only: Iterable[str] | None = None,
+    regenerate: bool = False,
 ) -> DemoInfo:
-    """Build the demo benchmark under ``root`` (a no-op for folders already complete).
+    """Build the demo benchmark under ``root``: only dataset folders that do not exist yet.
 
     Args:
         root: parent folder of ``demo-a/``, ``demo-b/`` and ``demo-distractors/``.
@@ -699,8 +746,14 @@ def generate_demo(
         n_distractors: number of distractor images.
         only: generate just these datasets (names from :data:`DEMO_DATASETS`).
 
-    A dataset folder whose ``manifest.json`` records other parameters (or whose files are
-    missing or resized) is regenerated and replaced.
+        regenerate: rebuild dataset folders that differ from what these parameters give
+            (other parameters, files removed) — refused, with nothing touched, when a folder
+            holds any file the generator did not write unchanged.
+
+    A dataset folder that exists is the user's data from then on: without ``regenerate`` it
+    is never modified, whatever it holds (images added, edited or deleted are indexed as
+    they are); only a missing or empty folder is generated. Nothing is ever deleted except
+    files this generator wrote itself, unchanged, and only with ``regenerate``.
     """
     root = Path(root)
     if views < 4:
@@ -722,7 +775,16 @@ def generate_demo(
         folder = root / name
         params = _params(name, seed=seed, views=views, size=size, n_distractors=n_distractors)
         generated = False
-        if not _is_complete(folder, params):
+        exists = folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+        if exists and not regenerate:
+            if not _is_complete(folder, params):
+                logger.info(
+                    "demo %s kept as it is (%s); `cw-pipeline demo --regenerate` rebuilds it "
+                    "when it holds only generated files",
+                    folder,
+                    _differences(folder, params),
+                )
+        elif not _is_complete(folder, params):
             _check_replaceable(folder)
             if name == "demo-distractors":
                 files, n_queries = _build_distractors(seed=seed, size=size, count=n_distractors)
@@ -742,7 +804,7 @@ def generate_demo(
             generated = True
             logger.info("demo: wrote %s (%d files)", folder, len(files))
         manifest = _read_manifest(folder) or {}
-        n_images = sum(1 for rel in manifest.get("files", {}) if rel.startswith("jpg/"))
+        n_images = sum(1 for p in (folder / "jpg").glob("*.jpg") if p.is_file())
         has_gt = name != "demo-distractors"
         out[name] = DemoDataset(
             name=name,

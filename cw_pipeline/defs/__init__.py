@@ -19,8 +19,9 @@ from cw_pipeline.defs.resources import PipelineResource
 def build_definitions(config: ProjectConfig, warehouse: str = "") -> dg.Definitions:
     """The code location for a project configuration."""
     assets, jobs, sensors, schedules = [], [], [], []
+    pipeline = PipelineResource(config_path=str(config.source), warehouse=warehouse)
     for ds in config.datasets.values():
-        assets += dataset_assets(config, ds)
+        assets += dataset_assets(config, ds, pipeline.store)
         job = index_job(ds)
         jobs.append(job)
         sensors.append(dataset_sensor(ds, job))
@@ -34,7 +35,5 @@ def build_definitions(config: ProjectConfig, warehouse: str = "") -> dg.Definiti
         sensors=sensors,
         schedules=schedules,
         executor=executor_from_env(),
-        resources={
-            "pipeline": PipelineResource(config_path=str(config.source), warehouse=warehouse)
-        },
+        resources={"pipeline": pipeline},
     )

@@ -17,8 +17,10 @@ Per evaluation ``<ev>`` (a dataset, optionally with distractor sets):
 * ``<ev>/rankings`` — one Parquet table per method; ``<ev>/map_report`` — mAP per method.
 """
 
+import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -29,6 +31,14 @@ from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.defs.executors import cnn_op_tags
 from cw_pipeline.defs.resources import PipelineResource
+from cw_pipeline.defs.versions import (
+    INPUT_VERSION_TAG,
+    Dep,
+    input_version,
+    on_cron_when_inputs_change,
+    refresh_when_inputs_change,
+    version_of,
+)
 from cw_pipeline.indexing import (
     build_manifest,
     feature_code_version,
@@ -41,6 +51,8 @@ from cw_pipeline.indexing import (
     update_features,
 )
 from cw_pipeline.store import CorruptFileError, FeatureStore, encode_component
+
+StoreFactory = Callable[[], FeatureStore]
 
 logger = logging.getLogger(__name__)
 
@@ -56,36 +68,12 @@ def partitions_def(ds_name: str) -> dg.DynamicPartitionsDefinition:
     return dg.DynamicPartitionsDefinition(name=f"{ident(ds_name)}_shards")
 
 
-def eager() -> dg.AutomationCondition:
-    """Eager, but also filling partitions that were missing before automation started.
-
-    Every dependency must have something materialized (or requested in the same tick): a
-    dataset with no shards yet (no partitions at all) would pass ``~any_deps_missing`` and
-    start a run that has no input.
-    """
-    AC = dg.AutomationCondition
-    has_input = AC.all_deps_match(~AC.missing() | AC.will_be_requested())
-    return AC.eager().replace("newly_missing", AC.missing()) & has_input
-
-
-def on_cron_if_changed(cron: str) -> dg.AutomationCondition:
-    """Run after a cron tick, only when some dependency changed since the last run, and only
-    once every dependency is current.
-
-    A dependency is not current while its own dependencies changed since it last ran: e.g.
-    distractor descriptors (partitioned by shard) are rebuilt a tick after a new PCA model,
-    in runs of their own; rankings started with the new PCA's descriptors must wait for them.
-    """
-    AC = dg.AutomationCondition
-    dep_pending = AC.any_deps_updated().since_last_handled()
-    return (
-        AC.cron_tick_passed(cron).since_last_handled()
-        & AC.any_deps_updated().since_last_handled()
-        & ~AC.any_deps_missing()
-        & ~AC.any_deps_in_progress()
-        & ~AC.in_progress()
-        & ~AC.any_deps_match(dep_pending)
-    )
+def _versioned(
+    context: dg.AssetExecutionContext, deps: list[Dep], partition: str | None = None
+) -> tuple[str, dict[str, str]]:
+    """The input version of a run (read *before* its inputs) and the tags recording it."""
+    version = input_version(context.instance, deps, partition) or "missing"
+    return version, {INPUT_VERSION_TAG: version}
 
 
 def current_shards(instance: dg.DagsterInstance, ds_name: str) -> list[str]:
@@ -106,8 +94,15 @@ def _read_optional(store: FeatureStore, rel: str, log: logging.Logger | None = N
 # --------------------------------------------------------------------------- per dataset
 
 
-def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDefinition]:
-    """manifest and cam_features (partitioned), and the ground-truth assets where relevant."""
+def dataset_assets(
+    config: ProjectConfig, ds: DatasetConfig, store_factory: StoreFactory | None = None
+) -> list[dg.AssetsDefinition]:
+    """manifest and cam_features (partitioned), and the ground-truth assets where relevant.
+
+    ``store_factory`` gives the feature store to the automation condition of
+    ``query_features`` (which reads the manifests); default: the configuration's warehouse.
+    """
+    store_factory = store_factory or (lambda: FeatureStore(config.warehouse))
     parts = partitions_def(ds.name)
     group = ident(ds.name)
     manifest_key = dg.AssetKey([ds.name, "manifest"])
@@ -205,7 +200,10 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
         store.write_table(stages.shard_relpath("rejected", ds.name, shard), update.rejected)
         checkpoints.clear()
         finite, shaped = _features_ok(update.table, ds, extractor)
+        # Features are a function of the manifest's (id, sha1) pairs and the code version.
+        version = version_of({"manifest": manifest_version(manifest_table), "code": code_version})
         return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
             metadata={
                 "rows": update.table.num_rows,
                 "forward_passes": update.forward_passes,
@@ -241,18 +239,25 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
 
     if ds.layout not in ("ukbench", "holidays"):
 
+        def query_version(instance: dg.DagsterInstance) -> str | None:
+            shards = current_shards(instance, ds.name)
+            return stages.query_input_version(store_factory(), ds, shards, code_version)
+
         @dg.asset(
             key=[ds.name, "query_features"],
             deps=[manifest_key],
             group_name=group,
             kinds={"pytorch", "parquet"},
             code_version=f"{code_version}-{ds.query_protocol}",
-            automation_condition=eager(),
+            automation_condition=refresh_when_inputs_change(
+                [Dep(manifest_key, parts)], version_fn=query_version
+            ),
             description=f"Features of {ds.name}'s queries ({ds.query_protocol} protocol).",
         )
         def query_features(context: dg.AssetExecutionContext, pipeline: PipelineResource):
             store = pipeline.store()
             shards = current_shards(context.instance, ds.name)
+            version = stages.query_input_version(store, ds, shards, code_version) or "missing"
             tables = [
                 store.read_table(stages.shard_relpath("manifest", ds.name, s)) for s in shards
             ]
@@ -264,7 +269,9 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
             rel = f"query_features/dataset={encode_component(ds.name)}/queries.parquet"
             store.write_table(rel, table)
             return dg.MaterializeResult(
-                metadata={"queries": table.num_rows, "seconds": round(time.perf_counter() - t0, 2)}
+                data_version=dg.DataVersion(version),
+                tags={INPUT_VERSION_TAG: version},
+                metadata={"queries": table.num_rows, "seconds": round(time.perf_counter() - t0, 2)},
             )
 
         out.append(query_features)
@@ -272,19 +279,21 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
     paired = config.paired(ds.name)
     assert paired is not None, f"dataset {ds.name} has ground truth but no PCA source"
     pca_key = dg.AssetKey([ds.name, "pca_model"])
+    pca_deps = [Dep(dg.AssetKey([paired.name, "cam_features"]), partitions_def(paired.name))]
 
     @dg.asset(
         key=pca_key,
         deps=[dg.AssetKey([paired.name, "cam_features"])],
         group_name=group,
         kinds={"numpy"},
-        automation_condition=eager(),
+        automation_condition=refresh_when_inputs_change(pca_deps),
         description=(
             f"PCA-whitening for {ds.name}, learned on "
             + ("the other half of its objects." if ds.self_split else f"{paired.name}.")
         ),
     )
     def pca_model(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        _, tags = _versioned(context, pca_deps)
         store = pipeline.store()
         train = stages.load_features(
             store, paired.name, current_shards(context.instance, paired.name), paired.images
@@ -293,42 +302,61 @@ def dataset_assets(config: ProjectConfig, ds: DatasetConfig) -> list[dg.AssetsDe
         for rel, model in models.items():
             stages.save_pca(store, rel, model)
         first = next(iter(models.values()))
+        arrays = {
+            f"{rel}/{name}": getattr(m, name)
+            for rel, m in models.items()
+            for name in ("mean", "components", "eigenvalues")
+        }
         return dg.MaterializeResult(
+            data_version=dg.DataVersion(stages.array_version(arrays)),
+            tags=tags,
             metadata={
                 "training_set": str(first.metadata.get("training_set")),
                 "training_images": len(train),
                 "models": len(models),
                 "dims": {Path(r).name: m.output_dim for r, m in models.items()},
-            }
+            },
         )
+
+    desc_deps = [Dep(features_key, parts), Dep(pca_key)]
 
     @dg.asset(
         key=[ds.name, "descriptors"],
         deps=[features_key, pca_key],
         group_name=group,
         kinds={"parquet"},
-        automation_condition=eager(),
+        automation_condition=refresh_when_inputs_change(desc_deps),
         description=f"Raw, raw+PCA and OfA descriptors of {ds.name}.",
     )
     def descriptors(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        _, tags = _versioned(context, desc_deps)
         store = pipeline.store()
         feats = stages.load_features(
             store, ds.name, current_shards(context.instance, ds.name), ds.images
         )
         desc = stages.dataset_descriptors(config, store, ds, feats)
-        dims = {}
+        dims, versions = {}, {}
         for agg, (ids, mat) in desc.items():
             store.write_table(
                 stages.descriptors_rel(ds.name, agg), stages.descriptor_table(ids, mat)
             )
             dims[agg] = int(mat.shape[1])
-        return dg.MaterializeResult(metadata={"images": len(feats), "dims": dims})
+            versions[agg] = stages.array_version({agg: mat}, ids)
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version_of(versions)),
+            tags=tags,
+            metadata={"images": len(feats), "dims": dims},
+        )
 
     out += [pca_model, descriptors]
     return out
 
 
 SHARDS_READABLE = "shards_readable"
+#: Blocking check of ``<ev>/rankings``: its inputs describe one state of the images.
+INPUTS_CONSISTENT = "inputs_consistent"
+#: Cron of evaluations with distractors that set no ``schedule``.
+DEFAULT_EVALUATION_CRON = "0 3 * * *"
 
 
 def shards_readable_check(ds: DatasetConfig, key: dg.AssetKey) -> dg.AssetChecksDefinition:
@@ -392,30 +420,54 @@ def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.As
     ds = config.dataset(ev.dataset)
     group = ident(ev.name)
     out: list[dg.AssetsDefinition] = []
-    deps = [dg.AssetKey([ds.name, "descriptors"]), dg.AssetKey([ds.name, "pca_model"])]
+    deps = [Dep(dg.AssetKey([ds.name, "descriptors"])), Dep(dg.AssetKey([ds.name, "pca_model"]))]
     if ds.layout not in ("ukbench", "holidays"):
-        deps.append(dg.AssetKey([ds.name, "query_features"]))
+        deps.append(Dep(dg.AssetKey([ds.name, "query_features"])))
+    cron = ev.schedule or DEFAULT_EVALUATION_CRON
     for dname in ev.distractors:
-        out.append(_distractor_descriptors(config, ev, dname))
-        deps.append(dg.AssetKey([ev.name, f"{dname}_descriptors"]))
-    condition = on_cron_if_changed(ev.schedule or "0 3 * * *") if ev.distractors else eager()
+        out.append(_distractor_descriptors(config, ev, dname, cron))
+        deps.append(Dep(dg.AssetKey([ev.name, f"{dname}_descriptors"]), partitions_def(dname)))
+    # With distractors (100k images) the rankings wait for the evaluation's cron.
+    condition = (
+        on_cron_when_inputs_change(cron, deps)
+        if ev.distractors
+        else refresh_when_inputs_change(deps)
+    )
     rankings_key = dg.AssetKey([ev.name, "rankings"])
     methods = [m.name for m in ev.methods]
 
     @dg.asset(
         key=rankings_key,
-        deps=deps,
+        deps=[d.key for d in deps],
         group_name=group,
         kinds={"parquet"},
         automation_condition=condition,
         description=f"Rankings of {ev.name} for {', '.join(methods)}.",
-        check_specs=[dg.AssetCheckSpec("covers_every_query", asset=rankings_key)],
+        check_specs=[
+            dg.AssetCheckSpec("covers_every_query", asset=rankings_key),
+            dg.AssetCheckSpec(
+                INPUTS_CONSISTENT,
+                asset=rankings_key,
+                blocking=True,
+                description="Descriptors, distractor descriptors, query features and ground "
+                "truth describe one state of the images (the current manifests); a mixed state "
+                "fails the run before anything is written, and stops the chain.",
+            ),
+        ],
     )
     def rankings(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        _, tags = _versioned(context, deps)
         store = pipeline.store()
         shards = {ds.name: current_shards(context.instance, ds.name)}
         for dname in ev.distractors:
             shards[dname] = current_shards(context.instance, dname)
+        problems = stages.evaluation_input_problems(config, store, ev, shards)
+        if problems:
+            raise dg.Failure(
+                description=f"{ev.name}: inputs of the rankings are inconsistent: "
+                + "; ".join(problems),
+                metadata={INPUTS_CONSISTENT: False, "problems": "\n".join(problems)},
+            )
         needs_maps = any(m.rerank or m.aggregation == "ona" for m in ev.methods)
         extractor = pipeline.extractor(ds) if needs_maps else None
         tables, stats = stages.evaluation_rankings(config, store, ev, shards, extractor)
@@ -424,6 +476,8 @@ def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.As
         expected = _expected_queries(config, store, ev, shards)
         covered = all(set(t.column("query_id").to_pylist()) == expected for t in tables.values())
         return dg.MaterializeResult(
+            data_version=dg.DataVersion(stages.table_version(tables)),
+            tags=tags,
             metadata={
                 "methods": methods,
                 "database_images": stats["database"],
@@ -436,7 +490,15 @@ def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.As
                     check_name="covers_every_query",
                     passed=covered,
                     metadata={"expected_queries": len(expected)},
-                )
+                ),
+                dg.AssetCheckResult(
+                    check_name=INPUTS_CONSISTENT,
+                    passed=True,
+                    metadata={
+                        "database_images": stats["database"],
+                        "shards": sum(len(v) for v in shards.values()),
+                    },
+                ),
             ],
         )
 
@@ -446,16 +508,19 @@ def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.As
     if floor is not None:
         checks.append(dg.AssetCheckSpec("map_above_floor", asset=report_key))
 
+    report_deps = [Dep(rankings_key)]
+
     @dg.asset(
         key=report_key,
         deps=[rankings_key],
         group_name=group,
         kinds={"markdown"},
-        automation_condition=eager(),
+        automation_condition=refresh_when_inputs_change(report_deps),
         description=f"mAP of {ev.name} per method, per query, beside the paper's numbers.",
         check_specs=checks,
     )
     def map_report(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        _, tags = _versioned(context, report_deps)
         store = pipeline.store()
         shards = {ds.name: current_shards(context.instance, ds.name)}
         for dname in ev.distractors:
@@ -484,7 +549,13 @@ def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.As
         }
         for r in report["results"]:
             meta[f"map/{r['method']}"] = round(r["map"], 4)
-        return dg.MaterializeResult(metadata=meta, check_results=results)
+        version = version_of(json.dumps(report["results"], sort_keys=True, default=str))
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
+            tags=tags,
+            metadata=meta,
+            check_results=results,
+        )
 
     return [*out, rankings, map_report]
 
@@ -499,10 +570,15 @@ def _expected_queries(config, store, ev, shards) -> set[str]:
 
 
 def _distractor_descriptors(
-    config: ProjectConfig, ev: EvaluationConfig, dname: str
+    config: ProjectConfig, ev: EvaluationConfig, dname: str, cron: str
 ) -> dg.AssetsDefinition:
     ds = config.dataset(ev.dataset)
     dset = config.dataset(dname)
+    features_key = dg.AssetKey([dname, "cam_features"])
+    deps = [
+        Dep(features_key, partitions_def(dname), same_partition=True),
+        Dep(dg.AssetKey([ds.name, "pca_model"])),
+    ]
 
     @dg.asset(
         key=[ev.name, f"{dname}_descriptors"],
@@ -510,17 +586,21 @@ def _distractor_descriptors(
         partitions_def=partitions_def(dname),
         group_name=ident(ev.name),
         kinds={"parquet"},
-        automation_condition=eager(),
-        description=f"Descriptors of distractor set {dname} with {ds.name}'s PCA.",
+        automation_condition=on_cron_when_inputs_change(cron, deps),
+        description=f"Descriptors of distractor set {dname} with {ds.name}'s PCA "
+        f"(refreshed after the evaluation's cron, {cron}).",
     )
     def distractor_descriptors(context: dg.AssetExecutionContext, pipeline: PipelineResource):
-        store = pipeline.store()
         shard = context.partition_key
+        version, tags = _versioned(context, deps, shard)
+        store = pipeline.store()
         rel = stages.shard_relpath("cam_features", dset.name, shard)
         if store.read_table(rel, ["image_id"]).num_rows == 0:
             for agg in stages.OFFLINE_AGGREGATIONS:  # drop descriptors of removed images
                 store.delete(stages.distractor_rel(ev.name, dname, agg, shard))
-            return dg.MaterializeResult(metadata={"images": 0})
+            return dg.MaterializeResult(
+                data_version=dg.DataVersion(version), tags=tags, metadata={"images": 0}
+            )
         feats = stages.load_features(store, dset.name, [shard])
         if ds.self_split:
             raise ValueError(f"{ev.name}: distractors with a self-split dataset are not supported")
@@ -530,6 +610,9 @@ def _distractor_descriptors(
         for agg, mat in desc.items():
             rel = stages.distractor_rel(ev.name, dname, agg, shard)
             store.write_table(rel, stages.descriptor_table(feats.ids, mat))
-        return dg.MaterializeResult(metadata={"images": len(feats)})
+        # A deterministic function of this shard's features and the PCA: its input version.
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version), tags=tags, metadata={"images": len(feats)}
+        )
 
     return distractor_descriptors

@@ -1,18 +1,53 @@
 """Incremental indexing: a folder sensor per dataset, a daily schedule, and the automation
 sensor that refreshes everything downstream of new features."""
 
-import json
 import os
 
 import dagster as dg
 
-from cw_pipeline.config import DatasetConfig
+from cw_pipeline.config import ConfigError, DatasetConfig
 from cw_pipeline.defs.assets import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
 from cw_pipeline.indexing import feature_code_version, plan_shards
 
 #: Cron of the daily incremental indexing (override with $CW_PIPELINE_INDEX_CRON).
 DEFAULT_INDEX_CRON = "0 2 * * *"
+#: Seconds between two scans of a dataset's folder by its sensor.
+WATCH_INTERVAL_ENV = "CW_PIPELINE_WATCH_INTERVAL"
+DEFAULT_WATCH_INTERVAL = 15
+#: Seconds between two evaluations of the automation conditions.
+AUTOMATION_INTERVAL_ENV = "CW_PIPELINE_AUTOMATION_INTERVAL"
+DEFAULT_AUTOMATION_INTERVAL = 10
+
+#: Tags of every run that indexes a shard (sensor, schedule, CLI): the dataset, and
+#: ``<dataset>/<shard>``, which dagster.yaml limits to one run at a time per value.
+DATASET_TAG = "cw_pipeline/dataset"
+SHARD_TAG = "cw_pipeline/shard"
+#: Run statuses during which a run may still write its shard.
+ACTIVE_STATUSES = [
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def index_run_tags(ds_name: str, shard: str) -> dict[str, str]:
+    return {DATASET_TAG: ds_name, SHARD_TAG: f"{ds_name}/{shard}"}
+
+
+def active_index_shards(instance: dg.DagsterInstance, ds_name: str) -> set[str]:
+    """Shards of ``ds_name`` that a queued or running run is indexing."""
+    records = instance.get_run_records(
+        dg.RunsFilter(statuses=ACTIVE_STATUSES, tags={DATASET_TAG: ds_name})
+    )
+    out = set()
+    for rec in records:
+        tag = rec.dagster_run.tags.get(SHARD_TAG, "")
+        if tag.startswith(f"{ds_name}/"):
+            out.add(tag[len(ds_name) + 1 :])
+    return out
 
 
 def index_job(ds: DatasetConfig):
@@ -27,42 +62,68 @@ def index_job(ds: DatasetConfig):
 
 
 def _run_key(ds: DatasetConfig, shard: str, fp: str) -> str:
-    """Run key of indexing a shard: changes with its files and with the extraction settings."""
+    """Run key of indexing a shard: changes with its files and with the extraction settings.
+
+    A run that failed is not requested again for the same files (its run key is spent): a
+    deterministic failure is not retried every tick; changing a file of the shard is a new key.
+    """
     return f"{shard}:{fp}:{feature_code_version(ds)}"
+
+
+def _interval(var: str, default: int) -> int:
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return default
+    try:
+        seconds = int(value)
+    except ValueError:
+        raise ConfigError(f"expected whole seconds, got {value!r}", source=f"${var}") from None
+    if seconds < 1:
+        raise ConfigError(f"expected at least 1 second, got {seconds}", source=f"${var}")
+    return seconds
+
+
+def _requests(ds: DatasetConfig, store, instance: dg.DagsterInstance, existing: set[str]):
+    """Plan from what the store holds: the shards whose files or settings differ from their
+    stored manifest and features, less those being indexed right now (by the daemon, the UI
+    or the CLI)."""
+    fps, new, todo, removed = plan_shards(ds, store, existing)
+    busy = active_index_shards(instance, ds.name)
+    requests = [
+        dg.RunRequest(
+            partition_key=s, run_key=_run_key(ds, s, fps[s]), tags=index_run_tags(ds.name, s)
+        )
+        for s in todo
+        if s not in busy
+    ]
+    return requests, new, removed, sorted(set(todo) & busy)
 
 
 def dataset_sensor(ds: DatasetConfig, job) -> dg.SensorDefinition:
     parts = partitions_def(ds.name)
+    interval = _interval(WATCH_INTERVAL_ENV, DEFAULT_WATCH_INTERVAL)
 
     @dg.sensor(
         name=f"watch_{ident(ds.name)}",
         job=job,
-        minimum_interval_seconds=60,
+        minimum_interval_seconds=interval,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Watches {ds.images}: new shards become partitions; new or changed "
-        "shards are indexed.",
+        description=f"Watches {ds.images} every {interval} s: new shards become partitions; "
+        "shards whose files differ from what the store holds are indexed (never one shard "
+        "twice at once).",
     )
     def watch(context: dg.SensorEvaluationContext, pipeline: PipelineResource):
         store = pipeline.store()
         existing = set(context.instance.get_dynamic_partitions(parts.name))
-        cursor = json.loads(context.cursor) if context.cursor else {}
-        if "shards" not in cursor:  # older cursors: the fingerprints only
-            cursor = {"shards": cursor, "code_version": None}
-        fps, new, todo, removed = plan_shards(
-            ds, store, existing, cursor["shards"], cursor["code_version"]
-        )
-        requests = [dg.RunRequest(partition_key=s, run_key=_run_key(ds, s, fps[s])) for s in todo]
+        requests, new, removed, busy = _requests(ds, store, context.instance, existing)
+        if busy:
+            context.log.info("%s: shard(s) %s are being indexed: next tick", ds.name, busy)
         dyn = []
         if new:
             dyn.append(parts.build_add_request(new))
         if removed:
             dyn.append(parts.build_delete_request(removed))
-        code_version = feature_code_version(ds)
-        return dg.SensorResult(
-            run_requests=requests,
-            dynamic_partitions_requests=dyn,
-            cursor=json.dumps({"shards": fps, "code_version": code_version}),
-        )
+        return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=dyn)
 
     return watch
 
@@ -81,14 +142,12 @@ def dataset_schedule(ds: DatasetConfig, job) -> dg.ScheduleDefinition:
     def daily(context: dg.ScheduleEvaluationContext, pipeline: PipelineResource):
         store = pipeline.store()
         existing = set(context.instance.get_dynamic_partitions(parts.name))
-        fps, new, todo, removed = plan_shards(ds, store, existing)
+        requests, new, removed, _ = _requests(ds, store, context.instance, existing)
         if new:
             context.instance.add_dynamic_partitions(parts.name, new)
         for s in removed:
             context.instance.delete_dynamic_partition(parts.name, s)
-        return [dg.RunRequest(partition_key=s, run_key=_run_key(ds, s, fps[s])) for s in todo] or (
-            dg.SkipReason(f"{ds.name}: nothing new")
-        )
+        return requests or dg.SkipReason(f"{ds.name}: nothing new")
 
     return daily
 
@@ -98,6 +157,11 @@ def automation_sensor() -> dg.AutomationConditionSensorDefinition:
         "refresh_downstream",
         target=dg.AssetSelection.all(),
         default_status=dg.DefaultSensorStatus.RUNNING,
-        minimum_interval_seconds=30,
-        description="Refreshes PCA, descriptors, rankings and reports after new features.",
+        minimum_interval_seconds=_interval(AUTOMATION_INTERVAL_ENV, DEFAULT_AUTOMATION_INTERVAL),
+        # The conditions compare data versions in Python (cw_pipeline.defs.versions): they
+        # are evaluated in the code location's process.
+        use_user_code_server=True,
+        description="Refreshes PCA, descriptors, rankings and reports whose inputs' data "
+        "changed: one run per tick for the affected assets, never while a parent is missing, "
+        "running or failed.",
     )

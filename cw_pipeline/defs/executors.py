@@ -3,9 +3,13 @@
 ``CW_PIPELINE_EXECUTOR`` selects the executor of every job of the code location (the
 per-dataset ``index_<ds>`` jobs, automation runs, UI materializations):
 
-* unset or ``default`` — Dagster's default (a subprocess per step for launched runs; the CLI's
-  and the tests' ``dg.materialize`` runs stay in one process whatever is set here);
-* ``in_process`` / ``multiprocess`` — Dagster's own;
+* unset or ``default`` — ``in_process``: every step of a run in the run's own process, one
+  after the other. The steps of this pipeline are short or CPU-bound on the same cores, and
+  a new process per step (Dagster's ``multiprocess`` default) costs 10–30 s of imports
+  (torch, the definitions) per step: an incremental refresh of 7 assets took minutes. The
+  CLI's and the tests' ``dg.materialize`` runs stay in one process whatever is set here;
+* ``in_process`` / ``multiprocess`` — Dagster's own (``multiprocess``: a subprocess per step,
+  several steps at once);
 * ``celery`` — each step is a Celery task, run by ``dagster-celery`` workers on any machine
   that reaches the broker (``pip install 'cw-pipeline[celery]'``). The executor's settings are
   the ``execution: config:`` block of the YAML file ``$CW_PIPELINE_CELERY_CONFIG`` (default:
@@ -122,12 +126,10 @@ def _celery_config(path: Path) -> dict[str, Any]:
 def executor_from_env(
     environ: Mapping[str, str] | None = None,
 ) -> dg.ExecutorDefinition | None:
-    """The executor ``$CW_PIPELINE_EXECUTOR`` names; None for Dagster's default."""
+    """The executor ``$CW_PIPELINE_EXECUTOR`` names (default: ``in_process``)."""
     env = os.environ if environ is None else environ
     name = env.get(EXECUTOR_ENV, "").strip() or "default"
-    if name == "default":
-        return None
-    if name == "in_process":
+    if name in ("default", "in_process"):
         return dg.in_process_executor
     if name == "multiprocess":
         return dg.multiprocess_executor

@@ -204,8 +204,11 @@ def test_rerun_is_a_noop_and_mismatch_regenerates(tmp_path: Path) -> None:
     assert _digests(tmp_path) == before
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == stamps
 
-    # other views: both halves are rebuilt, the distractors (which do not use views) are kept
-    changed = generate_demo(tmp_path, seed=0, views=4, **SMALL)
+    # other views: an existing folder is the user's data and is kept; with regenerate both
+    # halves are rebuilt, the distractors (which do not use views) are kept
+    assert generate_demo(tmp_path, seed=0, views=4, **SMALL).generated == ()
+    assert _digests(tmp_path) == before
+    changed = generate_demo(tmp_path, seed=0, views=4, regenerate=True, **SMALL)
     assert changed.generated == ("demo-a", "demo-b")
     after = _digests(tmp_path)
     assert {k: v for k, v in after.items() if k.startswith("demo-distractors/")} == {
@@ -214,11 +217,37 @@ def test_rerun_is_a_noop_and_mismatch_regenerates(tmp_path: Path) -> None:
     assert after != before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(DEMO_DATASETS)  # no temp left
 
-    # a deleted or damaged file makes the dataset incomplete: it is rebuilt identically
+    # a deleted generated file is the user's choice: kept deleted, unless regenerating
     victim = next((tmp_path / "demo-b" / "jpg").glob("*.jpg"))
-    victim.write_bytes(victim.read_bytes()[:100])
-    assert generate_demo(tmp_path, seed=0, views=4, **SMALL).generated == ("demo-b",)
+    victim.unlink()
+    assert generate_demo(tmp_path, seed=0, views=4, **SMALL).generated == ()
+    assert not victim.exists()
+    assert generate_demo(tmp_path, seed=0, views=4, regenerate=True, **SMALL).generated == (
+        "demo-b",
+    )
     assert _digests(tmp_path) == after
+
+
+def test_user_changes_to_a_demo_folder_are_never_overwritten(tmp_path: Path) -> None:
+    """Added, edited and deleted images survive every call; regenerate refuses, naming them."""
+    generate_demo(tmp_path, seed=0, only=["demo-a"], **SMALL)
+    jpg = tmp_path / "demo-a" / "jpg"
+    added = jpg / "my_photo.jpg"
+    added.write_bytes(b"mine")
+    edited = sorted(jpg.glob("*.jpg"))[0]
+    edited.write_bytes(edited.read_bytes()[:200])
+    deleted = sorted(jpg.glob("*.jpg"))[-1]
+    deleted.unlink()
+    state = _digests(tmp_path)
+    for kwargs in ({}, {"seed": 1}, {"views": 4}):
+        info = generate_demo(tmp_path, only=["demo-a"], **{"seed": 0, **SMALL, **kwargs})
+        assert info.generated == ()
+        assert _digests(tmp_path) == state
+    with pytest.raises(FileExistsError, match=r"did not write.*my_photo\.jpg") as err:
+        generate_demo(tmp_path, seed=0, only=["demo-a"], regenerate=True, **SMALL)
+    assert edited.name in str(err.value)
+    assert _digests(tmp_path) == state
+    assert os.listdir(tmp_path) == ["demo-a"]  # no temporary folder left behind
 
 
 def test_a_failed_write_leaves_nothing_behind(
@@ -232,18 +261,20 @@ def test_a_failed_write_leaves_nothing_behind(
 
     monkeypatch.setattr(demo.Path, "write_text", boom)
     with pytest.raises(OSError, match="disk full"):
-        generate_demo(tmp_path, seed=5, only=["demo-a"], **SMALL)
+        generate_demo(tmp_path, seed=5, only=["demo-a"], regenerate=True, **SMALL)
     monkeypatch.undo()
     assert _digests(tmp_path) == before  # the old complete copy is still in place
     assert os.listdir(tmp_path) == ["demo-a"]
 
 
-def test_refuses_to_replace_foreign_folders(tmp_path: Path) -> None:
+def test_foreign_folders_are_kept_and_never_replaced(tmp_path: Path) -> None:
     (tmp_path / "demo-a").mkdir()
     (tmp_path / "demo-a" / "mine.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="not a generated demo"):
-        generate_demo(tmp_path, only=["demo-a"], **SMALL)
+    assert generate_demo(tmp_path, only=["demo-a"], **SMALL).generated == ()
+    with pytest.raises(FileExistsError, match="did not write"):
+        generate_demo(tmp_path, only=["demo-a"], regenerate=True, **SMALL)
     assert (tmp_path / "demo-a" / "mine.txt").read_text() == "precious"
+    assert os.listdir(tmp_path / "demo-a") == ["mine.txt"]
     (tmp_path / "demo-b").mkdir()  # an empty folder is fine
     assert generate_demo(tmp_path, only=["demo-b"], **SMALL).generated == ("demo-b",)
 

@@ -1,20 +1,29 @@
 """Declarative automation: what the automation sensor requests after indexing, when, and how
-`refresh` (the CLI's synchronous stand-in for it) follows it."""
+`refresh` (the CLI's synchronous stand-in for it) follows it.
+
+The conditions compare data versions (``cw_pipeline.defs.versions``): an asset runs when the
+data of its inputs changed, not when they were merely re-materialized, and never while a
+parent is missing, running or failed.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 
 import dagster as dg
+import pytest
 
-from cw_pipeline.defs.assets import eager, on_cron_if_changed
-from cw_pipeline.runs import materialize_missing, refresh
+from cw_pipeline import stages
+from cw_pipeline.defs.assets import current_shards
+from cw_pipeline.defs.versions import INPUT_VERSION_TAG
+from cw_pipeline.runs import index_dataset, materialize_missing, refresh
 from cw_pipeline_tests.defs.project import (
     ALPHA_DOWNSTREAM,
     DATASETS,
     DISTRACTOR_EVAL,
-    NIGHTLY,
     Automation,
+    materialize,
     synthetic_jpeg,
 )
 
@@ -25,6 +34,7 @@ GROUND_TRUTH_ASSETS = {
     for asset in ("query_features", "pca_model", "descriptors", "rankings", "map_report")
 }
 GAMMA_DESCRIPTORS = {f"{EV}/gamma_descriptors[b000]", f"{EV}/gamma_descriptors[b001]"}
+CRON_RUN = {f"{EV}/rankings", f"{EV}/map_report"}
 
 
 def K(text: str) -> dg.AssetKey:
@@ -35,6 +45,13 @@ def next_cron_tick(now: dt.datetime) -> dt.datetime:
     """A minute after the next 03:00 UTC (the evaluations' nightly schedule)."""
     tick = now.replace(hour=3, minute=1, second=0, microsecond=0)
     return tick if tick > now else tick + dt.timedelta(days=1)
+
+
+def _names(condition: dg.AutomationCondition) -> set[str]:
+    out = {condition.name, condition.get_label() or ""}
+    for child in condition.children:
+        out |= _names(child)
+    return out
 
 
 def test_automation_sensor_and_conditions(fresh_project):
@@ -48,13 +65,13 @@ def test_automation_sensor_and_conditions(fresh_project):
     for ds in DATASETS:  # indexed by the folder sensors and schedules, not by automation
         for asset in ("manifest", "cam_features"):
             assert graph.get(K(f"{ds}/{asset}")).automation_condition is None
-    for key in (*GROUND_TRUTH_ASSETS, f"{EV}/gamma_descriptors", f"{EV}/map_report"):
-        assert graph.get(K(key)).automation_condition == eager(), key
-    # rankings with distractors wait for their nightly tick, and only run after a change
-    assert graph.get(K(f"{EV}/rankings")).automation_condition == on_cron_if_changed(NIGHTLY)
-
-
-CRON_RUN = {f"{EV}/rankings", f"{EV}/map_report"}
+    waits = {"all_deps_have_data", "any_deps_failed", "any_deps_in_progress"}
+    for key in (*GROUND_TRUTH_ASSETS, f"{EV}/gamma_descriptors", *CRON_RUN):
+        names = _names(graph.get(K(key)).automation_condition)
+        assert {"inputs_changed", *waits} <= names, key
+        # with distractors, the descriptors and rankings wait for the nightly tick
+        cron = any(n.startswith("cron_tick_passed") for n in names)
+        assert cron == (key in (f"{EV}/gamma_descriptors", f"{EV}/rankings")), key
 
 
 def test_automation_waits_for_a_dataset_without_shards(fresh_project):
@@ -68,7 +85,7 @@ def test_automation_waits_for_a_dataset_without_shards(fresh_project):
     auto.execute()
     assert auto.rounds() == []
     project.index("alpha")
-    assert {"alpha/query_features", "beta/pca_model"} <= auto.tick()
+    assert {"alpha/query_features", "beta/pca_model", "alpha/descriptors"} <= auto.tick()
 
 
 def test_automation_after_indexing(fresh_project):
@@ -77,17 +94,17 @@ def test_automation_after_indexing(fresh_project):
         project.index(ds)
     auto = Automation(project)
 
-    # Missing assets are filled, not only newly missing ones; everything whose inputs exist
-    # runs in one go (unpartitioned assets share a run), partitioned descriptors a tick later.
+    # Everything whose inputs exist runs in one tick (the unpartitioned assets share a run).
     assert auto.start() == GROUND_TRUTH_ASSETS
     auto.execute()
-    assert auto.rounds() == [GAMMA_DESCRIPTORS]
-    # the evaluation with distractors waits for its cron tick
-    for key in CRON_RUN:
-        assert project.instance.get_latest_materialization_event(K(key)) is None
-    assert auto.tick(at=next_cron_tick(auto.now)) == CRON_RUN
-    auto.execute()
     assert auto.rounds() == []
+    # the evaluation with distractors waits for its cron tick: descriptors first, then the
+    # rankings once they are all current (never in the same tick: other runs)
+    for key in (*CRON_RUN, f"{EV}/gamma_descriptors"):
+        assert project.instance.get_latest_materialization_event(K(key)) is None
+    assert auto.tick(at=next_cron_tick(auto.now)) == GAMMA_DESCRIPTORS
+    auto.execute()
+    assert auto.rounds() == [CRON_RUN]
     assert materialize_missing(project.defs, project.instance) == []
 
     # a dataset nothing depends on: indexed, nothing to refresh
@@ -99,10 +116,10 @@ def test_automation_after_indexing(fresh_project):
     # distractors at the next cron tick (this night's tick was handled already)
     synthetic_jpeg(project.images("alpha") / "part1" / "extra_001.jpg", seed=12)
     assert project.index("alpha").forward_passes == 1
-    assert auto.rounds() == [ALPHA_DOWNSTREAM, GAMMA_DESCRIPTORS]
-    assert auto.tick(at=next_cron_tick(auto.now)) == CRON_RUN
+    assert auto.rounds() == [ALPHA_DOWNSTREAM]
+    assert auto.tick(at=next_cron_tick(auto.now)) == GAMMA_DESCRIPTORS
     auto.execute()
-    assert auto.rounds() == []
+    assert auto.rounds() == [CRON_RUN]
 
     # The next night nothing changed: nothing runs, and the tick stays pending until a change.
     # Then the rankings run, but only after the distractors' descriptors were rebuilt with
@@ -114,26 +131,28 @@ def test_automation_after_indexing(fresh_project):
     assert auto.rounds() == [ALPHA_DOWNSTREAM, GAMMA_DESCRIPTORS, CRON_RUN]
 
 
-def test_refresh_follows_automation_across_calls(fresh_project):
-    """`refresh` keeps its automation cursor in the instance: each call picks up what changed
-    since the previous one (the first evaluation of a new cursor requests nothing)."""
+def test_refresh_follows_the_data_not_a_cursor(fresh_project):
+    """`refresh` and the automation sensor agree: both compare data versions, so what one
+    refreshed the other finds current (no second run of anything)."""
     project = fresh_project
     for ds in DATASETS:
         project.index(ds)
-    first = refresh(project.defs, project.instance)
-    assert set(first) == GROUND_TRUTH_ASSETS | GAMMA_DESCRIPTORS
+    assert set(refresh(project.defs, project.instance)) == GROUND_TRUTH_ASSETS
     assert refresh(project.defs, project.instance, include_cron=True) == [
+        f"{EV}/gamma_descriptors[b000]",
+        f"{EV}/gamma_descriptors[b001]",
         f"{EV}/rankings",
         f"{EV}/map_report",
     ]
     assert refresh(project.defs, project.instance, include_cron=True) == []
+    assert Automation(project).start() == set()  # the daemon's sensor: nothing either
 
     synthetic_jpeg(project.images("beta") / "extra_000.jpg", seed=13)
     assert project.index("beta").forward_passes == 1
     # beta's own downstream assets, and alpha's PCA (learned on beta) with what depends on it;
-    # not beta's PCA (learned on alpha), nor the distractors' descriptors (with beta's PCA)
-    assert set(refresh(project.defs, project.instance)) == {
-        "beta/query_features",
+    # not beta's PCA (learned on alpha), nor beta's query features (no query image changed),
+    # nor the distractors' descriptors (cron)
+    expected = {
         "beta/descriptors",
         "beta/rankings",
         "beta/map_report",
@@ -142,4 +161,70 @@ def test_refresh_follows_automation_across_calls(fresh_project):
         "alpha/rankings",
         "alpha/map_report",
     }
+    auto = Automation(project)  # what the daemon would do, first
+    assert auto.start() == expected
+    auto.execute()
+    assert refresh(project.defs, project.instance) == []  # ...the CLI then has nothing to do
+
+
+def test_unchanged_data_triggers_nothing(fresh_project):
+    """Re-indexing with no change (0 forward passes, same ids and sha1s) and re-materializing
+    an asset that produces the same data set off nothing downstream."""
+    project = fresh_project
+    for ds in DATASETS:
+        project.index(ds)
+    refresh(project.defs, project.instance, include_cron=True)
+    forced = index_dataset(
+        project.defs, project.instance, project.config, "alpha", project.store, force=True
+    )
+    assert forced.forward_passes == 0 and forced.indexed_shards  # materialized again
+    assert materialize(project, ["beta/pca_model", "alpha/descriptors"]).success
+    auto = Automation(project)
+    assert auto.start() == set()
     assert refresh(project.defs, project.instance) == []
+
+    # each automated materialization recorded the input version it was computed from
+    event = project.instance.get_latest_materialization_event(K("alpha/rankings"))
+    assert event.asset_materialization.tags[INPUT_VERSION_TAG]
+
+
+def test_a_failed_parent_stops_the_chain_until_fixed(fresh_project):
+    """A query image deleted: query_features runs and fails (the ground truth names it);
+    rankings and the report are not rebuilt from the old query features, and the failure is
+    not retried every tick."""
+    project = fresh_project
+    for ds in DATASETS:
+        project.index(ds)
+    refresh(project.defs, project.instance)
+    before = {k: project.materialization_count(k) for k in ("beta/rankings", "beta/map_report")}
+    query_file = sorted((project.root / "beta" / "gt").glob("*_query.txt"))[0]
+    name = query_file.read_text().split()[0].removeprefix("oxc1_")
+    query = project.images("beta") / f"{name}.jpg"
+    kept = project.root / "kept.jpg"
+    shutil.move(query, kept)
+    assert project.index("beta").forward_passes == 0
+
+    auto = Automation(project)
+    got = auto.start()
+    assert "beta/query_features" in got
+    with pytest.raises(ValueError, match="names 1 image"):
+        materialize(project, sorted(got))  # beta/query_features fails: gt names the image
+    # Neither the rankings nor the report are requested while query_features failed, and
+    # query_features is not retried while its inputs stay the same.
+    for _ in range(2):
+        assert not auto.tick() & {"beta/query_features", "beta/rankings", "beta/map_report"}
+    for key, n in before.items():
+        assert project.materialization_count(key) == n, key
+
+    # Restored: the data is what the last good query features, rankings and report were
+    # computed from again, so once the descriptors are rebuilt nothing else needs to run.
+    shutil.move(kept, query)
+    project.index("beta")
+    done = set().union(*auto.rounds())
+    assert "beta/descriptors" in done
+    assert not done & {"beta/query_features", "beta/rankings", "beta/map_report"}
+    for key, n in before.items():
+        assert project.materialization_count(key) == n, key
+    shards = {"beta": current_shards(project.instance, "beta")}
+    ev = project.config.evaluations["beta"]
+    assert stages.evaluation_input_problems(project.config, project.store, ev, shards) == []

@@ -46,13 +46,14 @@ def config_path(tmp_path) -> Path:
     return path
 
 
-def test_default_is_dagsters_and_no_tags(monkeypatch, config_path) -> None:
+def test_default_is_one_process_per_run_and_no_tags(monkeypatch, config_path) -> None:
+    """Launched runs execute their steps in the run's process (no per-step interpreter)."""
     for var in (EXECUTOR_ENV, CNN_CELERY_QUEUE_ENV, CNN_K8S_CONFIG_ENV):
         monkeypatch.delenv(var, raising=False)
-    assert executor_from_env() is None
+    assert executor_from_env().name == "in_process"
     assert cnn_op_tags() == {}
     defs = build_definitions(load_config(config_path))
-    assert defs.resolve_job_def("index_things").executor_def.name == "multi_or_in_process_executor"
+    assert defs.resolve_job_def("index_things").executor_def.name == "in_process"
     op = defs.resolve_assets_def(dg.AssetKey(["things", "cam_features"])).op
     assert CELERY_QUEUE_TAG not in op.tags and K8S_CONFIG_TAG not in op.tags
 

@@ -9,7 +9,9 @@ import tempfile
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.utils import make_new_run_id
 
+from cw_pipeline.defs.automation import active_index_shards, index_run_tags
 from cw_pipeline_tests.defs.project import Project, materialize, synthetic_jpeg, write_config
 
 
@@ -44,6 +46,15 @@ def requested_shards(requests) -> list[str]:
     return sorted(r.partition_key for r in requests)
 
 
+def run(project: Project, name: str, result: dg.SensorResult) -> None:
+    """What the daemon does with a tick: partitions first, then one run per requested shard."""
+    apply_partition_requests(project, result)
+    for r in result.run_requests:
+        assert r.tags == index_run_tags(name, r.partition_key)
+        keys = [f"{name}/manifest", f"{name}/cam_features"]
+        assert materialize(project, keys, r.partition_key).success
+
+
 def test_folder_sensor(fresh_project):
     project = fresh_project
     alpha = project.images("alpha")
@@ -55,7 +66,11 @@ def test_folder_sensor(fresh_project):
         ("AddDynamicPartitionsRequest", "alpha_shards", ["part1", "part2", "part3"])
     ]
     assert requested_shards(first.run_requests) == ["part1", "part2", "part3"]
-    apply_partition_requests(project, first)
+    # Not run yet: the next tick asks again, under the same run keys (which Dagster's sensor
+    # daemon skips: a shard is never requested twice for the same files).
+    again = tick(project, "alpha", first.cursor)
+    assert {r.run_key for r in again.run_requests} == {r.run_key for r in first.run_requests}
+    run(project, "alpha", first)
 
     # a new shard (folder): added as a partition and indexed, nothing else
     synthetic_jpeg(alpha / "part4" / "extra_000.jpg", seed=1)
@@ -65,9 +80,9 @@ def test_folder_sensor(fresh_project):
         ("AddDynamicPartitionsRequest", "alpha_shards", ["part4"])
     ]
     assert requested_shards(second.run_requests) == ["part4"]
-    apply_partition_requests(project, second)
+    run(project, "alpha", second)
 
-    # unchanged, with the previous tick's cursor: nothing
+    # unchanged: nothing
     third = tick(project, "alpha", second.cursor)
     assert not third.run_requests and not third.dynamic_partitions_requests
 
@@ -78,6 +93,7 @@ def test_folder_sensor(fresh_project):
     assert requested_shards(fourth.run_requests) == ["part2"]
     (old_key,) = [r.run_key for r in first.run_requests if r.partition_key == "part2"]
     assert fourth.run_requests[0].run_key != old_key
+    run(project, "alpha", fourth)
 
     # a removed shard folder: its partition is deleted, nothing is run
     shutil.rmtree(alpha / "part3")
@@ -103,11 +119,35 @@ def test_folder_sensor(fresh_project):
     }
 
 
+def test_sensor_plans_from_the_store_not_from_its_cursor(fresh_project):
+    """A shard indexed by the CLI is not indexed again by the sensor, and a shard that a run
+    (of the daemon, the UI or the CLI) is indexing right now is not requested twice."""
+    project = fresh_project
+    first = tick(project, "delta", None)
+    run(project, "delta", first)
+    synthetic_jpeg(project.images("delta") / "misc1" / "extra_000.jpg", seed=21)
+    assert project.index("delta").indexed_shards == ["misc1"]  # the CLI, not the sensor
+    assert not tick(project, "delta", first.cursor).run_requests
+
+    synthetic_jpeg(project.images("delta") / "misc2" / "extra_001.jpg", seed=22)
+    busy = dg.DagsterRun(
+        job_name="index_delta",
+        run_id=make_new_run_id(),
+        status=dg.DagsterRunStatus.STARTED,
+        tags={**index_run_tags("delta", "misc2"), "dagster/partition": "misc2"},
+    )
+    project.instance.add_run(busy)
+    assert active_index_shards(project.instance, "delta") == {"misc2"}
+    assert not tick(project, "delta", None).run_requests
+    project.instance.report_run_failed(busy)  # it died: misc2 still differs, request it
+    assert requested_shards(tick(project, "delta", None).run_requests) == ["misc2"]
+
+
 def test_batch_sensor_requests_the_bucket_of_a_new_file(fresh_project):
     project = fresh_project
     first = tick(project, "gamma", None)
     assert requested_shards(first.run_requests) == ["b000", "b001"]
-    apply_partition_requests(project, first)
+    run(project, "gamma", first)
     synthetic_jpeg(project.images("gamma") / "extra_000.jpg", seed=4)
     second = tick(project, "gamma", first.cursor)
     assert not second.dynamic_partitions_requests  # the bucket count is fixed
