@@ -757,12 +757,16 @@ class _Loader:
 
     def read(self) -> Any:
         """The parsed YAML document (not yet validated)."""
+        from cw_pipeline.core.datasets import TextDecodeError, decode_text
+
         try:
-            text = self.source.read_text(encoding="utf-8")
+            text = decode_text(self.source.read_bytes(), self.source)
         except FileNotFoundError:
             raise self.error(None, "config file not found") from None
         except OSError as exc:
             raise self.error(None, f"cannot read config file ({exc})") from None
+        except TextDecodeError as exc:
+            raise ConfigError(exc.reason, source=self.source, line=exc.line) from None
         try:
             data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
         except yaml.YAMLError as exc:

@@ -7,11 +7,12 @@ sub-folders in the id (``"shard1/img"``) unless asked for flat ids.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
@@ -26,13 +27,16 @@ __all__ = [
     "PickleLimitError",
     "Query",
     "QueryProtocol",
+    "TextDecodeError",
     "UnsafePickleError",
     "check_image_id",
     "check_query_protocol",
+    "decode_text",
     "holidays_groundtruth",
     "image_path",
     "load_gnd_pickle",
     "read_oxford_groundtruth",
+    "read_text_lines",
     "scan_image_folder",
     "ukbench_groundtruth",
     "ukbench_labels",
@@ -205,26 +209,58 @@ def _query_sort_key(name: str) -> tuple[str, int, str]:
     return (name, -1, name)
 
 
+class TextDecodeError(ValueError):
+    """A text file that is not UTF-8; ``str()`` is ``<source>:<line>: <reason>``."""
+
+    def __init__(self, source: Path | str, line: int, reason: str) -> None:
+        self.source, self.line, self.reason = str(source), line, reason
+        super().__init__(f"{source}:{line}: {reason}")
+
+
+def decode_text(data: bytes, source: Path | str) -> str:
+    """``data`` decoded as UTF-8, or :class:`TextDecodeError`
+    ``<source>:<line>: not UTF-8 text: byte 0xe9 at column 7 (invalid continuation byte)…``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise TextDecodeError(
+            source,
+            line,
+            f"not UTF-8 text: byte 0x{data[exc.start]:02x} at column {column} ({exc.reason}); "
+            "save the file as UTF-8",
+        ) from None
+
+
+def read_text_lines(path: Path | str) -> list[str]:
+    """The lines of a UTF-8 text file (universal newlines, ends stripped), or
+    :class:`TextDecodeError` naming the file and line."""
+    import io
+
+    text = decode_text(Path(path).read_bytes(), path)
+    return [line.rstrip("\n") for line in io.StringIO(text, newline=None)]
+
+
 def _read_name_list(path: Path) -> set[str]:
     """Read a ``_good/_ok/_junk.txt`` list (one image name a line; blank lines ignored)."""
     if not path.is_file():
         raise FileNotFoundError(f"ground-truth file missing: {path}")
     names: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            if len(tokens) != 1:
-                raise ValueError(f"{path}:{lineno}: expected one image name, got {line.strip()!r}")
-            names.add(check_image_id(tokens[0], f"{path}:{lineno}"))
+    for lineno, line in enumerate(read_text_lines(path), start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) != 1:
+            raise ValueError(f"{path}:{lineno}: expected one image name, got {line.strip()!r}")
+        names.add(check_image_id(tokens[0], f"{path}:{lineno}"))
     return names
 
 
 def _read_query_file(path: Path) -> tuple[str, tuple[float, float, float, float]]:
     """Parse ``<image> x1 y1 x2 y2`` (image may carry the ``oxc1_`` prefix)."""
-    with path.open(encoding="utf-8") as fh:
-        lines = [(n, line.split()) for n, line in enumerate(fh, start=1) if line.strip()]
+    numbered = enumerate(read_text_lines(path), start=1)
+    lines = [(n, line.split()) for n, line in numbered if line.strip()]
     if len(lines) != 1:
         raise ValueError(f"{path}: expected exactly one query line, found {len(lines)}")
     lineno, tokens = lines[0]
@@ -578,28 +614,57 @@ def _check_depth(obj: Any, path: Path, limit: int = MAX_GND_PICKLE_DEPTH) -> Non
         height[id(o)] = h
 
 
+@contextlib.contextmanager
+def _pkl_field(path: Path, where: str) -> Iterator[None]:
+    """Re-raise a conversion error (TypeError, ValueError, OverflowError) of one pickle field
+    as ValueError ``<file>: <where>: <error>``, unless it already names the file."""
+    try:
+        yield
+    except (TypeError, ValueError, OverflowError) as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: {where}: {exc}") from None
+
+
 def _pkl_names(data: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
     values = data.get(key)
     if values is None:
-        raise ValueError(f"{path}: missing key {key!r} (keys: {sorted(data)})")
-    values = [v.item() if isinstance(v, np.generic) else v for v in list(values)]
-    for i, value in enumerate(values):
-        check_image_id(value, f"{path} [{key}][{i}]")
-    return _check_unique_ids(values, f"{path} [{key}]")
+        raise ValueError(f"{path}: missing key {key!r} (keys: {sorted(data, key=repr)})")
+    if not isinstance(values, (list, tuple, np.ndarray)):
+        raise ValueError(f"{path}: [{key!r}] must be a list of names, not {type(values).__name__}")
+    names = [v.item() if isinstance(v, np.generic) else v for v in list(values)]
+    for i, name in enumerate(names):
+        check_image_id(name, f"{path} [{key}][{i}]")
+    return _check_unique_ids(names, f"{path} [{key}]")
 
 
 def _pkl_indices(value: Any, n_db: int, path: Path, where: str) -> list[int]:
-    arr = np.asarray(value).reshape(-1) if value is not None else np.empty(0)
-    if arr.size and arr.dtype.kind not in "iu":
-        if arr.dtype.kind == "f" and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise ValueError(f"{path}: {where} holds non-integer indices (dtype {arr.dtype})")
-    idx = [int(i) for i in arr]
+    with _pkl_field(path, where):
+        arr = np.asarray(value).reshape(-1) if value is not None else np.empty(0)
+        if arr.size and arr.dtype.kind not in "iu":
+            if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+                arr = arr.astype(np.int64)
+            else:
+                raise ValueError(f"holds non-integer indices (dtype {arr.dtype})")
+        idx = [int(i) for i in arr]
     bad = [i for i in idx if not 0 <= i < n_db]
     if bad:
         raise ValueError(f"{path}: {where} index {bad[0]} out of range for {n_db} images")
     return idx
+
+
+def _pkl_bbox(bbx: Any, path: Path, where: str) -> tuple[float, float, float, float]:
+    with _pkl_field(path, where):
+        coords = [float(v) for v in np.asarray(bbx, dtype=np.float64).reshape(-1)]
+        if len(coords) != 4:
+            raise ValueError(f"must hold 4 numbers, got {bbx!r}")
+    bbox = (coords[0], coords[1], coords[2], coords[3])
+    if not all(np.isfinite(bbox)) or bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
+        raise ValueError(
+            f"{path}: {where} is {bbox!r}: zero area, inverted or not finite (expected x1 < x2 "
+            "and y1 < y2)"
+        )
+    return bbox
 
 
 def load_gnd_pickle(path: Path | str, max_bytes: int = MAX_GND_PICKLE_BYTES) -> GroundTruth:
@@ -654,22 +719,13 @@ def load_gnd_pickle(path: Path | str, max_bytes: int = MAX_GND_PICKLE_BYTES) -> 
         for f in fields:
             if f not in g:
                 raise ValueError(f"{path}: gnd[{i}] lacks {f!r} (keys: {sorted(g)})")
+        entry = f"gnd[{i}] (query {qname!r})"
         sets = {
-            f: frozenset(imlist[j] for j in _pkl_indices(g[f], n_db, path, f"gnd[{i}][{f!r}]"))
+            f: frozenset(imlist[j] for j in _pkl_indices(g[f], n_db, path, f"{entry} [{f!r}]"))
             for f in fields
         }
         bbx = g.get("bbx")
-        bbox: tuple[float, float, float, float] | None = None
-        if bbx is not None:
-            coords = [float(v) for v in np.asarray(bbx, dtype=np.float64).reshape(-1)]
-            if len(coords) != 4:
-                raise ValueError(f"{path}: gnd[{i}]['bbx'] must hold 4 numbers, got {bbx!r}")
-            bbox = (coords[0], coords[1], coords[2], coords[3])
-            if not all(np.isfinite(bbox)) or bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
-                raise ValueError(
-                    f"{path}: gnd[{i}]['bbx'] of query {qname!r} is {bbox!r}: zero area, "
-                    "inverted or not finite (expected x1 < x2 and y1 < y2)"
-                )
+        bbox = None if bbx is None else _pkl_bbox(bbx, path, f"{entry} ['bbx']")
         if revisited:
             q = Query(
                 qname, bbox, sets["easy"] | sets["hard"], sets["junk"], sets["easy"], sets["hard"]
