@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -32,6 +31,7 @@ import numpy as np
 from cw_pipeline.core.backbones import BACKBONES, DEFAULT_BACKBONE, check_device
 from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
+from cw_pipeline.core.jsonsafe import dumps as strict_json
 from cw_pipeline.core.runner import (
     LAYOUTS,
     evaluate_methods,
@@ -732,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if result is not None:
         if getattr(args, "json", False):
-            print(json.dumps(result, sort_keys=False, default=str))
+            print(strict_json(result, sort_keys=False, default=str))
         elif args.command == "evaluate":
             _print_human(result)
     return 0

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from cw_pipeline.core.jsonsafe import dumps
+
 logger = logging.getLogger(__name__)
 
 EPS = 1e-12
@@ -141,7 +143,7 @@ class PCAWhitening:
                 f, mean=self.mean, components=self.components, eigenvalues=self.eigenvalues
             ),
         )
-        payload = json.dumps(self.metadata, indent=2, sort_keys=True, default=str).encode()
+        payload = dumps(self.metadata, indent=2, sort_keys=True, default=str).encode()
         _atomic_write(_with_ext(base, ".json"), lambda f: f.write(payload))
         return _with_ext(base, ".npz")
 
