@@ -918,6 +918,14 @@ class _Loader:
                     f"the name is taken by dataset {name!r}; an evaluation named after a "
                     "dataset must evaluate that dataset",
                 )
+            if ev.distractors and ds.pca_from == SELF_SPLIT:
+                raise self.error(
+                    entry,
+                    f"dataset {ev.dataset!r} learns its PCA by {SELF_SPLIT} (each half of its "
+                    "objects searched with PCA from the other), which cannot add distractor "
+                    "images; evaluate it without distractors or give it another pca_from",
+                    key="distractors",
+                )
             for d in ev.distractors:
                 dist = datasets.get(d)
                 if dist is None:

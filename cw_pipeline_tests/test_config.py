@@ -685,3 +685,21 @@ def test_a_config_that_is_not_utf8_names_the_file_and_line(
         f"{path}:{line}: not UTF-8 text: byte 0xe9 at column {column}"
     ), str(info.value)
     assert info.value.line == line
+
+
+@pytest.mark.parametrize("layout", ["ukbench", "holidays"])
+def test_a_self_split_dataset_cannot_be_evaluated_with_distractors(
+    tmp_path: Path, layout: str
+) -> None:
+    text = (
+        "datasets:\n"
+        f"  uk:\n    layout: {layout}\n    images: uk\n    pca_from: self-split\n"
+        "  fl:\n    layout: folder\n    images: fl\n"
+        "evaluations:\n"
+        "  uk-dist:\n    dataset: uk\n    distractors: [fl]\n"
+    )
+    message = error_of(tmp_path, text, folders=("uk", "fl"))
+    assert message.startswith(f"{tmp_path / 'datasets.yaml'}:12: evaluation 'uk-dist': "), message
+    assert "self-split" in message and "distractor" in message
+    # Without distractors the same dataset loads (its implicit evaluation too).
+    load_config(write(tmp_path, text.replace("    distractors: [fl]\n", ""), folders=()))
