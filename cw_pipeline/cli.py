@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -29,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from cw_pipeline.core.backbones import BACKBONES, DEFAULT_BACKBONE
+from cw_pipeline.core.backbones import BACKBONES, DEFAULT_BACKBONE, check_device
 from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
+from cw_pipeline.core.jsonsafe import dumps as strict_json
 from cw_pipeline.core.runner import (
     LAYOUTS,
     evaluate_methods,
@@ -176,9 +176,36 @@ def _pipeline(config_path: Path | None):
     if config_path is not None:
         os.environ["CW_PIPELINE_CONFIG"] = str(Path(config_path).resolve())
     config = load_config(config_path)
+    _check_devices(config)
     from cw_pipeline.defs import build_definitions
 
     return config, build_definitions(config)
+
+
+def _check_devices(config) -> None:
+    """CLIError (one line) when a forward pass of ``index``/``demo`` would need a device this
+    machine lacks: ``$CW_PIPELINE_DEVICE``, else every dataset's ``device`` (their runs, and
+    the refresh after them, execute in this process)."""
+    import os
+
+    from cw_pipeline.core.backbones import DeviceUnavailableError
+    from cw_pipeline.defs.resources import DEVICE_ENV
+
+    override = os.environ.get(DEVICE_ENV, "").strip()
+    if override:
+        try:
+            check_device(override)
+        except DeviceUnavailableError as exc:
+            raise CLIError(f"${DEVICE_ENV}: {exc}") from None
+        return
+    for name, ds in config.datasets.items():
+        try:
+            check_device(ds.extraction.device)
+        except DeviceUnavailableError as exc:
+            raise CLIError(
+                f"{config.source}: dataset {name!r}: {exc} (or set ${DEVICE_ENV}=cpu for this "
+                "process)"
+            ) from None
 
 
 def _generate(config, regenerate: bool = False) -> list[str]:
@@ -550,14 +577,18 @@ def _extractor(args: argparse.Namespace, resize: str, keep_maps: bool) -> Featur
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
+    # Everything that can be checked is checked before the first forward pass: methods, device,
+    # the PCA folder, the image folder and its ground truth.
     methods = _methods(args)
-    bench = load_benchmark(args.layout, args.images, args.groundtruth)
     needs_pca = any(m.uses_pca for m in methods)
     if needs_pca and not (args.pca_from or args.pca_split):
         raise CLIError(
             "methods with PCA need a training set: --pca-from DIR or --pca-split "
             "(the evaluated images are never used to fit PCA)"
         )
+    check_device(args.device)
+    pca_images = _pca_images(args.pca_from)
+    bench = load_benchmark(args.layout, args.images, args.groundtruth)
     if args.pca_split and not bench.grouped:
         raise CLIError(f"--pca-split needs a grouped layout (ukbench, holidays), not {args.layout}")
     resize = args.resize or ("native" if bench.grouped else "paper:720:1024")
@@ -607,7 +638,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         result["pca"] = "split"
         result["results"] = merged
     else:
-        train = _training_features(args, extractor)
+        train = _training_features(args, extractor, pca_images)
         queries = None
         if not bench.grouped:
             queries = extract_queries(extractor, bench, args.protocol)
@@ -634,9 +665,29 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _training_features(args: argparse.Namespace, extractor: FeatureExtractor) -> FeatureSet:
-    if args.pca_from is None:
-        # No PCA needed (raw only); an empty-but-valid set is never used.
+def _pca_images(folder: Path | None) -> list[tuple[str, Path]]:
+    """(id, path) of the images under ``--pca-from`` (empty without it); CLIError naming the
+    folder when it is missing, not a folder or holds no images."""
+    if folder is None:
+        return []
+    from cw_pipeline.core.datasets import scan_image_folder
+
+    root = Path(folder)
+    if not root.exists():
+        raise CLIError(f"--pca-from folder not found: {root}")
+    if not root.is_dir():
+        raise CLIError(f"--pca-from is not a folder: {root}")
+    found = scan_image_folder(root)
+    if not found:
+        raise CLIError(f"no images under --pca-from {root}")
+    return [(i, root / r) for i, r in found]
+
+
+def _training_features(
+    args: argparse.Namespace, extractor: FeatureExtractor, images: list[tuple[str, Path]]
+) -> FeatureSet:
+    """Features of the ``--pca-from`` images (an empty set, never used, without PCA)."""
+    if not images:
         return FeatureSet(
             [],
             np.zeros((0, 1)),
@@ -645,17 +696,8 @@ def _training_features(args: argparse.Namespace, extractor: FeatureExtractor) ->
             np.zeros((0, 1)),
             np.zeros((0, 1, 4)),
         )
-    from cw_pipeline.core.datasets import scan_image_folder
-
-    root = Path(args.pca_from)
-    if not root.is_dir():
-        raise CLIError(f"--pca-from folder not found: {root}")
-    found = scan_image_folder(root)
-    if not found:
-        raise CLIError(f"no images under --pca-from {root}")
-    ids = [i for i, _ in found]
     with _progress(args, "PCA training features") as progress:
-        return extract_features(extractor, ids, [root / r for _, r in found], progress)
+        return extract_features(extractor, [i for i, _ in images], [p for _, p in images], progress)
 
 
 @contextlib.contextmanager
@@ -702,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if result is not None:
         if getattr(args, "json", False):
-            print(json.dumps(result, sort_keys=False, default=str))
+            print(strict_json(result, sort_keys=False, default=str))
         elif args.command == "evaluate":
             _print_human(result)
     return 0

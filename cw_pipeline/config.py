@@ -757,12 +757,16 @@ class _Loader:
 
     def read(self) -> Any:
         """The parsed YAML document (not yet validated)."""
+        from cw_pipeline.core.datasets import TextDecodeError, decode_text
+
         try:
-            text = self.source.read_text(encoding="utf-8")
+            text = decode_text(self.source.read_bytes(), self.source)
         except FileNotFoundError:
             raise self.error(None, "config file not found") from None
         except OSError as exc:
             raise self.error(None, f"cannot read config file ({exc})") from None
+        except TextDecodeError as exc:
+            raise ConfigError(exc.reason, source=self.source, line=exc.line) from None
         try:
             data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
         except yaml.YAMLError as exc:
@@ -913,6 +917,14 @@ class _Loader:
                     entry,
                     f"the name is taken by dataset {name!r}; an evaluation named after a "
                     "dataset must evaluate that dataset",
+                )
+            if ev.distractors and ds.pca_from == SELF_SPLIT:
+                raise self.error(
+                    entry,
+                    f"dataset {ev.dataset!r} learns its PCA by {SELF_SPLIT} (each half of its "
+                    "objects searched with PCA from the other), which cannot add distractor "
+                    "images; evaluate it without distractors or give it another pca_from",
+                    key="distractors",
                 )
             for d in ev.distractors:
                 dist = datasets.get(d)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,12 @@ def build_report(
     ev: EvaluationConfig,
     shards: dict[str, list[str]],
 ) -> dict[str, Any]:
-    """Scores of every method's stored rankings for one evaluation."""
+    """Scores of every method's stored rankings for one evaluation.
+
+    ``queries`` counts every query, ``evaluated_queries`` those in the mAP; each query left out
+    (no positive among the database images) is listed in ``excluded_queries`` with the reason,
+    and its AP in ``per_query`` is None.
+    """
     ds = config.dataset(ev.dataset)
     db_ids, _ = stages.read_descriptors(store, stages.descriptors_rel(ds.name, "raw"))
     all_ids = evaluation_image_ids(config, store, ev, shards)
@@ -88,16 +94,37 @@ def build_report(
             entry["paper"] = paper[m.name]
         results.append(entry)
         per_query[m.name] = score.get("aps", {})
+    queries = sorted({q for aps in per_query.values() for q in aps})
+    # A query without positives among the database images has no AP: compute_map leaves it
+    # out of the mean; the report says which and why, and stores null for its AP.
+    excluded = [
+        {"query": q, "reason": EXCLUDED_NO_POSITIVES}
+        for q in queries
+        if any(_undefined(aps.get(q)) for aps in per_query.values())
+    ]
     return {
         "evaluation": ev.name,
         "dataset": ds.name,
         "distractors": list(ev.distractors),
         "database_images": len(all_ids),
-        "queries": len(next(iter(per_query.values()), {})) or None,
+        "queries": len(queries) or None,
+        "evaluated_queries": (len(queries) - len(excluded)) if queries else None,
+        "excluded_queries": excluded,
         "backbone": ds.extraction.backbone,
         "results": results,
-        "per_query": per_query,
+        "per_query": {
+            m: {q: None if _undefined(ap) else ap for q, ap in aps.items()}
+            for m, aps in per_query.items()
+        },
     }
+
+
+#: Why a query is left out of the mAP.
+EXCLUDED_NO_POSITIVES = "no positive image in the database (AP undefined)"
+
+
+def _undefined(ap: Any) -> bool:
+    return ap is None or (isinstance(ap, float) and not math.isfinite(ap))
 
 
 def markdown(report: dict[str, Any], images: Sequence[tuple[str, str]] = ()) -> str:
@@ -131,6 +158,15 @@ def markdown(report: dict[str, Any], images: Sequence[tuple[str, str]] = ()) -> 
             cells += [f"{rev[k]:.4f}" if k in rev else "" for k in ("easy", "medium", "hard")]
         cells.append(f"{r['paper']:.3f}" if "paper" in r else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    excluded = report.get("excluded_queries") or []
+    if excluded:
+        lines += [
+            "",
+            f"{report.get('evaluated_queries')} of {report.get('queries')} queries in the mAP; "
+            f"{len(excluded)} excluded:",
+            "",
+        ]
+        lines += [f"* `{e['query']}`: {e['reason']}" for e in excluded]
     if images:
         lines += ["", "#### Figures", ""]
         for alt, src in images:
@@ -142,7 +178,8 @@ def write_report(
     reports_root: str, report: dict[str, Any], images: Sequence[tuple[str, str]] = ()
 ) -> Path:
     """Write ``<reports>/<evaluation>/report.{md,json}`` and ``per_query_ap.csv`` atomically;
-    ``report.md`` links ``images`` (alt text, path relative to the evaluation's folder)."""
+    ``report.md`` links ``images`` (alt text, path relative to the evaluation's folder). The
+    JSON is strict (an undefined AP is ``null``), the CSV leaves its cell empty."""
     store = FeatureStore(reports_root)
     ev = report["evaluation"]
     store.write_bytes(f"{ev}/report.md", markdown(report, images).encode())
@@ -153,14 +190,14 @@ def write_report(
     writer.writerow(["query", *methods])
     queries = sorted({q for aps in report["per_query"].values() for q in aps})
     for q in queries:
-        writer.writerow(
-            [q, *(f"{report['per_query'][m].get(q, float('nan')):.4f}" for m in methods)]
-        )
+        cells = [report["per_query"][m].get(q) for m in methods]
+        writer.writerow([q, *("" if _undefined(ap) else f"{ap:.4f}" for ap in cells)])
     store.write_bytes(f"{ev}/per_query_ap.csv", buf.getvalue().encode())
     return Path(store.path(ev))
 
 
 __all__ = [
+    "EXCLUDED_NO_POSITIVES",
     "MAP_FLOORS",
     "PAPER_MAP",
     "build_report",

@@ -256,8 +256,11 @@ class FeatureStore:
             raise FileNotFoundError(f"not in the feature store: {self.url(relpath)}") from None
 
     def write_json(self, relpath: str, obj: Any, *, indent: int | None = 2) -> str:
-        """Write ``obj`` as UTF-8 JSON (sorted keys, stable bytes) atomically."""
-        text = json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False)
+        """Write ``obj`` as strict UTF-8 JSON (sorted keys, stable bytes; NaN and infinities
+        become ``null``) atomically."""
+        from cw_pipeline.core.jsonsafe import dumps
+
+        text = dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False)
         return self.write_bytes(relpath, (text + "\n").encode("utf-8"))
 
     def read_json(self, relpath: str) -> Any:

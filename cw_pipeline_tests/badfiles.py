@@ -223,3 +223,122 @@ def write_corpus(root: Path, *, loops: bool = True) -> dict[str, Path]:
     if loops:
         symlink_loops(root / "corpus")
     return out
+
+
+# --------------------------------------------------------------------------- hostile pickles
+# Raw pickle opcodes (protocol 2, as old numpy pickles), built by hand: each file is small and
+# asks an *allowed* callable, or the unpickler itself, for a huge allocation.
+
+_BIG = 10**10  #: elements or bytes asked for (10 GB and more)
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _long(n: int) -> bytes:
+    data = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data  # LONG1
+
+
+def _text(s: str) -> bytes:
+    return b"X" + struct.pack("<I", len(s.encode())) + s.encode()  # BINUNICODE
+
+
+def _as_imlist(value_ops: bytes) -> bytes:
+    """``{"imlist": <value>}`` around the opcodes building ``value``."""
+    return b"\x80\x02}" + _text("imlist") + value_ops + b"s."
+
+
+def _reconstruct(shape: int, dtype: str) -> bytes:
+    """``numpy.core.multiarray._reconstruct(ndarray, (shape,), dtype)``."""
+    return (
+        _global("numpy.core.multiarray", "_reconstruct")
+        + _global("numpy", "ndarray")
+        + _long(shape)
+        + b"\x85"  # TUPLE1
+        + _text(dtype)
+        + b"\x87R"  # TUPLE3, REDUCE
+    )
+
+
+def pickle_bytearray_count(path: Path) -> Path:
+    """``bytearray(10**10)``: 10 GB from a 60-byte file."""
+    ops = _global("builtins", "bytearray") + _long(_BIG) + b"\x85R"
+    _parent(path).write_bytes(_as_imlist(ops))
+    return path
+
+
+def pickle_bytes_count(path: Path) -> Path:
+    """``bytes(10**10)`` (Python 2's ``__builtin__``)."""
+    ops = _global("__builtin__", "bytes") + _long(_BIG) + b"\x85R"
+    _parent(path).write_bytes(_as_imlist(ops))
+    return path
+
+
+def pickle_numpy_huge_shape(path: Path) -> Path:
+    """A numpy object array of 10**10 elements (80 GB of pointers, each set to None)."""
+    _parent(path).write_bytes(_as_imlist(_reconstruct(_BIG, "O")))
+    return path
+
+
+def pickle_numpy_huge_state(path: Path) -> Path:
+    """A legitimate empty array, then ``__setstate__`` with a shape of 10**10 objects."""
+    dtype = _global("numpy", "dtype") + _text("O8") + b"\x89\x88\x87R"  # dtype('O8', 0, 1)
+    state = b"(" + _long(1) + _long(_BIG) + b"\x85" + dtype + b"\x89]t"  # MARK ... TUPLE
+    _parent(path).write_bytes(_as_imlist(_reconstruct(0, "b") + state + b"b"))  # BUILD
+    return path
+
+
+def pickle_ndarray_call(path: Path) -> Path:
+    """``numpy.ndarray((10**10,))`` called directly: 80 GB of float64."""
+    ops = _global("numpy", "ndarray") + _long(_BIG) + b"\x85\x85R"
+    _parent(path).write_bytes(_as_imlist(ops))
+    return path
+
+
+def pickle_deep_nesting(path: Path, depth: int = 100_000) -> Path:
+    """Lists nested 100,000 deep (``[[[…]]]``): printing or walking them recursively fails."""
+    _parent(path).write_bytes(_as_imlist(b"]" * depth + b"a" * (depth - 1)))
+    return path
+
+
+def pickle_huge_repeat(path: Path, size: int = 1 << 20, times: int = 10_000) -> Path:
+    """``[bytearray(s) for _ in range(10_000)]`` of one memoized 1 MiB ``s``: 10 GiB from a
+    1 MiB file (each 7-byte repeat copies the whole buffer)."""
+    head = _global("builtins", "bytearray") + b"q\x00"  # BINPUT 0
+    data = b"B" + struct.pack("<I", size) + b"\0" * size + b"q\x01"  # BINBYTES, BINPUT 1
+    repeat = b"h\x00h\x01\x85R" * times  # BINGET 0, BINGET 1, TUPLE1, REDUCE
+    _parent(path).write_bytes(_as_imlist(head + data + b"](" + repeat + b"e"))  # APPENDS
+    return path
+
+
+def pickle_repr_amplification(path: Path, size: int = 1 << 20, times: int = 2_000) -> Path:
+    """``str([s] * 2000)`` of a 1 MiB string ``s``: a 2 GB repr from a 1 MiB file."""
+    s = _text("x" * size) + b"q\x00" + b"0"  # BINPUT 0, POP: s stays in the memo only
+    items = b"](" + b"h\x00" * times + b"e"  # [s, s, ...]
+    ops = _global("builtins", "str") + s + items + b"\x85R"
+    _parent(path).write_bytes(_as_imlist(ops))
+    return path
+
+
+@dataclass(frozen=True)
+class HostilePickle:
+    """A small ground-truth pickle that asks for a huge allocation; loading must refuse it
+    with an error matching ``refused`` (and naming the file), fast and in little memory."""
+
+    name: str
+    make: Callable[[Path], Path]
+    refused: str
+
+
+HOSTILE_PICKLES: tuple[HostilePickle, ...] = (
+    HostilePickle("bytearray_count", pickle_bytearray_count, r"builtins\.bytearray\(int\)"),
+    HostilePickle("bytes_count", pickle_bytes_count, r"builtins\.bytes\(int\)"),
+    HostilePickle("numpy_huge_shape", pickle_numpy_huge_shape, r"over \d+ bytes.*shape"),
+    HostilePickle("numpy_huge_state", pickle_numpy_huge_state, r"over \d+ bytes.*shape"),
+    HostilePickle("ndarray_call", pickle_ndarray_call, r"numpy\.ndarray\(\.\.\.\) called"),
+    HostilePickle("deep_nesting", pickle_deep_nesting, r"deeper than 32 levels"),
+    HostilePickle("huge_repeat", pickle_huge_repeat, r"over \d+ bytes.*bytearray"),
+    HostilePickle("repr_amplification", pickle_repr_amplification, r"builtins\.str of a list"),
+)

@@ -113,3 +113,116 @@ def test_pca_split_needs_groups(tmp_path: Path, capsys, shared_data: Path) -> No
     )
     assert code == 2
     assert "error" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ errors found early (issue 12)
+
+
+@pytest.fixture
+def no_forward_pass(monkeypatch):
+    """Fail the test if ``evaluate`` builds a network or extracts a feature."""
+    import torch
+
+    from cw_pipeline import cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the inputs were checked")
+
+    monkeypatch.setattr(cli, "FeatureExtractor", refuse)
+    monkeypatch.setattr(cli, "extract_features", refuse)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def _small_ukbench(tmp_path: Path, shared_data: Path) -> Path:
+    import shutil
+
+    folder = tmp_path / "uk"
+    folder.mkdir()
+    for i in range(8):
+        name = f"ukbench{i:05d}.jpg"
+        shutil.copyfile(shared_data / "ukbench" / "jpg" / name, folder / name)
+    return folder
+
+
+def _bad_text_gt(tmp_path: Path) -> Path:
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    (gt / "a_1_query.txt").write_text("img 0 0 5 5\n")
+    (gt / "a_1_good.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+    (gt / "a_1_ok.txt").write_text("")
+    (gt / "a_1_junk.txt").write_text("")
+    return gt
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("pca_missing", "--pca-from folder not found: {tmp}/nope"),
+        ("pca_empty", "no images under --pca-from {tmp}/empty"),
+        ("pca_file", "--pca-from is not a folder: {tmp}/file.txt"),
+        ("device_cuda", "device 'cuda' requested but CUDA is not available"),
+        ("device_mps", "device 'mps' requested but MPS (Apple GPU) is not available"),
+        ("device_bad", "invalid device 'gpu0'"),
+        ("gt_missing", "ground-truth folder not found: {tmp}/no-gt"),
+        ("gt_pickle_missing", "ground-truth pickle not found: {tmp}/gnd_none.pkl"),
+        ("gt_not_utf8", "{tmp}/gt/a_1_good.txt:1: not UTF-8 text: byte 0xe9"),
+    ],
+)
+def test_evaluate_checks_every_input_before_any_forward_pass(
+    tmp_path: Path, capsys, shared_data: Path, no_forward_pass, case: str, expected: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    images = _small_ukbench(tmp_path, shared_data)
+    args = ["evaluate", "--layout", "ukbench", "--images", str(images), "--method", "ofa"]
+    args += {
+        "pca_missing": ["--pca-from", str(tmp_path / "nope")],
+        "pca_empty": ["--pca-from", str(tmp_path / "empty")],
+        "pca_file": ["--pca-from", str(tmp_path / "file.txt")],
+        "device_cuda": ["--pca-split", "--device", "cuda"],
+        "device_mps": ["--pca-split", "--device", "mps"],
+        "device_bad": ["--pca-split", "--device", "gpu0"],
+        "gt_missing": ["--pca-from", str(images)],
+        "gt_pickle_missing": ["--pca-from", str(images)],
+        "gt_not_utf8": ["--pca-from", str(images)],
+    }[case]
+    if case.startswith("gt_"):
+        args[2] = "gnd" if case == "gt_pickle_missing" else "oxford"
+        gt = {"gt_missing": "no-gt", "gt_pickle_missing": "gnd_none.pkl", "gt_not_utf8": "gt"}
+        if case == "gt_not_utf8":
+            _bad_text_gt(tmp_path)
+        args += ["--groundtruth", str(tmp_path / gt[case])]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("cw-pipeline: error: ") and "Traceback" not in err
+    assert expected.format(tmp=tmp_path) in err, err
+
+
+def test_index_with_an_unavailable_device_is_one_line_and_status_2(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CW_PIPELINE_CONFIG", "unused")  # _pipeline sets it; restored after
+    monkeypatch.delenv("CW_PIPELINE_DEVICE", raising=False)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "fl").mkdir()
+    config = tmp_path / "datasets.yaml"
+    config.write_text("datasets:\n  fl:\n    layout: folder\n    images: fl\n    device: cuda\n")
+    assert main(["index", "--dataset", "fl", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"cw-pipeline: error: {config}: dataset 'fl': device 'cuda' requested but CUDA is not "
+        f"available on this machine (torch {torch.__version__}, "
+        f"{'built without CUDA' if torch.version.cuda is None else 'no CUDA GPU found'}); use "
+        "cpu (or set $CW_PIPELINE_DEVICE=cpu for this process)"
+    )
+    monkeypatch.setenv("CW_PIPELINE_DEVICE", "mps:x")
+    assert main(["index", "--dataset", "fl", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cw-pipeline: error: $CW_PIPELINE_DEVICE: invalid device 'mps:x'")
+    assert len(err.strip().splitlines()) == 1

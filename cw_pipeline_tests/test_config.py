@@ -667,3 +667,39 @@ def test_relative_config_path_gives_absolute_paths(
     assert config.warehouse == str(tmp_path / "warehouse")
     with pytest.raises(ConfigError, match=r"^datasets\.yaml:3: dataset 'fl': unknown key"):
         load_config(write(tmp_path, "datasets:\n  fl:\n    layot: folder\n").name)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "line", "column"),
+    [("", 1, 1), ("datasets:\n  fl:\n    layout: folder\n", 4, 16)],
+)
+def test_a_config_that_is_not_utf8_names_the_file_and_line(
+    tmp_path: Path, prefix: str, line: int, column: int
+) -> None:
+    path = tmp_path / "datasets.yaml"
+    body = "\u00e9" if not prefix else "    images: caf\u00e9\n"
+    path.write_bytes(prefix.encode() + body.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(
+        f"{path}:{line}: not UTF-8 text: byte 0xe9 at column {column}"
+    ), str(info.value)
+    assert info.value.line == line
+
+
+@pytest.mark.parametrize("layout", ["ukbench", "holidays"])
+def test_a_self_split_dataset_cannot_be_evaluated_with_distractors(
+    tmp_path: Path, layout: str
+) -> None:
+    text = (
+        "datasets:\n"
+        f"  uk:\n    layout: {layout}\n    images: uk\n    pca_from: self-split\n"
+        "  fl:\n    layout: folder\n    images: fl\n"
+        "evaluations:\n"
+        "  uk-dist:\n    dataset: uk\n    distractors: [fl]\n"
+    )
+    message = error_of(tmp_path, text, folders=("uk", "fl"))
+    assert message.startswith(f"{tmp_path / 'datasets.yaml'}:12: evaluation 'uk-dist': "), message
+    assert "self-split" in message and "distractor" in message
+    # Without distractors the same dataset loads (its implicit evaluation too).
+    load_config(write(tmp_path, text.replace("    distractors: [fl]\n", ""), folders=()))

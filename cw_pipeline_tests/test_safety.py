@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +28,7 @@ import pytest
 from cw_pipeline import cli, stages
 from cw_pipeline.config import ConfigError, DatasetConfig, load_config
 from cw_pipeline.core.datasets import (
+    PickleLimitError,
     UnsafePickleError,
     image_path,
     load_gnd_pickle,
@@ -34,7 +37,7 @@ from cw_pipeline.core.datasets import (
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 from cw_pipeline.indexing import MANIFEST_SCHEMA, scan_files, update_features
 from cw_pipeline.store import FeatureStore
-from cw_pipeline_tests.badfiles import plain_jpeg
+from cw_pipeline_tests.badfiles import HOSTILE_PICKLES, plain_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,6 +89,86 @@ def test_ground_truth_pickle_with_an_arbitrary_class_is_refused(tmp_path):
     assert str(info.value) == (
         f"{path}: refused to load global cw_pipeline_tests.test_safety.Payload"
     )
+
+
+#: Address space of the child loading a hostile pickle: Python, numpy and the loader need
+#: about 0.5 GB; every hostile file asks for 2 GB or more.
+_HOSTILE_RLIMIT_AS = 1536 * 1024 * 1024
+
+_LOAD_UNDER_RLIMIT = """
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+from cw_pipeline.core.datasets import load_gnd_pickle
+t0 = time.perf_counter()
+try:
+    load_gnd_pickle(sys.argv[1])
+except Exception as exc:
+    print(type(exc).__name__, round(time.perf_counter() - t0, 3))
+    print(exc)
+else:
+    print("loaded")
+"""
+
+
+def _load_under_rlimit(path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
+    script = _LOAD_UNDER_RLIMIT.format(limit=_HOSTILE_RLIMIT_AS)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_real_ground_truth_loads_under_the_memory_limit_of_the_hostile_pickle_tests(
+    shared_data,
+):
+    path = shared_data / "groundtruth" / "revisited" / "gnd_rparis6k.pkl"
+    assert _load_under_rlimit(path).stdout.strip() == "loaded"
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_PICKLES, ids=lambda h: h.name)
+def test_hostile_ground_truth_pickles_are_refused_fast_and_in_little_memory(tmp_path, hostile):
+    path = hostile.make(tmp_path / f"gnd_{hostile.name}.pkl")
+    assert path.stat().st_size < 2 * 1024 * 1024  # small files asking for GBs
+    proc = _load_under_rlimit(path)
+    kind, seconds = proc.stdout.splitlines()[0].split()
+    message = "\n".join(proc.stdout.splitlines()[1:])
+    assert kind == "PickleLimitError", proc.stdout
+    assert message.startswith(f"{path}: refused"), message
+    assert re.search(hostile.refused, message), message
+    assert float(seconds) < 5.0
+
+
+def test_ground_truth_pickle_opcodes_count_against_the_cap(tmp_path):
+    # 200,000 references to one string (DUP): 1.6 MB of pointers from a 200 KB file.
+    path = tmp_path / "gnd_dups.pkl"
+    ops = b"](" + b"X\x01\x00\x00\x00a" + b"2" * 200_000 + b"e"
+    path.write_bytes(b"\x80\x02}X\x06\x00\x00\x00imlist" + ops + b"s.")
+    with pytest.raises(PickleLimitError, match=r"gnd_dups\.pkl: refused.*over 1000000 bytes"):
+        load_gnd_pickle(path, max_bytes=1_000_000)
+    with pytest.raises(ValueError, match="duplicate image id 'a'"):  # under the cap: loads
+        load_gnd_pickle(path, max_bytes=100_000_000)
+
+
+def test_ground_truth_pickle_larger_than_the_cap_is_not_read(tmp_path):
+    path = tmp_path / "gnd_big.pkl"
+    path.write_bytes(pickle.dumps({"imlist": ["x" * 5000]}))
+    with pytest.raises(PickleLimitError, match=r"gnd_big\.pkl.*the file has \d+ bytes"):
+        load_gnd_pickle(path, max_bytes=4096)
+
+
+def test_ground_truth_pickle_holding_itself_is_refused(tmp_path):
+    path = tmp_path / "gnd_loop.pkl"
+    looped: list = []
+    looped.append(looped)
+    path.write_bytes(pickle.dumps({"imlist": looped, "qimlist": [], "gnd": []}))
+    with pytest.raises(PickleLimitError, match=r"gnd_loop\.pkl: refused: .*holds itself"):
+        load_gnd_pickle(path)
 
 
 @pytest.mark.parametrize(

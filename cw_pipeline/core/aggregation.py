@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from cw_pipeline.core.jsonsafe import dumps
+
 logger = logging.getLogger(__name__)
 
 EPS = 1e-12
@@ -141,7 +143,7 @@ class PCAWhitening:
                 f, mean=self.mean, components=self.components, eigenvalues=self.eigenvalues
             ),
         )
-        payload = json.dumps(self.metadata, indent=2, sort_keys=True, default=str).encode()
+        payload = dumps(self.metadata, indent=2, sort_keys=True, default=str).encode()
         _atomic_write(_with_ext(base, ".json"), lambda f: f.write(payload))
         return _with_ext(base, ".npz")
 
@@ -153,10 +155,24 @@ class PCAWhitening:
         with np.load(_with_ext(base, ".npz"), allow_pickle=False) as data:
             mean, comps, eig = data["mean"], data["components"], data["eigenvalues"]
         meta_path = _with_ext(base, ".json")
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = _read_metadata(meta_path) if meta_path.exists() else {}
         if comps.shape[1] != mean.shape[0] or comps.shape[0] != eig.shape[0]:
             raise ValueError(f"PCA model {base} has inconsistent array shapes")
         return cls(mean=mean, components=comps, eigenvalues=eig, metadata=meta)
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """A PCA model's JSON metadata; ValueError naming the file when it is not UTF-8 JSON."""
+    from cw_pipeline.core.datasets import decode_text
+
+    text = decode_text(path.read_bytes(), path)
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: invalid JSON metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the metadata must be a JSON object, not {type(meta).__name__}")
+    return meta
 
 
 def _with_ext(base: Path, ext: str) -> Path:

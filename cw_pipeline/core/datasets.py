@@ -7,29 +7,36 @@ sub-folders in the id (``"shard1/img"``) unless asked for flat ids.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 
 __all__ = [
     "DEFAULT_IMAGE_EXTENSIONS",
+    "MAX_GND_PICKLE_BYTES",
+    "MAX_GND_PICKLE_DEPTH",
     "GroundTruth",
+    "PickleLimitError",
     "Query",
     "QueryProtocol",
+    "TextDecodeError",
     "UnsafePickleError",
     "check_image_id",
     "check_query_protocol",
+    "decode_text",
     "holidays_groundtruth",
     "image_path",
     "load_gnd_pickle",
     "read_oxford_groundtruth",
+    "read_text_lines",
     "scan_image_folder",
     "ukbench_groundtruth",
     "ukbench_labels",
@@ -202,26 +209,58 @@ def _query_sort_key(name: str) -> tuple[str, int, str]:
     return (name, -1, name)
 
 
+class TextDecodeError(ValueError):
+    """A text file that is not UTF-8; ``str()`` is ``<source>:<line>: <reason>``."""
+
+    def __init__(self, source: Path | str, line: int, reason: str) -> None:
+        self.source, self.line, self.reason = str(source), line, reason
+        super().__init__(f"{source}:{line}: {reason}")
+
+
+def decode_text(data: bytes, source: Path | str) -> str:
+    """``data`` decoded as UTF-8, or :class:`TextDecodeError`
+    ``<source>:<line>: not UTF-8 text: byte 0xe9 at column 7 (invalid continuation byte)…``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise TextDecodeError(
+            source,
+            line,
+            f"not UTF-8 text: byte 0x{data[exc.start]:02x} at column {column} ({exc.reason}); "
+            "save the file as UTF-8",
+        ) from None
+
+
+def read_text_lines(path: Path | str) -> list[str]:
+    """The lines of a UTF-8 text file (universal newlines, ends stripped), or
+    :class:`TextDecodeError` naming the file and line."""
+    import io
+
+    text = decode_text(Path(path).read_bytes(), path)
+    return [line.rstrip("\n") for line in io.StringIO(text, newline=None)]
+
+
 def _read_name_list(path: Path) -> set[str]:
     """Read a ``_good/_ok/_junk.txt`` list (one image name a line; blank lines ignored)."""
     if not path.is_file():
         raise FileNotFoundError(f"ground-truth file missing: {path}")
     names: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            if len(tokens) != 1:
-                raise ValueError(f"{path}:{lineno}: expected one image name, got {line.strip()!r}")
-            names.add(check_image_id(tokens[0], f"{path}:{lineno}"))
+    for lineno, line in enumerate(read_text_lines(path), start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) != 1:
+            raise ValueError(f"{path}:{lineno}: expected one image name, got {line.strip()!r}")
+        names.add(check_image_id(tokens[0], f"{path}:{lineno}"))
     return names
 
 
 def _read_query_file(path: Path) -> tuple[str, tuple[float, float, float, float]]:
     """Parse ``<image> x1 y1 x2 y2`` (image may carry the ``oxc1_`` prefix)."""
-    with path.open(encoding="utf-8") as fh:
-        lines = [(n, line.split()) for n, line in enumerate(fh, start=1) if line.strip()]
+    numbered = enumerate(read_text_lines(path), start=1)
+    lines = [(n, line.split()) for n, line in numbered if line.strip()]
     if len(lines) != 1:
         raise ValueError(f"{path}: expected exactly one query line, found {len(lines)}")
     lineno, tokens = lines[0]
@@ -297,7 +336,25 @@ def read_oxford_groundtruth(
 
 
 class UnsafePickleError(ValueError):
-    """A pickle asked for a global outside the ground-truth allow-list."""
+    """A pickle asked for a global outside the ground-truth allow-list, or to build more than a
+    ground-truth file may (see :class:`PickleLimitError`)."""
+
+
+class PickleLimitError(UnsafePickleError):
+    """Loading a pickle would allocate more than :data:`MAX_GND_PICKLE_BYTES`, nest deeper
+    than :data:`MAX_GND_PICKLE_DEPTH`, or build an object from a count (``bytearray(n)``)."""
+
+
+#: What loading one ground-truth pickle may allocate (file, objects and arrays, estimated
+#: before each allocation); the official ``gnd_*.pkl`` files need under 10 MB.
+MAX_GND_PICKLE_BYTES = 256 * 1024 * 1024
+#: How deep a ground-truth pickle's containers may nest (the official files: 4 levels).
+MAX_GND_PICKLE_DEPTH = 32
+#: Bytes charged per pickle opcode: the most one opcode adds besides its data (an object
+#: header or a reference).
+_OPCODE_COST = 64
+#: Longest text a pickle may hand to ``int``/``float``/``complex``.
+_MAX_NUMBER_TEXT = 4300
 
 
 def _numpy_attr(module: str, name: str) -> Any:
@@ -319,13 +376,14 @@ _SAFE_BUILTINS = frozenset(
     {"list", "dict", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes",
      "bytearray", "bool"}
 )  # fmt: skip
+_NUMPY_MODULES = ("numpy.core", "numpy._core")
 _SAFE_NUMPY = frozenset(
     {
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         *(
             (f"{base}.{mod}", name)
-            for base in ("numpy.core", "numpy._core")
+            for base in _NUMPY_MODULES
             for mod, name in (
                 ("multiarray", "_reconstruct"),
                 ("multiarray", "scalar"),
@@ -334,71 +392,310 @@ _SAFE_NUMPY = frozenset(
         ),
     }
 )
+_SIZED = (list, tuple, set, frozenset, dict, str, bytes, bytearray)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler admitting only builtin containers/scalars and what rebuilds numpy arrays."""
+class _NdarrayType:
+    """What ``numpy.ndarray`` resolves to: only :func:`numpy.core.multiarray._reconstruct`
+    accepts it; calling it (``ndarray(shape)`` allocates from a count) is refused."""
 
-    def __init__(self, file: Any, path: Path) -> None:
-        super().__init__(file, encoding="latin1")  # latin1: Python-2 numpy pickles
+    def __init__(self, unpickler: _RestrictedUnpickler) -> None:
+        self._unpickler = unpickler
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._unpickler.limit("numpy.ndarray(...) called directly (allocates from a shape)")
+
+
+def _nbytes(shape: Any, dtype: Any) -> int:
+    """Bytes of an array of ``shape`` and ``dtype`` (exact integers; ValueError when odd)."""
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ValueError(f"invalid array shape {shape!r}")
+    n = np.dtype(dtype).itemsize
+    for d in dims:
+        n *= d
+    return n
+
+
+_PY_UNPICKLER: Any = pickle._Unpickler  # type: ignore[attr-defined]
+
+
+class _RestrictedUnpickler(_PY_UNPICKLER):
+    """The pure-Python unpickler, restricted for ground truth.
+
+    Only builtin containers/scalars and what rebuilds numpy arrays may be loaded, and each
+    through a wrapper that checks its arguments and charges what it will allocate *before* it
+    runs: ``bytearray(n)``, ``ndarray(shape)`` and other allocations from a count are refused,
+    and the total (the file, ``_OPCODE_COST`` per opcode, every copy and array) is capped at
+    ``max_bytes``. NEWOBJ and BUILD on anything but numpy arrays and dtypes are refused.
+    """
+
+    dispatch: ClassVar[dict[int, Any]] = dict(_PY_UNPICKLER.dispatch)
+
+    def __init__(self, data: bytes, path: Path, max_bytes: int) -> None:
+        import io
+
+        super().__init__(io.BytesIO(data), encoding="latin1")  # latin1: Python-2 numpy pickles
         self._path = path
+        self._max_bytes = max_bytes
+        self._used = 0
+        self.charge(len(data), "the file itself")
+
+    # ---- accounting ----------------------------------------------------------------------
+
+    def limit(self, what: str) -> PickleLimitError:
+        return PickleLimitError(
+            f"{self._path}: refused to load this ground-truth pickle: {what}; a ground-truth "
+            f"file may allocate at most {self._max_bytes} bytes and nest "
+            f"{MAX_GND_PICKLE_DEPTH} levels, and may not build objects from a count"
+        )
+
+    def charge(self, n: int, what: str) -> None:
+        """Count ``n`` bytes about to be allocated; refuse past the cap."""
+        self._used += n
+        if self._used > self._max_bytes:
+            raise self.limit(f"it would allocate over {self._max_bytes} bytes ({what})")
+
+    # ---- globals ---------------------------------------------------------------------------
 
     def find_class(self, module: str, name: str) -> Any:
         if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
-            import builtins
-
-            return getattr(builtins, name)
+            return self._builtin(name)
         if (module, name) == ("_codecs", "encode"):  # bytes in protocol-2 pickles
-            import codecs
-
-            return codecs.encode
+            return self._encode
         if (module, name) in _SAFE_NUMPY:
-            return _numpy_attr(module, name)
+            if name == "ndarray":
+                return _NdarrayType(self)
+            return getattr(self, f"_np{name}")
         raise UnsafePickleError(f"{self._path}: refused to load global {module}.{name}")
+
+    def _builtin(self, name: str) -> Any:
+        import builtins
+
+        func = getattr(builtins, name)
+
+        def call(*args: Any) -> Any:
+            label = f"builtins.{name}"
+            if len(args) > 3:
+                raise self.limit(f"{label} with {len(args)} arguments")
+            if name in ("int", "float", "complex", "bool"):
+                for a in args:
+                    if isinstance(a, (str, bytes, bytearray)) and len(a) > _MAX_NUMBER_TEXT:
+                        raise self.limit(f"{label} of a {len(a)}-character text")
+                    if not isinstance(a, (str, bytes, bytearray, int, float, complex)):
+                        raise self.limit(f"{label} of a {type(a).__name__}")
+                self.charge(_OPCODE_COST, label)
+                return func(*args)
+            if args and not isinstance(args[0], _SIZED):
+                # bytearray(n), bytes(n) allocate n bytes; str(x)/list(x) of anything but a
+                # sized builtin could run arbitrary code or copy without bound.
+                raise self.limit(
+                    f"{label}({type(args[0]).__name__}) builds an object from a count or an "
+                    "unsized value"
+                )
+            if name == "str" and args and not isinstance(args[0], (str, bytes, bytearray)):
+                raise self.limit(f"{label} of a {type(args[0]).__name__} (its repr is unbounded)")
+            size = len(args[0]) if args else 0
+            per_item = 1 if name in ("str", "bytes", "bytearray") else 16
+            self.charge(_OPCODE_COST + per_item * size, f"{label} of {size} items")
+            return func(*args)
+
+        return call
+
+    def _encode(self, obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        import codecs
+
+        if not isinstance(obj, str) or encoding.lower().replace("_", "-") not in (
+            "latin1",
+            "latin-1",
+        ):
+            raise self.limit(f"_codecs.encode({type(obj).__name__}, {encoding!r})")
+        self.charge(_OPCODE_COST + len(obj), "_codecs.encode")
+        return codecs.encode(obj, encoding, errors)
+
+    def _npdtype(self, *args: Any) -> np.dtype:
+        if not args or not all(isinstance(a, (str, bytes, bool, int)) for a in args[:3]):
+            raise self.limit("numpy.dtype of anything but a type code")
+        self.charge(_OPCODE_COST, "numpy.dtype")
+        dt = np.dtype(*args)
+        if dt.itemsize > self._max_bytes:
+            raise self.limit(f"numpy.dtype of {dt.itemsize} bytes")
+        return dt
+
+    def _np_reconstruct(self, subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        if not isinstance(subtype, _NdarrayType):
+            raise self.limit(f"numpy _reconstruct of {subtype!r}, not numpy.ndarray")
+        self.charge(_OPCODE_COST + _nbytes(shape, dtype), f"a numpy array of shape {shape!r}")
+        return _numpy_attr("numpy._core.multiarray", "_reconstruct")(np.ndarray, shape, dtype)
+
+    def _npscalar(self, dtype: Any, data: Any = None) -> Any:
+        if not isinstance(dtype, np.dtype):
+            raise self.limit("numpy scalar of anything but a dtype")
+        self.charge(_OPCODE_COST + dtype.itemsize, f"a numpy scalar of {dtype}")
+        scalar = _numpy_attr("numpy._core.multiarray", "scalar")
+        return scalar(dtype) if data is None else scalar(dtype, data)
+
+    def _np_frombuffer(self, buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+        self.charge(_OPCODE_COST + _nbytes(shape, dtype), f"a numpy array of shape {shape!r}")
+        return _numpy_attr("numpy._core.numeric", "_frombuffer")(buf, dtype, shape, order)
+
+    # ---- opcodes ---------------------------------------------------------------------------
+
+    def load_build(self) -> None:
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, np.ndarray) and isinstance(state, tuple) and len(state) in (4, 5):
+            shape, dtype = state[-4], state[-3]
+            self.charge(_nbytes(shape, dtype), f"a numpy array of shape {shape!r}")
+        elif not isinstance(inst, np.dtype):
+            raise self.limit(f"BUILD on a {type(inst).__name__} (sets the state of an object)")
+        super().load_build()
+
+    def load_newobj(self) -> None:
+        raise self.limit("NEWOBJ (builds an instance of a class)")
+
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj
+
+
+def _charging(op: Any) -> Any:
+    def run(self: _RestrictedUnpickler) -> None:
+        self.charge(_OPCODE_COST, "pickle opcodes")
+        op(self)
+
+    return run
+
+
+_RestrictedUnpickler.dispatch = {k: _charging(v) for k, v in _RestrictedUnpickler.dispatch.items()}
+
+
+def _check_depth(obj: Any, path: Path, limit: int = MAX_GND_PICKLE_DEPTH) -> None:
+    """Refuse containers nested deeper than ``limit`` or holding themselves (iterative: no
+    recursion, each shared object visited once)."""
+
+    def children(o: Any) -> list[Any]:
+        if isinstance(o, dict):
+            return [*o.keys(), *o.values()]
+        if isinstance(o, (list, tuple, set, frozenset)):
+            return list(o)
+        if isinstance(o, np.ndarray) and o.dtype == object:
+            return list(o.reshape(-1))
+        return []
+
+    height: dict[int, int] = {}  # finished containers
+    on_path: set[int] = set()
+    stack: list[tuple[Any, list[Any]]] = []
+
+    def enter(o: Any) -> None:
+        kids = children(o)
+        if not kids:
+            height[id(o)] = 1
+            return
+        if id(o) in on_path:
+            raise PickleLimitError(f"{path}: refused: a container of the pickle holds itself")
+        on_path.add(id(o))
+        stack.append((o, kids))
+
+    enter(obj)
+    while stack:
+        o, kids = stack[-1]
+        while kids and id(kids[-1]) in height:
+            kids.pop()
+        if kids:
+            enter(kids.pop())
+            continue
+        stack.pop()
+        on_path.discard(id(o))
+        h = 1 + max((height[id(c)] for c in children(o)), default=0)
+        if h > limit:
+            raise PickleLimitError(
+                f"{path}: refused: the pickle nests containers deeper than {limit} levels"
+            )
+        height[id(o)] = h
+
+
+@contextlib.contextmanager
+def _pkl_field(path: Path, where: str) -> Iterator[None]:
+    """Re-raise a conversion error (TypeError, ValueError, OverflowError) of one pickle field
+    as ValueError ``<file>: <where>: <error>``, unless it already names the file."""
+    try:
+        yield
+    except (TypeError, ValueError, OverflowError) as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: {where}: {exc}") from None
 
 
 def _pkl_names(data: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
     values = data.get(key)
     if values is None:
-        raise ValueError(f"{path}: missing key {key!r} (keys: {sorted(data)})")
-    values = [v.item() if isinstance(v, np.generic) else v for v in list(values)]
-    for i, value in enumerate(values):
-        check_image_id(value, f"{path} [{key}][{i}]")
-    return _check_unique_ids(values, f"{path} [{key}]")
+        raise ValueError(f"{path}: missing key {key!r} (keys: {sorted(data, key=repr)})")
+    if not isinstance(values, (list, tuple, np.ndarray)):
+        raise ValueError(f"{path}: [{key!r}] must be a list of names, not {type(values).__name__}")
+    names = [v.item() if isinstance(v, np.generic) else v for v in list(values)]
+    for i, name in enumerate(names):
+        check_image_id(name, f"{path} [{key}][{i}]")
+    return _check_unique_ids(names, f"{path} [{key}]")
 
 
 def _pkl_indices(value: Any, n_db: int, path: Path, where: str) -> list[int]:
-    arr = np.asarray(value).reshape(-1) if value is not None else np.empty(0)
-    if arr.size and arr.dtype.kind not in "iu":
-        if arr.dtype.kind == "f" and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise ValueError(f"{path}: {where} holds non-integer indices (dtype {arr.dtype})")
-    idx = [int(i) for i in arr]
+    with _pkl_field(path, where):
+        arr = np.asarray(value).reshape(-1) if value is not None else np.empty(0)
+        if arr.size and arr.dtype.kind not in "iu":
+            if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+                arr = arr.astype(np.int64)
+            else:
+                raise ValueError(f"holds non-integer indices (dtype {arr.dtype})")
+        idx = [int(i) for i in arr]
     bad = [i for i in idx if not 0 <= i < n_db]
     if bad:
         raise ValueError(f"{path}: {where} index {bad[0]} out of range for {n_db} images")
     return idx
 
 
-def load_gnd_pickle(path: Path | str) -> GroundTruth:
+def _pkl_bbox(bbx: Any, path: Path, where: str) -> tuple[float, float, float, float]:
+    with _pkl_field(path, where):
+        coords = [float(v) for v in np.asarray(bbx, dtype=np.float64).reshape(-1)]
+        if len(coords) != 4:
+            raise ValueError(f"must hold 4 numbers, got {bbx!r}")
+    bbox = (coords[0], coords[1], coords[2], coords[3])
+    if not all(np.isfinite(bbox)) or bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
+        raise ValueError(
+            f"{path}: {where} is {bbox!r}: zero area, inverted or not finite (expected x1 < x2 "
+            "and y1 < y2)"
+        )
+    return bbox
+
+
+def load_gnd_pickle(path: Path | str, max_bytes: int = MAX_GND_PICKLE_BYTES) -> GroundTruth:
     """Load a ``gnd_<dataset>.pkl`` (cirtorch / revisitop format) with a restricted unpickler.
 
     Classic files have per-query ``bbx``, ``ok``, ``junk``; revisited ones (detected by
     ``'easy'``) have ``bbx``, ``easy``, ``hard``, ``junk`` and their queries are not in the
     database. Query names are not stored in the pickle and are left empty. A pickle that needs
-    any other global raises :class:`UnsafePickleError`.
+    any other global raises :class:`UnsafePickleError`; one that would allocate over
+    ``max_bytes``, build an object from a count or nest deeper than
+    :data:`MAX_GND_PICKLE_DEPTH` raises :class:`PickleLimitError`, before allocating.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ground-truth pickle not found: {path}")
-    with path.open("rb") as fh:
-        try:
-            data = _RestrictedUnpickler(fh, path).load()
-        except UnsafePickleError:
-            raise
-        except Exception as exc:  # corrupt or truncated file
-            raise ValueError(f"{path}: cannot unpickle ground truth: {exc}") from exc
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise PickleLimitError(
+            f"{path}: refused to load this ground-truth pickle: the file has {size} bytes, "
+            f"over the limit of {max_bytes}"
+        )
+    raw = path.read_bytes()
+    try:
+        data = _RestrictedUnpickler(raw, path, max_bytes).load()
+    except UnsafePickleError:
+        raise
+    except RecursionError:
+        raise PickleLimitError(f"{path}: refused: the pickle nests too deeply") from None
+    except Exception as exc:  # corrupt or truncated file
+        raise ValueError(f"{path}: cannot unpickle ground truth: {exc}") from exc
+    _check_depth(data, path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict, got {type(data).__name__}")
     imlist = _pkl_names(data, "imlist", path)
@@ -422,22 +719,13 @@ def load_gnd_pickle(path: Path | str) -> GroundTruth:
         for f in fields:
             if f not in g:
                 raise ValueError(f"{path}: gnd[{i}] lacks {f!r} (keys: {sorted(g)})")
+        entry = f"gnd[{i}] (query {qname!r})"
         sets = {
-            f: frozenset(imlist[j] for j in _pkl_indices(g[f], n_db, path, f"gnd[{i}][{f!r}]"))
+            f: frozenset(imlist[j] for j in _pkl_indices(g[f], n_db, path, f"{entry} [{f!r}]"))
             for f in fields
         }
         bbx = g.get("bbx")
-        bbox: tuple[float, float, float, float] | None = None
-        if bbx is not None:
-            coords = [float(v) for v in np.asarray(bbx, dtype=np.float64).reshape(-1)]
-            if len(coords) != 4:
-                raise ValueError(f"{path}: gnd[{i}]['bbx'] must hold 4 numbers, got {bbx!r}")
-            bbox = (coords[0], coords[1], coords[2], coords[3])
-            if not all(np.isfinite(bbox)) or bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
-                raise ValueError(
-                    f"{path}: gnd[{i}]['bbx'] of query {qname!r} is {bbox!r}: zero area, "
-                    "inverted or not finite (expected x1 < x2 and y1 < y2)"
-                )
+        bbox = None if bbx is None else _pkl_bbox(bbx, path, f"{entry} ['bbx']")
         if revisited:
             q = Query(
                 qname, bbox, sets["easy"] | sets["hard"], sets["junk"], sets["easy"], sets["hard"]

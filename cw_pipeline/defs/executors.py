@@ -100,8 +100,12 @@ def celery_config_path(environ: Mapping[str, str] | None = None) -> Path:
 def _celery_config(path: Path) -> dict[str, Any]:
     """The ``execution: config:`` block of a ``dagster-celery`` worker YAML file, validated."""
     shown = str(path)
+    from cw_pipeline.core.datasets import TextDecodeError, decode_text
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(decode_text(path.read_bytes(), shown))
+    except TextDecodeError as exc:
+        raise _error(CELERY_CONFIG_ENV, shown, f"line {exc.line}: {exc.reason}") from None
     except OSError as exc:
         raise _error(CELERY_CONFIG_ENV, shown, f"cannot read the Celery config ({exc})") from None
     except yaml.YAMLError as exc:

@@ -16,7 +16,9 @@ from cw_pipeline.core.backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     VGG16CAM,
+    DeviceUnavailableError,
     _packaged_efficientnet_path,
+    check_device,
     load_backbone,
     set_num_threads,
 )
@@ -344,3 +346,31 @@ def test_default_backbone_recognises_a_palace(lite0):
     top3 = torch.topk(out.probs[0], 3).indices.tolist()
     assert 698 in top3
     np.testing.assert_array_equal(record.class_ids[:3], top3)
+
+
+@pytest.mark.parametrize(
+    ("device", "match"),
+    [
+        ("cuda", r"device 'cuda' requested but CUDA is not available on this machine"),
+        ("cuda:1", r"device 'cuda:1' requested but CUDA is not available"),
+        ("mps", r"device 'mps' requested but MPS \(Apple GPU\) is not available"),
+        ("gpu0", r"invalid device 'gpu0' .*expected cpu, cuda, cuda:N or mps"),
+        ("meta", r"unsupported device 'meta': expected one of cpu, cuda, mps"),
+    ],
+)
+def test_unavailable_devices_are_refused_before_any_work(monkeypatch, device, match):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(DeviceUnavailableError, match=match) as info:
+        check_device(device)
+    assert "\n" not in str(info.value)
+    with pytest.raises(DeviceUnavailableError, match=match):  # before the network is built
+        load_backbone("efficientnet_lite0", weights="no-such-file.pth", device=device)
+
+
+def test_a_cuda_index_past_the_last_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DeviceUnavailableError, match=r"'cuda:2' .* has 2 CUDA device\(s\)"):
+        check_device("cuda:2")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,13 @@ import pytest
 from cw_pipeline.core.datasets import (
     GroundTruth,
     Query,
+    TextDecodeError,
     UnsafePickleError,
     check_query_protocol,
     holidays_groundtruth,
     load_gnd_pickle,
     read_oxford_groundtruth,
+    read_text_lines,
     scan_image_folder,
     ukbench_groundtruth,
     ukbench_labels,
@@ -489,3 +492,60 @@ def test_scan_image_folder_missing_root(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing"):
         scan_image_folder(tmp_path / "missing")
     assert scan_image_folder(tmp_path) == []  # a plain empty folder: no images, no error
+
+
+# --------------------------------------------------------------------------------------------
+# errors that say where (issue 12)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["query", "good", "ok", "junk"])
+def test_non_utf8_text_ground_truth_names_the_file_and_line(tmp_path: Path, kind: str) -> None:
+    _write_query(tmp_path, "a_1", "img 0 0 5 5\n", good="p1\n", ok="p2\n", junk="j\n")
+    path = tmp_path / f"a_1_{kind}.txt"
+    path.write_bytes(path.read_bytes() + "caf\u00e9 0 0 5 5\n".encode("latin-1"))  # line 2
+    with pytest.raises(TextDecodeError) as info:
+        read_oxford_groundtruth(tmp_path)
+    assert str(info.value).startswith(
+        f"{path}:2: not UTF-8 text: byte 0xe9 at column 4 (invalid continuation byte)"
+    )
+    assert (info.value.source, info.value.line) == (str(path), 2)
+
+
+def test_text_lines_keep_universal_newlines(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"one\r\ntwo\rthree\n\xc3\xa9t\xc3\xa9")
+    assert read_text_lines(path) == ["one", "two", "three", "\u00e9t\u00e9"]
+
+
+_Q = {"imlist": ["a", "b"], "qimlist": ["a"]}
+
+
+@pytest.mark.parametrize(
+    ("gnd", "match"),
+    [
+        ({"bbx": [0, 0, "oops", 4], "ok": [1], "junk": []},
+         r"gnd\[0\] \(query 'a'\) \['bbx'\]: could not convert string to float: 'oops'"),
+        ({"bbx": {"x": 1}, "ok": [1], "junk": []}, r"gnd\[0\] \(query 'a'\) \['bbx'\]: "),
+        ({"bbx": [[0, 0], [1]], "ok": [1], "junk": []}, r"gnd\[0\] \(query 'a'\) \['bbx'\]: "),
+        ({"ok": [[0], [1, 1]], "junk": []}, r"gnd\[0\] \(query 'a'\) \['ok'\]: "),
+        ({"ok": ["b"], "junk": []}, r"gnd\[0\] \(query 'a'\) \['ok'\]: holds non-integer"),
+        ({"ok": [1], "junk": [float("nan")]}, r"gnd\[0\] \(query 'a'\) \['junk'\]: holds non-int"),
+        ({"ok": [1], "junk": [7]}, r"gnd\[0\] \(query 'a'\) \['junk'\] index 7 out of range"),
+    ],
+)  # fmt: skip
+def test_every_pickle_field_conversion_names_file_query_and_field(
+    tmp_path: Path, gnd: dict, match: str
+) -> None:
+    path = tmp_path / "gnd_fields.pkl"
+    path.write_bytes(pickle.dumps({**_Q, "gnd": [gnd]}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {match}"):
+        load_gnd_pickle(path)
+
+
+@pytest.mark.parametrize("value", [7, "ab", {"a": 1}])
+def test_pickle_name_lists_must_be_lists(tmp_path: Path, value: Any) -> None:
+    path = tmp_path / "gnd_names.pkl"
+    path.write_bytes(pickle.dumps({"imlist": value, "qimlist": [], "gnd": []}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: \['imlist'\] must be a list"):
+        load_gnd_pickle(path)
