@@ -156,15 +156,19 @@ class ExtractionSettings:
     """Backbone and runtime settings of feature extraction (``defaults`` + per-dataset keys).
 
     ``backbone``, ``layer``, ``weights``, ``resize`` and ``n_classes`` determine the stored
-    features; ``batch_size``, ``device`` and ``num_threads`` only how they are computed.
+    features; ``batch_size``, ``batch_pixels``, ``device`` and ``num_threads`` only how they
+    are computed. ``resize`` defaults to ``max:1024`` (the long side capped at the paper's
+    1024, never enlarged); ``batch_pixels`` bounds the input pixels of one forward pass, and
+    so the memory of indexing (an image over it alone is quarantined, naming the budget).
     """
 
     backbone: str = "efficientnet_lite0"
     layer: str | None = None
     weights: str | None = None
-    resize: str = "native"
+    resize: str = "max:1024"
     n_classes: int = 64
     batch_size: int = 16
+    batch_pixels: int = 8 * 1024 * 1024
     device: str = "cpu"
     num_threads: int | None = None
 
@@ -187,6 +191,7 @@ class ExtractionSettings:
         ResizePolicy.parse(self.resize)
         _check_int("n_classes", self.n_classes, 1, 1000)
         _check_int("batch_size", self.batch_size, 1)
+        _check_int("batch_pixels", self.batch_pixels, 1)
         if self.num_threads is not None:
             _check_int("num_threads", self.num_threads, 1)
         _check_device(self.device)

@@ -69,7 +69,11 @@ def dataset_extractor(ds: DatasetConfig) -> FeatureExtractor:
     overrides and shares one network per settings."""
     e = ds.extraction
     return FeatureExtractor(
-        extraction_config(ds), device=e.device, num_threads=e.num_threads, batch_size=e.batch_size
+        extraction_config(ds),
+        device=e.device,
+        num_threads=e.num_threads,
+        batch_size=e.batch_size,
+        batch_pixels=e.batch_pixels,
     )
 
 

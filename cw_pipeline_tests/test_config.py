@@ -197,6 +197,23 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
     assert config.evaluations == {} and config.warnings == ()
 
 
+def test_default_extraction_bounds_memory(tmp_path: Path) -> None:
+    from cw_pipeline.core.extract import DEFAULT_BATCH_PIXELS, DEFAULT_RESIZE, ExtractionConfig
+
+    # The long side capped at the paper's 1024, and a pixel budget per forward pass: the
+    # same defaults in the code, the shipped YAML and the core.
+    settings = ExtractionSettings()
+    assert settings.resize == DEFAULT_RESIZE == ExtractionConfig().resize == "max:1024"
+    assert settings.batch_pixels == DEFAULT_BATCH_PIXELS
+    real = load_config(REAL_CONFIG)
+    assert real.defaults.resize == "max:1024"
+    assert real.defaults.batch_pixels == DEFAULT_BATCH_PIXELS
+    assert real.dataset("demo-a").extraction.resize == "max:1024"
+    config = load_pair(tmp_path, "defaults:\n  resize: native\n  batch_pixels: 2000000\n")
+    ox = config.dataset("oxford5k").extraction
+    assert (ox.resize, ox.batch_pixels) == ("native", 2_000_000)
+
+
 def test_pair_datasets_and_implicit_evaluations(tmp_path: Path) -> None:
     config = load_pair(tmp_path)
     ox = config.dataset("oxford5k")
@@ -550,6 +567,9 @@ DS = "datasets:\n  {name}:\n    layout: {layout}\n    images: {images}\n"
         (DS.format(name="fl", layout="folder", images="fl") + "    batch_size: true\n",
          "batch_size must be an integer, got True"),
         ("defaults:\n  num_threads: 0\n", "defaults: num_threads must be >= 1, got 0"),
+        ("defaults:\n  batch_pixels: 0\n", "defaults: batch_pixels must be >= 1, got 0"),
+        (DS.format(name="fl", layout="folder", images="fl") + "    batch_pixels: 1000000.5\n",
+         "dataset 'fl': batch_pixels must be an integer, got 1000000.5"),
         ("search:\n  n_pca: 0\n", "search: n_pca must be >= 1, got 0"),
         ("search:\n  pca_dims: -3\n", "search: pca_dims must be >= 1, got -3"),
         ("methods: [ofa, ofa+qe]\n", "methods: invalid method 'ofa+qe'"),

@@ -3,6 +3,11 @@
 One forward pass per image gives everything the index needs (the paper's Fig. 1, stages 1-2).
 ``FeatureExtractor.extract_files`` decodes and resizes images on background threads while the
 network runs, groups images of equal size into batches, and yields one record per file.
+
+Memory is bounded by ``batch_pixels``, not by the input: a forward pass holds at most that many
+input pixels (about 300 bytes each for efficientnet_lite0 on the CPU), the images decoded ahead
+and waiting in half-full batches about as many again, and an image whose network input alone is
+over the budget is refused from its header, before decoding.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ from cw_pipeline.core.encoding import class_vectors, crow_channel_weights, sum_p
 
 logger = logging.getLogger(__name__)
 
+#: Default resize policy: the paper's 1024 as a cap on the long side, never enlarging.
+DEFAULT_RESIZE = "max:1024"
+#: Default pixel budget of one forward pass (8 images of 1024x1024, 10 of 1024x768).
+DEFAULT_BATCH_PIXELS = 8 * 1024 * 1024
+
 QueryProtocol = Literal["paper", "crop"]
 
 
@@ -50,7 +60,7 @@ class ExtractionConfig:
     backbone: str = DEFAULT_BACKBONE
     layer: str | None = None
     weights: str | None = None
-    resize: str = "native"
+    resize: str = DEFAULT_RESIZE
     n_classes: int = 64
     box_classes: int = 2
     thresholds: tuple[float, ...] = BOX_THRESHOLDS
@@ -164,6 +174,11 @@ def encode_maps(
     return ids, p, cv
 
 
+def _pixels(size: tuple[int, int], bucket: Sequence) -> int:
+    """Pixels held by a bucket of images of ``size``."""
+    return size[0] * size[1] * len(bucket)
+
+
 def crop_cells(t: torch.Tensor, cells: Sequence[int]) -> torch.Tensor:
     """Crop an N × K × h × w tensor to cells (x1, y1, x2, y2), end-exclusive."""
     x1, y1, x2, y2 = (int(v) for v in cells)
@@ -171,7 +186,12 @@ def crop_cells(t: torch.Tensor, cells: Sequence[int]) -> torch.Tensor:
 
 
 class FeatureExtractor:
-    """Runs a backbone over images and encodes them into ``ImageFeatures``."""
+    """Runs a backbone over images and encodes them into ``ImageFeatures``.
+
+    A forward pass holds at most ``batch_size`` images and ``batch_pixels`` input pixels (the
+    sum of width × height after resizing); an image over ``batch_pixels`` on its own is refused
+    with an error naming it, its size and the budget.
+    """
 
     def __init__(
         self,
@@ -181,6 +201,7 @@ class FeatureExtractor:
         device: str = "cpu",
         num_threads: int | None = None,
         batch_size: int = 16,
+        batch_pixels: int = DEFAULT_BATCH_PIXELS,
         keep_maps: bool = False,
     ):
         self.config = config or ExtractionConfig()
@@ -193,7 +214,10 @@ class FeatureExtractor:
         )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_pixels < 1:
+            raise ValueError(f"batch_pixels must be >= 1, got {batch_pixels}")
         self.batch_size = batch_size
+        self.batch_pixels = batch_pixels
         self.keep_maps = keep_maps
         self.policy = self.config.resize_policy
         self.stats = ExtractionStats()
@@ -204,9 +228,21 @@ class FeatureExtractor:
 
         Policy for tiny images: an input whose shorter side is below the network stride
         (one feature-map cell) is refused, never silently upscaled — its features would be
-        one interpolated cell. The error says which resize policies would enlarge it.
+        one interpolated cell. The error says which resize policies would enlarge it. An
+        input over ``batch_pixels`` is refused too.
         """
         resized = imgs.resize(image, self.policy)
+        w, h = resized.size
+        if w * h > self.batch_pixels:
+            raise ValueError(
+                f"image of {image.width}×{image.height} px is {w}×{h} = {w * h} px after resize "
+                f"policy '{self.policy.describe()}', over the pixel budget of one forward pass "
+                f"({self.batch_pixels} px, batch_pixels)"
+            )
+        self._check_stride(resized)
+        return resized, image.size
+
+    def _check_stride(self, resized: Image.Image) -> None:
         if min(resized.size) < self.backbone.stride:
             raise ValueError(
                 f"image of {resized.size[0]}×{resized.size[1]} px is smaller than the network "
@@ -215,15 +251,28 @@ class FeatureExtractor:
                 "enlarges small images, e.g. 'paper:720:1024:upscale' or 'fixed:WxH', "
                 "would index it)"
             )
-        return resized, image.size
 
     def load(self, path: str | os.PathLike) -> tuple[Image.Image, tuple[int, int]]:
-        """Load (EXIF, colour, bomb limit) and resize one file."""
-        image = imgs.load_image(path, max_pixels=self.config.max_pixels)
+        """Load (EXIF, colour, bomb limit, pixel budget) and resize one file.
+
+        The file is decoded already reduced (:func:`~cw_pipeline.core.images.load_resized`);
+        one whose input would exceed ``batch_pixels`` is refused before decoding.
+        """
+        resized, original = imgs.load_resized(
+            path,
+            self.policy,
+            max_pixels=self.config.max_pixels,
+            max_output_pixels=self.batch_pixels,
+        )
         try:
-            return self.prepare(image)
+            self._check_stride(resized)
         except ValueError as exc:
             raise imgs.ImageLoadError(path, str(exc)) from exc
+        return resized, original
+
+    def batch_capacity(self, size: tuple[int, int]) -> int:
+        """How many images of ``size`` (width, height) one forward pass takes (at least 1)."""
+        return max(1, min(self.batch_size, self.batch_pixels // (size[0] * size[1])))
 
     # ------------------------------------------------------------------ encoding
     def _maps_on_grid(self, out_x: torch.Tensor, out_a: torch.Tensor) -> torch.Tensor:
@@ -285,15 +334,17 @@ class FeatureExtractor:
         return records
 
     def extract_images(self, images: Sequence[Image.Image]) -> list[ImageFeatures]:
-        """Encode in-memory RGB images (resized by the policy), batching equal sizes."""
+        """Encode in-memory RGB images (resized by the policy), batching equal sizes within
+        ``batch_size`` and ``batch_pixels``."""
         prepared = [self.prepare(im) for im in images]
         results: list[ImageFeatures | None] = [None] * len(prepared)
         buckets: dict[tuple[int, int], list[int]] = {}
         for i, (im, _) in enumerate(prepared):
             buckets.setdefault(im.size, []).append(i)
-        for idx in buckets.values():
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start : start + self.batch_size]
+        for size, idx in buckets.items():
+            step = self.batch_capacity(size)
+            for start in range(0, len(idx), step):
+                chunk = idx[start : start + step]
                 recs = self.encode_batch(
                     [prepared[i][0] for i in chunk], [prepared[i][1] for i in chunk]
                 )
@@ -310,9 +361,10 @@ class FeatureExtractor:
     ) -> Iterator[tuple[str, ImageFeatures | Exception]]:
         """Encode files ``(key, path)``, decoding on ``workers`` threads while the network runs.
 
-        Equal-sized images are batched (up to ``batch_size``); records come out as batches
-        complete, not necessarily in input order. With ``on_error="yield"`` an unreadable file
-        yields ``(key, exception)`` and the rest proceed; with ``"raise"`` it raises.
+        Equal-sized images are batched (up to ``batch_size`` and ``batch_pixels``); records come
+        out as batches complete, not necessarily in input order. With ``on_error="yield"`` an
+        unreadable file (or one over the pixel budget) yields ``(key, exception)`` and the rest
+        proceed; with ``"raise"`` it raises.
         """
         for group in self.extract_batches(items, workers=workers, on_error=on_error):
             yield from group
@@ -329,11 +381,18 @@ class FeatureExtractor:
 
         The next batch is computed only when the caller asks for it, so a caller can make each
         batch durable (see ``cw_pipeline.checkpoints``) before any more work is done.
+
+        Memory does not grow with the files: decoded images wait in half-full batches of their
+        size only while they hold at most ``batch_pixels`` pixels in all (beyond that the
+        fullest waiting batch runs early), and images are decoded ahead of the network only
+        while the ones in flight could hold at most ``batch_pixels`` pixels (as many images as
+        the resize policy's largest output allows, at least ``2 * workers``).
         """
         items = list(items)
         pending: OrderedDict[tuple[int, int], list] = OrderedDict()
-        # Bound the look-ahead so memory does not grow with the number of files.
-        window = max(self.batch_size * 4, workers * 2)
+        pending_px = 0
+        largest = self.policy.max_output_pixels() or self.batch_pixels
+        window = max(2 * workers, min(4 * self.batch_size, self.batch_pixels // largest))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             futures: deque = deque()
             it = iter(items)
@@ -361,10 +420,18 @@ class FeatureExtractor:
                         raise
                     yield [(key, exc)]
                     continue
-                bucket = pending.setdefault(image.size, [])
+                size = image.size
+                bucket = pending.setdefault(size, [])
                 bucket.append((key, image, orig))
-                if len(bucket) >= self.batch_size:
-                    yield list(self._flush(pending.pop(image.size)))
+                pending_px += size[0] * size[1]
+                if len(bucket) >= self.batch_capacity(size):
+                    pending_px -= _pixels(size, pending.pop(size))
+                    yield list(self._flush(bucket))
+                while pending_px > self.batch_pixels:
+                    fullest = max(pending, key=lambda sz: _pixels(sz, pending[sz]))
+                    group = pending.pop(fullest)
+                    pending_px -= _pixels(fullest, group)
+                    yield list(self._flush(group))
             for bucket in pending.values():
                 yield list(self._flush(bucket))
 

@@ -4,6 +4,8 @@ Everything here is deterministic and free of global state: the Pillow decompress
 limit and ``ImageFile.LOAD_TRUNCATED_IMAGES`` are never touched.
 
 * :func:`load_image` decodes a file fully, applies EXIF orientation and returns an RGB image.
+* :func:`load_resized` loads a file already resized by a policy, never holding more than the
+  decoded file at once (JPEGs are reduced while decoding), refusing outputs over a pixel budget.
 * :func:`image_size` reads (width, height) after EXIF orientation from the header only.
 * :class:`ResizePolicy` / :func:`resize` implement the resizing schemes of the paper.
 * :func:`center_crop`, :func:`crop_box`, :func:`scale_box` handle crops and query boxes.
@@ -33,6 +35,7 @@ __all__ = [
     "crop_box",
     "image_size",
     "load_image",
+    "load_resized",
     "resize",
     "scale_box",
     "to_rgb",
@@ -44,13 +47,16 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 PathLike = str | os.PathLike[str]
 Box = tuple[float, float, float, float]
-ResizeMode = Literal["paper", "native", "fixed", "paper_fixed"]
+ResizeMode = Literal["paper", "native", "fixed", "paper_fixed", "max"]
 
 _MODES: tuple[str, ...] = get_args(ResizeMode)
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 _KEYED_MODES = frozenset({"1", "L", "P", "RGB"})  # may carry a transparency key
 _UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# Resized before the RGB conversion: R = G = B, and resampling works per channel, so the
+# result is bit-identical to converting first, at a third of the memory.
+_GREY_MODES = frozenset({"1", "L"})
 # Downscaling by at least this factor switches from BICUBIC to LANCZOS + reducing_gap.
 _BIG_DOWNSCALE = 2.0
 _REDUCING_GAP = 3.0
@@ -124,6 +130,28 @@ def _apply_orientation(img: Image.Image, orientation: int) -> None:
         ImageOps.exif_transpose(img, in_place=True)
 
 
+def _check_pixels(path: PathLike, width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse (from the header) an image of more than ``max_pixels`` pixels."""
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageLoadError(
+            path,
+            f"image is {width}x{height} = {width * height} pixels, "
+            f"over the limit of {max_pixels} pixels",
+        )
+
+
+def _decode(path: PathLike, img: Image.Image) -> None:
+    """Decode the pixels of an opened image completely (a truncated file fails here)."""
+    try:
+        img.load()
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise ImageLoadError(path, f"decoding failed ({type(exc).__name__}: {exc})") from exc
+
+
 def load_image(path: PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Load an image file fully as an upright RGB :class:`PIL.Image.Image`.
 
@@ -138,26 +166,61 @@ def load_image(path: PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
         ImageLoadError: anything else (empty, not an image, truncated, corrupt, too many
             pixels, unreadable, unsupported pixel mode); message names the file and reason.
     """
-    if max_pixels is not None and max_pixels < 1:
-        raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
+    return load_resized(path, ResizePolicy("native"), max_pixels=max_pixels)[0]
+
+
+def load_resized(
+    path: PathLike,
+    policy: ResizePolicy,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_output_pixels: int | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Load an image file as :func:`load_image` does, resized by ``policy``.
+
+    Returns the upright RGB image of ``policy.target_size(*original)`` and the ``original``
+    upright ``(width, height)``. When the policy keeps the size, the image equals
+    :func:`load_image`'s bit for bit. When it shrinks, the full-size image is never held in
+    more than its decoded form: a JPEG is decoded reduced by 1/2, 1/4 or 1/8 (libjpeg's DCT
+    scaling, never below the target size), 1-bit and greyscale images are resized before
+    they become RGB (bit-identical to resizing after), and only the resized image is RGB.
+
+    ``max_output_pixels`` bounds ``width*height`` of the *resized* image: an image over it
+    is refused from its header, before decoding, naming its size, the policy and the budget.
+
+    Raises:
+        FileNotFoundError, ImageLoadError: as :func:`load_image`.
+    """
     with _open_file(path) as fh:
         img = _open_image(path, fh)
         width, height = img.size
-        if max_pixels is not None and width * height > max_pixels:
+        _check_pixels(path, width, height, max_pixels)
+        # The target's pixel count does not depend on the orientation (sides swap).
+        tw, th = policy.target_size(width, height)
+        if max_output_pixels is not None and tw * th > max_output_pixels:
             raise ImageLoadError(
                 path,
-                f"image is {width}x{height} = {width * height} pixels, "
-                f"over the limit of {max_pixels} pixels",
+                f"image is {width}x{height} px; resize policy '{policy.describe()}' makes it "
+                f"{tw}x{th} = {tw * th} px, over the pixel budget of one forward pass "
+                f"({max_output_pixels} px, batch_pixels); a policy that caps the long side "
+                "(e.g. 'max:1024') or a larger batch_pixels would index it",
             )
+        if img.format == "JPEG" and (tw, th) != (width, height):
+            # Reduce while decoding; the target is in stored orientation here (EXIF is in
+            # the header of a JPEG). The sub-pixel extent of the reduced image is ignored.
+            swap = _orientation(img, header_only=True) >= 5
+            img.draft(None, (th, tw) if swap else (tw, th))
+        _decode(path, img)
         try:
-            img.load()
-        except MemoryError:
-            raise
-        except Exception as exc:
-            raise ImageLoadError(path, f"decoding failed ({type(exc).__name__}: {exc})") from exc
-        try:
-            _apply_orientation(img, _orientation(img, header_only=False))
-            return to_rgb(img)
+            orientation = _orientation(img, header_only=False)
+            original = (height, width) if orientation >= 5 else (width, height)
+            target = policy.target_size(*original)
+            _apply_orientation(img, orientation)
+            resizing = target != img.size
+            if resizing and img.mode in _GREY_MODES and "transparency" not in img.info:
+                grey = img if img.mode == "L" else img.convert("L")
+                return _resize_to(grey, target).convert("RGB"), original
+            return _resize_to(to_rgb(img), target), original
         except MemoryError:
             raise
         except Exception as exc:
@@ -241,7 +304,12 @@ class ResizePolicy:
 
     Modes:
 
-    * ``"native"``: keep the original size (all other fields ignored).
+    * ``"max"`` (``max:1024`` is the pipeline's default): shrink (aspect kept) so the longer
+      side is at most ``max_side``; never enlarge. An image already within the cap keeps its
+      size, and so its features are those of ``"native"``, bit for bit. ``min_side`` is
+      ignored.
+    * ``"native"``: keep the original size (all other fields ignored). Memory then grows
+      with the images' pixels (bounded only by the extractor's ``batch_pixels``).
     * ``"paper"``: scale (aspect kept) so the shorter side becomes ``min_side``, then, if
       ``max_side`` is set, shrink further so the longer side is at most ``max_side``. With
       ``upscale=False`` (default) an image that would be *enlarged* keeps its native size
@@ -277,6 +345,8 @@ class ResizePolicy:
             object.__setattr__(self, "size", size)
         elif self.size is not None:
             raise ValueError(f"size is only used by mode 'fixed', not {self.mode!r}")
+        if self.mode == "max" and self.max_side is None:
+            raise ValueError("resize mode 'max' requires max_side")
         if self.mode == "paper_fixed" and (self.max_side is None or self.max_side < self.min_side):
             raise ValueError(
                 "mode 'paper_fixed' requires max_side >= min_side, "
@@ -291,6 +361,12 @@ class ResizePolicy:
         if self.mode == "fixed":
             assert self.size is not None
             return self.size
+        if self.mode == "max":
+            assert self.max_side is not None
+            long = max(width, height)
+            if long <= self.max_side:
+                return width, height
+            return _scale_dim(width, self.max_side, long), _scale_dim(height, self.max_side, long)
         if self.mode == "paper_fixed":
             assert self.max_side is not None
             if width >= height:
@@ -305,13 +381,27 @@ class ResizePolicy:
             return width, height
         return _scale_dim(width, num, den), _scale_dim(height, num, den)
 
+    def max_output_pixels(self) -> int | None:
+        """Upper bound of ``width*height`` of any output; None when unbounded (``native``,
+        ``paper`` without ``max_side``)."""
+        if self.mode == "fixed":
+            assert self.size is not None
+            return self.size[0] * self.size[1]
+        if self.max_side is None or self.mode == "native":
+            return None
+        if self.mode == "paper_fixed":
+            return self.max_side * self.min_side
+        return self.max_side * self.max_side  # max, paper: the long side is <= max_side
+
     def describe(self) -> str:
-        """Stable short string for cache keys, e.g. ``"paper-min720-max1024"``.
+        """Stable short string for cache keys, e.g. ``"paper-min720-max1024"``, ``"max-1024"``.
 
         Only fields that affect the output appear; :meth:`parse` accepts the result.
         """
         if self.mode == "native":
             return "native"
+        if self.mode == "max":
+            return f"max-{self.max_side}"
         if self.mode == "fixed":
             assert self.size is not None
             return f"fixed-{self.size[0]}x{self.size[1]}"
@@ -325,11 +415,12 @@ class ResizePolicy:
     def parse(cls, text: str) -> ResizePolicy:
         """Parse a policy from a CLI/config string or from :meth:`describe` output.
 
-        Colon form: ``native``, ``paper``, ``paper:720``, ``paper:720:1024``,
-        ``paper:720:none``, ``paper:720:1024:upscale``, ``fixed:224x224``, ``fixed:224``
-        (square), ``paper_fixed``, ``paper_fixed:720:1024``. Dash form (as produced by
-        :meth:`describe`): ``paper-min720-max1024[-upscale]``, ``paper-min720-nomax``,
-        ``fixed-224x224``, ``paper_fixed-min720-max1024``. Omitted values take the
+        Colon form: ``max`` (= ``max:1024``), ``max:1600``, ``native``, ``paper``,
+        ``paper:720``, ``paper:720:1024``, ``paper:720:none``, ``paper:720:1024:upscale``,
+        ``fixed:224x224``, ``fixed:224`` (square), ``paper_fixed``, ``paper_fixed:720:1024``.
+        Dash form (as produced by :meth:`describe`): ``max-1024``,
+        ``paper-min720-max1024[-upscale]``, ``paper-min720-nomax``, ``fixed-224x224``,
+        ``paper_fixed-min720-max1024``. Omitted values take the
         dataclass defaults. Case and surrounding whitespace are ignored.
 
         Raises:
@@ -339,7 +430,8 @@ class ResizePolicy:
             return cls._parse(text.strip().lower())
         except ValueError as exc:
             raise ValueError(
-                f"invalid resize policy {text!r}: {exc}. Expected e.g. 'native', 'paper', "
+                f"invalid resize policy {text!r}: {exc}. Expected e.g. 'max:1024', 'native', "
+                "'paper', "
                 "'paper:720:1024', 'fixed:224x224', 'paper_fixed' or a describe() string"
             ) from None
 
@@ -353,6 +445,10 @@ class ResizePolicy:
             if tokens:
                 raise ValueError("'native' takes no parameters")
             return cls("native")
+        if mode == "max":
+            if len(tokens) > 1 or not all(t.isdigit() for t in tokens):
+                raise ValueError("'max' takes one parameter, the longest side in pixels")
+            return cls("max", max_side=int(tokens[0])) if tokens else cls("max")
         if mode == "fixed":
             if len(tokens) != 1:
                 raise ValueError("'fixed' needs exactly one WIDTHxHEIGHT parameter")

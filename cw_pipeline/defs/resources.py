@@ -40,10 +40,16 @@ def _load(path: str, stamp: tuple[int, int] | None) -> ProjectConfig:
 
 @functools.lru_cache(maxsize=4)
 def _extractor(
-    config: ExtractionConfig, batch_size: int, device: str, threads: int | None
+    config: ExtractionConfig, batch_size: int, batch_pixels: int, device: str, threads: int | None
 ) -> FeatureExtractor:
     """One network per extraction settings (datasets with equal settings share it)."""
-    return FeatureExtractor(config, device=device, num_threads=threads, batch_size=batch_size)
+    return FeatureExtractor(
+        config,
+        device=device,
+        num_threads=threads,
+        batch_size=batch_size,
+        batch_pixels=batch_pixels,
+    )
 
 
 #: Torch device for this process's forward passes, overriding the datasets' ``device`` (e.g.
@@ -93,4 +99,5 @@ class PipelineResource(dg.ConfigurableResource):
         # its code version (stored with the features) describes.
         threads = self.num_threads or ds.extraction.num_threads
         device = self.device or _env_device() or ds.extraction.device
-        return _extractor(extraction_config(ds), ds.extraction.batch_size, device, threads)
+        e = ds.extraction
+        return _extractor(extraction_config(ds), e.batch_size, e.batch_pixels, device, threads)

@@ -14,6 +14,7 @@ from cw_pipeline.core.backbones import load_backbone
 from cw_pipeline.core.cams import BOX_THRESHOLDS
 from cw_pipeline.core.encoding import crow_channel_weights
 from cw_pipeline.core.extract import (
+    DEFAULT_BATCH_PIXELS,
     ExtractionConfig,
     FeatureExtractor,
     FeatureMaps,
@@ -286,6 +287,127 @@ def test_extract_files_raise_names_the_file(lite0, tmp_path):
     extractor = FeatureExtractor(backbone=lite0)
     with pytest.raises(ImageLoadError, match=r"broken\.png"):
         list(extractor.extract_files([("g", good), ("b", bad)], on_error="raise"))
+
+
+# --------------------------------------------------------------------------- memory bounds
+
+
+def test_default_resize_caps_the_long_side_at_1024():
+    assert ExtractionConfig().resize == "max:1024"
+    assert ExtractionConfig().resize_policy.target_size(4000, 3000) == (1024, 768)
+    # A new default policy is new stored features (the demo's are recomputed, identical).
+    assert ExtractionConfig().code_version() != ExtractionConfig(resize="native").code_version()
+
+
+def test_a_policy_that_keeps_the_size_gives_bit_identical_features(lite0, tmp_path):
+    # The demo's images (<= 320 px) are within the 1024 cap: the default policy reads them
+    # exactly as `native` did, so their features are bit for bit the same.
+    items = []
+    for i, size in enumerate([(320, 240), (240, 320), (320, 240), (300, 200)]):
+        path = tmp_path / f"d{i}.jpg"
+        _image(*size, seed=60 + i).save(path, quality=90)
+        items.append((f"d{i}", path))
+    capped = FeatureExtractor(ExtractionConfig(n_classes=8), backbone=lite0, batch_size=2)
+    native = FeatureExtractor(
+        ExtractionConfig(n_classes=8, resize="native"), backbone=lite0, batch_size=2
+    )
+    a = dict(capped.extract_files(items, workers=1))
+    b = dict(native.extract_files(items, workers=1))
+    assert set(a) == set(b) == {key for key, _ in items}
+    for key in a:
+        _assert_same_record(a[key], b[key])
+
+
+def test_batches_are_formed_by_a_pixel_budget(lite0, tmp_path):
+    items = []
+    for i in range(7):
+        path = tmp_path / f"p{i}.png"
+        _image(64, 64, seed=70 + i).save(path)
+        items.append((f"p{i}", path))
+    extractor = FeatureExtractor(
+        ExtractionConfig(n_classes=4), backbone=lite0, batch_size=16, batch_pixels=3 * 64 * 64
+    )
+    assert extractor.batch_capacity((64, 64)) == 3
+    assert extractor.batch_capacity((640, 640)) == 1  # at least one
+    batches = list(extractor.extract_batches(items, workers=1))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert sorted(k for b in batches for k, _ in b) == sorted(k for k, _ in items)
+    # In-memory images are batched the same way.
+    extractor.stats.batches = 0
+    extractor.extract_images([_image(64, 64, seed=70 + i) for i in range(7)])
+    assert extractor.stats.batches == 3
+    assert FeatureExtractor(backbone=lite0).batch_pixels == DEFAULT_BATCH_PIXELS
+    with pytest.raises(ValueError, match="batch_pixels must be >= 1"):
+        FeatureExtractor(backbone=lite0, batch_pixels=0)
+
+
+def test_images_waiting_for_a_batch_stay_within_the_pixel_budget(lite0, tmp_path):
+    # Six sizes, twice each: without a bound, every half-full batch would wait for the end
+    # of the input (all 12 images decoded at once).
+    sizes = [(64, 64), (64, 96), (96, 64), (96, 96), (64, 128), (128, 64)] * 2
+    items = []
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"m{i:02d}.png"
+        _image(*size, seed=80 + i).save(path)
+        items.append((f"m{i:02d}", path))
+    budget = 20_000
+    extractor = FeatureExtractor(
+        ExtractionConfig(n_classes=4, resize="native"),
+        backbone=lite0,
+        batch_size=16,
+        batch_pixels=budget,
+    )
+    loaded: list[int] = []
+    encoded: list[int] = []
+    waiting: list[int] = []
+    load, encode = extractor.load, extractor.encode_batch
+
+    def spy_load(path):
+        out = load(path)
+        loaded.append(out[0].width * out[0].height)
+        return out
+
+    def spy_encode(images, sizes):
+        waiting.append(sum(loaded) - sum(encoded))
+        encoded.extend(im.width * im.height for im in images)
+        assert sum(im.width * im.height for im in images) <= budget
+        return encode(images, sizes)
+
+    extractor.load, extractor.encode_batch = spy_load, spy_encode
+    results = dict(extractor.extract_files(items, workers=1))
+    assert len(results) == 12 and sum(encoded) == sum(w * h for w, h in sizes)
+    # Decoded but not yet encoded: at most the budget, plus the image that crossed it, plus
+    # the 2 images decoded ahead (2 * workers; native has no per-image bound).
+    assert max(waiting) <= budget + 3 * 128 * 64 < sum(w * h for w, h in sizes)
+    reference = FeatureExtractor(ExtractionConfig(n_classes=4, resize="native"), backbone=lite0)
+    for (key, _), size in zip(items, sizes, strict=True):
+        assert results[key].input_size == size
+    _assert_close_record(results["m03"], reference.extract_images([_image(96, 96, seed=83)])[0])
+
+
+def test_an_image_over_the_pixel_budget_is_refused_naming_file_size_and_budget(lite0, tmp_path):
+    big = tmp_path / "big scan.png"
+    _image(256, 128, seed=90).save(big)
+    ok = tmp_path / "ok.png"
+    _image(64, 64, seed=91).save(ok)
+    native = FeatureExtractor(
+        ExtractionConfig(n_classes=4, resize="native"), backbone=lite0, batch_pixels=100 * 100
+    )
+    results = dict(native.extract_files([("big", big), ("ok", ok)], on_error="yield"))
+    err = results["big"]
+    assert isinstance(err, ImageLoadError)
+    msg = str(err)
+    assert "big scan.png" in msg and "256x128" in msg and "32768 px" in msg
+    assert "10000 px, batch_pixels" in msg
+    assert isinstance(results["ok"], ImageFeatures)
+    with pytest.raises(ValueError, match=r"256×128 = 32768 px .*\(10000 px, batch_pixels\)"):
+        native.extract_images([_image(256, 128, seed=90)])
+    # Capping the long side makes it fit.
+    capped = FeatureExtractor(
+        ExtractionConfig(n_classes=4, resize="max:128"), backbone=lite0, batch_pixels=100 * 100
+    )
+    rec = dict(capped.extract_files([("big", big)]))["big"]
+    assert rec.input_size == (128, 64) and rec.image_size == (256, 128)
 
 
 # --------------------------------------------------------------------------- queries

@@ -20,6 +20,7 @@ from cw_pipeline.core.images import (
     crop_box,
     image_size,
     load_image,
+    load_resized,
     resize,
     scale_box,
     to_rgb,
@@ -392,6 +393,10 @@ def test_resize_returns_same_object_when_unchanged_and_uses_target() -> None:
         ("paper_fixed", ResizePolicy("paper_fixed")),
         ("paper_fixed:600:800", ResizePolicy("paper_fixed", min_side=600, max_side=800)),
         ("paper-min720-nomax-upscale", ResizePolicy("paper", max_side=None, upscale=True)),
+        ("max", ResizePolicy("max")),
+        ("max:1024", ResizePolicy("max")),
+        ("MAX:1600", ResizePolicy("max", max_side=1600)),
+        ("max-800", ResizePolicy("max", max_side=800)),
     ],
 )
 def test_parse(text: str, expected: ResizePolicy) -> None:
@@ -408,6 +413,8 @@ def test_parse(text: str, expected: ResizePolicy) -> None:
         ResizePolicy("fixed", size=(224, 160)),
         ResizePolicy("paper_fixed"),
         ResizePolicy("paper_fixed", min_side=600, max_side=900),
+        ResizePolicy("max"),
+        ResizePolicy("max", max_side=1600),
     ],
 )
 def test_parse_describe_round_trip(policy: ResizePolicy) -> None:
@@ -448,6 +455,10 @@ def test_describe_strings() -> None:
         "paper_fixed:1024:720",
         "paper-min720-min800",
         "paper-wide",
+        "max:0",
+        "max:abc",
+        "max:1024:768",
+        "max:none",
     ],
 )
 def test_parse_rejects_bad_text(text: str) -> None:
@@ -467,6 +478,128 @@ def test_policy_validation() -> None:
         ResizePolicy("paper", min_side=0)
     with pytest.raises(ValueError, match="positive"):
         ResizePolicy().target_size(0, 10)
+
+
+def test_max_policy_caps_the_long_side_and_never_enlarges() -> None:
+    policy = ResizePolicy.parse("max:1024")
+    assert policy.describe() == "max-1024"
+    assert policy.target_size(4000, 3000) == (1024, 768)
+    assert policy.target_size(3000, 4000) == (768, 1024)
+    assert policy.target_size(9400, 9400) == (1024, 1024)
+    assert policy.target_size(100_000, 2) == (1024, 1)
+    # Within the cap (the demo's 320 px, the cap itself): the size is kept.
+    assert policy.target_size(320, 240) == (320, 240)
+    assert policy.target_size(1024, 10) == (1024, 10)
+    img = Image.new("RGB", (320, 240))
+    assert resize(img, policy) is img
+    with pytest.raises(ValueError, match="requires max_side"):
+        ResizePolicy("max", max_side=None)
+
+
+def test_max_output_pixels_bounds_every_output() -> None:
+    assert ResizePolicy.parse("max:1024").max_output_pixels() == 1024 * 1024
+    assert ResizePolicy.parse("paper:720:1024").max_output_pixels() == 1024 * 1024
+    assert ResizePolicy.parse("fixed:224x160").max_output_pixels() == 224 * 160
+    assert ResizePolicy.parse("paper_fixed").max_output_pixels() == 1024 * 720
+    assert ResizePolicy.parse("native").max_output_pixels() is None
+    assert ResizePolicy.parse("paper:720:none").max_output_pixels() is None
+    for text in ("max:1024", "paper:720:1024", "paper:720:1024:upscale"):
+        policy = ResizePolicy.parse(text)
+        for size in [(9400, 9400), (100, 5000), (700, 500), (50_000, 3), (1023, 1025)]:
+            w, h = policy.target_size(*size)
+            assert w * h <= policy.max_output_pixels()
+
+
+# --------------------------------------------------------------------------------------
+# load_resized
+# --------------------------------------------------------------------------------------
+
+
+def _noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """Smooth colour noise: blocks of random colour, upsampled."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(2, size[1] // 32), max(2, size[0] // 32), 3))
+    return Image.fromarray(small.astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "1", "P", "RGBA", "I;16", "CMYK"])
+@pytest.mark.parametrize("policy", ["native", "max:1024", "paper:720:1024"])
+def test_load_resized_keeps_images_within_the_policy_bit_identical(
+    tmp_path: Path, mode: str, policy: str
+) -> None:
+    base = _noise((320, 240))
+    img = base.convert("L").convert("I;16") if mode == "I;16" else base.convert(mode)
+    fmt = "JPEG" if mode in ("RGB", "L", "CMYK") else "PNG"
+    path = _save(img, tmp_path / f"x.{fmt.lower()}", format=fmt)
+    out, original = load_resized(path, ResizePolicy.parse(policy))
+    assert original == (320, 240) and out.size == (320, 240) and out.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(load_image(path)))
+
+
+@pytest.mark.parametrize("mode", ["1", "L"])
+def test_load_resized_shrinks_grey_images_before_rgb_bit_identically(
+    tmp_path: Path, mode: str
+) -> None:
+    # 1-bit and greyscale images are resized as one channel, then made RGB: R = G = B and
+    # Pillow resamples per channel, so this equals resizing the full-size RGB image.
+    img = _noise((2100, 1500), seed=1).convert(mode)
+    path = _save(img, tmp_path / "grey.png")
+    for text in ("max:1024", "max:700", "paper:720:1024", "fixed:300x200"):
+        policy = ResizePolicy.parse(text)
+        out, original = load_resized(path, policy)
+        assert original == (2100, 1500)
+        want = resize(load_image(path), policy)
+        assert out.mode == "RGB" and out.size == want.size
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_load_resized_decodes_a_large_jpeg_reduced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, orientation: int
+) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(_noise((4000, 3000), seed=2), tmp_path / "big.jpg", quality=90, exif=exif)
+    decoded: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def spy(self: ImageFile.ImageFile):  # type: ignore[no-untyped-def]
+        out = real_load(self)
+        decoded.append(self.size)
+        return out
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    out, original = load_resized(path, ResizePolicy.parse("max:1024"))
+    upright = (4000, 3000) if orientation == 1 else (3000, 4000)
+    assert original == upright
+    assert out.size == ResizePolicy.parse("max:1024").target_size(*upright)
+    # libjpeg decoded it at 1/2 scale (the largest that stays >= the 1024x768 target): a
+    # quarter of the pixels of the full image were ever decoded.
+    assert decoded[0] == (2000, 1500)
+    monkeypatch.undo()
+    full = resize(load_image(path), ResizePolicy.parse("max:1024"))
+    diff = np.abs(np.asarray(out, dtype=np.int16) - np.asarray(full, dtype=np.int16))
+    assert diff.mean() < 1.0  # the same picture, to resampling differences
+
+
+def test_load_resized_refuses_an_output_over_the_budget_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _save(_noise((900, 600)), tmp_path / "wide photo.png")
+
+    def no_decoding(self: Image.Image) -> None:
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageLoadError) as info:
+        load_resized(path, ResizePolicy("native"), max_output_pixels=500_000)
+    msg = str(info.value)
+    assert "wide photo.png" in msg and "900x600" in msg and "540000 px" in msg
+    assert "500000 px, batch_pixels" in msg and "'native'" in msg and "max:1024" in msg
+    # The same file under a capping policy fits the budget.
+    monkeypatch.undo()
+    out, _ = load_resized(path, ResizePolicy.parse("max:800"), max_output_pixels=500_000)
+    assert out.size == (800, 533)
 
 
 # --------------------------------------------------------------------------------------
