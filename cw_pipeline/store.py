@@ -159,6 +159,10 @@ def _arrow_owned(data: bytes) -> pa.Buffer:
 class FeatureStore:
     """Atomic Parquet / bytes / JSON files under ``root`` (a local path or an fsspec URL)."""
 
+    #: The longest percent-encoded shard name whose files fit in 255 bytes: the temporary
+    #: ``.shard=<name>.parquet.<32 hex>.tmp`` of an atomic write.
+    MAX_SHARD_COMPONENT = 255 - len(".shard=.parquet..tmp") - 32
+
     def __init__(self, root: str | os.PathLike[str], **storage_options: Any) -> None:
         self.root = os.fspath(root)
         self.storage_options = dict(storage_options)
@@ -214,7 +218,14 @@ class FeatureStore:
         """``<kind>/dataset=<dataset>/shard=<shard>.parquet`` with names made path-safe."""
         if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
             raise ValueError(f"invalid kind {kind!r}: use [A-Za-z0-9_.-], not starting with '.'")
-        return f"{kind}/dataset={encode_component(dataset)}/shard={encode_component(shard)}.parquet"
+        encoded = encode_component(shard)
+        if len(encoded) > FeatureStore.MAX_SHARD_COMPONENT:
+            raise ValueError(
+                f"shard name {shard!r} is {len(encoded)} characters once percent-encoded, over "
+                f"the {FeatureStore.MAX_SHARD_COMPONENT} a store file name can hold (shard keys "
+                "from cw_pipeline.indexing.shard_key are always short enough)"
+            )
+        return f"{kind}/dataset={encode_component(dataset)}/shard={encoded}.parquet"
 
     # ---- atomic writes --------------------------------------------------------------------
 
@@ -234,7 +245,7 @@ class FeatureStore:
             except BaseException:
                 try:
                     os.unlink(tmp)
-                except FileNotFoundError:
+                except OSError:  # never created (or its name refused): keep the first error
                     pass
                 raise
         else:

@@ -104,7 +104,7 @@ def test_missing_file_raises_file_not_found(tmp_path: Path) -> None:
 
 
 def test_directory_is_image_load_error(tmp_path: Path) -> None:
-    with pytest.raises(ImageLoadError, match="cannot open file"):
+    with pytest.raises(ImageLoadError, match=r"not a regular file \(folder\)"):
         load_image(tmp_path)
 
 
