@@ -352,7 +352,9 @@ def sha1_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _manifest_row(f: FileStat, sha1: str | None, error: str | None, size=(-1, -1)) -> dict:
+def _manifest_row(
+    f: FileStat, sha1: str | None, error: str | None, size: tuple[int, int] = (-1, -1)
+) -> dict:
     return {
         "image_id": shown_name(f.image_id),
         "relpath": shown_name(f.relpath),

@@ -28,6 +28,7 @@ raises :class:`CorruptShardError` naming it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -47,6 +48,7 @@ __all__ = [
     "CorruptFileError",
     "CorruptShardError",
     "FeatureStore",
+    "bounded_component",
     "decode_component",
     "encode_component",
     "parse_shard_path",
@@ -101,6 +103,24 @@ def encode_component(name: str) -> str:
         else:
             out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
     return "".join(out)
+
+
+def bounded_component(name: str, limit: int = 200) -> str:
+    """:func:`encode_component` of ``name`` when at most ``limit`` characters, else its first
+    48 encoded characters, ``~`` and 16 hex digits of the SHA-1 of ``name`` (not reversible).
+
+    For file names made from free text (image ids in report file names): at most ``limit``
+    characters, and distinct for distinct names (an encoded name never holds a raw ``~``).
+    """
+    encoded = encode_component(name)
+    if len(encoded) <= limit:
+        return encoded
+    cut = 48
+    pct = encoded.rfind("%", 0, cut)
+    if pct > cut - 3:  # do not split a %XX escape
+        cut = pct
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{encoded[:cut]}~{digest}"
 
 
 def decode_component(text: str) -> str:

@@ -534,6 +534,11 @@ def test_names_no_image_id_can_hold_are_quarantined_and_the_rest_indexed(corpus)
     for shard in {_shard(BY_NAME[n]) for n in INDEXED}:
         expected = {BY_NAME[n].image_id for n in _in_shard(INDEXED, shard)}
         assert set(corpus.features(shard)) == expected
+    # Readers of the manifests (the map provider of re-ranking) pass over the quarantined rows.
+    shards = corpus.project.instance.get_dynamic_partitions("bad_shards")
+    paths = stages.manifest_paths(corpus.store, corpus.project.config.dataset("bad"), shards)
+    assert all(paths[BY_NAME[n].image_id] == corpus.paths[n] for n in INDEXED)
+    assert not {BY_NAME[n].image_id for n in BAD_NAMES + NOT_REGULAR} & set(paths)
 
 
 #: Names that could collide once shortened or cleaned up, or that Dagster or the store refuse.
