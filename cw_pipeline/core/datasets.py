@@ -667,7 +667,8 @@ def scan_folder(
     following a symlink), that vanished between the listing and its ``stat``, or whose name
     cannot be an image id (:func:`name_problem`) carries an ``error`` and is never read. Any
     other entry is skipped with its reason: hidden names (files and folders starting with
-    ``.``), broken or looping symlinks, other extensions, non-regular files.
+    ``.``), broken or looping symlinks, other extensions, non-regular files, a sub-folder that
+    vanished before it was listed.
 
     ``image_id`` is the relative path without extension (``"shard1/img"``), or the bare file
     stem with ``flat=True``. Ids of readable candidates must be unique. Symlinks resolving
@@ -686,8 +687,15 @@ def scan_folder(
     stack: list[tuple[Path, tuple[str, ...]]] = [(root_path, ())]
     while stack:
         folder, rel_parts = stack.pop()
-        with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:
+            if not rel_parts:
+                raise
+            logger.warning("skipping folder %s: it vanished after the listing", folder)
+            skipped.append(SkippedFile("/".join(rel_parts), "folder vanished after the listing"))
+            continue
         for entry in entries:
             parts = (*rel_parts, entry.name)
             rel = "/".join(parts)

@@ -582,3 +582,17 @@ def test_scan_folder_records_a_file_that_vanishes_after_the_listing(
     assert [(s.relpath, s.reason) for s in scan.skipped] == [
         ("c.txt", "vanished or unreadable entry")
     ]
+    # A sub-folder found, then gone before its own listing: skipped, named.
+    _touch(tmp_path / "sub" / "d.jpg")
+
+    def folder_vanishes(path: Any) -> Any:
+        if Path(path) == tmp_path / "sub":
+            (tmp_path / "sub").rename(tmp_path.parent / f"{tmp_path.name}-moved")
+        return real_scandir(path)
+
+    monkeypatch.setattr(datasets_module.os, "scandir", folder_vanishes)
+    scan = scan_folder(tmp_path)
+    assert [f.relpath for f in scan.files] == ["a.jpg"]
+    assert [(s.relpath, s.reason) for s in scan.skipped] == [
+        ("sub", "folder vanished after the listing")
+    ]
