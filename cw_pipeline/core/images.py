@@ -176,8 +176,9 @@ def load_image(path: PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
 
     Raises:
         FileNotFoundError: the file does not exist (message names it).
-        ImageLoadError: anything else (empty, not an image, truncated, corrupt, too many
-            pixels, unreadable, unsupported pixel mode); message names the file and reason.
+        ImageLoadError: anything else (not a regular file, empty, not an image, truncated,
+            corrupt, too many pixels, unreadable, unsupported pixel mode); message names the
+            file and reason. Only regular files are opened (see :func:`open_regular_file`).
     """
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
