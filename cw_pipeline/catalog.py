@@ -13,6 +13,10 @@ Dagster instance. A dataset's state is one of:
 * ``indexed`` — everything on disk is indexed and current;
 * ``disabled`` — an optional dataset switched off by the configuration (folder missing).
 
+Entries of a folder that are not image candidates (other extensions such as ``.gif``, hidden
+names, non-regular files, broken symlinks) are counted in ``skipped`` and named, with their
+reasons, in the notes.
+
 Shards whose files are all gone are not counted (their stored files stay in the store
 after re-indexing; only the Dagster instance knows they were dropped).
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cw_pipeline.config import DatasetConfig, ProjectConfig, default_config_path
+from cw_pipeline.core.datasets import skipped_summary
 from cw_pipeline.store import FeatureStore, encode_component, shard_name_from_path
 
 __all__ = [
@@ -83,6 +88,7 @@ class DatasetStatus:
     images_on_disk: int = 0
     images_indexed: int = 0
     rejected: int = 0
+    skipped: int = 0  #: entries of the folder that are not image candidates (see notes)
     shards_on_disk: int = 0
     shards_indexed: int = 0
     new_shards: list[str] = field(default_factory=list)
@@ -103,7 +109,7 @@ def dataset_status(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig
     from cw_pipeline.indexing import (
         feature_code_version,
         fingerprint,
-        scan_files,
+        scan,
         shard_files,
         stored_code_version,
         stored_fingerprint,
@@ -112,7 +118,11 @@ def dataset_status(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig
 
     st = DatasetStatus(name=ds.name, layout=ds.layout, folder=str(ds.images), state="indexed")
     if ds.images.is_dir():
-        files = scan_files(ds)
+        found = scan(ds)
+        files = found.files
+        st.skipped = len(found.skipped)
+        if found.skipped:
+            st.notes.append(f"skipped: {skipped_summary(found.skipped)}")
     else:
         files = []
         st.notes.append(f"image folder not found: {ds.images}")

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import math
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,10 +28,15 @@ import pyarrow as pa
 
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core import images as imgs
-from cw_pipeline.core.datasets import image_path, scan_image_folder
+from cw_pipeline.core.datasets import (
+    SkippedFile,
+    image_path,
+    scan_folder,
+    shown_name,
+)
 from cw_pipeline.core.experiment import FeatureSet
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, ImageFeatures
-from cw_pipeline.store import FeatureStore
+from cw_pipeline.store import FeatureStore, encode_component
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +49,26 @@ FLAT_ID_LAYOUTS = ("oxford", "paris", "gnd", "revisited")
 
 @dataclass(frozen=True)
 class FileStat:
-    """A file of a dataset as seen by ``stat``."""
+    """A file of a dataset as seen by ``stat``.
+
+    ``relpath`` and ``image_id`` are names as Python decodes them (bytes that are not UTF-8 as
+    surrogate escapes); ``error`` says why the file cannot be indexed (it is never opened and
+    becomes a rejected row): not a regular file, vanished, a name no image id can hold.
+    """
 
     image_id: str
     relpath: str
     size: int
     mtime_ns: int
+    error: str | None = None
+
+
+@dataclass
+class DatasetScan:
+    """The files of a dataset (image candidates) and the entries skipped, with reasons."""
+
+    files: list[FileStat]
+    skipped: list[SkippedFile]
 
 
 def extraction_config(ds: DatasetConfig) -> ExtractionConfig:
@@ -77,19 +98,82 @@ def dataset_extractor(ds: DatasetConfig) -> FeatureExtractor:
     )
 
 
+def scan(ds: DatasetConfig) -> DatasetScan:
+    """All image candidates of a dataset with size and mtime (sorted by relative path), and
+    what was skipped (see :func:`cw_pipeline.core.datasets.scan_folder`); ``stat`` only."""
+    found = scan_folder(ds.images, flat=ds.layout in FLAT_ID_LAYOUTS)
+    files = [FileStat(f.image_id, f.relpath, f.size, f.mtime_ns, f.error) for f in found.files]
+    return DatasetScan(files, found.skipped)
+
+
 def scan_files(ds: DatasetConfig) -> list[FileStat]:
-    """All images of a dataset with size and mtime (sorted by relative path)."""
-    flat = ds.layout in FLAT_ID_LAYOUTS
-    found = scan_image_folder(ds.images, flat=flat)
-    out = []
-    for image_id, rel in found:
-        st = os.stat(ds.images / rel)
-        out.append(FileStat(image_id, rel, int(st.st_size), int(st.st_mtime_ns)))
-    return out
+    """All image candidates of a dataset with size and mtime (sorted by relative path)."""
+    return scan(ds).files
+
+
+def _raw(name: str) -> bytes:
+    """The bytes of a name as Python decodes it (surrogate escapes back to their bytes)."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 def _bucket(relpath: str, n_buckets: int) -> int:
-    return zlib.crc32(relpath.encode("utf-8")) % n_buckets
+    return zlib.crc32(_raw(relpath)) % n_buckets
+
+
+#: Shard keys longer than this once percent-encoded for the store get the hashed form (the
+#: longest whose store files fit in 255 bytes, see ``FeatureStore.MAX_SHARD_COMPONENT``).
+MAX_SHARD_KEY = FeatureStore.MAX_SHARD_COMPONENT
+_PREFIX_CHARS = 48  #: encoded length of the readable prefix of a hashed shard key
+_HASHED_KEY_RE = re.compile(r".*~[0-9a-f]{16}")
+#: Substrings Dagster refuses in partition keys ("..." marks key ranges).
+_INVALID_KEY_PARTS = ("...",)
+
+
+def _printable(ch: str) -> bool:
+    code = ord(ch)
+    return code >= 32 and code != 127 and not 0xD800 <= code <= 0xDFFF
+
+
+def _key_ok(name: str) -> bool:
+    if not all(_printable(ch) for ch in name):
+        return False  # not UTF-8 (surrogate escapes), or a control character (Dagster)
+    if any(part in name for part in _INVALID_KEY_PARTS) or name == ROOT_SHARD:
+        return False
+    if _HASHED_KEY_RE.fullmatch(name):
+        return False  # could be taken for the hashed key of another name
+    return len(encode_component(name)) <= MAX_SHARD_KEY
+
+
+def shard_key(name: str) -> str:
+    """The shard (Dagster partition) key of a top-level folder ``name``.
+
+    ``name`` itself when it is a valid partition key and its store file name is short enough
+    (so existing shards keep their names); otherwise a readable prefix of it, ``~`` and 16 hex
+    digits of the SHA-1 of its bytes (``<prefix>~<hash>``): for names too long for the store
+    (``MAX_SHARD_KEY`` percent-encoded characters), names that are not UTF-8 or hold control
+    characters or ``...`` (refused by Dagster), a folder named ``_root`` (the key of the files
+    at the top level) and names that look like a hashed key. Keys are distinct for distinct
+    names and their store file names are at most ``MAX_SHARD_KEY`` characters.
+    """
+    if _key_ok(name):
+        return name
+    digest = hashlib.sha1(_raw(name)).hexdigest()[:16]
+    readable = "".join(ch if _printable(ch) else "_" for ch in name).replace("...", "_")
+    prefix = ""
+    for ch in readable:
+        if len(encode_component(prefix + ch)) > _PREFIX_CHARS:
+            break
+        prefix += ch
+    return f"{prefix}~{digest}"
+
+
+def shard_of(ds: DatasetConfig, relpath: str, n_buckets: int = 1) -> str:
+    """The shard of a relative path: its top-level folder's :func:`shard_key`
+    (``shard_by: folder``), else its hash bucket among ``n_buckets``."""
+    if ds.shard_by == "folder":
+        return shard_key(relpath.split("/", 1)[0]) if "/" in relpath else ROOT_SHARD
+    width = max(3, len(str(n_buckets - 1)))
+    return f"b{_bucket(relpath, n_buckets):0{width}d}"
 
 
 def shard_count(store: FeatureStore, ds: DatasetConfig, n_files: int) -> int:
@@ -112,24 +196,30 @@ def shard_files(
     ds: DatasetConfig, files: Sequence[FileStat], store: FeatureStore
 ) -> dict[str, list[FileStat]]:
     """Group files into shards: top-level sub-folders, or stable hash buckets of the path."""
+    n = shard_count(store, ds, len(files)) if ds.shard_by != "folder" else 1
     shards: dict[str, list[FileStat]] = {}
-    if ds.shard_by == "folder":
-        for f in files:
-            top = f.relpath.split("/", 1)[0] if "/" in f.relpath else ROOT_SHARD
-            shards.setdefault(top, []).append(f)
-    else:
-        n = shard_count(store, ds, len(files))
-        width = max(3, len(str(n - 1)))
-        for f in files:
-            shards.setdefault(f"b{_bucket(f.relpath, n):0{width}d}", []).append(f)
+    for f in files:
+        shards.setdefault(shard_of(ds, f.relpath, n), []).append(f)
     return dict(sorted(shards.items()))
+
+
+def shard_skipped(
+    ds: DatasetConfig, skipped: Sequence[SkippedFile], store: FeatureStore, n_files: int
+) -> dict[str, list[SkippedFile]]:
+    """The skipped entries of a dataset by the shard their path falls in (``n_files``: the
+    number of image candidates, for a ``batch`` plan not made yet)."""
+    n = shard_count(store, ds, n_files) if ds.shard_by != "folder" else 1
+    out: dict[str, list[SkippedFile]] = {}
+    for s in skipped:
+        out.setdefault(shard_of(ds, s.relpath, n), []).append(s)
+    return out
 
 
 def fingerprint(files: Iterable[FileStat]) -> str:
     """Stat fingerprint of a shard: changes when a file is added, removed or modified."""
     h = hashlib.sha1()
     for f in sorted(files, key=lambda f: f.relpath):
-        h.update(f"{f.relpath}\0{f.size}\0{f.mtime_ns}\n".encode())
+        h.update(_raw(f"{f.relpath}\0{f.size}\0{f.mtime_ns}\n"))
     return h.hexdigest()
 
 
@@ -258,46 +348,70 @@ def plan_shards(
 
 
 def sha1_file(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-1 of a regular file (anything else is refused before it is opened)."""
     h = hashlib.sha1()
-    with open(path, "rb") as f:
+    with imgs.open_regular_file(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
+def _manifest_row(
+    f: FileStat, sha1: str | None, error: str | None, size: tuple[int, int] = (-1, -1)
+) -> dict:
+    return {
+        "image_id": shown_name(f.image_id),
+        "relpath": shown_name(f.relpath),
+        "bytes": f.size,
+        "mtime_ns": f.mtime_ns,
+        "sha1": sha1,
+        "width": size[0],
+        "height": size[1],
+        "error": error,
+    }
+
+
 def build_manifest(
     ds: DatasetConfig, files: Sequence[FileStat], previous: pa.Table | None = None
 ) -> tuple[pa.Table, int]:
-    """Manifest rows of a shard; returns the table and how many files were hashed."""
+    """Manifest rows of a shard; returns the table and how many files were hashed.
+
+    A file that cannot be indexed gets a row with its ``error`` (the features step puts it in
+    the rejected table) and the rest proceed: one refused by the scan (``FileStat.error``,
+    never opened), one that vanished or became unreadable since the scan, one whose header
+    does not parse. Only regular files are opened.
+    """
     prev: dict[str, dict] = {}
     if previous is not None and previous.num_rows:
         for row in previous.to_pylist():
             prev[row["relpath"]] = row
     rows, hashed = [], 0
     for f in files:
+        if f.error is not None:
+            rows.append(_manifest_row(f, None, f.error))
+            continue
         old = prev.get(f.relpath)
-        if old and old["bytes"] == f.size and old["mtime_ns"] == f.mtime_ns:
+        if old and old["sha1"] and old["bytes"] == f.size and old["mtime_ns"] == f.mtime_ns:
             rows.append({**old, "image_id": f.image_id})
             continue
         path = image_path(ds.images, f.relpath)
         hashed += 1
-        sha1, error, width, height = sha1_file(path), None, -1, -1
+        try:
+            sha1 = sha1_file(path)
+        except FileNotFoundError as exc:
+            why = os.strerror(exc.errno or errno.ENOENT)
+            error = f"cannot load image '{path}': it vanished after the scan ({why})"
+            rows.append(_manifest_row(f, None, error))
+            continue
+        except (OSError, ValueError) as exc:  # ImageLoadError names the file
+            rows.append(_manifest_row(f, None, str(exc)))
+            continue
+        error, width, height = None, -1, -1
         try:
             width, height = imgs.image_size(path)
         except Exception as exc:  # recorded; the features step quarantines it
             error = str(exc)
-        rows.append(
-            {
-                "image_id": f.image_id,
-                "relpath": f.relpath,
-                "bytes": f.size,
-                "mtime_ns": f.mtime_ns,
-                "sha1": sha1,
-                "width": width,
-                "height": height,
-                "error": error,
-            }
-        )
+        rows.append(_manifest_row(f, sha1, error, (width, height)))
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), hashed
 
 

@@ -36,7 +36,7 @@ from cw_pipeline.core.evaluation import average_precision, precision_recall_poin
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.images import ImageLoadError, load_image
 from cw_pipeline.core.search import RerankConfig
-from cw_pipeline.store import FeatureStore, encode_component
+from cw_pipeline.store import FeatureStore, bounded_component, encode_component
 
 __all__ = [
     "CAM_MIN_SIDE",
@@ -165,7 +165,8 @@ def _query_classes(
 
 
 def _safe_name(image_id: str) -> str:
-    return encode_component(image_id).replace("/", "_")
+    """A file name for an image id: percent-encoded, bounded (long ids get a hash)."""
+    return bounded_component(image_id)
 
 
 # ------------------------------------------------------------------------------ embedding

@@ -586,14 +586,16 @@ def _read_all_descriptors(store: FeatureStore, rels: Sequence[str]) -> tuple[lis
 def manifest_paths(
     store: FeatureStore, ds: DatasetConfig, shards: Sequence[str]
 ) -> dict[str, Path]:
-    """image id → absolute path, from the stored manifests of the given shards."""
+    """image id → absolute path, from the stored manifests of the given shards.
+
+    Rows with an ``error`` (quarantined files, which have no features) are left out: their
+    names may be no valid relative path (a backslash, say)."""
     out: dict[str, Path] = {}
     for shard in shards:
-        t = store.read_table(shard_relpath("manifest", ds.name, shard), ["image_id", "relpath"])
-        for i, rel in zip(
-            t.column("image_id").to_pylist(), t.column("relpath").to_pylist(), strict=True
-        ):
-            out[i] = gtio.image_path(ds.images, rel)
+        rel = shard_relpath("manifest", ds.name, shard)
+        for row in store.read_table(rel, ["image_id", "relpath", "error"]).to_pylist():
+            if not row["error"]:
+                out[row["image_id"]] = gtio.image_path(ds.images, row["relpath"])
     return out
 
 

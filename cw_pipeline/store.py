@@ -28,6 +28,7 @@ raises :class:`CorruptShardError` naming it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -47,6 +48,7 @@ __all__ = [
     "CorruptFileError",
     "CorruptShardError",
     "FeatureStore",
+    "bounded_component",
     "decode_component",
     "encode_component",
     "parse_shard_path",
@@ -101,6 +103,24 @@ def encode_component(name: str) -> str:
         else:
             out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
     return "".join(out)
+
+
+def bounded_component(name: str, limit: int = 200) -> str:
+    """:func:`encode_component` of ``name`` when at most ``limit`` characters, else its first
+    48 encoded characters, ``~`` and 16 hex digits of the SHA-1 of ``name`` (not reversible).
+
+    For file names made from free text (image ids in report file names): at most ``limit``
+    characters, and distinct for distinct names (an encoded name never holds a raw ``~``).
+    """
+    encoded = encode_component(name)
+    if len(encoded) <= limit:
+        return encoded
+    cut = 48
+    pct = encoded.rfind("%", 0, cut)
+    if pct > cut - 3:  # do not split a %XX escape
+        cut = pct
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{encoded[:cut]}~{digest}"
 
 
 def decode_component(text: str) -> str:
@@ -159,6 +179,10 @@ def _arrow_owned(data: bytes) -> pa.Buffer:
 class FeatureStore:
     """Atomic Parquet / bytes / JSON files under ``root`` (a local path or an fsspec URL)."""
 
+    #: The longest percent-encoded shard name whose files fit in 255 bytes: the temporary
+    #: ``.shard=<name>.parquet.<32 hex>.tmp`` of an atomic write.
+    MAX_SHARD_COMPONENT = 255 - len(".shard=.parquet..tmp") - 32
+
     def __init__(self, root: str | os.PathLike[str], **storage_options: Any) -> None:
         self.root = os.fspath(root)
         self.storage_options = dict(storage_options)
@@ -214,7 +238,14 @@ class FeatureStore:
         """``<kind>/dataset=<dataset>/shard=<shard>.parquet`` with names made path-safe."""
         if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
             raise ValueError(f"invalid kind {kind!r}: use [A-Za-z0-9_.-], not starting with '.'")
-        return f"{kind}/dataset={encode_component(dataset)}/shard={encode_component(shard)}.parquet"
+        encoded = encode_component(shard)
+        if len(encoded) > FeatureStore.MAX_SHARD_COMPONENT:
+            raise ValueError(
+                f"shard name {shard!r} is {len(encoded)} characters once percent-encoded, over "
+                f"the {FeatureStore.MAX_SHARD_COMPONENT} a store file name can hold (shard keys "
+                "from cw_pipeline.indexing.shard_key are always short enough)"
+            )
+        return f"{kind}/dataset={encode_component(dataset)}/shard={encoded}.parquet"
 
     # ---- atomic writes --------------------------------------------------------------------
 
@@ -234,7 +265,7 @@ class FeatureStore:
             except BaseException:
                 try:
                     os.unlink(tmp)
-                except FileNotFoundError:
+                except OSError:  # never created (or its name refused): keep the first error
                     pass
                 raise
         else:

@@ -2,9 +2,10 @@
 
 Every file is written by the functions below into a test's temporary folder; nothing is
 stored in the repository. :data:`CORPUS` lists the corpus with what the pipeline must do with
-each file: index it (``rejected is None``) or quarantine it with a reason matching
-``rejected``. Readable files are 64×48 (EXIF-rotated: 48×64 upright) so that they clear the
-network stride under ``resize: native``.
+each file: index it (``rejected`` and ``skipped`` None), quarantine it with a reason matching
+``rejected``, or skip it with the reason ``skipped`` (not an image candidate: counted and
+named in the manifest's metadata and by ``cw-pipeline datasets``). Readable files are 64×48
+(EXIF-rotated: 48×64 upright) so that they clear the network stride under ``resize: native``.
 
 Colours of the four quadrants of :func:`quadrants` (stored orientation):
 
@@ -15,7 +16,11 @@ Colours of the four quadrants of :func:`quadrants` (stored orientation):
 
 from __future__ import annotations
 
+import os
+import socket
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from cw_pipeline.core.datasets import shown_name
 
 SIZE = (64, 48)  #: (width, height) of the readable files
 RED, GREEN, BLUE, YELLOW = (230, 20, 20), (20, 200, 20), (20, 20, 230), (230, 230, 20)
@@ -165,6 +172,86 @@ def symlink_loops(folder: Path) -> list[Path]:
     return [loop_dir, self_link]
 
 
+# --------------------------------------------------------------------------- not regular files
+
+
+def fifo(path: Path) -> Path:
+    """A named pipe: opening it for reading blocks until a writer comes."""
+    os.mkfifo(_parent(path))
+    return path
+
+
+def unix_socket(path: Path) -> Path:
+    """A Unix socket file (left behind by a bound, closed socket)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    cwd = os.getcwd()
+    try:
+        os.chdir(_parent(path).parent)  # socket paths are limited to ~100 bytes: bind relative
+        sock.bind(path.name)
+    finally:
+        os.chdir(cwd)
+        sock.close()
+    return path
+
+
+def link_to(target: str, make_target: Callable[[Path], Path]) -> Callable[[Path], Path]:
+    """A maker of a symlink to ``target`` (a path relative to the link's folder), which
+    ``make_target`` creates first."""
+
+    def make(path: Path) -> Path:
+        make_target(_parent(path).parent / target)
+        path.symlink_to(target)
+        return path
+
+    return make
+
+
+def gif(path: Path) -> Path:
+    """A real GIF (Pillow reads it, but ``.gif`` is not a scanned extension)."""
+    quadrants().save(_parent(path), "GIF")
+    return path
+
+
+def text_file(path: Path) -> Path:
+    _parent(path).write_text("not an image\n", encoding="utf-8")
+    return path
+
+
+class FifoWatch:
+    """Catches any reader opening the given FIFOs, and lets it go.
+
+    A thread tries to open each FIFO for writing without blocking, which succeeds only while
+    a reader has it open; it then closes it (the reader sees end of file instead of hanging)
+    and records the FIFO in :attr:`opened`. Use as a context manager.
+    """
+
+    def __init__(self, fifos: list[Path], interval: float = 0.02) -> None:
+        self.fifos = list(fifos)
+        self.interval = interval
+        self.opened: list[Path] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for path in self.fifos:
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:  # ENXIO: no reader
+                    continue
+                os.close(fd)
+                self.opened.append(path)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> FifoWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 # --------------------------------------------------------------------------- the corpus
 
 
@@ -176,11 +263,14 @@ class BadFile:
     relpath: str
     make: Callable[[Path], Path]
     rejected: str | None = None  #: regex the quarantine reason must match; None: indexed
+    skipped: str | None = None  #: the reason it is skipped (not an image candidate)
+    unread: bool = False  #: refused before it is opened (no sha1 in its rejected row)
 
     @property
     def image_id(self) -> str:
-        """Its id in a ``folder``-layout dataset: the relative path without extension."""
-        return self.relpath.rsplit(".", 1)[0]
+        """Its id in a ``folder``-layout dataset (the relative path without extension), as
+        stored: bytes that are not UTF-8 shown as ``\\xNN``."""
+        return shown_name(self.relpath.rsplit(".", 1)[0])
 
 
 CORPUS: tuple[BadFile, ...] = (
@@ -212,7 +302,65 @@ CORPUS: tuple[BadFile, ...] = (
     BadFile("exif_rotated", "corpus/rotated.jpg", exif_rotated_jpeg),
     BadFile("plain", "corpus/plain.jpg", plain_jpeg),
     BadFile("unicode", "été 2024/façade 東京 n°1.jpg", plain_jpeg),
+    # Not regular files: refused from ``stat``, never opened (a FIFO would block the reader).
+    BadFile("fifo", "corpus/pipe.jpg", fifo, r"not a regular file \(FIFO\)", unread=True),
+    BadFile(
+        "fifo_link",
+        "corpus/pipe-link.jpg",
+        link_to("pipe-target", fifo),
+        r"not a regular file \(FIFO, through a symlink\)",
+        unread=True,
+    ),
+    BadFile(
+        "socket", "corpus/sock.png", unix_socket, r"not a regular file \(socket\)", unread=True
+    ),
+    BadFile(
+        "socket_link",
+        "corpus/sock-link.webp",
+        link_to("sock-target", unix_socket),
+        r"not a regular file \(socket, through a symlink\)",
+        unread=True,
+    ),
+    # Names no image id can hold: readable files, quarantined by name, never opened.
+    BadFile(
+        "backslash", "corpus/back\\slash.jpg", plain_jpeg, r"contains a backslash", unread=True
+    ),
+    BadFile(
+        "newline",
+        "corpus/line\nbreak.jpg",
+        plain_jpeg,
+        r"contains the control character U\+000A",
+        unread=True,
+    ),
+    BadFile(
+        "not_utf8", "corpus/caf\udce9.jpg", plain_jpeg, r"not valid UTF-8", unread=True
+    ),  # the Latin-1 byte 0xE9
+    # Folders whose names are no valid shard (partition, store file) name as they are: their
+    # images are indexed in a shard named <readable prefix>~<16 hex digits>.
+    BadFile("long_folder", f"{'a long folder name ' * 13}/x.jpg", plain_jpeg),
+    BadFile("long_multibyte_folder", f"{'東京' * 40}/x.jpg", plain_jpeg),
+    BadFile("dots_folder", "wait... what/x.jpg", plain_jpeg),
+    BadFile("root_folder", "_root/x.jpg", plain_jpeg),
+    BadFile("hashlike_folder", "a~0123456789abcdef/x.jpg", plain_jpeg),
+    BadFile("top_level", "top.jpg", plain_jpeg),
+    BadFile(
+        "control_folder", "tab\there/x.jpg", plain_jpeg, r"control character U\+0009", unread=True
+    ),
+    BadFile(
+        "not_utf8_folder", "k\udcf6ln/x.jpg", plain_jpeg, r"not valid UTF-8", unread=True
+    ),  # 0xF6
+    # Skipped, counted and named: not image candidates.
+    BadFile("gif", "corpus/anim.gif", gif, skipped="unsupported extension .gif"),
+    BadFile("gif_upper", "corpus/STILL.GIF", gif, skipped="unsupported extension .gif"),
+    BadFile("text", "corpus/readme.txt", text_file, skipped="unsupported extension .txt"),
+    BadFile("no_extension", "corpus/LICENSE", text_file, skipped="no extension"),
+    BadFile("hidden", "corpus/.DS_Store", text_file, skipped="hidden name"),
 )
+#: The targets of the links above: skipped themselves (not regular, no image extension).
+LINK_TARGETS = {
+    "corpus/pipe-target": "not a regular file (FIFO)",
+    "corpus/sock-target": "not a regular file (socket)",
+}
 BY_NAME = {f.name: f for f in CORPUS}
 
 

@@ -15,9 +15,13 @@ empty-dataset cases use a small Oxford-layout project. Policy (docs/reliability.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 import textwrap
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,21 +33,34 @@ import pytest
 import yaml
 from PIL import ImageFile
 
-from cw_pipeline import cli, stages
+from cw_pipeline import cli, indexing, stages
 from cw_pipeline.config import ConfigError, load_config
+from cw_pipeline.core import datasets as datasets_module
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 from cw_pipeline.core.images import ImageLoadError
-from cw_pipeline.indexing import REJECTED_SCHEMA, build_manifest, feature_schema, scan_files
+from cw_pipeline.indexing import (
+    REJECTED_SCHEMA,
+    ROOT_SHARD,
+    build_manifest,
+    feature_schema,
+    scan_files,
+    sha1_file,
+    shard_key,
+    update_features,
+)
 from cw_pipeline.runs import IndexResult
-from cw_pipeline.store import FeatureStore, decode_component
+from cw_pipeline.store import FeatureStore, decode_component, shard_name_from_path
 from cw_pipeline_tests.badfiles import (
     BLUE,
     BY_NAME,
     CMYK_RGB,
+    CORPUS,
     GREEN,
+    LINK_TARGETS,
     RED,
     YELLOW,
     BadFile,
+    FifoWatch,
     plain_jpeg,
     write_corpus,
 )
@@ -62,7 +79,9 @@ DEFAULTS = {
     "num_threads": 1,
 }
 QUARANTINED = [f.name for f in BY_NAME.values() if f.rejected is not None]
-INDEXED = [f.name for f in BY_NAME.values() if f.rejected is None]
+SKIPPED = [f.name for f in BY_NAME.values() if f.skipped is not None]
+INDEXED = [f.name for f in BY_NAME.values() if f.rejected is None and f.skipped is None]
+FIFOS = ["corpus/pipe.jpg", "corpus/pipe-target"]
 
 
 def _write_yaml(root: Path, datasets: dict) -> Path:
@@ -79,7 +98,12 @@ def _write_yaml(root: Path, datasets: dict) -> Path:
 
 
 def _shard(f: BadFile) -> str:
-    return f.relpath.split("/", 1)[0]
+    """The shard of a corpus file: its top folder's shard key (``_root`` at the top level)."""
+    return shard_key(f.relpath.split("/", 1)[0]) if "/" in f.relpath else ROOT_SHARD
+
+
+def _in_shard(names: list[str], shard: str) -> list[str]:
+    return [n for n in names if _shard(BY_NAME[n]) == shard]
 
 
 @dataclass
@@ -89,6 +113,7 @@ class Corpus:
     project: Project
     paths: dict[str, Path]
     result: IndexResult
+    fifos_opened: list[Path]
     checks: dict[tuple[str, str, str], object] = field(default_factory=dict)
 
     @property
@@ -106,10 +131,8 @@ class Corpus:
         rel = self.store.shard_path("rejected", "bad", shard)
         return {r["image_id"]: r["reason"] for r in self.store.read_table(rel).to_pylist()}
 
-    def materialization(self, shard: str) -> dict:
-        flt = dg.AssetRecordsFilter(
-            asset_key=dg.AssetKey(["bad", "cam_features"]), asset_partitions=[shard]
-        )
+    def materialization(self, shard: str, asset: str = "cam_features") -> dict:
+        flt = dg.AssetRecordsFilter(asset_key=dg.AssetKey(["bad", asset]), asset_partitions=[shard])
         records = self.project.instance.fetch_materializations(flt, limit=1).records
         return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
@@ -120,8 +143,10 @@ def corpus(tmp_path_factory) -> Corpus:
     paths = write_corpus(root / "bad")
     _write_yaml(root, {"bad": {"layout": "folder", "images": "bad", "shard_by": "folder"}})
     project = open_project(root)
-    result = project.index("bad")
-    out = Corpus(project, paths, result)
+    # Opening a FIFO for reading blocks: the watch lets any such reader go, and says so.
+    with FifoWatch([root / "bad" / rel for rel in FIFOS]) as watch:
+        result = project.index("bad")
+    out = Corpus(project, paths, result, watch.opened)
     for ev, shard in check_evaluations(project.instance):
         key = ev.asset_check_key
         out.checks[(key.asset_key.to_user_string(), key.name, shard)] = ev
@@ -170,23 +195,32 @@ def test_unreadable_images_are_quarantined_beside_the_shard_and_the_rest_proceed
     assert {features_rel, rejected_rel} <= set(store.list())
     table = pq.read_table(store.path(rejected_rel))
     assert table.column_names == ["image_id", "relpath", "sha1", "reason"]
+    quarantined = _in_shard(QUARANTINED, "corpus")
     assert sorted(table.column("image_id").to_pylist()) == sorted(
-        BY_NAME[n].image_id for n in QUARANTINED
+        BY_NAME[n].image_id for n in quarantined
     )
-    assert all(r["reason"] and r["sha1"] for r in table.to_pylist())
+    # Every row has its reason; files that were read have their sha1, files refused before
+    # any open (not regular, unrepresentable names) have none.
+    unread = {BY_NAME[n].image_id for n in quarantined if BY_NAME[n].unread}
+    assert all(
+        r["reason"] and bool(r["sha1"]) != (r["image_id"] in unread) for r in table.to_pylist()
+    )
     # The rest of the shard was indexed, and everything is counted.
     assert set(corpus.features("corpus")) == {
-        BY_NAME[n].image_id for n in INDEXED if _shard(BY_NAME[n]) == "corpus"
+        BY_NAME[n].image_id for n in _in_shard(INDEXED, "corpus")
     }
     assert (corpus.result.rejected, corpus.result.forward_passes) == (
         len(QUARANTINED),
         len(INDEXED),
     )
     meta = corpus.materialization("corpus")
-    assert (meta["rejected"], meta["rows"]) == (len(QUARANTINED), len(INDEXED) - 1)
+    assert (meta["rejected"], meta["rows"]) == (
+        len(quarantined),
+        len(_in_shard(INDEXED, "corpus")),
+    )
     check = corpus.checks[("bad/cam_features", "no_rejected_images", "corpus")]
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
-    assert check.metadata["rejected"].value == len(QUARANTINED)
+    assert check.metadata["rejected"].value == len(quarantined)
     assert "corpus/empty: cannot load image" in check.metadata["reasons"].value
     assert corpus.checks[("bad/cam_features", "features_finite_and_shaped", "corpus")].passed
     # A shard without bad files passes its check.
@@ -294,7 +328,7 @@ def test_unicode_and_spaces_in_names(corpus):
     f = BY_NAME["unicode"]
     assert f.image_id == "été 2024/façade 東京 n°1"
     shards = sorted(corpus.project.instance.get_dynamic_partitions("bad_shards"))
-    assert shards == ["corpus", "été 2024"]
+    assert {"corpus", "été 2024"} <= set(shards)  # short names are kept as they are
     row = assert_indexed(corpus, "unicode")
     assert row["sha1"] == corpus.manifest("été 2024")[f.image_id]["sha1"]
     assert corpus.manifest("été 2024")[f.image_id]["relpath"] == f.relpath
@@ -349,12 +383,247 @@ def test_symlink_loop_in_a_dataset_folder_is_skipped_with_a_warning(corpus, capl
         worker.start()
         worker.join(timeout=60)
     assert not worker.is_alive(), "the scan did not finish: it follows the loop"
-    assert {f.relpath for f in found} == {f.relpath for f in BY_NAME.values()}
+    assert {f.relpath for f in found} == {f.relpath for f in CORPUS if f.skipped is None}
     assert re.search(r"skipping .*corpus/loop: folder .* already scanned", caplog.text)
     assert re.search(r"skipping broken or looping symlink .*self\.jpg", caplog.text)
     # The pipeline indexed the folder once, the loop and the self-link excluded.
     ids = set(corpus.manifest("corpus"))
     assert not any("loop" in i or "self" in i for i in ids)
+
+
+# --------------------------------------------------------------------------- one odd file
+
+
+NOT_REGULAR = ["fifo", "fifo_link", "socket", "socket_link"]
+BAD_NAMES = ["backslash", "newline", "not_utf8", "control_folder", "not_utf8_folder"]
+HASHED_SHARDS = [
+    "long_folder",
+    "long_multibyte_folder",
+    "dots_folder",
+    "root_folder",
+    "hashlike_folder",
+    "control_folder",
+    "not_utf8_folder",
+]
+
+
+def assert_refused_unread(corpus: Corpus, name: str) -> str:
+    """Quarantined from ``stat`` and name alone: a rejected row with its reason (naming the
+    file, on one line), a manifest row without sha1; returns the reason."""
+    f = BY_NAME[name]
+    shard = _shard(f)
+    reason = corpus.rejected(shard)[f.image_id]
+    assert re.search(f.rejected, reason), reason
+    assert reason.startswith("cannot load image '") and "\n" not in reason and "\t" not in reason
+    row = corpus.manifest(shard)[f.image_id]
+    assert (row["sha1"], row["error"]) == (None, reason)
+    assert f.image_id not in corpus.features(shard)
+    return reason
+
+
+def test_files_that_are_not_regular_files_are_quarantined_without_being_opened(corpus, extractor):
+    for name in NOT_REGULAR:
+        reason = assert_refused_unread(corpus, name)
+        assert str(corpus.paths[name]) in reason
+    # No reader ever opened the FIFOs (the linked one included); the rest was indexed.
+    assert corpus.fifos_opened == []
+    assert set(corpus.features("corpus")) == {
+        BY_NAME[n].image_id for n in _in_shard(INDEXED, "corpus")
+    }
+    # The loader refuses them (and devices) the same way, from stat, before any open.
+    specials = [corpus.paths[n] for n in NOT_REGULAR] + [Path("/dev/null")]
+    with FifoWatch([corpus.paths["fifo"], corpus.paths["fifo"].parent / "pipe-target"]) as w:
+        for path in specials:
+            with pytest.raises(ImageLoadError, match=r"not a regular file \((FIFO|socket|char)"):
+                extractor.load(path)
+            with pytest.raises(ImageLoadError, match=re.escape(str(path))):
+                sha1_file(path)
+    assert w.opened == []
+
+
+def test_search_with_a_query_that_is_not_a_regular_file_fails_naming_it(corpus, capsys):
+    config = str(corpus.project.root / "datasets.yaml")
+    queries = {
+        corpus.paths["fifo"]: "FIFO",
+        corpus.paths["fifo_link"]: "FIFO",
+        corpus.paths["socket_link"]: "socket",
+        Path("/dev/null"): "character device",
+    }
+    fifos = [corpus.paths["fifo"], corpus.paths["fifo"].parent / "pipe-target"]
+    with FifoWatch(fifos) as watch:
+        for path, kind in queries.items():
+            code = cli.main(["search", str(path), "--dataset", "bad", "--config", config])
+            err = capsys.readouterr().err.strip()
+            assert code == 2, err
+            assert err == (
+                f"cw-pipeline: error: cannot load image '{path}': not a regular file ({kind}); "
+                "only regular files are read"
+            )
+    assert watch.opened == []
+
+
+def test_a_file_vanishing_between_scan_and_read_is_quarantined_and_the_rest_indexed(
+    tmp_path, monkeypatch, extractor
+):
+    for name in ("a", "b", "c", "d"):
+        plain_jpeg(tmp_path / "imgs" / "s" / f"{name}.jpg")
+    _write_yaml(tmp_path, {"v": {"layout": "folder", "images": "imgs", "shard_by": "folder"}})
+    project = open_project(tmp_path)
+    ds = project.config.dataset("v")
+    folder = ds.images / "s"
+
+    # 1. Listed, then gone before its stat: the scan records it instead of failing.
+    real_scandir = os.scandir
+
+    def scandir_then_vanish(path):
+        entries = list(real_scandir(path))
+        if Path(path) == folder and (folder / "a.jpg").exists():
+            (folder / "a.jpg").rename(tmp_path / "a.jpg")
+        return contextlib.nullcontext(entries)
+
+    monkeypatch.setattr(datasets_module.os, "scandir", scandir_then_vanish)
+    files = {f.relpath: f for f in scan_files(ds)}
+    monkeypatch.undo()
+    assert re.fullmatch(
+        rf"cannot load image '{re.escape(str(folder / 'a.jpg'))}': it vanished after the "
+        r"listing \(No such file or directory\)",
+        files["s/a.jpg"].error,
+    )
+    assert all(files[f"s/{n}.jpg"].error is None for n in "bcd")
+    (tmp_path / "a.jpg").rename(folder / "a.jpg")
+
+    # 2. Scanned, then gone before it is read (the manifest's hashing), in a pipeline run.
+    real_sha1 = indexing.sha1_file
+
+    def vanish_then_hash(path):
+        if Path(path).name == "b.jpg":
+            Path(path).unlink()
+        return real_sha1(path)
+
+    monkeypatch.setattr(indexing, "sha1_file", vanish_then_hash)
+    result = project.index("v")
+    monkeypatch.undo()
+    assert (result.images, result.rejected, result.forward_passes) == (3, 1, 3)
+    rel = project.store.shard_path("rejected", "v", "s")
+    rows = project.store.read_table(rel).to_pylist()
+    assert [(r["image_id"], r["sha1"]) for r in rows] == [("s/b", None)]
+    assert rows[0]["reason"] == (
+        f"cannot load image '{folder / 'b.jpg'}': it vanished after the scan "
+        "(No such file or directory)"
+    )
+
+    # 3. In the manifest, then gone before its features are computed.
+    manifest, _ = build_manifest(ds, scan_files(ds))
+    (folder / "c.jpg").unlink()
+    update = update_features(ds, manifest, None, extractor)
+    assert sorted(update.table.column("image_id").to_pylist()) == ["s/a", "s/d"]
+    [row] = update.rejected.to_pylist()
+    assert row["image_id"] == "s/c" and str(folder / "c.jpg") in row["reason"]
+    assert "not found" in row["reason"]
+
+
+def test_names_no_image_id_can_hold_are_quarantined_and_the_rest_indexed(corpus):
+    reasons = {name: assert_refused_unread(corpus, name) for name in BAD_NAMES}
+    # The stored id and the message show undecodable bytes and control characters escaped.
+    assert BY_NAME["not_utf8"].image_id == "corpus/caf\\xe9"
+    assert "bad/corpus/caf\\xe9.jpg'" in reasons["not_utf8"]
+    assert "bad/corpus/line\\x0abreak.jpg'" in reasons["newline"]
+    assert "bad/tab\\x09here/x.jpg'" in reasons["control_folder"]
+    assert "bad/k\\xf6ln/x.jpg'" in reasons["not_utf8_folder"]
+    # The readable files beside them are indexed, whatever the shard.
+    for shard in {_shard(BY_NAME[n]) for n in INDEXED}:
+        expected = {BY_NAME[n].image_id for n in _in_shard(INDEXED, shard)}
+        assert set(corpus.features(shard)) == expected
+    # Readers of the manifests (the map provider of re-ranking) pass over the quarantined rows.
+    shards = corpus.project.instance.get_dynamic_partitions("bad_shards")
+    paths = stages.manifest_paths(corpus.store, corpus.project.config.dataset("bad"), shards)
+    assert all(paths[BY_NAME[n].image_id] == corpus.paths[n] for n in INDEXED)
+    assert not {BY_NAME[n].image_id for n in BAD_NAMES + NOT_REGULAR} & set(paths)
+
+
+#: Names that could collide once shortened or cleaned up, or that Dagster or the store refuse.
+AWKWARD_NAMES = [
+    "x" * 203,
+    "x" * 204,
+    "x" * 250,
+    "x" * 204 + "y",
+    "é" * 33,
+    "é" * 34,
+    "東" * 30,
+    "東" * 80,
+    "a\tb",
+    "a\nb",
+    "a_b",
+    "a...b",
+    "a_b~0123456789abcdef",
+    "_root",
+    "k\udcf6ln",
+    "k\\xf6ln",
+    "k_ln",
+    "corpus",
+    "été 2024",
+]
+
+
+def test_shard_names_are_bounded_valid_and_collision_free(corpus, tmp_path):
+    shards = set(corpus.project.instance.get_dynamic_partitions("bad_shards"))
+    # Existing short names are kept: the store's files of older indexes stay valid.
+    assert {"corpus", "été 2024", ROOT_SHARD} <= shards
+    assert _shard(BY_NAME["top_level"]) == ROOT_SHARD
+    # Folders with names too long for the store, refused by Dagster, or reserved: a readable
+    # prefix and a hash, as Dagster partitions, with their images indexed.
+    for name in HASHED_SHARDS:
+        f = BY_NAME[name]
+        key = _shard(f)
+        assert re.fullmatch(r"[^\x00-\x1f]{1,48}~[0-9a-f]{16}", key) and "..." not in key
+        assert key in shards
+        if f.rejected is None:
+            assert f.image_id in corpus.features(key)
+    assert _shard(BY_NAME["long_folder"]).startswith("a long folder name")
+    assert _shard(BY_NAME["root_folder"]).startswith("_root~")
+    # Every store file name fits a file system's 255 bytes.
+    for rel in corpus.store.list(suffix=None):
+        assert all(len(part.encode()) <= 255 for part in rel.split("/")), rel
+    # Over many awkward names: distinct keys, valid partition keys, bounded store names.
+    keys = [shard_key(n) for n in AWKWARD_NAMES]
+    keys += [shard_key(k) for k in keys if k not in AWKWARD_NAMES]  # named like another's key
+    assert len(set(keys)) == len(keys)
+    dg.StaticPartitionsDefinition(keys)  # Dagster's own check of partition keys
+    with pytest.raises(dg.DagsterInvalidDefinitionError, match="invalid substrings"):
+        dg.StaticPartitionsDefinition(["wait... what"])  # the check bites on raw names
+    dg.StaticPartitionsDefinition(sorted(shards))
+    store = FeatureStore(tmp_path / "wh")
+    for key in keys:
+        rel = store.shard_path("cam_features", "bad", key)
+        assert len(rel.rsplit("/", 1)[1]) <= FeatureStore.MAX_SHARD_COMPONENT + 15
+        store.write_table(rel, pa.table({"x": [1]}))  # the atomic write's temporary fits
+        assert shard_name_from_path(rel) == key
+    assert shard_key("x" * 203) == "x" * 203  # the longest name that fits stays as it is
+    # A name the store cannot hold fails naming it, not with [Errno 36] inside the store.
+    with pytest.raises(ValueError, match=r"shard name 'xxx.* characters once percent-encoded"):
+        store.shard_path("cam_features", "bad", "x" * 204)
+
+
+def test_skipped_files_are_counted_and_named(corpus, capsys):
+    expected = Counter(BY_NAME[n].skipped for n in _in_shard(SKIPPED, "corpus"))
+    expected.update(LINK_TARGETS.values())
+    expected["broken or looping symlink"] += 1  # corpus/self.jpg (the symlink loops)
+    meta = corpus.materialization("corpus", "manifest")
+    assert meta["skipped"] == sum(expected.values()) == 8
+    summary = meta["skipped_files"]
+    assert summary.startswith("8 files (2 unsupported extension .gif, ")
+    for reason, n in expected.items():
+        assert f"{n} {reason}" in summary
+    assert "corpus/STILL.GIF, corpus/anim.gif" in summary and summary.endswith("and 3 more")
+    assert corpus.materialization("été 2024", "manifest")["skipped"] == 0
+    # cw-pipeline datasets counts and names them too.
+    config = str(corpus.project.root / "datasets.yaml")
+    assert cli.main(["datasets", "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert f"  skipped: {summary}" in out.splitlines()
+    assert cli.main(["datasets", "--config", config, "--json"]) == 0
+    [status] = json.loads(capsys.readouterr().out)["datasets"]
+    assert status["skipped"] == 8 and f"skipped: {summary}" in status["notes"]
 
 
 # --------------------------------------------------------------------------- a small project

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -14,11 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cw_pipeline import report_figures
 from cw_pipeline import store as store_mod
 from cw_pipeline.store import (
     CorruptFileError,
     CorruptShardError,
     FeatureStore,
+    bounded_component,
     decode_component,
     encode_component,
     parse_shard_path,
@@ -91,6 +94,22 @@ def test_component_encoding_round_trips(name: str) -> None:
     assert shard_name_from_path(rel) == name
     assert parse_shard_path(rel) == ("kind", name, name)
     assert parse_shard_path("s3://bucket/prefix/" + rel) == ("kind", name, name)
+
+
+def test_bounded_components_fit_a_file_name_and_stay_distinct(tmp_path: Path) -> None:
+    short = ["a", "x" * 200, "é" * 33, "a~0123456789abcdef"]
+    long = ["x" * 201, "x" * 202, "é" * 34, "東" * 80, "é" * 40 + "a", "é" * 40 + "b"]
+    names = {n: bounded_component(n) for n in short + long}
+    assert all(names[n] == encode_component(n) for n in short)  # unchanged when they fit
+    for n in long:
+        assert len(names[n]) <= 200 and re.fullmatch(
+            r"([A-Za-z0-9._-]|%[0-9A-F]{2})+~[0-9a-f]{16}", names[n]
+        )
+        (tmp_path / f"{names[n]}.png").write_bytes(b"")  # a file system takes it
+    assert len(set(names.values())) == len(names)
+    # Sheets and CAM figures of the reports are named this way.
+    figure_names = {report_figures._safe_name(f"q/{'x' * 300}{i}") for i in range(3)}
+    assert len(figure_names) == 3 and all(len(n) <= 200 for n in figure_names)
 
 
 def test_encoding_errors() -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import re
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,21 +24,29 @@ __all__ = [
     "DEFAULT_IMAGE_EXTENSIONS",
     "MAX_GND_PICKLE_BYTES",
     "MAX_GND_PICKLE_DEPTH",
+    "FolderScan",
     "GroundTruth",
     "PickleLimitError",
     "Query",
     "QueryProtocol",
+    "ScannedFile",
+    "SkippedFile",
     "TextDecodeError",
     "UnsafePickleError",
     "check_image_id",
     "check_query_protocol",
     "decode_text",
+    "file_kind",
     "holidays_groundtruth",
     "image_path",
     "load_gnd_pickle",
+    "name_problem",
     "read_oxford_groundtruth",
     "read_text_lines",
+    "scan_folder",
     "scan_image_folder",
+    "shown_name",
+    "skipped_summary",
     "ukbench_groundtruth",
     "ukbench_labels",
     "validate_groundtruth",
@@ -820,9 +829,255 @@ def holidays_groundtruth(image_ids: Sequence[str]) -> GroundTruth:
 # image folders
 # --------------------------------------------------------------------------------------------
 
+#: What ``stat`` says a directory entry is, for messages (regular files and folders aside).
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISDIR, "folder"),
+    (stat.S_ISLNK, "symlink"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """``"regular file"``, ``"folder"``, ``"FIFO"``, ``"socket"``, … for a ``st_mode``."""
+    if stat.S_ISREG(mode):
+        return "regular file"
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "special file")
+
+
+def shown_name(name: str) -> str:
+    """``name`` as text that can be stored and printed: bytes that are not UTF-8 (decoded by
+    Python as surrogate escapes) become ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _message_name(name: str) -> str:
+    """:func:`shown_name` with control characters as ``\\xNN`` too (one line in messages)."""
+    return "".join(
+        ch if ord(ch) >= 32 and ord(ch) != 127 else f"\\x{ord(ch):02x}" for ch in shown_name(name)
+    )
+
+
+def name_problem(relpath: str) -> str | None:
+    """Why a relative path cannot be an image id (None when it can).
+
+    Image ids are stored as UTF-8 text, printed in logs and reports and written one per line
+    in ground-truth lists, and they may not hold backslashes (see :func:`check_image_id`): so
+    names that are not UTF-8, hold a backslash or a control character are refused.
+    """
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8 (image ids are UTF-8 text)"
+    if "\\" in relpath:
+        return "its name contains a backslash, which image ids may not hold"
+    bad = next((ch for ch in relpath if ord(ch) < 32 or ord(ch) == 127), None)
+    if bad is not None:
+        return f"its name contains the control character U+{ord(bad):04X}"
+    return None
+
+
+@dataclass(frozen=True)
+class ScannedFile:
+    """A file of an image folder that has an image extension.
+
+    ``relpath`` and ``image_id`` are the names as Python decodes them (not-UTF-8 bytes as
+    surrogate escapes, see :func:`shown_name`). ``error`` says why the file cannot be indexed
+    (not a regular file, vanished, unrepresentable name); such a file is never opened.
+    """
+
+    image_id: str
+    relpath: str
+    size: int
+    mtime_ns: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """An entry of an image folder that is not an image candidate, and why."""
+
+    relpath: str
+    reason: str
+
+
+@dataclass
+class FolderScan:
+    """The result of :func:`scan_folder`: image candidates (sorted) and skipped entries."""
+
+    files: list[ScannedFile]
+    skipped: list[SkippedFile]
+
+    @property
+    def images(self) -> list[ScannedFile]:
+        """The candidates that can be read (no ``error``)."""
+        return [f for f in self.files if f.error is None]
+
+
+def skipped_summary(skipped: Sequence[SkippedFile], *, names: int = 5) -> str:
+    """``"3 files (2 unsupported extension .gif, 1 not a regular file (FIFO)): a.gif, …"``;
+    empty when nothing was skipped. ``names`` file names are listed at most."""
+    if not skipped:
+        return ""
+    counts: dict[str, int] = {}
+    for s in skipped:
+        counts[s.reason] = counts.get(s.reason, 0) + 1
+    reasons = ", ".join(
+        f"{n} {r}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+    listed = ", ".join(shown_name(s.relpath) for s in skipped[:names])
+    more = f" and {len(skipped) - names} more" if len(skipped) > names else ""
+    noun = "file" if len(skipped) == 1 else "files"
+    return f"{len(skipped)} {noun} ({reasons}): {listed}{more}"
+
 
 def _is_within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
+
+
+def scan_folder(
+    root: Path | str,
+    extensions: Iterable[str] = DEFAULT_IMAGE_EXTENSIONS,
+    *,
+    flat: bool = False,
+) -> FolderScan:
+    """Every entry under ``root``: image candidates with ``stat`` data, and what was skipped.
+
+    Nothing is opened: entries are listed and ``stat``-ed only, so no FIFO, device or socket
+    can block the scan. A candidate is an entry whose extension is in ``extensions``
+    (case-insensitive) and that is not a folder; one that is not a regular file (after
+    following a symlink), that vanished between the listing and its ``stat``, or whose name
+    cannot be an image id (:func:`name_problem`) carries an ``error`` and is never read. Any
+    other entry is skipped with its reason: hidden names (files and folders starting with
+    ``.``), broken or looping symlinks, other extensions, non-regular files, a sub-folder that
+    vanished before it was listed.
+
+    ``image_id`` is the relative path without extension (``"shard1/img"``), or the bare file
+    stem with ``flat=True``. Ids of readable candidates must be unique. Symlinks resolving
+    inside ``root`` are followed (each real folder once, so loops end); one to an image or
+    folder outside ``root`` raises ValueError naming it.
+    """
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root_path}")
+    real_root = root_path.resolve()
+    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+
+    found: list[ScannedFile] = []
+    skipped: list[SkippedFile] = []
+    visited: set[Path] = {real_root}
+    stack: list[tuple[Path, tuple[str, ...]]] = [(root_path, ())]
+    while stack:
+        folder, rel_parts = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:
+            if not rel_parts:
+                raise
+            logger.warning("skipping folder %s: it vanished after the listing", folder)
+            skipped.append(SkippedFile("/".join(rel_parts), "folder vanished after the listing"))
+            continue
+        for entry in entries:
+            parts = (*rel_parts, entry.name)
+            rel = "/".join(parts)
+            if entry.name.startswith("."):
+                skipped.append(SkippedFile(rel, "hidden name"))
+                continue
+            path = Path(entry.path)
+            ext = Path(entry.name).suffix.lower()
+            candidate = ext in exts
+            shown = root_path / _message_name(rel)
+            link = entry.is_symlink()
+            if link:
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError) as exc:
+                    logger.warning("skipping broken or looping symlink %s (%s)", shown, exc)
+                    skipped.append(SkippedFile(rel, "broken or looping symlink"))
+                    continue
+                if not _is_within(target, real_root) and (candidate or target.is_dir()):
+                    raise ValueError(
+                        f"symlink {shown} points outside the image folder {root_path}: {target}"
+                    )
+            try:
+                st = entry.stat(follow_symlinks=True)
+            except OSError as exc:
+                if not candidate:
+                    skipped.append(SkippedFile(rel, "vanished or unreadable entry"))
+                    continue
+                what = "cannot stat it"
+                if isinstance(exc, FileNotFoundError):
+                    what = "it vanished after the listing"
+                error = f"cannot load image '{shown}': {what} ({exc.strerror or exc})"
+                found.append(_candidate(rel_parts, entry.name, rel, flat, -1, -1, error))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                real = target if link else path.resolve()
+                if real in visited:
+                    logger.warning("skipping %s: folder %s already scanned", shown, real)
+                    continue
+                visited.add(real)
+                stack.append((path, parts))
+                continue
+            kind = file_kind(st.st_mode)
+            via = ", through a symlink" if link else ""
+            if not candidate:
+                reason = (
+                    f"not a regular file ({kind})"
+                    if kind != "regular file"
+                    else f"unsupported extension {ext}"
+                    if ext
+                    else "no extension"
+                )
+                skipped.append(SkippedFile(rel, reason))
+                continue
+            error = None
+            if kind != "regular file":
+                error = (
+                    f"cannot load image '{shown}': not a regular file ({kind}{via}); only "
+                    "regular files are read"
+                )
+            elif (problem := name_problem(rel)) is not None:
+                error = f"cannot load image '{shown}': {problem}"
+            found.append(
+                _candidate(
+                    rel_parts, entry.name, rel, flat, int(st.st_size), int(st.st_mtime_ns), error
+                )
+            )
+
+    found.sort(key=lambda f: f.relpath)
+    skipped.sort(key=lambda s: s.relpath)
+    by_id: dict[str, str] = {}
+    for f in found:
+        if f.error is not None:
+            continue
+        if f.image_id in by_id:
+            raise ValueError(
+                f"image id {f.image_id!r} is not unique: {by_id[f.image_id]!r} and {f.relpath!r}"
+            )
+        by_id[f.image_id] = f.relpath
+    return FolderScan(found, skipped)
+
+
+def _candidate(
+    rel_parts: tuple[str, ...],
+    name: str,
+    rel: str,
+    flat: bool,
+    size: int,
+    mtime_ns: int,
+    error: str | None,
+) -> ScannedFile:
+    stem = Path(name).stem
+    image_id = stem if flat else "/".join((*rel_parts, stem))
+    return ScannedFile(image_id, rel, size, mtime_ns, error)
 
 
 def scan_image_folder(
@@ -831,74 +1086,16 @@ def scan_image_folder(
     *,
     flat: bool = False,
 ) -> list[tuple[str, str]]:
-    """List the images under ``root`` as sorted ``(image_id, relative posix path)`` pairs.
+    """The readable images under ``root`` as sorted ``(image_id, relative posix path)`` pairs.
 
-    Recursive; extensions match case-insensitively; hidden files and folders are skipped.
-    ``image_id`` is the relative path without extension (``"shard1/img"``), or the bare file
-    stem with ``flat=True`` (for archives that nest images, e.g. Paris's
-    ``paris/<landmark>/``). Ids must be unique. Symlinks resolving inside ``root`` are
-    followed (each real folder is scanned once, so loops end); one pointing outside raises
-    ValueError; broken or looping links are skipped with a log warning. A plain folder carries
-    no ground truth (distractors).
+    :func:`scan_folder`'s candidates without an ``error``; the others are logged as warnings
+    and left out. A plain folder carries no ground truth (distractors).
     """
-    root_path = Path(root)
-    if not root_path.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root_path}")
-    real_root = root_path.resolve()
-    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-
-    found: list[tuple[str, str]] = []  # (relative posix path, image_id)
-    visited: set[Path] = {real_root}
-    stack: list[tuple[Path, tuple[str, ...]]] = [(root_path, ())]
-    while stack:
-        folder, rel_parts = stack.pop()
-        with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            parts = (*rel_parts, entry.name)
-            rel = "/".join(parts)
-            path = Path(entry.path)
-            if entry.is_symlink():
-                try:
-                    target = path.resolve(strict=True)
-                except (OSError, RuntimeError) as exc:
-                    logger.warning("skipping broken or looping symlink %s (%s)", path, exc)
-                    continue
-                is_dir = target.is_dir()
-                if not _is_within(target, real_root):
-                    if is_dir or Path(entry.name).suffix.lower() in exts:
-                        raise ValueError(
-                            f"symlink {path} points outside the image folder {root_path}: {target}"
-                        )
-                    continue
-            else:
-                target = path
-                is_dir = entry.is_dir(follow_symlinks=False)
-            if is_dir:
-                real = target.resolve()
-                if real in visited:
-                    logger.warning("skipping %s: folder %s already scanned", path, real)
-                    continue
-                visited.add(real)
-                stack.append((path, parts))
-            elif Path(entry.name).suffix.lower() in exts and (
-                entry.is_symlink() or entry.is_file(follow_symlinks=False)
-            ):
-                stem = Path(entry.name).stem
-                image_id = stem if flat else "/".join((*rel_parts, stem))
-                found.append((rel, image_id))
-
-    found.sort()
-    by_id: dict[str, str] = {}
-    for rel, image_id in found:
-        if image_id in by_id:
-            raise ValueError(
-                f"image id {image_id!r} is not unique: {by_id[image_id]!r} and {rel!r}"
-            )
-        by_id[image_id] = rel
-    return [(image_id, rel) for rel, image_id in found]
+    scan = scan_folder(root, extensions, flat=flat)
+    for f in scan.files:
+        if f.error is not None:
+            logger.warning("skipping %s", f.error)
+    return [(f.image_id, f.relpath) for f in scan.images]
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import errno
 import math
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Literal, get_args
@@ -36,6 +37,7 @@ __all__ = [
     "image_size",
     "load_image",
     "load_resized",
+    "open_regular_file",
     "resize",
     "scale_box",
     "to_rgb",
@@ -84,14 +86,53 @@ class ImageLoadError(ValueError):
 # --------------------------------------------------------------------------------------
 
 
-def _open_file(path: PathLike) -> IO[bytes]:
-    """Open ``path`` for binary reading, mapping OS errors to our exception types."""
+def _not_regular(path: PathLike, mode: int) -> ImageLoadError:
+    from cw_pipeline.core.datasets import file_kind
+
+    kind = file_kind(mode)
+    return ImageLoadError(path, f"not a regular file ({kind}); only regular files are read")
+
+
+def open_regular_file(path: PathLike) -> IO[bytes]:
+    """Open ``path`` for binary reading if it is a regular file (after symlinks).
+
+    The type is checked with ``stat`` *before* the open, so a FIFO, device or socket is never
+    opened (opening a FIFO blocks until a writer comes; opening a device may act on it), and
+    again on the open descriptor (opened non-blocking), in case the file was swapped between.
+
+    Raises:
+        FileNotFoundError: the file does not exist (message names it).
+        ImageLoadError: not a regular file, or cannot be opened (names the file and kind).
+    """
     try:
-        return open(path, "rb")
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "image file not found", os.fsdecode(path)) from None
+    except OSError as exc:
+        raise ImageLoadError(path, f"cannot stat file ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, "image file not found", os.fsdecode(path)) from None
     except OSError as exc:
         raise ImageLoadError(path, f"cannot open file ({exc.strerror or exc})") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_file(path: PathLike) -> IO[bytes]:
+    """Open ``path`` for binary reading, mapping OS errors to our exception types."""
+    return open_regular_file(path)
 
 
 def _open_image(path: PathLike, fh: IO[bytes]) -> Image.Image:
@@ -163,8 +204,9 @@ def load_image(path: PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
 
     Raises:
         FileNotFoundError: the file does not exist (message names it).
-        ImageLoadError: anything else (empty, not an image, truncated, corrupt, too many
-            pixels, unreadable, unsupported pixel mode); message names the file and reason.
+        ImageLoadError: anything else (not a regular file, empty, not an image, truncated,
+            corrupt, too many pixels, unreadable, unsupported pixel mode); message names the
+            file and reason. Only regular files are opened (see :func:`open_regular_file`).
     """
     return load_resized(path, ResizePolicy("native"), max_pixels=max_pixels)[0]
 

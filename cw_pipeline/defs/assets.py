@@ -28,6 +28,7 @@ import dagster as dg
 from cw_pipeline import report_figures, reports, stages
 from cw_pipeline.checkpoints import ShardCheckpoints
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
+from cw_pipeline.core.datasets import skipped_summary
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.defs.executors import cnn_op_tags
 from cw_pipeline.defs.resources import PipelineResource
@@ -45,7 +46,9 @@ from cw_pipeline.indexing import (
     fingerprint,
     manifest_version,
     progress_logger,
-    scan_dataset,
+    scan,
+    shard_files,
+    shard_skipped,
     stored_class_shape,
     stored_finite,
     update_features,
@@ -120,7 +123,9 @@ def dataset_assets(
     def manifest(context: dg.AssetExecutionContext, pipeline: PipelineResource):
         store = pipeline.store()
         shard = context.partition_key
-        files = scan_dataset(ds, store).get(shard, [])
+        found = scan(ds)
+        files = shard_files(ds, found.files, store).get(shard, [])
+        skipped = shard_skipped(ds, found.skipped, store, len(found.files)).get(shard, [])
         rel = stages.shard_relpath("manifest", ds.name, shard)
         previous = _read_optional(store, rel, context.log)
         table, hashed = build_manifest(ds, files, previous)
@@ -133,6 +138,8 @@ def dataset_assets(
                 "images": len(ids),
                 "hashed": hashed,
                 "unreadable": len(errors),
+                "skipped": len(skipped),
+                "skipped_files": skipped_summary(skipped) or "none",
                 "path": store.url(rel),
             },
             data_version=dg.DataVersion(manifest_version(table)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cw_pipeline.core import datasets as datasets_module
 from cw_pipeline.core.datasets import (
     GroundTruth,
     Query,
@@ -21,12 +23,15 @@ from cw_pipeline.core.datasets import (
     load_gnd_pickle,
     read_oxford_groundtruth,
     read_text_lines,
+    scan_folder,
     scan_image_folder,
+    skipped_summary,
     ukbench_groundtruth,
     ukbench_labels,
     validate_groundtruth,
 )
 from cw_pipeline.core.evaluation import compute_map
+from cw_pipeline_tests.badfiles import FifoWatch, fifo, unix_socket
 
 
 class _NoGlobals(pickle.Unpickler):
@@ -549,3 +554,104 @@ def test_pickle_name_lists_must_be_lists(tmp_path: Path, value: Any) -> None:
     path.write_bytes(pickle.dumps({"imlist": value, "qimlist": [], "gnd": []}))
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: \['imlist'\] must be a list"):
         load_gnd_pickle(path)
+
+
+def test_scan_folder_sorts_every_entry_into_candidates_or_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    for rel in [
+        "a.jpg",
+        "sub/b.png",
+        "sub/anim.gif",
+        "sub/STILL.GIF",
+        "notes.txt",
+        "LICENSE",
+        ".DS_Store",
+        ".cache/x.jpg",
+        "back\\slash.jpg",
+        "line\nbreak.jpg",
+        "tab\there/c.jpg",
+        "caf\udce9.jpg",
+    ]:
+        _touch(root / rel)
+    fifo(root / "pipe.jpg")
+    fifo(root / "pipe")
+    unix_socket(root / "sub" / "sock.png")
+    (root / "pipe-link.jpeg").symlink_to("pipe")
+    (root / "broken.jpg").symlink_to("nowhere.jpg")
+    with FifoWatch([root / "pipe.jpg", root / "pipe"]) as watch:
+        scan = scan_folder(root)
+    assert watch.opened == []
+    errors = {f.relpath: f.error for f in scan.files}
+    assert [f.relpath for f in scan.images] == ["a.jpg", "sub/b.png"]
+    assert scan_image_folder(root) == [("a", "a.jpg"), ("sub/b", "sub/b.png")]
+    expected_errors = {
+        "back\\slash.jpg": r"back\\slash\.jpg': its name contains a backslash",
+        "line\nbreak.jpg": r"line\\x0abreak\.jpg': its name contains the control character U\+000A",
+        "tab\there/c.jpg": r"tab\\x09here/c\.jpg': .*control character U\+0009",
+        "caf\udce9.jpg": r"caf\\xe9\.jpg': its name is not valid UTF-8",
+        "pipe.jpg": r"pipe\.jpg': not a regular file \(FIFO\); only regular files are read",
+        "pipe-link.jpeg": r"not a regular file \(FIFO, through a symlink\)",
+        "sub/sock.png": r"sock\.png': not a regular file \(socket\)",
+    }
+    assert set(errors) == {"a.jpg", "sub/b.png", *expected_errors}
+    for rel, pattern in expected_errors.items():
+        assert errors[rel].startswith(f"cannot load image '{root}/"), errors[rel]
+        assert re.search(pattern, errors[rel]), errors[rel]
+    assert {s.relpath: s.reason for s in scan.skipped} == {
+        ".DS_Store": "hidden name",
+        ".cache": "hidden name",
+        "LICENSE": "no extension",
+        "broken.jpg": "broken or looping symlink",
+        "notes.txt": "unsupported extension .txt",
+        "pipe": "not a regular file (FIFO)",
+        "sub/STILL.GIF": "unsupported extension .gif",
+        "sub/anim.gif": "unsupported extension .gif",
+    }
+    assert skipped_summary(scan.skipped, names=3) == (
+        "8 files (2 hidden name, 2 unsupported extension .gif, 1 broken or looping symlink, "
+        "1 no extension, 1 not a regular file (FIFO), 1 unsupported extension .txt): "
+        ".DS_Store, .cache, LICENSE and 5 more"
+    )
+    assert skipped_summary([]) == ""
+
+
+def test_scan_folder_records_a_file_that_vanishes_after_the_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a.jpg", "b.jpg", "c.txt"):
+        _touch(tmp_path / name)
+    real_scandir = os.scandir
+
+    def listing_then_vanish(path: Any) -> Any:
+        entries = list(real_scandir(path))
+        for name in ("b.jpg", "c.txt"):
+            (tmp_path / name).unlink()
+        return contextlib.nullcontext(entries)
+
+    monkeypatch.setattr(datasets_module.os, "scandir", listing_then_vanish)
+    scan = scan_folder(tmp_path)
+    assert [(f.relpath, f.error) for f in scan.files] == [
+        ("a.jpg", None),
+        (
+            "b.jpg",
+            f"cannot load image '{tmp_path / 'b.jpg'}': it vanished after the listing "
+            "(No such file or directory)",
+        ),
+    ]
+    assert [(s.relpath, s.reason) for s in scan.skipped] == [
+        ("c.txt", "vanished or unreadable entry")
+    ]
+    # A sub-folder found, then gone before its own listing: skipped, named.
+    _touch(tmp_path / "sub" / "d.jpg")
+
+    def folder_vanishes(path: Any) -> Any:
+        if Path(path) == tmp_path / "sub":
+            (tmp_path / "sub").rename(tmp_path.parent / f"{tmp_path.name}-moved")
+        return real_scandir(path)
+
+    monkeypatch.setattr(datasets_module.os, "scandir", folder_vanishes)
+    scan = scan_folder(tmp_path)
+    assert [f.relpath for f in scan.files] == ["a.jpg"]
+    assert [(s.relpath, s.reason) for s in scan.skipped] == [
+        ("sub", "folder vanished after the listing")
+    ]

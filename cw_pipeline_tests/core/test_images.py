@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from cw_pipeline.core import images as images_module
 from cw_pipeline.core.images import (
     DEFAULT_MAX_PIXELS,
     ImageLoadError,
@@ -21,11 +24,13 @@ from cw_pipeline.core.images import (
     image_size,
     load_image,
     load_resized,
+    open_regular_file,
     resize,
     scale_box,
     to_rgb,
     to_tensor,
 )
+from cw_pipeline_tests.badfiles import FifoWatch, fifo, unix_socket
 
 # --------------------------------------------------------------------------------------
 # helpers
@@ -105,7 +110,7 @@ def test_missing_file_raises_file_not_found(tmp_path: Path) -> None:
 
 
 def test_directory_is_image_load_error(tmp_path: Path) -> None:
-    with pytest.raises(ImageLoadError, match="cannot open file"):
+    with pytest.raises(ImageLoadError, match=r"not a regular file \(folder\)"):
         load_image(tmp_path)
 
 
@@ -713,3 +718,67 @@ def test_to_tensor_rejects_bad_input() -> None:
         to_tensor([Image.new("L", (2, 2))], mean=(0.5,) * 3, std=(0.5,) * 3)
     with pytest.raises(ValueError, match="non-zero"):
         to_tensor([Image.new("RGB", (2, 2))], mean=(0.5,) * 3, std=(0.5, 0.0, 0.5))
+
+
+# --------------------------------------------------------------------------------------
+# only regular files are opened
+# --------------------------------------------------------------------------------------
+
+
+def _special_files(folder: Path) -> dict[Path, str]:
+    """A FIFO, a socket, links to both and a character device, with their kinds."""
+    fifo_path = fifo(folder / "pipe.jpg")
+    sock = unix_socket(folder / "sock.png")
+    (folder / "pipe-link.jpg").symlink_to(fifo_path.name)
+    (folder / "sock-link.jpg").symlink_to(sock.name)
+    return {
+        fifo_path: "FIFO",
+        sock: "socket",
+        folder / "pipe-link.jpg": "FIFO",
+        folder / "sock-link.jpg": "socket",
+        Path("/dev/null"): "character device",
+        folder: "folder",
+    }
+
+
+def test_only_regular_files_are_opened(tmp_path: Path) -> None:
+    specials = _special_files(tmp_path)
+    with FifoWatch([tmp_path / "pipe.jpg"]) as watch:
+        for path, kind in specials.items():
+            message = rf"cannot load image '{re.escape(str(path))}': not a regular file \({kind}\)"
+            for read in (load_image, image_size, open_regular_file):
+                with pytest.raises(ImageLoadError, match=message):
+                    read(path)
+    assert watch.opened == []  # refused from stat, before any open
+    with open_regular_file(_save(Image.new("RGB", (4, 4)), tmp_path / "ok.png")) as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "gone.jpg"))):
+        open_regular_file(tmp_path / "gone.jpg")
+
+
+def test_a_file_swapped_for_a_fifo_after_its_stat_is_refused_without_blocking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    regular = _save(Image.new("RGB", (4, 4)), tmp_path / "ok.png")
+    pipe = fifo(tmp_path / "pipe.jpg")
+    real_stat = os.stat
+    # The stat sees a regular file; by the open the path is a FIFO.
+    monkeypatch.setattr(
+        images_module.os, "stat", lambda p, *a, **k: real_stat(regular if p == pipe else p, *a, **k)
+    )
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            open_regular_file(pipe)
+        except BaseException as exc:  # recorded for the assertion
+            outcome.append(exc)
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    if worker.is_alive():  # let the blocked reader go before failing
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+    assert not worker.is_alive(), "opening the FIFO blocked"
+    [exc] = outcome
+    assert isinstance(exc, ImageLoadError) and "not a regular file (FIFO)" in str(exc)
