@@ -194,6 +194,7 @@ def dataset_assets(
         # Every batch is checkpointed; a run killed mid-shard resumes from its checkpoints.
         checkpoints = ShardCheckpoints(store, "cam_features", ds.name, shard, code_version)
         extractor = pipeline.extractor(ds)
+        cpu0 = time.process_time()
         update = update_features(
             ds,
             manifest_table,
@@ -218,6 +219,7 @@ def dataset_assets(
                 "resumed": update.resumed,
                 "rejected": update.rejected.num_rows,
                 "seconds": round(update.seconds, 3),
+                "cpu_seconds": round(time.process_time() - cpu0, 3),
                 "images_per_second": round(update.images_per_second, 2),
                 "path": store.url(rel),
             },

@@ -1,0 +1,111 @@
+"""Incremental indexing under the running ``dagster-daemon``: from files changed in a folder to
+``map_report`` refreshed.
+
+Materializes the demo on a temporary instance, starts ``dagster-daemon run -w workspace.yaml``
+(the project's default settings: folder sensors every 15 s, automation every 10 s, one process
+per run), waits until it is quiet, then adds 3 images to demo-a, re-encodes 1 and deletes 1.
+Prints the time until both reports are refreshed, each run (what it materialized, when it
+started and ended, seconds after the change), the materializations, and the CPU seconds of the
+daemon's process tree spent outside the forward passes.
+
+Targets (issue 11): at most 90 s end to end, at most 3 runs per change, at most 15 CPU
+seconds outside the forward passes. Run it on an idle machine:
+``python benchmarks/daemon_latency.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._machine import machine_info
+from cw_pipeline_tests.e2e.daemon import DEMO_A, DEMO_B, DaemonProject, delta
+
+
+def _run_table(project: DaemonProject, run_ids: list[str], t0: float) -> list[str]:
+    rows = []
+    with project.instance() as instance:
+        for run_id in run_ids:
+            run = instance.get_run_by_id(run_id)
+            stats = instance.get_run_stats(run_id)
+            keys = sorted(k.to_user_string() for k in run.asset_selection or [])
+            part = run.tags.get("dagster/partition")
+            run_created = instance.get_run_record_by_id(run_id).create_timestamp
+            rows.append(
+                (
+                    run_created.timestamp() - t0,
+                    f"  {run.job_name}{f'[{part}]' if part else ''}: {run.status.value}, "
+                    f"created +{run_created.timestamp() - t0:5.1f} s, "
+                    f"started +{(stats.start_time or 0) - t0:5.1f} s, "
+                    f"ended +{(stats.end_time or 0) - t0:5.1f} s "
+                    f"({(stats.end_time or 0) - (stats.start_time or 0):.1f} s); "
+                    f"{len(keys)} assets: {', '.join(keys)}",
+                )
+            )
+    return [text for _, text in sorted(rows)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quiet-seconds", type=float, default=40.0)
+    args = parser.parse_args()
+    print(machine_info())
+    with tempfile.TemporaryDirectory() as tmp:
+        project = DaemonProject(Path(tmp))
+        project.generate()
+        project.seed_extra_images(project.images("demo-distractors"))
+        t = time.perf_counter()
+        project.materialize_all()
+        print(f"demo materialized in {time.perf_counter() - t:.1f} s (cw-pipeline demo --no-ui)")
+        project.start_daemon()
+        try:
+            t = time.perf_counter()
+            before = project.wait_until_quiet(args.quiet_seconds, timeout=600)
+            print(
+                f"daemon up and quiet after {time.perf_counter() - t:.1f} s "
+                f"({len(before.runs)} runs before the change: the daemon started none)"
+            )
+            t0 = time.time()
+            project.change_demo_a(project.images("demo-distractors"))
+            after = project.wait_until_quiet(args.quiet_seconds, timeout=900, since=before)
+            runs, mats = delta(before, after)
+            done = {
+                k: project.latest_materialization_time(f"{k}/map_report") for k in (DEMO_A, DEMO_B)
+            }
+            latency = max(v for v in done.values() if v is not None) - t0
+            passes = after.forward_passes - before.forward_passes
+            cpu = after.cpu_seconds - before.cpu_seconds
+            feature_cpu = after.feature_cpu_seconds - before.feature_cpu_seconds
+            print(
+                f"change: 3 images added, 1 re-encoded, 1 deleted in {DEMO_A} -> "
+                f"{DEMO_A}/map_report refreshed after {done[DEMO_A] - t0:.1f} s, "
+                f"{DEMO_B}/map_report after {done[DEMO_B] - t0:.1f} s"
+            )
+            print(f"end to end: {latency:.1f} s (target <= 90 s)")
+            print(f"runs: {len(runs)} (target <= 3), statuses {sorted(set(runs.values()))}")
+            for line in _run_table(project, list(runs), t0):
+                print(line)
+            once = set(mats.values()) == {1}
+            print(
+                f"materializations: {sum(mats.values())} of {len(mats)} assets, each once: {once}"
+            )
+            for key in sorted(mats):
+                print(f"  {key}: {mats[key]}")
+            print(f"forward passes: {passes}")
+            print(
+                f"CPU of the daemon's process tree: {cpu:.1f} s, of which forward-pass steps "
+                f"{feature_cpu:.1f} s; outside the forward passes {cpu - feature_cpu:.1f} s "
+                "(target <= 15 s; includes sensor ticks and automation evaluations during "
+                f"the {after.at - t0:.0f} s until quiet)"
+            )
+        finally:
+            project.stop_daemon()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Drive the real ``dagster-daemon`` over a temporary demo project (test and benchmark).
+
+:class:`DaemonProject` lays out a copy of the demo configuration with its own warehouse,
+reports, images and ``DAGSTER_HOME`` (on-disk SQLite, shared by every process), materializes
+it with ``cw-pipeline demo --no-ui``, then starts ``dagster-daemon run -w workspace.yaml`` (what
+``dagster dev`` starts besides the UI) in its own process group. It reads what happened from
+the instance: runs, materializations per asset and partition, forward passes, timestamps, and
+the CPU time of the daemon's whole process tree (daemon, code server, run workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+#: Assets of the demo (keys as user strings).
+DEMO_A = "demo-a"
+DEMO_B = "demo-b"
+
+
+def demo_config(root: Path) -> Path:
+    """The project's datasets YAML with warehouse, reports and demo images under ``root``."""
+    text = (REPO / "data" / "datasets.yaml").read_text()
+    text = text.replace("warehouse: warehouse", f"warehouse: {root / 'warehouse'}")
+    text = text.replace("reports: reports", f"reports: {root / 'reports'}")
+    text = text.replace("demo/demo-", f"{root}/demo/demo-")
+    cfg = root / "datasets.yaml"
+    cfg.write_text(text)
+    return cfg
+
+
+def _tree_cpu_seconds(root_pid: int) -> float:
+    """CPU seconds (user + system) of a process and all its descendants, live or reaped."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        # utime, stime, cutime, cstime: a process's own time and that of its reaped children
+        times[pid] = sum(int(v) for v in fields[11:15]) / CLK_TCK
+    total = 0.0
+    for pid, cpu in times.items():
+        p = pid
+        while p and p != root_pid:
+            p = parents.get(p, 0)
+        if p == root_pid:
+            total += cpu
+    return total
+
+
+@dataclass
+class Snapshot:
+    """What the instance holds at one moment."""
+
+    runs: dict[str, str]  #: run id -> status
+    materializations: Counter  #: "key" or "key[partition]" -> count
+    forward_passes: int
+    feature_cpu_seconds: float
+    cpu_seconds: float  #: of the daemon's process tree
+    at: float = field(default_factory=time.time)
+
+
+class DaemonProject:
+    """A temporary demo project, materialized, with ``dagster-daemon`` running over it."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None):
+        self.root = root
+        self.config = demo_config(root)
+        self.home = root / "dagster_home"
+        self.home.mkdir(exist_ok=True)
+        (self.home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+        self.env = dict(
+            os.environ, DAGSTER_HOME=str(self.home), CW_PIPELINE_CONFIG=str(self.config)
+        )
+        self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"
+        self.env.update(env or {})
+        self.daemon: subprocess.Popen | None = None
+        self.log = root / "daemon.log"
+
+    # ------------------------------------------------------------------ set-up
+
+    def images(self, dataset: str) -> Path:
+        return self.root / "demo" / dataset / "jpg"
+
+    def generate(self) -> None:
+        from cw_pipeline.core.demo import generate_demo
+
+        generate_demo(self.root / "demo")
+
+    def cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [str(BIN / "cw-pipeline"), *args],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert proc.returncode == 0, f"cw-pipeline {' '.join(args)}: {proc.stderr[-3000:]}"
+        return proc
+
+    def materialize_all(self) -> dict:
+        out = self.cli("demo", "--no-ui", "--json")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    # ------------------------------------------------------------------ the daemon
+
+    def start_daemon(self) -> None:
+        with self.log.open("wb") as out:
+            self.daemon = subprocess.Popen(
+                [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+                env=self.env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def stop_daemon(self) -> None:
+        if self.daemon is None:
+            return
+        try:
+            os.killpg(self.daemon.pid, signal.SIGTERM)
+            self.daemon.wait(timeout=60)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.daemon.pid, signal.SIGKILL)
+            self.daemon.wait(timeout=30)
+        self.daemon = None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    # ------------------------------------------------------------------ observing
+
+    def instance(self):
+        import dagster as dg
+
+        os.environ["DAGSTER_HOME"] = str(self.home)
+        return dg.DagsterInstance.get()
+
+    def snapshot(self) -> Snapshot:
+        import dagster as dg
+
+        with self.instance() as instance:
+            runs = {r.run_id: r.status.value for r in instance.get_runs()}
+            mats: Counter = Counter()
+            passes, feature_cpu = 0, 0.0
+            for key in instance.get_asset_keys():
+                records = instance.fetch_materializations(
+                    dg.AssetRecordsFilter(asset_key=key), limit=10_000
+                ).records
+                for rec in records:
+                    mat = rec.asset_materialization
+                    name = key.to_user_string()
+                    if mat.partition is not None:
+                        name += f"[{mat.partition}]"
+                    mats[name] += 1
+                    if key.path[-1] == "cam_features":
+                        passes += int(mat.metadata["forward_passes"].value)
+                        cpu = mat.metadata.get("cpu_seconds")
+                        feature_cpu += float(cpu.value) if cpu is not None else 0.0
+        cpu = _tree_cpu_seconds(self.daemon.pid) if self.daemon is not None else 0.0
+        return Snapshot(runs, mats, passes, feature_cpu, cpu)
+
+    def latest_materialization_time(self, key: str) -> float | None:
+        import dagster as dg
+
+        with self.instance() as instance:
+            event = instance.get_latest_materialization_event(dg.AssetKey.from_user_string(key))
+        return None if event is None else event.timestamp
+
+    def wait_until_quiet(
+        self, quiet_seconds: float, timeout: float, since: Snapshot | None = None
+    ) -> Snapshot:
+        """Wait until no run is queued or running and no new run appeared for
+        ``quiet_seconds`` (longer than the sensors' intervals); with ``since``, also until at
+        least one run started after it."""
+        active = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}
+        deadline = time.monotonic() + timeout
+        last_change = time.monotonic()
+        last_runs: dict[str, str] = {}
+        while True:
+            assert self.daemon is not None and self.daemon.poll() is None, (
+                "dagster-daemon exited:\n" + self.log_tail()
+            )
+            snap = self.snapshot()
+            if snap.runs != last_runs:
+                last_runs, last_change = snap.runs, time.monotonic()
+            busy = any(s in active for s in snap.runs.values())
+            started = since is None or len(snap.runs) > len(since.runs)
+            if not busy and started and time.monotonic() - last_change >= quiet_seconds:
+                return snap
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"not quiet after {timeout:.0f} s (runs: {snap.runs}); daemon log:\n"
+                    + self.log_tail()
+                )
+            time.sleep(1.0)
+
+    # ------------------------------------------------------------------ a change
+
+    def change_demo_a(self, extra_source: Path) -> dict[str, list[Path]]:
+        """Add 3 images, re-encode 1 (named by the ground truth), delete 1 (an extra image
+        that the ground truth does not name). Returns the paths by kind."""
+        from PIL import Image
+
+        jpg = self.images(DEMO_A)
+        sources = sorted(extra_source.glob("*.jpg"))
+        added = []
+        for k, src in enumerate(sources[-3:]):
+            dst = jpg / f"user_added_{k}.jpg"
+            shutil.copyfile(src, dst)
+            added.append(dst)
+        target = sorted(p for p in jpg.glob("*.jpg") if not p.name.startswith("user_"))[1]
+        with Image.open(target) as img:
+            img.load()
+            reencoded = img.convert("RGB")
+        tmp = target.with_name(f".{target.name}.tmp")
+        reencoded.save(tmp, format="JPEG", quality=70)
+        os.replace(tmp, target)
+        deleted = jpg / "user_extra_0.jpg"
+        deleted.unlink()
+        return {"added": added, "reencoded": [target], "deleted": [deleted]}
+
+    def seed_extra_images(self, extra_source: Path, n: int = 2) -> list[Path]:
+        """Images of the user's own in demo-a (not in its ground truth), before indexing."""
+        out = []
+        for k, src in enumerate(sorted(extra_source.glob("*.jpg"))[:n]):
+            dst = self.images(DEMO_A) / f"user_extra_{k}.jpg"
+            shutil.copyfile(src, dst)
+            out.append(dst)
+        return out
+
+
+def delta(before: Snapshot, after: Snapshot) -> tuple[dict[str, str], Counter]:
+    """Runs created and materializations recorded between two snapshots."""
+    runs = {r: s for r, s in after.runs.items() if r not in before.runs}
+    mats = Counter(
+        {k: n - before.materializations.get(k, 0) for k, n in after.materializations.items()}
+    )
+    return runs, +mats

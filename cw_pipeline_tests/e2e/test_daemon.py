@@ -1,0 +1,87 @@
+"""Incremental indexing under the real ``dagster-daemon`` (sensors, automation, run queue).
+
+The demo is materialized on a temporary instance, the daemon started over it (what
+``dagster dev`` runs besides the UI, with the project's default intervals), then images of
+demo-a are added, re-encoded and deleted while it runs. Everything affected must be
+materialized exactly once, nothing else, with no failed run, and the CLI must then find
+nothing to do.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cw_pipeline_tests.e2e.daemon import DEMO_A, DEMO_B, DaemonProject, delta
+
+#: Longer than the folder sensors' 15 s and the automation sensor's 10 s: no run appearing
+#: for this long after the last one ended means the daemon has nothing more to do.
+QUIET_SECONDS = 40
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> DaemonProject:
+    project = DaemonProject(tmp_path_factory.mktemp("daemon"))
+    project.generate()
+    # two photos of the user's own among demo-a's (not named by the ground truth)
+    project.seed_extra_images(project.images("demo-distractors"))
+    out = project.materialize_all()
+    assert not out["checks"]["failed"], out["checks"]
+    project.start_daemon()
+    yield project
+    project.stop_daemon()
+
+
+def test_daemon_refreshes_each_affected_asset_exactly_once(project: DaemonProject) -> None:
+    # Over a current instance the daemon starts nothing at all.
+    before = project.wait_until_quiet(QUIET_SECONDS, timeout=240)
+    assert not [s for s in before.runs.values() if s not in ("SUCCESS",)], before.runs
+    started_runs = len(before.runs)
+    snapshot0 = project.snapshot()
+    assert len(snapshot0.runs) == started_runs
+
+    changed = project.change_demo_a(project.images("demo-distractors"))
+    after = project.wait_until_quiet(QUIET_SECONDS, timeout=300, since=before)
+    runs, mats = delta(before, after)
+
+    assert all(status == "SUCCESS" for status in runs.values()), (runs, project.log_tail())
+    assert len(runs) <= 3, runs  # the shard's indexing run(s) and one refresh run
+
+    touched = sorted(k for k in mats if k.startswith(f"{DEMO_A}/manifest["))
+    assert touched, mats
+    for key in touched:
+        shard = key[key.index("[") :]
+        assert mats[key] == 1, mats
+        assert mats[f"{DEMO_A}/cam_features{shard}"] == 1, mats
+    expected = {
+        *touched,
+        *(k.replace("/manifest[", "/cam_features[") for k in touched),
+        f"{DEMO_A}/descriptors",
+        f"{DEMO_A}/rankings",
+        f"{DEMO_A}/map_report",
+        f"{DEMO_B}/pca_model",  # learned on demo-a
+        f"{DEMO_B}/descriptors",
+        f"{DEMO_B}/rankings",
+        f"{DEMO_B}/map_report",
+    }
+    # exactly these, once each: not demo-a's PCA (learned on demo-b), not the query features
+    # (no query image changed), not the evaluations with distractors (they wait for 03:00)
+    assert dict(mats) == dict.fromkeys(sorted(expected), 1), mats
+    # one forward pass per image added or changed, none for the others
+    assert after.forward_passes - before.forward_passes == 4
+
+    # every file the user added is still on disk, the deleted one stays deleted
+    for path in changed["added"] + changed["reencoded"]:
+        assert path.is_file(), path
+    assert not changed["deleted"][0].exists()
+
+    # The CLI then finds nothing to do: no run, no forward pass, nothing refreshed; the
+    # demo generator leaves the user's folder alone.
+    out = json.loads(project.cli("index", "--dataset", DEMO_A, "--json", "--quiet").stdout)
+    assert (out["indexed_shards"], out["forward_passes"], out["refreshed"]) == ([], 0, [])
+    final = project.snapshot()
+    assert final.runs.keys() == after.runs.keys()
+    for path in changed["added"] + changed["reencoded"]:
+        assert path.is_file(), path
+    assert not changed["deleted"][0].exists()
