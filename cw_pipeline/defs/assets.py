@@ -79,6 +79,11 @@ def _versioned(
     return version, {INPUT_VERSION_TAG: version}
 
 
+def _cpu(start: float) -> float:
+    """CPU seconds of this process (all its threads) since ``start`` (``time.process_time``)."""
+    return round(time.process_time() - start, 3)
+
+
 def current_shards(instance: dg.DagsterInstance, ds_name: str) -> list[str]:
     return sorted(instance.get_dynamic_partitions(partitions_def(ds_name).name))
 
@@ -121,6 +126,7 @@ def dataset_assets(
         check_specs=[dg.AssetCheckSpec("ids_unique_and_readable", asset=manifest_key)],
     )
     def manifest(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        cpu0 = time.process_time()
         store = pipeline.store()
         shard = context.partition_key
         found = scan(ds)
@@ -135,6 +141,7 @@ def dataset_assets(
         unique = len(set(ids)) == len(ids)
         return dg.MaterializeResult(
             metadata={
+                "cpu_seconds": _cpu(cpu0),
                 "images": len(ids),
                 "hashed": hashed,
                 "unreadable": len(errors),
@@ -219,7 +226,7 @@ def dataset_assets(
                 "resumed": update.resumed,
                 "rejected": update.rejected.num_rows,
                 "seconds": round(update.seconds, 3),
-                "cpu_seconds": round(time.process_time() - cpu0, 3),
+                "cpu_seconds": _cpu(cpu0),
                 "images_per_second": round(update.images_per_second, 2),
                 "path": store.url(rel),
             },
@@ -264,6 +271,7 @@ def dataset_assets(
             description=f"Features of {ds.name}'s queries ({ds.query_protocol} protocol).",
         )
         def query_features(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+            cpu0 = time.process_time()
             store = pipeline.store()
             shards = current_shards(context.instance, ds.name)
             version = stages.query_input_version(store, ds, shards, code_version) or "missing"
@@ -280,7 +288,11 @@ def dataset_assets(
             return dg.MaterializeResult(
                 data_version=dg.DataVersion(version),
                 tags={INPUT_VERSION_TAG: version},
-                metadata={"queries": table.num_rows, "seconds": round(time.perf_counter() - t0, 2)},
+                metadata={
+                    "queries": table.num_rows,
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "cpu_seconds": _cpu(cpu0),
+                },
             )
 
         out.append(query_features)
@@ -302,6 +314,7 @@ def dataset_assets(
         ),
     )
     def pca_model(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        cpu0 = time.process_time()
         _, tags = _versioned(context, pca_deps)
         store = pipeline.store()
         train = stages.load_features(
@@ -320,6 +333,7 @@ def dataset_assets(
             data_version=dg.DataVersion(stages.array_version(arrays)),
             tags=tags,
             metadata={
+                "cpu_seconds": _cpu(cpu0),
                 "training_set": str(first.metadata.get("training_set")),
                 "training_images": len(train),
                 "models": len(models),
@@ -338,6 +352,7 @@ def dataset_assets(
         description=f"Raw, raw+PCA and OfA descriptors of {ds.name}.",
     )
     def descriptors(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        cpu0 = time.process_time()
         _, tags = _versioned(context, desc_deps)
         store = pipeline.store()
         feats = stages.load_features(
@@ -354,7 +369,7 @@ def dataset_assets(
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version_of(versions)),
             tags=tags,
-            metadata={"images": len(feats), "dims": dims},
+            metadata={"images": len(feats), "dims": dims, "cpu_seconds": _cpu(cpu0)},
         )
 
     out += [pca_model, descriptors]
@@ -465,6 +480,7 @@ def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.As
         ],
     )
     def rankings(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        cpu0 = time.process_time()
         _, tags = _versioned(context, deps)
         store = pipeline.store()
         shards = {ds.name: current_shards(context.instance, ds.name)}
@@ -488,6 +504,7 @@ def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.As
             data_version=dg.DataVersion(stages.table_version(tables)),
             tags=tags,
             metadata={
+                "cpu_seconds": _cpu(cpu0),
                 "methods": methods,
                 "database_images": stats["database"],
                 "queries": stats["queries"],
@@ -529,6 +546,7 @@ def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.As
         check_specs=checks,
     )
     def map_report(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        cpu0 = time.process_time()
         _, tags = _versioned(context, report_deps)
         store = pipeline.store()
         shards = {ds.name: current_shards(context.instance, ds.name)}
@@ -551,6 +569,7 @@ def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.As
                 )
             )
         meta = {
+            "cpu_seconds": _cpu(cpu0),
             "report": dg.MetadataValue.md(md),
             "path": dg.MetadataValue.path(str(folder / "report.md")),
             "figures": dg.MetadataValue.path(str(figs.folder)),
@@ -600,6 +619,7 @@ def _distractor_descriptors(
         f"(refreshed after the evaluation's cron, {cron}).",
     )
     def distractor_descriptors(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        cpu0 = time.process_time()
         shard = context.partition_key
         version, tags = _versioned(context, deps, shard)
         store = pipeline.store()
@@ -608,7 +628,9 @@ def _distractor_descriptors(
             for agg in stages.OFFLINE_AGGREGATIONS:  # drop descriptors of removed images
                 store.delete(stages.distractor_rel(ev.name, dname, agg, shard))
             return dg.MaterializeResult(
-                data_version=dg.DataVersion(version), tags=tags, metadata={"images": 0}
+                data_version=dg.DataVersion(version),
+                tags=tags,
+                metadata={"images": 0, "cpu_seconds": _cpu(cpu0)},
             )
         feats = stages.load_features(store, dset.name, [shard])
         if ds.self_split:
@@ -621,7 +643,9 @@ def _distractor_descriptors(
             store.write_table(rel, stages.descriptor_table(feats.ids, mat))
         # A deterministic function of this shard's features and the PCA: its input version.
         return dg.MaterializeResult(
-            data_version=dg.DataVersion(version), tags=tags, metadata={"images": len(feats)}
+            data_version=dg.DataVersion(version),
+            tags=tags,
+            metadata={"images": len(feats), "cpu_seconds": _cpu(cpu0)},
         )
 
     return distractor_descriptors

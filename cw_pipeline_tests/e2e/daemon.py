@@ -2,8 +2,9 @@
 
 :class:`DaemonProject` lays out a copy of the demo configuration with its own warehouse,
 reports, images and ``DAGSTER_HOME`` (on-disk SQLite, shared by every process), materializes
-it with ``cw-pipeline demo --no-ui``, then starts ``dagster-daemon run -w workspace.yaml`` (what
-``dagster dev`` starts besides the UI) in its own process group. It reads what happened from
+it with ``cw-pipeline demo --no-ui``, then starts ``dagster-daemon run`` (what
+``dagster dev`` starts besides the UI: a code server, and the daemon over a workspace pointing
+at it), each in its own process group. It reads what happened from
 the instance: runs, materializations per asset and partition, forward passes, timestamps, and
 the CPU time of the daemon's whole process tree (daemon, code server, run workers).
 """
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,6 +70,23 @@ def _tree_cpu_seconds(root_pid: int) -> float:
     return total
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the code server exited with {proc.returncode}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.monotonic() < deadline, f"no code server on port {port} after {timeout} s"
+        time.sleep(0.5)
+
+
 @dataclass
 class Snapshot:
     """What the instance holds at one moment."""
@@ -75,8 +94,9 @@ class Snapshot:
     runs: dict[str, str]  #: run id -> status
     materializations: Counter  #: "key" or "key[partition]" -> count
     forward_passes: int
-    feature_cpu_seconds: float
-    cpu_seconds: float  #: of the daemon's process tree
+    feature_cpu_seconds: float  #: inside the features steps (forward passes)
+    step_cpu_seconds: float  #: inside every asset's step (``cpu_seconds`` metadata)
+    cpu_seconds: float  #: of the daemon's and the code server's process trees
     at: float = field(default_factory=time.time)
 
 
@@ -95,6 +115,7 @@ class DaemonProject:
         self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"
         self.env.update(env or {})
         self.daemon: subprocess.Popen | None = None
+        self.code_server: subprocess.Popen | None = None
         self.log = root / "daemon.log"
 
     # ------------------------------------------------------------------ set-up
@@ -126,9 +147,42 @@ class DaemonProject:
     # ------------------------------------------------------------------ the daemon
 
     def start_daemon(self) -> None:
+        """A code server, then ``dagster-daemon run`` over a workspace pointing at it — what
+        ``dagster dev`` starts besides the UI (a daemon given ``workspace.yaml`` directly
+        re-imports the code location every 60 s)."""
+        port = free_port()
+        workspace = self.root / "workspace.yaml"
+        workspace.write_text(
+            "load_from:\n  - grpc_server:\n      host: 127.0.0.1\n"
+            f"      port: {port}\n      location_name: cw_pipeline\n"
+        )
         with self.log.open("wb") as out:
+            self.code_server = subprocess.Popen(
+                [
+                    str(BIN / "dagster"),
+                    "code-server",
+                    "start",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-m",
+                    "cw_pipeline.definitions",
+                    "--location-name",
+                    "cw_pipeline",
+                    "--log-level",
+                    "warning",
+                ],
+                env=self.env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            _wait_for_port(port, self.code_server, timeout=180)
             self.daemon = subprocess.Popen(
-                [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+                [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)],
                 env=self.env,
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,
@@ -138,17 +192,25 @@ class DaemonProject:
             )
 
     def stop_daemon(self) -> None:
-        if self.daemon is None:
-            return
-        try:
-            os.killpg(self.daemon.pid, signal.SIGTERM)
-            self.daemon.wait(timeout=60)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.daemon.pid, signal.SIGKILL)
-            self.daemon.wait(timeout=30)
-        self.daemon = None
+        for proc in (self.daemon, self.code_server):
+            if proc is None:
+                continue
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        self.daemon = self.code_server = None
+
+    def processes_cpu_seconds(self) -> float:
+        """CPU seconds of the daemon's and the code server's process trees (run workers
+        are the code server's children)."""
+        return sum(
+            _tree_cpu_seconds(p.pid) for p in (self.daemon, self.code_server) if p is not None
+        )
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
@@ -167,7 +229,7 @@ class DaemonProject:
         with self.instance() as instance:
             runs = {r.run_id: r.status.value for r in instance.get_runs()}
             mats: Counter = Counter()
-            passes, feature_cpu = 0, 0.0
+            passes, feature_cpu, step_cpu = 0, 0.0, 0.0
             for key in instance.get_asset_keys():
                 records = instance.fetch_materializations(
                     dg.AssetRecordsFilter(asset_key=key), limit=10_000
@@ -178,12 +240,13 @@ class DaemonProject:
                     if mat.partition is not None:
                         name += f"[{mat.partition}]"
                     mats[name] += 1
+                    cpu = mat.metadata.get("cpu_seconds")
+                    cpu = float(cpu.value) if cpu is not None else 0.0
+                    step_cpu += cpu
                     if key.path[-1] == "cam_features":
                         passes += int(mat.metadata["forward_passes"].value)
-                        cpu = mat.metadata.get("cpu_seconds")
-                        feature_cpu += float(cpu.value) if cpu is not None else 0.0
-        cpu = _tree_cpu_seconds(self.daemon.pid) if self.daemon is not None else 0.0
-        return Snapshot(runs, mats, passes, feature_cpu, cpu)
+                        feature_cpu += cpu
+        return Snapshot(runs, mats, passes, feature_cpu, step_cpu, self.processes_cpu_seconds())
 
     def latest_materialization_time(self, key: str) -> float | None:
         import dagster as dg
@@ -203,9 +266,10 @@ class DaemonProject:
         last_change = time.monotonic()
         last_runs: dict[str, str] = {}
         while True:
-            assert self.daemon is not None and self.daemon.poll() is None, (
-                "dagster-daemon exited:\n" + self.log_tail()
-            )
+            for proc in (self.daemon, self.code_server):
+                assert proc is not None and proc.poll() is None, (
+                    "dagster-daemon or its code server exited:\n" + self.log_tail()
+                )
             snap = self.snapshot()
             if snap.runs != last_runs:
                 last_runs, last_change = snap.runs, time.monotonic()
