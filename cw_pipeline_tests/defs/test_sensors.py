@@ -9,10 +9,13 @@ import tempfile
 from pathlib import Path
 
 import dagster as dg
+import yaml
 from dagster._core.utils import make_new_run_id
 
-from cw_pipeline.defs.automation import active_index_shards, index_run_tags
+from cw_pipeline.defs.automation import SHARD_TAG, active_index_shards, index_run_tags
 from cw_pipeline_tests.defs.project import Project, materialize, synthetic_jpeg, write_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tick(project: Project, name: str, cursor: str | None) -> dg.SensorResult:
@@ -200,3 +203,17 @@ def _daily_schedule(project: Project) -> None:
     assert sorted(project.instance.get_dynamic_partitions("delta_shards")) == ["misc1", "misc3"]
     _execute(project, "delta", second)
     assert isinstance(_schedule(project, "delta"), dg.SkipReason)
+
+
+def test_the_instance_runs_one_indexing_run_per_shard_at_a_time(tmp_path) -> None:
+    """The project's dagster.yaml limits runs tagged with one shard to one at a time (the run
+    queue holds a second one until the first ends)."""
+    settings = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    with dg.instance_for_test(overrides=settings, temp_dir=str(tmp_path)) as instance:
+        limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
+    assert {
+        "key": SHARD_TAG,
+        "value": {"applyLimitPerUniqueValue": True},
+        "limit": 1,
+    } in limits
+    assert index_run_tags("demo-a", "b000")[SHARD_TAG] == "demo-a/b000"

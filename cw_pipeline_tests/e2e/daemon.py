@@ -43,6 +43,17 @@ def demo_config(root: Path) -> Path:
     return cfg
 
 
+def _own_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of one process itself, without its children."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def _tree_cpu_seconds(root_pid: int) -> float:
     """CPU seconds (user + system) of a process and all its descendants, live or reaped."""
     parents: dict[int, int] = {}
@@ -204,6 +215,19 @@ class DaemonProject:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
         self.daemon = self.code_server = None
+
+    def cpu_breakdown(self) -> dict[str, float]:
+        """CPU seconds by role: the daemon, the code server (sensor ticks, automation), and the
+        run workers (the code server's children, live or reaped)."""
+        out = {}
+        for name, proc in (("daemon", self.daemon), ("code server", self.code_server)):
+            if proc is None:
+                continue
+            total = _tree_cpu_seconds(proc.pid)
+            own = _own_cpu_seconds(proc.pid)
+            out[name] = own
+            out[f"{name} children"] = total - own
+        return out
 
     def processes_cpu_seconds(self) -> float:
         """CPU seconds of the daemon's and the code server's process trees (run workers
