@@ -36,11 +36,17 @@ __all__ = [
     "DATA_VERSION_TAG",
     "INPUT_VERSION_TAG",
     "Dep",
+    "DepState",
     "InputsChanged",
+    "ParentRequestedNow",
+    "ParentsReady",
     "combine",
+    "dep_state",
     "input_version",
+    "is_stale",
     "on_cron_when_inputs_change",
     "refresh_when_inputs_change",
+    "version_of",
 ]
 
 

@@ -8,8 +8,10 @@ parent is missing, running or failed.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
+import threading
 
 import dagster as dg
 import pytest
@@ -227,3 +229,50 @@ def test_a_failed_parent_stops_the_chain_until_fixed(fresh_project):
     shards = {"beta": current_shards(project.instance, "beta")}
     ev = project.config.evaluations["beta"]
     assert stages.evaluation_input_problems(project.config, project.store, ev, shards) == []
+
+
+def test_a_parent_being_rebuilt_holds_its_children(fresh_project, monkeypatch, tmp_path):
+    """While alpha's descriptors are being rebuilt (a run in progress), neither they nor the
+    rankings and report downstream are requested, even when another parent of the rankings
+    (the query features) is refreshed meanwhile; once the run has finished, the rankings and
+    the report are (the race that failed with a bare KeyError)."""
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        project = dataclasses.replace(fresh_project, instance=instance)
+        for ds in ("alpha", "beta"):
+            project.index(ds)
+        refresh(project.defs, project.instance)
+        synthetic_jpeg(project.images("alpha") / "part1" / "extra_009.jpg", seed=31)
+        assert project.index("alpha").forward_passes == 1
+
+        entered, release = threading.Event(), threading.Event()
+        real = stages.dataset_descriptors
+
+        def slow(config, store, ds, feats):
+            if ds.name == "alpha":
+                entered.set()
+                assert release.wait(120)
+            return real(config, store, ds, feats)
+
+        monkeypatch.setattr(stages, "dataset_descriptors", slow)
+        results = []
+        worker = threading.Thread(
+            target=lambda: results.append(materialize(project, ["alpha/descriptors"]))
+        )
+        worker.start()
+        try:
+            assert entered.wait(120)
+            # meanwhile a query image changes: its features are stale, and the rankings would
+            # follow them into the same run — but they must wait for the descriptors
+            query_file = sorted((project.root / "alpha" / "gt").glob("*_query.txt"))[0]
+            name = query_file.read_text().split()[0].removeprefix("oxc1_")
+            (query,) = project.images("alpha").rglob(f"{name}.jpg")
+            synthetic_jpeg(query, seed=32)
+            assert project.index("alpha").forward_passes == 1
+            got = Automation(project).start()
+            assert "alpha/query_features" in got
+            assert not got & {"alpha/descriptors", "alpha/rankings", "alpha/map_report"}, got
+        finally:
+            release.set()
+            worker.join(120)
+        assert results and results[0].success
+        assert {"alpha/rankings", "alpha/map_report"} <= Automation(project).start()
