@@ -276,3 +276,20 @@ def test_a_parent_being_rebuilt_holds_its_children(fresh_project, monkeypatch, t
             worker.join(120)
         assert results and results[0].success
         assert {"alpha/rankings", "alpha/map_report"} <= Automation(project).start()
+
+
+def test_rankings_refuse_inputs_of_different_states(fresh_project):
+    """Rankings asked for (by hand, in the UI) while the descriptors are out of date fail
+    before writing anything, naming what is out of date; map_report is not run after them."""
+    project = fresh_project
+    for ds in ("alpha", "beta"):
+        project.index(ds)
+    refresh(project.defs, project.instance)
+    rel = stages.rankings_rel("alpha", "ofa")
+    before = project.store.read_bytes(rel)
+    synthetic_jpeg(project.images("alpha") / "part2" / "extra_010.jpg", seed=41)
+    project.index("alpha")
+    with pytest.raises(dg.Failure, match=r"descriptors hold 48 images, the stored features 49"):
+        materialize(project, ["alpha/rankings", "alpha/map_report"])
+    assert project.store.read_bytes(rel) == before
+    assert project.materialization_count("alpha/map_report") == 1
