@@ -128,6 +128,7 @@ class DaemonProject:
         self.daemon: subprocess.Popen | None = None
         self.code_server: subprocess.Popen | None = None
         self.log = root / "daemon.log"
+        self.runs_before_daemon = 0
 
     # ------------------------------------------------------------------ set-up
 

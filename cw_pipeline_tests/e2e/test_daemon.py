@@ -28,18 +28,18 @@ def project(tmp_path_factory) -> DaemonProject:
     project.seed_extra_images(project.images("demo-distractors"))
     out = project.materialize_all()
     assert not out["checks"]["failed"], out["checks"]
+    project.runs_before_daemon = len(project.snapshot().runs)
     project.start_daemon()
     yield project
     project.stop_daemon()
 
 
 def test_daemon_refreshes_each_affected_asset_exactly_once(project: DaemonProject) -> None:
-    # Over a current instance the daemon starts nothing at all.
+    # Over a current instance the daemon starts nothing at all (every run so far is one of
+    # `cw-pipeline demo`'s, all successful).
     before = project.wait_until_quiet(QUIET_SECONDS, timeout=240)
-    assert not [s for s in before.runs.values() if s not in ("SUCCESS",)], before.runs
-    started_runs = len(before.runs)
-    snapshot0 = project.snapshot()
-    assert len(snapshot0.runs) == started_runs
+    assert set(before.runs.values()) == {"SUCCESS"}, before.runs
+    assert len(before.runs) == project.runs_before_daemon
 
     changed = project.change_demo_a(project.images("demo-distractors"))
     after = project.wait_until_quiet(QUIET_SECONDS, timeout=300, since=before)
@@ -77,11 +77,11 @@ def test_daemon_refreshes_each_affected_asset_exactly_once(project: DaemonProjec
     assert not changed["deleted"][0].exists()
 
     # The CLI then finds nothing to do: no run, no forward pass, nothing refreshed; the
-    # demo generator leaves the user's folder alone.
+    # demo generator leaves the user's folder alone (the edited file keeps its new bytes).
+    kept = {p: p.read_bytes() for p in changed["added"] + changed["reencoded"]}
     out = json.loads(project.cli("index", "--dataset", DEMO_A, "--json", "--quiet").stdout)
     assert (out["indexed_shards"], out["forward_passes"], out["refreshed"]) == ([], 0, [])
     final = project.snapshot()
     assert final.runs.keys() == after.runs.keys()
-    for path in changed["added"] + changed["reencoded"]:
-        assert path.is_file(), path
+    assert {p: p.read_bytes() for p in kept} == kept
     assert not changed["deleted"][0].exists()
