@@ -2,6 +2,7 @@
 sensor that refreshes everything downstream of new features."""
 
 import os
+import warnings
 
 import dagster as dg
 
@@ -153,6 +154,12 @@ def dataset_schedule(ds: DatasetConfig, job) -> dg.ScheduleDefinition:
 
 
 def automation_sensor() -> dg.AutomationConditionSensorDefinition:
+    with warnings.catch_warnings():  # use_user_code_server is Beta: a warning per import
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return _automation_sensor()
+
+
+def _automation_sensor() -> dg.AutomationConditionSensorDefinition:
     return dg.AutomationConditionSensorDefinition(
         "refresh_downstream",
         target=dg.AssetSelection.all(),
