@@ -81,6 +81,34 @@ def _tree_cpu_seconds(root_pid: int) -> float:
     return total
 
 
+def start_in_own_group(cmd: list[str], env: dict[str, str], out) -> subprocess.Popen:
+    """Start ``cmd`` from the repository root in a process group of its own, output to
+    ``out`` (so :func:`stop_group` can end it with every child)."""
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_group(proc: subprocess.Popen | None, grace: float = 60) -> None:
+    """TERM the process group of ``proc``, then KILL it if it has not ended in ``grace`` s."""
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -168,53 +196,23 @@ class DaemonProject:
             "load_from:\n  - grpc_server:\n      host: 127.0.0.1\n"
             f"      port: {port}\n      location_name: cw_pipeline\n"
         )
+        server = [
+            str(BIN / "dagster"),
+            "code-server",
+            "start",
+            *("-h", "127.0.0.1", "-p", str(port)),
+            *("-m", "cw_pipeline.definitions", "--location-name", "cw_pipeline"),
+            *("--log-level", "warning"),
+        ]
         with self.log.open("wb") as out:
-            self.code_server = subprocess.Popen(
-                [
-                    str(BIN / "dagster"),
-                    "code-server",
-                    "start",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    "-m",
-                    "cw_pipeline.definitions",
-                    "--location-name",
-                    "cw_pipeline",
-                    "--log-level",
-                    "warning",
-                ],
-                env=self.env,
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            self.code_server = start_in_own_group(server, self.env, out)
             _wait_for_port(port, self.code_server, timeout=180)
-            self.daemon = subprocess.Popen(
-                [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)],
-                env=self.env,
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            daemon = [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)]
+            self.daemon = start_in_own_group(daemon, self.env, out)
 
     def stop_daemon(self) -> None:
-        for proc in (self.daemon, self.code_server):
-            if proc is None:
-                continue
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=60)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        stop_group(self.daemon)
+        stop_group(self.code_server)
         self.daemon = self.code_server = None
 
     def cpu_breakdown(self) -> dict[str, float]:
