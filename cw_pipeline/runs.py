@@ -145,6 +145,8 @@ def index_dataset(
     A shard that another run is indexing (the daemon's sensor, a UI materialization, another
     command) is never indexed twice at once: this waits for that run (up to
     ``wait_seconds``, saying so in the log), then indexes the shard only if it still differs.
+    Runs whose process is gone are marked failed first, and their pool slots freed
+    (:func:`cw_pipeline.defs.recovery.recover_dead_runs`).
     """
     t0 = time.perf_counter()
     recover_dead_runs(instance)
