@@ -19,6 +19,7 @@ import dagster as dg
 from cw_pipeline.config import ProjectConfig
 from cw_pipeline.defs.assets import current_shards, partitions_def
 from cw_pipeline.defs.automation import active_index_shards, index_run_tags
+from cw_pipeline.defs.recovery import pool_wait_line, process_tags, recover_dead_runs
 from cw_pipeline.defs.versions import is_stale
 from cw_pipeline.indexing import plan_shards
 from cw_pipeline.store import FeatureStore
@@ -93,13 +94,16 @@ def _materialize(
 ):
     keys = list(keys)
     level = _CONSOLE_LEVEL.get()
+    _say_pool_waits(defs, instance, keys)
     result = dg.materialize(
         _assets(defs),
         instance=instance,
         resources=defs.resources,
         selection=dg.AssetSelection.assets(*keys),
         partition_key=partition_key,
-        tags=tags,
+        # The run executes in this process: tagged with it, so that a later command finds
+        # the run whose process was killed (cw_pipeline.defs.recovery).
+        tags={**(tags or {}), **process_tags()},
         run_config=None
         if level is None
         else {"loggers": {"console": {"config": {"log_level": level}}}},
@@ -109,6 +113,22 @@ def _materialize(
             (ev.asset_key.to_user_string(), ev.check_name, bool(ev.passed), ev.severity.value)
         )
     return result
+
+
+def _say_pool_waits(defs: dg.Definitions, instance: dg.DagsterInstance, keys) -> None:
+    """Log which runs hold the slots of the pools of ``keys``' steps, when all are held."""
+    wanted = set(keys)
+    pools = sorted(
+        {
+            a.op.pool
+            for a in _assets(defs)
+            if isinstance(a, dg.AssetsDefinition) and a.op.pool and wanted & set(a.keys)
+        }
+    )
+    for pool in pools:
+        line = pool_wait_line(instance, pool)
+        if line is not None:
+            logger.warning("%s", line)
 
 
 def index_dataset(
@@ -125,8 +145,11 @@ def index_dataset(
     A shard that another run is indexing (the daemon's sensor, a UI materialization, another
     command) is never indexed twice at once: this waits for that run (up to
     ``wait_seconds``, saying so in the log), then indexes the shard only if it still differs.
+    Runs whose process is gone are marked failed first, and their pool slots freed
+    (:func:`cw_pipeline.defs.recovery.recover_dead_runs`).
     """
     t0 = time.perf_counter()
+    recover_dead_runs(instance)
     ds = config.dataset(name)
     parts = partitions_def(name)
     existing = set(instance.get_dynamic_partitions(parts.name))
@@ -215,6 +238,7 @@ def refresh(
     and the daemon's automation sensor agree on what is stale: what one refreshed, the other
     finds current. ``refresh`` keeps its own cursor (in the instance) only for the cron ticks.
     """
+    recover_dead_runs(instance)
     done = _automation_rounds(defs, instance, max_rounds)
     if include_cron:
         missing = materialize_missing(defs, instance)
@@ -279,6 +303,7 @@ def _save_refresh_cursor(instance: dg.DagsterInstance, cursor) -> None:
 def materialize_missing(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
     """Materialize, level by level, every asset (and partition) never materialized or whose
     inputs' data changed since it was (e.g. cron-gated ones, ahead of their tick)."""
+    recover_dead_runs(instance)
     graph = defs.resolve_asset_graph()
     done = []
     for level in graph.toposorted_asset_keys_by_level:

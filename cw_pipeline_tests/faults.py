@@ -15,6 +15,11 @@ own process before running it.
     parent creates it once every child is ready, so that their runs overlap).
     On success, prints one JSON line: the ``IndexResult``.
 
+``cli --log FILE [--kill-after-batches N] [--kill-in-rankings] -- ARGS...``
+    Run ``cw-pipeline ARGS...`` (the CLI's ``main``) in this process with the same forward-pass
+    log and ``--kill-after-batches``; ``--kill-in-rankings``: SIGKILL itself when an evaluation's
+    rankings step starts computing them.
+
 ``write TABLE_ROOT RELPATH --tag TAG --rows N --iterations K [--start-after F]``
     Write a table of ``N`` rows tagged ``TAG`` at ``RELPATH`` ``K`` times (no torch).
 """
@@ -93,6 +98,21 @@ def _instrument(log: Path, kill_after_batches: int | None, kill_at_publish: bool
         store_mod.os.replace = replace  # type: ignore[attr-defined]
 
 
+def _cli(args: argparse.Namespace) -> None:
+    from cw_pipeline import stages
+    from cw_pipeline.cli import main as cli_main
+
+    _instrument(Path(args.log), args.kill_after_batches, False)
+    if args.kill_in_rankings:
+
+        def rankings(*_args, **_kwargs):
+            _die()
+
+        stages.evaluation_rankings = rankings  # type: ignore[assignment]
+    argv = args.cli_args[1:] if args.cli_args[:1] == ["--"] else args.cli_args
+    sys.exit(cli_main(argv))
+
+
 def _index(args: argparse.Namespace) -> None:
     import dagster as dg
 
@@ -132,6 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     ix.add_argument("--kill-after-batches", type=int, default=None)
     ix.add_argument("--kill-at-publish", action="store_true")
     ix.add_argument("--start-after", default=None)
+    cl = sub.add_parser("cli")
+    cl.add_argument("--log", required=True)
+    cl.add_argument("--kill-after-batches", type=int, default=None)
+    cl.add_argument("--kill-in-rankings", action="store_true")
+    cl.add_argument("cli_args", nargs=argparse.REMAINDER)
     wr = sub.add_parser("write")
     wr.add_argument("root")
     wr.add_argument("relpath")
@@ -140,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     wr.add_argument("--iterations", type=int, default=50)
     wr.add_argument("--start-after", default=None)
     args = parser.parse_args(argv)
-    _index(args) if args.mode == "index" else _write(args)
+    {"index": _index, "cli": _cli, "write": _write}[args.mode](args)
 
 
 if __name__ == "__main__":

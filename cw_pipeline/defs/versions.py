@@ -31,8 +31,12 @@ import dagster as dg
 DATA_VERSION_TAG = "dagster/data_version"
 #: Tag of a materialization: the input version it was computed from.
 INPUT_VERSION_TAG = "cw_pipeline/input_version"
+#: Tag of a run marked failed because its process was gone (cw_pipeline.defs.recovery): its
+#: attempt counts as none (not a failure of the code: the assets are retried).
+CRASHED_TAG = "cw_pipeline/crashed"
 
 __all__ = [
+    "CRASHED_TAG",
     "DATA_VERSION_TAG",
     "INPUT_VERSION_TAG",
     "Dep",
@@ -204,10 +208,13 @@ _CACHE = _TickCache()
 def _run_statuses(
     instance: dg.DagsterInstance, run_ids: Iterable[str]
 ) -> dict[str, dg.DagsterRunStatus | None]:
+    """Status of each run; None for a run that does not exist or whose process was gone (a
+    crashed attempt is no attempt: neither in progress nor a failure to wait out)."""
     todo = [r for r in set(run_ids) if r not in _CACHE.runs]
     if todo:
         for rec in instance.get_run_records(dg.RunsFilter(run_ids=todo)):
-            _CACHE.runs[rec.dagster_run.run_id] = rec.dagster_run.status
+            run = rec.dagster_run
+            _CACHE.runs[run.run_id] = None if CRASHED_TAG in run.tags else run.status
         for r in todo:
             _CACHE.runs.setdefault(r, None)
     return {r: _CACHE.runs[r] for r in run_ids}
