@@ -18,8 +18,8 @@ import dagster as dg
 
 from cw_pipeline.config import ProjectConfig
 from cw_pipeline.defs.assets import current_shards, partitions_def
-from cw_pipeline.defs.automation import active_index_shards, index_run_tags
 from cw_pipeline.defs.recovery import pool_wait_line, process_tags, recover_dead_runs
+from cw_pipeline.defs.run_tags import active_index_shards, index_run_tags
 from cw_pipeline.defs.versions import is_stale
 from cw_pipeline.indexing import plan_shards
 from cw_pipeline.store import FeatureStore

@@ -8,7 +8,12 @@ import dagster as dg
 
 from cw_pipeline.config import ConfigError, DatasetConfig
 from cw_pipeline.defs.assets import ident, partitions_def
+from cw_pipeline.defs.recovery import recover_dead_runs
 from cw_pipeline.defs.resources import PipelineResource
+from cw_pipeline.defs.run_tags import (
+    active_index_shards,
+    index_run_tags,
+)
 from cw_pipeline.indexing import feature_code_version, plan_shards
 
 #: Cron of the daily incremental indexing (override with $CW_PIPELINE_INDEX_CRON).
@@ -19,36 +24,6 @@ DEFAULT_WATCH_INTERVAL = 15
 #: Seconds between two evaluations of the automation conditions.
 AUTOMATION_INTERVAL_ENV = "CW_PIPELINE_AUTOMATION_INTERVAL"
 DEFAULT_AUTOMATION_INTERVAL = 10
-
-#: Tags of every run that indexes a shard (sensor, schedule, CLI): the dataset, and
-#: ``<dataset>/<shard>``, which dagster.yaml limits to one run at a time per value.
-DATASET_TAG = "cw_pipeline/dataset"
-SHARD_TAG = "cw_pipeline/shard"
-#: Run statuses during which a run may still write its shard.
-ACTIVE_STATUSES = [
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-]
-
-
-def index_run_tags(ds_name: str, shard: str) -> dict[str, str]:
-    return {DATASET_TAG: ds_name, SHARD_TAG: f"{ds_name}/{shard}"}
-
-
-def active_index_shards(instance: dg.DagsterInstance, ds_name: str) -> set[str]:
-    """Shards of ``ds_name`` that a queued or running run is indexing."""
-    records = instance.get_run_records(
-        dg.RunsFilter(statuses=ACTIVE_STATUSES, tags={DATASET_TAG: ds_name})
-    )
-    out = set()
-    for rec in records:
-        tag = rec.dagster_run.tags.get(SHARD_TAG, "")
-        if tag.startswith(f"{ds_name}/"):
-            out.add(tag[len(ds_name) + 1 :])
-    return out
 
 
 def index_job(ds: DatasetConfig):
@@ -89,6 +64,9 @@ def _requests(ds: DatasetConfig, store, instance: dg.DagsterInstance, existing: 
     stored manifest and features, less those being indexed right now (by the daemon, the UI
     or the CLI)."""
     fps, new, todo, removed = plan_shards(ds, store, existing)
+    # A shard whose indexing process was killed (a `cw-pipeline index` on this host) is not
+    # "being indexed" for ever: such runs are marked failed and their slots freed first.
+    recover_dead_runs(instance)
     busy = active_index_shards(instance, ds.name)
     requests = [
         dg.RunRequest(

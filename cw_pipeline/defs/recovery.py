@@ -28,7 +28,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from cw_pipeline.defs.automation import ACTIVE_STATUSES, SHARD_TAG
+from cw_pipeline.defs.run_tags import ACTIVE_STATUSES, SHARD_TAG
 from cw_pipeline.defs.versions import CRASHED_TAG
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,6 @@ import dagster as dg
 import pytest
 import yaml
 
-from cw_pipeline.defs.automation import SHARD_TAG
 from cw_pipeline.defs.recovery import (
     CRASHED_TAG,
     HOST_TAG,
@@ -37,6 +36,7 @@ from cw_pipeline.defs.recovery import (
     process_tags,
     recover_dead_runs,
 )
+from cw_pipeline.defs.run_tags import SHARD_TAG
 from cw_pipeline.store import FeatureStore
 from cw_pipeline_tests.conftest import REPO_ROOT
 from cw_pipeline_tests.defs.project import synthetic_jpeg

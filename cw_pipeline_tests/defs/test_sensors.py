@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import dagster as dg
 import yaml
 from dagster._core.utils import make_new_run_id
 
-from cw_pipeline.defs.automation import SHARD_TAG, active_index_shards, index_run_tags
+from cw_pipeline.defs.recovery import PID_TAG, process_tags
+from cw_pipeline.defs.run_tags import SHARD_TAG, active_index_shards, index_run_tags
 from cw_pipeline_tests.defs.project import Project, materialize, synthetic_jpeg, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,8 +144,23 @@ def test_sensor_plans_from_the_store_not_from_its_cursor(fresh_project):
     project.instance.add_run(busy)
     assert active_index_shards(project.instance, "delta") == {"misc2"}
     assert not tick(project, "delta", None).run_requests
-    project.instance.report_run_failed(busy)  # it died: misc2 still differs, request it
+    project.instance.report_run_failed(busy)  # it failed: misc2 still differs, request it
     assert requested_shards(tick(project, "delta", None).run_requests) == ["misc2"]
+
+    # a `cw-pipeline index` of this host killed while indexing misc2: the tick marks its run
+    # failed (its process is gone) instead of waiting for it for ever
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    killed = dg.DagsterRun(
+        job_name="index_delta",
+        run_id=make_new_run_id(),
+        status=dg.DagsterRunStatus.STARTED,
+        tags={**index_run_tags("delta", "misc2"), **process_tags(), PID_TAG: str(gone.pid)},
+    )
+    project.instance.add_run(killed)
+    assert requested_shards(tick(project, "delta", None).run_requests) == ["misc2"]
+    status = project.instance.get_run_by_id(killed.run_id).status
+    assert status == dg.DagsterRunStatus.FAILURE
 
 
 def test_batch_sensor_requests_the_bucket_of_a_new_file(fresh_project):
