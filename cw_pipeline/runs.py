@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -257,7 +258,9 @@ def _automation_rounds(defs: dg.Definitions, instance: dg.DagsterInstance, max_r
     initial = cursor is None
     all_keys = list(defs.resolve_asset_graph().get_all_asset_keys())
     for _ in range(max_rounds):
-        res = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+        with warnings.catch_warnings():  # Dagster's evaluator uses a Beta selection
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            res = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
         cursor = res.cursor
         _save_refresh_cursor(instance, cursor)
         if not res.total_requested:
