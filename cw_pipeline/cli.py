@@ -226,6 +226,7 @@ def _generate(config, regenerate: bool = False) -> list[str]:
 
 
 def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
+    from cw_pipeline.defs.assets import CNN_POOL
     from cw_pipeline.instance import open_instance
     from cw_pipeline.runs import console_log_level, index_dataset, refresh
     from cw_pipeline.store import FeatureStore
@@ -240,7 +241,7 @@ def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
     # Dagster's run log on the console: warnings only under a bar (or --quiet), else progress
     # lines (INFO), or every event with --verbose.
     level = "WARNING" if bars or args.quiet else "DEBUG" if args.verbose else "INFO"
-    with open_instance(home) as instance, console_log_level(level):
+    with open_instance(home, pools=[CNN_POOL]) as instance, console_log_level(level):
         with ImageBar(f"{ds.name} features", enabled=bars) as bar, progress_listener(bar.listener):
             res = index_dataset(
                 defs, instance, config, ds.name, FeatureStore(config.warehouse), force=args.force
@@ -286,6 +287,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     import subprocess
 
     from cw_pipeline.config import project_root
+    from cw_pipeline.defs.assets import CNN_POOL
     from cw_pipeline.instance import open_instance
     from cw_pipeline.runs import index_dataset, refresh
     from cw_pipeline.store import FeatureStore
@@ -296,7 +298,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     _generate(config, regenerate=args.regenerate)
     store = FeatureStore(config.warehouse)
     indexed = {}
-    with open_instance(home) as instance:
+    with open_instance(home, pools=[CNN_POOL]) as instance:
         for name in config.datasets:
             indexed[name] = index_dataset(defs, instance, config, name, store).as_dict()
         refresh(defs, instance, include_cron=True)

@@ -48,7 +48,8 @@ RETRY_ATTEMPTS = 8
 _TRANSIENT = re.compile(
     r"database is locked|database table is locked|unique constraint failed: alembic_version"
     r"|(table|relation|index) \S+ already exists"
-    r"|could not obtain lock|deadlock detected"
+    r"|could not obtain lock|deadlock detected|current transaction is aborted"
+    r"|duplicate key value violates unique constraint \"concurrency_limits"
 )
 
 T = TypeVar("T")
@@ -150,17 +151,26 @@ def instance_lock(home: Path, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterator
         os.close(fd)
 
 
-def open_instance(home: Path, timeout: float = LOCK_TIMEOUT_SECONDS) -> dg.DagsterInstance:
+def open_instance(
+    home: Path, timeout: float = LOCK_TIMEOUT_SECONDS, pools: Sequence[str] = ()
+) -> dg.DagsterInstance:
     """The Dagster instance of ``home`` (a ``DAGSTER_HOME``), opened (and, the first time,
     created) by one command at a time (:func:`instance_lock`), with busy-database errors
-    retried (:func:`retry_busy`)."""
+    retried (:func:`retry_busy`).
+
+    The limits of ``pools`` are initialised to the instance's default here, once, with retries:
+    Dagster does it when a step first claims a slot, and on PostgreSQL two processes doing that
+    at once fail (``current transaction is aborted`` after a duplicate key)."""
     import dagster as dg
 
+    what = f"opening the Dagster instance in {home}"
     with instance_lock(home, timeout):
-        return retry_busy(
-            lambda: dg.DagsterInstance.from_config(str(home)),
-            f"opening the Dagster instance in {home}",
-        )
+        instance = retry_busy(lambda: dg.DagsterInstance.from_config(str(home)), what)
+        storage = instance.event_log_storage
+        for pool in pools:
+            if pool not in storage.get_concurrency_keys():
+                retry_busy(lambda: storage.initialize_concurrency_limit_to_default(pool), what)  # noqa: B023
+        return instance
 
 
 def add_partitions(instance: dg.DagsterInstance, name: str, keys: Sequence[str]) -> None:

@@ -31,16 +31,21 @@ COMMAND_TIMEOUT = 240.0
 
 
 def make_images(root: Path) -> Path:
-    """The three datasets' image folders under ``root`` (written once, shared by rounds)."""
+    """The three datasets' image folders under ``root`` (written once, shared by rounds), and
+    ``ukb``: 8 images named like UKBench (2 objects × 4 views)."""
     for d, ds in enumerate(DATASETS):
         for i in range(IMAGES):
             path = root / ds / f"s{i % 2}" / f"{ds}{i}.jpg"
             synthetic_jpeg(path, seed=100 * d + i, size=(64, 48))
+    for i in range(8):
+        synthetic_jpeg(root / "ukb" / f"ukbench{i:05d}.jpg", seed=500 + i, size=(64, 48))
     return root
 
 
-def write_project(root: Path, images: Path) -> Path:
-    """A ``datasets.yaml`` under ``root`` (its own warehouse) over the images in ``images``."""
+def write_project(root: Path, images: Path, ukb: bool = False) -> Path:
+    """A ``datasets.yaml`` under ``root`` (its own warehouse) over the images in ``images``;
+    with ``ukb`` only the UKBench-like dataset ``ukb`` (PCA ``self-split``), whose index is
+    followed by a refresh of PCA, descriptors, rankings and report."""
     root.mkdir(parents=True, exist_ok=True)
     config = {
         "warehouse": "warehouse",
@@ -58,6 +63,12 @@ def write_project(root: Path, images: Path) -> Path:
             for ds in DATASETS
         },
     }
+    if ukb:
+        config["datasets"] = {
+            "ukb": {"layout": "ukbench", "images": str(images / "ukb"), "pca_from": "self-split"}
+        }
+        config["methods"] = ["raw", "ofa"]
+        config["search"] = {"n_pca": 2, "n_classes": 8}
     path = root / "datasets.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
@@ -108,22 +119,32 @@ def _stopped_at_exit(procs: list[subprocess.Popen]) -> Iterator[None]:
 
 
 def index_at_once(
-    config: Path, home: Path, datasets: Sequence[str], env: dict[str, str] | None = None
+    config: Path,
+    home: Path,
+    datasets: Sequence[str],
+    env: dict[str, str] | None = None,
+    separate_homes: bool = False,
 ) -> list[Outcome]:
     """Start ``cw-pipeline index --dataset D --json`` for every D in ``datasets`` at the same
-    moment (each in its own process group, all killed if the test fails) and wait for all."""
+    moment (each in its own process group, all killed if the test fails) and wait for all.
+
+    With ``separate_homes`` each command gets its own ``DAGSTER_HOME`` (``home/cmd<i>``, a copy
+    of ``home/dagster.yaml``), as processes on different machines sharing one PostgreSQL."""
     procs: list[subprocess.Popen] = []
     logs: list[tuple[Path, Path]] = []
     with _stopped_at_exit(procs):
         for i, ds in enumerate(datasets):
             out, err = home / f"cmd{i}.out", home / f"cmd{i}.err"
+            own = home
+            if separate_homes:
+                own = fresh_home(home / f"cmd{i}", (home / "dagster.yaml").read_text())
             cmd = [sys.executable, "-m", "cw_pipeline.cli", "index", "--dataset", ds]
             with out.open("w") as fo, err.open("w") as fe:
                 procs.append(
                     subprocess.Popen(
                         [*cmd, "--config", str(config), "--json", "--quiet"],
                         cwd=REPO_ROOT,
-                        env=_env(home, env),
+                        env=_env(own, env),
                         stdout=fo,
                         stderr=fe,
                         start_new_session=True,
