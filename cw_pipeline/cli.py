@@ -42,6 +42,7 @@ from cw_pipeline.core.runner import (
 )
 from cw_pipeline.core.search import RerankConfig
 from cw_pipeline.indexing import progress_listener, progress_logger
+from cw_pipeline.instance import InstanceBusyError
 from cw_pipeline.progress import ImageBar, bars_enabled
 
 logger = logging.getLogger("cw_pipeline")
@@ -225,12 +226,12 @@ def _generate(config, regenerate: bool = False) -> list[str]:
 
 
 def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
-    import dagster as dg
-
+    from cw_pipeline.defs.assets import CNN_POOL
+    from cw_pipeline.instance import open_instance
     from cw_pipeline.runs import console_log_level, index_dataset, refresh
     from cw_pipeline.store import FeatureStore
 
-    _dagster_home()
+    home = _dagster_home()
     config, defs = _pipeline(args.config)
     ds = config.dataset(args.dataset)
     if ds.generate == "demo":
@@ -240,7 +241,7 @@ def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
     # Dagster's run log on the console: warnings only under a bar (or --quiet), else progress
     # lines (INFO), or every event with --verbose.
     level = "WARNING" if bars or args.quiet else "DEBUG" if args.verbose else "INFO"
-    with dg.DagsterInstance.get() as instance, console_log_level(level):
+    with open_instance(home, pools=[CNN_POOL]) as instance, console_log_level(level):
         with ImageBar(f"{ds.name} features", enabled=bars) as bar, progress_listener(bar.listener):
             res = index_dataset(
                 defs, instance, config, ds.name, FeatureStore(config.warehouse), force=args.force
@@ -285,9 +286,9 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     import os
     import subprocess
 
-    import dagster as dg
-
     from cw_pipeline.config import project_root
+    from cw_pipeline.defs.assets import CNN_POOL
+    from cw_pipeline.instance import open_instance
     from cw_pipeline.runs import index_dataset, refresh
     from cw_pipeline.store import FeatureStore
 
@@ -297,7 +298,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     _generate(config, regenerate=args.regenerate)
     store = FeatureStore(config.warehouse)
     indexed = {}
-    with dg.DagsterInstance.get() as instance:
+    with open_instance(home, pools=[CNN_POOL]) as instance:
         for name in config.datasets:
             indexed[name] = index_dataset(defs, instance, config, name, store).as_dict()
         refresh(defs, instance, include_cron=True)
@@ -737,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cw-pipeline: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, FileNotFoundError, OSError, KeyError) as exc:
+    except (CLIError, ValueError, FileNotFoundError, OSError, KeyError, InstanceBusyError) as exc:
         if args.debug:
             raise
         print(f"cw-pipeline: error: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ from cw_pipeline.defs.recovery import pool_wait_line, process_tags, recover_dead
 from cw_pipeline.defs.run_tags import active_index_shards, index_run_tags
 from cw_pipeline.defs.versions import is_stale
 from cw_pipeline.indexing import plan_shards
+from cw_pipeline.instance import add_partitions
 from cw_pipeline.store import FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -155,8 +156,8 @@ def index_dataset(
     parts = partitions_def(name)
     existing = set(instance.get_dynamic_partitions(parts.name))
     fps, new, todo, removed = plan_shards(ds, store, existing)
-    if new:
-        instance.add_dynamic_partitions(parts.name, new)
+    if new:  # another command may add the same shards at this moment: not an error
+        add_partitions(instance, parts.name, new)
     for s in removed:
         instance.delete_dynamic_partition(parts.name, s)
     if not fps:

@@ -62,6 +62,10 @@ logger = logging.getLogger(__name__)
 PROGRESS_EVERY = 50  # images between progress log lines inside runs
 
 
+#: The pool of the forward-pass steps (``dagster.yaml``'s ``pools.default_limit`` bounds it).
+CNN_POOL = "cnn"
+
+
 def ident(name: str) -> str:
     """A Dagster-safe identifier for a dataset or evaluation name."""
     return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
@@ -172,7 +176,7 @@ def dataset_assets(
         partitions_def=parts,
         group_name=group,
         kinds={"pytorch", "parquet"},
-        pool="cnn",
+        pool=CNN_POOL,
         op_tags=cnn_op_tags(),  # executor hints (Dask resources, Kubernetes GPU); see executors
         code_version=code_version,
         description=(

@@ -15,6 +15,7 @@ from cw_pipeline.defs.run_tags import (
     index_run_tags,
 )
 from cw_pipeline.indexing import feature_code_version, plan_shards
+from cw_pipeline.instance import add_partitions
 
 #: Cron of the daily incremental indexing (override with $CW_PIPELINE_INDEX_CRON).
 DEFAULT_INDEX_CRON = "0 2 * * *"
@@ -123,7 +124,7 @@ def dataset_schedule(ds: DatasetConfig, job) -> dg.ScheduleDefinition:
         existing = set(context.instance.get_dynamic_partitions(parts.name))
         requests, new, removed, _ = _requests(ds, store, context.instance, existing)
         if new:
-            context.instance.add_dynamic_partitions(parts.name, new)
+            add_partitions(context.instance, parts.name, new)  # racing commands: fine
         for s in removed:
             context.instance.delete_dynamic_partition(parts.name, s)
         return requests or dg.SkipReason(f"{ds.name}: nothing new")
