@@ -1,6 +1,8 @@
-"""Tests for cw_pipeline.core.experiment: methods, feature sets, PCA fitting, the search over feature sets."""
+"""Tests for cw_pipeline.core.experiment and the search over feature sets."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -15,9 +17,9 @@ from cw_pipeline.core.experiment import (
     offline_descriptors,
 )
 from cw_pipeline.core.extract import FeatureMaps, ImageFeatures, encode_maps
-from cw_pipeline.core.retrieval import search
+from cw_pipeline.core.retrieval import InMemoryMaps, search
 from cw_pipeline.core.runner import evaluate_search
-from cw_pipeline.core.search import RerankConfig, online_descriptors
+from cw_pipeline.core.search import RerankConfig, online_descriptors, rerank
 
 K, C, N_C = 6, 12, 4  # channels, classes, stored class vectors per image
 
@@ -277,3 +279,65 @@ def test_search_needs_maps_and_classifier(scene):
         evaluate_search(Method.parse("ona"), no_maps, queries, None, PARAMS, classifier=clf)
     with pytest.raises(ValueError, match="'ofa\\+r10' needs stored feature maps"):
         evaluate_search(Method.parse("ofa+r10"), database, queries, None, PARAMS)
+
+
+# --------------------------------------------------------------------------- pinned behaviour
+# Where the two former search paths disagreed (issue 13), these pin the behaviour kept.
+
+
+def test_rerank_scores_are_the_region_scores_and_qe_expands_the_reranked_list(scene):
+    """The paper re-sorts the top R by the best region score alone: the scores returned are
+    those region scores, and QE sums the top K of the re-ranked list."""
+    clf, train, database, queries = scene
+    method = Method.parse("ofa+r5")
+    pca = fit_pca(method, train, PARAMS)
+    result = evaluate_search(method, database, queries, pca, PARAMS, classifier=clf)
+    q = aggregate(queries.class_vectors, pca, N_C)
+    db = aggregate(database.class_vectors, pca, N_C)
+    q_r = aggregate(queries.class_vectors, pca, PARAMS.rerank.n_classes)
+    cfg = dataclasses.replace(PARAMS.rerank, top_r=5)
+    for i, first in enumerate(_brute_rank(q, db)):
+        order, new = rerank(
+            q_r[i], queries.class_ids[i], np.array(first), database.maps.__getitem__, *clf, pca, cfg
+        )
+        assert result.indices[i].tolist() == order.tolist()
+        np.testing.assert_allclose(result.scores[i, :5], new, atol=1e-6)
+    assert (np.diff(result.scores[:, :5], axis=1) <= 0).all()
+    with_qe = evaluate_search(
+        Method.parse("ofa+r5+qe3"), database, queries, pca, PARAMS, classifier=clf
+    )
+    expanded = l2_normalize(db[result.indices[:, :3]].sum(axis=1))
+    assert with_qe.indices.tolist() == _brute_rank(expanded, db)
+
+
+def test_ona_rerank_uses_the_rerank_classes_not_capped_by_n_c(scene):
+    """Re-ranking takes the query's top ``rerank.n_classes`` classes under OnA as under OfA,
+    even when N_C is smaller."""
+    clf, train, database, queries = scene
+    params = SearchParams(n_classes=2, n_pca=1, rerank=RerankConfig(n_classes=4, min_cells=1))
+    method = Method.parse("ona+r4")
+    pca = fit_pca(method, train, params)
+    result = evaluate_search(method, database, queries, pca, params, classifier=clf)
+    q = aggregate(queries.class_vectors, pca, 2)
+    q_r = aggregate(queries.class_vectors, pca, 4)
+    cfg = dataclasses.replace(params.rerank, top_r=4)
+    for i in range(len(queries)):
+        db = online_descriptors(database.maps, queries.class_ids[i, :2], *clf, pca)
+        first = np.array(_brute_rank(q[i : i + 1], db)[0])
+        order, new = rerank(
+            q_r[i], queries.class_ids[i], first, database.maps.__getitem__, *clf, pca, cfg
+        )
+        assert result.indices[i].tolist() == order.tolist()
+        np.testing.assert_allclose(result.scores[i, :4], new, atol=1e-5)
+
+
+def test_top_k_is_the_prefix_of_the_full_search(scene):
+    clf, train, database, queries = scene
+    for name in ("ofa", "ofa+r5+qe3", "ona+r3+qe2"):
+        method = Method.parse(name)
+        pca = fit_pca(method, train, PARAMS)
+        db = offline_descriptors(method, database, pca, PARAMS)
+        maps = InMemoryMaps(database.maps, *clf)
+        full = search(method, queries, db, pca, maps, PARAMS)
+        top = search(method, queries, db, pca, maps, PARAMS, top_k=4)
+        np.testing.assert_array_equal(top.indices, full.indices[:, :4])
