@@ -395,6 +395,7 @@ def score(
     groundtruth: GroundTruth,
     db_ids: Sequence[str],
     query_ids: Sequence[str] | None = None,
+    strict: bool = True,
 ) -> Scores:
     """Score rankings (rows of indices into ``db_ids``, best first, possibly truncated).
 
@@ -402,8 +403,9 @@ def score(
     must be a query of ``groundtruth``. Positives and junk come from the ground truth (Holidays:
     the query is junk in its own ranking; UKBench: the query is a positive), and every image
     they name must be in ``db_ids``: ground truth naming missing images is refused
-    (ValueError), never silently shrunk. Grouped ground truth without junk (UKBench) also gets
-    the N-S score (mean positives in the top 4).
+    (ValueError); ``strict=False`` drops them (for callers that validated the ground truth
+    against the image folder already, as the pipeline does). Grouped ground truth without
+    junk (UKBench) also gets the N-S score (mean positives in the top 4).
     """
     qids = [q.image_id for q in groundtruth.queries] if query_ids is None else list(query_ids)
     rows = [np.asarray(r, dtype=np.int64) for r in rankings]
@@ -420,7 +422,7 @@ def score(
     queries = [by_query[q] for q in qids]
     named = set().union(*(q.positives | q.junk | q.easy | q.hard for q in queries))
     missing = sorted(named - pos.keys())
-    if missing:
+    if missing and strict:
         shown = ", ".join(repr(i) for i in missing[:5])
         raise ValueError(
             f"{groundtruth.dataset}: the ground truth names {len(missing)} image(s) that are not "
@@ -428,7 +430,7 @@ def score(
         )
 
     def idx(names: frozenset[str]) -> np.ndarray:
-        return np.array(sorted(pos[i] for i in names), dtype=np.int64)
+        return np.array(sorted(pos[i] for i in names if i in pos), dtype=np.int64)
 
     gnd = []
     for q in queries:
