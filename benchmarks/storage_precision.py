@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from cw_pipeline.core.datasets import ukbench_labels
-from cw_pipeline.core.evaluation import ukbench_map, ukbench_ns_score
-from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca, run_search
+from cw_pipeline.core.datasets import ukbench_groundtruth, ukbench_labels
+from cw_pipeline.core.evaluation import score as score_rankings
+from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
-from cw_pipeline.core.runner import split_by_group
+from cw_pipeline.core.runner import evaluate_search, split_by_group
 from cw_pipeline.indexing import records_to_table, table_to_featureset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +34,9 @@ def score(fs: FeatureSet, labels: np.ndarray, params: SearchParams) -> tuple[flo
     out = []
     for db_idx, train_idx in [split_by_group(labels), split_by_group(labels)[::-1]]:
         db, train = fs.subset(db_idx), fs.subset(train_idx)
-        res = run_search(method, db, db, fit_pca(method, train, params), params)
-        lab = labels[db_idx]
-        out.append((ukbench_ns_score(res.rankings, lab), ukbench_map(res.rankings, lab)))
+        res = evaluate_search(method, db, None, fit_pca(method, train, params), params)
+        s = score_rankings(res.indices, ukbench_groundtruth(db.ids), db.ids)
+        out.append((s.ns_score, s.map))
     ns, mp = np.mean(out, axis=0)
     return float(ns), float(mp)
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cw_pipeline.core.datasets import ukbench_labels
-from cw_pipeline.core.evaluation import ukbench_map, ukbench_ns_score
-from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca, run_search
+from cw_pipeline.core.datasets import ukbench_groundtruth, ukbench_labels
+from cw_pipeline.core.evaluation import score
+from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
-from cw_pipeline.core.runner import split_by_group
+from cw_pipeline.core.runner import evaluate_search, split_by_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,9 +105,9 @@ def main() -> None:
         for h in (0, 1):
             db, train = fs.subset(halves[h]), fs.subset(halves[1 - h])
             pca = fit_pca(row.method, train, row.params)
-            res = run_search(row.method, db, db, pca, row.params, classifier=clf)
-            lab = labels[halves[h]]
-            scores.append((ukbench_ns_score(res.rankings, lab), ukbench_map(res.rankings, lab)))
+            res = evaluate_search(row.method, db, None, pca, row.params, classifier=clf)
+            s = score(res.indices, ukbench_groundtruth(db.ids), db.ids)
+            scores.append((s.ns_score, s.map))
         ns, mp = np.mean(scores, axis=0)
         print(f"{row.cells()} | {ns:.3f} | {mp:.4f} | {time.perf_counter() - t:.1f} |", flush=True)
 

@@ -37,6 +37,7 @@ from cw_pipeline.core.runner import (
     evaluate_methods,
     extract_features,
     extract_queries,
+    grouped_groundtruth,
     load_benchmark,
     split_by_group,
 )
@@ -79,8 +80,12 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
         "--n-pca", type=int, default=DEFAULT_N_PCA, help="class vectors per image for PCA"
     )
     g.add_argument("--pca-dims", type=int, default=None, help="keep this many PCA dimensions")
-    g.add_argument("--qe", type=int, default=0, help="query expansion with the top K")
-    g.add_argument("--rerank", type=int, default=0, help="CAM-box re-ranking of the top R")
+    g.add_argument(
+        "--qe", type=int, default=None, help="query expansion with the top K (every method)"
+    )
+    g.add_argument(
+        "--rerank", type=int, default=None, help="CAM-box re-ranking of the top R (every method)"
+    )
     g.add_argument("--rerank-classes", type=int, default=6)
 
 
@@ -553,10 +558,24 @@ def cmd_report_figures(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _methods(args: argparse.Namespace) -> list[Method]:
-    if args.method:
-        return [Method.parse(m) for m in args.method]
-    base = Method.parse(DEFAULT_METHOD)
-    return [Method(base.aggregation, rerank=args.rerank, qe=args.qe)]
+    """The evaluated methods: ``--qe``/``--rerank`` apply to each ``--method`` (as in
+    ``search``), never silently ignored."""
+    for name in ("qe", "rerank"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise CLIError(f"--{name} must be >= 0, got {value}")
+    texts = args.method or [DEFAULT_METHOD]
+    out = []
+    for text in texts:
+        m = Method.parse(text)
+        out.append(
+            Method(
+                m.aggregation,
+                rerank=m.rerank if args.rerank is None else args.rerank,
+                qe=m.qe if args.qe is None else args.qe,
+            )
+        )
+    return out
 
 
 def _extractor(args: argparse.Namespace, resize: str, keep_maps: bool) -> FeatureExtractor:
@@ -623,7 +642,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 train,
                 params,
                 extractor,
-                labels=bench.labels[halves[h]],  # type: ignore[index]
+                groundtruth=grouped_groundtruth(args.layout, db.ids),
                 pca_metadata={"training_set": f"{bench.name}-half{2 - h}"},
             )
             per_half.append([s.as_dict() for s in scores])
@@ -650,8 +669,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             train,
             params,
             extractor,
-            labels=bench.labels,
-            groundtruth=None if bench.grouped else bench.groundtruth,
+            groundtruth=bench.groundtruth,
             pca_metadata={"training_set": str(args.pca_from)},
         )
         result["pca"] = str(args.pca_from) if args.pca_from else None

@@ -5,8 +5,8 @@ resize policy, N_C) and, with a box, its query protocol (``crop``: the box is cu
 forward pass; ``paper``: the feature maps are cropped). Its descriptor is aggregated with the
 PCA the dataset's descriptors were built with (the ``pca_model`` asset; a self-split dataset's
 two halves are searched each with its own PCA and the lists merged by score), and ranked with
-:func:`cw_pipeline.stages.run_method`, the function the rankings asset uses: cosine ranking,
-then CAM-box re-ranking of the top R and query expansion with the top K.
+:func:`cw_pipeline.core.retrieval.search`, the function the rankings asset and ``evaluate``
+use: cosine ranking, then CAM-box re-ranking of the top R and query expansion with the top K.
 
 Where the database descriptors come from:
 
@@ -39,8 +39,8 @@ __all__ = [
     "Hit",
     "NotIndexedError",
     "QueryError",
+    "QueryResult",
     "SearchIndex",
-    "SearchResult",
     "check_box",
     "format_results",
     "load_index",
@@ -73,7 +73,7 @@ class Hit:
 
 
 @dataclass
-class SearchResult:
+class QueryResult:
     """The ranked results of one query."""
 
     dataset: str
@@ -163,11 +163,6 @@ def check_box(box: Sequence[float], size: tuple[int, int], path: Path) -> Box:
 # --------------------------------------------------------------------------- the index
 
 
-def _agg_key(method: Method) -> str:
-    """The stored descriptors a method ranks (OnA: the OfA query descriptor, maps for the rest)."""
-    return "ofa" if method.aggregation == "ona" else method.aggregation
-
-
 def _check_features(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig) -> list[str]:
     """Stored feature shards of ``ds``, checked against the current extraction settings."""
     from cw_pipeline.indexing import feature_code_version, stored_code_version
@@ -223,7 +218,7 @@ def load_index(
 
     ds = config.dataset(name)
     _check_features(config, store, ds)
-    agg = _agg_key(method)
+    agg = method.stored_aggregation
     if ds.has_groundtruth:
         paired = config.paired(ds.name)
         rel = descriptors_rel(ds.name, agg)
@@ -258,7 +253,7 @@ def _folder_index(
 ) -> SearchIndex:
     from cw_pipeline.stages import distractor_rel, pca_models_for, read_descriptors, shard_relpath
 
-    agg = _agg_key(method)
+    agg = method.stored_aggregation
     shards = stored_shards(store, "cam_features", ds.name)
     evaluations = [e for e in config.evaluations_for(ds.name) if ds.name in e.distractors]
     for ev in evaluations:
@@ -326,13 +321,15 @@ def search(
     protocol: str | None = None,
     store: FeatureStore | None = None,
     extractor: FeatureExtractor | None = None,
-) -> SearchResult:
+) -> QueryResult:
     """Rank the indexed images of ``dataset`` for the query ``image`` (optionally its ``box``).
 
     Raises:
         UnknownNameError, NotIndexedError, QueryError (image, box), ValueError (method).
     """
-    from cw_pipeline.stages import MapProvider, offline_descriptors, run_method, search_params
+    from cw_pipeline.core.retrieval import ComputedMaps
+    from cw_pipeline.core.retrieval import search as search_method
+    from cw_pipeline.stages import method_pca, search_params
 
     t0 = time.perf_counter()
     method = Method.parse(method) if isinstance(method, str) else method
@@ -354,24 +351,15 @@ def search(
     record = extractor.extract_query(query, qbox, protocol)  # type: ignore[arg-type]
     qfs = FeatureSet.from_records([image.stem], [record])
     params = search_params(config)
-    agg = _agg_key(method)
+    agg = method.stored_aggregation
     db = index.descriptors[agg]
     rows_all, scores_all, passes = [], [], 0
     for rows, pcas in index.groups:
-        models = pcas or {"raw": None, "class": None}
-        q = offline_descriptors(qfs, models, params)[agg]
         maps = None
         if method.needs_maps:
-            maps = MapProvider(extractor, [index.paths[i] for i in rows])
-        r = run_method(
-            method,
-            db[rows],
-            q,
-            min(top, len(rows)),
-            queries=qfs,
-            pca=models["class"],
-            maps=maps,
-            params=params,
+            maps = ComputedMaps(extractor, [index.paths[i] for i in rows])
+        r = search_method(
+            method, qfs, db[rows], method_pca(method, pcas), maps, params, top_k=min(top, len(rows))
         )
         rows_all.append(rows[r.indices[0]])
         scores_all.append(r.scores[0])
@@ -379,14 +367,14 @@ def search(
     rows = np.concatenate(rows_all)
     scores = np.concatenate(scores_all)
     if len(index.groups) == 1:
-        order = np.arange(len(rows))  # run_method's order (re-ranked heads included)
+        order = np.arange(len(rows))  # the search's order (re-ranked heads included)
     else:  # self-split halves: merged by score, then database order
         order = np.lexsort((rows, -scores))[:top]
     hits = [
         Hit(k, index.ids[rows[j]], float(scores[j]), index.paths[rows[j]])
         for k, j in enumerate(order, 1)
     ]
-    return SearchResult(
+    return QueryResult(
         dataset=ds.name,
         query=image,
         box=qbox,
@@ -400,7 +388,7 @@ def search(
     )
 
 
-def format_results(result: SearchResult) -> str:
+def format_results(result: QueryResult) -> str:
     """A human table: rank, score, id, path."""
     box = "" if result.box is None else " box " + " ".join(f"{v:g}" for v in result.box)
     lines = [

@@ -13,7 +13,6 @@ them directly. Store layout (relative to the warehouse root):
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import time
@@ -26,17 +25,19 @@ import pyarrow as pa
 
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core import datasets as gtio
-from cw_pipeline.core.aggregation import PCAWhitening, aggregate, raw_descriptors
-from cw_pipeline.core.evaluation import (
-    compute_map,
-    compute_map_revisited,
-    ukbench_map,
-    ukbench_ns_score,
+from cw_pipeline.core.aggregation import PCAWhitening
+from cw_pipeline.core.evaluation import score
+from cw_pipeline.core.experiment import (
+    FeatureSet,
+    Method,
+    SearchParams,
+    fit_pca,
+    offline_descriptors,
 )
-from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca
-from cw_pipeline.core.extract import FeatureExtractor, FeatureMaps
+from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.images import load_image
-from cw_pipeline.core.search import OnlineIndex, Ranking, expand_queries, rank, rerank
+from cw_pipeline.core.retrieval import ComputedMaps, SubsetMaps, search
+from cw_pipeline.core.search import Ranking
 from cw_pipeline.indexing import (
     records_to_table,
     table_to_featureset,
@@ -134,11 +135,12 @@ def halves_of(ds: DatasetConfig, ids: Sequence[str]) -> tuple[np.ndarray, np.nda
 
 
 def group_labels(ds: DatasetConfig, ids: Sequence[str]) -> np.ndarray:
-    if ds.layout == "ukbench":
-        return gtio.ukbench_labels(ids)
-    if ds.layout == "holidays":
-        return np.array([int(Path(i).name[:4]) for i in ids])
-    raise ValueError(f"dataset {ds.name!r} (layout {ds.layout}) has no object groups")
+    """Object label of each image of a grouped dataset."""
+    from cw_pipeline.core.runner import group_labels as labels_of
+
+    if ds.layout not in ("ukbench", "holidays"):
+        raise ValueError(f"dataset {ds.name!r} (layout {ds.layout}) has no object groups")
+    return labels_of(ds.layout, ids)
 
 
 #: Fewest images a PCA training set may have: a PCA needs two vectors, and the raw space
@@ -219,16 +221,22 @@ def read_descriptors(store: FeatureStore, rel: str) -> tuple[list[str], np.ndarr
 OFFLINE_AGGREGATIONS = ("raw", "raw+pca", "ofa")
 
 
-def offline_descriptors(
-    feats: FeatureSet, pcas: dict[str, PCAWhitening | None], params: SearchParams
+def method_pca(method: Method, pcas: dict[str, PCAWhitening] | None) -> PCAWhitening | None:
+    """The PCA model a method ranks with: none (raw), the ``raw`` or the ``class`` space."""
+    if pcas is None or method.aggregation == "raw":
+        return None
+    return pcas["raw" if method.aggregation == "raw+pca" else "class"]
+
+
+def descriptor_sets(
+    feats: FeatureSet, pcas: dict[str, PCAWhitening] | None, params: SearchParams
 ) -> dict[str, np.ndarray]:
     """Raw, raw+PCA and OfA descriptors of a feature set with given PCA models."""
-    n_c = min(params.n_classes, feats.class_vectors.shape[1])
-    return {
-        "raw": raw_descriptors(feats.sum_pooled),
-        "raw+pca": raw_descriptors(feats.sum_pooled, pcas["raw"]),
-        "ofa": aggregate(feats.class_vectors, pcas["class"], n_c),
-    }
+    out = {}
+    for agg in OFFLINE_AGGREGATIONS:
+        method = Method.parse(agg)
+        out[agg] = offline_descriptors(method, feats, method_pca(method, pcas), params)
+    return out
 
 
 def pca_models_for(
@@ -243,12 +251,12 @@ def dataset_descriptors(
     """Offline descriptors of a ground-truth dataset (self-split: each half with its PCA)."""
     params = search_params(config)
     if not ds.self_split:
-        d = offline_descriptors(feats, pca_models_for(store, ds), params)
+        d = descriptor_sets(feats, pca_models_for(store, ds), params)
         return {agg: (feats.ids, v) for agg, v in d.items()}
     out: dict[str, list] = {agg: [[], []] for agg in OFFLINE_AGGREGATIONS}
     for k, half in enumerate(halves_of(ds, feats.ids), 1):
         sub = feats.subset(half)
-        d = offline_descriptors(sub, pca_models_for(store, ds, k), params)
+        d = descriptor_sets(sub, pca_models_for(store, ds, k), params)
         for agg, v in d.items():
             out[agg][0].extend(sub.ids)
             out[agg][1].append(v)
@@ -385,135 +393,6 @@ def compute_query_features(
 # --------------------------------------------------------------------------- rankings
 
 
-class MapProvider:
-    """Feature maps of database images for OnA and re-ranking.
-
-    Maps are not stored in the warehouse (about 2 MB per Oxford-size image): they are
-    recomputed by one forward pass on first use and cached for the rest of the run.
-    """
-
-    def __init__(self, extractor: FeatureExtractor, paths: Sequence[Path]):
-        self.extractor = extractor
-        self.paths = list(paths)
-        self._cache: dict[int, FeatureMaps] = {}
-        self.forward_passes = 0
-        bb = extractor.backbone
-        self.weight, self.bias = bb.classifier_weight, bb.classifier_bias
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def prefetch(self, indices: Sequence[int]) -> None:
-        """Compute the maps of many images in batches (decode overlapped with the network)."""
-        todo = sorted({int(i) for i in indices} - set(self._cache))
-        if not todo:
-            return
-        keep = self.extractor.keep_maps
-        self.extractor.keep_maps = True
-        try:
-            items = [(i, self.paths[i]) for i in todo]
-            for i, rec in self.extractor.extract_files(items):
-                self._cache[i] = rec.maps  # type: ignore[union-attr]
-                self.forward_passes += 1
-        finally:
-            self.extractor.keep_maps = keep
-
-    def get(self, i: int) -> FeatureMaps:
-        if i not in self._cache:
-            image, orig = self.extractor.load(self.paths[i])
-            keep = self.extractor.keep_maps
-            self.extractor.keep_maps = True
-            try:
-                rec = self.extractor.encode_batch([image], [orig])[0]
-            finally:
-                self.extractor.keep_maps = keep
-            self._cache[i] = rec.maps  # type: ignore[assignment]
-            self.forward_passes += 1
-        return self._cache[i]
-
-
-def run_method(
-    method: Method,
-    db: np.ndarray,
-    q: np.ndarray,
-    top_k: int,
-    *,
-    queries: FeatureSet | None = None,
-    pca: PCAWhitening | None = None,
-    maps: MapProvider | None = None,
-    params: SearchParams | None = None,
-) -> Ranking:
-    """Rank (top ``top_k``) with a method: offline descriptors or OnA, re-ranking, then QE.
-
-    OnA and re-ranking need the query feature set, the class-space PCA and a map provider.
-    """
-    params = params or SearchParams()
-    if method.needs_maps and (queries is None or maps is None):
-        raise ValueError(f"method {method.name} needs query features and feature maps")
-    depth = min(db.shape[0], max(top_k, method.rerank, method.qe))
-    if method.aggregation == "ona":
-        return _run_online(method, q, queries, pca, maps, params, top_k, depth)  # type: ignore[arg-type]
-    res = rank(q, db, top_k=depth)
-    if method.rerank:
-        res = _rerank_all(res, queries, pca, maps, params, method)  # type: ignore[arg-type]
-    if method.qe:
-        res = rank(expand_queries(db, res, method.qe), db, top_k=top_k)
-    return Ranking(res.indices[:, :top_k], res.scores[:, :top_k])
-
-
-def _rerank_all(
-    res: Ranking,
-    queries: FeatureSet,
-    pca: PCAWhitening | None,
-    maps: MapProvider,
-    params: SearchParams,
-    method: Method,
-) -> Ranking:
-    cfg = dataclasses.replace(params.rerank, top_r=method.rerank)
-    q_r = aggregate(queries.class_vectors, pca, min(cfg.n_classes, queries.class_vectors.shape[1]))
-    idx, scores = res.indices.copy(), res.scores.copy()
-    maps.prefetch(np.unique(idx[:, : method.rerank]))
-    for i in range(len(queries)):
-        order, new = rerank(
-            q_r[i], queries.class_ids[i], idx[i], maps.get, maps.weight, maps.bias, pca, cfg
-        )
-        idx[i], scores[i, : len(new)] = order, new
-    return Ranking(idx, scores)
-
-
-def _run_online(
-    method: Method,
-    q: np.ndarray,
-    queries: FeatureSet,
-    pca: PCAWhitening | None,
-    maps: MapProvider,
-    params: SearchParams,
-    top_k: int,
-    depth: int,
-) -> Ranking:
-    n_c = min(params.n_classes, queries.class_ids.shape[1])
-    maps.prefetch(range(len(maps)))
-    all_maps = [maps.get(i) for i in range(len(maps))]
-    index = OnlineIndex(all_maps, queries.class_ids[:, :n_c], maps.weight, maps.bias, pca)
-    logger.info(
-        "OnA index: %d images x %d classes, %.1f MB",
-        len(maps),
-        len(index.classes),
-        index.nbytes / 1e6,
-    )
-    out_idx, out_scores = [], []
-    for i in range(len(queries)):
-        db = index.descriptors(queries.class_ids[i, :n_c])
-        res = rank(q[i : i + 1], db, top_k=depth)
-        if method.rerank:
-            res = _rerank_all(res, queries.subset([i]), pca, maps, params, method)
-        if method.qe:
-            res = rank(expand_queries(db, res, method.qe), db, top_k=top_k)
-        out_idx.append(res.indices[0, :top_k])
-        out_scores.append(res.scores[0, :top_k])
-    return Ranking(np.stack(out_idx), np.stack(out_scores))
-
-
 def ranking_table(query_ids: Sequence[str], db_ids: Sequence[str], r: Ranking) -> pa.Table:
     """Rankings as rows: query id, ranked image ids (best first), scores."""
     ids = np.asarray(db_ids, dtype=object)
@@ -531,45 +410,22 @@ def ranking_table(query_ids: Sequence[str], db_ids: Sequence[str], r: Ranking) -
 def score_rankings(
     ds: DatasetConfig, gt: gtio.GroundTruth, db_ids: Sequence[str], table: pa.Table
 ) -> dict[str, Any]:
-    """mAP (and N-S, or revisited E/M/H) of stored rankings; per-query AP by query id."""
+    """mAP (and N-S, or revisited E/M/H) of stored rankings; per-query AP by query id
+    (not for UKBench, whose every image is a query). Scored by :func:`core.evaluation.score`."""
     pos = {i: k for k, i in enumerate(db_ids)}
-    qids = table.column("query_id").to_pylist()
     rankings = [
         np.fromiter((pos[i] for i in row), dtype=np.int64, count=len(row))
         for row in table.column("ranked_ids").to_pylist()
     ]
-    if ds.layout == "ukbench":
-        labels = group_labels(ds, db_ids)
-        k = min(len(r) for r in rankings)
-        rk = np.stack([r[:k] for r in rankings])
-        qidx = np.array([pos[q] for q in qids])
-        return {
-            "map": ukbench_map(rk, labels, qidx),
-            "ns_score": ukbench_ns_score(rk, labels, qidx),
-        }
-    by_query = dict(zip((q.image_id for q in gt.queries), gt.queries, strict=True))
-    gnd = []
-    for qid in qids:
-        q = by_query[qid]
-        entry = {
-            "ok": [pos[i] for i in q.positives if i in pos],
-            "junk": [pos[i] for i in q.junk if i in pos],
-        }
-        if gt.revisited:
-            entry["easy"] = [pos[i] for i in q.easy if i in pos]
-            entry["hard"] = [pos[i] for i in q.hard if i in pos]
-        if ds.layout == "holidays":
-            entry["junk"].append(pos[qid])
-        gnd.append(entry)
-    if gt.revisited:
-        res = compute_map_revisited(rankings, gnd, n_db=len(db_ids))
-        return {
-            "map": float(res["medium"]["map"]),
-            "revisited": {p: float(res[p]["map"]) for p in ("easy", "medium", "hard")},
-            "aps": dict(zip(qids, map(float, res["medium"]["aps"]), strict=True)),
-        }
-    res = compute_map(rankings, gnd, n_db=len(db_ids))
-    return {"map": float(res.map), "aps": dict(zip(qids, map(float, res.aps), strict=True))}
+    # The ground truth was checked against the image folder upstream (check_groundtruth_images).
+    s = score(rankings, gt, db_ids, table.column("query_id").to_pylist(), strict=False)
+    if s.ns_score is not None:
+        return {"map": s.map, "ns_score": s.ns_score}
+    out: dict[str, Any] = {"map": s.map}
+    if s.revisited is not None:
+        out["revisited"] = s.revisited
+    out["aps"] = s.aps
+    return out
 
 
 def _read_all_descriptors(store: FeatureStore, rels: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -643,12 +499,13 @@ def evaluation_rankings(
                 f"evaluation {ev.name}: {len(unknown)} described image(s) are not in the current "
                 f"manifests (first: {unknown[0]!r}): the descriptors are out of date"
             )
-        maps = MapProvider(extractor, [paths[i] for i in db_ids])
+        maps = ComputedMaps(extractor, [paths[i] for i in db_ids])
 
     # Query groups: (query ids, query FeatureSet, query descriptors, db rows, PCA models).
     groups = []
     if ds.layout in ("ukbench", "holidays"):
         feats = load_features(store, ds.name, shards[ds.name])
+        is_query = {q.image_id for q in load_groundtruth(ds, feats.ids).queries}
         pos = {i: k for k, i in enumerate(db_ids)}
         halves = halves_of(ds, feats.ids) if ds.self_split else [np.arange(len(feats))]
         n_ds = len(feats)
@@ -657,13 +514,15 @@ def evaluation_rankings(
             rows = np.array([pos[i] for i in sub.ids])
             rows = np.concatenate([rows, np.arange(n_ds, len(db_ids))])  # + distractors
             pcas = pca_models_for(store, ds, k if ds.self_split else None)
-            qd = {agg: db[agg][rows[: len(sub)]] for agg in aggs}
-            groups.append((sub.ids, sub, qd, rows, pcas))
+            keep = np.array([j for j, i in enumerate(sub.ids) if i in is_query], dtype=np.int64)
+            qfs = sub.subset(keep)
+            qd = {agg: db[agg][rows[keep]] for agg in aggs}
+            groups.append((qfs.ids, qfs, qd, rows, pcas))
     else:
         qt = store.read_table(f"query_features/dataset={encode_component(ds.name)}/queries.parquet")
         qfeats = table_to_featureset(qt.drop_columns(["bbox", "query_name"]))
         pcas = pca_models_for(store, ds)
-        qd = offline_descriptors(qfeats, pcas, params)
+        qd = descriptor_sets(qfeats, pcas, params)
         groups.append((qfeats.ids, qfeats, qd, np.arange(len(db_ids)), pcas))
 
     tables: dict[str, pa.Table] = {}
@@ -672,20 +531,16 @@ def evaluation_rankings(
         t0 = time.perf_counter()
         qids_all, rows_all, scores_all = [], [], []
         for qids, qfs, qd, rows, pcas in groups:
-            sub_db = db[_agg_key(method)][rows]
-            top_k = min(len(rows), MAX_RANKING_LENGTH)
-            sub_maps = None
-            if maps is not None:
-                sub_maps = _SubsetMaps(maps, rows)
-            r = run_method(
+            agg = method.stored_aggregation
+            r = search(
                 method,
-                sub_db,
-                qd[_agg_key(method)],
-                top_k,
-                queries=qfs,
-                pca=pcas["class"],
-                maps=sub_maps,
-                params=params,  # type: ignore[arg-type]
+                qfs,
+                db[agg][rows],
+                method_pca(method, pcas),
+                None if maps is None else SubsetMaps(maps, rows),
+                params,
+                top_k=min(len(rows), MAX_RANKING_LENGTH),
+                query_descriptors=qd[agg],
             )
             qids_all.extend(qids)
             rows_all.append(rows[r.indices])
@@ -700,31 +555,6 @@ def evaluation_rankings(
         stats["queries"] = len(qids_all)
     stats["map_forward_passes"] = 0 if maps is None else maps.forward_passes
     return tables, stats
-
-
-def _agg_key(method: Method) -> str:
-    return "ofa" if method.aggregation == "ona" else method.aggregation
-
-
-class _SubsetMaps:
-    """A MapProvider restricted to some database rows (self-split halves)."""
-
-    def __init__(self, maps: MapProvider, rows: np.ndarray):
-        self._maps, self._rows = maps, rows
-        self.weight, self.bias = maps.weight, maps.bias
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def get(self, i: int) -> FeatureMaps:
-        return self._maps.get(int(self._rows[i]))
-
-    def prefetch(self, indices: Sequence[int]) -> None:
-        self._maps.prefetch([int(self._rows[i]) for i in indices])
-
-    @property
-    def forward_passes(self) -> int:
-        return self._maps.forward_passes
 
 
 # --------------------------------------------------------------------------- data versions

@@ -226,3 +226,41 @@ def test_index_with_an_unavailable_device_is_one_line_and_status_2(
     err = capsys.readouterr().err
     assert err.startswith("cw-pipeline: error: $CW_PIPELINE_DEVICE: invalid device 'mps:x'")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_qe_and_rerank_apply_to_every_method() -> None:
+    """``evaluate --method ofa --qe 2`` runs ofa+qe2 (it silently ran plain ofa)."""
+    from cw_pipeline.cli import _methods, build_parser
+
+    def parsed(*extra: str) -> list[str]:
+        args = build_parser().parse_args(
+            ["evaluate", "--layout", "ukbench", "--images", "x", *extra]
+        )
+        return [m.name for m in _methods(args)]
+
+    assert parsed("--method", "ofa", "--qe", "2") == ["ofa+qe2"]
+    assert parsed("--method", "raw", "--method", "ona+qe5", "--rerank", "3") == [
+        "raw+r3",
+        "ona+r3+qe5",
+    ]
+    assert parsed("--qe", "4") == ["ofa+qe4"]
+    assert parsed("--method", "ofa+qe10") == ["ofa+qe10"]
+
+
+def test_oxford_ground_truth_naming_missing_images_is_refused(tmp_path: Path) -> None:
+    """As the pipeline: missing positives are not dropped (that scored AP 1.0 for 0.9359)."""
+    from PIL import Image
+
+    from cw_pipeline.core.runner import load_benchmark
+
+    images, gt = tmp_path / "jpg", tmp_path / "gt"
+    images.mkdir()
+    gt.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (32, 32)).save(images / f"{name}.jpg")
+    (gt / "tower_1_query.txt").write_text("oxc1_a 0 0 10 10\n")
+    (gt / "tower_1_good.txt").write_text("b\ngone\n")
+    (gt / "tower_1_ok.txt").write_text("")
+    (gt / "tower_1_junk.txt").write_text("")
+    with pytest.raises(FileNotFoundError, match="gone"):
+        load_benchmark("oxford", images, gt)

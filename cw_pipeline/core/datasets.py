@@ -115,7 +115,8 @@ class GroundTruth:
     """A benchmark's database order and queries.
 
     ``queries_in_database`` is True for classic Oxford/Paris, UKBench and Holidays, False for
-    the revisited sets (their query images are not in ``image_ids``).
+    the revisited sets (their query images are not in ``image_ids``). ``grouped`` is True for
+    UKBench and Holidays (images in object groups, queries drawn from the database itself).
     """
 
     dataset: str
@@ -123,6 +124,7 @@ class GroundTruth:
     queries: tuple[Query, ...]
     revisited: bool
     queries_in_database: bool
+    grouped: bool = False
 
     def to_index_gnd(self, strict: bool = True) -> list[dict[str, np.ndarray]]:
         """Per-query dicts of sorted int64 index arrays into ``image_ids`` for evaluation.
@@ -793,7 +795,9 @@ def ukbench_groundtruth(image_ids: Sequence[str]) -> GroundTruth:
         Query(image_id, None, members[label], frozenset(), name=image_id)
         for image_id, label in zip(ids, labels.tolist(), strict=True)
     )
-    return GroundTruth("ukbench", ids, queries, revisited=False, queries_in_database=True)
+    return GroundTruth(
+        "ukbench", ids, queries, revisited=False, queries_in_database=True, grouped=True
+    )
 
 
 def holidays_groundtruth(image_ids: Sequence[str]) -> GroundTruth:
@@ -822,7 +826,9 @@ def holidays_groundtruth(image_ids: Sequence[str]) -> GroundTruth:
         qid = query_ids[0]
         positives = frozenset(image_id for _, image_id in members if image_id != qid)
         queries.append(Query(qid, None, positives, frozenset({qid}), name=group))
-    return GroundTruth("holidays", ids, tuple(queries), revisited=False, queries_in_database=True)
+    return GroundTruth(
+        "holidays", ids, tuple(queries), revisited=False, queries_in_database=True, grouped=True
+    )
 
 
 # --------------------------------------------------------------------------------------------

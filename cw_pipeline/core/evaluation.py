@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from cw_pipeline.core.datasets import GroundTruth
 
 __all__ = [
     "MapResult",
@@ -370,3 +373,81 @@ def ukbench_map(
     p1 = (j + 1.0) / (r + 1.0)
     aps = np.where(hits, p0 + p1, 0.0).sum(axis=1) / (2.0 * nres)
     return float(aps.mean())
+
+
+# --------------------------------------------------------------------------------------------
+# one scoring path
+# --------------------------------------------------------------------------------------------
+
+
+class Scores(NamedTuple):
+    """Scores of rankings: mAP (revisited: Medium), N-S (UKBench-style groups), revisited
+    E/M/H mAPs, and the per-query APs by query id."""
+
+    map: float
+    ns_score: float | None
+    revisited: dict[str, float] | None
+    aps: dict[str, float]
+
+
+def score(
+    rankings: np.ndarray | Sequence[np.ndarray],
+    groundtruth: GroundTruth,
+    db_ids: Sequence[str],
+    query_ids: Sequence[str] | None = None,
+    strict: bool = True,
+) -> Scores:
+    """Score rankings (rows of indices into ``db_ids``, best first, possibly truncated).
+
+    ``query_ids`` names each row's query (default: the ground truth's queries in order); each
+    must be a query of ``groundtruth``. Positives and junk come from the ground truth (Holidays:
+    the query is junk in its own ranking; UKBench: the query is a positive), and every image
+    they name must be in ``db_ids``: ground truth naming missing images is refused
+    (ValueError); ``strict=False`` drops them (for callers that validated the ground truth
+    against the image folder already, as the pipeline does). Grouped ground truth without
+    junk (UKBench) also gets the N-S score (mean positives in the top 4).
+    """
+    qids = [q.image_id for q in groundtruth.queries] if query_ids is None else list(query_ids)
+    rows = [np.asarray(r, dtype=np.int64) for r in rankings]
+    if len(rows) != len(qids):
+        raise ValueError(f"{len(rows)} rankings for {len(qids)} queries")
+    pos = {i: k for k, i in enumerate(db_ids)}
+    by_query = {q.image_id: q for q in groundtruth.queries}
+    unknown = [q for q in qids if q not in by_query]
+    if unknown:
+        raise ValueError(
+            f"{groundtruth.dataset}: {len(unknown)} ranked queries are not queries of the "
+            f"ground truth, e.g. {unknown[0]!r}"
+        )
+    queries = [by_query[q] for q in qids]
+    named = set().union(*(q.positives | q.junk | q.easy | q.hard for q in queries))
+    missing = sorted(named - pos.keys())
+    if missing and strict:
+        shown = ", ".join(repr(i) for i in missing[:5])
+        raise ValueError(
+            f"{groundtruth.dataset}: the ground truth names {len(missing)} image(s) that are not "
+            f"in the database: {shown}{' …' if len(missing) > 5 else ''}"
+        )
+
+    def idx(names: frozenset[str]) -> np.ndarray:
+        return np.array(sorted(pos[i] for i in names if i in pos), dtype=np.int64)
+
+    gnd = []
+    for q in queries:
+        entry = {"ok": idx(q.positives), "junk": idx(q.junk)}
+        if groundtruth.revisited:
+            entry["easy"], entry["hard"] = idx(q.easy), idx(q.hard)
+        gnd.append(entry)
+    n_db = len(db_ids)
+    if groundtruth.revisited:
+        res = compute_map_revisited(rows, gnd, n_db=n_db)
+        rev = {p: float(res[p]["map"]) for p in ("easy", "medium", "hard")}
+        aps = dict(zip(qids, map(float, res["medium"]["aps"]), strict=True))
+        return Scores(rev["medium"], None, rev, aps)
+    res = compute_map(rows, gnd, n_db=n_db)
+    ns = None
+    if groundtruth.grouped and not any(q.junk for q in queries):
+        if min(len(r) for r in rows) < 4:
+            raise ValueError("the N-S score needs rankings of at least 4 images")
+        ns = float(np.mean([np.isin(r[:4], g["ok"]).sum() for r, g in zip(rows, gnd, strict=True)]))
+    return Scores(float(res.map), ns, None, dict(zip(qids, map(float, res.aps), strict=True)))

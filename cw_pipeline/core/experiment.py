@@ -1,20 +1,18 @@
 """End-to-end evaluation of one method: features → PCA → descriptors → search → scores.
 
 The pieces the CLI and the Dagster assets share: a columnar ``FeatureSet`` of per-image records,
-method strings such as ``ofa+r100+qe10``, PCA fitting on a *training* set, and ``run_search``
-which returns full rankings for a set of queries.
+method strings such as ``ofa+r100+qe10``, PCA fitting on a *training* set and the offline
+descriptors; the search itself is :func:`cw_pipeline.core.retrieval.search`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import torch
 
 from cw_pipeline.core.aggregation import (
     PCAWhitening,
@@ -24,14 +22,7 @@ from cw_pipeline.core.aggregation import (
     raw_descriptors,
 )
 from cw_pipeline.core.extract import FeatureMaps, ImageFeatures
-from cw_pipeline.core.search import (
-    OnlineIndex,
-    Ranking,
-    RerankConfig,
-    expand_queries,
-    rank,
-    rerank,
-)
+from cw_pipeline.core.search import RerankConfig
 
 Aggregation = Literal["raw", "raw+pca", "ofa", "ona"]
 AGGREGATIONS: tuple[str, ...] = ("raw", "raw+pca", "ofa", "ona")
@@ -85,6 +76,12 @@ class Method:
     @property
     def uses_pca(self) -> bool:
         return self.aggregation != "raw"
+
+    @property
+    def stored_aggregation(self) -> str:
+        """The offline descriptors the method ranks (OnA: the OfA query descriptor; its
+        database descriptors are aggregated online from the maps)."""
+        return "ofa" if self.aggregation == "ona" else self.aggregation
 
     @property
     def needs_maps(self) -> bool:
@@ -185,109 +182,3 @@ def offline_descriptors(
         return raw_descriptors(features.sum_pooled, pca)
     n_c = min(params.n_classes, features.class_vectors.shape[1])
     return aggregate(features.class_vectors, pca, n_c)
-
-
-@dataclass
-class SearchResult:
-    """Full rankings (n_q × n_db, best first) and their scores."""
-
-    rankings: np.ndarray
-    scores: np.ndarray
-
-
-def run_search(
-    method: Method,
-    database: FeatureSet,
-    queries: FeatureSet,
-    pca: PCAWhitening | None,
-    params: SearchParams,
-    classifier: tuple[torch.Tensor, torch.Tensor] | None = None,
-    db_descriptors: np.ndarray | None = None,
-) -> SearchResult:
-    """Rank the whole database for every query with ``method``.
-
-    OnA and re-ranking need the database's stored maps and the classifier ``(weight, bias)``.
-    """
-    if method.needs_maps and (database.maps is None or classifier is None):
-        raise ValueError(f"method {method.name!r} needs stored feature maps and the classifier")
-    n_db = len(database)
-    n_c = min(params.n_classes, queries.class_vectors.shape[1])
-    if method.aggregation == "ona":
-        return _run_online(method, database, queries, pca, params, classifier, n_c)
-    db = (
-        db_descriptors
-        if db_descriptors is not None
-        else offline_descriptors(method, database, pca, params)
-    )
-    q = offline_descriptors(method, queries, pca, params)
-    result = rank(q, db)
-    indices, scores = result.indices, result.scores
-    if method.rerank:
-        weight, bias = classifier  # type: ignore[misc]
-        n_r = min(params.rerank.n_classes, queries.class_ids.shape[1])
-        q_r = aggregate(queries.class_vectors, pca, n_r)
-        for i in range(len(queries)):
-            order, _ = rerank(
-                q_r[i],
-                queries.class_ids[i],
-                indices[i],
-                database.maps.__getitem__,  # type: ignore[union-attr]
-                weight,
-                bias,
-                pca,
-                _rerank_cfg(params, method),
-            )
-            indices[i] = order
-    if method.qe:
-        expanded = expand_queries(db, Ranking(indices, scores), method.qe)
-        result = rank(expanded, db)
-        indices, scores = result.indices, result.scores
-    else:
-        scores = np.take_along_axis(q @ db.T, indices, axis=1)
-    assert indices.shape == (len(queries), n_db)
-    return SearchResult(indices, scores)
-
-
-def _rerank_cfg(params: SearchParams, method: Method) -> RerankConfig:
-    """The search's re-ranking settings with the method's R."""
-    return dataclasses.replace(params.rerank, top_r=method.rerank)
-
-
-def _run_online(
-    method: Method,
-    database: FeatureSet,
-    queries: FeatureSet,
-    pca: PCAWhitening | None,
-    params: SearchParams,
-    classifier: tuple[torch.Tensor, torch.Tensor] | None,
-    n_c: int,
-) -> SearchResult:
-    weight, bias = classifier  # type: ignore[misc]
-    q = aggregate(queries.class_vectors, pca, n_c)
-    index = OnlineIndex(database.maps, queries.class_ids[:, :n_c], weight, bias, pca)  # type: ignore[arg-type]
-    all_idx, all_scores = [], []
-    for i in range(len(queries)):
-        classes = queries.class_ids[i, :n_c]
-        db = index.descriptors(classes)
-        res = rank(q[i : i + 1], db)
-        idx = res.indices[0]
-        if method.rerank:
-            n_r = min(params.rerank.n_classes, n_c)
-            q_r = aggregate(queries.class_vectors[i : i + 1], pca, n_r)[0]
-            idx, _ = rerank(
-                q_r,
-                classes,
-                idx,
-                database.maps.__getitem__,  # type: ignore[union-attr]
-                weight,
-                bias,
-                pca,
-                _rerank_cfg(params, method),
-            )
-        if method.qe:
-            exp = expand_queries(db, Ranking(idx[None], res.scores), method.qe)
-            res = rank(exp, db)
-            idx = res.indices[0]
-        all_idx.append(idx)
-        all_scores.append((q[i] @ db.T)[idx] if not method.qe else res.scores[0])
-    return SearchResult(np.stack(all_idx), np.stack(all_scores))

@@ -11,17 +11,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from cw_pipeline.core import datasets as ds
-from cw_pipeline.core.evaluation import (
-    compute_map,
-    compute_map_revisited,
-    ukbench_map,
-    ukbench_ns_score,
+from cw_pipeline.core.aggregation import PCAWhitening
+from cw_pipeline.core.evaluation import score
+from cw_pipeline.core.experiment import (
+    FeatureSet,
+    Method,
+    SearchParams,
+    fit_pca,
+    offline_descriptors,
 )
-from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca, run_search
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.images import load_image
+from cw_pipeline.core.retrieval import InMemoryMaps, search
+from cw_pipeline.core.search import Ranking
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +65,8 @@ def load_benchmark(layout: str, images: Path, groundtruth: Path | None = None) -
     rel = dict(found)
     if layout in GROUPED_LAYOUTS:
         ids = [i for i, _ in found]
-        if layout == "ukbench":
-            gt, labels = ds.ukbench_groundtruth(ids), ds.ukbench_labels(ids)
-        else:
-            gt = ds.holidays_groundtruth(ids)
-            labels = np.array([int(Path(i).name[:4]) for i in ids])
+        gt = grouped_groundtruth(layout, ids)
+        labels = group_labels(layout, ids)
         return Benchmark(layout, images, ids, [images / rel[i] for i in ids], gt, labels)
     if groundtruth is None:
         raise ValueError(f"layout {layout!r} needs --groundtruth (a folder or a gnd_*.pkl)")
@@ -81,9 +83,31 @@ def load_benchmark(layout: str, images: Path, groundtruth: Path | None = None) -
     else:
         ids = sorted(rel)
         gt = ds.read_oxford_groundtruth(groundtruth, image_ids=ids, dataset=layout)
-        for warning in ds.validate_groundtruth(gt, ids):
-            logger.warning("%s", warning)
+        problems = ds.validate_groundtruth(gt, ids)
+        if problems:  # as the pipeline: missing positives would inflate the AP
+            raise FileNotFoundError(
+                f"the ground truth {groundtruth} names images missing under {images}: "
+                + "; ".join(problems)
+            )
     return Benchmark(layout, images, ids, [images / rel[i] for i in ids], gt)
+
+
+def grouped_groundtruth(layout: str, ids: Sequence[str]) -> ds.GroundTruth:
+    """Ground truth of a grouped layout (ukbench, holidays) over the images ``ids``."""
+    if layout == "ukbench":
+        return ds.ukbench_groundtruth(ids)
+    if layout == "holidays":
+        return ds.holidays_groundtruth(ids)
+    raise ValueError(f"layout {layout!r} has no object groups")
+
+
+def group_labels(layout: str, ids: Sequence[str]) -> np.ndarray:
+    """Object label of each image of a grouped layout."""
+    if layout == "ukbench":
+        return ds.ukbench_labels(ids)
+    if layout == "holidays":
+        return np.array([int(Path(i).name[:4]) for i in ids])
+    raise ValueError(f"layout {layout!r} has no object groups")
 
 
 def extract_features(
@@ -142,24 +166,6 @@ class MethodScore:
         return out
 
 
-def score_grouped(rankings: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(N-S score, mAP) of full rankings where every image queries its own set."""
-    return ukbench_ns_score(rankings, labels), ukbench_map(rankings, labels)
-
-
-def score_groundtruth(
-    rankings: np.ndarray, gt: ds.GroundTruth
-) -> tuple[float, dict[str, float] | None, list[float]]:
-    """(mAP, revisited E/M/H mAPs or None, per-query APs) of full rankings (n_q × n_db)."""
-    gnd = gt.to_index_gnd(strict=False)
-    if gt.revisited:
-        res = compute_map_revisited(rankings.T, gnd)
-        rev = {p: float(res[p]["map"]) for p in ("easy", "medium", "hard")}
-        return rev["medium"], rev, [float(a) for a in res["medium"]["aps"]]
-    res = compute_map(rankings.T, gnd)
-    return float(res.map), None, [float(a) for a in res.aps]
-
-
 def evaluate_methods(
     methods: Sequence[Method],
     database: FeatureSet,
@@ -168,30 +174,67 @@ def evaluate_methods(
     params: SearchParams,
     extractor: FeatureExtractor,
     *,
-    labels: np.ndarray | None = None,
-    groundtruth: ds.GroundTruth | None = None,
+    groundtruth: ds.GroundTruth,
     pca_metadata: dict[str, Any] | None = None,
 ) -> list[MethodScore]:
-    """Score each method; PCA is always fitted on ``train``, never on the evaluated images."""
+    """Score each method; PCA is always fitted on ``train``, never on the evaluated images.
+
+    ``queries`` None: the ground truth's queries are database images (grouped layouts), and
+    their descriptors are the database's rows, as in the pipeline.
+    """
     bb = extractor.backbone
-    classifier = (bb.classifier_weight, bb.classifier_bias)
     meta = {"backbone": bb.name, "layer": bb.layer, **(pca_metadata or {})}
+    classifier = (bb.classifier_weight, bb.classifier_bias)
+    pos = {i: k for k, i in enumerate(database.ids)}
+    rows = None
+    if queries is None:
+        rows = np.array([pos[q.image_id] for q in groundtruth.queries], dtype=np.int64)
+    query_ids = queries.ids if queries is not None else [database.ids[i] for i in rows]  # type: ignore[union-attr]
     out = []
     for method in methods:
         t0 = time.perf_counter()
         pca = fit_pca(method, train, params, metadata=meta)
-        res = run_search(method, database, queries or database, pca, params, classifier)
-        if labels is not None:
-            ns, mp = score_grouped(res.rankings, labels)
-            score = MethodScore(method.name, mp, ns_score=ns)
-        elif groundtruth is not None:
-            mp, rev, aps = score_groundtruth(res.rankings, groundtruth)
-            score = MethodScore(method.name, mp, revisited=rev, aps=aps)
-        else:
-            raise ValueError("evaluation needs labels or ground truth")
-        score.seconds = time.perf_counter() - t0
-        out.append(score)
+        res = evaluate_search(method, database, queries, pca, params, classifier, rows)
+        s = score(res.indices, groundtruth, database.ids, query_ids)
+        out.append(
+            MethodScore(
+                method.name,
+                s.map,
+                ns_score=s.ns_score,
+                revisited=s.revisited,
+                aps=list(s.aps.values()),
+                seconds=time.perf_counter() - t0,
+            )
+        )
     return out
+
+
+def evaluate_search(
+    method: Method,
+    database: FeatureSet,
+    queries: FeatureSet | None,
+    pca: PCAWhitening | None,
+    params: SearchParams,
+    classifier: tuple[torch.Tensor, torch.Tensor] | None = None,
+    query_rows: np.ndarray | None = None,
+) -> Ranking:
+    """Full rankings of feature sets held in memory, by :func:`core.retrieval.search`.
+
+    ``queries`` None: the database images ``query_rows`` (default: all) query, with their
+    database descriptors (as the pipeline does). OnA and re-ranking need the database's maps
+    and the ``classifier`` (weight, bias).
+    """
+    maps = None
+    if database.maps is not None and classifier is not None:
+        maps = InMemoryMaps(database.maps, *classifier)
+    elif method.needs_maps:
+        raise ValueError(f"method {method.name!r} needs stored feature maps and the classifier")
+    db = offline_descriptors(method, database, pca, params)
+    qd = None
+    if queries is None:
+        rows = np.arange(len(database)) if query_rows is None else np.asarray(query_rows)
+        queries, qd = database.subset(rows), db[rows]
+    return search(method, queries, db, pca, maps, params, query_descriptors=qd)
 
 
 def split_by_group(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

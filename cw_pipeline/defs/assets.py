@@ -639,7 +639,7 @@ def _distractor_descriptors(
         feats = stages.load_features(store, dset.name, [shard])
         if ds.self_split:
             raise ValueError(f"{ev.name}: distractors with a self-split dataset are not supported")
-        desc = stages.offline_descriptors(
+        desc = stages.descriptor_sets(
             feats, stages.pca_models_for(store, ds), stages.search_params(config)
         )
         for agg, mat in desc.items():

@@ -400,3 +400,54 @@ def test_ukbench_validation() -> None:
         ukbench_ns_score(np.arange(4), UK_LABELS)
     with pytest.raises(ValueError, match="12 rankings but only 8 labels"):
         ukbench_ns_score(np.tile(np.arange(4), (12, 1)), UK_LABELS)
+
+
+# --------------------------------------------------------------------------- score()
+
+
+def _oxford_gt(db_ids, positives, junk=()):
+    from cw_pipeline.core.datasets import GroundTruth, Query
+
+    q = Query("q", None, frozenset(positives), frozenset(junk), name="q_1")
+    return GroundTruth("toy", tuple(db_ids), (q,), revisited=False, queries_in_database=True)
+
+
+def test_score_oxford_by_hand():
+    from cw_pipeline.core.evaluation import score
+
+    ids = [f"i{k}" for k in range(8)]
+    gt = _oxford_gt(ids, {"i0", "i1", "i3", "i6"})
+    s = score([np.arange(8)], gt, ids, ["q"])
+    assert s.map == pytest.approx(0.8110, abs=1e-3)  # NOTES.md: ranks 1, 2, 4, 7
+    assert s.ns_score is None and s.aps == {"q": pytest.approx(s.map)}
+
+
+def test_score_refuses_ground_truth_naming_missing_images():
+    """Missing positives are never dropped (that scored a perfect AP 1.0 instead of less)."""
+    from cw_pipeline.core.evaluation import score
+
+    ids = ["i0", "i1", "i2"]
+    gt = _oxford_gt(ids, {"i0", "gone"})
+    with pytest.raises(ValueError, match="1 image\\(s\\) that are not in the database: 'gone'"):
+        score([np.arange(3)], gt, ids, ["q"])
+
+
+def test_score_grouped_ukbench_and_holidays_rules():
+    from cw_pipeline.core.datasets import holidays_groundtruth, ukbench_groundtruth
+    from cw_pipeline.core.evaluation import score
+
+    uk = [f"ukbench{k:05d}.jpg" for k in range(8)]
+    gt = ukbench_groundtruth(uk)
+    assert gt.grouped
+    perfect = np.array([[*sorted(range(4 * (k // 4), 4 * (k // 4) + 4)), *[]] for k in range(8)])
+    rest = np.array([[j for j in range(8) if j not in row] for row in perfect])
+    s = score(np.hstack([perfect, rest]), gt, uk)
+    assert s.ns_score == 4.0 and s.map == 1.0
+    ho = ["100000.jpg", "100001.jpg", "100100.jpg", "100101.jpg"]
+    hg = holidays_groundtruth(ho)
+    assert hg.grouped
+    # The query ranks itself first: junk, so it does not count; no N-S for Holidays.
+    s = score(np.array([[0, 1, 2, 3], [2, 3, 0, 1]]), hg, ho)
+    assert s.map == 1.0 and s.ns_score is None
+    s = score(np.array([[0, 2, 1, 3], [2, 3, 0, 1]]), hg, ho)
+    assert s.aps["100000.jpg"] == pytest.approx(0.25)  # positive 2nd after junk

@@ -1,6 +1,8 @@
-"""Tests for cw_pipeline.core.experiment: methods, feature sets, PCA fitting, run_search."""
+"""Tests for cw_pipeline.core.experiment and the search over feature sets."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -13,10 +15,11 @@ from cw_pipeline.core.experiment import (
     SearchParams,
     fit_pca,
     offline_descriptors,
-    run_search,
 )
 from cw_pipeline.core.extract import FeatureMaps, ImageFeatures, encode_maps
-from cw_pipeline.core.search import RerankConfig, online_descriptors
+from cw_pipeline.core.retrieval import InMemoryMaps, search
+from cw_pipeline.core.runner import evaluate_search
+from cw_pipeline.core.search import RerankConfig, online_descriptors, rerank
 
 K, C, N_C = 6, 12, 4  # channels, classes, stored class vectors per image
 
@@ -195,21 +198,21 @@ def test_offline_descriptors_by_hand():
     np.testing.assert_allclose(one, [[0.6, 0.8], [1.0, 0.0]], atol=1e-6)
 
 
-# --------------------------------------------------------------------------- run_search
+# --------------------------------------------------------------------------- search
 
 
 @pytest.mark.parametrize(
     "name",
     ["raw", "raw+pca", "ofa", "ofa+qe2", "ona", "ona+qe2", "ofa+r3", "ona+r3+qe2", "ofa+r100"],
 )
-def test_run_search_gives_full_rankings(scene, name):
+def test_search_gives_full_rankings(scene, name):
     clf, train, database, queries = scene
     method = Method.parse(name)
     pca = fit_pca(method, train, PARAMS)
-    result = run_search(method, database, queries, pca, PARAMS, classifier=clf)
-    assert result.rankings.shape == (3, 10)
+    result = evaluate_search(method, database, queries, pca, PARAMS, classifier=clf)
+    assert result.indices.shape == (3, 10)
     assert result.scores.shape == (3, 10)
-    for row in result.rankings:
+    for row in result.indices:
         assert sorted(row.tolist()) == list(range(10))
     assert np.isfinite(result.scores).all()
 
@@ -219,34 +222,34 @@ def test_queries_equal_to_database_items_rank_first(scene, name):
     clf, train, database, queries = scene
     method = Method.parse(name)
     pca = fit_pca(method, train, PARAMS)
-    result = run_search(method, database, queries, pca, PARAMS, classifier=clf)
-    assert result.rankings[:, 0].tolist() == [7, 2, 4]
+    result = evaluate_search(method, database, queries, pca, PARAMS, classifier=clf)
+    assert result.indices[:, 0].tolist() == [7, 2, 4]
     if not method.rerank:
         np.testing.assert_allclose(result.scores[:, 0], 1.0, atol=1e-5)
         assert (result.scores[:, 1] < 1.0 - 1e-4).all()
 
 
-def test_run_search_ofa_equals_brute_force(scene):
+def test_search_ofa_equals_brute_force(scene):
     _, train, database, queries = scene
     method = Method.parse("ofa")
     pca = fit_pca(method, train, PARAMS)
-    result = run_search(method, database, queries, pca, PARAMS)
+    result = evaluate_search(method, database, queries, pca, PARAMS)
     q = aggregate(queries.class_vectors, pca, N_C)
     db = aggregate(database.class_vectors, pca, N_C)
-    assert result.rankings.tolist() == _brute_rank(q, db)
-    expected = np.take_along_axis(q @ db.T, result.rankings, axis=1)
+    assert result.indices.tolist() == _brute_rank(q, db)
+    expected = np.take_along_axis(q @ db.T, result.indices, axis=1)
     np.testing.assert_allclose(result.scores, expected, atol=1e-6)
     assert (np.diff(result.scores, axis=1) <= 0).all()
-    # Precomputed database descriptors give the same result.
-    again = run_search(method, database, queries, pca, PARAMS, db_descriptors=db)
-    np.testing.assert_array_equal(again.rankings, result.rankings)
+    # The core search over precomputed database descriptors gives the same result.
+    again = search(method, queries, db, pca, None, PARAMS)
+    np.testing.assert_array_equal(again.indices, result.indices)
 
 
-def test_run_search_ofa_qe_equals_brute_force(scene):
+def test_search_ofa_qe_equals_brute_force(scene):
     _, train, database, queries = scene
     method = Method.parse("ofa+qe3")
     pca = fit_pca(method, train, PARAMS)
-    result = run_search(method, database, queries, pca, PARAMS)
+    result = evaluate_search(method, database, queries, pca, PARAMS)
     q = aggregate(queries.class_vectors, pca, N_C)
     db = aggregate(database.class_vectors, pca, N_C)
     expanded = []
@@ -254,25 +257,87 @@ def test_run_search_ofa_qe_equals_brute_force(scene):
         s = db[order[:3]].astype(np.float64).sum(axis=0)
         expanded.append(s / np.linalg.norm(s))
         assert order[0] == [7, 2, 4][i]
-    assert result.rankings.tolist() == _brute_rank(np.array(expanded), db)
+    assert result.indices.tolist() == _brute_rank(np.array(expanded), db)
 
 
-def test_run_search_ona_equals_per_query_online_descriptors(scene):
+def test_search_ona_equals_per_query_online_descriptors(scene):
     clf, train, database, queries = scene
     method = Method.parse("ona")
     pca = fit_pca(method, train, PARAMS)
-    result = run_search(method, database, queries, pca, PARAMS, classifier=clf)
+    result = evaluate_search(method, database, queries, pca, PARAMS, classifier=clf)
     q = aggregate(queries.class_vectors, pca, N_C)
     for i in range(len(queries)):
         db = online_descriptors(database.maps, queries.class_ids[i], *clf, pca)
-        assert result.rankings[i].tolist() == _brute_rank(q[i : i + 1], db)[0]
-        np.testing.assert_allclose(result.scores[i], (db @ q[i])[result.rankings[i]], atol=1e-5)
+        assert result.indices[i].tolist() == _brute_rank(q[i : i + 1], db)[0]
+        np.testing.assert_allclose(result.scores[i], (db @ q[i])[result.indices[i]], atol=1e-5)
 
 
-def test_run_search_needs_maps_and_classifier(scene):
+def test_search_needs_maps_and_classifier(scene):
     clf, _, database, queries = scene
     no_maps = _set(4, seed=5, classifier=clf, prefix="n", keep_maps=False)
     with pytest.raises(ValueError, match="'ona' needs stored feature maps"):
-        run_search(Method.parse("ona"), no_maps, queries, None, PARAMS, classifier=clf)
+        evaluate_search(Method.parse("ona"), no_maps, queries, None, PARAMS, classifier=clf)
     with pytest.raises(ValueError, match="'ofa\\+r10' needs stored feature maps"):
-        run_search(Method.parse("ofa+r10"), database, queries, None, PARAMS)
+        evaluate_search(Method.parse("ofa+r10"), database, queries, None, PARAMS)
+
+
+# --------------------------------------------------------------------------- pinned behaviour
+# Where the two former search paths disagreed (issue 13), these pin the behaviour kept.
+
+
+def test_rerank_scores_are_the_region_scores_and_qe_expands_the_reranked_list(scene):
+    """The paper re-sorts the top R by the best region score alone: the scores returned are
+    those region scores, and QE sums the top K of the re-ranked list."""
+    clf, train, database, queries = scene
+    method = Method.parse("ofa+r5")
+    pca = fit_pca(method, train, PARAMS)
+    result = evaluate_search(method, database, queries, pca, PARAMS, classifier=clf)
+    q = aggregate(queries.class_vectors, pca, N_C)
+    db = aggregate(database.class_vectors, pca, N_C)
+    q_r = aggregate(queries.class_vectors, pca, PARAMS.rerank.n_classes)
+    cfg = dataclasses.replace(PARAMS.rerank, top_r=5)
+    for i, first in enumerate(_brute_rank(q, db)):
+        order, new = rerank(
+            q_r[i], queries.class_ids[i], np.array(first), database.maps.__getitem__, *clf, pca, cfg
+        )
+        assert result.indices[i].tolist() == order.tolist()
+        np.testing.assert_allclose(result.scores[i, :5], new, atol=1e-6)
+    assert (np.diff(result.scores[:, :5], axis=1) <= 0).all()
+    with_qe = evaluate_search(
+        Method.parse("ofa+r5+qe3"), database, queries, pca, PARAMS, classifier=clf
+    )
+    expanded = l2_normalize(db[result.indices[:, :3]].sum(axis=1))
+    assert with_qe.indices.tolist() == _brute_rank(expanded, db)
+
+
+def test_ona_rerank_uses_the_rerank_classes_not_capped_by_n_c(scene):
+    """Re-ranking takes the query's top ``rerank.n_classes`` classes under OnA as under OfA,
+    even when N_C is smaller."""
+    clf, train, database, queries = scene
+    params = SearchParams(n_classes=2, n_pca=1, rerank=RerankConfig(n_classes=4, min_cells=1))
+    method = Method.parse("ona+r4")
+    pca = fit_pca(method, train, params)
+    result = evaluate_search(method, database, queries, pca, params, classifier=clf)
+    q = aggregate(queries.class_vectors, pca, 2)
+    q_r = aggregate(queries.class_vectors, pca, 4)
+    cfg = dataclasses.replace(params.rerank, top_r=4)
+    for i in range(len(queries)):
+        db = online_descriptors(database.maps, queries.class_ids[i, :2], *clf, pca)
+        first = np.array(_brute_rank(q[i : i + 1], db)[0])
+        order, new = rerank(
+            q_r[i], queries.class_ids[i], first, database.maps.__getitem__, *clf, pca, cfg
+        )
+        assert result.indices[i].tolist() == order.tolist()
+        np.testing.assert_allclose(result.scores[i, :4], new, atol=1e-5)
+
+
+def test_top_k_is_the_prefix_of_the_full_search(scene):
+    clf, train, database, queries = scene
+    for name in ("ofa", "ofa+r5+qe3", "ona+r3+qe2"):
+        method = Method.parse(name)
+        pca = fit_pca(method, train, PARAMS)
+        db = offline_descriptors(method, database, pca, PARAMS)
+        maps = InMemoryMaps(database.maps, *clf)
+        full = search(method, queries, db, pca, maps, PARAMS)
+        top = search(method, queries, db, pca, maps, PARAMS, top_k=4)
+        np.testing.assert_array_equal(top.indices, full.indices[:, :4])
