@@ -12,7 +12,10 @@ or running runs whose recorded process on this host is gone, marks them failed (
 :data:`CRASHED_TAG`, so automation retries their assets, see
 :func:`cw_pipeline.defs.versions.failed_attempt`), and frees the slots they hold; it also frees
 slots still held by runs that already ended. Runs of another host, and runs without these
-tags (launched by the daemon: Dagster's run monitoring, ``dagster.yaml``), are left alone.
+tags, are left alone. A run launched by the daemon (a ``dagster api execute_run`` process per
+run) tags itself with its run worker's process when its resources are set up
+(:func:`tag_run_worker`), so it is recovered the same way; the folder sensors run
+:func:`recover_dead_runs` at every tick.
 
 :func:`pool_wait_line` names the runs that hold a pool's slots, for the CLI to say what it
 waits for.
@@ -51,6 +54,7 @@ __all__ = [
     "process_start_time",
     "process_tags",
     "recover_dead_runs",
+    "tag_run_worker",
 ]
 
 
@@ -97,6 +101,23 @@ def process_tags() -> dict[str, str]:
     if start is not None:
         tags[PID_START_TAG] = start
     return tags
+
+
+def tag_run_worker(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
+    """Tag ``run`` with this process if this process is its run worker (the process whose
+    pid the run's "Started process for run" engine event records) and it has no process tags
+    yet. A step subprocess of the multiprocess executor is not the run worker: its end is not
+    the run's, so it tags nothing. Returns whether the run was tagged."""
+    if PID_TAG in run.tags:
+        return False
+    pid = str(os.getpid())
+    for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+        data = entry.dagster_event.engine_event_data if entry.dagster_event else None
+        recorded = (data.metadata or {}).get("pid") if data is not None else None
+        if recorded is not None and str(recorded.value) == pid:
+            instance.add_run_tags(run.run_id, process_tags())
+            return True
+    return False
 
 
 def dead_run_reason(

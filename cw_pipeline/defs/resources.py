@@ -17,6 +17,7 @@ from cw_pipeline.config import (
     load_config,
 )
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
+from cw_pipeline.defs.recovery import tag_run_worker
 from cw_pipeline.indexing import extraction_config
 from cw_pipeline.store import FeatureStore
 
@@ -84,6 +85,12 @@ class PipelineResource(dg.ConfigurableResource):
     warehouse: str = ""
     device: str = ""
     num_threads: int = 0
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # A run launched by the daemon records its run worker's process, so that a later
+        # command or sensor tick can tell when it died (cw_pipeline.defs.recovery).
+        if context.instance is not None and context.dagster_run is not None:
+            tag_run_worker(context.instance, context.dagster_run)
 
     def project(self) -> ProjectConfig:
         return _config(self.config_path)

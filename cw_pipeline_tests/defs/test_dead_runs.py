@@ -23,7 +23,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
+from dagster._core.events import EngineEventData
 
+from cw_pipeline.defs import recovery, resources
 from cw_pipeline.defs.recovery import (
     CRASHED_TAG,
     HOST_TAG,
@@ -402,3 +404,37 @@ def test_a_crashed_attempt_is_retried_a_failed_one_is_not(tmp_path, monkeypatch)
     assert refresh(defs, instance) == []  # a failure with unchanged inputs: not retried
     instance.add_run_tags(failed.run_id, {CRASHED_TAG: "pid 1 on elsewhere is gone"})
     assert sorted(refresh(defs, instance)) == ["ukb/map_report", "ukb/rankings"]
+
+
+def test_a_daemon_run_worker_tags_its_run_with_its_process(tmp_path, monkeypatch) -> None:
+    """A run launched by the daemon (its "Started process for run (pid: N)" engine event) is
+    tagged with its run worker's process when its resources are set up, so a dead worker is
+    recovered like a killed command; a process that is not the run worker tags nothing."""
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        started = dg.DagsterRunStatus.STARTED
+        mine = dg.DagsterRun(job_name="j", run_id=str(uuid.uuid4()), status=started)
+        other = dg.DagsterRun(job_name="j", run_id=str(uuid.uuid4()), status=started)
+        for run, pid in ((mine, os.getpid()), (other, os.getpid() + 1)):
+            instance.add_run(run)
+            instance.report_engine_event(
+                f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid)
+            )
+        assert recovery.tag_run_worker(instance, instance.get_run_by_id(mine.run_id))
+        tags = instance.get_run_by_id(mine.run_id).tags
+        assert tags[PID_TAG] == str(os.getpid()) and tags[HOST_TAG] == socket.gethostname()
+        assert not recovery.tag_run_worker(instance, instance.get_run_by_id(mine.run_id))
+        assert not recovery.tag_run_worker(instance, instance.get_run_by_id(other.run_id))
+        assert PID_TAG not in instance.get_run_by_id(other.run_id).tags
+
+        # the pipeline resource does it when a run sets it up
+        seen = []
+        monkeypatch.setattr(resources, "tag_run_worker", lambda i, r: seen.append(r.run_id))
+
+        @dg.asset
+        def probe(pipeline: resources.PipelineResource) -> None:
+            del pipeline
+
+        result = dg.materialize(
+            [probe], instance=instance, resources={"pipeline": resources.PipelineResource()}
+        )
+        assert seen == [result.run_id]
