@@ -164,13 +164,23 @@ def open_instance(
     import dagster as dg
 
     what = f"opening the Dagster instance in {home}"
-    with instance_lock(home, timeout):
-        instance = retry_busy(lambda: dg.DagsterInstance.from_config(str(home)), what)
-        storage = instance.event_log_storage
-        for pool in pools:
-            if pool not in storage.get_concurrency_keys():
-                retry_busy(lambda: storage.initialize_concurrency_limit_to_default(pool), what)  # noqa: B023
+
+    def attempt() -> dg.DagsterInstance:
+        # A fresh instance each attempt: after an error, a PostgreSQL connection stays in an
+        # aborted transaction ("current transaction is aborted") until it is thrown away.
+        instance = dg.DagsterInstance.from_config(str(home))
+        try:
+            storage = instance.event_log_storage
+            for pool in pools:
+                if pool not in storage.get_concurrency_keys():
+                    storage.initialize_concurrency_limit_to_default(pool)
+        except BaseException:
+            instance.dispose()
+            raise
         return instance
+
+    with instance_lock(home, timeout):
+        return retry_busy(attempt, what)
 
 
 def add_partitions(instance: dg.DagsterInstance, name: str, keys: Sequence[str]) -> None:

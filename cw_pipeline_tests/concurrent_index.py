@@ -23,7 +23,7 @@ import yaml
 from cw_pipeline.config import load_config
 from cw_pipeline.store import FeatureStore
 from cw_pipeline_tests.conftest import REPO_ROOT
-from cw_pipeline_tests.defs.project import synthetic_jpeg
+from cw_pipeline_tests.defs.project import synthetic_jpeg, tiny_defaults
 
 DATASETS = ("one", "two", "three")
 IMAGES = 3  #: per dataset, in shards s0 (2 images) and s1 (1)
@@ -50,14 +50,7 @@ def write_project(root: Path, images: Path, ukb: bool = False) -> Path:
     config = {
         "warehouse": "warehouse",
         "reports": "reports",
-        "defaults": {
-            "backbone": "efficientnet_lite0",
-            "resize": "fixed:64x64",
-            "n_classes": 8,
-            "batch_size": 4,
-            "device": "cpu",
-            "num_threads": 1,
-        },
+        "defaults": tiny_defaults(batch_size=4),
         "datasets": {
             ds: {"layout": "folder", "images": str(images / ds), "shard_by": "folder"}
             for ds in DATASETS

@@ -98,6 +98,18 @@ def project_yaml(resize: str = FIXED) -> dict:
     }
 
 
+def tiny_defaults(batch_size: int = 4) -> dict:
+    """Extraction defaults of the tiny crash and concurrency projects (64×64, N_C = 8)."""
+    return {
+        "backbone": "efficientnet_lite0",
+        "resize": "fixed:64x64",
+        "n_classes": 8,
+        "batch_size": batch_size,
+        "device": "cpu",
+        "num_threads": 1,
+    }
+
+
 def write_config(root: Path, resize: str = FIXED) -> Path:
     path = root / "datasets.yaml"
     path.write_text(yaml.safe_dump(project_yaml(resize), sort_keys=False), encoding="utf-8")

@@ -36,7 +36,7 @@ from cw_pipeline.indexing import (
 )
 from cw_pipeline.store import CorruptShardError, FeatureStore
 from cw_pipeline_tests.conftest import REPO_ROOT
-from cw_pipeline_tests.defs.project import Project, materialize, synthetic_jpeg
+from cw_pipeline_tests.defs.project import Project, materialize, synthetic_jpeg, tiny_defaults
 from cw_pipeline_tests.faults import tagged_table
 
 DATASET, SHARD = "crash", "s1"
@@ -55,14 +55,7 @@ def make_project(root: Path, n_images: int) -> Path:
     config = {
         "warehouse": "warehouse",
         "reports": "reports",
-        "defaults": {
-            "backbone": "efficientnet_lite0",
-            "resize": "fixed:64x64",
-            "n_classes": 8,
-            "batch_size": BATCH,
-            "device": "cpu",
-            "num_threads": 1,
-        },
+        "defaults": tiny_defaults(batch_size=BATCH),
         "datasets": {DATASET: {"layout": "folder", "images": "jpg", "shard_by": "folder"}},
     }
     path = root / "datasets.yaml"

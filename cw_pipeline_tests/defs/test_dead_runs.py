@@ -41,7 +41,7 @@ from cw_pipeline.defs.recovery import (
 from cw_pipeline.defs.run_tags import SHARD_TAG
 from cw_pipeline.store import FeatureStore
 from cw_pipeline_tests.conftest import REPO_ROOT
-from cw_pipeline_tests.defs.project import synthetic_jpeg
+from cw_pipeline_tests.defs.project import synthetic_jpeg, tiny_defaults
 from cw_pipeline_tests.defs.test_crashes import (
     DATASET,
     N_IMAGES,
@@ -322,14 +322,7 @@ def make_ukbench_project(root: Path) -> Path:
     config = {
         "warehouse": "warehouse",
         "reports": "reports",
-        "defaults": {
-            "backbone": "efficientnet_lite0",
-            "resize": "fixed:64x64",
-            "n_classes": 8,
-            "batch_size": 4,
-            "device": "cpu",
-            "num_threads": 1,
-        },
+        "defaults": tiny_defaults(batch_size=4),
         "datasets": {"ukb": {"layout": "ukbench", "images": "ukb", "pca_from": "self-split"}},
         "methods": ["raw"],
         "search": {"n_pca": 2, "n_classes": 8},

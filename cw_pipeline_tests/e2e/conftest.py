@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cw_pipeline_tests.e2e.daemon import stop_group
+from cw_pipeline_tests.e2e.daemon import demo_config, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -47,12 +47,7 @@ def graphql(port: int, query: str, variables: dict[str, Any] | None = None) -> d
 def demo_env(tmp_path_factory) -> dict:
     """A temporary project config (demo datasets, own warehouse and reports) and DAGSTER_HOME."""
     root = tmp_path_factory.mktemp("demo")
-    text = (REPO / "data" / "datasets.yaml").read_text()
-    text = text.replace("warehouse: warehouse", f"warehouse: {root / 'warehouse'}")
-    text = text.replace("reports: reports", f"reports: {root / 'reports'}")
-    text = text.replace("demo/demo-", f"{root}/demo/demo-")
-    cfg = root / "datasets.yaml"
-    cfg.write_text(text)
+    cfg = demo_config(root)
     home = root / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
