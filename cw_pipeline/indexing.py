@@ -314,32 +314,24 @@ def stored_code_version(store: FeatureStore, ds: DatasetConfig, shard: str) -> s
 
 
 def plan_shards(
-    ds: DatasetConfig,
-    store: FeatureStore,
-    existing: set[str],
-    seen: dict[str, str] | None = None,
-    seen_code_version: str | None = None,
+    ds: DatasetConfig, store: FeatureStore, existing: set[str]
 ) -> tuple[dict[str, str], list[str], list[str], list[str]]:
-    """Compare the folder with what is indexed.
+    """Compare the folder with what the store holds.
 
     Returns (fingerprints of current shards, new shards, shards to (re)index, removed shards).
-    A shard needs indexing when its stat fingerprint differs from the one already requested
-    (``seen``, the sensor cursor) or, failing that, from the one stored with its manifest; or
-    when its stored features were computed with other extraction settings (code version) than
-    the current ones. Stored code versions are read unless ``seen_code_version`` (the sensor
-    cursor's) is the current one and the shard's fingerprint was already requested.
+    A shard needs indexing when its stat fingerprint differs from the one stored with its
+    manifest, or when its stored features were computed with other extraction settings (code
+    version) than the current ones. Only the store is consulted (no sensor cursor), so every
+    caller — folder sensor, schedule, CLI — sees a shard indexed by any of them as done.
     """
     shards = scan_dataset(ds, store)
     fps = {s: fingerprint(files) for s, files in shards.items()}
-    seen = seen or {}
     code_version = feature_code_version(ds)
     new = sorted(s for s in fps if s not in existing)
 
     def needs_indexing(s: str, fp: str) -> bool:
-        if fp != (seen.get(s) or stored_fingerprint(store, ds, s)):
+        if fp != stored_fingerprint(store, ds, s):
             return True
-        if s in seen and seen_code_version == code_version:
-            return False  # requested under the current settings already
         return stored_code_version(store, ds, s) != code_version
 
     todo = sorted(s for s, fp in fps.items() if needs_indexing(s, fp))
