@@ -6,9 +6,12 @@ BIN := $(VENV)/bin
 # (`make ui UI_HOST=0.0.0.0` exposes it to the network; prefer an SSH tunnel, see README).
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
+# The search page (`cw-pipeline serve`), on loopback too unless SERVE_HOST says otherwise.
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 3001
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: install test lint format demo demo-headless ui figures screenshots bench clean
+.PHONY: install test lint format demo demo-headless ui serve figures screenshots bench clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +44,11 @@ demo-headless: install $(DAGSTER_HOME)/dagster.yaml
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
+
+# The search page over the materialized index (after `make demo` or `cw-pipeline index`).
+serve: install
+	$(BIN)/cw-pipeline serve --host $(SERVE_HOST) --port $(SERVE_PORT) \
+		--dagster-url http://$(UI_HOST):$(UI_PORT)
 
 # Redraw data/reports/<evaluation>/ (sheets, CAM overlays, PR curves, AP bars) from the
 # materialized rankings; EVAL=name for one evaluation (default: every one).

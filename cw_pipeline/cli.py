@@ -13,6 +13,7 @@ Sub-commands:
   (:mod:`cw_pipeline.query`).
 * ``datasets`` — the configured datasets and the state of their index
   (:mod:`cw_pipeline.catalog`).
+* ``serve`` — the search page and its JSON API (:mod:`cw_pipeline.web`).
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_download_parser(sub)
     _add_query_parsers(sub)
     _add_report_figures_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -336,6 +338,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.no_ui:
         return None
     print(f"serving the Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home})")
+    print("search page: `make serve` (cw-pipeline serve) serves it on http://127.0.0.1:3001")
     if not is_loopback(args.host):
         print(
             f"warning: the Dagster UI has no authentication and {args.host} is not a loopback "
@@ -350,6 +353,59 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     if return_code not in (0, 130, -2):
         raise CLIError(f"dagster dev exited with status {return_code}")
     return None
+
+
+def _add_serve_parser(sub: Any) -> None:
+    from cw_pipeline.web import DEFAULT_PORT
+    from cw_pipeline.web.engine import DEFAULT_MAX_UPLOAD_BYTES
+
+    sv = sub.add_parser("serve", help="serve the search page over the materialized index")
+    sv.add_argument("--config", type=Path, default=None, help="datasets YAML")
+    sv.add_argument(
+        "--host",
+        default=DEFAULT_UI_HOST,
+        help="address to bind (default: 127.0.0.1, loopback only; the page has no authentication)",
+    )
+    sv.add_argument("--port", type=int, default=DEFAULT_PORT)
+    sv.add_argument(
+        "--dagster-url",
+        default="http://127.0.0.1:3000",
+        help="the Dagster UI that result pages link to (default: http://127.0.0.1:3000)",
+    )
+    sv.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
+        help="largest query image accepted (default: %(default)g MiB)",
+    )
+    sv.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from cw_pipeline.web import serve
+    from cw_pipeline.web.engine import WebError
+
+    if args.max_upload_mb <= 0:
+        raise CLIError(f"--max-upload-mb must be > 0, got {args.max_upload_mb:g}")
+    print(f"serving the search page on http://{args.host}:{args.port}", flush=True)
+    if not is_loopback(args.host):
+        print(
+            f"warning: the search page has no authentication and {args.host} is not a "
+            "loopback address; expose it through an SSH tunnel or a reverse proxy with "
+            "authentication",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        serve(
+            args.config,
+            args.host,
+            args.port,
+            dagster_url=args.dagster_url,
+            max_upload_bytes=int(args.max_upload_mb * 2**20),
+        )
+    except WebError as exc:
+        raise CLIError(exc.message) from exc
 
 
 def _add_download_parser(sub: Any) -> None:

@@ -21,17 +21,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from cw_pipeline.catalog import index_command, pca_rels, stored_shards
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.core.aggregation import PCAWhitening, raw_descriptors
 from cw_pipeline.core.experiment import FeatureSet, Method
-from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
 from cw_pipeline.core.images import load_image
 from cw_pipeline.store import FeatureStore, encode_component
 
@@ -43,9 +44,11 @@ __all__ = [
     "SearchIndex",
     "check_box",
     "format_results",
+    "load_evaluation_index",
     "load_index",
     "load_query_image",
     "search",
+    "search_image",
 ]
 
 Box = tuple[float, float, float, float]
@@ -86,6 +89,12 @@ class QueryResult:
     hits: list[Hit]
     seconds: float = 0.0
     map_forward_passes: int = 0
+    #: seconds of the query's features (decoded image → forward pass) and of the ranking
+    timings: dict[str, float] = field(default_factory=dict)
+    #: the query's features (classes, class vectors), for CAM views
+    record: ImageFeatures | None = field(default=None, repr=False)
+    #: every database row, best first (``search_image(full_ranking=True)`` only)
+    ranking: np.ndarray | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -107,7 +116,7 @@ class SearchIndex:
     """Database descriptors of one dataset, by aggregation, and the PCA of each row group.
 
     ``groups`` lists (rows, PCA models by space ``class``/``raw``, or None without PCA): one
-    group, or the two halves of a self-split dataset.
+    group, or the two halves of a self-split dataset (each with an evaluation's distractors).
     """
 
     dataset: DatasetConfig
@@ -116,9 +125,19 @@ class SearchIndex:
     descriptors: dict[str, np.ndarray]
     groups: list[tuple[np.ndarray, dict[str, PCAWhitening] | None]]
     source: str
+    #: (first row, dataset) of each dataset's rows; empty: all rows are ``dataset``'s
+    owners: tuple[tuple[int, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def owner(self, row: int) -> str:
+        """The dataset whose image is database row ``row``."""
+        name = self.dataset.name
+        for first, dataset in self.owners:
+            if row >= first:
+                name = dataset
+        return name
 
 
 # --------------------------------------------------------------------------- the query
@@ -248,34 +267,45 @@ def load_index(
     return _folder_index(config, store, ds, method)
 
 
+def _distractor_descriptors(
+    store: FeatureStore, ev_name: str, dataset: str, agg: str, shards: Sequence[str]
+) -> tuple[list[str], np.ndarray] | None:
+    """The descriptors of distractor set ``dataset`` under evaluation ``ev_name`` (None: none
+    materialized yet)."""
+    from cw_pipeline.stages import distractor_rel, read_descriptors
+
+    prefix = (
+        f"distractor_descriptors/evaluation={encode_component(ev_name)}/"
+        f"set={encode_component(dataset)}/agg={encode_component(agg)}"
+    )
+    if not store.list(prefix):
+        return None
+    ids, mats = [], []
+    for shard in shards:
+        rel = distractor_rel(ev_name, dataset, agg, shard)
+        if store.exists(rel):  # a shard without readable images has none
+            i, m = read_descriptors(store, rel)
+            ids += i
+            mats.append(m)
+    return (ids, np.concatenate(mats)) if ids else None
+
+
 def _folder_index(
     config: ProjectConfig, store: FeatureStore, ds: DatasetConfig, method: Method
 ) -> SearchIndex:
-    from cw_pipeline.stages import distractor_rel, pca_models_for, read_descriptors, shard_relpath
+    from cw_pipeline.stages import pca_models_for, shard_relpath
 
     agg = method.stored_aggregation
     shards = stored_shards(store, "cam_features", ds.name)
     evaluations = [e for e in config.evaluations_for(ds.name) if ds.name in e.distractors]
     for ev in evaluations:
-        prefix = (
-            f"distractor_descriptors/evaluation={encode_component(ev.name)}/"
-            f"set={encode_component(ds.name)}/agg={encode_component(agg)}"
-        )
-        if not store.list(prefix):
+        found = _distractor_descriptors(store, ev.name, ds.name, agg, shards)
+        if found is None:
             continue
-        ids, mats = [], []
-        for shard in shards:
-            rel = distractor_rel(ev.name, ds.name, agg, shard)
-            if store.exists(rel):  # a shard without readable images has none
-                i, m = read_descriptors(store, rel)
-                ids += i
-                mats.append(m)
-        if not ids:
-            continue
+        ids, mat = found
         owner = config.dataset(ev.dataset)
         groups = [(np.arange(len(ids)), pca_models_for(store, owner))]
         source = f"distractor descriptors of evaluation {ev.name} (PCA learned on {owner.pca_from})"
-        mat = np.concatenate(mats)
         return SearchIndex(ds, ids, _paths(config, store, ds, ids), {agg: mat}, groups, source)
     if evaluations:
         first = evaluations[0]
@@ -307,6 +337,48 @@ def _folder_index(
     return SearchIndex(ds, ids, _paths(config, store, ds, ids), {agg: desc}, groups, source)
 
 
+def load_evaluation_index(
+    config: ProjectConfig, store: FeatureStore, name: str, method: Method
+) -> SearchIndex:
+    """The database of evaluation ``name``: its dataset's descriptors followed by those of
+    each distractor set (built with the dataset's PCA), as its rankings asset ranks them.
+
+    Raises:
+        UnknownNameError: no such evaluation.
+        NotIndexedError: a part of it is not materialized (says what to run).
+        ValueError: image ids that are not unique across its datasets.
+    """
+    ev = config.evaluation(name)
+    base = load_index(config, store, ev.dataset, method)
+    if not ev.distractors:
+        return base
+    agg = method.stored_aggregation
+    ids, paths, mats = list(base.ids), list(base.paths), [base.descriptors[agg]]
+    owners = [(0, base.dataset.name)]
+    for dname in ev.distractors:
+        dset = config.dataset(dname)
+        shards = _check_features(config, store, dset)
+        found = _distractor_descriptors(store, ev.name, dname, agg, shards)
+        if found is None:
+            raise NotIndexedError(
+                f"evaluation {ev.name!r}: the descriptors of its distractor set {dname!r} are "
+                f"not materialized yet: run `{index_command(config, dname)}`"
+            )
+        owners.append((len(ids), dname))
+        ids += found[0]
+        paths += _paths(config, store, dset, found[0])
+        mats.append(found[1])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"evaluation {ev.name}: image ids are not unique across its datasets")
+    n_base = len(base)
+    extra = np.arange(n_base, len(ids))
+    groups = [(np.concatenate([rows, extra]), pcas) for rows, pcas in base.groups]
+    source = f"{base.source} + distractors {', '.join(ev.distractors)}"
+    return SearchIndex(
+        base.dataset, ids, paths, {agg: np.concatenate(mats)}, groups, source, tuple(owners)
+    )
+
+
 # --------------------------------------------------------------------------- search
 
 
@@ -324,32 +396,84 @@ def search(
 ) -> QueryResult:
     """Rank the indexed images of ``dataset`` for the query ``image`` (optionally its ``box``).
 
+    Loads the image and the index, then ranks with :func:`search_image` (the function the
+    search page calls too).
+
     Raises:
         UnknownNameError, NotIndexedError, QueryError (image, box), ValueError (method).
     """
-    from cw_pipeline.core.retrieval import ComputedMaps
-    from cw_pipeline.core.retrieval import search as search_method
-    from cw_pipeline.stages import method_pca, search_params
-
     t0 = time.perf_counter()
     method = Method.parse(method) if isinstance(method, str) else method
     if top < 1:
         raise QueryError(f"--top must be >= 1, got {top}")
     ds = config.dataset(dataset)
-    if protocol is not None and protocol not in ("crop", "paper"):
-        raise QueryError(f"unknown query protocol {protocol!r}; use 'crop' or 'paper'")
-    protocol = protocol or ds.query_protocol
     image = Path(image)
     query = load_query_image(image)
-    qbox = None if box is None else check_box(box, query.size, image)
     store = store or FeatureStore(config.warehouse)
     index = load_index(config, store, ds.name, method)
     if extractor is None:
         from cw_pipeline.indexing import dataset_extractor
 
         extractor = dataset_extractor(ds)
-    record = extractor.extract_query(query, qbox, protocol)  # type: ignore[arg-type]
-    qfs = FeatureSet.from_records([image.stem], [record])
+    result = search_image(
+        config,
+        index,
+        extractor,
+        query,
+        image,
+        box=box,
+        top=top,
+        method=method,
+        protocol=protocol,
+    )
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def search_image(
+    config: ProjectConfig,
+    index: SearchIndex,
+    extractor: FeatureExtractor,
+    query: Image.Image,
+    name: Path,
+    *,
+    box: Sequence[float] | None = None,
+    top: int = 10,
+    method: Method | str = "ofa",
+    protocol: str | None = None,
+    full_ranking: bool = False,
+) -> QueryResult:
+    """Rank ``index`` for an upright RGB ``query`` image (``name``: its file, for messages).
+
+    The one search of ``cw-pipeline search`` and the search page: the query's features
+    through ``extractor`` (cropped to ``box`` by ``protocol``, default the dataset's), then
+    :func:`cw_pipeline.core.retrieval.search` per row group of the index (self-split halves
+    merged by score; a row in several groups keeps its best score). ``full_ranking`` also
+    keeps the whole database's order in :attr:`QueryResult.ranking` (for the query's AP).
+
+    Raises:
+        QueryError (box, a box too small for the network), ValueError (method).
+    """
+    from cw_pipeline.core.retrieval import ComputedMaps
+    from cw_pipeline.core.retrieval import search as search_method
+    from cw_pipeline.stages import method_pca, search_params
+
+    method = Method.parse(method) if isinstance(method, str) else method
+    if top < 1:
+        raise QueryError(f"--top must be >= 1, got {top}")
+    ds = index.dataset
+    if protocol is not None and protocol not in ("crop", "paper"):
+        raise QueryError(f"unknown query protocol {protocol!r}; use 'crop' or 'paper'")
+    protocol = protocol or ds.query_protocol
+    name = Path(name)
+    qbox = None if box is None else check_box(box, query.size, name)
+    t0 = time.perf_counter()
+    try:
+        record = extractor.extract_query(query, qbox, protocol)  # type: ignore[arg-type]
+    except ValueError as exc:  # a box or image smaller than the network's stride
+        raise QueryError(f"query {name}: {exc}") from exc
+    t1 = time.perf_counter()
+    qfs = FeatureSet.from_records([name.stem], [record])
     params = search_params(config)
     agg = method.stored_aggregation
     db = index.descriptors[agg]
@@ -358,9 +482,8 @@ def search(
         maps = None
         if method.needs_maps:
             maps = ComputedMaps(extractor, [index.paths[i] for i in rows])
-        r = search_method(
-            method, qfs, db[rows], method_pca(method, pcas), maps, params, top_k=min(top, len(rows))
-        )
+        depth = len(rows) if full_ranking else min(top, len(rows))
+        r = search_method(method, qfs, db[rows], method_pca(method, pcas), maps, params, depth)
         rows_all.append(rows[r.indices[0]])
         scores_all.append(r.scores[0])
         passes += 0 if maps is None else maps.forward_passes
@@ -368,23 +491,29 @@ def search(
     scores = np.concatenate(scores_all)
     if len(index.groups) == 1:
         order = np.arange(len(rows))  # the search's order (re-ranked heads included)
-    else:  # self-split halves: merged by score, then database order
-        order = np.lexsort((rows, -scores))[:top]
+    else:  # self-split halves: merged by score, then database order; each row once
+        order = np.lexsort((rows, -scores))
+        _, first = np.unique(rows[order], return_index=True)
+        order = order[np.sort(first)]
     hits = [
         Hit(k, index.ids[rows[j]], float(scores[j]), index.paths[rows[j]])
-        for k, j in enumerate(order, 1)
+        for k, j in enumerate(order[:top], 1)
     ]
+    t2 = time.perf_counter()
     return QueryResult(
         dataset=ds.name,
-        query=image,
+        query=name,
         box=qbox,
         method=method.name,
         protocol=protocol if qbox is not None else None,
         database=len(index),
         descriptors=index.source,
         hits=hits,
-        seconds=time.perf_counter() - t0,
+        seconds=t2 - t0,
         map_forward_passes=passes,
+        timings={"features": t1 - t0, "ranking": t2 - t1},
+        record=record,
+        ranking=rows[order] if full_ranking else None,
     )
 
 

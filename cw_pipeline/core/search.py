@@ -274,3 +274,28 @@ def rerank(
     order = np.lexsort((np.arange(r), -scores))
     head = np.asarray(ranking_indices[:r])[order]
     return np.concatenate([head, np.asarray(ranking_indices[r:])]), scores[order]
+
+
+def region_scores(
+    query_descriptor: np.ndarray,
+    query_classes: np.ndarray,
+    maps: FeatureMaps,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    pca: PCAWhitening | None,
+    config: RerankConfig = RerankConfig(),
+) -> list[tuple[tuple[int, int, int, int] | None, float]]:
+    """The regions :func:`rerank` scores on one image, with their scores.
+
+    Returns (cell box, or None for the whole image; cosine with ``query_descriptor``) for the
+    whole image and each CAM box of the query's classes, in :func:`rerank`'s order; the
+    image's re-ranked score is the largest of them.
+    """
+    classes = np.asarray(query_classes)[: config.n_classes]
+    cells: list[tuple[int, int, int, int] | None] = [
+        None,
+        *region_boxes(maps, classes, weight, config),
+    ]
+    descs = online_descriptors([maps] * len(cells), classes, weight, bias, pca, cells=cells)
+    scores = (descs @ np.asarray(query_descriptor, dtype=np.float32)).astype(np.float32)
+    return [(c, float(s)) for c, s in zip(cells, scores, strict=True)]

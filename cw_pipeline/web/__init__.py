@@ -1,0 +1,33 @@
+"""The search page: ``cw-pipeline serve`` (a Starlette app served by uvicorn).
+
+:mod:`cw_pipeline.web.engine` holds what a search needs (models, loaded databases, images by
+manifest id); :mod:`cw_pipeline.web.app` is the HTTP side (the page and its JSON API).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["DEFAULT_PORT", "serve"]
+
+#: Where ``cw-pipeline serve`` listens unless ``--port`` says otherwise (the UI is on 3000).
+DEFAULT_PORT = 3001
+
+
+def serve(
+    config_path: Path | None,
+    host: str,
+    port: int,
+    *,
+    dagster_url: str,
+    max_upload_bytes: int,
+) -> None:
+    """Serve the search page on ``host:port`` until interrupted."""
+    import uvicorn
+
+    from cw_pipeline.web.app import create_app
+    from cw_pipeline.web.engine import SearchEngine
+
+    engine = SearchEngine(config_path, dagster_url=dagster_url, max_upload_bytes=max_upload_bytes)
+    engine.config()  # a bad configuration fails here, not on the first request
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
