@@ -58,7 +58,8 @@ figures: install
 # Redraw the README's UI screenshots (docs/img/ui-*.png): the browser test over a fresh demo,
 # headless Debian Chromium (`apt-get install chromium`; .ci/run installs it).
 screenshots: install
-	CW_ARTIFACTS=docs/img $(BIN)/python -m pytest -q cw_pipeline_tests/e2e/test_ui_browser.py
+	CW_ARTIFACTS=docs/img $(BIN)/python -m pytest -q cw_pipeline_tests/e2e/test_ui_browser.py \
+		cw_pipeline_tests/e2e/test_search_page.py
 
 bench: install
 	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -483,7 +483,9 @@ def search_image(
         if method.needs_maps:
             maps = ComputedMaps(extractor, [index.paths[i] for i in rows])
         depth = len(rows) if full_ranking else min(top, len(rows))
-        r = search_method(method, qfs, db[rows], method_pca(method, pcas), maps, params, depth)
+        r = search_method(
+            method, qfs, _rows_of(db, rows), method_pca(method, pcas), maps, params, depth
+        )
         rows_all.append(rows[r.indices[0]])
         scores_all.append(r.scores[0])
         passes += 0 if maps is None else maps.forward_passes
@@ -515,6 +517,15 @@ def search_image(
         record=record,
         ranking=rows[order] if full_ranking else None,
     )
+
+
+def _rows_of(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``matrix[rows]``, without copying when ``rows`` are all of it in order (a copy of a
+    105k-image database costs more than ranking it)."""
+    n = len(matrix)
+    if len(rows) == n and (n == 0 or (rows[0] == 0 and bool(np.all(np.diff(rows) == 1)))):
+        return matrix
+    return matrix[rows]
 
 
 def format_results(result: QueryResult) -> str:
