@@ -329,7 +329,7 @@ def search(
     """
     from cw_pipeline.core.retrieval import ComputedMaps
     from cw_pipeline.core.retrieval import search as search_method
-    from cw_pipeline.stages import method_pca, search_params
+    from cw_pipeline.stages import method_pca
 
     t0 = time.perf_counter()
     method = Method.parse(method) if isinstance(method, str) else method
@@ -350,7 +350,7 @@ def search(
         extractor = dataset_extractor(ds)
     record = extractor.extract_query(query, qbox, protocol)  # type: ignore[arg-type]
     qfs = FeatureSet.from_records([image.stem], [record])
-    params = search_params(config)
+    params = config.search
     agg = method.stored_aggregation
     db = index.descriptors[agg]
     rows_all, scores_all, passes = [], [], 0
