@@ -18,7 +18,6 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,7 @@ def encode_part(
     a = fe._maps_on_grid(x, out.cam_maps)
     with torch.inference_mode():
         ids, probs, cv = encode_maps(
-            x, a, bb.classifier_weight, bb.classifier_bias, n_classes=cfg.n_classes
+            x, a, bb.classifier_weight, bb.classifier_bias, n_classes=cfg.stored_classes
         )
         sp = sum_pool(x)
         heat = class_activation_maps(
@@ -76,7 +75,7 @@ def breakdown(fe: FeatureExtractor, out: ForwardOutput, repeats: int) -> dict[st
         from cw_pipeline.core.cams import top_classes
 
         p = torch.softmax(a.mean(dim=(2, 3)) @ w.T + b, dim=1)
-        state["ids"] = top_classes(p, cfg.n_classes)[0]
+        state["ids"] = top_classes(p, cfg.stored_classes)[0]
 
     def cams() -> None:
         state["cams"] = class_activation_maps(a, w, state["ids"], size=tuple(x.shape[-2:]))
@@ -132,7 +131,7 @@ def measure(
 ) -> dict[int, float]:
     base = fe.config
     configs = {
-        n: replace(base, n_classes=n, box_classes=min(base.box_classes, n)) for n in n_classes
+        n: base.replace(stored_classes=n, box_classes=min(base.box_classes, n)) for n in n_classes
     }
     batch = imgs.to_tensor(images, fe.backbone.mean, fe.backbone.std)
     n_img = len(images)
@@ -150,7 +149,7 @@ def measure(
             and np.allclose(cv, np.stack([r.class_vectors for r in ref]), rtol=1e-4, atol=1e-3)
             and np.array_equal(boxes, np.stack([r.boxes for r in ref]), equal_nan=True)
         )
-        print(f"  mirrored encoding == encode_batch (N_C={base.n_classes}): {same}")
+        print(f"  mirrored encoding == encode_batch (N_C={base.stored_classes}): {same}")
     fwd: list[float] = []
     fwd_cpu: list[float] = []
     enc_cpu: dict[int, list[float]] = {n: [] for n in n_classes}
@@ -214,7 +213,7 @@ def measure(
         )
     e1 = statistics.median(enc_1t)
     print(
-        f"  encode N_C={base.n_classes:<4} with 1 torch thread (forward keeps "
+        f"  encode N_C={base.stored_classes:<4} with 1 torch thread (forward keeps "
         f"{torch.get_num_threads()}): {1000 * e1 / n_img:.2f} ms/image, ratio "
         f"{100 * e1 / f_med:.2f} %"
     )
@@ -247,7 +246,7 @@ def main() -> None:
     out = fe.backbone.forward(imgs.to_tensor(native, fe.backbone.mean, fe.backbone.std))
     base = fe.config
     for n in (64, 1000):
-        fe.config = replace(base, n_classes=n)
+        fe.config = base.replace(stored_classes=n)
         parts = breakdown(fe, out, args.repeats)
         print(f"   N_C={n}: " + ", ".join(f"{k} {1000 * v:.2f}" for k, v in parts.items()))
     fe.config = base

@@ -57,7 +57,7 @@ def main() -> None:
     print(machine_info())
     print(
         f"backbone {fe.backbone.describe()}, resize {fe.config.resize}, N_C "
-        f"{fe.config.n_classes}, batch {args.batch}, decode workers {args.workers}, "
+        f"{fe.config.stored_classes}, batch {args.batch}, decode workers {args.workers}, "
         f"{args.count} images per round, {args.rounds} alternating rounds"
     )
     paths = sorted(args.images.glob("*.jpg"))[: args.count]

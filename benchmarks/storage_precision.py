@@ -54,7 +54,7 @@ def main() -> None:
     print(f"features: {len(ids)} images in {time.perf_counter() - t0:.1f} s")
     records = [recs[i] for i in ids]
     labels = ukbench_labels(ids)
-    params = SearchParams(n_classes=64, n_pca=8)
+    params = SearchParams(aggregated_classes=64, n_pca=8)
     exact = FeatureSet.from_records(ids, records)
     ns32, map32 = score(exact, labels, params)
     print()

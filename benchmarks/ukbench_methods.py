@@ -54,16 +54,20 @@ class Row:
 
     def cells(self) -> str:
         """The table's first cells: method | N_C | N_pca | dims (– where a setting is unused)."""
-        cam = self.method.aggregation in ("ofa", "ona")
+        cam = self.method.spec.pca_space == "class"
         n_pca = self.params.n_pca if self.method.uses_pca and cam else "–"
-        n_c = self.params.n_classes if cam else "–"
+        n_c = self.params.aggregated_classes if cam else "–"
         return f"| {self.name} | {n_c} | {n_pca} | {self.params.pca_dims or 'all'}"
 
 
 def grid(configs: list[tuple], only: set[str]) -> list[Row]:
     """The configurations to run (all, or those whose method name is in ``only``)."""
     return [
-        Row(name, Method.parse(name), SearchParams(n_classes=n_c, n_pca=n_pca, pca_dims=dims))
+        Row(
+            name,
+            Method.parse(name),
+            SearchParams(aggregated_classes=n_c, n_pca=n_pca, pca_dims=dims),
+        )
         for name, n_c, n_pca, dims in configs
         if not only or name in only
     ]

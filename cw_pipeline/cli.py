@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from cw_pipeline.core.backbones import BACKBONES, DEFAULT_BACKBONE, check_device
-from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams
+from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, settings_record
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 from cw_pipeline.core.jsonsafe import dumps as strict_json
+from cw_pipeline.core.methods import AGGREGATIONS
 from cw_pipeline.core.runner import (
     LAYOUTS,
     evaluate_methods,
@@ -43,6 +45,7 @@ from cw_pipeline.core.runner import (
     split_by_group,
 )
 from cw_pipeline.core.search import RerankConfig
+from cw_pipeline.core.validation import error_message
 from cw_pipeline.indexing import progress_listener, progress_logger
 from cw_pipeline.instance import InstanceBusyError
 from cw_pipeline.progress import ImageBar, bars_enabled
@@ -76,7 +79,15 @@ def _add_extraction_args(p: argparse.ArgumentParser) -> None:
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("aggregation and search")
-    g.add_argument("--n-classes", type=int, default=64, help="N_C classes aggregated")
+    g.add_argument(
+        "--aggregated-classes",
+        "--n-classes",
+        dest="aggregated_classes",
+        type=int,
+        default=64,
+        help="N_C, classes aggregated per descriptor (the images store as many classes as "
+        "the search settings read)",
+    )
     g.add_argument(
         "--n-pca", type=int, default=DEFAULT_N_PCA, help="class vectors per image for PCA"
     )
@@ -87,7 +98,14 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--rerank", type=int, default=None, help="CAM-box re-ranking of the top R (every method)"
     )
-    g.add_argument("--rerank-classes", type=int, default=6)
+    g.add_argument(
+        "--rerank-query-classes",
+        "--rerank-classes",
+        dest="rerank_query_classes",
+        type=int,
+        default=6,
+        help="query classes whose CAMs re-rank the top R (default: 6)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         action="append",
         default=None,
-        help="raw | raw+pca | ofa | ona, with +r<R> and/or +qe<K> (repeatable; default: ofa, "
+        help=f"{' | '.join(AGGREGATIONS)}, with +r<R> and/or +qe<K> (repeatable; default: ofa, "
         "with --qe/--rerank applied)",
     )
     pca = ev.add_mutually_exclusive_group()
@@ -208,7 +226,7 @@ def _check_devices(config) -> None:
         return
     for name, ds in config.datasets.items():
         try:
-            check_device(ds.extraction.device)
+            check_device(ds.runtime.device)
         except DeviceUnavailableError as exc:
             raise CLIError(
                 f"{config.source}: dataset {name!r}: {exc} (or set ${DEVICE_ENV}=cpu for this "
@@ -493,7 +511,7 @@ def _add_query_parsers(sub: Any) -> None:
     se.add_argument(
         "--method",
         default=DEFAULT_METHOD,
-        help="raw | raw+pca | ofa | ona, optionally +r<R>/+qe<K> (default: ofa)",
+        help=f"{' | '.join(AGGREGATIONS)}, optionally +r<R>/+qe<K> (default: ofa)",
     )
     se.add_argument("--qe", type=int, default=None, help="query expansion with the top K")
     se.add_argument("--rerank", type=int, default=None, help="CAM-box re-ranking of the top R")
@@ -634,14 +652,33 @@ def _methods(args: argparse.Namespace) -> list[Method]:
     return out
 
 
-def _extractor(args: argparse.Namespace, resize: str, keep_maps: bool) -> FeatureExtractor:
-    config = ExtractionConfig(
-        backbone=args.backbone,
-        layer=args.layer,
-        weights=args.weights,
-        resize=resize,
-        n_classes=max(args.n_classes, args.n_pca, args.rerank_classes),
-    )
+def _search_params(args: argparse.Namespace) -> SearchParams:
+    """The search settings of the command line (CLIError naming the first invalid one)."""
+    try:
+        return SearchParams(
+            aggregated_classes=args.aggregated_classes,
+            n_pca=args.n_pca,
+            pca_dims=args.pca_dims,
+            rerank=RerankConfig(query_classes=args.rerank_query_classes),
+        )
+    except ValidationError as exc:
+        raise CLIError(error_message(exc.errors()[0])) from None
+
+
+def _extractor(
+    args: argparse.Namespace, resize: str, params: SearchParams, keep_maps: bool
+) -> FeatureExtractor:
+    """The extractor of ``evaluate``: images store the classes ``params`` read, no more."""
+    try:
+        config = ExtractionConfig(
+            backbone=args.backbone,
+            layer=args.layer,
+            weights=args.weights,
+            resize=resize,
+            stored_classes=params.classes_needed,
+        )
+    except ValidationError as exc:
+        raise CLIError(error_message(exc.errors()[0])) from None
     return FeatureExtractor(
         config,
         device=args.device,
@@ -668,23 +705,14 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.pca_split and not bench.grouped:
         raise CLIError(f"--pca-split needs a grouped layout (ukbench, holidays), not {args.layout}")
     resize = args.resize or ("native" if bench.grouped else "paper:720:1024")
-    extractor = _extractor(args, resize, keep_maps=any(m.needs_maps for m in methods))
-    params = SearchParams(
-        n_classes=args.n_classes,
-        n_pca=args.n_pca,
-        pca_dims=args.pca_dims,
-        rerank=RerankConfig(n_classes=args.rerank_classes),
-    )
+    params = _search_params(args)
+    extractor = _extractor(args, resize, params, keep_maps=any(m.needs_maps for m in methods))
     with _progress(args, "features") as progress:
         feats = extract_features(extractor, bench.ids, bench.paths, progress)
     result: dict[str, Any] = {
         "dataset": bench.name,
         "images": len(bench.ids),
-        "backbone": args.backbone,
-        "resize": resize,
-        "n_classes": args.n_classes,
-        "n_pca": args.n_pca,
-        "pca_dims": args.pca_dims,
+        **settings_record(extractor.config, params, methods),
     }
     if args.pca_split:
         halves = split_by_group(bench.labels)  # type: ignore[arg-type]

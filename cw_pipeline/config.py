@@ -20,19 +20,24 @@ each evaluated with PCA from the other.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
+from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
-from cw_pipeline.core.experiment import AGGREGATIONS
-from cw_pipeline.core.experiment import Method as MethodSpec
+from cw_pipeline.core.experiment import SearchParams
+from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
+from cw_pipeline.core.methods import AGGREGATIONS, Method
+from cw_pipeline.core.validation import Settings, bounded_int, error_key, error_message
+
+#: Methods as the YAML writes them (``MethodSpec`` is :class:`core.methods.Method`).
+MethodSpec = Method
 
 __all__ = [
     "AGGREGATIONS",
@@ -42,12 +47,14 @@ __all__ = [
     "SELF_SPLIT",
     "ConfigError",
     "DatasetConfig",
+    "DatasetDefaults",
     "DatasetLocation",
     "EvaluationConfig",
-    "ExtractionSettings",
+    "ExtractionConfig",
     "MethodSpec",
     "ProjectConfig",
-    "SearchSettings",
+    "RuntimeConfig",
+    "SearchParams",
     "UnknownNameError",
     "dataset_location",
     "default_config_path",
@@ -89,12 +96,8 @@ DEFAULT_METHODS: tuple[str, ...] = (
 )
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
-_EVAL_NAME_RE = _NAME_RE  # names become Dagster asset keys and op names
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _CRON_FIELD_RE = re.compile(r"[0-9A-Za-z*/,?#-]+")
 _CRON_ALIASES = frozenset({"@hourly", "@daily", "@weekly", "@monthly"})
-_WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,105 +142,24 @@ class UnknownNameError(ConfigError, KeyError):
 
 
 # --------------------------------------------------------------------------------------------
-# typed configuration
+# typed configuration: the YAML's entries, validated by these models
 # --------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+class DatasetDefaults(Settings):
+    """The YAML's ``defaults`` block: extraction and runtime settings every dataset inherits."""
+
+    extraction: ExtractionConfig = ExtractionConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
 
-@dataclass(frozen=True)
-class ExtractionSettings:
-    """Backbone and runtime settings of feature extraction (``defaults`` + per-dataset keys).
+class DatasetConfig(Settings):
+    """One image collection: where its files and ground truth are, and how to process it.
 
-    ``backbone``, ``layer``, ``weights``, ``resize`` and ``n_classes`` determine the stored
-    features; ``batch_size``, ``batch_pixels``, ``device`` and ``num_threads`` only how they
-    are computed. ``resize`` defaults to ``max:1024`` (the long side capped at the paper's
-    1024, never enlarged); ``batch_pixels`` bounds the input pixels of one forward pass, and
-    so the memory of indexing (an image over it alone is quarantined, naming the budget).
+    In the YAML, ``extraction`` (core's :class:`ExtractionConfig`: what the stored features
+    are) and ``runtime`` (:class:`RuntimeConfig`: device, threads, batch limits) are written
+    as flat keys of the entry, over the ``defaults`` block.
     """
-
-    backbone: str = "efficientnet_lite0"
-    layer: str | None = None
-    weights: str | None = None
-    resize: str = "max:1024"
-    n_classes: int = 64
-    batch_size: int = 16
-    batch_pixels: int = 8 * 1024 * 1024
-    device: str = "cpu"
-    num_threads: int | None = None
-
-    def __post_init__(self) -> None:
-        from cw_pipeline.core.backbones import BACKBONES
-        from cw_pipeline.core.images import ResizePolicy
-
-        spec = BACKBONES.get(self.backbone)
-        if spec is None:
-            raise ValueError(
-                f"unknown backbone {self.backbone!r} (expected one of {sorted(BACKBONES)})"
-            )
-        if self.layer is not None and self.layer not in spec.layers:
-            raise ValueError(
-                f"backbone {self.backbone!r} has no layer {self.layer!r} "
-                f"(expected one of {list(spec.layers)})"
-            )
-        if self.weights is not None and not isinstance(self.weights, str):
-            raise ValueError(f"weights must be a string or null, got {self.weights!r}")
-        ResizePolicy.parse(self.resize)
-        _check_int("n_classes", self.n_classes, 1, 1000)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("batch_pixels", self.batch_pixels, 1)
-        if self.num_threads is not None:
-            _check_int("num_threads", self.num_threads, 1)
-        _check_device(self.device)
-
-    @property
-    def resolved_layer(self) -> str:
-        """``layer``, or the backbone's default layer when it is None."""
-        from cw_pipeline.core.backbones import BACKBONES
-
-        return self.layer or BACKBONES[self.backbone].default_layer
-
-    @property
-    def feature_space(self) -> tuple[str, str, str | None]:
-        """(backbone, layer, weights): datasets with equal values have compatible features."""
-        return (self.backbone, self.resolved_layer, self.weights)
-
-
-def _check_device(device: Any) -> None:
-    if not isinstance(device, str):
-        raise ValueError(f"device must be a string, got {device!r}")
-    import torch
-
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"invalid device {device!r} ({exc})") from None
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """Aggregation settings: class vectors per image fitting PCA, PCA dims, N_C aggregated."""
-
-    n_pca: int = 1
-    pca_dims: int | None = None
-    n_classes: int = 64
-
-    def __post_init__(self) -> None:
-        _check_int("n_pca", self.n_pca, 1)
-        if self.pca_dims is not None:
-            _check_int("pca_dims", self.pca_dims, 1)
-        _check_int("n_classes", self.n_classes, 1, 1000)
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    """One image collection: where its files and ground truth are, and how to process it."""
 
     name: str
     layout: Layout
@@ -245,12 +167,39 @@ class DatasetConfig:
     groundtruth: Path | None = None
     pca_from: str | None = None
     shard_by: ShardBy = "batch"
-    shard_size: int = 1000
+    shard_size: bounded_int(1) = 1000  # type: ignore[valid-type]
     query_protocol: QueryProtocol = "paper"
-    extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
-    generate: str | None = None
+    extraction: ExtractionConfig = ExtractionConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    generate: Literal["demo"] | None = None
     optional: bool = False
     description: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_default(cls, data: Any) -> Any:
+        """Revisited queries are cropped to their box by default, the others are not."""
+        if isinstance(data, dict) and "query_protocol" not in data:
+            return {
+                **data,
+                "query_protocol": "crop" if data.get("layout") == "revisited" else "paper",
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _groundtruth(self) -> DatasetConfig:
+        layout = self.layout
+        if layout in GT_FOLDER_LAYOUTS | GT_FILE_LAYOUTS and self.groundtruth is None:
+            what = "folder" if layout in GT_FOLDER_LAYOUTS else "gnd_*.pkl file"
+            raise ValueError(f"layout {layout!r} needs 'groundtruth' (a {what})")
+        if layout not in GT_FOLDER_LAYOUTS | GT_FILE_LAYOUTS and self.groundtruth is not None:
+            why = (
+                "it follows from the file names"
+                if layout in NAMED_GT_LAYOUTS
+                else ("a folder layout has no queries")
+            )
+            raise ValueError(f"layout {layout!r} takes no 'groundtruth' ({why})")
+        return self
 
     @property
     def has_groundtruth(self) -> bool:
@@ -267,17 +216,46 @@ class DatasetConfig:
         return self.images.parent.parent if self.generate == "demo" else None
 
 
-@dataclass(frozen=True)
-class EvaluationConfig:
+class EvaluationConfig(Settings):
     """A benchmark run: a dataset with ground truth, optional distractor sets, methods."""
 
     name: str
     dataset: str
     distractors: tuple[str, ...] = ()
-    methods: tuple[MethodSpec, ...] = ()
+    methods: tuple[Method, ...] = ()
     schedule: str | None = None
     implicit: bool = False  #: True for the evaluation every ground-truth dataset gets
     description: str = ""
+
+    @field_validator("dataset")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"dataset must be a non-empty string, got {value!r}")
+        return value
+
+    @field_validator("distractors", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        value = [] if value is None else value
+        if not isinstance(value, list | tuple) or not all(isinstance(d, str) for d in value):
+            raise ValueError(f"distractors must be a list of names, got {value!r}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"distractors lists a set twice: {list(value)}")
+        return tuple(value)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is None or value.strip() in _CRON_ALIASES:
+            return value
+        parts = value.split()
+        if len(parts) == 5 and all(_CRON_FIELD_RE.fullmatch(p) for p in parts):
+            return value
+        raise ValueError(
+            f"invalid schedule {value!r}: expected a 5-field cron string such as '0 3 * * *' "
+            f"or one of {', '.join(sorted(_CRON_ALIASES))}"
+        )
 
 
 @dataclass(frozen=True)
@@ -287,10 +265,10 @@ class ProjectConfig:
     source: Path
     warehouse: str
     reports: str
-    defaults: ExtractionSettings
+    defaults: DatasetDefaults
     datasets: dict[str, DatasetConfig]
     evaluations: dict[str, EvaluationConfig]
-    search: SearchSettings
+    search: SearchParams
     methods: tuple[MethodSpec, ...]
     disabled_datasets: dict[str, str] = field(default_factory=dict)  #: name -> reason
     disabled_evaluations: dict[str, str] = field(default_factory=dict)  #: name -> reason
@@ -404,26 +382,34 @@ _StrictLoader.add_constructor(
 
 
 # --------------------------------------------------------------------------------------------
-# the loader
+# the loader: YAML → models, with the file, line and entry of every error
 # --------------------------------------------------------------------------------------------
 
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
 _TOP_KEYS = ("warehouse", "reports", "defaults", "datasets", "evaluations", "methods", "search")
-_EXTRACTION_KEYS = tuple(f.name for f in fields(ExtractionSettings))
+_EXTRACTION_KEYS = tuple(ExtractionConfig.model_fields)
+_RUNTIME_KEYS = tuple(RuntimeConfig.model_fields)
+_DEFAULTS_KEYS = (*_EXTRACTION_KEYS, *_RUNTIME_KEYS)
 _DATASET_KEYS = (
-    "layout",
-    "images",
-    "groundtruth",
-    "pca_from",
-    "shard_by",
-    "shard_size",
-    "query_protocol",
-    "generate",
-    "optional",
-    "description",
-    *_EXTRACTION_KEYS,
+    *(k for k in DatasetConfig.model_fields if k not in ("name", "extraction", "runtime")),
+    *_DEFAULTS_KEYS,
 )
 _EVALUATION_KEYS = ("dataset", "distractors", "methods", "schedule", "description")
-_SEARCH_KEYS = tuple(f.name for f in fields(SearchSettings))
+_SEARCH_KEYS = tuple(SearchParams.model_fields)
+#: Keys renamed when the three ``n_classes`` knobs got names saying which number they are.
+_RENAMED = {
+    "defaults": {"n_classes": "stored_classes (classes stored per image)"},
+    "dataset": {"n_classes": "stored_classes (classes stored per image)"},
+    "search": {"n_classes": "aggregated_classes (classes aggregated per search)"},
+}
+_MISSING = {
+    "layout": f"missing 'layout' (one of {', '.join(LAYOUTS)})",
+    "images": "missing 'images' (the image folder)",
+    "dataset": "dataset must be a non-empty string, got None",
+}
 
 
 def _identifier(name: str) -> str:
@@ -431,13 +417,17 @@ def _identifier(name: str) -> str:
     return re.sub(r"[^a-z0-9_]", "_", name)
 
 
-class _Loader:
-    def __init__(self, source: Path) -> None:
-        self.source = source
-        self.base = source.absolute().parent
-        self.warnings: list[str] = []
-        #: (entry, key or None) -> 1-based line in the YAML file, see :meth:`record_lines`.
-        self.lines: dict[tuple[str | None, str | None], int] = {}
+@dataclass
+class _File:
+    """A YAML file being loaded: where it is, the line of each key, the warnings so far."""
+
+    source: Path
+    lines: dict[tuple[str | None, str | None], int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> Path:
+        return self.source.absolute().parent
 
     def error(self, entry: str | None, reason: str, key: str | None = None) -> ConfigError:
         """A :class:`ConfigError` at ``entry`` (and its ``key``), with the line it is on."""
@@ -446,322 +436,27 @@ class _Loader:
             line = self.lines.get((entry, None))
         return ConfigError(reason, source=self.source, entry=entry, line=line)
 
-    def record_lines(self, text: str) -> None:
-        """Remember the line of every top-level key, dataset and evaluation entry, and of the
-        keys inside them, under the ``(entry, key)`` that :meth:`error` looks up."""
-        try:
-            root = yaml.compose(text, Loader=_StrictLoader)
-        except yaml.YAMLError:  # pragma: no cover - yaml.load accepted the same text
-            return
-        if not isinstance(root, yaml.MappingNode):
-            return
-
-        def keys(node: yaml.Node) -> list[tuple[str, yaml.Node, int]]:
-            if not isinstance(node, yaml.MappingNode):
-                return []
-            return [
-                (k.value, v, k.start_mark.line + 1)
-                for k, v in node.value
-                if isinstance(k, yaml.ScalarNode)
-            ]
-
-        kinds = {"datasets": "dataset", "evaluations": "evaluation"}
-        for top, value, line in keys(root):
-            self.lines[(top, None)] = line
-            for name, sub, sub_line in keys(value):
-                self.lines[(top, name)] = sub_line
-                if top in kinds:
-                    entry = f"{kinds[top]} {name!r}"
-                    self.lines[(entry, None)] = sub_line
-                    for key, _, key_line in keys(sub):
-                        self.lines[(entry, key)] = key_line
+    def invalid(
+        self, exc: ValidationError, entry: str | None, model: type[BaseModel]
+    ) -> ConfigError:
+        """The first error of a model's validation, as a :class:`ConfigError`."""
+        err = exc.errors()[0]
+        key = error_key(err)
+        if err["type"] == "missing" and key in _MISSING:
+            return self.error(entry, _MISSING[key], key)
+        if err["type"] in ("dict_type", "model_type"):
+            got = type(err.get("input")).__name__
+            return self.error(entry, f"expected a mapping, got {got}", key)
+        allowed = _fields_at(model, err["loc"])
+        return self.error(entry, error_message(err, allowed, {"generate": "generator"}), key)
 
     def warn(self, message: str) -> None:
         text = f"{self.source}: {message}"
         logger.warning(text)
         self.warnings.append(text)
 
-    # ---- generic checks -------------------------------------------------------------------
-
-    def mapping(
-        self, value: Any, entry: str | None, allowed: Iterable[str] | None
-    ) -> dict[str, Any]:
-        """``value`` as a dict (None -> {}); with ``allowed``, other keys are errors."""
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.error(entry, f"expected a mapping, got {type(value).__name__}")
-        if allowed is None:
-            return value
-        allowed = tuple(allowed)
-        for key in value:
-            if not isinstance(key, str) or key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise self.error(
-                    entry,
-                    f"unknown key {key!r}{hint} (allowed: {', '.join(allowed)})",
-                    str(key),
-                )
-        return value
-
-    def string(self, value: Any, entry: str, key: str, *, optional: bool = False) -> str | None:
-        if value is None and optional:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(entry, f"{key} must be a non-empty string, got {value!r}", key)
-        return value
-
-    def choice(self, value: Any, entry: str, key: str, allowed: Iterable[str]) -> str:
-        allowed = tuple(allowed)
-        if value not in allowed:
-            raise self.error(
-                entry, f"unknown {key} {value!r} (expected one of {', '.join(allowed)})", key
-            )
-        return value
-
-    def expand(self, value: str, entry: str, key: str) -> str:
-        def replace(m: re.Match[str]) -> str:
-            name, default = m[1], m[2]
-            env = os.environ.get(name)
-            if env:
-                return env
-            if default is not None:
-                return default
-            raise self.error(entry, f"{key}: environment variable {name!r} is not set", key)
-
-        return os.path.expanduser(_ENV_RE.sub(replace, value))
-
-    def local_path(self, value: Any, entry: str, key: str) -> Path:
-        """An absolute local path: variables expanded, relative to the YAML file's folder."""
-        return self._to_path(
-            self.expand(self.string(value, entry, key) or "", entry, key), entry, key
-        )
-
-    def _to_path(self, text: str, entry: str, key: str) -> Path:
-        if text.startswith("file://"):
-            text = text[len("file://") :]
-        elif _URL_RE.match(text):
-            raise self.error(entry, f"{key} must be a local path, got URL {text!r}", key)
-        path = Path(text)
-        return Path(os.path.normpath(path if path.is_absolute() else self.base / path))
-
-    def location(self, value: Any, entry: str) -> str:
-        """A local path (made absolute) or a URL (kept as written, variables expanded)."""
-        text = self.expand(self.string(value, entry, entry) or "", entry, entry)
-        if _URL_RE.match(text) and not text.startswith("file://"):
-            return text
-        return str(self._to_path(text, entry, entry))
-
-    # ---- sections -------------------------------------------------------------------------
-
-    def extraction(
-        self, raw: Mapping[str, Any], entry: str, base: ExtractionSettings | None
-    ) -> ExtractionSettings:
-        values = {k: raw[k] for k in _EXTRACTION_KEYS if k in raw}
-        weights = values.get("weights")
-        if isinstance(weights, str) and _looks_like_path(weights):
-            path = self.local_path(weights, entry, "weights")
-            if not path.is_file():
-                raise self.error(entry, f"weights file not found: {path}")
-            values["weights"] = str(path)
-        try:
-            if base is None:
-                return ExtractionSettings(**values)
-            merged = {f.name: getattr(base, f.name) for f in fields(ExtractionSettings)}
-            return ExtractionSettings(**{**merged, **values})
-        except ValueError as exc:
-            raise self.error(entry, str(exc)) from None
-
-    def methods(self, value: Any, entry: str) -> tuple[MethodSpec, ...]:
-        if not isinstance(value, list) or not value:
-            raise self.error(entry, f"methods must be a non-empty list, got {value!r}")
-        specs: list[MethodSpec] = []
-        for item in value:
-            try:
-                spec = MethodSpec.parse(item)
-            except ValueError as exc:
-                raise self.error(entry, str(exc)) from None
-            if spec.name != item:  # the YAML must spell methods canonically
-                raise self.error(entry, f"invalid method {item!r}: write it as {spec.name!r}")
-            if spec in specs:
-                raise self.error(entry, f"method {spec.name!r} is listed twice")
-            specs.append(spec)
-        return tuple(specs)
-
-    def search(self, raw: Any) -> SearchSettings:
-        values = self.mapping(raw, "search", _SEARCH_KEYS)
-        try:
-            return SearchSettings(**values)
-        except ValueError as exc:
-            raise self.error("search", str(exc)) from None
-
-    def layout_and_images(self, raw: dict[str, Any], entry: str) -> tuple[str, Path]:
-        """A dataset entry's ``layout`` and ``images`` folder (which need not exist yet)."""
-        if "layout" not in raw:
-            raise self.error(entry, f"missing 'layout' (one of {', '.join(LAYOUTS)})")
-        layout = self.choice(raw["layout"], entry, "layout", LAYOUTS)
-        if "images" not in raw:
-            raise self.error(entry, "missing 'images' (the image folder)")
-        return layout, self.local_path(raw["images"], entry, "images")
-
-    def dataset(
-        self, name: Any, raw: Any, defaults: ExtractionSettings
-    ) -> tuple[DatasetConfig, str | None]:
-        """Parse one dataset; returns it and, for a missing optional one, why it is off."""
-        entry = f"dataset {name!r}"
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            raise self.error(
-                entry,
-                "invalid name: use lowercase letters, digits, '-' and '_', starting with a "
-                "letter or digit",
-            )
-        raw = self.mapping(raw, entry, _DATASET_KEYS)
-        layout, images = self.layout_and_images(raw, entry)
-        optional = raw.get("optional", False)
-        if not isinstance(optional, bool):
-            raise self.error(entry, f"optional must be true or false, got {optional!r}")
-        generate = raw.get("generate")
-        if generate is not None:
-            generate = self.choice(generate, entry, "generator", GENERATORS)
-        description = raw.get("description", "")
-        if not isinstance(description, str):
-            raise self.error(entry, "description must be a string")
-
-        groundtruth: Path | None = None
-        if layout in GT_FOLDER_LAYOUTS or layout in GT_FILE_LAYOUTS:
-            if raw.get("groundtruth") is None:
-                what = "folder" if layout in GT_FOLDER_LAYOUTS else "gnd_*.pkl file"
-                raise self.error(entry, f"layout {layout!r} needs 'groundtruth' (a {what})")
-            groundtruth = self.local_path(raw["groundtruth"], entry, "groundtruth")
-        elif raw.get("groundtruth") is not None:
-            raise self.error(
-                entry,
-                f"layout {layout!r} takes no 'groundtruth'"
-                + (
-                    " (it follows from the file names)"
-                    if layout in NAMED_GT_LAYOUTS
-                    else " (a folder layout has no queries)"
-                ),
-            )
-
-        shard_by = self.choice(raw.get("shard_by", "batch"), entry, "shard_by", SHARD_BY)
-        if shard_by == "folder" and "shard_size" in raw:
-            raise self.error(entry, "shard_size only applies to shard_by: batch")
-        shard_size = raw.get("shard_size", 1000)
-        try:
-            _check_int("shard_size", shard_size, 1)
-        except ValueError as exc:
-            raise self.error(entry, str(exc)) from None
-        protocol_default = "crop" if layout == "revisited" else "paper"
-        protocol = self.choice(
-            raw.get("query_protocol", protocol_default), entry, "query_protocol", QUERY_PROTOCOLS
-        )
-        pca_from = raw.get("pca_from")
-        if pca_from is not None:
-            self.string(pca_from, entry, "pca_from")
-        extraction = self.extraction(raw, entry, defaults)
-        ds = DatasetConfig(
-            name=name,
-            layout=layout,  # type: ignore[arg-type]
-            images=images,
-            groundtruth=groundtruth,
-            pca_from=pca_from,
-            shard_by=shard_by,  # type: ignore[arg-type]
-            shard_size=shard_size,
-            query_protocol=protocol,  # type: ignore[arg-type]
-            extraction=extraction,
-            generate=generate,
-            optional=optional,
-            description=description,
-        )
-        if generate == "demo":
-            self.check_demo(ds, entry)
-            return ds, None
-        problem, key = None, "images"
-        if not images.is_dir():
-            problem = f"image folder not found: {images}"
-        elif groundtruth is not None:
-            key = "groundtruth"
-            if layout in GT_FOLDER_LAYOUTS and not groundtruth.is_dir():
-                problem = f"ground-truth folder not found: {groundtruth}"
-            elif layout in GT_FILE_LAYOUTS and not groundtruth.is_file():
-                problem = f"ground-truth file not found: {groundtruth}"
-        if problem is not None:
-            if not optional:
-                raise self.error(entry, problem, key)
-            return ds, problem
-        return ds, None
-
-    def check_demo(self, ds: DatasetConfig, entry: str) -> None:
-        from cw_pipeline.core.demo import DEMO_DATASETS
-
-        part = ds.images.parent.name
-        if ds.images.name != "jpg" or part not in DEMO_DATASETS:
-            raise self.error(
-                entry,
-                f"generate: demo needs images '<root>/<part>/jpg' with part one of "
-                f"{', '.join(DEMO_DATASETS)}, got {ds.images}",
-            )
-        expected: Layout = "folder" if part == "demo-distractors" else "oxford"
-        if ds.layout != expected:
-            raise self.error(entry, f"the demo part {part!r} has layout {expected!r}")
-        if ds.groundtruth is not None and ds.groundtruth != ds.images.parent / "gt":
-            raise self.error(
-                entry, f"the demo ground truth is {ds.images.parent / 'gt'}, not {ds.groundtruth}"
-            )
-
-    def evaluation(self, name: Any, raw: Any, methods: tuple[MethodSpec, ...]) -> EvaluationConfig:
-        entry = f"evaluation {name!r}"
-        if not isinstance(name, str) or not _EVAL_NAME_RE.fullmatch(name):
-            raise self.error(
-                entry,
-                "invalid name: use lowercase letters, digits, '-', '_' and '+', starting with "
-                "a letter or digit",
-            )
-        raw = self.mapping(raw, entry, _EVALUATION_KEYS)
-        dataset = self.string(raw.get("dataset"), entry, "dataset")
-        distractors = raw.get("distractors", [])
-        if distractors is None:
-            distractors = []
-        if not isinstance(distractors, list) or not all(isinstance(d, str) for d in distractors):
-            raise self.error(entry, f"distractors must be a list of names, got {distractors!r}")
-        if len(set(distractors)) != len(distractors):
-            raise self.error(entry, f"distractors lists a set twice: {distractors}")
-        schedule = raw.get("schedule")
-        if schedule is not None:
-            self.check_cron(schedule, entry)
-        description = raw.get("description", "")
-        if not isinstance(description, str):
-            raise self.error(entry, "description must be a string")
-        own = self.methods(raw["methods"], entry) if "methods" in raw else methods
-        return EvaluationConfig(
-            name=name,
-            dataset=dataset or "",
-            distractors=tuple(distractors),
-            methods=own,
-            schedule=schedule,
-            description=description,
-        )
-
-    def check_cron(self, value: Any, entry: str) -> None:
-        if isinstance(value, str):
-            text = value.strip()
-            if text in _CRON_ALIASES:
-                return
-            parts = text.split()
-            if len(parts) == 5 and all(_CRON_FIELD_RE.fullmatch(p) for p in parts):
-                return
-        raise self.error(
-            entry,
-            f"invalid schedule {value!r}: expected a 5-field cron string such as '0 3 * * *' "
-            f"or one of {', '.join(sorted(_CRON_ALIASES))}",
-        )
-
-    # ---- the whole file -------------------------------------------------------------------
-
     def read(self) -> Any:
-        """The parsed YAML document (not yet validated)."""
+        """The parsed YAML document (not yet validated); records the line of every key."""
         from cw_pipeline.core.datasets import TextDecodeError, decode_text
 
         try:
@@ -778,199 +473,108 @@ class _Loader:
             raise self.error(None, f"invalid YAML: {exc}") from None
         if data is None:
             raise self.error(None, "the file is empty")
-        self.record_lines(text)
+        self.lines = _key_lines(text)
         return data
 
-    def load(self) -> ProjectConfig:
-        top = self.mapping(self.read(), None, _TOP_KEYS)
+    def mapping(self, value: Any, entry: str | None, allowed: Iterable[str] | None) -> dict:
+        """``value`` as a dict (None -> {}); with ``allowed``, other keys are errors."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(entry, f"expected a mapping, got {type(value).__name__}")
+        allowed = tuple(allowed) if allowed is not None else None
+        for key in value if allowed is not None else ():
+            if not isinstance(key, str) or key not in allowed:  # type: ignore[operator]
+                err = {"type": "extra_forbidden", "loc": (str(key),), "input": value[key]}
+                raise self.error(entry, error_message(err, allowed or ()), str(key))
+        return value
 
-        warehouse = self.location(top.get("warehouse", "warehouse"), "warehouse")
-        reports = self.location(top.get("reports", "reports"), "reports")
-        defaults = self.extraction(
-            self.mapping(top.get("defaults"), "defaults", _EXTRACTION_KEYS), "defaults", None
-        )
-        methods = self.methods(top.get("methods", list(DEFAULT_METHODS)), "methods")
-        search = self.search(top.get("search"))
-
-        raw_datasets = self.mapping(top.get("datasets"), "datasets", None)
-        datasets: dict[str, DatasetConfig] = {}
-        disabled: dict[str, str] = {}
-        for name, raw in raw_datasets.items():
-            ds, problem = self.dataset(name, raw, defaults)
-            datasets[name] = ds
-            if problem is not None:
-                disabled[name] = f"{problem} (optional dataset disabled)"
-        self.check_unique_identifiers(datasets, "dataset")
-        self.check_pca_sources(datasets, disabled)
-
-        raw_evals = self.mapping(top.get("evaluations"), "evaluations", None)
-        evaluations: dict[str, EvaluationConfig] = {}
-        for name, raw in raw_evals.items():
-            evaluations[name] = self.evaluation(name, raw, methods)
-        for name, ds in datasets.items():
-            if not ds.has_groundtruth or name in disabled:
+    def renamed(self, raw: dict, entry: str | None, kind: str) -> dict:
+        """``raw`` with the old names of renamed keys replaced (and a warning for each)."""
+        out = dict(raw)
+        for old, new in _RENAMED[kind].items():
+            if old not in out:
                 continue
-            explicit = evaluations.get(name)
-            if explicit is None:
-                evaluations[name] = EvaluationConfig(name, name, (), methods, implicit=True)
-        self.check_unique_identifiers(evaluations, "evaluation")
-        disabled_evals = self.check_evaluations(evaluations, datasets, disabled, search)
+            key = new.split()[0]
+            if key in out:
+                raise self.error(
+                    entry, f"{old!r} is the old name of {key!r}: set only {key!r}", old
+                )
+            self.warn(f"{entry}: {old!r} is now called {new}; please rename it")
+            out[key] = out.pop(old)
+        return out
 
-        for name, reason in disabled.items():
-            self.warn(f"dataset {name!r} disabled: {reason}")
-        for name, reason in disabled_evals.items():
-            self.warn(f"evaluation {name!r} disabled: {reason}")
-        return ProjectConfig(
-            source=self.source,
-            warehouse=warehouse,
-            reports=reports,
-            defaults=defaults,
-            datasets={n: d for n, d in datasets.items() if n not in disabled},
-            evaluations={n: e for n, e in evaluations.items() if n not in disabled_evals},
-            search=search,
-            methods=methods,
-            disabled_datasets=disabled,
-            disabled_evaluations=disabled_evals,
-            warnings=tuple(self.warnings),
-        )
+    def string(self, value: Any, entry: str, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(entry, f"{key} must be a non-empty string, got {value!r}", key)
+        return value
 
-    def check_unique_identifiers(self, items: Mapping[str, Any], kind: str) -> None:
-        seen: dict[str, str] = {}
-        for name in items:
-            ident = _identifier(name)
-            if ident in seen:
-                raise self.error(
-                    f"{kind} {name!r}",
-                    f"name clashes with {kind} {seen[ident]!r} (both become {ident!r} in "
-                    "Dagster op names)",
-                )
-            seen[ident] = name
+    def expand(self, value: str, entry: str, key: str) -> str:
+        def replace(m: re.Match[str]) -> str:
+            env = os.environ.get(m[1])
+            if env:
+                return env
+            if m[2] is not None:
+                return m[2]
+            raise self.error(entry, f"{key}: environment variable {m[1]!r} is not set", key)
 
-    def check_pca_sources(
-        self, datasets: dict[str, DatasetConfig], disabled: dict[str, str]
-    ) -> None:
-        for name, ds in datasets.items():
-            entry = f"dataset {name!r}"
-            src = ds.pca_from
-            if src is None:
-                if ds.has_groundtruth:
-                    hint = f" or {SELF_SPLIT!r}" if ds.layout in NAMED_GT_LAYOUTS else ""
-                    raise self.error(
-                        entry,
-                        "pca_from is required for a dataset with ground truth (the dataset "
-                        f"whose features train its PCA{hint})",
-                    )
-                continue
-            if src == SELF_SPLIT:
-                if ds.layout not in NAMED_GT_LAYOUTS:
-                    raise self.error(
-                        entry,
-                        f"pca_from: {SELF_SPLIT} needs a layout that groups images into "
-                        f"objects ({', '.join(sorted(NAMED_GT_LAYOUTS))}), not {ds.layout!r}",
-                    )
-                continue
-            if src == name:
-                raise self.error(
-                    entry,
-                    "pca_from names the dataset itself (PCA must be learned on other images"
-                    + (f"; use {SELF_SPLIT!r}" if ds.layout in NAMED_GT_LAYOUTS else "")
-                    + ")",
-                )
-            other = datasets.get(src)
-            if other is None:
-                raise self.error(
-                    entry,
-                    f"pca_from: unknown dataset {src!r} (known: {', '.join(sorted(datasets))})",
-                )
-            if other.extraction.feature_space != ds.extraction.feature_space:
-                raise self.error(
-                    entry,
-                    f"pca_from {src!r} has incompatible features: backbone/layer/weights "
-                    f"{other.extraction.feature_space} vs {ds.extraction.feature_space}",
-                )
-        changed = True
-        while changed:  # a dataset whose PCA source is off is off too
-            changed = False
-            for name, ds in datasets.items():
-                src = ds.pca_from
-                if name not in disabled and src in disabled and src != SELF_SPLIT:
-                    disabled[name] = f"its PCA source {src!r} is disabled"
-                    changed = True
+        return os.path.expanduser(_ENV_RE.sub(replace, value))
 
-    def check_evaluations(
-        self,
-        evaluations: dict[str, EvaluationConfig],
-        datasets: dict[str, DatasetConfig],
-        disabled: dict[str, str],
-        search: SearchSettings,
-    ) -> dict[str, str]:
-        off: dict[str, str] = {}
-        for name, ev in evaluations.items():
-            entry = f"evaluation {name!r}"
-            ds = datasets.get(ev.dataset)
-            if ds is None:
-                raise self.error(
-                    entry,
-                    f"unknown dataset {ev.dataset!r} (known: {', '.join(sorted(datasets))})",
-                )
-            if not ds.has_groundtruth:
-                raise self.error(
-                    entry, f"dataset {ev.dataset!r} has layout 'folder' and no ground truth"
-                )
-            if name in datasets and name != ev.dataset:
-                raise self.error(
-                    entry,
-                    f"the name is taken by dataset {name!r}; an evaluation named after a "
-                    "dataset must evaluate that dataset",
-                )
-            if ev.distractors and ds.pca_from == SELF_SPLIT:
-                raise self.error(
-                    entry,
-                    f"dataset {ev.dataset!r} learns its PCA by {SELF_SPLIT} (each half of its "
-                    "objects searched with PCA from the other), which cannot add distractor "
-                    "images; evaluate it without distractors or give it another pca_from",
-                    key="distractors",
-                )
-            for d in ev.distractors:
-                dist = datasets.get(d)
-                if dist is None:
-                    raise self.error(
-                        entry,
-                        f"unknown distractor set {d!r} (known: {', '.join(sorted(datasets))})",
-                    )
-                if dist.layout != "folder":
-                    raise self.error(
-                        entry,
-                        f"distractor set {d!r} must have layout 'folder', not {dist.layout!r}",
-                    )
-                if d == ev.dataset:
-                    raise self.error(entry, f"{d!r} is both the dataset and a distractor set")
-                if dist.extraction.feature_space != ds.extraction.feature_space:
-                    raise self.error(
-                        entry,
-                        f"distractor set {d!r} has incompatible features: backbone/layer/"
-                        f"weights {dist.extraction.feature_space} vs "
-                        f"{ds.extraction.feature_space}",
-                    )
-            for d in (ev.dataset, *ev.distractors):
-                stored = datasets[d].extraction.n_classes
-                if search.n_classes > stored:
-                    raise self.error(
-                        entry,
-                        f"search.n_classes = {search.n_classes} exceeds the {stored} classes "
-                        f"stored per image for dataset {d!r}",
-                    )
-            src = datasets[ds.pca_from] if ds.pca_from not in (None, SELF_SPLIT) else ds
-            if search.n_pca > src.extraction.n_classes:
-                raise self.error(
-                    entry,
-                    f"search.n_pca = {search.n_pca} exceeds the {src.extraction.n_classes} "
-                    f"classes stored per image for PCA source {src.name!r}",
-                )
-            off_parts = [d for d in (ev.dataset, *ev.distractors) if d in disabled]
-            if off_parts:
-                off[name] = f"uses disabled dataset(s) {', '.join(repr(d) for d in off_parts)}"
-        return off
+    def local_path(self, value: Any, entry: str, key: str) -> Path:
+        """An absolute local path: variables expanded, relative to the YAML file's folder."""
+        text = self.expand(self.string(value, entry, key), entry, key)
+        if text.startswith("file://"):
+            text = text[len("file://") :]
+        elif _URL_RE.match(text):
+            raise self.error(entry, f"{key} must be a local path, got URL {text!r}", key)
+        path = Path(text)
+        return Path(os.path.normpath(path if path.is_absolute() else self.base / path))
+
+    def location(self, value: Any, entry: str) -> str:
+        """A local path (made absolute) or a URL (kept as written, variables expanded)."""
+        text = self.expand(self.string(value, entry, entry), entry, entry)
+        if _URL_RE.match(text) and not text.startswith("file://"):
+            return text
+        return str(self.local_path(text, entry, entry))
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> tuple[str, ...]:
+    """The field names of the (nested) model that an error location points into."""
+    for part in loc[:-1]:
+        info = model.model_fields.get(part) if isinstance(part, str) else None
+        sub = getattr(info, "annotation", None)
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            break
+        model = sub
+    return tuple(model.model_fields)
+
+
+def _key_lines(text: str) -> dict[tuple[str | None, str | None], int]:
+    """The line of every top-level key, dataset and evaluation entry, and of the keys inside
+    them, under the ``(entry, key)`` that :meth:`_File.error` looks up."""
+    root = yaml.compose(text, Loader=_StrictLoader)
+
+    def keys(node: yaml.Node) -> list[tuple[str, yaml.Node, int]]:
+        if not isinstance(node, yaml.MappingNode):
+            return []
+        return [
+            (k.value, v, k.start_mark.line + 1)
+            for k, v in node.value
+            if isinstance(k, yaml.ScalarNode)
+        ]
+
+    lines: dict[tuple[str | None, str | None], int] = {}
+    kinds = {"datasets": "dataset", "evaluations": "evaluation"}
+    for top, value, line in keys(root):
+        lines[(top, None)] = lines[(None, top)] = line
+        for name, sub, sub_line in keys(value):
+            lines[(top, name)] = sub_line
+            if top in kinds:
+                entry = f"{kinds[top]} {name!r}"
+                lines[(entry, None)] = sub_line
+                for key, _, key_line in keys(sub):
+                    lines[(entry, key)] = key_line
+    return lines
 
 
 def _looks_like_path(weights: str) -> bool:
@@ -980,6 +584,343 @@ def _looks_like_path(weights: str) -> bool:
         or os.sep in weights
         or weights.startswith(("~", ".", "$"))
         or weights.lower().endswith(_WEIGHT_FILE_SUFFIXES)
+    )
+
+
+def _weights_file(f: _File, raw: dict, entry: str) -> dict:
+    """``raw`` with a ``weights`` file resolved like other paths (it must exist)."""
+    weights = raw.get("weights")
+    if not (isinstance(weights, str) and _looks_like_path(weights)):
+        return raw
+    path = f.local_path(weights, entry, "weights")
+    if not path.is_file():
+        raise f.error(entry, f"weights file not found: {path}", "weights")
+    return {**raw, "weights": str(path)}
+
+
+def _split_settings(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flat YAML keys → ``{"extraction": {...}, "runtime": {...}}``."""
+    return {
+        "extraction": {k: raw[k] for k in _EXTRACTION_KEYS if k in raw},
+        "runtime": {k: raw[k] for k in _RUNTIME_KEYS if k in raw},
+    }
+
+
+def _defaults(f: _File, value: Any) -> tuple[DatasetDefaults, dict[str, Any]]:
+    """The ``defaults`` block, validated, and its flat keys (datasets override them)."""
+    raw = f.renamed(
+        f.mapping(value, "defaults", (*_DEFAULTS_KEYS, "n_classes")), "defaults", "defaults"
+    )
+    raw = _weights_file(f, raw, "defaults")
+    try:
+        return DatasetDefaults.model_validate(_split_settings(raw)), raw
+    except ValidationError as exc:
+        raise f.invalid(exc, "defaults", DatasetDefaults) from None
+
+
+def _methods(f: _File, value: Any, entry: str) -> tuple[Method, ...]:
+    if not isinstance(value, list) or not value:
+        raise f.error(entry, f"methods must be a non-empty list, got {value!r}")
+    specs: list[Method] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise f.error(entry, f"invalid method {item!r}: expected a string such as 'ofa+qe10'")
+        try:
+            spec = Method.parse(item)
+        except ValueError as exc:
+            raise f.error(entry, str(exc)) from None
+        if spec.name != item:  # the YAML must spell methods canonically
+            raise f.error(entry, f"invalid method {item!r}: write it as {spec.name!r}")
+        if spec in specs:
+            raise f.error(entry, f"method {spec.name!r} is listed twice")
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _search(f: _File, value: Any) -> SearchParams:
+    raw = f.renamed(f.mapping(value, "search", (*_SEARCH_KEYS, "n_classes")), "search", "search")
+    try:
+        return SearchParams.model_validate(raw)
+    except ValidationError as exc:
+        raise f.invalid(exc, "search", SearchParams) from None
+
+
+def _dataset(
+    f: _File, name: Any, raw: Any, defaults: dict[str, Any]
+) -> tuple[DatasetConfig, str | None]:
+    """Parse one dataset; returns it and, for a missing optional one, why it is off."""
+    entry = f"dataset {name!r}"
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise f.error(
+            entry,
+            "invalid name: use lowercase letters, digits, '-' and '_', starting with a "
+            "letter or digit",
+        )
+    raw = f.renamed(f.mapping(raw, entry, (*_DATASET_KEYS, "n_classes")), entry, "dataset")
+    fields = {k: v for k, v in raw.items() if k not in _DEFAULTS_KEYS}
+    if "layout" not in raw:
+        raise f.error(entry, _MISSING["layout"])
+    if raw.get("shard_by") == "folder" and "shard_size" in raw:
+        raise f.error(entry, "shard_size only applies to shard_by: batch", "shard_size")
+    for key in ("images", "groundtruth"):
+        if fields.get(key) is not None:
+            fields[key] = f.local_path(fields[key], entry, key)
+    if fields.get("pca_from") is not None:
+        f.string(fields["pca_from"], entry, "pca_from")
+    settings = _split_settings({**defaults, **_weights_file(f, raw, entry)})
+    try:
+        ds = DatasetConfig.model_validate({"name": name, **fields, **settings})
+    except ValidationError as exc:
+        raise f.invalid(exc, entry, DatasetConfig) from None
+    if ds.generate == "demo":
+        _check_demo(f, ds, entry)
+        return ds, None
+    problem, key = _missing_files(ds)
+    if problem is not None and not ds.optional:
+        raise f.error(entry, problem, key)
+    return ds, problem
+
+
+def _missing_files(ds: DatasetConfig) -> tuple[str | None, str]:
+    """Why a dataset's image folder or ground truth is missing (None: both are there)."""
+    if not ds.images.is_dir():
+        return f"image folder not found: {ds.images}", "images"
+    gt = ds.groundtruth
+    if gt is not None and ds.layout in GT_FOLDER_LAYOUTS and not gt.is_dir():
+        return f"ground-truth folder not found: {gt}", "groundtruth"
+    if gt is not None and ds.layout in GT_FILE_LAYOUTS and not gt.is_file():
+        return f"ground-truth file not found: {gt}", "groundtruth"
+    return None, "images"
+
+
+def _check_demo(f: _File, ds: DatasetConfig, entry: str) -> None:
+    from cw_pipeline.core.demo import DEMO_DATASETS
+
+    part = ds.images.parent.name
+    if ds.images.name != "jpg" or part not in DEMO_DATASETS:
+        raise f.error(
+            entry,
+            f"generate: demo needs images '<root>/<part>/jpg' with part one of "
+            f"{', '.join(DEMO_DATASETS)}, got {ds.images}",
+        )
+    expected = "folder" if part == "demo-distractors" else "oxford"
+    if ds.layout != expected:
+        raise f.error(entry, f"the demo part {part!r} has layout {expected!r}")
+    if ds.groundtruth is not None and ds.groundtruth != ds.images.parent / "gt":
+        raise f.error(
+            entry, f"the demo ground truth is {ds.images.parent / 'gt'}, not {ds.groundtruth}"
+        )
+
+
+def _evaluation(f: _File, name: Any, raw: Any, methods: tuple[Method, ...]) -> EvaluationConfig:
+    entry = f"evaluation {name!r}"
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise f.error(
+            entry,
+            "invalid name: use lowercase letters, digits, '-' and '_', starting with a "
+            "letter or digit",
+        )
+    raw = dict(f.mapping(raw, entry, _EVALUATION_KEYS))
+    raw["methods"] = _methods(f, raw["methods"], entry) if "methods" in raw else methods
+    try:
+        return EvaluationConfig.model_validate({"name": name, **raw})
+    except ValidationError as exc:
+        raise f.invalid(exc, entry, EvaluationConfig) from None
+
+
+def _check_unique_identifiers(f: _File, items: Iterable[str], kind: str) -> None:
+    seen: dict[str, str] = {}
+    for name in items:
+        ident = _identifier(name)
+        if ident in seen:
+            raise f.error(
+                f"{kind} {name!r}",
+                f"name clashes with {kind} {seen[ident]!r} (both become {ident!r} in "
+                "Dagster op names)",
+            )
+        seen[ident] = name
+
+
+def _check_pca_source(f: _File, ds: DatasetConfig, datasets: dict[str, DatasetConfig]) -> None:
+    entry, src = f"dataset {ds.name!r}", ds.pca_from
+    grouped = ds.layout in NAMED_GT_LAYOUTS
+    if src is None:
+        if ds.has_groundtruth:
+            hint = f" or {SELF_SPLIT!r}" if grouped else ""
+            raise f.error(
+                entry,
+                "pca_from is required for a dataset with ground truth (the dataset "
+                f"whose features train its PCA{hint})",
+            )
+    elif src == SELF_SPLIT:
+        if not grouped:
+            raise f.error(
+                entry,
+                f"pca_from: {SELF_SPLIT} needs a layout that groups images into "
+                f"objects ({', '.join(sorted(NAMED_GT_LAYOUTS))}), not {ds.layout!r}",
+            )
+    elif src == ds.name:
+        hint = f"; use {SELF_SPLIT!r}" if grouped else ""
+        raise f.error(
+            entry, f"pca_from names the dataset itself (PCA must be learned on other images{hint})"
+        )
+    elif src not in datasets:
+        known = ", ".join(sorted(datasets))
+        raise f.error(entry, f"pca_from: unknown dataset {src!r} (known: {known})")
+    elif datasets[src].extraction.feature_space != ds.extraction.feature_space:
+        raise f.error(
+            entry,
+            f"pca_from {src!r} has incompatible features: backbone/layer/weights "
+            f"{datasets[src].extraction.feature_space} vs {ds.extraction.feature_space}",
+        )
+
+
+def _disable_pca_users(datasets: dict[str, DatasetConfig], disabled: dict[str, str]) -> None:
+    """A dataset whose PCA source is off is off too (transitively)."""
+    changed = True
+    while changed:
+        changed = False
+        for name, ds in datasets.items():
+            src = ds.pca_from
+            if name not in disabled and src in disabled and src != SELF_SPLIT:
+                disabled[name] = f"its PCA source {src!r} is disabled"
+                changed = True
+
+
+def _check_distractors(
+    f: _File, ev: EvaluationConfig, ds: DatasetConfig, datasets: dict[str, DatasetConfig]
+) -> None:
+    entry = f"evaluation {ev.name!r}"
+    if ev.distractors and ds.self_split:
+        raise f.error(
+            entry,
+            f"dataset {ev.dataset!r} learns its PCA by {SELF_SPLIT} (each half of its "
+            "objects searched with PCA from the other), which cannot add distractor "
+            "images; evaluate it without distractors or give it another pca_from",
+            key="distractors",
+        )
+    for d in ev.distractors:
+        dist = datasets.get(d)
+        if dist is None:
+            known = ", ".join(sorted(datasets))
+            raise f.error(entry, f"unknown distractor set {d!r} (known: {known})")
+        if dist.layout != "folder":
+            raise f.error(
+                entry, f"distractor set {d!r} must have layout 'folder', not {dist.layout!r}"
+            )
+        if d == ev.dataset:
+            raise f.error(entry, f"{d!r} is both the dataset and a distractor set")
+        if dist.extraction.feature_space != ds.extraction.feature_space:
+            raise f.error(
+                entry,
+                f"distractor set {d!r} has incompatible features: backbone/layer/weights "
+                f"{dist.extraction.feature_space} vs {ds.extraction.feature_space}",
+            )
+
+
+def _check_classes(
+    f: _File,
+    ev: EvaluationConfig,
+    datasets: dict[str, DatasetConfig],
+    search: SearchParams,
+) -> None:
+    """Every class count the search reads is stored: N_C aggregated (dataset and
+    distractors), the re-ranking's query classes (when a method re-ranks), N_pca (PCA source)."""
+    ds = datasets[ev.dataset]
+    needs = search.class_needs(rerank=any(m.rerank for m in ev.methods))
+    n_pca = needs.pop("n_pca")
+    checks = [(d, needs) for d in (ev.dataset, *ev.distractors)]
+    src = datasets[ds.pca_from] if ds.pca_from not in (None, SELF_SPLIT) else ds
+    checks.append((src.name, {"n_pca": n_pca}))
+    for name, wanted in checks:
+        stored = datasets[name].extraction.stored_classes
+        for key, value in wanted.items():
+            if value > stored:
+                what = "PCA source" if key == "n_pca" else "dataset"
+                raise f.error(
+                    f"evaluation {ev.name!r}",
+                    f"search.{key} = {value} exceeds the {stored} classes stored per image "
+                    f"(stored_classes) for {what} {name!r}",
+                )
+
+
+def _check_evaluations(
+    f: _File,
+    evaluations: dict[str, EvaluationConfig],
+    datasets: dict[str, DatasetConfig],
+    disabled: dict[str, str],
+    search: SearchParams,
+) -> dict[str, str]:
+    """Cross-entry checks of the evaluations; returns those disabled, with the reason."""
+    off: dict[str, str] = {}
+    for name, ev in evaluations.items():
+        entry = f"evaluation {name!r}"
+        ds = datasets.get(ev.dataset)
+        if ds is None:
+            known = ", ".join(sorted(datasets))
+            raise f.error(entry, f"unknown dataset {ev.dataset!r} (known: {known})")
+        if not ds.has_groundtruth:
+            raise f.error(entry, f"dataset {ev.dataset!r} has layout 'folder' and no ground truth")
+        if name in datasets and name != ev.dataset:
+            raise f.error(
+                entry,
+                f"the name is taken by dataset {name!r}; an evaluation named after a "
+                "dataset must evaluate that dataset",
+            )
+        _check_distractors(f, ev, ds, datasets)
+        _check_classes(f, ev, datasets, search)
+        off_parts = [d for d in (ev.dataset, *ev.distractors) if d in disabled]
+        if off_parts:
+            off[name] = f"uses disabled dataset(s) {', '.join(repr(d) for d in off_parts)}"
+    return off
+
+
+def _load(f: _File) -> ProjectConfig:
+    top = f.mapping(f.read(), None, _TOP_KEYS)
+    warehouse = f.location(top.get("warehouse", "warehouse"), "warehouse")
+    reports = f.location(top.get("reports", "reports"), "reports")
+    defaults, flat_defaults = _defaults(f, top.get("defaults"))
+    methods = _methods(f, top.get("methods", list(DEFAULT_METHODS)), "methods")
+    search = _search(f, top.get("search"))
+
+    datasets: dict[str, DatasetConfig] = {}
+    disabled: dict[str, str] = {}
+    for name, raw in f.mapping(top.get("datasets"), "datasets", None).items():
+        datasets[name], problem = _dataset(f, name, raw, flat_defaults)
+        if problem is not None:
+            disabled[name] = f"{problem} (optional dataset disabled)"
+    _check_unique_identifiers(f, datasets, "dataset")
+    for ds in datasets.values():
+        _check_pca_source(f, ds, datasets)
+    _disable_pca_users(datasets, disabled)
+
+    evaluations: dict[str, EvaluationConfig] = {}
+    for name, raw in f.mapping(top.get("evaluations"), "evaluations", None).items():
+        evaluations[name] = _evaluation(f, name, raw, methods)
+    for name, ds in datasets.items():
+        if ds.has_groundtruth and name not in disabled and name not in evaluations:
+            evaluations[name] = EvaluationConfig(
+                name=name, dataset=name, methods=methods, implicit=True
+            )
+    _check_unique_identifiers(f, evaluations, "evaluation")
+    disabled_evals = _check_evaluations(f, evaluations, datasets, disabled, search)
+
+    for name, reason in disabled.items():
+        f.warn(f"dataset {name!r} disabled: {reason}")
+    for name, reason in disabled_evals.items():
+        f.warn(f"evaluation {name!r} disabled: {reason}")
+    return ProjectConfig(
+        source=f.source,
+        warehouse=warehouse,
+        reports=reports,
+        defaults=defaults,
+        datasets={n: d for n, d in datasets.items() if n not in disabled},
+        evaluations={n: e for n, e in evaluations.items() if n not in disabled_evals},
+        search=search,
+        methods=methods,
+        disabled_datasets=disabled,
+        disabled_evaluations=disabled_evals,
+        warnings=tuple(f.warnings),
     )
 
 
@@ -1005,18 +946,25 @@ def dataset_location(name: str, path: Path | str | None = None) -> DatasetLocati
     Raises:
         ConfigError: unreadable file, invalid YAML, or an invalid entry.
     """
-    source = Path(path) if path is not None else default_config_path()
-    loader = _Loader(source)
-    top = loader.mapping(loader.read(), None, None)
-    raw = loader.mapping(top.get("datasets"), "datasets", None).get(name)
+    f = _File(Path(path) if path is not None else default_config_path())
+    top = f.mapping(f.read(), None, None)
+    raw = f.mapping(top.get("datasets"), "datasets", None).get(name)
     if raw is None:
         return None
     entry = f"dataset {name!r}"
-    raw = loader.mapping(raw, entry, _DATASET_KEYS)
-    layout, images = loader.layout_and_images(raw, entry)
+    raw = f.mapping(raw, entry, (*_DATASET_KEYS, "n_classes"))
+    if "layout" not in raw:
+        raise f.error(entry, _MISSING["layout"])
+    if raw["layout"] not in LAYOUTS:
+        err = {"type": "literal_error", "loc": ("layout",), "input": raw["layout"],
+               "ctx": {"expected": " or ".join(LAYOUTS)}}  # fmt: skip
+        raise f.error(entry, error_message(err), "layout")
+    if "images" not in raw:
+        raise f.error(entry, _MISSING["images"])
+    images = f.local_path(raw["images"], entry, "images")
     gt = raw.get("groundtruth")
-    groundtruth = None if gt is None else loader.local_path(gt, entry, "groundtruth")
-    return DatasetLocation(name, layout, images, groundtruth, source)
+    groundtruth = None if gt is None else f.local_path(gt, entry, "groundtruth")
+    return DatasetLocation(name, raw["layout"], images, groundtruth, f.source)
 
 
 def load_config(path: Path | str | None = None) -> ProjectConfig:
@@ -1025,5 +973,4 @@ def load_config(path: Path | str | None = None) -> ProjectConfig:
     Raises:
         ConfigError: anything invalid; the message names the file and the entry.
     """
-    source = Path(path) if path is not None else default_config_path()
-    return _Loader(source).load()
+    return _load(_File(Path(path) if path is not None else default_config_path()))

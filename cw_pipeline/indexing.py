@@ -35,7 +35,7 @@ from cw_pipeline.core.datasets import (
     shown_name,
 )
 from cw_pipeline.core.experiment import FeatureSet
-from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, ImageFeatures
+from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
 from cw_pipeline.store import FeatureStore, encode_component
 
 logger = logging.getLogger(__name__)
@@ -71,30 +71,18 @@ class DatasetScan:
     skipped: list[SkippedFile]
 
 
-def extraction_config(ds: DatasetConfig) -> ExtractionConfig:
-    """The core extraction settings of a dataset."""
-    e = ds.extraction
-    return ExtractionConfig(
-        backbone=e.backbone,
-        layer=e.layer,
-        weights=e.weights,
-        resize=e.resize,
-        n_classes=e.n_classes,
-    )
-
-
 def dataset_extractor(ds: DatasetConfig) -> FeatureExtractor:
     """A feature extractor with all of the dataset's settings (device, threads, batch size).
 
     Outside Dagster runs; inside them ``PipelineResource.extractor`` adds the deployment's
     overrides and shares one network per settings."""
-    e = ds.extraction
+    r = ds.runtime
     return FeatureExtractor(
-        extraction_config(ds),
-        device=e.device,
-        num_threads=e.num_threads,
-        batch_size=e.batch_size,
-        batch_pixels=e.batch_pixels,
+        ds.extraction,
+        device=r.device,
+        num_threads=r.num_threads,
+        batch_size=r.batch_size,
+        batch_pixels=r.batch_pixels,
     )
 
 
@@ -444,7 +432,7 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def feature_code_version(ds: DatasetConfig) -> str:
     """Code version of a dataset's stored features: extraction settings + storage format."""
-    return f"{extraction_config(ds).code_version()}-{CLASS_VECTOR_STORAGE}"
+    return f"{ds.extraction.code_version()}-{CLASS_VECTOR_STORAGE}"
 
 
 def feature_schema(
@@ -698,7 +686,9 @@ def update_features(
         table = pa.concat_tables(parts).sort_by("image_id")
     else:
         e = extractor
-        table = feature_schema(e.config.n_classes, e.backbone.feature_dim, len(e.config.thresholds))
+        table = feature_schema(
+            e.config.stored_classes, e.backbone.feature_dim, len(e.config.thresholds)
+        )
         table = table.empty_table()
     return ShardUpdate(
         table=table,

@@ -456,7 +456,7 @@ def search_image(
     """
     from cw_pipeline.core.retrieval import ComputedMaps
     from cw_pipeline.core.retrieval import search as search_method
-    from cw_pipeline.stages import method_pca, search_params
+    from cw_pipeline.stages import method_pca
 
     method = Method.parse(method) if isinstance(method, str) else method
     if top < 1:
@@ -474,7 +474,7 @@ def search_image(
         raise QueryError(f"query {name}: {exc}") from exc
     t1 = time.perf_counter()
     qfs = FeatureSet.from_records([name.stem], [record])
-    params = search_params(config)
+    params = config.search
     agg = method.stored_aggregation
     db = index.descriptors[agg]
     rows_all, scores_all, passes = [], [], 0

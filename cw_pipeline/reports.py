@@ -12,6 +12,7 @@ from typing import Any
 
 from cw_pipeline import stages
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
+from cw_pipeline.core.experiment import settings_record
 from cw_pipeline.store import FeatureStore
 
 #: The paper's Table 2 (VGG16-CAM, 512-d) and Table 1a baselines, by benchmark and method.
@@ -111,12 +112,32 @@ def build_report(
         "evaluated_queries": (len(queries) - len(excluded)) if queries else None,
         "excluded_queries": excluded,
         "backbone": ds.extraction.backbone,
+        "settings": {
+            **settings_record(ds.extraction, config.search, ev.methods),
+            "pca_from": ds.pca_from,
+            "pca_output_dims": stages.pca_output_dims(store, ds),
+        },
         "results": results,
         "per_query": {
             m: {q: None if _undefined(ap) else ap for q, ap in aps.items()}
             for m, aps in per_query.items()
         },
     }
+
+
+def _settings_lines(settings: dict[str, Any] | None) -> list[str]:
+    """One markdown line with the settings a report was computed with (none for old reports)."""
+    if not settings:
+        return []
+    dims = settings.get("pca_output_dims") or {}
+    return [
+        "",
+        f"Computed with layer {settings['layer']}, resize {settings['resize']}, "
+        f"N_C {settings['stored_classes']} stored / {settings['aggregated_classes']} "
+        f"aggregated, N_pca {settings['n_pca']}, PCA dims {settings['pca_dims'] or 'all'} "
+        f"({', '.join(f'{k}: {v}' for k, v in dims.items()) or 'none'}), PCA from "
+        f"{settings.get('pca_from')}; methods {', '.join(settings['methods'])}.",
+    ]
 
 
 #: Why a query is left out of the mAP.
@@ -145,6 +166,7 @@ def markdown(report: dict[str, Any], images: Sequence[tuple[str, str]] = ()) -> 
         f"{report['database_images']} database images"
         + (f" (with {', '.join(report['distractors'])})" if report["distractors"] else "")
         + f", backbone {report['backbone']}.",
+        *_settings_lines(report.get("settings")),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -31,11 +31,12 @@ from cw_pipeline.core.experiment import (
     FeatureSet,
     Method,
     SearchParams,
-    fit_pca,
+    fit_pca_space,
     offline_descriptors,
 )
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.images import load_image
+from cw_pipeline.core.methods import AGGREGATIONS, PCA_SPACES, stored_descriptors
 from cw_pipeline.core.retrieval import ComputedMaps, SubsetMaps, search
 from cw_pipeline.core.search import Ranking
 from cw_pipeline.indexing import (
@@ -99,14 +100,7 @@ def load_features(
     return table_to_featureset(pa.concat_tables(tables).sort_by("image_id"))
 
 
-def search_params(config: ProjectConfig) -> SearchParams:
-    s = config.search
-    return SearchParams(n_classes=s.n_classes, n_pca=s.n_pca, pca_dims=s.pca_dims)
-
-
 # --------------------------------------------------------------------------- PCA models
-
-PCA_SPACES = {"class": Method.parse("ofa"), "raw": Method.parse("raw+pca")}
 
 
 def _pca_rel(dataset: str, space: str, half: int | None) -> str:
@@ -151,7 +145,7 @@ MIN_PCA_TRAINING_IMAGES = 2
 
 def check_pca_training_size(ds: DatasetConfig, source: str, n_images: int) -> None:
     """Refuse (ValueError naming the dataset, the training set, the count and the minimum) a
-    PCA training set too small to fit the models of :data:`PCA_SPACES`."""
+    PCA training set too small to fit the models of :data:`core.methods.PCA_SPACES`."""
     if n_images < MIN_PCA_TRAINING_IMAGES:
         raise ValueError(
             f"dataset {ds.name!r}: its PCA is learned on {source}, which has {n_images} "
@@ -166,11 +160,11 @@ def fit_pca_models(
 ) -> dict[str, PCAWhitening]:
     """PCA models of ``ds`` fitted on ``train`` (its paired dataset's features), by store path.
 
-    Two spaces: ``class`` (class vectors, N_pca per image; for OfA/OnA) and ``raw``
-    (sum-pooled vectors; for raw+PCA). A self-split dataset gets one model per half, each
-    fitted on the *other* half.
+    One model per registered space (:data:`core.methods.PCA_SPACES`: ``class``, class
+    vectors, N_pca per image, for OfA/OnA; ``raw``, sum-pooled vectors, for raw+PCA). A
+    self-split dataset gets one model per half, each fitted on the *other* half.
     """
-    params = search_params(config)
+    params = config.search
     e = ds.extraction
     base = {
         "dataset": ds.name,
@@ -187,13 +181,13 @@ def fit_pca_models(
             other = train.subset(halves[2 - k])
             check_pca_training_size(ds, f"half {3 - k} of its objects (self-split)", len(other))
             meta = {**base, "training_set": f"{ds.name}-half{3 - k}"}
-            for space, method in PCA_SPACES.items():
-                out[_pca_rel(ds.name, space, k)] = fit_pca(method, other, params, meta)  # type: ignore[assignment]
+            for space in PCA_SPACES:
+                out[_pca_rel(ds.name, space, k)] = fit_pca_space(space, other, params, meta)
     else:
         check_pca_training_size(ds, f"dataset {ds.pca_from!r}", len(train))
         meta = {**base, "training_set": ds.pca_from}
-        for space, method in PCA_SPACES.items():
-            out[_pca_rel(ds.name, space, None)] = fit_pca(method, train, params, meta)  # type: ignore[assignment]
+        for space in PCA_SPACES:
+            out[_pca_rel(ds.name, space, None)] = fit_pca_space(space, train, params, meta)
     return out
 
 
@@ -218,23 +212,25 @@ def read_descriptors(store: FeatureStore, rel: str) -> tuple[list[str], np.ndarr
     return t.column("image_id").to_pylist(), values.reshape(t.num_rows, dim)
 
 
-OFFLINE_AGGREGATIONS = ("raw", "raw+pca", "ofa")
+def offline_aggregations() -> tuple[str, ...]:
+    """The stored descriptors of every dataset: one per registered aggregation's ``stored``
+    (raw, raw+pca, ofa, and any registered since)."""
+    return stored_descriptors()
 
 
 def method_pca(method: Method, pcas: dict[str, PCAWhitening] | None) -> PCAWhitening | None:
-    """The PCA model a method ranks with: none (raw), the ``raw`` or the ``class`` space."""
-    if pcas is None or method.aggregation == "raw":
-        return None
-    return pcas["raw" if method.aggregation == "raw+pca" else "class"]
+    """The PCA model a method ranks with: its registered ``pca_space``'s, or none."""
+    space = method.spec.pca_space
+    return None if pcas is None or space is None else pcas[space]
 
 
 def descriptor_sets(
     feats: FeatureSet, pcas: dict[str, PCAWhitening] | None, params: SearchParams
 ) -> dict[str, np.ndarray]:
-    """Raw, raw+PCA and OfA descriptors of a feature set with given PCA models."""
+    """The stored descriptors (:func:`offline_aggregations`) of a feature set."""
     out = {}
-    for agg in OFFLINE_AGGREGATIONS:
-        method = Method.parse(agg)
+    for agg in offline_aggregations():
+        method = Method(AGGREGATIONS[agg].name)
         out[agg] = offline_descriptors(method, feats, method_pca(method, pcas), params)
     return out
 
@@ -245,15 +241,27 @@ def pca_models_for(
     return {space: load_pca(store, _pca_rel(ds.name, space, half)) for space in PCA_SPACES}
 
 
+def pca_output_dims(store: FeatureStore, ds: DatasetConfig) -> dict[str, int]:
+    """Dimensions of each stored PCA model of ``ds`` (``class``, ``raw``; ``class-half1`` …
+    for a self-split dataset), from the models' metadata."""
+    halves: tuple[int | None, ...] = (1, 2) if ds.self_split else (None,)
+    out = {}
+    for space in PCA_SPACES:
+        for half in halves:
+            meta = store.read_json(f"{_pca_rel(ds.name, space, half)}.json")
+            out[space if half is None else f"{space}-half{half}"] = int(meta["output_dim"])
+    return out
+
+
 def dataset_descriptors(
     config: ProjectConfig, store: FeatureStore, ds: DatasetConfig, feats: FeatureSet
 ) -> dict[str, tuple[list[str], np.ndarray]]:
     """Offline descriptors of a ground-truth dataset (self-split: each half with its PCA)."""
-    params = search_params(config)
+    params = config.search
     if not ds.self_split:
         d = descriptor_sets(feats, pca_models_for(store, ds), params)
         return {agg: (feats.ids, v) for agg, v in d.items()}
-    out: dict[str, list] = {agg: [[], []] for agg in OFFLINE_AGGREGATIONS}
+    out: dict[str, list] = {agg: [[], []] for agg in offline_aggregations()}
     for k, half in enumerate(halves_of(ds, feats.ids), 1):
         sub = feats.subset(half)
         d = descriptor_sets(sub, pca_models_for(store, ds, k), params)
@@ -468,9 +476,9 @@ def evaluation_rankings(
     ``extractor`` is needed only by OnA and re-ranking methods (maps are recomputed).
     """
     ds = config.dataset(ev.dataset)
-    params = search_params(config)
-    methods = [Method.parse(m.name) for m in ev.methods]
-    aggs = ("raw", "raw+pca", "ofa")
+    params = config.search
+    methods = list(ev.methods)
+    aggs = offline_aggregations()
     db_ids, db = [], {}
     for agg in aggs:
         db_ids, db[agg] = read_descriptors(store, descriptors_rel(ds.name, agg))
@@ -660,7 +668,7 @@ def evaluation_input_problems(
             continue
         features.update(_stored_ids(store, rel))
         manifest.update(_stored_ids(store, shard_relpath("manifest", ds.name, s)))
-    for agg in OFFLINE_AGGREGATIONS:
+    for agg in offline_aggregations():
         rel = descriptors_rel(ds.name, agg)
         if not store.exists(rel):
             problems.append(f"{ds.name} {agg} descriptors are not materialized")
@@ -681,7 +689,7 @@ def evaluation_input_problems(
                 continue
             fids = set(_stored_ids(store, frel))
             database |= fids
-            drel = distractor_rel(ev.name, dname, "ofa", s)
+            drel = distractor_rel(ev.name, dname, offline_aggregations()[0], s)
             dids = set(_stored_ids(store, drel)) if store.exists(drel) else set()
             if dids != fids:
                 problems.append(

@@ -61,7 +61,7 @@ def write_project(root: Path, images: Path, ukb: bool = False) -> Path:
             "ukb": {"layout": "ukbench", "images": str(images / "ukb"), "pca_from": "self-split"}
         }
         config["methods"] = ["raw", "ofa"]
-        config["search"] = {"n_pca": 2, "n_classes": 8}
+        config["search"] = {"n_pca": 2, "aggregated_classes": 8}
     path = root / "datasets.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path

@@ -73,7 +73,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarn
 DEFAULTS = {
     "backbone": "efficientnet_lite0",
     "resize": "native",
-    "n_classes": 8,
+    "stored_classes": 8,
     "batch_size": 8,
     "device": "cpu",
     "num_threads": 1,
@@ -90,7 +90,7 @@ def _write_yaml(root: Path, datasets: dict) -> Path:
         "reports": "reports",
         "defaults": DEFAULTS,
         "datasets": datasets,
-        "search": {"n_classes": 8, "n_pca": 1},
+        "search": {"aggregated_classes": 8, "n_pca": 1},
     }
     path = root / "datasets.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -156,7 +156,7 @@ def corpus(tmp_path_factory) -> Corpus:
 @pytest.fixture(scope="module")
 def extractor() -> FeatureExtractor:
     """The pipeline's extractor for the corpus' settings (efficientnet_lite0, native size)."""
-    return FeatureExtractor(ExtractionConfig(n_classes=8), num_threads=1)
+    return FeatureExtractor(ExtractionConfig(stored_classes=8), num_threads=1)
 
 
 def assert_quarantined(corpus: Corpus, extractor: FeatureExtractor, name: str) -> str:
@@ -266,7 +266,7 @@ def test_image_smaller_than_the_network_stride_is_rejected_with_the_policy(corpu
     assert "not upscaled silently" in reason and "'native'" in reason
     # As the reason says, a policy that enlarges small images indexes it.
     fixed = FeatureExtractor(
-        ExtractionConfig(resize="fixed:64x48", n_classes=8), backbone=extractor.backbone
+        ExtractionConfig(resize="fixed:64x48", stored_classes=8), backbone=extractor.backbone
     )
     image, original = fixed.load(corpus.paths["tiny"])
     assert (image.size, original) == ((64, 48), (16, 16))

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pytest
 
 from cw_pipeline.checkpoints import CHECKPOINT_ROOT, ShardCheckpoints
-from cw_pipeline.config import DatasetConfig, ExtractionSettings
+from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.extract import ExtractionConfig, ImageFeatures
 from cw_pipeline.indexing import MANIFEST_SCHEMA, records_to_table, update_features
 from cw_pipeline.store import FeatureStore
@@ -38,7 +38,7 @@ class ScriptedExtractor:
     forward pass in ``events``; raises :class:`Crash` before batch ``crash_at`` (1-based)."""
 
     def __init__(self, batch_size: int = 2, crash_at: int | None = None) -> None:
-        self.config = ExtractionConfig(n_classes=N_C)
+        self.config = ExtractionConfig(stored_classes=N_C)
         self.backbone = _Backbone()
         self.batch_size = batch_size
         self.crash_at = crash_at
@@ -95,9 +95,7 @@ def manifest(n: int, changed: dict[str, str] | None = None) -> pa.Table:
 
 @pytest.fixture
 def ds(tmp_path: Path) -> DatasetConfig:
-    return DatasetConfig(
-        name="d", layout="folder", images=tmp_path, extraction=ExtractionSettings()
-    )
+    return DatasetConfig(name="d", layout="folder", images=tmp_path)
 
 
 @pytest.fixture

@@ -83,10 +83,10 @@ def tiny_project(root: Path) -> Path:
     config = {
         "warehouse": "warehouse",
         "reports": "reports",
-        "defaults": {"resize": "fixed:160x160", "n_classes": 16, "num_threads": 1},
+        "defaults": {"resize": "fixed:160x160", "stored_classes": 16, "num_threads": 1},
         "datasets": {"tiny": {"layout": "folder", "images": "tiny", "shard_by": "folder"}},
         "methods": ["raw"],
-        "search": {"n_pca": 4, "n_classes": 16},
+        "search": {"n_pca": 4, "aggregated_classes": 16},
     }
     path = root / "datasets.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")

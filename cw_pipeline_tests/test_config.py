@@ -16,10 +16,12 @@ from cw_pipeline.config import (
     SELF_SPLIT,
     ConfigError,
     DatasetConfig,
-    ExtractionSettings,
+    DatasetDefaults,
+    ExtractionConfig,
     MethodSpec,
     ProjectConfig,
-    SearchSettings,
+    RuntimeConfig,
+    SearchParams,
     UnknownNameError,
     default_config_path,
     load_config,
@@ -191,27 +193,26 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "datasets: {}\n"))
     assert config.warehouse == str(tmp_path / "warehouse")
     assert config.reports == str(tmp_path / "reports")
-    assert config.defaults == ExtractionSettings()
-    assert config.search == SearchSettings(n_pca=1, pca_dims=None, n_classes=64)
+    assert config.defaults == DatasetDefaults()
+    assert config.search == SearchParams(n_pca=1, pca_dims=None, aggregated_classes=64)
     assert [m.name for m in config.methods] == list(DEFAULT_METHODS)
     assert config.evaluations == {} and config.warnings == ()
 
 
 def test_default_extraction_bounds_memory(tmp_path: Path) -> None:
-    from cw_pipeline.core.extract import DEFAULT_BATCH_PIXELS, DEFAULT_RESIZE, ExtractionConfig
+    from cw_pipeline.core.extract import DEFAULT_BATCH_PIXELS, DEFAULT_RESIZE
 
     # The long side capped at the paper's 1024, and a pixel budget per forward pass: the
-    # same defaults in the code, the shipped YAML and the core.
-    settings = ExtractionSettings()
-    assert settings.resize == DEFAULT_RESIZE == ExtractionConfig().resize == "max:1024"
-    assert settings.batch_pixels == DEFAULT_BATCH_PIXELS
+    # same defaults in the shipped YAML and the core.
+    assert DatasetDefaults().extraction.resize == DEFAULT_RESIZE == "max:1024"
+    assert DatasetDefaults().runtime.batch_pixels == DEFAULT_BATCH_PIXELS
     real = load_config(REAL_CONFIG)
-    assert real.defaults.resize == "max:1024"
-    assert real.defaults.batch_pixels == DEFAULT_BATCH_PIXELS
+    assert real.defaults.extraction.resize == "max:1024"
+    assert real.defaults.runtime.batch_pixels == DEFAULT_BATCH_PIXELS
     assert real.dataset("demo-a").extraction.resize == "max:1024"
     config = load_pair(tmp_path, "defaults:\n  resize: native\n  batch_pixels: 2000000\n")
-    ox = config.dataset("oxford5k").extraction
-    assert (ox.resize, ox.batch_pixels) == ("native", 2_000_000)
+    ox = config.dataset("oxford5k")
+    assert (ox.extraction.resize, ox.runtime.batch_pixels) == ("native", 2_000_000)
 
 
 def test_pair_datasets_and_implicit_evaluations(tmp_path: Path) -> None:
@@ -242,23 +243,30 @@ def test_extraction_defaults_and_overrides(tmp_path: Path) -> None:
         defaults:
           backbone: resnet50
           resize: paper
-          n_classes: 32
+          stored_classes: 32
           batch_size: 4
           num_threads: 2
         search:
-          n_classes: 16
+          aggregated_classes: 16
           n_pca: 2
           pca_dims: 128
+          rerank:
+            query_classes: 8
         """,
         **{"layout: paris": "layout: paris\n    resize: fixed:224x224\n    batch_size: 8"},
     )
-    ox, pa = config.dataset("oxford5k").extraction, config.dataset("paris6k").extraction
-    assert ox == ExtractionSettings(
-        backbone="resnet50", resize="paper", n_classes=32, batch_size=4, num_threads=2
+    ox, pa = config.dataset("oxford5k"), config.dataset("paris6k")
+    # The YAML's extraction keys are core's ExtractionConfig, its search block SearchParams.
+    assert ox.extraction == ExtractionConfig(backbone="resnet50", resize="paper", stored_classes=32)
+    assert ox.runtime == RuntimeConfig(batch_size=4, num_threads=2)
+    assert pa.extraction.resize == "fixed:224x224" and pa.extraction.stored_classes == 32
+    assert pa.runtime.batch_size == 8
+    assert ox.extraction.resolved_layer == "layer4"
+    assert ox.extraction.feature_space == ("resnet50", "layer4", None)
+    assert config.search == SearchParams(
+        aggregated_classes=16, n_pca=2, pca_dims=128, rerank={"query_classes": 8}
     )
-    assert pa.resize == "fixed:224x224" and pa.batch_size == 8 and pa.n_classes == 32
-    assert ox.resolved_layer == "layer4" and ox.feature_space == ("resnet50", "layer4", None)
-    assert config.search == SearchSettings(n_pca=2, pca_dims=128, n_classes=16)
+    assert config.warnings == ()
 
 
 def test_paths_urls_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -326,7 +334,7 @@ def test_weights_files_resolve_relative_to_the_config(tmp_path: Path) -> None:
             folders=("fl",),
         )
     )
-    assert config.defaults.weights == str(tmp_path / "w" / "vgg.pth")
+    assert config.defaults.extraction.weights == str(tmp_path / "w" / "vgg.pth")
     assert config.dataset("rnd").extraction.weights == "random"
     message = error_of(tmp_path, "defaults:\n  weights: w/missing.pt\n")
     assert "defaults: weights file not found" in message
@@ -562,8 +570,16 @@ DS = "datasets:\n  {name}:\n    layout: {layout}\n    images: {images}\n"
          "dataset 'fl': invalid resize policy 'huge'"),
         (DS.format(name="fl", layout="folder", images="fl") + "    device: gpu0\n",
          "dataset 'fl': invalid device 'gpu0'"),
-        (DS.format(name="fl", layout="folder", images="fl") + "    n_classes: 0\n",
-         "dataset 'fl': n_classes must be in 1..1000, got 0"),
+        (DS.format(name="fl", layout="folder", images="fl") + "    stored_classes: 0\n",
+         "dataset 'fl': stored_classes must be in 1..1000, got 0"),
+        (DS.format(name="fl", layout="folder", images="fl") + "    stored_classes: '8'\n",
+         "dataset 'fl': stored_classes must be an integer, got '8'"),
+        (DS.format(name="fl", layout="folder", images="fl") + "    box_classes: 9\n"
+         + "    stored_classes: 8\n", "box_classes must be in 1..stored_classes (8), got 9"),
+        ("search:\n  rerank:\n    query_classes: 0\n",
+         "search: query_classes must be in 1..1000, got 0"),
+        ("search:\n  rerank:\n    top_r: 10\n", "search: unknown key 'top_r'"),
+        ("search:\n  rerank: 6\n", "search: expected a mapping, got int"),
         (DS.format(name="fl", layout="folder", images="fl") + "    batch_size: true\n",
          "batch_size must be an integer, got True"),
         ("defaults:\n  num_threads: 0\n", "defaults: num_threads must be >= 1, got 0"),
@@ -654,12 +670,41 @@ def test_distractors_must_have_compatible_features(tmp_path: Path) -> None:
 
 
 def test_search_classes_must_be_stored(tmp_path: Path) -> None:
-    text = textwrap.dedent(PAIR) + "defaults:\n  n_classes: 8\nsearch:\n  n_classes: 16\n"
-    message = error_of(tmp_path, text)
-    assert "search.n_classes = 16 exceeds the 8 classes stored per image" in message
-    text = textwrap.dedent(PAIR) + "defaults:\n  n_classes: 8\nsearch:\n  n_classes: 8\n"
-    text += "  n_pca: 9\n"
+    stored = textwrap.dedent(PAIR) + "defaults:\n  stored_classes: 8\n"
+    message = error_of(tmp_path, stored + "search:\n  aggregated_classes: 16\n")
+    assert (
+        "evaluation 'oxford5k': search.aggregated_classes = 16 exceeds the 8 classes stored "
+        "per image (stored_classes) for dataset 'oxford5k'"
+    ) in message
+    text = stored + "search:\n  aggregated_classes: 8\n  n_pca: 9\n"
     assert "search.n_pca = 9 exceeds the 8 classes" in error_of(tmp_path, text)
+    assert "for PCA source 'paris6k'" in error_of(tmp_path, text)
+
+
+def test_rerank_query_classes_must_be_stored_when_a_method_reranks(tmp_path: Path) -> None:
+    """The re-ranking's query classes are checked once, here, and only where a method
+    re-ranks (no silent cap by the stored classes at search time)."""
+    text = textwrap.dedent(PAIR) + "defaults:\n  stored_classes: 4\nsearch:\n"
+    text += "  aggregated_classes: 4\n  n_pca: 2\n"
+    assert load_pair(tmp_path, text[len(textwrap.dedent(PAIR)) :] + "methods: [ofa, ona+qe5]\n")
+    message = error_of(tmp_path, text + "methods: [ofa, ofa+r10]\n")
+    assert "search.rerank.query_classes = 6 exceeds the 4 classes stored per image" in message
+
+
+def test_old_n_classes_keys_still_load_with_a_warning(tmp_path: Path) -> None:
+    """The three ``n_classes`` knobs got names saying which number they are; the old YAML
+    keys load (with a warning naming the new key), and both at once are an error."""
+    config = load_pair(
+        tmp_path, "defaults:\n  n_classes: 32\nsearch:\n  n_classes: 16\n  n_pca: 2\n"
+    )
+    assert config.dataset("oxford5k").extraction.stored_classes == 32
+    assert config.search.aggregated_classes == 16
+    assert any("'n_classes' is now called stored_classes" in w for w in config.warnings)
+    assert any("'n_classes' is now called aggregated_classes" in w for w in config.warnings)
+    message = error_of(tmp_path, "search:\n  n_classes: 16\n  aggregated_classes: 16\n")
+    assert message.endswith(
+        "search: 'n_classes' is the old name of 'aggregated_classes': set only 'aggregated_classes'"
+    ), message
 
 
 def test_dataset_name_clash_after_normalisation(tmp_path: Path) -> None:

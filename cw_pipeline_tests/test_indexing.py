@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cw_pipeline.config import DatasetConfig, ExtractionSettings
+from cw_pipeline.config import DatasetConfig, ExtractionConfig
 from cw_pipeline.core.extract import ImageFeatures
 from cw_pipeline.indexing import (
     build_manifest,
@@ -33,7 +33,7 @@ def _dataset(root: Path, shard_by: str = "batch", shard_size: int = 3) -> Datase
         images=root,
         shard_by=shard_by,
         shard_size=shard_size,
-        extraction=ExtractionSettings(resize="native"),
+        extraction=ExtractionConfig(resize="native"),
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from cw_pipeline.config import DatasetConfig, ExtractionSettings
+from cw_pipeline.config import DatasetConfig, ExtractionConfig, RuntimeConfig
 from cw_pipeline.core.extract import DEFAULT_BATCH_PIXELS
 from cw_pipeline.indexing import build_manifest, dataset_extractor, scan_files, update_features
 
@@ -37,8 +37,14 @@ def _one_bit_png(path: Path, side: int = BIG) -> Path:
     return path
 
 
-def _dataset(folder: Path, settings: ExtractionSettings, name: str) -> DatasetConfig:
-    return DatasetConfig(name=name, layout="folder", images=folder, extraction=settings)
+def _dataset(
+    folder: Path, name: str, resize: str = "max:1024", batch_pixels: int | None = None
+) -> DatasetConfig:
+    runtime = RuntimeConfig() if batch_pixels is None else RuntimeConfig(batch_pixels=batch_pixels)
+    extraction = ExtractionConfig(resize=resize)
+    return DatasetConfig(
+        name=name, layout="folder", images=folder, extraction=extraction, runtime=runtime
+    )
 
 
 def _vm_size() -> int:
@@ -50,8 +56,8 @@ def _vm_size() -> int:
 def _child(folder: str, warmup: str) -> None:
     """Index ``folder`` with the default settings and with ``native``, under RLIMIT_AS."""
     runs = {
-        "default": _dataset(Path(folder), ExtractionSettings(), "big"),
-        "native": _dataset(Path(folder), ExtractionSettings(resize="native"), "big_native"),
+        "default": _dataset(Path(folder), "big"),
+        "native": _dataset(Path(folder), "big_native", resize="native"),
     }
     extractors = {k: dataset_extractor(ds) for k, ds in runs.items()}
     manifests = {k: build_manifest(ds, scan_files(ds))[0] for k, ds in runs.items()}
@@ -130,7 +136,7 @@ def test_an_image_over_the_pixel_budget_is_quarantined_and_the_shard_proceeds(
     folder.mkdir()
     Image.new("RGB", (400, 300), (200, 30, 30)).save(folder / "poster.png")
     Image.new("RGB", (96, 64), (30, 30, 200)).save(folder / "thumb.png")
-    ds = _dataset(folder, ExtractionSettings(resize="native", batch_pixels=100_000), "budget")
+    ds = _dataset(folder, "budget", resize="native", batch_pixels=100_000)
     manifest, _ = build_manifest(ds, scan_files(ds))
     up = update_features(ds, manifest, None, dataset_extractor(ds))
     assert up.table.column("image_id").to_pylist() == ["thumb"]

@@ -18,6 +18,7 @@ from cw_pipeline import reports, stages
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.aggregation import PCAWhitening
 from cw_pipeline.core.datasets import GroundTruth, Query
+from cw_pipeline.core.experiment import Method, SearchParams
 from cw_pipeline.core.jsonsafe import dumps, finite
 from cw_pipeline.store import FeatureStore
 
@@ -48,10 +49,11 @@ def report_with_an_empty_query(tmp_path: Path, monkeypatch) -> dict:
     )
     monkeypatch.setattr(stages, "read_descriptors", lambda store, rel: (db, None))
     monkeypatch.setattr(stages, "load_groundtruth", lambda ds, ids: gt)
+    monkeypatch.setattr(stages, "pca_output_dims", lambda store, ds: {})  # no PCA here
     store = FeatureStore(str(tmp_path / "wh"))
     ev = SimpleNamespace(name="toy", dataset="toy", distractors=(), methods=[])
     for method in ("raw", "ofa"):
-        ev.methods.append(SimpleNamespace(name=method))
+        ev.methods.append(Method.parse(method))
         table = pa.table(
             {
                 "query_id": ["a", "c"],
@@ -61,7 +63,7 @@ def report_with_an_empty_query(tmp_path: Path, monkeypatch) -> dict:
             }
         )
         store.write_table(stages.rankings_rel("toy", method), table)
-    config = SimpleNamespace(dataset=lambda name: ds)
+    config = SimpleNamespace(dataset=lambda name: ds, search=SearchParams())
     return reports.build_report(config, store, ev, {})
 
 

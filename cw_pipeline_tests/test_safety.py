@@ -237,7 +237,7 @@ def test_manifest_paths_cannot_leave_the_dataset_folder(tmp_path):
         ],
         schema=MANIFEST_SCHEMA,
     )
-    extractor = FeatureExtractor(ExtractionConfig(n_classes=8), num_threads=1)
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=8), num_threads=1)
     with pytest.raises(ValueError, match=r"image id '\.\./secret\.jpg' is not a relative name"):
         update_features(ds, forged, None, extractor)
     assert extractor.stats.images == 0

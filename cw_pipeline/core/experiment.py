@@ -1,101 +1,64 @@
 """End-to-end evaluation of one method: features → PCA → descriptors → search → scores.
 
 The pieces the CLI and the Dagster assets share: a columnar ``FeatureSet`` of per-image records,
-method strings such as ``ofa+r100+qe10``, PCA fitting on a *training* set and the offline
-descriptors; the search itself is :func:`cw_pipeline.core.retrieval.search`.
+the search settings, PCA fitting on a *training* set and the offline descriptors, both through
+the aggregation registry (:mod:`cw_pipeline.core.methods`, which also parses method strings
+such as ``ofa+r100+qe10``); the search itself is :func:`cw_pipeline.core.retrieval.search`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 
 import numpy as np
 
-from cw_pipeline.core.aggregation import (
-    PCAWhitening,
-    aggregate,
-    l2_normalize,
-    pca_training_vectors,
-    raw_descriptors,
-)
-from cw_pipeline.core.extract import FeatureMaps, ImageFeatures
+from cw_pipeline.core.aggregation import PCAWhitening
+from cw_pipeline.core.extract import ExtractionConfig, FeatureMaps, ImageFeatures
+from cw_pipeline.core.methods import PCA_SPACES, Method
 from cw_pipeline.core.search import RerankConfig
+from cw_pipeline.core.validation import Settings, bounded_int
 
-Aggregation = Literal["raw", "raw+pca", "ofa", "ona"]
-AGGREGATIONS: tuple[str, ...] = ("raw", "raw+pca", "ofa", "ona")
-_METHOD_RE = re.compile(r"^(raw\+pca|raw|ofa|ona)((?:\+(?:qe|r)\d+)*)$")
+__all__ = [
+    "FeatureSet",
+    "Method",
+    "SearchParams",
+    "fit_pca",
+    "fit_pca_space",
+    "offline_descriptors",
+    "settings_record",
+]
 
 
-@dataclass(frozen=True)
-class Method:
-    """A retrieval method: aggregation, optional CAM-box re-ranking of the top R, then QE.
+class SearchParams(Settings):
+    """Search settings (the YAML's ``search`` block).
 
-    Parsed from strings such as ``raw``, ``raw+pca``, ``ofa``, ``ona+qe10``, ``ofa+r100+qe10``.
+    Attributes:
+        aggregated_classes: N_C, the classes aggregated into each descriptor per search
+            (OfA: the image's top N_C; OnA: the query's top N_C).
+        n_pca: N_pca, class vectors per training image that fit the class-space PCA.
+        pca_dims: PCA dimensions kept (None: all that carry variance).
+        rerank: CAM-box re-ranking settings (its query classes among them).
     """
 
-    aggregation: Aggregation = "ofa"
-    rerank: int = 0
-    qe: int = 0
+    aggregated_classes: bounded_int(1, 1000) = 64  # type: ignore[valid-type]
+    n_pca: bounded_int(1) = 1  # type: ignore[valid-type]
+    pca_dims: bounded_int(1) | None = None  # type: ignore[valid-type]
+    rerank: RerankConfig = RerankConfig()
 
-    def __post_init__(self) -> None:
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"unknown aggregation {self.aggregation!r} (expected one of {AGGREGATIONS})"
-            )
-        for name in ("rerank", "qe"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-    @classmethod
-    def parse(cls, text: str) -> Method:
-        m = _METHOD_RE.match(text.strip().lower())
-        if not m:
-            raise ValueError(
-                f"invalid method {text!r}: expected raw|raw+pca|ofa|ona, optionally followed by "
-                "+r<R> and/or +qe<k> (e.g. ofa+r100+qe10)"
-            )
-        opts = dict(re.findall(r"\+(qe|r)(\d+)", m.group(2)))
-        return cls(aggregation=m.group(1), rerank=int(opts.get("r", 0)), qe=int(opts.get("qe", 0)))
-
-    def __str__(self) -> str:
-        return self.name
+    def class_needs(self, rerank: bool = True) -> dict[str, int]:
+        """How many class vectors per image each setting reads (``rerank``: count the
+        re-ranking's query classes), by its name in the YAML's ``search`` block."""
+        out = {"aggregated_classes": self.aggregated_classes, "n_pca": self.n_pca}
+        if rerank:
+            out["rerank.query_classes"] = self.rerank.query_classes
+        return out
 
     @property
-    def name(self) -> str:
-        parts = [self.aggregation]
-        if self.rerank:
-            parts.append(f"r{self.rerank}")
-        if self.qe:
-            parts.append(f"qe{self.qe}")
-        return "+".join(parts)
-
-    @property
-    def uses_pca(self) -> bool:
-        return self.aggregation != "raw"
-
-    @property
-    def stored_aggregation(self) -> str:
-        """The offline descriptors the method ranks (OnA: the OfA query descriptor; its
-        database descriptors are aggregated online from the maps)."""
-        return "ofa" if self.aggregation == "ona" else self.aggregation
-
-    @property
-    def needs_maps(self) -> bool:
-        return self.aggregation == "ona" or self.rerank > 0
-
-
-@dataclass(frozen=True)
-class SearchParams:
-    """Aggregation settings: N_C classes aggregated, N_pca vectors per image for PCA, dims."""
-
-    n_classes: int = 64
-    n_pca: int = 1
-    pca_dims: int | None = None
-    rerank: RerankConfig = field(default_factory=RerankConfig)
+    def classes_needed(self) -> int:
+        """The class vectors each image must store for these settings (N_C stored)."""
+        return max(self.class_needs().values())
 
 
 @dataclass
@@ -162,23 +125,47 @@ def fit_pca(
     params: SearchParams,
     metadata: dict | None = None,
 ) -> PCAWhitening | None:
-    """PCA-whitening for a method, fitted on a training set (never the evaluated images)."""
-    if not method.uses_pca:
-        return None
+    """PCA-whitening for a method, fitted on a training set (never the evaluated images);
+    None for a method without PCA."""
+    space = method.spec.pca_space
+    return None if space is None else fit_pca_space(space, train, params, metadata)
+
+
+def fit_pca_space(
+    space: str, train: FeatureSet, params: SearchParams, metadata: dict | None = None
+) -> PCAWhitening:
+    """PCA-whitening of one registered space (:data:`PCA_SPACES`) fitted on ``train``."""
+    spec = PCA_SPACES[space]
     meta = {"n_pca": params.n_pca, "training_images": len(train), **(metadata or {})}
-    if method.aggregation == "raw+pca":
-        meta["vectors"] = "sum_pooled"
-        return PCAWhitening.fit(l2_normalize(train.sum_pooled), params.pca_dims, metadata=meta)
-    meta["vectors"] = "class_vectors"
-    vecs = pca_training_vectors(train.class_vectors, params.n_pca)
-    return PCAWhitening.fit(vecs, params.pca_dims, metadata=meta)
+    meta["vectors"] = spec.vectors
+    return PCAWhitening.fit(spec.training_vectors(train, params), params.pca_dims, metadata=meta)
 
 
 def offline_descriptors(
     method: Method, features: FeatureSet, pca: PCAWhitening | None, params: SearchParams
 ) -> np.ndarray:
-    """Descriptors stored at indexing time: raw (± PCA) or OfA."""
-    if method.aggregation in ("raw", "raw+pca"):
-        return raw_descriptors(features.sum_pooled, pca)
-    n_c = min(params.n_classes, features.class_vectors.shape[1])
-    return aggregate(features.class_vectors, pca, n_c)
+    """Descriptors stored at indexing time for the method's aggregation (its ``describe``)."""
+    return method.spec.describe(features, pca, params)
+
+
+def settings_record(
+    extraction: ExtractionConfig, params: SearchParams, methods: Sequence[Method]
+) -> dict[str, Any]:
+    """The settings a result was computed with, enough to compute it again.
+
+    A summary (backbone, resolved layer, resize, N_C stored and aggregated, N_pca, PCA dims,
+    method strings) and the full ``extraction`` and ``search`` settings, which validate back
+    into equal objects: ``ExtractionConfig(**r["extraction"])``, ``SearchParams(**r["search"])``.
+    """
+    return {
+        "backbone": extraction.backbone,
+        "layer": extraction.resolved_layer,
+        "resize": extraction.resize,
+        "stored_classes": extraction.stored_classes,
+        "aggregated_classes": params.aggregated_classes,
+        "n_pca": params.n_pca,
+        "pca_dims": params.pca_dims,
+        "methods": [m.name for m in methods],
+        "extraction": extraction.model_dump(mode="json"),
+        "search": params.model_dump(mode="json"),
+    }

@@ -20,16 +20,17 @@ import os
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import Field, field_validator, model_validator
 
 from cw_pipeline.core import images as imgs
-from cw_pipeline.core.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from cw_pipeline.core.backbones import BACKBONES, DEFAULT_BACKBONE, Backbone, load_backbone
 from cw_pipeline.core.cams import (
     BOX_THRESHOLDS,
     boxes_to_pixels,
@@ -39,6 +40,7 @@ from cw_pipeline.core.cams import (
     top_classes,
 )
 from cw_pipeline.core.encoding import class_vectors, crow_channel_weights, sum_pool
+from cw_pipeline.core.validation import Settings, bounded_int
 
 logger = logging.getLogger(__name__)
 
@@ -50,40 +52,106 @@ DEFAULT_BATCH_PIXELS = 8 * 1024 * 1024
 QueryProtocol = Literal["paper", "crop"]
 
 
-@dataclass(frozen=True)
-class ExtractionConfig:
-    """Everything that determines the stored features of an image.
+class ExtractionConfig(Settings):
+    """Everything that determines the stored features of an image (the YAML's extraction keys).
 
-    ``code_version()`` hashes it: changing any field marks stored features stale.
+    ``stored_classes`` is N_C as stored: the class vectors kept per image (searches aggregate
+    at most that many). ``code_version()`` hashes the settings: changing any of them but
+    ``max_pixels`` marks stored features stale.
     """
 
     backbone: str = DEFAULT_BACKBONE
     layer: str | None = None
     weights: str | None = None
     resize: str = DEFAULT_RESIZE
-    n_classes: int = 64
-    box_classes: int = 2
-    thresholds: tuple[float, ...] = BOX_THRESHOLDS
-    max_pixels: int | None = imgs.DEFAULT_MAX_PIXELS
+    stored_classes: bounded_int(1, 1000) = 64  # type: ignore[valid-type]
+    box_classes: bounded_int(1) = 2  # type: ignore[valid-type]
+    thresholds: tuple[float, ...] = Field(default=BOX_THRESHOLDS, strict=False)
+    max_pixels: bounded_int(1) | None = imgs.DEFAULT_MAX_PIXELS  # type: ignore[valid-type]
 
-    def __post_init__(self) -> None:
-        imgs.ResizePolicy.parse(self.resize)  # fail early on a bad policy string
-        if self.n_classes < 1 or self.n_classes > 1000:
-            raise ValueError(f"n_classes must be in 1..1000, got {self.n_classes}")
-        if not 1 <= self.box_classes <= self.n_classes:
-            raise ValueError(f"box_classes must be in 1..n_classes, got {self.box_classes}")
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r} (expected one of {sorted(BACKBONES)})")
+        return value
+
+    @field_validator("resize")
+    @classmethod
+    def _resize_policy(cls, value: str) -> str:
+        imgs.ResizePolicy.parse(value)  # fail early on a bad policy string
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExtractionConfig:
+        layers = BACKBONES[self.backbone].layers
+        if self.layer is not None and self.layer not in layers:
+            raise ValueError(
+                f"backbone {self.backbone!r} has no layer {self.layer!r} "
+                f"(expected one of {list(layers)})"
+            )
+        if self.box_classes > self.stored_classes:
+            raise ValueError(
+                f"box_classes must be in 1..stored_classes ({self.stored_classes}), "
+                f"got {self.box_classes}"
+            )
+        return self
 
     @property
     def resize_policy(self) -> imgs.ResizePolicy:
         return imgs.ResizePolicy.parse(self.resize)
 
+    @property
+    def resolved_layer(self) -> str:
+        """``layer``, or the backbone's default layer when it is None."""
+        return self.layer or BACKBONES[self.backbone].default_layer
+
+    @property
+    def feature_space(self) -> tuple[str, str, str | None]:
+        """(backbone, layer, weights): settings with equal values have compatible features."""
+        return (self.backbone, self.resolved_layer, self.weights)
+
     def code_version(self) -> str:
-        """Short stable hash of the settings that change stored features."""
-        payload = asdict(self)
-        payload["resize"] = self.resize_policy.describe()
-        payload.pop("max_pixels")
+        """Short stable hash of the settings that change stored features.
+
+        The payload keeps the names it was first computed with (``n_classes``), so renaming
+        a field does not mark every stored feature stale.
+        """
+        payload = {
+            "backbone": self.backbone,
+            "layer": self.layer,
+            "weights": self.weights,
+            "resize": self.resize_policy.describe(),
+            "n_classes": self.stored_classes,
+            "box_classes": self.box_classes,
+            "thresholds": list(self.thresholds),
+        }
         digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         return f"{self.backbone}-{digest[:10]}"
+
+
+class RuntimeConfig(Settings):
+    """How features are computed, not what they are: device, threads, batch limits."""
+
+    device: str = "cpu"
+    num_threads: bounded_int(1) | None = None  # type: ignore[valid-type]
+    batch_size: bounded_int(1) = 16  # type: ignore[valid-type]
+    batch_pixels: bounded_int(1) = DEFAULT_BATCH_PIXELS  # type: ignore[valid-type]
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, value: str) -> str:
+        return valid_device(value)
+
+
+def valid_device(value: str) -> str:
+    """``value`` when torch parses it as a device (not whether it is present); ValueError
+    naming it otherwise."""
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"invalid device {value!r} ({exc})") from None
+    return value
 
 
 @dataclass
@@ -294,7 +362,7 @@ class FeatureExtractor:
         a = self._maps_on_grid(x, out.cam_maps)
         with torch.inference_mode():
             ids, probs, cv = encode_maps(
-                x, a, bb.classifier_weight, bb.classifier_bias, n_classes=self.config.n_classes
+                x, a, bb.classifier_weight, bb.classifier_bias, n_classes=self.config.stored_classes
             )
             sp = sum_pool(x)
             heat = class_activation_maps(
@@ -509,7 +577,7 @@ class FeatureExtractor:
                 a,
                 bb.classifier_weight,
                 bb.classifier_bias,
-                n_classes=self.config.n_classes,
+                n_classes=self.config.stored_classes,
                 class_ids=ids_t,
             )
             sp = sum_pool(x)

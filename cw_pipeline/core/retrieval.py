@@ -8,7 +8,6 @@ batched forward pass (:class:`ComputedMaps`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +17,9 @@ import numpy as np
 import torch
 
 from cw_pipeline.core.aggregation import PCAWhitening, aggregate
-from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, offline_descriptors
+from cw_pipeline.core.experiment import FeatureSet, SearchParams, offline_descriptors
 from cw_pipeline.core.extract import FeatureExtractor, FeatureMaps
+from cw_pipeline.core.methods import Method
 from cw_pipeline.core.search import OnlineIndex, Ranking, expand_queries, rank, rerank
 
 logger = logging.getLogger(__name__)
@@ -138,9 +138,10 @@ def search(
     """Rank the database for every query with ``method`` (top ``top_k``; None: all of it).
 
     ``database`` holds the stored (offline) descriptors of the method's aggregation
-    (:attr:`Method.stored_aggregation`), ``pca`` the method's PCA (class space for OfA/OnA,
-    sum-pooled space for raw+PCA). ``query_descriptors`` defaults to the queries' offline
-    descriptors. OnA and re-ranking need ``maps`` for the database rows.
+    (:attr:`Method.stored_aggregation`), ``pca`` the method's PCA (the registry's
+    ``pca_space``: class vectors for OfA/OnA, sum-pooled vectors for raw+PCA).
+    ``query_descriptors`` defaults to the queries' offline descriptors. OnA and re-ranking
+    need ``maps`` for the database rows.
 
     Order of operations (the paper's): first ranking (OfA/raw, or OnA over the query's top
     N_C classes), CAM-box re-ranking of the top R whose scores are the best region scores, then
@@ -155,7 +156,7 @@ def search(
         if query_descriptors is None
         else query_descriptors
     )
-    if method.aggregation == "ona":
+    if method.spec.online:
         return _search_online(method, queries, q, pca, maps, params, top_k)  # type: ignore[arg-type]
     depth = min(n_db, max(top_k, method.rerank, method.qe))
     res = rank(q, database, top_k=depth)
@@ -188,15 +189,23 @@ def _rerank_all(
     params: SearchParams,
     method: Method,
 ) -> Ranking:
-    """CAM-box re-ranking of each query's top R with the query's top ``rerank.n_classes``
-    classes (a setting of its own: not capped by N_C, under OfA and OnA alike)."""
-    cfg = dataclasses.replace(params.rerank, top_r=method.rerank)
-    q_r = aggregate(queries.class_vectors, pca, min(cfg.n_classes, queries.class_vectors.shape[1]))
+    """CAM-box re-ranking of each query's top R with the query's top
+    ``rerank.query_classes`` classes (a setting of its own, not N_C, under OfA and OnA alike)."""
+    cfg = params.rerank
+    q_r = aggregate(queries.class_vectors, pca, cfg.query_classes)
     idx, scores = res.indices.copy(), res.scores.copy()
     maps.prefetch(np.unique(idx[:, : method.rerank]))
     for i in range(len(queries)):
         order, new = rerank(
-            q_r[i], queries.class_ids[i], idx[i], maps.get, maps.weight, maps.bias, pca, cfg
+            q_r[i],
+            queries.class_ids[i],
+            idx[i],
+            maps.get,
+            maps.weight,
+            maps.bias,
+            pca,
+            cfg,
+            top_r=method.rerank,
         )
         idx[i], scores[i, : len(new)] = order, new
     return Ranking(idx, scores)
@@ -212,7 +221,12 @@ def _search_online(
     top_k: int,
 ) -> Ranking:
     """OnA: per query, database descriptors aggregated over the query's top N_C classes."""
-    n_c = min(params.n_classes, queries.class_ids.shape[1])
+    n_c = params.aggregated_classes
+    if n_c > queries.class_ids.shape[1]:
+        raise ValueError(
+            f"N_C = {n_c} classes aggregated, but the queries store "
+            f"{queries.class_ids.shape[1]} classes per image"
+        )
     maps.prefetch(range(len(maps)))
     all_maps = [maps.get(i) for i in range(len(maps))]
     index = OnlineIndex(all_maps, queries.class_ids[:, :n_c], maps.weight, maps.bias, pca)

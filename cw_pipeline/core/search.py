@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from cw_pipeline.core.aggregation import PCAWhitening, l2_normalize
 from cw_pipeline.core.cams import BOX_THRESHOLDS, class_activation_maps, heatmap_boxes
 from cw_pipeline.core.extract import FeatureMaps, crop_cells, encode_maps
+from cw_pipeline.core.validation import Settings, bounded_int
 
 
 @dataclass
@@ -196,23 +198,31 @@ class OnlineIndex:
 # --------------------------------------------------------------------------- re-ranking
 
 
-@dataclass(frozen=True)
-class RerankConfig:
-    """CAM-box re-ranking settings (the paper's Sec. 4.3 / NOTES.md).
+class RerankConfig(Settings):
+    """CAM-box re-ranking settings (the paper's Sec. 4.3 / NOTES.md); how many results are
+    re-ranked (R) is part of the method string (``ofa+r100``).
 
     Attributes:
-        top_r: how many of the first results are re-ranked.
-        n_classes: query classes whose CAMs are computed on each image (the code used 6).
+        query_classes: the query's top classes whose CAMs are computed on each image and
+            aggregated into each region's descriptor (the code used 6).
         box_classes: how many of them are averaged into the heatmap (2).
         thresholds: fractions of the heatmap maximum giving one box each.
         min_cells: boxes of fewer feature-map cells are skipped.
     """
 
-    top_r: int = 100
-    n_classes: int = 6
-    box_classes: int = 2
-    thresholds: tuple[float, ...] = BOX_THRESHOLDS
-    min_cells: int = 5
+    query_classes: bounded_int(1, 1000) = 6  # type: ignore[valid-type]
+    box_classes: bounded_int(1) = 2  # type: ignore[valid-type]
+    thresholds: tuple[float, ...] = Field(default=BOX_THRESHOLDS, strict=False)
+    min_cells: bounded_int(1) = 5  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _boxes_within_query_classes(self) -> RerankConfig:
+        if self.box_classes > self.query_classes:
+            raise ValueError(
+                f"box_classes must be in 1..query_classes ({self.query_classes}), "
+                f"got {self.box_classes}"
+            )
+        return self
 
 
 def region_boxes(
@@ -242,20 +252,22 @@ def rerank(
     weight: torch.Tensor,
     bias: torch.Tensor,
     pca: PCAWhitening | None,
-    config: RerankConfig = RerankConfig(),
+    config: RerankConfig | None = None,
+    top_r: int = 100,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Re-rank the top R of one query by the best CAM-box region score.
+    """Re-rank the top ``top_r`` (R) of one query by the best CAM-box region score.
 
     For each of the first R images: boxes from the heatmap of the query's top-2 classes; each
     region's descriptor is built like a query's (class vectors of the query's top
-    ``n_classes`` on the region, l2 → PCAw → l2, sum, l2); the image's new score is its best
+    ``query_classes`` on the region, l2 → PCAw → l2, sum, l2); the image's new score is its best
     region score (the whole image counts as a region too, so an image without usable boxes keeps
     a fair score). The top R are re-sorted by it; the rest keep their order.
 
     Returns the new ordering of ``ranking_indices`` and the new top-R scores.
     """
-    r = min(config.top_r, len(ranking_indices))
-    classes = np.asarray(query_classes)[: config.n_classes]
+    config = config or RerankConfig()
+    r = min(top_r, len(ranking_indices))
+    classes = np.asarray(query_classes)[: config.query_classes]
     q = np.asarray(query_descriptor, dtype=np.float32)
     # All regions of all R images in one call: regions of equal shape share one einsum/PCA.
     region_maps: list[FeatureMaps] = []
@@ -283,7 +295,7 @@ def region_scores(
     weight: torch.Tensor,
     bias: torch.Tensor,
     pca: PCAWhitening | None,
-    config: RerankConfig = RerankConfig(),
+    config: RerankConfig | None = None,
 ) -> list[tuple[tuple[int, int, int, int] | None, float]]:
     """The regions :func:`rerank` scores on one image, with their scores.
 
@@ -291,7 +303,8 @@ def region_scores(
     whole image and each CAM box of the query's classes, in :func:`rerank`'s order; the
     image's re-ranked score is the largest of them.
     """
-    classes = np.asarray(query_classes)[: config.n_classes]
+    config = config or RerankConfig()
+    classes = np.asarray(query_classes)[: config.query_classes]
     cells: list[tuple[int, int, int, int] | None] = [
         None,
         *region_boxes(maps, classes, weight, config),

@@ -181,7 +181,7 @@ def dataset_assets(
         code_version=code_version,
         description=(
             f"CAM features of {ds.name} per shard ({ds.extraction.backbone}, "
-            f"resize {ds.extraction.resize}, N_C={ds.extraction.n_classes})."
+            f"resize {ds.extraction.resize}, N_C={ds.extraction.stored_classes} stored)."
         ),
         check_specs=[
             dg.AssetCheckSpec("features_finite_and_shaped", asset=features_key),
@@ -437,7 +437,7 @@ def shards_readable_check(ds: DatasetConfig, key: dg.AssetKey) -> dg.AssetChecks
 def _features_ok(table, ds: DatasetConfig, extractor: FeatureExtractor) -> tuple[bool, bool]:
     if table.num_rows == 0:
         return True, True
-    expected = (ds.extraction.n_classes, extractor.backbone.feature_dim)
+    expected = (ds.extraction.stored_classes, extractor.backbone.feature_dim)
     return stored_finite(table), stored_class_shape(table) == expected
 
 
@@ -497,7 +497,7 @@ def evaluation_assets(config: ProjectConfig, ev: EvaluationConfig) -> list[dg.As
                 + "; ".join(problems),
                 metadata={INPUTS_CONSISTENT: False, "problems": "\n".join(problems)},
             )
-        needs_maps = any(m.rerank or m.aggregation == "ona" for m in ev.methods)
+        needs_maps = any(m.needs_maps for m in ev.methods)
         extractor = pipeline.extractor(ds) if needs_maps else None
         tables, stats = stages.evaluation_rankings(config, store, ev, shards, extractor)
         for name, table in tables.items():
@@ -629,7 +629,7 @@ def _distractor_descriptors(
         store = pipeline.store()
         rel = stages.shard_relpath("cam_features", dset.name, shard)
         if store.read_table(rel, ["image_id"]).num_rows == 0:
-            for agg in stages.OFFLINE_AGGREGATIONS:  # drop descriptors of removed images
+            for agg in stages.offline_aggregations():  # drop descriptors of removed images
                 store.delete(stages.distractor_rel(ev.name, dname, agg, shard))
             return dg.MaterializeResult(
                 data_version=dg.DataVersion(version),
@@ -639,9 +639,7 @@ def _distractor_descriptors(
         feats = stages.load_features(store, dset.name, [shard])
         if ds.self_split:
             raise ValueError(f"{ev.name}: distractors with a self-split dataset are not supported")
-        desc = stages.descriptor_sets(
-            feats, stages.pca_models_for(store, ds), stages.search_params(config)
-        )
+        desc = stages.descriptor_sets(feats, stages.pca_models_for(store, ds), config.search)
         for agg, mat in desc.items():
             rel = stages.distractor_rel(ev.name, dname, agg, shard)
             store.write_table(rel, stages.descriptor_table(feats.ids, mat))

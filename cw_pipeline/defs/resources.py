@@ -12,13 +12,11 @@ from cw_pipeline.config import (
     ConfigError,
     DatasetConfig,
     ProjectConfig,
-    _check_device,
     default_config_path,
     load_config,
 )
-from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
+from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, valid_device
 from cw_pipeline.defs.recovery import tag_run_worker
-from cw_pipeline.indexing import extraction_config
 from cw_pipeline.store import FeatureStore
 
 
@@ -63,7 +61,7 @@ def _env_device() -> str | None:
     if not value:
         return None
     try:
-        _check_device(value)
+        valid_device(value)
     except ValueError as exc:
         raise ConfigError(str(exc), source=f"${DEVICE_ENV}") from None
     return value
@@ -104,7 +102,7 @@ class PipelineResource(dg.ConfigurableResource):
     def extractor(self, ds: DatasetConfig) -> FeatureExtractor:
         # Built from ``ds`` itself, not from the file: the caller's settings are the ones that
         # its code version (stored with the features) describes.
-        threads = self.num_threads or ds.extraction.num_threads
-        device = self.device or _env_device() or ds.extraction.device
-        e = ds.extraction
-        return _extractor(extraction_config(ds), e.batch_size, e.batch_pixels, device, threads)
+        r = ds.runtime
+        threads = self.num_threads or r.num_threads
+        device = self.device or _env_device() or r.device
+        return _extractor(ds.extraction, r.batch_size, r.batch_pixels, device, threads)

@@ -330,7 +330,7 @@ class SearchEngine:
         """The CNN for ``ds``'s extraction settings (one per settings, kept)."""
         from cw_pipeline.indexing import dataset_extractor, feature_code_version
 
-        key = f"{feature_code_version(ds)}|{ds.extraction.device}"
+        key = f"{feature_code_version(ds)}|{ds.runtime.device}"
         with self._lock:
             if key not in self._extractors:
                 self._extractors[key] = dataset_extractor(ds)
@@ -728,7 +728,7 @@ class SearchEngine:
         from cw_pipeline.core.cams import boxes_to_pixels, class_activation_maps
         from cw_pipeline.core.search import region_scores
         from cw_pipeline.figures import cam_overlay, png_bytes
-        from cw_pipeline.stages import method_pca, search_params
+        from cw_pipeline.stages import method_pca
 
         with self._lock:
             q = self._queries.get(token)
@@ -742,7 +742,7 @@ class SearchEngine:
             pcas = next(p for rows, p in index.groups if np.any(rows == row))
             class_method = q.method if q.method.aggregation in ("ofa", "ona") else Method("ofa")
             pca = method_pca(class_method, pcas)
-            params = search_params(self.config())
+            params = self.config().search
             cfg = params.rerank
             extractor = self.extractor(index.dataset)
             path = index.paths[row]
@@ -761,7 +761,7 @@ class SearchEngine:
             assert rec.maps is not None
             weight, bias = extractor.backbone.classifier_weight, extractor.backbone.classifier_bias
             cv = q.record.class_vectors[None]
-            q_r = aggregate(cv, pca, min(cfg.n_classes, cv.shape[1]))[0]
+            q_r = aggregate(cv, pca, min(cfg.query_classes, cv.shape[1]))[0]
             regions = region_scores(q_r, q.record.class_ids, rec.maps, weight, bias, pca, cfg)
             x, a = rec.maps.tensors()
             ids = torch.as_tensor(np.asarray(q.record.class_ids[: cfg.box_classes], np.int64))

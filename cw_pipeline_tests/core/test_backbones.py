@@ -338,7 +338,9 @@ def test_default_backbone_recognises_a_palace(lite0):
     """ImageNet class 698 ("palace") is in the top 3 for scikit-learn's china.jpg."""
     image = center_crop(Image.fromarray(load_sample_image("china.jpg")), 224)
     assert image.size == (224, 224)
-    extractor = FeatureExtractor(ExtractionConfig(resize="native", n_classes=5), backbone=lite0)
+    extractor = FeatureExtractor(
+        ExtractionConfig(resize="native", stored_classes=5), backbone=lite0
+    )
     record = extractor.extract_images([image])[0]
     assert 698 in record.class_ids[:3].tolist()
     # Same answer from the backbone directly (inputs normalised with mean = std = 0.5).

@@ -28,7 +28,7 @@ from cw_pipeline.core.search import rank
 from cw_pipeline.indexing import records_to_table
 from cw_pipeline.store import FeatureStore
 
-CONFIG = ExtractionConfig(n_classes=8, resize="fixed:64x64")
+CONFIG = ExtractionConfig(stored_classes=8, resize="fixed:64x64")
 N = 6
 DUPLICATE = (1, 4)  #: image 4 is a byte-identical copy of image 1: an exact tie in every ranking
 
@@ -146,7 +146,7 @@ def featureset(records: list[ImageFeatures]) -> FeatureSet:
 
 def rankings(records: list[ImageFeatures]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     feats = featureset(records)
-    params = SearchParams(n_classes=8, n_pca=2)
+    params = SearchParams(aggregated_classes=8, n_pca=2)
     pca_raw = fit_pca(Method.parse("raw+pca"), feats, params)
     pca_cls = fit_pca(Method.parse("ofa"), feats, params)
     out = {}

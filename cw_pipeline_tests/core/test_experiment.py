@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -68,7 +66,9 @@ def scene():
     return clf, train, database, queries
 
 
-PARAMS = SearchParams(n_classes=N_C, n_pca=1, rerank=RerankConfig(n_classes=3, min_cells=1))
+PARAMS = SearchParams(
+    aggregated_classes=N_C, n_pca=1, rerank=RerankConfig(query_classes=3, min_cells=1)
+)
 
 
 def _brute_rank(q: np.ndarray, db: np.ndarray) -> list[list[int]]:
@@ -165,7 +165,7 @@ def test_fit_pca_uses_only_the_training_set(scene):
 
 def test_fit_pca_n_pca_and_raw_spaces(scene):
     _, train, _, _ = scene
-    params2 = SearchParams(n_classes=N_C, n_pca=2)
+    params2 = SearchParams(aggregated_classes=N_C, n_pca=2)
     pca2 = fit_pca(Method.parse("ona"), train, params2)
     assert pca2.metadata["training_vectors"] == 60
     ref = l2_normalize(train.class_vectors[:, :2].reshape(-1, K)).mean(axis=0)
@@ -191,10 +191,12 @@ def test_offline_descriptors_by_hand():
     )
     raw = offline_descriptors(Method.parse("raw"), fs, None, SearchParams())
     np.testing.assert_allclose(raw, [[0.6, 0.8], [0.0, 1.0]])
-    # N_C = 64 asked, 2 stored: all are aggregated.
-    ofa = offline_descriptors(Method.parse("ofa"), fs, None, SearchParams(n_classes=64))
+    ofa = offline_descriptors(Method.parse("ofa"), fs, None, SearchParams(aggregated_classes=2))
     np.testing.assert_allclose(ofa, [np.array([0.6, 1.8]) / np.sqrt(3.6), [1.0, 0.0]], atol=1e-6)
-    one = offline_descriptors(Method.parse("ofa"), fs, None, SearchParams(n_classes=1))
+    # N_C = 64 asked, 2 stored: an error (the configuration is checked once, never clamped).
+    with pytest.raises(ValueError, match=r"N_C=64 outside 1\.\.2 stored class vectors"):
+        offline_descriptors(Method.parse("ofa"), fs, None, SearchParams(aggregated_classes=64))
+    one = offline_descriptors(Method.parse("ofa"), fs, None, SearchParams(aggregated_classes=1))
     np.testing.assert_allclose(one, [[0.6, 0.8], [1.0, 0.0]], atol=1e-6)
 
 
@@ -294,11 +296,18 @@ def test_rerank_scores_are_the_region_scores_and_qe_expands_the_reranked_list(sc
     result = evaluate_search(method, database, queries, pca, PARAMS, classifier=clf)
     q = aggregate(queries.class_vectors, pca, N_C)
     db = aggregate(database.class_vectors, pca, N_C)
-    q_r = aggregate(queries.class_vectors, pca, PARAMS.rerank.n_classes)
-    cfg = dataclasses.replace(PARAMS.rerank, top_r=5)
+    q_r = aggregate(queries.class_vectors, pca, PARAMS.rerank.query_classes)
+    cfg = PARAMS.rerank
     for i, first in enumerate(_brute_rank(q, db)):
         order, new = rerank(
-            q_r[i], queries.class_ids[i], np.array(first), database.maps.__getitem__, *clf, pca, cfg
+            q_r[i],
+            queries.class_ids[i],
+            np.array(first),
+            database.maps.__getitem__,
+            *clf,
+            pca,
+            cfg,
+            top_r=5,
         )
         assert result.indices[i].tolist() == order.tolist()
         np.testing.assert_allclose(result.scores[i, :5], new, atol=1e-6)
@@ -311,21 +320,23 @@ def test_rerank_scores_are_the_region_scores_and_qe_expands_the_reranked_list(sc
 
 
 def test_ona_rerank_uses_the_rerank_classes_not_capped_by_n_c(scene):
-    """Re-ranking takes the query's top ``rerank.n_classes`` classes under OnA as under OfA,
+    """Re-ranking takes the query's top ``rerank.query_classes`` classes under OnA as under OfA,
     even when N_C is smaller."""
     clf, train, database, queries = scene
-    params = SearchParams(n_classes=2, n_pca=1, rerank=RerankConfig(n_classes=4, min_cells=1))
+    params = SearchParams(
+        aggregated_classes=2, n_pca=1, rerank=RerankConfig(query_classes=4, min_cells=1)
+    )
     method = Method.parse("ona+r4")
     pca = fit_pca(method, train, params)
     result = evaluate_search(method, database, queries, pca, params, classifier=clf)
     q = aggregate(queries.class_vectors, pca, 2)
     q_r = aggregate(queries.class_vectors, pca, 4)
-    cfg = dataclasses.replace(params.rerank, top_r=4)
+    cfg = params.rerank
     for i in range(len(queries)):
         db = online_descriptors(database.maps, queries.class_ids[i, :2], *clf, pca)
         first = np.array(_brute_rank(q[i : i + 1], db)[0])
         order, new = rerank(
-            q_r[i], queries.class_ids[i], first, database.maps.__getitem__, *clf, pca, cfg
+            q_r[i], queries.class_ids[i], first, database.maps.__getitem__, *clf, pca, cfg, 4
         )
         assert result.indices[i].tolist() == order.tolist()
         np.testing.assert_allclose(result.scores[i, :4], new, atol=1e-5)

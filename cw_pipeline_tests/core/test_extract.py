@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -84,7 +82,7 @@ def test_code_version_stable_for_equal_configs():
         {"backbone": "resnet50"},
         {"resize": "paper"},
         {"resize": "fixed:224x224"},
-        {"n_classes": 32},
+        {"stored_classes": 32},
         {"box_classes": 3},
         {"layer": "block15"},
         {"weights": "random"},
@@ -93,16 +91,30 @@ def test_code_version_stable_for_equal_configs():
 )
 def test_code_version_changes_with_feature_settings(change):
     base = ExtractionConfig()
-    assert dataclasses.replace(base, **change).code_version() != base.code_version()
+    assert base.replace(**change).code_version() != base.code_version()
+
+
+def test_code_version_survives_the_rename_of_n_classes():
+    """Renaming ``n_classes`` to ``stored_classes`` does not mark stored features stale: the
+    hashes are those computed before the rename."""
+    assert ExtractionConfig().code_version() == "efficientnet_lite0-520b625bfc"
+    fixed = ExtractionConfig(stored_classes=16, resize="fixed:160x160")
+    assert fixed.code_version() == "efficientnet_lite0-996f260ce6"
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match=r"n_classes must be in 1\.\.1000"):
-        ExtractionConfig(n_classes=0)
-    with pytest.raises(ValueError, match=r"n_classes must be in 1\.\.1000"):
-        ExtractionConfig(n_classes=1001)
+    with pytest.raises(ValueError, match=r"stored_classes must be in 1\.\.1000, got 0"):
+        ExtractionConfig(stored_classes=0)
+    with pytest.raises(ValueError, match=r"stored_classes must be in 1\.\.1000"):
+        ExtractionConfig(stored_classes=1001)
+    with pytest.raises(ValueError, match="unknown backbone 'alexnet'"):
+        ExtractionConfig(backbone="alexnet")
+    with pytest.raises(ValueError, match="stored_classes"):
+        ExtractionConfig(stored_classes="8")  # type: ignore[arg-type]  # no silent coercion
+    with pytest.raises(ValueError, match="n_classes"):
+        ExtractionConfig(n_classes=8)  # type: ignore[call-arg]  # the old name is unknown
     with pytest.raises(ValueError, match="box_classes"):
-        ExtractionConfig(n_classes=4, box_classes=5)
+        ExtractionConfig(stored_classes=4, box_classes=5)
     with pytest.raises(ValueError, match="resize policy"):
         ExtractionConfig(resize="bogus")
 
@@ -149,7 +161,7 @@ def test_crop_cells_by_hand():
 
 
 def test_equal_images_give_identical_records(lite0):
-    extractor = FeatureExtractor(ExtractionConfig(n_classes=8), backbone=lite0)
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=8), backbone=lite0)
     img = _image(96, 64, seed=1)
     a, b = extractor.extract_images([img, img.copy()])
     _assert_same_record(a, b)
@@ -163,7 +175,7 @@ def test_equal_images_give_identical_records(lite0):
 
 
 def test_record_matches_a_direct_forward_pass(lite0):
-    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=4), backbone=lite0)
     img = _image(64, 96, seed=2)
     rec = extractor.extract_images([img])[0]
     out = lite0.forward(to_tensor([img], lite0.mean, lite0.std))
@@ -175,7 +187,7 @@ def test_record_matches_a_direct_forward_pass(lite0):
 
 def test_batching_does_not_change_records(lite0):
     images = [_image(64, 64, seed=s) for s in range(4)]
-    config = ExtractionConfig(n_classes=8)
+    config = ExtractionConfig(stored_classes=8)
     one = FeatureExtractor(config, backbone=lite0, batch_size=1)
     four = FeatureExtractor(config, backbone=lite0, batch_size=4)
     a, b = one.extract_images(images), four.extract_images(images)
@@ -188,7 +200,7 @@ def test_batching_does_not_change_records(lite0):
 
 
 def test_mixed_sizes_keep_input_order(lite0):
-    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0, batch_size=8)
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=4), backbone=lite0, batch_size=8)
     images = [_image(64, 64, 3), _image(96, 64, 4), _image(64, 64, 5)]
     together = extractor.extract_images(images)
     assert extractor.stats.batches == 2  # one per size
@@ -221,7 +233,7 @@ def test_image_smaller_than_stride_raises_naming_the_size(lite0, tmp_path):
 
 
 def test_keep_maps_stores_float16_maps(lite0):
-    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0, keep_maps=True)
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=4), backbone=lite0, keep_maps=True)
     img = _image(96, 64, 9)
     rec = extractor.extract_images([img])[0]
     maps = rec.maps
@@ -241,7 +253,7 @@ def test_keep_maps_stores_float16_maps(lite0):
 def test_keep_maps_resamples_a_onto_x_grid():
     # ResNet-50 with X = layer3 (stride 16) and A = layer4 (stride 32).
     bb = load_backbone("resnet50", layer="layer3", weights="random")
-    extractor = FeatureExtractor(ExtractionConfig(n_classes=3), backbone=bb, keep_maps=True)
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=3), backbone=bb, keep_maps=True)
     rec = extractor.extract_images([_image(64, 64, 10)])[0]
     assert rec.grid == (4, 4)
     assert rec.maps.features.shape == (1024, 4, 4)
@@ -266,14 +278,14 @@ def test_extract_files_yields_errors_and_records(lite0, tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     items.insert(1, ("bad", bad))
 
-    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0, batch_size=2)
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=4), backbone=lite0, batch_size=2)
     results = dict(extractor.extract_files(items, workers=2, on_error="yield"))
     assert set(results) == {"img0", "img1", "img2", "bad"}
     assert isinstance(results["bad"], ImageLoadError)
     assert "corrupt.jpg" in str(results["bad"])
     assert extractor.stats.failed == 1
     assert extractor.stats.errors[0][0] == "bad"
-    reference = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    reference = FeatureExtractor(ExtractionConfig(stored_classes=4), backbone=lite0)
     for key, img in images.items():
         assert isinstance(results[key], ImageFeatures)
         _assert_close_record(results[key], reference.extract_images([img])[0])
@@ -307,9 +319,9 @@ def test_a_policy_that_keeps_the_size_gives_bit_identical_features(lite0, tmp_pa
         path = tmp_path / f"d{i}.jpg"
         _image(*size, seed=60 + i).save(path, quality=90)
         items.append((f"d{i}", path))
-    capped = FeatureExtractor(ExtractionConfig(n_classes=8), backbone=lite0, batch_size=2)
+    capped = FeatureExtractor(ExtractionConfig(stored_classes=8), backbone=lite0, batch_size=2)
     native = FeatureExtractor(
-        ExtractionConfig(n_classes=8, resize="native"), backbone=lite0, batch_size=2
+        ExtractionConfig(stored_classes=8, resize="native"), backbone=lite0, batch_size=2
     )
     a = dict(capped.extract_files(items, workers=1))
     b = dict(native.extract_files(items, workers=1))
@@ -325,7 +337,7 @@ def test_batches_are_formed_by_a_pixel_budget(lite0, tmp_path):
         _image(64, 64, seed=70 + i).save(path)
         items.append((f"p{i}", path))
     extractor = FeatureExtractor(
-        ExtractionConfig(n_classes=4), backbone=lite0, batch_size=16, batch_pixels=3 * 64 * 64
+        ExtractionConfig(stored_classes=4), backbone=lite0, batch_size=16, batch_pixels=3 * 64 * 64
     )
     assert extractor.batch_capacity((64, 64)) == 3
     assert extractor.batch_capacity((640, 640)) == 1  # at least one
@@ -352,7 +364,7 @@ def test_images_waiting_for_a_batch_stay_within_the_pixel_budget(lite0, tmp_path
         items.append((f"m{i:02d}", path))
     budget = 20_000
     extractor = FeatureExtractor(
-        ExtractionConfig(n_classes=4, resize="native"),
+        ExtractionConfig(stored_classes=4, resize="native"),
         backbone=lite0,
         batch_size=16,
         batch_pixels=budget,
@@ -379,7 +391,9 @@ def test_images_waiting_for_a_batch_stay_within_the_pixel_budget(lite0, tmp_path
     # Decoded but not yet encoded: at most the budget, plus the image that crossed it, plus
     # the 2 images decoded ahead (2 * workers; native has no per-image bound).
     assert max(waiting) <= budget + 3 * 128 * 64 < sum(w * h for w, h in sizes)
-    reference = FeatureExtractor(ExtractionConfig(n_classes=4, resize="native"), backbone=lite0)
+    reference = FeatureExtractor(
+        ExtractionConfig(stored_classes=4, resize="native"), backbone=lite0
+    )
     for (key, _), size in zip(items, sizes, strict=True):
         assert results[key].input_size == size
     _assert_close_record(results["m03"], reference.extract_images([_image(96, 96, seed=83)])[0])
@@ -391,7 +405,7 @@ def test_an_image_over_the_pixel_budget_is_refused_naming_file_size_and_budget(l
     ok = tmp_path / "ok.png"
     _image(64, 64, seed=91).save(ok)
     native = FeatureExtractor(
-        ExtractionConfig(n_classes=4, resize="native"), backbone=lite0, batch_pixels=100 * 100
+        ExtractionConfig(stored_classes=4, resize="native"), backbone=lite0, batch_pixels=100 * 100
     )
     results = dict(native.extract_files([("big", big), ("ok", ok)], on_error="yield"))
     err = results["big"]
@@ -404,7 +418,7 @@ def test_an_image_over_the_pixel_budget_is_refused_naming_file_size_and_budget(l
         native.extract_images([_image(256, 128, seed=90)])
     # Capping the long side makes it fit.
     capped = FeatureExtractor(
-        ExtractionConfig(n_classes=4, resize="max:128"), backbone=lite0, batch_pixels=100 * 100
+        ExtractionConfig(stored_classes=4, resize="max:128"), backbone=lite0, batch_pixels=100 * 100
     )
     rec = dict(capped.extract_files([("big", big)]))["big"]
     assert rec.input_size == (128, 64) and rec.image_size == (256, 128)
@@ -414,13 +428,13 @@ def test_an_image_over_the_pixel_budget_is_refused_naming_file_size_and_budget(l
 
 
 def test_extract_query_without_box_is_the_whole_image(lite0):
-    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=4), backbone=lite0)
     img = _image(64, 96, 40)
     _assert_same_record(extractor.extract_query(img), extractor.extract_images([img])[0])
 
 
 def test_extract_query_crop_protocol(lite0):
-    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=4), backbone=lite0)
     img = _image(160, 128, 41)
     box = (32, 16, 128, 112)
     rec = extractor.extract_query(img, box, protocol="crop")
@@ -436,7 +450,7 @@ def test_extract_query_crop_protocol(lite0):
 def test_extract_query_crop_protocol_box_origin_is_the_crop_origin(lite0):
     # A box with fractional / outside coordinates is clipped and widened to whole pixels by
     # crop_box: the boxes must be shifted by the pixel origin of the actual crop.
-    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=4), backbone=lite0)
     img = _image(160, 128, 42)
     for box, origin, pixels in [
         ((32.5, 16.25, 128.0, 112.0), (32, 16), (32, 16, 128, 112)),
@@ -453,7 +467,7 @@ def test_extract_query_crop_protocol_box_origin_is_the_crop_origin(lite0):
 
 
 def test_extract_query_paper_protocol(lite0):
-    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=4), backbone=lite0)
     img = _image(128, 96, 43)  # 4×3 grid of 32-px cells
     box = (32, 32, 96, 96)  # cells x 1..3, y 1..3
     rec = extractor.extract_query(img, box, protocol="paper")
@@ -478,7 +492,7 @@ def test_extract_query_paper_protocol(lite0):
 
 
 def test_extract_query_paper_protocol_uses_configured_thresholds(lite0):
-    config = ExtractionConfig(n_classes=4, thresholds=(0.1, 0.5))
+    config = ExtractionConfig(stored_classes=4, thresholds=(0.1, 0.5))
     extractor = FeatureExtractor(config, backbone=lite0)
     img = _image(128, 96, 44)
     paper = extractor.extract_query(img, (32, 32, 96, 96), protocol="paper")
@@ -499,7 +513,7 @@ def test_extract_query_errors(lite0):
 
 
 def test_encode_region_with_given_classes(lite0):
-    extractor = FeatureExtractor(ExtractionConfig(n_classes=4), backbone=lite0)
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=4), backbone=lite0)
     img = _image(96, 96, 46)
     out = lite0.forward(to_tensor([img], lite0.mean, lite0.std))
     x = out.features

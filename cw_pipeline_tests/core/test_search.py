@@ -271,7 +271,7 @@ def test_rerank_moves_the_image_with_a_matching_region_up():
     assert initial[-1] == 1  # and the image with the object last
 
     order, scores = rerank(
-        q, classes, initial, database.__getitem__, weight, bias, None, RerankConfig(top_r=3)
+        q, classes, initial, database.__getitem__, weight, bias, None, RerankConfig(), top_r=3
     )
     assert order[0] == 1
     assert sorted(order.tolist()) == [0, 1, 2]
@@ -292,9 +292,7 @@ def test_rerank_only_touches_the_top_r():
         loaded.append(i)
         return database[i]
 
-    order, scores = rerank(
-        q, classes, np.array([0, 2, 1]), load, weight, bias, None, RerankConfig(top_r=2)
-    )
+    order, scores = rerank(q, classes, np.array([0, 2, 1]), load, weight, bias, None, top_r=2)
     assert loaded == [0, 2]
     assert order[2] == 1  # outside the top R: keeps its place
     assert sorted(order[:2].tolist()) == [0, 2]

@@ -59,7 +59,7 @@ def project_yaml(resize: str = FIXED) -> dict:
         "defaults": {
             "backbone": "efficientnet_lite0",
             "resize": resize,
-            "n_classes": 16,
+            "stored_classes": 16,
             "batch_size": 16,
             "device": "cpu",
             "num_threads": 1,
@@ -94,7 +94,7 @@ def project_yaml(resize: str = FIXED) -> dict:
             DISTRACTOR_EVAL: {"dataset": "beta", "distractors": ["gamma"], "schedule": NIGHTLY}
         },
         "methods": METHODS,
-        "search": {"n_pca": 4, "n_classes": 16},
+        "search": {"n_pca": 4, "aggregated_classes": 16},
     }
 
 
@@ -103,7 +103,7 @@ def tiny_defaults(batch_size: int = 4) -> dict:
     return {
         "backbone": "efficientnet_lite0",
         "resize": "fixed:64x64",
-        "n_classes": 8,
+        "stored_classes": 8,
         "batch_size": batch_size,
         "device": "cpu",
         "num_threads": 1,

@@ -29,7 +29,6 @@ from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.defs.assets import SHARDS_READABLE
 from cw_pipeline.indexing import (
     build_manifest,
-    extraction_config,
     feature_code_version,
     scan_dataset,
     update_features,
@@ -125,7 +124,7 @@ def reference(tmp_path_factory) -> pa.Table:
     ds = load_config(make_project(root, N_IMAGES)).dataset(DATASET)
     threads = torch.get_num_threads()
     try:
-        extractor = FeatureExtractor(extraction_config(ds), batch_size=BATCH, num_threads=1)
+        extractor = FeatureExtractor(ds.extraction, batch_size=BATCH, num_threads=1)
         manifest, _ = build_manifest(ds, scan_dataset(ds, FeatureStore(root / "w"))[SHARD])
         table = update_features(ds, manifest, None, extractor).table
     finally:

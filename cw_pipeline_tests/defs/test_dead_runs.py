@@ -325,7 +325,7 @@ def make_ukbench_project(root: Path) -> Path:
         "defaults": tiny_defaults(batch_size=4),
         "datasets": {"ukb": {"layout": "ukbench", "images": "ukb", "pca_from": "self-split"}},
         "methods": ["raw"],
-        "search": {"n_pca": 2, "n_classes": 8},
+        "search": {"n_pca": 2, "aggregated_classes": 8},
     }
     path = root / "datasets.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")

@@ -17,7 +17,7 @@ from cw_pipeline.store import encode_component
 def test_evaluate_library_path_and_pipeline_give_identical_rankings(indexed_project):
     project = indexed_project
     config, store = project.config, project.store
-    params = stages.search_params(config)
+    params = config.search
     checked = 0
     for ev in config.evaluations.values():
         if ev.distractors:

@@ -88,7 +88,7 @@ def write_config(root: Path, images: Path, name: str) -> Path:
         "defaults": {
             "backbone": "efficientnet_lite0",
             "resize": "fixed:160x160",
-            "n_classes": 16,
+            "stored_classes": 16,
             "batch_size": 8,
             "device": "cpu",
             "num_threads": 1,
