@@ -385,11 +385,9 @@ class SearchEngine:
             cached = self._thumbs.get(key)
         if cached is not None:
             return cached
-        from cw_pipeline.indexing import extraction_config
-
         ds = self.config().dataset(dataset)
         try:
-            image = load_image(path, max_pixels=extraction_config(ds).max_pixels)
+            image = load_image(path, max_pixels=ds.extraction.max_pixels)
         except (ImageLoadError, FileNotFoundError) as exc:
             raise WebError(422, f"image {image_id!r} of {dataset!r}: {exc}") from exc
         image.thumbnail((size, size), Image.Resampling.LANCZOS)
