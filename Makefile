@@ -8,7 +8,7 @@ UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: install test lint format demo demo-headless ui figures screenshots bench clean
+.PHONY: install test test-deps lint format demo demo-headless ui figures screenshots bench clean
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,12 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 
-test: install
+# System packages the tests use (Chromium, redis-server, PostgreSQL), with apt-get when missing;
+# silent when they are there.
+test-deps:
+	@.ci/test-deps
+
+test: install test-deps
 	$(BIN)/ruff check cw_pipeline cw_pipeline_tests benchmarks
 	$(BIN)/ruff format --check cw_pipeline cw_pipeline_tests benchmarks
 	$(BIN)/python -m pytest -q
@@ -48,8 +53,8 @@ figures: install
 	$(BIN)/cw-pipeline report-figures $(EVAL)
 
 # Redraw the README's UI screenshots (docs/img/ui-*.png): the browser test over a fresh demo,
-# headless Debian Chromium (`apt-get install chromium`; .ci/run installs it).
-screenshots: install
+# headless Debian Chromium (`apt-get install chromium`; `make test-deps` installs it).
+screenshots: install test-deps
 	CW_ARTIFACTS=docs/img $(BIN)/python -m pytest -q cw_pipeline_tests/e2e/test_ui_browser.py
 
 bench: install

@@ -7,7 +7,7 @@ materialization, its metadata and the report's embedded figures rendered. Screen
 ``$CW_ARTIFACTS`` (default ``<repo>/test-artifacts/``; ``make screenshots`` writes the README's to
 ``docs/img/``) and are listed in the test report.
 
-Chromium comes from Debian (``apt-get install chromium``, done by ``.ci/run``; ``$CW_CHROMIUM``
+Chromium comes from Debian (``apt-get install chromium``, done by ``make test``; ``$CW_CHROMIUM``
 overrides the path) — Playwright never downloads a browser here. The selectors are the markup
 of dagster-webserver 1.13 (pinned in pyproject.toml): asset nodes are ``foreignObject``s holding
 an ``AssetNode_assetNodeContainer`` element, groups are ``foreignObject.group``, and a node's
@@ -172,7 +172,7 @@ def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.fail(
             f"Chromium not found at {CHROMIUM}: install Debian's package "
-            "(`apt-get install chromium`, as .ci/run does) or set CW_CHROMIUM",
+            "(`apt-get install chromium`, as make test does) or set CW_CHROMIUM",
             pytrace=False,
         )
     with sync_playwright() as pw:
