@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
+# The instance settings (run limits, the cnn pool, run monitoring), copied into $DAGSTER_HOME.
+# Not at the top level: `dg dev` / `dagster dev` warn about a dagster.yaml in the folder they
+# run in that is not $DAGSTER_HOME's.
+INSTANCE_YAML := deploy/dagster.yaml
 
 .PHONY: install test test-deps lint format demo demo-headless ui figures screenshots bench clean
 
@@ -18,9 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+$(DAGSTER_HOME)/dagster.yaml: $(INSTANCE_YAML)
 	mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $@
+	cp $(INSTANCE_YAML) $@
 
 # System packages the tests use (Chromium, redis-server, PostgreSQL), with apt-get when missing;
 # silent when they are there.
@@ -44,8 +48,10 @@ demo: install $(DAGSTER_HOME)/dagster.yaml
 demo-headless: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/cw-pipeline demo --no-ui
 
+# `dg dev` (the code location from [tool.dg] in pyproject.toml, the same one workspace.yaml
+# names, so `dagster dev -w workspace.yaml` shares its state).
 ui: install $(DAGSTER_HOME)/dagster.yaml
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH $(BIN)/dg dev -h $(UI_HOST) -p $(UI_PORT)
 
 # Redraw data/reports/<evaluation>/ (sheets, CAM overlays, PR curves, AP bars) from the
 # materialized rankings; EVAL=name for one evaluation (default: every one).
