@@ -235,6 +235,7 @@ def _generate(config, regenerate: bool = False) -> list[str]:
 def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
     from cw_pipeline.defs.assets import CNN_POOL
     from cw_pipeline.instance import open_instance
+    from cw_pipeline.pending import daemon_running, pending_refreshes
     from cw_pipeline.runs import console_log_level, index_dataset, refresh
     from cw_pipeline.store import FeatureStore
 
@@ -254,8 +255,13 @@ def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
                 defs, instance, config, ds.name, FeatureStore(config.warehouse), force=args.force
             )
         refreshed = [] if args.no_refresh else refresh(defs, instance)
+        pending = pending_refreshes(defs, instance)
+        daemon = daemon_running(instance)
     out = res.as_dict()
-    out["refreshed"] = refreshed
+    out["refreshed"] = refreshed  # materialized by this command, in order
+    out["pending"] = [p.as_dict() for p in pending]  # stale now: automation refreshes them
+    out["daemon"] = "running" if daemon else "not running"
+    out["see"] = index_see_also()
     out["seconds"] = round(time.perf_counter() - t0, 2)
     if not args.json:
         print(
@@ -264,8 +270,42 @@ def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
             f"{out['rejected']} rejected; refreshed {len(refreshed)} assets "
             f"({out['seconds']:.1f} s)"
         )
+        print("\n".join(format_refresh(refreshed, pending, daemon)))
         return None  # type: ignore[return-value]
     return out
+
+
+def index_see_also() -> list[str]:
+    """Where a user sees what automation refreshes after ``cw-pipeline index``."""
+    return [
+        "the Runs page of the Dagster UI (make ui: http://127.0.0.1:3000/runs), and the "
+        "ticks of the refresh_downstream sensor under Automation",
+        "cw-pipeline datasets: the state of every dataset's index",
+    ]
+
+
+def format_refresh(refreshed: Sequence[str], pending: Sequence[Any], daemon: bool) -> list[str]:
+    """The lines ``cw-pipeline index`` prints under its summary: what it refreshed, what is
+    still stale and who refreshes it when (:class:`cw_pipeline.pending.Pending`), where to
+    look."""
+    lines = []
+    if refreshed:
+        lines.append(f"  refreshed by this command: {', '.join(refreshed)}")
+    if not pending:
+        lines.append("  nothing else is stale")
+        return lines
+    lines.append("  stale on this instance, left to automation:")
+    for p in pending:
+        parts = f" [{', '.join(p.partitions)}]" if p.partitions else ""
+        then = f"; then {', '.join(p.then)}" if p.then else ""
+        lines.append(f"    {p.asset}{parts}: {p.when}{then}")
+    if not daemon and any(p.reason != "running" for p in pending):
+        lines.append(
+            "  the Dagster daemon is not running on this instance: `make ui` (or `make demo`) "
+            "starts it"
+        )
+    lines += [f"  see: {s}" for s in index_see_also()]
+    return lines
 
 
 #: Where ``cw-pipeline demo`` serves the Dagster UI unless ``--host`` says otherwise.
@@ -326,7 +366,7 @@ def _shown(path: Path) -> str:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     from cw_pipeline.defs.assets import CNN_POOL
     from cw_pipeline.instance import open_instance
-    from cw_pipeline.run_console import StepReporter, log_to_file, map_table
+    from cw_pipeline.run_console import StepReporter, log_to_file, map_table, terminal
     from cw_pipeline.runs import CHECK_LOG, console_log_level, index_dataset, refresh, run_events
     from cw_pipeline.store import FeatureStore
 
@@ -335,15 +375,15 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     out = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON only
     print(f"cw-pipeline demo: full logs in {_shown(log_path)}", file=out, flush=True)
     t0 = time.perf_counter()
-    reporter = StepReporter(out, start=t0)
     indexed = {}
-    with log_to_file(log_path):
+    with log_to_file(log_path), terminal(out) as term:
+        reporter = StepReporter(term, start=t0)
         config, defs = _pipeline(args.config)
         made = _generate(config, regenerate=args.regenerate)
         if made:
             print(
                 f"[{time.perf_counter() - t0:6.1f} s] generated the demo images: {', '.join(made)}",
-                file=out,
+                file=term,
                 flush=True,
             )
         store = FeatureStore(config.warehouse)

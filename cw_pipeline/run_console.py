@@ -12,7 +12,9 @@ Dagster UI it serves — to one log file, named in its output:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,11 +22,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["StepReporter", "log_to_file", "map_table", "step_counts"]
+__all__ = ["StepReporter", "log_to_file", "map_table", "step_counts", "terminal"]
 
 #: Logger of the runs' events in the log file (never shown on the terminal).
 EVENTS_LOGGER = "cw_pipeline.events"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@contextlib.contextmanager
+def terminal(stream: TextIO) -> Iterator[TextIO]:
+    """A stream writing where ``stream`` writes now, through a file descriptor of its own.
+
+    While a step runs, Dagster captures the process's stdout and stderr (file descriptors 1
+    and 2) into the run's compute logs, mirrored to the terminal only as its mirror keeps up:
+    lines printed then through ``sys.stderr`` land in the compute log and may never reach the
+    terminal. A duplicate of the descriptor, taken before, still points at the terminal. A
+    stream without a descriptor (a test's StringIO) is used as it is."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        yield stream
+        return
+    stream.flush()
+    own = os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace")
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def _count(n: int, word: str, plural: str | None = None) -> str:
