@@ -17,6 +17,7 @@ INSTANCE_YAML := deploy/dagster.yaml
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "installing the project into $(VENV)/ (PyTorch, Dagster: a few minutes, once)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
