@@ -364,6 +364,9 @@ def _shown(path: Path) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Generate the demo, materialize every asset (a line per finished step, everything else in
+    ``$DAGSTER_HOME/cw-pipeline-demo.log``), print the mAP table, then serve the UI with
+    ``dg dev`` until Ctrl-C (unless ``--no-ui``)."""
     from cw_pipeline.defs.assets import CNN_POOL
     from cw_pipeline.instance import open_instance
     from cw_pipeline.run_console import StepReporter, log_to_file, map_table, terminal
