@@ -10,22 +10,32 @@ UI_PORT ?= 3000
 SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 3001
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
+# The instance settings (run limits, the cnn pool, run monitoring), copied into $DAGSTER_HOME.
+# Not at the top level: `dg dev` / `dagster dev` warn about a dagster.yaml in the folder they
+# run in that is not $DAGSTER_HOME's.
+INSTANCE_YAML := deploy/dagster.yaml
 
-.PHONY: install test lint format demo demo-headless ui serve figures screenshots bench clean
+.PHONY: install test test-deps lint format demo demo-headless ui serve figures screenshots bench clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "installing the project into $(VENV)/ (PyTorch, Dagster: a few minutes, once)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+$(DAGSTER_HOME)/dagster.yaml: $(INSTANCE_YAML)
 	mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $@
+	cp $(INSTANCE_YAML) $@
 
-test: install
+# System packages the tests use (Chromium, redis-server, PostgreSQL), with apt-get when missing;
+# silent when they are there.
+test-deps:
+	@.ci/test-deps
+
+test: install test-deps
 	$(BIN)/ruff check cw_pipeline cw_pipeline_tests benchmarks
 	$(BIN)/ruff format --check cw_pipeline cw_pipeline_tests benchmarks
 	$(BIN)/python -m pytest -q
@@ -42,8 +52,10 @@ demo: install $(DAGSTER_HOME)/dagster.yaml
 demo-headless: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/cw-pipeline demo --no-ui
 
+# `dg dev` (the code location from [tool.dg] in pyproject.toml, the same one workspace.yaml
+# names, so `dagster dev -w workspace.yaml` shares its state).
 ui: install $(DAGSTER_HOME)/dagster.yaml
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH $(BIN)/dg dev -h $(UI_HOST) -p $(UI_PORT)
 
 # The search page over the materialized index (after `make demo` or `cw-pipeline index`).
 serve: install
@@ -56,8 +68,8 @@ figures: install
 	$(BIN)/cw-pipeline report-figures $(EVAL)
 
 # Redraw the README's UI screenshots (docs/img/ui-*.png): the browser test over a fresh demo,
-# headless Debian Chromium (`apt-get install chromium`; .ci/run installs it).
-screenshots: install
+# headless Debian Chromium (`apt-get install chromium`; `make test-deps` installs it).
+screenshots: install test-deps
 	CW_ARTIFACTS=docs/img $(BIN)/python -m pytest -q cw_pipeline_tests/e2e/test_ui_browser.py \
 		cw_pipeline_tests/e2e/test_search_page.py
 

@@ -39,6 +39,8 @@ import numpy as np
 import psutil
 from PIL import Image, ImageDraw
 
+from cw_pipeline.instance import INSTANCE_YAML
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -235,7 +237,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     cfg.write_text(CONFIG.format(root=work, size=args.size, shard_size=shard_size))
     home = work / "dagster_home"
     home.mkdir(exist_ok=True)
-    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text((ROOT / INSTANCE_YAML).read_text())
     os.environ.update(DAGSTER_HOME=str(home), CW_PIPELINE_CONFIG=str(cfg))
 
     existing = len(list((work / "jpg").glob("*.jpg"))) if (work / "jpg").is_dir() else 0

@@ -175,11 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dagster_home() -> Path:
-    """$DAGSTER_HOME, or the project's ``.dagster/`` seeded with its ``dagster.yaml``."""
+    """$DAGSTER_HOME, or the project's ``.dagster/`` seeded with its instance settings
+    (``deploy/dagster.yaml``)."""
     import os
     import shutil
 
     from cw_pipeline.config import project_root
+    from cw_pipeline.instance import INSTANCE_YAML
 
     home = os.environ.get("DAGSTER_HOME")
     if home:
@@ -187,7 +189,7 @@ def _dagster_home() -> Path:
     root = project_root()
     path = root / ".dagster"
     path.mkdir(parents=True, exist_ok=True)
-    src = root / "dagster.yaml"
+    src = root / INSTANCE_YAML
     if src.exists() and not (path / "dagster.yaml").exists():
         shutil.copyfile(src, path / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(path)
@@ -253,6 +255,7 @@ def _generate(config, regenerate: bool = False) -> list[str]:
 def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
     from cw_pipeline.defs.assets import CNN_POOL
     from cw_pipeline.instance import open_instance
+    from cw_pipeline.pending import daemon_running, pending_refreshes
     from cw_pipeline.runs import console_log_level, index_dataset, refresh
     from cw_pipeline.store import FeatureStore
 
@@ -272,8 +275,13 @@ def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
                 defs, instance, config, ds.name, FeatureStore(config.warehouse), force=args.force
             )
         refreshed = [] if args.no_refresh else refresh(defs, instance)
+        pending = pending_refreshes(defs, instance)
+        daemon = daemon_running(instance)
     out = res.as_dict()
-    out["refreshed"] = refreshed
+    out["refreshed"] = refreshed  # materialized by this command, in order
+    out["pending"] = [p.as_dict() for p in pending]  # stale now: automation refreshes them
+    out["daemon"] = "running" if daemon else "not running"
+    out["see"] = index_see_also()
     out["seconds"] = round(time.perf_counter() - t0, 2)
     if not args.json:
         print(
@@ -282,8 +290,42 @@ def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
             f"{out['rejected']} rejected; refreshed {len(refreshed)} assets "
             f"({out['seconds']:.1f} s)"
         )
+        print("\n".join(format_refresh(refreshed, pending, daemon)))
         return None  # type: ignore[return-value]
     return out
+
+
+def index_see_also() -> list[str]:
+    """Where a user sees what automation refreshes after ``cw-pipeline index``."""
+    return [
+        "the Runs page of the Dagster UI (make ui: http://127.0.0.1:3000/runs), and the "
+        "ticks of the refresh_downstream sensor under Automation",
+        "cw-pipeline datasets: the state of every dataset's index",
+    ]
+
+
+def format_refresh(refreshed: Sequence[str], pending: Sequence[Any], daemon: bool) -> list[str]:
+    """The lines ``cw-pipeline index`` prints under its summary: what it refreshed, what is
+    still stale and who refreshes it when (:class:`cw_pipeline.pending.Pending`), where to
+    look."""
+    lines = []
+    if refreshed:
+        lines.append(f"  refreshed by this command: {', '.join(refreshed)}")
+    if not pending:
+        lines.append("  nothing else is stale")
+        return lines
+    lines.append("  stale on this instance, left to automation:")
+    for p in pending:
+        parts = f" [{', '.join(p.partitions)}]" if p.partitions else ""
+        then = f"; then {', '.join(p.then)}" if p.then else ""
+        lines.append(f"    {p.asset}{parts}: {p.when}{then}")
+    if not daemon and any(p.reason != "running" for p in pending):
+        lines.append(
+            "  the Dagster daemon is not running on this instance: `make ui` (or `make demo`) "
+            "starts it"
+        )
+    lines += [f"  see: {s}" for s in index_see_also()]
+    return lines
 
 
 #: Where ``cw-pipeline demo`` serves the Dagster UI unless ``--host`` says otherwise.
@@ -302,75 +344,268 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def ui_command(host: str, port: int, workspace: Path) -> list[str]:
-    """The ``dagster dev`` command line serving the UI on ``host:port`` only."""
-    return ["dagster", "dev", "-w", str(workspace), "-h", host, "-p", str(port)]
+def ui_command(host: str, port: int) -> list[str]:
+    """The ``dg dev`` command line serving the UI on ``host:port`` only (run in the project
+    root: the code location comes from ``[tool.dg]`` in pyproject.toml)."""
+    return ["dg", "dev", "-h", host, "-p", str(port)]
+
+
+#: Where ``cw-pipeline demo`` writes its full log, in ``$DAGSTER_HOME`` (not in its ``logs/``,
+#: which Dagster's processes manage).
+DEMO_LOG = Path("cw-pipeline-demo.log")
+#: Seconds the demo waits for the UI to load the code location.
+UI_START_TIMEOUT = 300.0
+
+
+def lineage_url(base: str, groups: Sequence[str]) -> str:
+    """The global Lineage page with every one of ``groups`` expanded (the page opens with
+    groups collapsed)."""
+    expanded = ",".join(f"global@global:{g}" for g in sorted(groups))
+    return f"{base}/asset-groups?expanded={expanded}"
+
+
+def ui_pages(base: str, groups: Sequence[str], evaluation: str | None) -> list[tuple[str, str]]:
+    """(what, address) of the UI pages a newcomer opens first."""
+    pages = [
+        ("Lineage, the asset graph (every group expanded)", lineage_url(base, groups)),
+        ("Runs, what ran and when", f"{base}/runs"),
+    ]
+    if evaluation is not None:
+        pages.append((f"the mAP report of {evaluation}", f"{base}/assets/{evaluation}/map_report"))
+    return pages
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
-    import os
-    import subprocess
-
-    from cw_pipeline.config import project_root
+    """Generate the demo, materialize every asset (a line per finished step, everything else in
+    ``$DAGSTER_HOME/cw-pipeline-demo.log``), print the mAP table, then serve the UI with
+    ``dg dev`` until Ctrl-C (unless ``--no-ui``)."""
     from cw_pipeline.defs.assets import CNN_POOL
     from cw_pipeline.instance import open_instance
-    from cw_pipeline.runs import index_dataset, refresh
+    from cw_pipeline.run_console import StepReporter, log_to_file, map_table, terminal
+    from cw_pipeline.runs import CHECK_LOG, console_log_level, index_dataset, refresh, run_events
     from cw_pipeline.store import FeatureStore
 
     home = _dagster_home()
-    config, defs = _pipeline(args.config)
+    log_path = home / DEMO_LOG
+    out = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON only
+    print(f"cw-pipeline demo: full logs in {_shown(log_path)}", file=out, flush=True)
     t0 = time.perf_counter()
-    _generate(config, regenerate=args.regenerate)
-    store = FeatureStore(config.warehouse)
     indexed = {}
-    with open_instance(home, pools=[CNN_POOL]) as instance:
-        for name in config.datasets:
-            indexed[name] = index_dataset(defs, instance, config, name, store).as_dict()
-        refresh(defs, instance, include_cron=True)
+    with log_to_file(log_path), terminal(out) as term:
+        reporter = StepReporter(term, start=t0)
+        config, defs = _pipeline(args.config)
+        made = _generate(config, regenerate=args.regenerate)
+        if made:
+            print(
+                f"[{time.perf_counter() - t0:6.1f} s] generated the demo images: {', '.join(made)}",
+                file=term,
+                flush=True,
+            )
+        store = FeatureStore(config.warehouse)
+        try:
+            with (
+                open_instance(home, pools=[CNN_POOL]) as instance,
+                console_log_level("CRITICAL", evaluator=False),
+                run_events(reporter),
+            ):
+                for name in config.datasets:
+                    indexed[name] = index_dataset(defs, instance, config, name, store).as_dict()
+                refresh(defs, instance, include_cron=True)
+        except Exception as exc:
+            if not reporter.failed:  # not a step of a run: not the pipeline's
+                raise
+            raise CLIError(
+                f"the demo stopped: {reporter.failed[-1]} (the traceback is in {log_path})"
+            ) from exc
+    if reporter.steps == 0:
+        print("nothing to materialize: every asset is up to date", file=out)
     reports = FeatureStore(config.reports)  # a folder or a URL (s3://...)
-    report_text = []
-    for ev in sorted(config.evaluations):
-        if reports.exists(f"{ev}/report.md"):
-            report_text.append(reports.read_bytes(f"{ev}/report.md").decode("utf-8"))
+    results = {
+        ev: reports.read_json(f"{ev}/report.json")["results"]
+        for ev in sorted(config.evaluations)
+        if reports.exists(f"{ev}/report.json")
+    }
     seconds = round(time.perf_counter() - t0, 2)
-    from cw_pipeline.runs import CHECK_LOG
-
     failed = [f"{k} {c} ({sev})" for k, c, ok, sev in CHECK_LOG if not ok]
     checks = {"evaluated": len(CHECK_LOG), "failed": failed}
     if args.json:
-        import json as _json
-
-        out = {"datasets": indexed, "seconds": seconds, "checks": checks, "reports": {}}
-        for ev in sorted(config.evaluations):
-            if reports.exists(f"{ev}/report.json"):
-                out["reports"][ev] = reports.read_json(f"{ev}/report.json")["results"]
+        out_json = {
+            "datasets": indexed,
+            "seconds": seconds,
+            "checks": checks,
+            "reports": results,
+            "log": str(log_path),
+        }
         if args.no_ui:
-            return out
-        print(_json.dumps(out))
+            return out_json
+        print(strict_json(out_json, sort_keys=False, default=str), flush=True)
     else:
-        print("\n".join(report_text))
-        print(f"asset checks: {len(CHECK_LOG) - len(failed)}/{len(CHECK_LOG)} passed")
+        where = reports.url()
+        where = where if "://" in where else _shown(Path(where))
+        print(f"\nmAP (reports with figures: {where}/<evaluation>/report.md)\n", file=out)
+        print(map_table(results), file=out)
+        print("", file=out)
+        if CHECK_LOG:
+            passed = len(CHECK_LOG) - len(failed)
+            print(f"asset checks: {passed}/{len(CHECK_LOG)} passed", file=out)
         for line in failed:
-            print(f"  failed: {line}")
-        print(f"demo materialized in {seconds:.1f} s; reports in {reports.url()}")
+            print(f"  failed: {line}", file=out)
+        print(f"demo materialized in {seconds:.1f} s", file=out, flush=True)
     if args.no_ui:
+        if not args.json:
+            print("`make ui` (or `make demo`) serves the Dagster UI over it", file=out)
         return None
-    print(f"serving the Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home})")
-    print("search page: `make serve` (cw-pipeline serve) serves it on http://127.0.0.1:3001")
-    if not is_loopback(args.host):
+    groups = sorted({node.group_name for node in defs.resolve_asset_graph().asset_nodes})
+    base = ui_base(args.host, args.port)
+    _serve_ui(
+        args.host, args.port, ui_pages(base, groups, next(iter(results), None)), log_path, out
+    )
+    return None
+
+
+def ui_base(host: str, port: int) -> str:
+    """The address to open for a UI bound to ``host:port`` (loopback for 0.0.0.0 / ::)."""
+    probe = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return f"http://[{probe}]:{port}" if ":" in probe else f"http://{probe}:{port}"
+
+
+def _serve_ui(
+    host: str, port: int, pages: Sequence[tuple[str, str]], log_path: Path, out: Any
+) -> None:
+    """Run ``dg dev`` (its output appended to ``log_path``) until it ends or Ctrl-C; print
+    ``pages`` (what, address) once the UI has loaded the code location."""
+    import os
+    import signal
+    import subprocess
+
+    from cw_pipeline.config import project_root
+
+    if not is_loopback(host):
         print(
-            f"warning: the Dagster UI has no authentication and {args.host} is not a loopback "
+            f"warning: the Dagster UI has no authentication and {host} is not a loopback "
             "address; expose it through an SSH tunnel or a reverse proxy with authentication",
             file=sys.stderr,
         )
-    cmd = ui_command(args.host, args.port, project_root() / "workspace.yaml")
+    print(f"starting the Dagster UI (dg dev) on {ui_base(host, port)} ...", file=out, flush=True)
     env = dict(os.environ)
     bindir = Path(sys.executable).parent
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
-    return_code = subprocess.call(cmd, env=env, cwd=project_root())
+    env["VIRTUAL_ENV"] = sys.prefix  # dg warns when the project's .venv is not the active one
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"---- {' '.join(ui_command(host, port))} ----\n")
+        log.flush()
+        proc = subprocess.Popen(
+            ui_command(host, port),
+            env=env,
+            cwd=project_root(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    # A SIGTERM (a service manager, a test) stops the UI too, like Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        _wait_for_ui(proc, ui_base(host, port), log_path)
+        print("\nopen:", file=out)
+        width = max(len(what) for what, _ in pages)
+        for what, url in pages:
+            print(f"  {what + ':':<{width + 1}}  {url}", file=out)
+        print(f"\nthe Dagster UI runs until Ctrl-C (its log: {_shown(log_path)})", file=out)
+        print(
+            "search the index in a browser: `make serve` (cw-pipeline serve), "
+            "http://127.0.0.1:3001",
+            file=out,
+        )
+        out.flush()
+        return_code = proc.wait()
+    except KeyboardInterrupt:
+        print("stopping the Dagster UI ...", file=out, flush=True)
+        return_code = _stop(proc, interrupted=True)
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if return_code not in (0, 130, -2):
-        raise CLIError(f"dagster dev exited with status {return_code}")
-    return None
+        raise CLIError(f"dg dev exited with status {return_code}; its log: {log_path}")
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop(proc: Any, interrupted: bool = False) -> int:
+    """Stop ``dg dev`` as Ctrl-C does (SIGINT: it stops the webserver and the daemon), then
+    harder if it does not end. ``interrupted``: a Ctrl-C reached it already (the terminal
+    signals the whole foreground group), so give it time first: a second SIGINT would cut its
+    own shutdown short."""
+    import signal
+    import subprocess
+
+    steps = [(None, 120.0)] if interrupted else []
+    steps += [(signal.SIGINT, 120.0), (signal.SIGTERM, 30.0), (signal.SIGKILL, 30.0)]
+    for sig, wait in steps:
+        if sig is not None and proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.wait()
+
+
+def _wait_for_ui(proc: Any, base: str, log_path: Path, timeout: float = UI_START_TIMEOUT) -> None:
+    """Wait until the webserver at ``base`` has loaded every code location; CLIError naming
+    the log when ``proc`` exits first or it takes longer than ``timeout``."""
+    import json
+    import urllib.request
+
+    query = (
+        "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
+        "locationOrLoadError { __typename ... on PythonError { message } } } } } }"
+    )
+    request = urllib.request.Request(
+        f"{base}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise CLIError(
+                f"dg dev exited with status {proc.returncode} before the UI answered; its log: "
+                f"{log_path}"
+            )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                body = json.loads(resp.read())
+            entries = body["data"]["workspaceOrError"]["locationEntries"]
+            errors = [
+                (e["locationOrLoadError"].get("message", "").strip().splitlines() or ["?"])[0]
+                for e in entries
+                if (e.get("locationOrLoadError") or {}).get("__typename") == "PythonError"
+            ]
+            if errors:
+                _stop(proc)
+                raise CLIError(f"the UI could not load the code location: {errors[0]}")
+            if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not answering yet
+        if time.monotonic() > deadline:
+            _stop(proc)
+            raise CLIError(
+                f"the Dagster UI did not load within {timeout:.0f} s; its log: {log_path}"
+            )
+        time.sleep(0.5)
 
 
 def _add_serve_parser(sub: Any) -> None:

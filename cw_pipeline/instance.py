@@ -35,6 +35,12 @@ if TYPE_CHECKING:  # Dagster is imported where an instance is opened (the CLI im
 
 logger = logging.getLogger(__name__)
 
+#: The project's instance settings (run limits, the ``cnn`` pool, run monitoring), relative to
+#: the project root; ``make`` and the CLI copy it into a new ``$DAGSTER_HOME``. It is not at the
+#: top level: ``dg dev`` and ``dagster dev`` warn that a ``dagster.yaml`` in the folder they
+#: run in, other than ``$DAGSTER_HOME``, is ignored.
+INSTANCE_YAML = Path("deploy") / "dagster.yaml"
+
 #: The lock file, in ``$DAGSTER_HOME``, held while a command opens (and maybe creates) the
 #: instance's storage.
 LOCK_NAME = ".cw_pipeline_instance.lock"

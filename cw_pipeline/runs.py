@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -71,20 +72,42 @@ _CONSOLE_LEVEL: ContextVar[str | None] = ContextVar("cw_pipeline_console_level",
 
 
 @contextmanager
-def console_log_level(level: str | None) -> Iterator[None]:
+def console_log_level(level: str | None, evaluator: bool = True) -> Iterator[None]:
     """Runs started inside the context print their events to the console from ``level`` up
-    (e.g. ``"WARNING"`` while the CLI draws progress bars; None: Dagster's default)."""
+    (e.g. ``"WARNING"`` while the CLI draws progress bars; None: Dagster's default); with
+    ``evaluator``, so do refresh's automation evaluations (Python logging)."""
     token = _CONSOLE_LEVEL.set(level)
     # refresh's automation evaluations log through Python logging, one line per asset.
-    evaluator = logging.getLogger("dagster.automation_condition_tester")
-    previous = evaluator.level
-    if level is not None:
-        evaluator.setLevel(level)
+    evaluator_log = logging.getLogger("dagster.automation_condition_tester")
+    previous = evaluator_log.level
+    if level is not None and evaluator:
+        evaluator_log.setLevel(level)
     try:
         yield
     finally:
         _CONSOLE_LEVEL.reset(token)
-        evaluator.setLevel(previous)
+        evaluator_log.setLevel(previous)
+
+
+#: Receives every event of the runs started here (see :func:`run_events`).
+_EVENT_LISTENER: ContextVar[Callable[[dg.EventLogEntry], None] | None] = ContextVar(
+    "cw_pipeline_event_listener", default=None
+)
+
+
+@contextmanager
+def run_events(listener: Callable[[dg.EventLogEntry], None]) -> Iterator[None]:
+    """Runs started inside the context pass each of their events (as the instance stores it:
+    steps, materializations, checks, log lines) to ``listener``, in order, while they run."""
+    token = _EVENT_LISTENER.set(listener)
+    try:
+        yield
+    finally:
+        _EVENT_LISTENER.reset(token)
+
+
+#: The job name of the runs :func:`_materialize` executes (that of ``dg.materialize``).
+EPHEMERAL_JOB = "__ephemeral_asset_job__"
 
 
 def _materialize(
@@ -94,15 +117,24 @@ def _materialize(
     partition_key: str | None = None,
     tags: dict[str, str] | None = None,
 ):
+    """``dg.materialize`` of ``keys`` on ``instance``, with this module's console level and
+    event listener (a run id chosen here, so that the listener is subscribed before it runs)."""
     keys = list(keys)
     level = _CONSOLE_LEVEL.get()
     _say_pool_waits(defs, instance, keys)
-    result = dg.materialize(
-        _assets(defs),
-        instance=instance,
+    job = dg.Definitions(
+        jobs=[dg.define_asset_job(EPHEMERAL_JOB, selection=dg.AssetSelection.assets(*keys))],
+        assets=_assets(defs),
         resources=defs.resources,
-        selection=dg.AssetSelection.assets(*keys),
+    ).resolve_job_def(EPHEMERAL_JOB)
+    run_id = str(uuid.uuid4())
+    listener = _EVENT_LISTENER.get()
+    if listener is not None:
+        instance.add_event_listener(run_id, listener)
+    result = job.execute_in_process(
+        instance=instance,
         partition_key=partition_key,
+        run_id=run_id,
         # The run executes in this process: tagged with it, so that a later command finds
         # the run whose process was killed (cw_pipeline.defs.recovery).
         tags={**(tags or {}), **process_tags()},
@@ -257,7 +289,8 @@ def _automation_rounds(defs: dg.Definitions, instance: dg.DagsterInstance, max_r
     done: list[str] = []
     cursor = _load_refresh_cursor(instance)
     initial = cursor is None
-    all_keys = list(defs.resolve_asset_graph().get_all_asset_keys())
+    graph = defs.resolve_asset_graph()
+    all_keys = [k for level in graph.toposorted_asset_keys_by_level for k in level]
     for _ in range(max_rounds):
         with warnings.catch_warnings():  # Dagster's evaluator uses a Beta selection
             warnings.simplefilter("ignore", dg.BetaWarning)

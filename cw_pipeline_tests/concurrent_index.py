@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from cw_pipeline.config import load_config
+from cw_pipeline.instance import INSTANCE_YAML
 from cw_pipeline.store import FeatureStore
 from cw_pipeline_tests.conftest import REPO_ROOT
 from cw_pipeline_tests.defs.project import synthetic_jpeg, tiny_defaults
@@ -70,7 +71,7 @@ def write_project(root: Path, images: Path, ukb: bool = False) -> Path:
 def fresh_home(home: Path, yaml_text: str | None = None) -> Path:
     """An empty ``DAGSTER_HOME`` with the project's ``dagster.yaml`` (or ``yaml_text``)."""
     home.mkdir(parents=True)
-    text = yaml_text or (REPO_ROOT / "dagster.yaml").read_text(encoding="utf-8")
+    text = yaml_text or (REPO_ROOT / INSTANCE_YAML).read_text(encoding="utf-8")
     (home / "dagster.yaml").write_text(text, encoding="utf-8")
     return home
 

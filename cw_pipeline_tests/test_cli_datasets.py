@@ -113,7 +113,12 @@ def test_states_before_and_after_indexing_and_after_changes(
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     code, out, err = run(capsys, "index", "--dataset", "tiny", "--config", str(cfg), "--json")
     assert code == 0, err
-    assert json.loads(out)["images"] == 4
+    result = json.loads(out)
+    assert result["images"] == 4
+    # a folder dataset used by nothing: nothing refreshed, nothing left to automation
+    assert (result["refreshed"], result["pending"]) == ([], [])
+    assert result["daemon"] == "not running"
+    assert result["see"][0].startswith("the Runs page of the Dagster UI")
     assert "tiny features" in err and "4/4" in err and "img/s" in err
     assert "RUN_START" not in err
 
@@ -137,6 +142,7 @@ def test_states_before_and_after_indexing_and_after_changes(
     assert code == 0, err
     assert "img/s" not in err and "RUN_START" not in err
     assert out.startswith("tiny: 3 shards, 6 images; 2 forward passes, 2 reused, 1 rejected")
+    assert out.splitlines()[1] == "  nothing else is stale"
 
     tiny = states(capsys, cfg)["tiny"]
     assert tiny["state"] == "indexed", tiny

@@ -297,23 +297,16 @@ def test_config_paths_may_point_anywhere_local_explicitly(tmp_path):
 # --------------------------------------------------------------------------- the webserver
 
 
-def test_demo_ui_binds_to_loopback_unless_told_otherwise(tmp_path):
+def test_demo_ui_binds_to_loopback_unless_told_otherwise():
     parser = cli.build_parser()
     args = parser.parse_args(["demo"])
     assert (args.host, args.port) == ("127.0.0.1", 3000) == (cli.DEFAULT_UI_HOST, 3000)
-    workspace = tmp_path / "workspace.yaml"
-    assert cli.ui_command(args.host, args.port, workspace) == [
-        "dagster",
-        "dev",
-        "-w",
-        str(workspace),
-        "-h",
-        "127.0.0.1",
-        "-p",
-        "3000",
-    ]
+    assert cli.ui_command(args.host, args.port) == ["dg", "dev", "-h", "127.0.0.1", "-p", "3000"]
     told = parser.parse_args(["demo", "--host", "0.0.0.0", "--port", "8080"])
-    assert cli.ui_command(told.host, told.port, workspace)[-4:] == ["-h", "0.0.0.0", "-p", "8080"]
+    assert cli.ui_command(told.host, told.port)[-4:] == ["-h", "0.0.0.0", "-p", "8080"]
+    # the address printed for a UI bound to every interface is the loopback one
+    assert cli.ui_base("0.0.0.0", 8080) == "http://127.0.0.1:8080"
+    assert cli.ui_base("::1", 3000) == "http://[::1]:3000"
     assert [cli.is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.1.1")] == [
         True
     ] * 4
@@ -334,7 +327,7 @@ def _make_dry_run(*args: str) -> str:
 
 
 def test_makefile_serves_the_ui_on_loopback_unless_told_otherwise():
-    assert "dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000" in _make_dry_run("ui")
+    assert "/dg dev -h 127.0.0.1 -p 3000" in _make_dry_run("ui")
     assert "cw-pipeline demo --host 127.0.0.1 --port 3000" in _make_dry_run("demo")
     told = _make_dry_run("ui", "UI_HOST=0.0.0.0", "UI_PORT=8080")
-    assert "dagster dev -w workspace.yaml -h 0.0.0.0 -p 8080" in told
+    assert "/dg dev -h 0.0.0.0 -p 8080" in told

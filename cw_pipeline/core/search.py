@@ -112,7 +112,8 @@ def online_descriptors(
     l2 → PCA-whitening → l2, summed and l2-normalised. ``cells`` optionally restricts each image
     to a region (re-ranking boxes). Maps of equal shape are encoded together in one einsum.
     """
-    ids = torch.as_tensor(np.asarray(class_ids)).long()
+    # A copy: class ids read from Parquet are read-only arrays, which torch warns about.
+    ids = torch.from_numpy(np.array(class_ids, dtype=np.int64))
     groups: dict[tuple, list[int]] = {}
     crops: list[tuple[torch.Tensor, torch.Tensor]] = []
     full: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one float32 copy per distinct map

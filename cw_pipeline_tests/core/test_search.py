@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -313,3 +315,24 @@ def test_rerank_equal_scores_keep_the_previous_order():
 def test_ranking_dataclass_holds_arrays():
     r = Ranking(indices=np.array([[1, 0]]), scores=np.array([[0.5, 0.1]]))
     np.testing.assert_array_equal(expand_queries(np.eye(2), r, 1), [[0.0, 1.0]])
+
+
+def test_online_descriptors_take_read_only_class_ids_without_a_warning():
+    """Class ids read from Parquet are read-only arrays: no torch UserWarning ("not writable")
+    reaches the user. In a new process, as torch gives that warning once per process."""
+    code = (
+        "import warnings, numpy as np, torch\n"
+        "from cw_pipeline.core.search import online_descriptors\n"
+        "from cw_pipeline.core.extract import FeatureMaps\n"
+        "warnings.simplefilter('error')\n"
+        "x = np.ones((5, 3, 4), np.float16)\n"
+        "ids = np.array([1, 2]); ids.setflags(write=False)\n"
+        "out = online_descriptors([FeatureMaps(features=x)], ids, torch.ones(4, 5), "
+        "torch.zeros(4), None)\n"
+        "assert out.shape == (1, 5)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-2000:]

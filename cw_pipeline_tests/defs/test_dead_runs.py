@@ -39,6 +39,7 @@ from cw_pipeline.defs.recovery import (
     recover_dead_runs,
 )
 from cw_pipeline.defs.run_tags import SHARD_TAG
+from cw_pipeline.instance import INSTANCE_YAML
 from cw_pipeline.store import FeatureStore
 from cw_pipeline_tests.conftest import REPO_ROOT
 from cw_pipeline_tests.defs.project import synthetic_jpeg, tiny_defaults
@@ -65,7 +66,7 @@ def home(tmp_path) -> Path:
     """A $DAGSTER_HOME with the project's dagster.yaml."""
     path = tmp_path / "dagster_home"
     path.mkdir()
-    shutil.copyfile(REPO_ROOT / "dagster.yaml", path / "dagster.yaml")
+    shutil.copyfile(REPO_ROOT / INSTANCE_YAML, path / "dagster.yaml")
     return path
 
 

@@ -15,6 +15,7 @@ from dagster._core.utils import make_new_run_id
 
 from cw_pipeline.defs.recovery import PID_TAG, process_tags
 from cw_pipeline.defs.run_tags import SHARD_TAG, active_index_shards, index_run_tags
+from cw_pipeline.instance import INSTANCE_YAML
 from cw_pipeline_tests.defs.project import Project, materialize, synthetic_jpeg, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -225,7 +226,7 @@ def _daily_schedule(project: Project) -> None:
 def test_the_instance_runs_one_indexing_run_per_shard_at_a_time(tmp_path) -> None:
     """The project's dagster.yaml limits runs tagged with one shard to one at a time (the run
     queue holds a second one until the first ends)."""
-    settings = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    settings = yaml.safe_load((REPO / INSTANCE_YAML).read_text())
     with dg.instance_for_test(overrides=settings, temp_dir=str(tmp_path)) as instance:
         limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
     assert {

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from cw_pipeline.instance import INSTANCE_YAML
 from cw_pipeline_tests.e2e.daemon import demo_config, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,15 +51,16 @@ def demo_env(tmp_path_factory) -> dict:
     cfg = demo_config(root)
     home = root / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text((REPO / INSTANCE_YAML).read_text())
     env = dict(os.environ, DAGSTER_HOME=str(home), CW_PIPELINE_CONFIG=str(cfg))
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return {"root": root, "config": cfg, "env": env}
 
 
 @pytest.fixture(scope="session")
-def demo_result(demo_env: dict) -> dict:
-    """``cw-pipeline demo --no-ui --json`` on the temporary instance (materializes everything)."""
+def demo_run(demo_env: dict) -> subprocess.CompletedProcess:
+    """``cw-pipeline demo --no-ui --json`` on the temporary instance (materializes everything):
+    the JSON on stdout, its progress lines on stderr."""
     proc = subprocess.run(
         [str(BIN / "cw-pipeline"), "demo", "--no-ui", "--json"],
         env=demo_env["env"],
@@ -68,7 +70,13 @@ def demo_result(demo_env: dict) -> dict:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_result(demo_run: subprocess.CompletedProcess) -> dict:
+    """The JSON ``cw-pipeline demo --no-ui --json`` printed."""
+    return json.loads(demo_run.stdout.strip().splitlines()[-1])
 
 
 def _wait_until_loaded(proc: subprocess.Popen, port: int, log: Path, timeout: float) -> None:

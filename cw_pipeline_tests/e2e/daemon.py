@@ -23,6 +23,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cw_pipeline.instance import INSTANCE_YAML
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -147,7 +149,7 @@ class DaemonProject:
         self.config = demo_config(root)
         self.home = root / "dagster_home"
         self.home.mkdir(exist_ok=True)
-        (self.home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+        (self.home / "dagster.yaml").write_text((REPO / INSTANCE_YAML).read_text())
         self.env = dict(
             os.environ, DAGSTER_HOME=str(self.home), CW_PIPELINE_CONFIG=str(self.config)
         )

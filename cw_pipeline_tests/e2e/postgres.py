@@ -1,7 +1,8 @@
 """A throw-away PostgreSQL server on 127.0.0.1 for the tests of Dagster's Postgres storage.
 
-Debian's ``postgresql`` package (``apt-get install postgresql``; ``.ci/run`` installs it) puts
-the server binaries under ``/usr/lib/postgresql/<version>/bin``. :func:`postgres_server` makes a
+Debian's ``postgresql`` package (``apt-get install postgresql``; ``make test`` installs it, see
+``.ci/test-deps``) puts the server binaries under ``/usr/lib/postgresql/<version>/bin``
+(``$CW_POSTGRES_ROOT`` names another root). :func:`postgres_server` makes a
 cluster in a temporary folder (``initdb``, password authentication), starts ``postgres`` on a
 free loopback port with its unix socket in that folder — as the ``postgres`` user when the
 tests run as root, which the server refuses — and stops it by its process group at the end,
@@ -25,23 +26,25 @@ from pathlib import Path
 
 import pytest
 
-INSTALL_HINT = "install Debian's PostgreSQL server: apt-get install postgresql"
+INSTALL_HINT = "install Debian's PostgreSQL server: apt-get install postgresql (make test does)"
+#: Where the server binaries are looked for: ``<root>/<version>/bin`` (as in .ci/test-deps).
+POSTGRES_ROOT = Path(os.environ.get("CW_POSTGRES_ROOT") or "/usr/lib/postgresql")
 USER = "cw"
 PASSWORD = "cw-test-password"
 
 
 def server_bin() -> Path:
-    """The newest ``/usr/lib/postgresql/<version>/bin`` holding ``initdb`` and ``postgres``;
+    """The newest ``<POSTGRES_ROOT>/<version>/bin`` holding ``initdb`` and ``postgres``;
     fails the test (never skips) with how to install them when there is none."""
     found = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        POSTGRES_ROOT.glob("*/bin/initdb"),
         key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
     )
     found = [p.parent for p in found if (p.parent / "postgres").exists()]
     if not found:
         pytest.fail(
             f"PostgreSQL server binaries (initdb, postgres) not found under "
-            f"/usr/lib/postgresql/<version>/bin: {INSTALL_HINT}",
+            f"{POSTGRES_ROOT}/<version>/bin: {INSTALL_HINT}",
             pytrace=False,
         )
     return found[-1]

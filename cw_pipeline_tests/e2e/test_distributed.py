@@ -1,6 +1,6 @@
 """The feature steps of two shards on Celery workers (``CW_PIPELINE_EXECUTOR=celery``).
 
-The test starts, on 127.0.0.1, a Redis server (Debian's ``redis-server``; ``.ci/run`` installs
+The test starts, on 127.0.0.1, a Redis server (Debian's ``redis-server``; ``make test`` installs
 it) and two ``dagster-celery`` workers — separate processes, one step at a time each, started
 with the project's ``celery.yaml`` like the README says. It materializes the features of two
 shards, one run per shard, both at once, with the README's command (``dagster asset
@@ -130,7 +130,7 @@ def broker(project) -> Iterator[str]:
     """A Redis server on a free loopback port (no persistence); its URL."""
     server = shutil.which("redis-server")
     if server is None:
-        pytest.fail("redis-server not found: install Debian's redis-server (.ci/run does)")
+        pytest.fail("redis-server not found: install Debian's redis-server (make test does)")
     port = _free_port()
     proc = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
-from cw_pipeline.instance import open_instance
+from cw_pipeline.instance import INSTANCE_YAML, open_instance
 from cw_pipeline_tests.concurrent_index import (
     check_all_indexed,
     fresh_home,
@@ -32,7 +32,7 @@ def images(tmp_path_factory):
 
 def _dagster_yaml() -> str:
     """The project's ``dagster.yaml`` (run limits) with the PostgreSQL storage block."""
-    return (REPO_ROOT / "dagster.yaml").read_text(encoding="utf-8") + DAGSTER_YAML_STORAGE
+    return (REPO_ROOT / INSTANCE_YAML).read_text(encoding="utf-8") + DAGSTER_YAML_STORAGE
 
 
 def _shard_tags(instance: dg.DagsterInstance) -> set[str]:

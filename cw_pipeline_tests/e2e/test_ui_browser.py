@@ -7,7 +7,7 @@ materialization, its metadata and the report's embedded figures rendered. Screen
 ``$CW_ARTIFACTS`` (default ``<repo>/test-artifacts/``; ``make screenshots`` writes the README's to
 ``docs/img/``) and are listed in the test report.
 
-Chromium comes from Debian (``apt-get install chromium``, done by ``.ci/run``; ``$CW_CHROMIUM``
+Chromium comes from Debian (``apt-get install chromium``, done by ``make test``; ``$CW_CHROMIUM``
 overrides the path) — Playwright never downloads a browser here. The selectors are the markup
 of dagster-webserver 1.13 (pinned in pyproject.toml): asset nodes are ``foreignObject``s holding
 an ``AssetNode_assetNodeContainer`` element, groups are ``foreignObject.group``, and a node's
@@ -21,7 +21,6 @@ import datetime as dt
 import math
 import os
 import re
-import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
+from cw_pipeline import cli
 from cw_pipeline_tests.e2e.conftest import REPO, graphql
 
 CHROMIUM = Path(os.environ.get("CW_CHROMIUM", "/usr/bin/chromium"))
@@ -172,7 +172,7 @@ def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.fail(
             f"Chromium not found at {CHROMIUM}: install Debian's package "
-            "(`apt-get install chromium`, as .ci/run does) or set CW_CHROMIUM",
+            "(`apt-get install chromium`, as make test does) or set CW_CHROMIUM",
             pytrace=False,
         )
     with sync_playwright() as pw:
@@ -264,9 +264,17 @@ def test_lineage_graph_shows_every_asset_key_materialized(
     page: Page, webserver: str, asset_nodes: list[dict], record_property
 ) -> None:
     groups = sorted({n["group"] for n in asset_nodes})
-    expanded = ",".join(f"global@global:{g}" for g in groups)
-    url = f"{webserver}/asset-groups?" + urllib.parse.urlencode({"expanded": expanded})
     what = "global asset lineage graph"
+    # Opened plainly, the page shows each group as one collapsed box, no asset node.
+    with step(page, what, "ui-lineage-collapsed", record_property):
+        page.set_viewport_size(VIEWPORT)
+        page.goto(f"{webserver}/asset-groups")
+        for g in groups:
+            page.get_by_text(g, exact=True).first.wait_for()
+        assert page.locator('[class*="AssetNode_assetNodeContainer"]').count() == 0
+    screenshot(page, "ui-lineage-collapsed", record_property)
+    # The address `make demo` prints expands every group.
+    url = cli.lineage_url(webserver, groups)
     open_graph(page, url, 1600, what, "ui-lineage", record_property)
     shown = graph_nodes(page, len(asset_nodes), what, "ui-lineage", record_property)
     path = screenshot(page, "ui-lineage", record_property)
