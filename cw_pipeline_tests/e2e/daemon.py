@@ -311,26 +311,29 @@ class DaemonProject:
 
     # ------------------------------------------------------------------ a change
 
-    def change_demo_a(self, extra_source: Path) -> dict[str, list[Path]]:
+    def change_demo_a(self, extra_source: Path, round: int = 0) -> dict[str, list[Path]]:
         """Add 3 images, re-encode 1 (named by the ground truth), delete 1 (an extra image
-        that the ground truth does not name). Returns the paths by kind."""
+        that the ground truth does not name). ``round`` k picks other images for the k-th
+        change (at most 2: :meth:`seed_extra_images` seeds 2 extras). Returns the paths by
+        kind."""
         from PIL import Image
 
         jpg = self.images(DEMO_A)
         sources = sorted(extra_source.glob("*.jpg"))
         added = []
-        for k, src in enumerate(sources[-3:]):
-            dst = jpg / f"user_added_{k}.jpg"
+        for k, src in enumerate(sources[len(sources) - 3 * (round + 1) :][:3]):
+            dst = jpg / (f"user_added_{k}.jpg" if round == 0 else f"user_added_{round}_{k}.jpg")
             shutil.copyfile(src, dst)
             added.append(dst)
-        target = sorted(p for p in jpg.glob("*.jpg") if not p.name.startswith("user_"))[1]
+        originals = sorted(p for p in jpg.glob("*.jpg") if not p.name.startswith("user_"))
+        target = originals[1 + round]
         with Image.open(target) as img:
             img.load()
             reencoded = img.convert("RGB")
         tmp = target.with_name(f".{target.name}.tmp")
         reencoded.save(tmp, format="JPEG", quality=70)
         os.replace(tmp, target)
-        deleted = jpg / "user_extra_0.jpg"
+        deleted = jpg / f"user_extra_{round}.jpg"
         deleted.unlink()
         return {"added": added, "reencoded": [target], "deleted": [deleted]}
 

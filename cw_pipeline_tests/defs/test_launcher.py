@@ -1,0 +1,105 @@
+"""The warm run launcher (cw_pipeline/launcher.py): runs execute in processes forked from a
+server with the libraries preloaded, tagged with their process, and can be terminated."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from cw_pipeline.defs.recovery import HOST_TAG, PID_TAG
+from cw_pipeline.instance import INSTANCE_YAML
+from cw_pipeline.launcher import LAUNCHER_TAG, WarmRunLauncher
+from cw_pipeline_tests.defs import launcher_jobs
+
+
+@pytest.fixture
+def instance(tmp_path: Path):
+    settings = {
+        "run_launcher": {
+            "module": "cw_pipeline.launcher",
+            "class": "WarmRunLauncher",
+            "config": {"preload": [launcher_jobs.PRELOAD_PROBE]},
+        },
+        "telemetry": {"enabled": False},
+    }
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(settings))
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as inst:
+        yield inst
+        inst.run_launcher.join(timeout=60)
+
+
+def _launch(instance: dg.DagsterInstance, job: dg.JobDefinition) -> str:
+    origin = dg.reconstructable(job).get_python_origin()
+    run = instance.create_run_for_job(job_def=job, job_code_origin=origin)
+    instance.launch_run(run.run_id, workspace=None)  # type: ignore[arg-type]
+    return run.run_id
+
+
+def _wait(instance: dg.DagsterInstance, run_id: str, until, timeout: float = 90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = instance.get_run_by_id(run_id)
+        if until(run):
+            return run
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id}: {run.status} after {timeout} s")
+
+
+def test_runs_execute_in_a_forked_worker_with_the_libraries_preloaded(instance) -> None:
+    assert isinstance(instance.run_launcher, WarmRunLauncher)
+    run_id = _launch(instance, launcher_jobs.probe_job)
+    run = _wait(instance, run_id, lambda r: r.is_finished)
+    assert run.status == dg.DagsterRunStatus.SUCCESS
+    event = instance.get_latest_materialization_event(dg.AssetKey("launcher_probe"))
+    meta = event.asset_materialization.metadata
+    worker = meta["pid"].value
+    assert worker != os.getpid()
+    assert meta["preloaded"].value is True  # imported by the forkserver, before the job's code
+    assert run.tags[LAUNCHER_TAG] == "warm"
+    assert run.tags[PID_TAG] == str(worker)
+    assert HOST_TAG in run.tags
+    started = [
+        e.dagster_event.engine_event_data.metadata.get("pid")
+        for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
+        if e.dagster_event.engine_event_data.metadata.get("pid") is not None
+    ]
+    assert [m.value for m in started][:1] == [worker]
+
+
+def test_a_warm_run_can_be_terminated(instance) -> None:
+    run_id = _launch(instance, launcher_jobs.slow_job)
+    _wait(
+        instance,
+        run_id,
+        lambda r: r.status == dg.DagsterRunStatus.STARTED and PID_TAG in r.tags,
+    )
+    assert instance.run_launcher.terminate(run_id) is True
+    run = _wait(instance, run_id, lambda r: r.is_finished, timeout=60)
+    assert run.status == dg.DagsterRunStatus.CANCELED
+
+
+def test_runs_of_another_interpreter_go_to_the_default_launcher(instance) -> None:
+    job = launcher_jobs.probe_job
+    origin = dg.reconstructable(job).get_python_origin()
+    here = instance.create_run_for_job(job_def=job, job_code_origin=origin)
+    assert WarmRunLauncher.runs_here(here)
+    elsewhere_origin = origin._replace(
+        repository_origin=origin.repository_origin._replace(executable_path="/opt/other/python")
+    )
+    elsewhere = instance.create_run_for_job(job_def=job, job_code_origin=elsewhere_origin)
+    assert not WarmRunLauncher.runs_here(elsewhere)
+    with pytest.raises(dg.DagsterInvariantViolationError, match="requires a workspace"):
+        instance.launch_run(elsewhere.run_id, workspace=None)  # type: ignore[arg-type]
+
+
+def test_the_project_instance_uses_the_warm_launcher() -> None:
+    settings = yaml.safe_load(Path(INSTANCE_YAML).read_text())
+    assert settings["run_launcher"] == {
+        "module": "cw_pipeline.launcher",
+        "class": "WarmRunLauncher",
+    }
