@@ -1,6 +1,5 @@
 """Jobs for the warm run launcher's tests (imported afresh by each forked run worker)."""
 
-from __future__ import annotations
 
 import os
 import sys
@@ -31,11 +30,11 @@ def wait_a_minute() -> None:
         time.sleep(0.1)
 
 
-@dg.job
+@dg.job(executor_def=dg.in_process_executor)
 def probe_job() -> None:
     report_process()
 
 
-@dg.job
+@dg.job(executor_def=dg.in_process_executor)
 def slow_job() -> None:
     wait_a_minute()

@@ -25,10 +25,8 @@ def instance(tmp_path: Path):
             "class": "WarmRunLauncher",
             "config": {"preload": [launcher_jobs.PRELOAD_PROBE]},
         },
-        "telemetry": {"enabled": False},
     }
-    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(settings))
-    with dg.instance_for_test(temp_dir=str(tmp_path)) as inst:
+    with dg.instance_for_test(overrides=settings, temp_dir=str(tmp_path)) as inst:
         yield inst
         inst.run_launcher.join(timeout=60)
 
@@ -68,7 +66,7 @@ def test_runs_execute_in_a_forked_worker_with_the_libraries_preloaded(instance) 
         for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
         if e.dagster_event.engine_event_data.metadata.get("pid") is not None
     ]
-    assert [m.value for m in started][:1] == [worker]
+    assert [str(m.value) for m in started][:1] == [str(worker)]
 
 
 def test_a_warm_run_can_be_terminated(instance) -> None:
@@ -98,7 +96,7 @@ def test_runs_of_another_interpreter_go_to_the_default_launcher(instance) -> Non
 
 
 def test_the_project_instance_uses_the_warm_launcher() -> None:
-    settings = yaml.safe_load(Path(INSTANCE_YAML).read_text())
+    settings = yaml.safe_load((Path(__file__).resolve().parents[2] / INSTANCE_YAML).read_text())
     assert settings["run_launcher"] == {
         "module": "cw_pipeline.launcher",
         "class": "WarmRunLauncher",

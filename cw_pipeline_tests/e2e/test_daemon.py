@@ -13,6 +13,7 @@ import json
 
 import pytest
 
+from cw_pipeline.launcher import LAUNCHER_TAG
 from cw_pipeline_tests.e2e.daemon import DEMO_A, DEMO_B, DaemonProject, delta
 
 #: Longer than the folder sensors' 15 s and the automation sensor's 10 s: no run appearing
@@ -47,6 +48,10 @@ def test_daemon_refreshes_each_affected_asset_exactly_once(project: DaemonProjec
 
     assert all(status == "SUCCESS" for status in runs.values()), (runs, project.log_tail())
     assert len(runs) <= 3, runs  # the shard's indexing run(s) and one refresh run
+    # each run's worker was forked warm (deploy/dagster.yaml's WarmRunLauncher), not spawned
+    with project.instance() as instance:
+        launched = {r: instance.get_run_by_id(r).tags.get(LAUNCHER_TAG) for r in runs}
+    assert set(launched.values()) == {"warm"}, launched
 
     touched = sorted(k for k in mats if k.startswith(f"{DEMO_A}/manifest["))
     assert touched, mats
