@@ -258,7 +258,14 @@ class DatasetConfig:
         return self.layout != "folder"
 
     @property
+    def grouped(self) -> bool:
+        """Images grouped into objects (ukbench, holidays): every image is a query of its
+        object, and the dataset may learn its PCA by ``self-split``."""
+        return self.layout in NAMED_GT_LAYOUTS
+
+    @property
     def self_split(self) -> bool:
+        """Each half of the objects is searched with PCA learned on the other half."""
         return self.pca_from == SELF_SPLIT
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import textwrap
@@ -233,6 +234,18 @@ def test_pair_datasets_and_implicit_evaluations(tmp_path: Path) -> None:
     assert config.paired("flickr") is None
     assert config.pca_users("paris6k") == (ox,)
     assert config.evaluations_for("flickr") == ()
+    assert not ox.grouped and not ox.self_split
+
+
+@pytest.mark.parametrize(
+    ("layout", "grouped"),
+    [("ukbench", True), ("holidays", True), ("oxford", False), ("gnd", False), ("folder", False)],
+)
+def test_grouped_layouts(layout: str, grouped: bool) -> None:
+    """``grouped``: the one property for "every image is a query of its object"."""
+    ds = DatasetConfig(name="d", layout=layout, images=Path("x"))  # type: ignore[arg-type]
+    assert ds.grouped is grouped
+    assert dataclasses.replace(ds, pca_from="self-split").self_split
 
 
 def test_extraction_defaults_and_overrides(tmp_path: Path) -> None:

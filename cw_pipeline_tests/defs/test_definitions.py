@@ -13,7 +13,7 @@ import dagster as dg
 
 from cw_pipeline.config import load_config
 from cw_pipeline.defs import build_definitions
-from cw_pipeline.defs.assets import partitions_def
+from cw_pipeline.defs.partitions import partitions_def
 from cw_pipeline.runs import materialize_missing
 from cw_pipeline_tests.defs.project import (
     DATASETS,
