@@ -42,7 +42,7 @@ from cw_pipeline.core.runner import (
     extract_queries,
     grouped_groundtruth,
     load_benchmark,
-    split_by_group,
+    pca_groups,
 )
 from cw_pipeline.core.search import RerankConfig
 from cw_pipeline.core.validation import error_message
@@ -315,7 +315,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     from cw_pipeline.defs.assets import CNN_POOL
     from cw_pipeline.instance import open_instance
     from cw_pipeline.runs import index_dataset, refresh
-    from cw_pipeline.store import FeatureStore
+    from cw_pipeline.store import REPORT_JSON, REPORT_MARKDOWN, FeatureStore, report_path
 
     home = _dagster_home()
     config, defs = _pipeline(args.config)
@@ -330,8 +330,8 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     reports = FeatureStore(config.reports)  # a folder or a URL (s3://...)
     report_text = []
     for ev in sorted(config.evaluations):
-        if reports.exists(f"{ev}/report.md"):
-            report_text.append(reports.read_bytes(f"{ev}/report.md").decode("utf-8"))
+        if reports.exists(report_path(ev, REPORT_MARKDOWN)):
+            report_text.append(reports.read_bytes(report_path(ev, REPORT_MARKDOWN)).decode("utf-8"))
     seconds = round(time.perf_counter() - t0, 2)
     from cw_pipeline.runs import CHECK_LOG
 
@@ -342,8 +342,8 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
 
         out = {"datasets": indexed, "seconds": seconds, "checks": checks, "reports": {}}
         for ev in sorted(config.evaluations):
-            if reports.exists(f"{ev}/report.json"):
-                out["reports"][ev] = reports.read_json(f"{ev}/report.json")["results"]
+            if reports.exists(report_path(ev, REPORT_JSON)):
+                out["reports"][ev] = reports.read_json(report_path(ev, REPORT_JSON))["results"]
         if args.no_ui:
             return out
         print(_json.dumps(out))
@@ -715,10 +715,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         **settings_record(extractor.config, params, methods),
     }
     if args.pca_split:
-        halves = split_by_group(bench.labels)  # type: ignore[arg-type]
         per_half = []
-        for h in (0, 1):
-            db, train = feats.subset(halves[h]), feats.subset(halves[1 - h])
+        for group in pca_groups(len(feats), bench.labels):
+            db, train = feats.subset(group.rows), feats.subset(group.training)
             scores = evaluate_methods(
                 methods,
                 db,
@@ -727,7 +726,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 params,
                 extractor,
                 groundtruth=grouped_groundtruth(args.layout, db.ids),
-                pca_metadata={"training_set": f"{bench.name}-half{2 - h}"},
+                pca_metadata={"training_set": f"{bench.name}-half{group.training_half}"},
             )
             per_half.append([s.as_dict() for s in scores])
         merged = []
