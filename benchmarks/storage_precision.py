@@ -23,7 +23,7 @@ from cw_pipeline.core.datasets import ukbench_groundtruth, ukbench_labels
 from cw_pipeline.core.evaluation import score as score_rankings
 from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
-from cw_pipeline.core.runner import evaluate_search, split_by_group
+from cw_pipeline.core.runner import evaluate_search, pca_groups
 from cw_pipeline.indexing import records_to_table, table_to_featureset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def score(fs: FeatureSet, labels: np.ndarray, params: SearchParams) -> tuple[float, float]:
     method = Method.parse("ofa")
     out = []
-    for db_idx, train_idx in [split_by_group(labels), split_by_group(labels)[::-1]]:
-        db, train = fs.subset(db_idx), fs.subset(train_idx)
+    for half in pca_groups(len(fs), labels):
+        db, train = fs.subset(half.rows), fs.subset(half.training)
         res = evaluate_search(method, db, None, fit_pca(method, train, params), params)
         s = score_rankings(res.indices, ukbench_groundtruth(db.ids), db.ids)
         out.append((s.ns_score, s.map))

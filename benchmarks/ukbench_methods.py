@@ -22,7 +22,7 @@ from cw_pipeline.core.datasets import ukbench_groundtruth, ukbench_labels
 from cw_pipeline.core.evaluation import score
 from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
-from cw_pipeline.core.runner import evaluate_search, split_by_group
+from cw_pipeline.core.runner import evaluate_search, pca_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def main() -> None:
     )
     fs = FeatureSet.from_records(ids, [recs[i] for i in ids])
     labels = ukbench_labels(ids)
-    halves = split_by_group(labels)
+    halves = pca_groups(len(ids), labels)
     clf = (fe.backbone.classifier_weight, fe.backbone.classifier_bias)
     print()
     print("| method | N_C | N_pca | dims | N-S | mAP | seconds |")
@@ -106,8 +106,8 @@ def main() -> None:
     for row in grid(CONFIGS, only):
         t = time.perf_counter()
         scores = []
-        for h in (0, 1):
-            db, train = fs.subset(halves[h]), fs.subset(halves[1 - h])
+        for half in halves:
+            db, train = fs.subset(half.rows), fs.subset(half.training)
             pca = fit_pca(row.method, train, row.params)
             res = evaluate_search(row.method, db, None, pca, row.params, classifier=clf)
             s = score(res.indices, ukbench_groundtruth(db.ids), db.ids)

@@ -29,7 +29,18 @@ from typing import Any
 
 from cw_pipeline.config import DatasetConfig, ProjectConfig, default_config_path
 from cw_pipeline.core.datasets import skipped_summary
-from cw_pipeline.store import FeatureStore, encode_component, shard_name_from_path
+from cw_pipeline.store import (
+    FEATURES,
+    FeatureStore,
+    descriptors_path,
+    distractor_descriptors_folder,
+    features_path,
+    pca_path,
+    plan_path,
+    rejected_path,
+    shard_folder,
+    shard_name_from_path,
+)
 
 __all__ = [
     "STATES",
@@ -59,14 +70,14 @@ def index_command(config: ProjectConfig, dataset: str) -> str:
 
 def stored_shards(store: FeatureStore, kind: str, dataset: str) -> list[str]:
     """Names of the shards of ``dataset`` stored under ``kind`` (e.g. ``cam_features``)."""
-    prefix = f"{kind}/dataset={encode_component(dataset)}"
-    return sorted(shard_name_from_path(rel) for rel in store.list(prefix))
+    return sorted(shard_name_from_path(rel) for rel in store.list(shard_folder(kind, dataset)))
 
 
 def pca_rels(ds: DatasetConfig) -> list[str]:
     """Store paths (without suffix) of a dataset's class-space PCA model(s)."""
-    base = f"pca/dataset={encode_component(ds.name)}/class"
-    return [f"{base}-half1", f"{base}-half2"] if ds.self_split else [base]
+    if ds.self_split:
+        return [pca_path(ds.name, "class", 1), pca_path(ds.name, "class", 2)]
+    return [pca_path(ds.name, "class")]
 
 
 def _rows(store: FeatureStore, rel: str) -> int:
@@ -114,7 +125,6 @@ def dataset_status(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig
         stored_code_version,
         stored_fingerprint,
     )
-    from cw_pipeline.stages import descriptors_rel, shard_relpath
 
     st = DatasetStatus(name=ds.name, layout=ds.layout, folder=str(ds.images), state="indexed")
     if ds.images.is_dir():
@@ -127,13 +137,13 @@ def dataset_status(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig
         files = []
         st.notes.append(f"image folder not found: {ds.images}")
     st.images_on_disk = len(files)
-    stored = stored_shards(store, "cam_features", ds.name)
+    stored = stored_shards(store, FEATURES, ds.name)
     stale = partial = False
     indexed_ids: set[str] = set()
     if stored:
         plan_ok = True
         if ds.shard_by == "batch":
-            rel = f"plans/{ds.name}.json"
+            rel = plan_path(ds.name)
             plan = store.read_json(rel) if store.exists(rel) else None
             plan_ok = plan is not None and plan.get("shard_size") == ds.shard_size
         if not plan_ok:
@@ -147,11 +157,11 @@ def dataset_status(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig
             code_version = feature_code_version(ds)
             st.new_shards = [s for s in shards if s not in stored]
             for s in (s for s in stored if s in shards):
-                ids = _ids(store, shard_relpath("cam_features", ds.name, s))
+                ids = _ids(store, features_path(ds.name, s))
                 st.images_indexed += len(ids)
                 st.shards_indexed += 1
                 indexed_ids.update(ids)
-                rejected = shard_relpath("rejected", ds.name, s)
+                rejected = rejected_path(ds.name, s)
                 if store.exists(rejected):
                     st.rejected += len(_ids(store, rejected))
                 if stored_fingerprint(store, ds, s) != fingerprint(shards[s]):
@@ -166,8 +176,8 @@ def dataset_status(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig
                 partial = True
                 st.notes.append(f"shards not indexed yet: {', '.join(st.new_shards)}")
     if ds.has_groundtruth:
-        st.pca = all(store.exists(f"{rel}.npz") for rel in pca_rels(ds))
-        rel = descriptors_rel(ds.name, "ofa")
+        st.pca = all(store.pca_exists(rel) for rel in pca_rels(ds))
+        rel = descriptors_path(ds.name, "ofa")
         st.descriptors = store.exists(rel)
         if st.descriptors:
             described = set(_ids(store, rel))
@@ -183,10 +193,7 @@ def dataset_status(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig
             st.notes.append("no descriptors yet")
     else:
         for ev in config.evaluations_for(ds.name):
-            prefix = (
-                f"distractor_descriptors/evaluation={encode_component(ev.name)}/"
-                f"set={encode_component(ds.name)}"
-            )
+            prefix = distractor_descriptors_folder(ev.name, ds.name)
             if ds.name in ev.distractors and store.list(prefix):
                 st.distractor_of.append(ev.name)
         st.descriptors = bool(st.distractor_of)

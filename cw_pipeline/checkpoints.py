@@ -28,14 +28,14 @@ import uuid
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from cw_pipeline.store import CorruptFileError, FeatureStore, encode_component
+from cw_pipeline.store import CHECKPOINTS, CorruptFileError, FeatureStore, checkpoint_folder
 
 __all__ = ["CHECKPOINT_ROOT", "ShardCheckpoints"]
 
 logger = logging.getLogger(__name__)
 
 #: Top-level folder of the checkpoints in the store (outside every reader's prefix).
-CHECKPOINT_ROOT = "_checkpoints"
+CHECKPOINT_ROOT = CHECKPOINTS
 #: Age after which a hidden temporary in a checkpoint folder is a dead writer's, deleted.
 STALE_TEMP_SECONDS = 3600
 
@@ -46,13 +46,9 @@ class ShardCheckpoints:
     def __init__(
         self, store: FeatureStore, kind: str, dataset: str, shard: str, code_version: str
     ) -> None:
-        FeatureStore.shard_path(kind, dataset, shard)  # validates the names
         self.store = store
         self.code_version = code_version
-        self.prefix = (
-            f"{CHECKPOINT_ROOT}/{kind}/dataset={encode_component(dataset)}/"
-            f"shard={encode_component(shard)}"
-        )
+        self.prefix = checkpoint_folder(kind, dataset, shard)  # validates the names
         self._run = uuid.uuid4().hex[:12]
         self.written = 0  #: checkpoints written by this object
 

@@ -42,7 +42,7 @@ from cw_pipeline.core.runner import (
     extract_queries,
     grouped_groundtruth,
     load_benchmark,
-    split_by_group,
+    pca_groups,
 )
 from cw_pipeline.core.search import RerankConfig
 from cw_pipeline.core.validation import error_message
@@ -391,7 +391,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     from cw_pipeline.instance import open_instance
     from cw_pipeline.run_console import StepReporter, log_to_file, map_table, terminal
     from cw_pipeline.runs import CHECK_LOG, console_log_level, index_dataset, refresh, run_events
-    from cw_pipeline.store import FeatureStore
+    from cw_pipeline.store import REPORT_JSON, FeatureStore, report_path
 
     home = _dagster_home()
     log_path = home / DEMO_LOG
@@ -429,9 +429,9 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
         print("nothing to materialize: every asset is up to date", file=out)
     reports = FeatureStore(config.reports)  # a folder or a URL (s3://...)
     results = {
-        ev: reports.read_json(f"{ev}/report.json")["results"]
+        ev: reports.read_json(report_path(ev, REPORT_JSON))["results"]
         for ev in sorted(config.evaluations)
-        if reports.exists(f"{ev}/report.json")
+        if reports.exists(report_path(ev, REPORT_JSON))
     }
     seconds = round(time.perf_counter() - t0, 2)
     failed = [f"{k} {c} ({sev})" for k, c, ok, sev in CHECK_LOG if not ok]
@@ -950,10 +950,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         **settings_record(extractor.config, params, methods),
     }
     if args.pca_split:
-        halves = split_by_group(bench.labels)  # type: ignore[arg-type]
         per_half = []
-        for h in (0, 1):
-            db, train = feats.subset(halves[h]), feats.subset(halves[1 - h])
+        for group in pca_groups(len(feats), bench.labels):
+            db, train = feats.subset(group.rows), feats.subset(group.training)
             scores = evaluate_methods(
                 methods,
                 db,
@@ -962,7 +961,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 params,
                 extractor,
                 groundtruth=grouped_groundtruth(args.layout, db.ids),
-                pca_metadata={"training_set": f"{bench.name}-half{2 - h}"},
+                pca_metadata={"training_set": f"{bench.name}-half{group.training_half}"},
             )
             per_half.append([s.as_dict() for s in scores])
         merged = []

@@ -207,7 +207,14 @@ class DatasetConfig(Settings):
         return self.layout != "folder"
 
     @property
+    def grouped(self) -> bool:
+        """Images grouped into objects (ukbench, holidays): every image is a query of its
+        object, and the dataset may learn its PCA by ``self-split``."""
+        return self.layout in NAMED_GT_LAYOUTS
+
+    @property
     def self_split(self) -> bool:
+        """Each half of the objects is searched with PCA learned on the other half."""
         return self.pca_from == SELF_SPLIT
 
     @property
@@ -743,7 +750,7 @@ def _check_unique_identifiers(f: _File, items: Iterable[str], kind: str) -> None
 
 def _check_pca_source(f: _File, ds: DatasetConfig, datasets: dict[str, DatasetConfig]) -> None:
     entry, src = f"dataset {ds.name!r}", ds.pca_from
-    grouped = ds.layout in NAMED_GT_LAYOUTS
+    grouped = ds.grouped
     if src is None:
         if ds.has_groundtruth:
             hint = f" or {SELF_SPLIT!r}" if grouped else ""

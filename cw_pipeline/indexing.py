@@ -36,7 +36,13 @@ from cw_pipeline.core.datasets import (
 )
 from cw_pipeline.core.experiment import FeatureSet
 from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
-from cw_pipeline.store import FeatureStore, encode_component
+from cw_pipeline.store import (
+    FeatureStore,
+    encode_component,
+    features_path,
+    manifest_path,
+    plan_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +176,7 @@ def shard_count(store: FeatureStore, ds: DatasetConfig, n_files: int) -> int:
     The count is stored (``plans/<dataset>.json``) so that adding files never moves existing
     files to another shard; it is ceil(files / shard_size) of the first scan.
     """
-    rel = f"plans/{ds.name}.json"
+    rel = plan_path(ds.name)
     if store.exists(rel):
         plan = store.read_json(rel)
         if plan.get("shard_size") == ds.shard_size:
@@ -291,13 +297,13 @@ def _stored_metadata(store: FeatureStore, rel: str, key: str) -> str | None:
 
 def stored_fingerprint(store: FeatureStore, ds: DatasetConfig, shard: str) -> str | None:
     """The stat fingerprint the shard's manifest was built from."""
-    rel = FeatureStore.shard_path("manifest", ds.name, shard)
+    rel = manifest_path(ds.name, shard)
     return _stored_metadata(store, rel, "fingerprint")
 
 
 def stored_code_version(store: FeatureStore, ds: DatasetConfig, shard: str) -> str | None:
     """The extraction code version the shard's stored features were computed with."""
-    rel = FeatureStore.shard_path("cam_features", ds.name, shard)
+    rel = features_path(ds.name, shard)
     return _stored_metadata(store, rel, "code_version")
 
 

@@ -27,7 +27,7 @@ _ACTIVE = {
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 }
-#: The daemon's automation sensor (cw_pipeline.defs.automation).
+#: The daemon's automation sensor (cw_pipeline.defs.sensors).
 SENSOR = "refresh_downstream"
 #: Seconds since the sensor daemon's last heartbeat within which it counts as running.
 HEARTBEAT_SECONDS = 120.0

@@ -34,7 +34,16 @@ from cw_pipeline.core.aggregation import PCAWhitening, raw_descriptors
 from cw_pipeline.core.experiment import FeatureSet, Method
 from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
 from cw_pipeline.core.images import load_image
-from cw_pipeline.store import FeatureStore, encode_component
+from cw_pipeline.store import (
+    FEATURES,
+    MANIFEST,
+    FeatureStore,
+    descriptors_path,
+    distractor_descriptors_folder,
+    distractor_descriptors_path,
+    features_path,
+    manifest_path,
+)
 
 __all__ = [
     "Hit",
@@ -186,7 +195,7 @@ def _check_features(config: ProjectConfig, store: FeatureStore, ds: DatasetConfi
     """Stored feature shards of ``ds``, checked against the current extraction settings."""
     from cw_pipeline.indexing import feature_code_version, stored_code_version
 
-    shards = stored_shards(store, "cam_features", ds.name)
+    shards = stored_shards(store, FEATURES, ds.name)
     if not shards:
         raise NotIndexedError(
             f"dataset {ds.name!r} is not indexed yet: run `{index_command(config, ds.name)}`"
@@ -204,11 +213,9 @@ def _paths(
     config: ProjectConfig, store: FeatureStore, ds: DatasetConfig, ids: Sequence[str]
 ) -> list[Path]:
     """Image paths of ``ids`` from the stored manifests."""
-    from cw_pipeline.stages import shard_relpath
-
     where: dict[str, Path] = {}
-    for shard in stored_shards(store, "manifest", ds.name):
-        t = store.read_table(shard_relpath("manifest", ds.name, shard), ["image_id", "relpath"])
+    for shard in stored_shards(store, MANIFEST, ds.name):
+        t = store.read_table(manifest_path(ds.name, shard), ["image_id", "relpath"])
         for i, rel in zip(
             t.column("image_id").to_pylist(), t.column("relpath").to_pylist(), strict=True
         ):
@@ -233,19 +240,19 @@ def load_index(
         NotIndexedError: the descriptors or PCA it needs are not materialized (says what to run).
         ValueError: a folder dataset without PCA asked for a method that needs one.
     """
-    from cw_pipeline.stages import descriptors_rel, halves_of, pca_models_for, read_descriptors
+    from cw_pipeline.stages import pca_groups_of, pca_models_for, read_descriptors
 
     ds = config.dataset(name)
     _check_features(config, store, ds)
     agg = method.stored_aggregation
     if ds.has_groundtruth:
         paired = config.paired(ds.name)
-        rel = descriptors_rel(ds.name, agg)
-        have_pca = all(store.exists(f"{r}.npz") for r in pca_rels(ds))
+        rel = descriptors_path(ds.name, agg)
+        have_pca = all(store.pca_exists(r) for r in pca_rels(ds))
         if not (have_pca and store.exists(rel)):
             todo = []
             if paired is not None and paired.name != ds.name:
-                if not stored_shards(store, "cam_features", paired.name):
+                if not stored_shards(store, FEATURES, paired.name):
                     todo.append(index_command(config, paired.name))
             todo.append(index_command(config, ds.name))
             learned = "the other half of its objects" if ds.self_split else repr(ds.pca_from)
@@ -255,13 +262,10 @@ def load_index(
                 + " then ".join(f"`{c}`" for c in todo)
             )
         ids, mat = read_descriptors(store, rel)
+        groups = [(g.rows, pca_models_for(store, ds, g.half)) for g in pca_groups_of(ds, ids)]
         if ds.self_split:
-            groups = [
-                (rows, pca_models_for(store, ds, k)) for k, rows in enumerate(halves_of(ds, ids), 1)
-            ]
             source = f"descriptors of {ds.name} (each half with the PCA of the other)"
         else:
-            groups = [(np.arange(len(ids)), pca_models_for(store, ds))]
             source = f"descriptors of {ds.name} (PCA learned on {ds.pca_from})"
         return SearchIndex(ds, ids, _paths(config, store, ds, ids), {agg: mat}, groups, source)
     return _folder_index(config, store, ds, method)
@@ -272,17 +276,13 @@ def _distractor_descriptors(
 ) -> tuple[list[str], np.ndarray] | None:
     """The descriptors of distractor set ``dataset`` under evaluation ``ev_name`` (None: none
     materialized yet)."""
-    from cw_pipeline.stages import distractor_rel, read_descriptors
+    from cw_pipeline.stages import read_descriptors
 
-    prefix = (
-        f"distractor_descriptors/evaluation={encode_component(ev_name)}/"
-        f"set={encode_component(dataset)}/agg={encode_component(agg)}"
-    )
-    if not store.list(prefix):
+    if not store.list(distractor_descriptors_folder(ev_name, dataset, agg)):
         return None
     ids, mats = [], []
     for shard in shards:
-        rel = distractor_rel(ev_name, dataset, agg, shard)
+        rel = distractor_descriptors_path(ev_name, dataset, agg, shard)
         if store.exists(rel):  # a shard without readable images has none
             i, m = read_descriptors(store, rel)
             ids += i
@@ -293,10 +293,10 @@ def _distractor_descriptors(
 def _folder_index(
     config: ProjectConfig, store: FeatureStore, ds: DatasetConfig, method: Method
 ) -> SearchIndex:
-    from cw_pipeline.stages import pca_models_for, shard_relpath
+    from cw_pipeline.stages import pca_models_for
 
     agg = method.stored_aggregation
-    shards = stored_shards(store, "cam_features", ds.name)
+    shards = stored_shards(store, FEATURES, ds.name)
     evaluations = [e for e in config.evaluations_for(ds.name) if ds.name in e.distractors]
     for ev in evaluations:
         found = _distractor_descriptors(store, ev.name, ds.name, agg, shards)
@@ -321,9 +321,7 @@ def _folder_index(
         )
     ids, vecs = [], []
     for shard in shards:
-        t = store.read_table(
-            shard_relpath("cam_features", ds.name, shard), ["image_id", "sum_pooled"]
-        )
+        t = store.read_table(features_path(ds.name, shard), ["image_id", "sum_pooled"])
         if t.num_rows:
             dim = t.schema.field("sum_pooled").type.list_size
             flat = t.column("sum_pooled").combine_chunks().flatten()

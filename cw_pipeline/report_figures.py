@@ -29,14 +29,23 @@ import torch
 from PIL import Image
 
 from cw_pipeline import figures, reports, stages
-from cw_pipeline.config import EvaluationConfig, ProjectConfig
+from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core import datasets as gtio
 from cw_pipeline.core.cams import boxes_to_pixels, class_activation_maps, heatmap_boxes
 from cw_pipeline.core.evaluation import average_precision, precision_recall_points
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.images import ImageLoadError, load_image
 from cw_pipeline.core.search import RerankConfig
-from cw_pipeline.store import FeatureStore, bounded_component, encode_component
+from cw_pipeline.store import (
+    FeatureStore,
+    bounded_component,
+    descriptors_path,
+    features_path,
+    query_features_path,
+    rankings_path,
+    report_folder,
+    report_path,
+)
 
 __all__ = [
     "CAM_MIN_SIDE",
@@ -143,14 +152,14 @@ def _label(q: gtio.Query, image_id: str) -> str:
 
 
 def _query_classes(
-    store: FeatureStore, ds_name: str, layout: str, shards: Sequence[str], wanted: set[str]
+    store: FeatureStore, ds: DatasetConfig, shards: Sequence[str], wanted: set[str]
 ) -> dict[str, np.ndarray]:
-    """Top class ids of the wanted queries (from query_features, or cam_features for datasets
-    whose queries are database images)."""
-    if layout in ("ukbench", "holidays"):
-        rels = [stages.shard_relpath("cam_features", ds_name, s) for s in shards]
+    """Top class ids of the wanted queries (from query_features, or cam_features for grouped
+    datasets, whose queries are database images)."""
+    if ds.grouped:
+        rels = [features_path(ds.name, s) for s in shards]
     else:
-        rels = [f"query_features/dataset={encode_component(ds_name)}/queries.parquet"]
+        rels = [query_features_path(ds.name)]
     out: dict[str, np.ndarray] = {}
     for rel in rels:
         if not store.exists(rel):
@@ -253,21 +262,19 @@ def write_report_figures(
         )
     method = options.method or _best_method(report, methods)
     out_store = FeatureStore(reports_root)
-    result = ReportFigures(folder=Path(out_store.path(ev.name)), method=method)
+    result = ReportFigures(folder=Path(out_store.path(report_folder(ev.name))), method=method)
 
-    ds_rel = stages.descriptors_rel(ds.name, "raw")
+    ds_rel = descriptors_path(ds.name, "raw")
     ds_ids = store.read_table(ds_rel, ["image_id"]).column("image_id").to_pylist()
     db_ids = reports.evaluation_image_ids(config, store, ev, shards)
     pos = {i: k for k, i in enumerate(db_ids)}
     paths = _image_paths(config, store, ev, shards)
     gt = stages.load_groundtruth(ds, ds_ids)
     by_query = {q.image_id: q for q in gt.queries}
-    tables: dict[str, pa.Table] = {
-        m: store.read_table(stages.rankings_rel(ev.name, m)) for m in methods
-    }
+    tables: dict[str, pa.Table] = {m: store.read_table(rankings_path(ev.name, m)) for m in methods}
 
     def write(rel: str, image: Image.Image) -> str:
-        out_store.write_bytes(f"{ev.name}/{rel}", figures.png_bytes(image))
+        out_store.write_bytes(report_path(ev.name, rel), figures.png_bytes(image))
         return rel
 
     # Per method and query: PR points and AP (Oxford protocol: junk removed from the list).
@@ -359,9 +366,7 @@ def write_report_figures(
                 samples.append((qid, first))
             if len(samples) == options.cam_samples:
                 break
-        classes = _query_classes(
-            store, ds.name, ds.layout, shards[ds.name], {q for q, _ in samples}
-        )
+        classes = _query_classes(store, ds, shards[ds.name], {q for q, _ in samples})
         rerank = RerankConfig()
         for qid, image_id in samples:
             if qid not in classes:
@@ -382,9 +387,9 @@ def write_report_figures(
                 result.embedded.append((f"cw-figure cam {image_id}", data_uri(overlay, 480)))
 
     # Files of earlier runs that this one did not write (queries or samples that changed).
-    written = {f"{ev.name}/{p}" for p in result.files}
+    written = {report_path(ev.name, p) for p in result.files}
     for sub in ("queries", "cams"):
-        for rel in out_store.list(f"{ev.name}/{sub}", suffix=".png"):
+        for rel in out_store.list(report_path(ev.name, sub), suffix=".png"):
             if rel not in written:
                 out_store.delete(rel)
 
@@ -405,7 +410,7 @@ def report_with_figures(
 ) -> tuple[dict[str, Any], ReportFigures, Path]:
     """Score an evaluation's stored rankings, draw its figures and write its report folder
     (``report.md`` linking the figures); returns the report, the figures and the folder."""
-    missing = [m.name for m in ev.methods if not store.exists(stages.rankings_rel(ev.name, m.name))]
+    missing = [m.name for m in ev.methods if not store.exists(rankings_path(ev.name, m.name))]
     if missing:
         raise FileNotFoundError(
             f"evaluation {ev.name} has no stored rankings for {', '.join(missing)} in "

@@ -13,7 +13,17 @@ from typing import Any
 from cw_pipeline import stages
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
 from cw_pipeline.core.experiment import settings_record
-from cw_pipeline.store import FeatureStore
+from cw_pipeline.store import (
+    REPORT_JSON,
+    REPORT_MARKDOWN,
+    REPORT_PER_QUERY,
+    FeatureStore,
+    descriptors_path,
+    distractor_descriptors_path,
+    rankings_path,
+    report_folder,
+    report_path,
+)
 
 #: The paper's Table 2 (VGG16-CAM, 512-d) and Table 1a baselines, by benchmark and method.
 PAPER_MAP: dict[str, dict[str, float]] = {
@@ -56,11 +66,11 @@ def evaluation_image_ids(
     """Database image ids of an evaluation (its dataset, then each distractor shard), in the
     order its rankings were computed over."""
     ds = config.dataset(ev.dataset)
-    db_ids, _ = stages.read_descriptors(store, stages.descriptors_rel(ds.name, "raw"))
+    db_ids, _ = stages.read_descriptors(store, descriptors_path(ds.name, "raw"))
     all_ids = list(db_ids)
     for dname in ev.distractors:
         for shard in shards.get(dname, []):
-            rel = stages.distractor_rel(ev.name, dname, "raw", shard)
+            rel = distractor_descriptors_path(ev.name, dname, "raw", shard)
             if store.exists(rel):
                 all_ids += store.read_table(rel, ["image_id"]).column("image_id").to_pylist()
     return all_ids
@@ -79,13 +89,13 @@ def build_report(
     and its AP in ``per_query`` is None.
     """
     ds = config.dataset(ev.dataset)
-    db_ids, _ = stages.read_descriptors(store, stages.descriptors_rel(ds.name, "raw"))
+    db_ids, _ = stages.read_descriptors(store, descriptors_path(ds.name, "raw"))
     all_ids = evaluation_image_ids(config, store, ev, shards)
     gt = stages.load_groundtruth(ds, db_ids)
     paper = PAPER_MAP.get(ev.name, {})
     results, per_query = [], {}
     for m in ev.methods:
-        table = store.read_table(stages.rankings_rel(ev.name, m.name))
+        table = store.read_table(rankings_path(ev.name, m.name))
         score = stages.score_rankings(ds, gt, all_ids, table)
         entry = {"method": m.name, "map": score["map"]}
         for key in ("ns_score", "revisited"):
@@ -204,8 +214,8 @@ def write_report(
     JSON is strict (an undefined AP is ``null``), the CSV leaves its cell empty."""
     store = FeatureStore(reports_root)
     ev = report["evaluation"]
-    store.write_bytes(f"{ev}/report.md", markdown(report, images).encode())
-    store.write_json(f"{ev}/report.json", report)
+    store.write_bytes(report_path(ev, REPORT_MARKDOWN), markdown(report, images).encode())
+    store.write_json(report_path(ev, REPORT_JSON), report)
     buf = io.StringIO()
     writer = csv.writer(buf)
     methods = list(report["per_query"])
@@ -214,8 +224,8 @@ def write_report(
     for q in queries:
         cells = [report["per_query"][m].get(q) for m in methods]
         writer.writerow([q, *("" if _undefined(ap) else f"{ap:.4f}" for ap in cells)])
-    store.write_bytes(f"{ev}/per_query_ap.csv", buf.getvalue().encode())
-    return Path(store.path(ev))
+    store.write_bytes(report_path(ev, REPORT_PER_QUERY), buf.getvalue().encode())
+    return Path(store.path(report_folder(ev)))
 
 
 __all__ = [

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from cw_pipeline.config import ProjectConfig
-from cw_pipeline.defs.assets import current_shards, partitions_def
+from cw_pipeline.defs.partitions import current_shards, partitions_def
 from cw_pipeline.defs.recovery import pool_wait_line, process_tags, recover_dead_runs
 from cw_pipeline.defs.run_tags import active_index_shards, index_run_tags
 from cw_pipeline.defs.versions import is_stale
 from cw_pipeline.indexing import plan_shards
 from cw_pipeline.instance import add_partitions
-from cw_pipeline.store import FeatureStore
+from cw_pipeline.store import FeatureStore, features_path
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def index_dataset(
             result.rejected += int(md["rejected"].value)
             result.feature_seconds += float(md["seconds"].value)
     for shard in current_shards(instance, name):
-        rel = store.shard_path("cam_features", name, shard)
+        rel = features_path(name, shard)
         if store.exists(rel):
             result.images += store.read_table(rel, ["image_id"]).num_rows
     result.seconds = time.perf_counter() - t0

@@ -1,19 +1,12 @@
 """What each pipeline asset computes, over the feature store, without Dagster.
 
 The Dagster assets in ``cw_pipeline.defs`` call these functions; the CLI and tests can call
-them directly. Store layout (relative to the warehouse root):
-
-* ``manifest/dataset=<ds>/shard=<s>.parquet``, ``cam_features/…``, ``rejected/…``
-* ``query_features/dataset=<ds>/queries.parquet``
-* ``pca/dataset=<ds>/<space>[-half<k>].npz`` + ``.json`` (``space``: ``class`` or ``raw``)
-* ``descriptors/dataset=<ds>/<aggregation>.parquet``
-* ``distractor_descriptors/evaluation=<ev>/set=<d>/shard=<s>.parquet``
-* ``rankings/evaluation=<ev>/method=<m>.parquet``
+them directly. Every path in the warehouse is named by :mod:`cw_pipeline.store`
+(``features_path``, ``pca_path``, ``descriptors_path``, ``rankings_path`` ...).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Sequence
@@ -38,21 +31,27 @@ from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.images import load_image
 from cw_pipeline.core.methods import AGGREGATIONS, PCA_SPACES, stored_descriptors
 from cw_pipeline.core.retrieval import ComputedMaps, SubsetMaps, search
+from cw_pipeline.core.runner import PcaGroup, group_labels, pca_groups
 from cw_pipeline.core.search import Ranking
 from cw_pipeline.indexing import (
     records_to_table,
     table_to_featureset,
 )
-from cw_pipeline.store import FeatureStore, encode_component
+from cw_pipeline.store import (
+    FeatureStore,
+    descriptors_path,
+    distractor_descriptors_path,
+    features_path,
+    manifest_path,
+    pca_path,
+    query_features_path,
+    rejected_path,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Rankings keep the full list up to this many database images, then the top this many.
 MAX_RANKING_LENGTH = 10_000
-
-
-def shard_relpath(kind: str, dataset: str, shard: str) -> str:
-    return FeatureStore.shard_path(kind, dataset, shard)
 
 
 def load_features(
@@ -71,7 +70,7 @@ def load_features(
     tables = []
     owner: dict[str, str] = {}
     for shard in shards:
-        rel = shard_relpath("cam_features", dataset, shard)
+        rel = features_path(dataset, shard)
         if not store.exists(rel):
             raise FileNotFoundError(f"features of {dataset} shard {shard} are not materialized")
         t = store.read_table(rel)
@@ -90,7 +89,7 @@ def load_features(
             raise ValueError(f"dataset {dataset!r} has no images{where} (no shards indexed)")
         rejected = 0
         for shard in shards:
-            rej = shard_relpath("rejected", dataset, shard)
+            rej = rejected_path(dataset, shard)
             if store.exists(rej):
                 rejected += store.read_table(rej, ["image_id"]).num_rows
         raise ValueError(
@@ -103,38 +102,14 @@ def load_features(
 # --------------------------------------------------------------------------- PCA models
 
 
-def _pca_rel(dataset: str, space: str, half: int | None) -> str:
-    suffix = "" if half is None else f"-half{half}"
-    return f"pca/dataset={encode_component(dataset)}/{space}{suffix}"
-
-
-def save_pca(store: FeatureStore, rel: str, model: PCAWhitening) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, mean=model.mean, components=model.components, eigenvalues=model.eigenvalues)
-    store.write_bytes(f"{rel}.npz", buf.getvalue())
-    store.write_json(f"{rel}.json", model.metadata)
-
-
-def load_pca(store: FeatureStore, rel: str) -> PCAWhitening:
-    with np.load(io.BytesIO(store.read_bytes(f"{rel}.npz")), allow_pickle=False) as data:
-        arrays = {k: data[k] for k in ("mean", "components", "eigenvalues")}
-    return PCAWhitening(**arrays, metadata=store.read_json(f"{rel}.json"))
-
-
-def halves_of(ds: DatasetConfig, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Self-split halves (by object) of a grouped dataset."""
-    from cw_pipeline.core.runner import split_by_group
-
-    return split_by_group(group_labels(ds, ids))
-
-
-def group_labels(ds: DatasetConfig, ids: Sequence[str]) -> np.ndarray:
-    """Object label of each image of a grouped dataset."""
-    from cw_pipeline.core.runner import group_labels as labels_of
-
-    if ds.layout not in ("ukbench", "holidays"):
+def pca_groups_of(ds: DatasetConfig, ids: Sequence[str]) -> list[PcaGroup]:
+    """The images ``ids`` of ``ds`` by the PCA model they use (:func:`core.runner.pca_groups`):
+    the two halves of its objects when it is self-split, else one group of all of them."""
+    if not ds.self_split:
+        return pca_groups(len(ids))
+    if not ds.grouped:
         raise ValueError(f"dataset {ds.name!r} (layout {ds.layout}) has no object groups")
-    return labels_of(ds.layout, ids)
+    return pca_groups(len(ids), group_labels(ds.layout, ids))
 
 
 #: Fewest images a PCA training set may have: a PCA needs two vectors, and the raw space
@@ -175,19 +150,17 @@ def fit_pca_models(
         "pca_dims": params.pca_dims,
     }
     out: dict[str, PCAWhitening] = {}
-    if ds.self_split:
-        halves = halves_of(ds, train.ids)
-        for k in (1, 2):
-            other = train.subset(halves[2 - k])
-            check_pca_training_size(ds, f"half {3 - k} of its objects (self-split)", len(other))
-            meta = {**base, "training_set": f"{ds.name}-half{3 - k}"}
-            for space in PCA_SPACES:
-                out[_pca_rel(ds.name, space, k)] = fit_pca_space(space, other, params, meta)
-    else:
-        check_pca_training_size(ds, f"dataset {ds.pca_from!r}", len(train))
-        meta = {**base, "training_set": ds.pca_from}
+    for group in pca_groups_of(ds, train.ids):
+        if group.training is None:  # learned on the paired dataset
+            data, source, name = train, f"dataset {ds.pca_from!r}", ds.pca_from
+        else:
+            data = train.subset(group.training)
+            source = f"half {group.training_half} of its objects (self-split)"
+            name = f"{ds.name}-half{group.training_half}"
+        check_pca_training_size(ds, source, len(data))
+        meta = {**base, "training_set": name}
         for space in PCA_SPACES:
-            out[_pca_rel(ds.name, space, None)] = fit_pca_space(space, train, params, meta)
+            out[pca_path(ds.name, space, group.half)] = fit_pca_space(space, data, params, meta)
     return out
 
 
@@ -238,7 +211,8 @@ def descriptor_sets(
 def pca_models_for(
     store: FeatureStore, ds: DatasetConfig, half: int | None = None
 ) -> dict[str, PCAWhitening]:
-    return {space: load_pca(store, _pca_rel(ds.name, space, half)) for space in PCA_SPACES}
+    """The PCA models of ``ds`` by space (``half``: 1 or 2 for a self-split dataset)."""
+    return {space: store.read_pca(pca_path(ds.name, space, half)) for space in PCA_SPACES}
 
 
 def pca_output_dims(store: FeatureStore, ds: DatasetConfig) -> dict[str, int]:
@@ -248,7 +222,7 @@ def pca_output_dims(store: FeatureStore, ds: DatasetConfig) -> dict[str, int]:
     out = {}
     for space in PCA_SPACES:
         for half in halves:
-            meta = store.read_json(f"{_pca_rel(ds.name, space, half)}.json")
+            meta = store.read_pca_metadata(pca_path(ds.name, space, half))
             out[space if half is None else f"{space}-half{half}"] = int(meta["output_dim"])
     return out
 
@@ -258,39 +232,14 @@ def dataset_descriptors(
 ) -> dict[str, tuple[list[str], np.ndarray]]:
     """Offline descriptors of a ground-truth dataset (self-split: each half with its PCA)."""
     params = config.search
-    if not ds.self_split:
-        d = descriptor_sets(feats, pca_models_for(store, ds), params)
-        return {agg: (feats.ids, v) for agg, v in d.items()}
     out: dict[str, list] = {agg: [[], []] for agg in offline_aggregations()}
-    for k, half in enumerate(halves_of(ds, feats.ids), 1):
-        sub = feats.subset(half)
-        d = descriptor_sets(sub, pca_models_for(store, ds, k), params)
+    for group in pca_groups_of(ds, feats.ids):
+        sub = feats.subset(group.rows)
+        d = descriptor_sets(sub, pca_models_for(store, ds, group.half), params)
         for agg, v in d.items():
             out[agg][0].extend(sub.ids)
             out[agg][1].append(v)
     return {agg: (ids, np.concatenate(vs)) for agg, (ids, vs) in out.items()}
-
-
-def descriptors_rel(dataset: str, aggregation: str) -> str:
-    return (
-        f"descriptors/dataset={encode_component(dataset)}/{encode_component(aggregation)}.parquet"
-    )
-
-
-def distractor_rel(evaluation: str, dset: str, aggregation: str, shard: str) -> str:
-    """Descriptors of one distractor shard under one evaluation's PCA."""
-    return (
-        f"distractor_descriptors/evaluation={encode_component(evaluation)}/"
-        f"set={encode_component(dset)}/agg={encode_component(aggregation)}/"
-        f"shard={encode_component(shard)}.parquet"
-    )
-
-
-def rankings_rel(evaluation: str, method: str) -> str:
-    return (
-        f"rankings/evaluation={encode_component(evaluation)}/"
-        f"method={encode_component(method)}.parquet"
-    )
 
 
 # --------------------------------------------------------------------------- queries
@@ -456,7 +405,7 @@ def manifest_paths(
     names may be no valid relative path (a backslash, say)."""
     out: dict[str, Path] = {}
     for shard in shards:
-        rel = shard_relpath("manifest", ds.name, shard)
+        rel = manifest_path(ds.name, shard)
         for row in store.read_table(rel, ["image_id", "relpath", "error"]).to_pylist():
             if not row["error"]:
                 out[row["image_id"]] = gtio.image_path(ds.images, row["relpath"])
@@ -481,10 +430,11 @@ def evaluation_rankings(
     aggs = offline_aggregations()
     db_ids, db = [], {}
     for agg in aggs:
-        db_ids, db[agg] = read_descriptors(store, descriptors_rel(ds.name, agg))
+        db_ids, db[agg] = read_descriptors(store, descriptors_path(ds.name, agg))
     for dname in ev.distractors:
         rels = {
-            agg: [distractor_rel(ev.name, dname, agg, s) for s in shards[dname]] for agg in aggs
+            agg: [distractor_descriptors_path(ev.name, dname, agg, s) for s in shards[dname]]
+            for agg in aggs
         }
         for agg in aggs:
             ids, m = _read_all_descriptors(store, rels[agg])
@@ -511,23 +461,22 @@ def evaluation_rankings(
 
     # Query groups: (query ids, query FeatureSet, query descriptors, db rows, PCA models).
     groups = []
-    if ds.layout in ("ukbench", "holidays"):
+    if ds.grouped:
         feats = load_features(store, ds.name, shards[ds.name])
         is_query = {q.image_id for q in load_groundtruth(ds, feats.ids).queries}
         pos = {i: k for k, i in enumerate(db_ids)}
-        halves = halves_of(ds, feats.ids) if ds.self_split else [np.arange(len(feats))]
         n_ds = len(feats)
-        for k, half in enumerate(halves, 1):
-            sub = feats.subset(half)
+        for group in pca_groups_of(ds, feats.ids):
+            sub = feats.subset(group.rows)
             rows = np.array([pos[i] for i in sub.ids])
             rows = np.concatenate([rows, np.arange(n_ds, len(db_ids))])  # + distractors
-            pcas = pca_models_for(store, ds, k if ds.self_split else None)
+            pcas = pca_models_for(store, ds, group.half)
             keep = np.array([j for j, i in enumerate(sub.ids) if i in is_query], dtype=np.int64)
             qfs = sub.subset(keep)
             qd = {agg: db[agg][rows[keep]] for agg in aggs}
             groups.append((qfs.ids, qfs, qd, rows, pcas))
     else:
-        qt = store.read_table(f"query_features/dataset={encode_component(ds.name)}/queries.parquet")
+        qt = store.read_table(query_features_path(ds.name))
         qfeats = table_to_featureset(qt.drop_columns(["bbox", "query_name"]))
         pcas = pca_models_for(store, ds)
         qd = descriptor_sets(qfeats, pcas, params)
@@ -622,7 +571,7 @@ def query_input_version(
 
     rows: dict[str, str] = {}
     for shard in shards:
-        rel = shard_relpath("manifest", ds.name, shard)
+        rel = manifest_path(ds.name, shard)
         if not store.exists(rel):
             return None
         t = store.read_table(rel, ["image_id", "sha1"])
@@ -662,14 +611,14 @@ def evaluation_input_problems(
     features: set[str] = set()
     manifest: set[str] = set()
     for s in shards[ds.name]:
-        rel = shard_relpath("cam_features", ds.name, s)
+        rel = features_path(ds.name, s)
         if not store.exists(rel):
             problems.append(f"features of {ds.name} shard {s!r} are not materialized")
             continue
         features.update(_stored_ids(store, rel))
-        manifest.update(_stored_ids(store, shard_relpath("manifest", ds.name, s)))
+        manifest.update(_stored_ids(store, manifest_path(ds.name, s)))
     for agg in offline_aggregations():
-        rel = descriptors_rel(ds.name, agg)
+        rel = descriptors_path(ds.name, agg)
         if not store.exists(rel):
             problems.append(f"{ds.name} {agg} descriptors are not materialized")
             continue
@@ -683,21 +632,21 @@ def evaluation_input_problems(
     database = set(features)
     for dname in ev.distractors:
         for s in shards[dname]:
-            frel = shard_relpath("cam_features", dname, s)
+            frel = features_path(dname, s)
             if not store.exists(frel):
                 problems.append(f"features of {dname} shard {s!r} are not materialized")
                 continue
             fids = set(_stored_ids(store, frel))
             database |= fids
-            drel = distractor_rel(ev.name, dname, offline_aggregations()[0], s)
+            drel = distractor_descriptors_path(ev.name, dname, offline_aggregations()[0], s)
             dids = set(_stored_ids(store, drel)) if store.exists(drel) else set()
             if dids != fids:
                 problems.append(
                     f"{ev.name}: {dname} shard {s!r} has {len(fids)} images with features but "
                     f"{len(dids)} descriptors: its distractor descriptors are out of date"
                 )
-    if ds.layout not in ("ukbench", "holidays"):
-        rel = f"query_features/dataset={encode_component(ds.name)}/queries.parquet"
+    if not ds.grouped:
+        rel = query_features_path(ds.name)
         if not store.exists(rel):
             problems.append(f"{ds.name} query features are not materialized")
         else:

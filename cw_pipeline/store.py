@@ -4,6 +4,15 @@ The root is a local folder or any fsspec URL (``s3://bucket/prefix``, ``memory:/
 ``file:///abs/path``). Paths inside the store are relative POSIX paths; shards follow the
 hive-style layout ``<kind>/dataset=<dataset>/shard=<shard>.parquet`` (:meth:`shard_path`).
 
+This module owns the warehouse layout: every artefact of the pipeline has a named path here
+(:func:`manifest_path`, :func:`features_path`, :func:`rejected_path`, :func:`plan_path`,
+:func:`checkpoint_folder`, :func:`query_features_path`, :func:`pca_path`,
+:func:`descriptors_path`, :func:`distractor_descriptors_path`, :func:`rankings_path`, and
+:func:`report_path` under the reports root), and every folder a reader lists or watches has
+one too (:func:`shard_folder`, :func:`pca_folder`, :func:`descriptors_folder`,
+:func:`distractor_descriptors_folder`); no other module builds a warehouse path. PCA models
+are stored one way, by :meth:`FeatureStore.write_pca` / :meth:`FeatureStore.read_pca`.
+
 Writes are atomic, so readers never see a partial file and concurrent writers of one path
 leave one complete file (the last rename wins):
 
@@ -44,14 +53,39 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from cw_pipeline.core.aggregation import PCAWhitening
+
 __all__ = [
+    "FEATURES",
+    "MANIFEST",
+    "REJECTED",
+    "REPORT_JSON",
+    "REPORT_MARKDOWN",
+    "REPORT_PER_QUERY",
+    "SHARD_KINDS",
     "CorruptFileError",
     "CorruptShardError",
     "FeatureStore",
     "bounded_component",
+    "checkpoint_folder",
     "decode_component",
+    "descriptors_folder",
+    "descriptors_path",
+    "distractor_descriptors_folder",
+    "distractor_descriptors_path",
     "encode_component",
+    "features_path",
+    "manifest_path",
     "parse_shard_path",
+    "pca_folder",
+    "pca_path",
+    "plan_path",
+    "query_features_path",
+    "rankings_path",
+    "rejected_path",
+    "report_folder",
+    "report_path",
+    "shard_folder",
     "shard_name_from_path",
 ]
 
@@ -379,6 +413,51 @@ class FeatureStore:
         meta = self._parquet_file(self._relpath([relpath])).schema_arrow.metadata or {}
         return {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in meta.items()}
 
+    # ---- PCA models -----------------------------------------------------------------------
+
+    def write_pca(self, relbase: str, model: PCAWhitening) -> str:
+        """Write a PCA model as ``<relbase>.npz`` (its arrays, no pickles) and
+        ``<relbase>.json`` (its metadata), each atomically; returns ``relbase``."""
+        relbase = self._relpath([relbase])
+        self.write_bytes(f"{relbase}.npz", model.npz_bytes())
+        self.write_json(f"{relbase}.json", model.metadata)
+        return relbase
+
+    def read_pca(self, relbase: str) -> PCAWhitening:
+        """The PCA model written by :meth:`write_pca` at ``relbase``.
+
+        Raises:
+            FileNotFoundError: the ``.npz`` or the ``.json`` is missing (names it).
+            CorruptFileError: either does not decode, or the arrays do not fit (names it).
+        """
+        relbase = self._relpath([relbase])
+        npz = f"{relbase}.npz"
+        data = self.read_bytes(npz)
+        metadata = self.read_pca_metadata(relbase)
+        try:
+            return PCAWhitening.from_npz_bytes(data, metadata)
+        except ValueError as exc:
+            raise CorruptFileError(npz, str(exc), self.url(npz)) from None
+
+    def read_pca_metadata(self, relbase: str) -> dict[str, Any]:
+        """The metadata of the PCA model at ``relbase`` (its ``.json``), without its arrays.
+
+        Raises:
+            FileNotFoundError: the ``.json`` is missing (names it).
+            CorruptFileError: it does not decode, or is no JSON object (names it).
+        """
+        meta = f"{self._relpath([relbase])}.json"
+        metadata = self.read_json(meta)
+        if not isinstance(metadata, dict):
+            reason = f"PCA metadata must be a JSON object, not {type(metadata).__name__}"
+            raise CorruptFileError(meta, reason, self.url(meta))
+        return metadata
+
+    def pca_exists(self, relbase: str) -> bool:
+        """Whether both files of the PCA model at ``relbase`` exist."""
+        relbase = self._relpath([relbase])
+        return self.exists(f"{relbase}.npz") and self.exists(f"{relbase}.json")
+
     # ---- listing and deleting -------------------------------------------------------------
 
     def exists(self, relpath: str) -> bool:
@@ -484,3 +563,135 @@ class FeatureStore:
             if key not in schema.names:
                 schema = schema.append(pa.field(key, pa.string()))
         return pads.FileSystemDataset(fragments, schema, fmt)
+
+
+# --------------------------------------------------------------------------------------------
+# the warehouse layout: one named path per artefact (relative to the store's root)
+# --------------------------------------------------------------------------------------------
+
+#: Kinds of per-shard tables: ``<kind>/dataset=<ds>/shard=<shard>.parquet``.
+MANIFEST = "manifest"
+FEATURES = "cam_features"
+REJECTED = "rejected"
+SHARD_KINDS = (MANIFEST, FEATURES, REJECTED)
+#: Top-level folder of the per-batch checkpoints (outside every reader's prefix).
+CHECKPOINTS = "_checkpoints"
+
+
+def _ds(dataset: str) -> str:
+    return f"dataset={encode_component(dataset)}"
+
+
+def _ev(evaluation: str) -> str:
+    return f"evaluation={encode_component(evaluation)}"
+
+
+def manifest_path(dataset: str, shard: str) -> str:
+    """``manifest/dataset=<ds>/shard=<shard>.parquet``: the files of one shard."""
+    return FeatureStore.shard_path(MANIFEST, dataset, shard)
+
+
+def features_path(dataset: str, shard: str) -> str:
+    """``cam_features/dataset=<ds>/shard=<shard>.parquet``: the CAM features of one shard."""
+    return FeatureStore.shard_path(FEATURES, dataset, shard)
+
+
+def rejected_path(dataset: str, shard: str) -> str:
+    """``rejected/dataset=<ds>/shard=<shard>.parquet``: a shard's unreadable images."""
+    return FeatureStore.shard_path(REJECTED, dataset, shard)
+
+
+def shard_folder(kind: str, dataset: str) -> str:
+    """``<kind>/dataset=<ds>``: the folder of a dataset's shards of one kind (for listing)."""
+    if kind not in SHARD_KINDS:
+        raise ValueError(f"unknown shard kind {kind!r} (known: {', '.join(SHARD_KINDS)})")
+    return f"{kind}/{_ds(dataset)}"
+
+
+def plan_path(dataset: str) -> str:
+    """``plans/<ds>.json``: the bucket count of a ``shard_by: batch`` dataset."""
+    return f"plans/{encode_component(dataset)}.json"
+
+
+def checkpoint_folder(kind: str, dataset: str, shard: str) -> str:
+    """``_checkpoints/<kind>/dataset=<ds>/shard=<shard>``: the per-batch checkpoints of a
+    shard being built (validates the names like :meth:`FeatureStore.shard_path`)."""
+    FeatureStore.shard_path(kind, dataset, shard)
+    return f"{CHECKPOINTS}/{kind}/{_ds(dataset)}/shard={encode_component(shard)}"
+
+
+def query_features_path(dataset: str) -> str:
+    """``query_features/dataset=<ds>/queries.parquet``: the features of a dataset's queries."""
+    return f"query_features/{_ds(dataset)}/queries.parquet"
+
+
+def pca_folder(dataset: str) -> str:
+    """``pca/dataset=<ds>``: the folder of a dataset's PCA models (for listing)."""
+    return f"pca/{_ds(dataset)}"
+
+
+def pca_path(dataset: str, space: str, half: int | None = None) -> str:
+    """``pca/dataset=<ds>/<space>[-half<k>]``: a PCA model, without suffix (the store holds
+    ``.npz`` + ``.json``; see :meth:`FeatureStore.write_pca`). ``half``: 1 or 2 for the two
+    models of a self-split dataset."""
+    if half not in (None, 1, 2):
+        raise ValueError(f"a PCA half is 1 or 2, got {half!r}")
+    suffix = "" if half is None else f"-half{half}"
+    return f"{pca_folder(dataset)}/{encode_component(space)}{suffix}"
+
+
+def descriptors_folder(dataset: str) -> str:
+    """``descriptors/dataset=<ds>``: the folder of a dataset's offline descriptors."""
+    return f"descriptors/{_ds(dataset)}"
+
+
+def descriptors_path(dataset: str, aggregation: str) -> str:
+    """``descriptors/dataset=<ds>/<aggregation>.parquet``: a dataset's offline descriptors."""
+    return f"{descriptors_folder(dataset)}/{encode_component(aggregation)}.parquet"
+
+
+def distractor_descriptors_folder(
+    evaluation: str, distractors: str | None = None, aggregation: str | None = None
+) -> str:
+    """``distractor_descriptors/evaluation=<ev>[/set=<d>[/agg=<a>]]``: the distractor
+    descriptors of one evaluation, of one of its sets, or of one set's aggregation (for
+    listing)."""
+    folder = f"distractor_descriptors/{_ev(evaluation)}"
+    if distractors is None:
+        if aggregation is not None:
+            raise ValueError(f"aggregation {aggregation!r} given without a distractor set")
+        return folder
+    folder = f"{folder}/set={encode_component(distractors)}"
+    return folder if aggregation is None else f"{folder}/agg={encode_component(aggregation)}"
+
+
+def distractor_descriptors_path(
+    evaluation: str, distractors: str, aggregation: str, shard: str
+) -> str:
+    """``distractor_descriptors/evaluation=<ev>/set=<d>/agg=<a>/shard=<s>.parquet``: the
+    descriptors of one distractor shard under one evaluation's PCA."""
+    folder = distractor_descriptors_folder(evaluation, distractors, aggregation)
+    return f"{folder}/shard={encode_component(shard)}.parquet"
+
+
+def rankings_path(evaluation: str, method: str) -> str:
+    """``rankings/evaluation=<ev>/method=<m>.parquet``: one method's rankings."""
+    return f"rankings/{_ev(evaluation)}/method={encode_component(method)}.parquet"
+
+
+#: The files of a report folder that other commands read (beside its figures).
+REPORT_MARKDOWN = "report.md"
+REPORT_JSON = "report.json"
+REPORT_PER_QUERY = "per_query_ap.csv"
+
+
+def report_folder(evaluation: str) -> str:
+    """``<ev>``: an evaluation's report folder, relative to the *reports* root."""
+    return encode_component(evaluation)
+
+
+def report_path(evaluation: str, *parts: str) -> str:
+    """``<ev>/<parts...>``: a file of an evaluation's report folder (:data:`REPORT_MARKDOWN`,
+    :data:`REPORT_JSON`, :data:`REPORT_PER_QUERY`, the figures ``queries/<q>.png`` ...),
+    relative to the reports root."""
+    return FeatureStore._relpath([report_folder(evaluation), *parts])

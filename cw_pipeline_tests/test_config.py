@@ -234,6 +234,33 @@ def test_pair_datasets_and_implicit_evaluations(tmp_path: Path) -> None:
     assert config.paired("flickr") is None
     assert config.pca_users("paris6k") == (ox,)
     assert config.evaluations_for("flickr") == ()
+    assert not ox.grouped and not ox.self_split
+
+
+@pytest.mark.parametrize(
+    ("layout", "groundtruth", "grouped"),
+    [
+        ("ukbench", None, True),
+        ("holidays", None, True),
+        ("oxford", Path("gt"), False),
+        ("gnd", Path("gnd_x.pkl"), False),
+        ("folder", None, False),
+    ],
+)
+def test_grouped_layouts(layout: str, groundtruth: Path | None, grouped: bool) -> None:
+    """``grouped``: the one property for "every image is a query of its object";
+    ``self_split``: the one for "each half learns its PCA on the other"."""
+    ds = DatasetConfig(name="d", layout=layout, images=Path("x"), groundtruth=groundtruth)  # type: ignore[arg-type]
+    assert ds.grouped is grouped
+    assert not ds.self_split
+    split = DatasetConfig(
+        name="d",
+        layout=layout,  # type: ignore[arg-type]
+        images=Path("x"),
+        groundtruth=groundtruth,
+        pca_from=SELF_SPLIT,
+    )
+    assert split.self_split and split.grouped is grouped
 
 
 def test_extraction_defaults_and_overrides(tmp_path: Path) -> None:

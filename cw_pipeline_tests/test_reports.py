@@ -20,7 +20,7 @@ from cw_pipeline.core.aggregation import PCAWhitening
 from cw_pipeline.core.datasets import GroundTruth, Query
 from cw_pipeline.core.experiment import Method, SearchParams
 from cw_pipeline.core.jsonsafe import dumps, finite
-from cw_pipeline.store import FeatureStore
+from cw_pipeline.store import FeatureStore, rankings_path
 
 
 def _strict(text: str):
@@ -62,7 +62,7 @@ def report_with_an_empty_query(tmp_path: Path, monkeypatch) -> dict:
                 ),
             }
         )
-        store.write_table(stages.rankings_rel("toy", method), table)
+        store.write_table(rankings_path("toy", method), table)
     config = SimpleNamespace(dataset=lambda name: ds, search=SearchParams())
     return reports.build_report(config, store, ev, {})
 
@@ -96,8 +96,8 @@ def test_every_json_writer_turns_non_finite_numbers_into_null(tmp_path, bad) -> 
     store.write_json("doc.json", doc)
     assert _strict((tmp_path / "s" / "doc.json").read_text()) == expected
     pca = PCAWhitening(np.zeros(2), np.eye(2), np.ones(2), metadata={"note": bad})
-    pca.save(tmp_path / "pca")
-    assert _strict((tmp_path / "pca.json").read_text()) == {"note": None}
+    store.write_pca("pca", pca)
+    assert _strict((tmp_path / "s" / "pca.json").read_text()) == {"note": None}
     with pytest.raises(ValueError, match="Out of range float"):  # the guard behind finite()
         json.dumps(float(bad), allow_nan=False)
     assert finite((bad, "s", 3)) == [None, "s", 3]

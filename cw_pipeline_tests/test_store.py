@@ -426,3 +426,212 @@ def test_tables_dictionary_encode_text_columns_only(tmp_path: Path) -> None:
     vectors = next(v for k, v in encodings.items() if k.startswith("class_vectors"))
     assert not any("DICTIONARY" in e for e in vectors)
     assert st.read_table("t/x.parquet").equals(table)
+
+
+# --------------------------------------------------------------------------------------------
+# the warehouse layout
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_artefact_has_its_named_path() -> None:
+    """The layout the assets have always written (existing warehouses stay readable)."""
+    assert (
+        store_mod.manifest_path("oxford5k", "b000")
+        == "manifest/dataset=oxford5k/shard=b000.parquet"
+    )
+    assert store_mod.features_path("demo-a", "été 1") == (
+        "cam_features/dataset=demo-a/shard=%C3%A9t%C3%A9%201.parquet"
+    )
+    assert store_mod.rejected_path("d", "s") == "rejected/dataset=d/shard=s.parquet"
+    assert store_mod.shard_folder("cam_features", "d") == "cam_features/dataset=d"
+    assert store_mod.plan_path("oxford5k") == "plans/oxford5k.json"
+    assert store_mod.checkpoint_folder("cam_features", "d", "s") == (
+        "_checkpoints/cam_features/dataset=d/shard=s"
+    )
+    assert (
+        store_mod.query_features_path("demo-a") == "query_features/dataset=demo-a/queries.parquet"
+    )
+    assert store_mod.pca_path("ukb", "class") == "pca/dataset=ukb/class"
+    assert store_mod.pca_path("ukb", "raw", 2) == "pca/dataset=ukb/raw-half2"
+    assert store_mod.pca_folder("ukb") == "pca/dataset=ukb"
+    assert store_mod.descriptors_folder("demo-a") == "descriptors/dataset=demo-a"
+    assert store_mod.descriptors_path("demo-a", "raw+pca") == (
+        "descriptors/dataset=demo-a/raw%2Bpca.parquet"
+    )
+    assert store_mod.distractor_descriptors_folder("ev") == "distractor_descriptors/evaluation=ev"
+    assert store_mod.distractor_descriptors_folder("ev", "flickr") == (
+        "distractor_descriptors/evaluation=ev/set=flickr"
+    )
+    assert store_mod.distractor_descriptors_path("ev", "flickr", "ofa", "b001") == (
+        "distractor_descriptors/evaluation=ev/set=flickr/agg=ofa/shard=b001.parquet"
+    )
+    assert store_mod.rankings_path("oxford105k", "ofa+r100+qe10") == (
+        "rankings/evaluation=oxford105k/method=ofa%2Br100%2Bqe10.parquet"
+    )
+    assert store_mod.report_path("demo-a", "report.md") == "demo-a/report.md"
+    assert store_mod.report_path("demo-a", "queries/q.png") == "demo-a/queries/q.png"
+    assert store_mod.report_folder("demo-a") == "demo-a"
+
+
+def test_layout_refuses_bad_names() -> None:
+    with pytest.raises(ValueError, match="unknown shard kind 'pca'"):
+        store_mod.shard_folder("pca", "d")
+    with pytest.raises(ValueError, match="a PCA half is 1 or 2, got 3"):
+        store_mod.pca_path("d", "class", 3)
+    with pytest.raises(ValueError, match="non-empty string"):
+        store_mod.descriptors_path("", "ofa")
+    with pytest.raises(ValueError, match="invalid store path"):
+        store_mod.report_path("ev", "../elsewhere.md")
+    with pytest.raises(ValueError, match="invalid kind"):
+        store_mod.checkpoint_folder("a/b", "d", "s")
+    with pytest.raises(ValueError, match="aggregation 'ofa' given without a distractor set"):
+        store_mod.distractor_descriptors_folder("ev", None, "ofa")
+
+
+def _pca_model():
+    import numpy as np
+
+    from cw_pipeline.core.aggregation import PCAWhitening
+
+    rng = np.random.default_rng(3)
+    return PCAWhitening.fit(rng.normal(size=(40, 6)), dims=4, metadata={"training_set": "paris"})
+
+
+def test_pca_round_trip(store: FeatureStore) -> None:
+    import numpy as np
+
+    model = _pca_model()
+    rel = store_mod.pca_path("oxford5k", "class")
+    assert not store.pca_exists(rel)
+    assert store.write_pca(rel, model) == rel
+    assert store.pca_exists(rel)
+    assert store.list("pca", suffix=None) == [f"{rel}.json", f"{rel}.npz"]
+    loaded = store.read_pca(rel)
+    for name in ("mean", "components", "eigenvalues"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(model, name))
+    assert loaded.metadata == model.metadata and loaded.metadata["output_dim"] == 4
+    assert store.read_pca_metadata(rel) == model.metadata
+
+
+def test_pca_files_of_earlier_versions_stay_readable(tmp_path: Path) -> None:
+    """The format the pca_model asset wrote before the one serialisation: ``np.savez`` of the
+    three arrays beside the JSON metadata."""
+    import json
+
+    import numpy as np
+
+    model = _pca_model()
+    folder = tmp_path / "wh" / "pca" / "dataset=oxford5k"
+    folder.mkdir(parents=True)
+    np.savez(
+        folder / "class.npz",
+        mean=model.mean,
+        components=model.components,
+        eigenvalues=model.eigenvalues,
+    )
+    (folder / "class.json").write_text(json.dumps(model.metadata))
+    loaded = FeatureStore(tmp_path / "wh").read_pca("pca/dataset=oxford5k/class")
+    np.testing.assert_array_equal(loaded.components, model.components)
+    assert loaded.metadata == model.metadata
+    # ... and what write_pca writes decodes the same way as those files.
+    again = FeatureStore(tmp_path / "again")
+    again.write_pca("m", model)
+    with np.load(tmp_path / "again" / "m.npz", allow_pickle=False) as data:
+        assert sorted(data.files) == ["components", "eigenvalues", "mean"]
+
+
+def test_pca_read_errors_name_the_file(store: FeatureStore) -> None:
+    model = _pca_model()
+    with pytest.raises(FileNotFoundError, match=r"not in the feature store: .*m\.npz"):
+        store.read_pca("m")
+    store.write_pca("m", model)
+    store.write_bytes("m.npz", b"truncated")
+    with pytest.raises(CorruptFileError, match=r"m\.npz': not a PCA model"):
+        store.read_pca("m")
+    store.write_pca("m", model)
+    store.write_json("m.json", [1, 2])
+    with pytest.raises(CorruptFileError, match=r"m\.json': PCA metadata must be a JSON object"):
+        store.read_pca("m")
+    with pytest.raises(CorruptFileError, match=r"m\.json': PCA metadata must be a JSON object"):
+        store.read_pca_metadata("m")
+    store.delete("m.json")
+    assert not store.pca_exists("m")
+    with pytest.raises(FileNotFoundError, match=r"m\.json"):
+        store.read_pca("m")
+
+
+#: Text that only a warehouse path holds: a hive-style ``key=`` folder, a top-level artefact
+#: folder, or a report file name.
+_WAREHOUSE_TEXT = re.compile(
+    r"(^|/)(dataset|evaluation|set|agg|shard|method)=|"
+    r"^/?(manifest|cam_features|rejected|query_features|pca|descriptors|"
+    r"distractor_descriptors|rankings|plans|_checkpoints)/|"
+    r"^/?(report\.md|report\.json|per_query_ap\.csv)$"
+)
+
+
+def _string_parts(tree) -> Iterator[tuple[int, str]]:
+    """Every string constant of a module, f-strings' literal parts included."""
+    import ast
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.lineno, node.value
+
+
+def test_no_module_but_store_builds_warehouse_paths() -> None:
+    """Grep-style, on the syntax tree: outside store.py no string literal of the package
+    (docstrings and comments aside) holds a piece of a warehouse path, and nothing calls
+    ``shard_path`` with a literal kind: every path comes from store's named functions."""
+    import ast
+
+    package = Path(store_mod.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "store.py" and path.parent == package:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if id(node) in docstrings:
+                continue
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if _WAREHOUSE_TEXT.search(node.value):
+                    found.append(f"{path.relative_to(package)}:{node.lineno}: {node.value!r}")
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "shard_path"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                found.append(f"{path.relative_to(package)}:{node.lineno}: shard_path(literal)")
+    assert found == []
+
+
+def test_the_path_check_catches_a_path_built_elsewhere() -> None:
+    """The pattern of the test above matches each way the modules used to build paths."""
+    import ast
+
+    built = [
+        'f"query_features/dataset={encode_component(ds.name)}/queries.parquet"',
+        'f"pca/dataset={encode_component(dataset)}/{space}{suffix}"',
+        'f"rankings/evaluation={e}/method={m}.parquet"',
+        'f"{ev}/report.md"',
+        'f"plans/{ds.name}.json"',
+        'f"{CHECKPOINT_ROOT}/{kind}/dataset={d}/shard={s}"',
+        '"distractor_descriptors/evaluation=" + ev',
+    ]
+    for source in built:
+        parts = [v for _, v in _string_parts(ast.parse(source))]
+        assert any(_WAREHOUSE_TEXT.search(p) for p in parts), source
+    for harmless in ['"dataset"', '"image_id"', 'f"{ev.name}: rankings"', '"report"']:
+        parts = [v for _, v in _string_parts(ast.parse(harmless))]
+        assert not any(_WAREHOUSE_TEXT.search(p) for p in parts), harmless

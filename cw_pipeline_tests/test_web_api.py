@@ -19,8 +19,8 @@ from starlette.testclient import TestClient
 
 from cw_pipeline.cli import main
 from cw_pipeline.core.evaluation import average_precision
-from cw_pipeline.stages import load_groundtruth, rankings_rel, score_rankings
-from cw_pipeline.store import FeatureStore
+from cw_pipeline.stages import load_groundtruth, score_rankings
+from cw_pipeline.store import FeatureStore, descriptors_path, rankings_path
 from cw_pipeline.web import engine as engine_mod
 from cw_pipeline.web.app import create_app
 from cw_pipeline.web.engine import SearchEngine
@@ -161,7 +161,7 @@ def test_ground_truth_labels_and_ap(client: TestClient, cli_project: CliProject)
     )
     assert page["ap"] == pytest.approx(own, abs=1e-6)
     store = FeatureStore(cli_project.config.warehouse)
-    stored = score_rankings(ds, gt, ids, store.read_table(rankings_rel("alpha", "ofa")))
+    stored = score_rankings(ds, gt, ids, store.read_table(rankings_path("alpha", "ofa")))
     assert page["ap"] == pytest.approx(stored["aps"][q["id"]], abs=0.02)
 
 
@@ -210,7 +210,7 @@ def test_model_and_index_loaded_once_and_reloaded_on_a_new_materialization(
     assert engine.index_loads == 1  # nothing changed in the store
     # A new materialization of alpha's descriptors (same content, a new file).
     store = FeatureStore(cli_project.config.warehouse)
-    rel = "descriptors/dataset=alpha/ofa.parquet"
+    rel = descriptors_path("alpha", "ofa")
     store.write_bytes(rel, store.read_bytes(rel))
     later = os.stat(store.path(rel)).st_mtime + 5
     os.utime(store.path(rel), (later, later))

@@ -1,7 +1,8 @@
 """Descriptor aggregation: l2 → PCA-whitening → l2 per class vector, then sum and l2.
 
 * ``PCAWhitening``: fitted on class vectors of a *training* dataset (the paired dataset: Paris for
-  Oxford and vice versa), N_pca vectors per image. Persisted as ``.npz`` + JSON metadata.
+  Oxford and vice versa), N_pca vectors per image. Serialised as ``.npz`` bytes
+  (:meth:`PCAWhitening.npz_bytes`); the feature store keeps them beside their JSON metadata.
 * Offline aggregation (OfA): an image's own top N_C class vectors, at indexing time.
 * Online aggregation (OnA): the query's top N_C classes applied to every database image, at
   search time (see ``search.online_descriptors``).
@@ -9,17 +10,13 @@
 
 from __future__ import annotations
 
-import json
+import io
 import logging
-import os
-import tempfile
+import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from cw_pipeline.core.jsonsafe import dumps
 
 logger = logging.getLogger(__name__)
 
@@ -132,63 +129,42 @@ class PCAWhitening:
         """The paper's per-vector step: l2 → PCA-whitening → l2."""
         return l2_normalize(self.transform(l2_normalize(x)))
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``<path>.npz`` (arrays) and ``<path>.json`` (metadata) atomically."""
-        base = Path(path)
-        base = base.with_suffix("") if base.suffix in (".npz", ".json") else base
-        base.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(
-            _with_ext(base, ".npz"),
-            lambda f: np.savez(
-                f, mean=self.mean, components=self.components, eigenvalues=self.eigenvalues
-            ),
-        )
-        payload = dumps(self.metadata, indent=2, sort_keys=True, default=str).encode()
-        _atomic_write(_with_ext(base, ".json"), lambda f: f.write(payload))
-        return _with_ext(base, ".npz")
+    def npz_bytes(self) -> bytes:
+        """The arrays as ``.npz`` bytes (``mean``, ``components``, ``eigenvalues``; no pickles).
+
+        The one serialisation of a model: the feature store writes these bytes beside the
+        metadata as JSON (``cw_pipeline.store.FeatureStore.write_pca``).
+        """
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean, components=self.components, eigenvalues=self.eigenvalues)
+        return buf.getvalue()
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> PCAWhitening:
-        """Read a model written by ``save`` (no pickles are loaded)."""
-        base = Path(path)
-        base = base.with_suffix("") if base.suffix in (".npz", ".json") else base
-        with np.load(_with_ext(base, ".npz"), allow_pickle=False) as data:
-            mean, comps, eig = data["mean"], data["components"], data["eigenvalues"]
-        meta_path = _with_ext(base, ".json")
-        meta = _read_metadata(meta_path) if meta_path.exists() else {}
-        if comps.shape[1] != mean.shape[0] or comps.shape[0] != eig.shape[0]:
-            raise ValueError(f"PCA model {base} has inconsistent array shapes")
-        return cls(mean=mean, components=comps, eigenvalues=eig, metadata=meta)
-
-
-def _read_metadata(path: Path) -> dict[str, Any]:
-    """A PCA model's JSON metadata; ValueError naming the file when it is not UTF-8 JSON."""
-    from cw_pipeline.core.datasets import decode_text
-
-    text = decode_text(path.read_bytes(), path)
-    try:
-        meta = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"{path}: invalid JSON metadata ({exc})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: the metadata must be a JSON object, not {type(meta).__name__}")
-    return meta
-
-
-def _with_ext(base: Path, ext: str) -> Path:
-    """``base`` with ``ext`` appended (not substituted: ``pca.v1`` → ``pca.v1.npz``)."""
-    return base.with_name(base.name + ext)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def from_npz_bytes(cls, data: bytes, metadata: dict[str, Any] | None = None) -> PCAWhitening:
+        """The model whose arrays :meth:`npz_bytes` wrote; ValueError (saying what is wrong)
+        when they do not decode without pickles, lack an array or have inconsistent shapes."""
+        names = ("mean", "components", "eigenvalues")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in names if k in npz.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"not a PCA model ({exc})") from None
+        missing = [k for k in names if k not in arrays]
+        if missing:
+            raise ValueError(f"not a PCA model: no array {', '.join(missing)}")
+        mean, comps, eig = arrays["mean"], arrays["components"], arrays["eigenvalues"]
+        if (
+            mean.ndim != 1
+            or comps.ndim != 2
+            or eig.ndim != 1
+            or comps.shape[1] != mean.shape[0]
+            or comps.shape[0] != eig.shape[0]
+        ):
+            raise ValueError(
+                f"inconsistent PCA array shapes: mean {mean.shape}, components {comps.shape}, "
+                f"eigenvalues {eig.shape}"
+            )
+        return cls(mean=mean, components=comps, eigenvalues=eig, metadata=dict(metadata or {}))
 
 
 def pca_training_vectors(class_vectors: np.ndarray, n_pca: int) -> np.ndarray:

@@ -1,39 +1,46 @@
-"""Dagster definitions: asset factories, resources, sensors and schedules (wiring only)."""
+"""Dagster wiring only: assets (one factory per asset in :mod:`.assets`), checks
+(:mod:`.checks`), the indexing jobs (:mod:`.jobs`), sensors (:mod:`.sensors`), schedules
+(:mod:`.schedules`), resources, executors, data versions and run recovery."""
 
 from __future__ import annotations
 
 import dagster as dg
 
-from cw_pipeline.config import ProjectConfig
+from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.defs.assets import dataset_assets, evaluation_assets
-from cw_pipeline.defs.automation import (
-    automation_sensor,
-    dataset_schedule,
-    dataset_sensor,
-    index_job,
-)
 from cw_pipeline.defs.executors import executor_from_env
+from cw_pipeline.defs.jobs import index_job
 from cw_pipeline.defs.resources import PipelineResource
+from cw_pipeline.defs.schedules import dataset_schedule
+from cw_pipeline.defs.sensors import automation_sensor, dataset_sensor
+
+__all__ = ["build_definitions"]
+
+
+def _dataset_defs(
+    config: ProjectConfig, ds: DatasetConfig, pipeline: PipelineResource
+) -> dg.Definitions:
+    """A dataset's assets and checks, its indexing job, folder sensor and daily schedule."""
+    job = index_job(ds)
+    return dg.Definitions(
+        assets=dataset_assets(config, ds, pipeline.store),
+        jobs=[job],
+        sensors=[dataset_sensor(ds, job)],
+        schedules=[dataset_schedule(ds, job)],
+    )
 
 
 def build_definitions(config: ProjectConfig, warehouse: str = "") -> dg.Definitions:
-    """The code location for a project configuration."""
-    assets, jobs, sensors, schedules = [], [], [], []
+    """The code location of a project configuration (``warehouse``: overrides its store)."""
     pipeline = PipelineResource(config_path=str(config.source), warehouse=warehouse)
-    for ds in config.datasets.values():
-        assets += dataset_assets(config, ds, pipeline.store)
-        job = index_job(ds)
-        jobs.append(job)
-        sensors.append(dataset_sensor(ds, job))
-        schedules.append(dataset_schedule(ds, job))
-    for ev in config.evaluations.values():
-        assets += evaluation_assets(config, ev)
-    sensors.append(automation_sensor())
-    return dg.Definitions(
-        assets=assets,
-        jobs=jobs,
-        sensors=sensors,
-        schedules=schedules,
-        executor=executor_from_env(),
-        resources={"pipeline": pipeline},
+    datasets = [_dataset_defs(config, ds, pipeline) for ds in config.datasets.values()]
+    evaluations = [a for ev in config.evaluations.values() for a in evaluation_assets(config, ev)]
+    return dg.Definitions.merge(
+        *datasets,
+        dg.Definitions(
+            assets=evaluations,
+            sensors=[automation_sensor()],
+            executor=executor_from_env(),
+            resources={"pipeline": pipeline},
+        ),
     )

@@ -55,7 +55,16 @@ from cw_pipeline.query import (
     load_query_image,
     search_image,
 )
-from cw_pipeline.store import FeatureStore, encode_component
+from cw_pipeline.store import (
+    FEATURES,
+    MANIFEST,
+    FeatureStore,
+    descriptors_folder,
+    distractor_descriptors_folder,
+    manifest_path,
+    pca_folder,
+    shard_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -279,18 +288,17 @@ class SearchEngine:
         names = [d.name for d in self._datasets_of(target)]
         out = []
         for name in names:
-            enc = encode_component(name)
-            for kind in ("manifest", "cam_features", "descriptors", "pca"):
-                out.append(f"{kind}/dataset={enc}")
+            out += [shard_folder(MANIFEST, name), shard_folder(FEATURES, name)]
+            out += [descriptors_folder(name), pca_folder(name)]
         evaluations = [target.name] if target.kind == "evaluation" else []
         if target.kind == "dataset" and not config.dataset(target.name).has_groundtruth:
             evaluations = [e.name for e in config.evaluations_for(target.name)]
         for ev in evaluations:
-            out.append(f"distractor_descriptors/evaluation={encode_component(ev)}")
+            out.append(distractor_descriptors_folder(ev))
         main = self._main_dataset(target)
         pca_source = config.paired(main.name)
         if pca_source is not None and pca_source.name not in names:
-            out.append(f"pca/dataset={encode_component(main.name)}")
+            out.append(pca_folder(main.name))
         return out
 
     # ------------------------------------------------------------------ databases
@@ -340,18 +348,16 @@ class SearchEngine:
     def manifest(self, ds: DatasetConfig) -> dict[str, dict[str, Any]]:
         """Readable images of ``ds`` by id (relpath, width, height), from its stored
         manifests (reloaded when they change)."""
-        from cw_pipeline.stages import shard_relpath
-
-        prefix = f"manifest/dataset={encode_component(ds.name)}"
+        prefix = shard_folder(MANIFEST, ds.name)
         with self._lock:
             cached = self._manifests.get(ds.name)
             signature = self._signature([prefix])
             if cached is not None and cached.signature == signature:
                 return cached.rows
             rows: dict[str, dict[str, Any]] = {}
-            for shard in stored_shards(self.store, "manifest", ds.name):
+            for shard in stored_shards(self.store, MANIFEST, ds.name):
                 table = self.store.read_table(
-                    shard_relpath("manifest", ds.name, shard),
+                    manifest_path(ds.name, shard),
                     ["image_id", "relpath", "width", "height", "error"],
                 )
                 for row in table.to_pylist():
@@ -470,15 +476,14 @@ class SearchEngine:
             if cached is not None and now - cached[0] < FRESHNESS_SECONDS:
                 return cached[1]
         status = dataset_status(self.config(), self.store, ds)
-        prefixes = [f"descriptors/dataset={encode_component(ds.name)}"]
+        prefixes = [descriptors_folder(ds.name)]
         if not ds.has_groundtruth:
             prefixes = [
-                f"distractor_descriptors/evaluation={encode_component(e.name)}/set="
-                f"{encode_component(ds.name)}"
+                distractor_descriptors_folder(e.name, ds.name)
                 for e in self.config().evaluations_for(ds.name)
             ]
             if not any(self._signature([p]) for p in prefixes):
-                prefixes = [f"cam_features/dataset={encode_component(ds.name)}"]
+                prefixes = [shard_folder(FEATURES, ds.name)]
         signature = self._signature(prefixes)
         stamp = max((float(s) for _, _, s in signature if _is_number(s)), default=None)
         info = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 import math
 
@@ -142,53 +142,37 @@ def test_pca_metadata_and_errors():
         pca.transform(np.zeros((2, 4)))
 
 
-def test_pca_save_load_round_trip(tmp_path):
+def test_pca_npz_bytes_round_trip():
     x = _training_data()
     pca = PCAWhitening.fit(x, dims=3, metadata={"backbone": "efficientnet_lite0", "set": "paris"})
-    written = pca.save(tmp_path / "sub" / "pca")
-    assert written == tmp_path / "sub" / "pca.npz"
-    assert (tmp_path / "sub" / "pca.npz").is_file()
-    assert (tmp_path / "sub" / "pca.json").is_file()
-    assert not list((tmp_path / "sub").glob("*.tmp"))
-    # Plain arrays (no pickles) and plain JSON.
-    with np.load(tmp_path / "sub" / "pca.npz", allow_pickle=False) as data:
-        assert sorted(data.files) == ["components", "eigenvalues", "mean"]
-        np.testing.assert_array_equal(data["components"], pca.components)
-    meta = json.loads((tmp_path / "sub" / "pca.json").read_text())
-    assert meta["backbone"] == "efficientnet_lite0"
-    assert meta["output_dim"] == 3
-    for name in ("pca", "pca.npz", "pca.json"):
-        loaded = PCAWhitening.load(tmp_path / "sub" / name)
-        np.testing.assert_array_equal(loaded.mean, pca.mean)
-        np.testing.assert_array_equal(loaded.components, pca.components)
-        np.testing.assert_array_equal(loaded.eigenvalues, pca.eigenvalues)
-        assert loaded.metadata == pca.metadata
-        np.testing.assert_array_equal(loaded(x), pca(x))
+    data = pca.npz_bytes()
+    # Plain arrays (no pickles).
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        assert sorted(npz.files) == ["components", "eigenvalues", "mean"]
+        np.testing.assert_array_equal(npz["components"], pca.components)
+    loaded = PCAWhitening.from_npz_bytes(data, pca.metadata)
+    np.testing.assert_array_equal(loaded.mean, pca.mean)
+    np.testing.assert_array_equal(loaded.components, pca.components)
+    np.testing.assert_array_equal(loaded.eigenvalues, pca.eigenvalues)
+    assert loaded.metadata == pca.metadata and loaded.output_dim == 3
+    np.testing.assert_array_equal(loaded(x), pca(x))
 
 
-def test_pca_save_dotted_names_do_not_collide(tmp_path):
-    # "<path>.npz" is appended to the name: "pca.v1" and "pca.v2" are two models, not one.
-    x = _training_data()
-    one = PCAWhitening.fit(x, dims=1, metadata={"version": 1})
-    two = PCAWhitening.fit(x, dims=2, metadata={"version": 2})
-    assert one.save(tmp_path / "pca.v1") == tmp_path / "pca.v1.npz"
-    two.save(tmp_path / "pca.v2")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "pca.v1.json",
-        "pca.v1.npz",
-        "pca.v2.json",
-        "pca.v2.npz",
-    ]
-    assert PCAWhitening.load(tmp_path / "pca.v1").output_dim == 1
-    assert PCAWhitening.load(tmp_path / "pca.v2.npz").metadata["version"] == 2
-
-
-def test_pca_load_rejects_inconsistent_arrays(tmp_path):
-    np.savez(
-        tmp_path / "bad.npz", mean=np.zeros(4), components=np.zeros((2, 3)), eigenvalues=[1, 1]
-    )
-    with pytest.raises(ValueError, match="inconsistent"):
-        PCAWhitening.load(tmp_path / "bad")
+def test_pca_from_npz_bytes_rejects_what_is_not_a_model():
+    buf = io.BytesIO()
+    np.savez(buf, mean=np.zeros(4), components=np.zeros((2, 3)), eigenvalues=[1, 1])
+    with pytest.raises(ValueError, match=r"inconsistent PCA array shapes: mean \(4,\)"):
+        PCAWhitening.from_npz_bytes(buf.getvalue())
+    buf = io.BytesIO()
+    np.savez(buf, mean=np.zeros(4), components=np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="not a PCA model: no array eigenvalues"):
+        PCAWhitening.from_npz_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match="not a PCA model"):
+        PCAWhitening.from_npz_bytes(b"not an npz file")
+    buf = io.BytesIO()
+    np.savez(buf, mean=np.array([{"a": 1}], dtype=object), components=np.zeros((1, 1)))
+    with pytest.raises(ValueError, match="not a PCA model"):  # pickles are never loaded
+        PCAWhitening.from_npz_bytes(buf.getvalue())
 
 
 # --------------------------------------------------------------------------- aggregation

@@ -16,7 +16,7 @@ from cw_pipeline.core.experiment import (
 )
 from cw_pipeline.core.extract import FeatureMaps, ImageFeatures, encode_maps
 from cw_pipeline.core.retrieval import InMemoryMaps, search
-from cw_pipeline.core.runner import evaluate_search
+from cw_pipeline.core.runner import evaluate_search, pca_groups
 from cw_pipeline.core.search import RerankConfig, online_descriptors, rerank
 
 K, C, N_C = 6, 12, 4  # channels, classes, stored class vectors per image
@@ -352,3 +352,22 @@ def test_top_k_is_the_prefix_of_the_full_search(scene):
         full = search(method, queries, db, pca, maps, PARAMS)
         top = search(method, queries, db, pca, maps, PARAMS, top_k=4)
         np.testing.assert_array_equal(top.indices, full.indices[:, :4])
+
+
+def test_pca_groups_whole_set_and_self_split_halves() -> None:
+    """The one self-split helper: a whole set is one group; with object labels, two halves of
+    the objects, each trained on the other (half 1 = the first objects in label order)."""
+    (whole,) = pca_groups(5)
+    np.testing.assert_array_equal(whole.rows, np.arange(5))
+    assert whole.half is None and whole.training is None and whole.training_half is None
+    labels = np.array([7, 3, 3, 9, 7, 1, 9, 1])  # objects 1, 3 | 7, 9
+    first, second = pca_groups(len(labels), labels)
+    np.testing.assert_array_equal(first.rows, [1, 2, 5, 7])
+    np.testing.assert_array_equal(second.rows, [0, 3, 4, 6])
+    np.testing.assert_array_equal(first.training, second.rows)
+    np.testing.assert_array_equal(second.training, first.rows)
+    assert (first.half, first.training_half, second.half, second.training_half) == (1, 2, 2, 1)
+    with pytest.raises(ValueError, match="3 object labels for 4 images"):
+        pca_groups(4, labels[:3])
+    with pytest.raises(ValueError, match="at least two objects"):
+        pca_groups(2, np.array([5, 5]))

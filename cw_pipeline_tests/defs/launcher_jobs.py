@@ -1,6 +1,5 @@
 """Jobs for the warm run launcher's tests (imported afresh by each forked run worker)."""
 
-
 import os
 import sys
 import time

@@ -22,7 +22,7 @@ from cw_pipeline.core.extract import ExtractionConfig
 from cw_pipeline.core.methods import Aggregation
 from cw_pipeline.core.runner import evaluate_search
 from cw_pipeline.indexing import table_to_featureset
-from cw_pipeline.store import encode_component
+from cw_pipeline.store import descriptors_path, query_features_path, rankings_path
 from cw_pipeline_tests.defs.project import materialize
 
 
@@ -88,13 +88,13 @@ def test_a_registered_method_runs_through_the_pipeline(toy_method, fresh_project
     project.index("beta")
     keys = ["alpha/query_features", "alpha/pca_model", "alpha/descriptors", "alpha/rankings"]
     assert materialize(project, [*keys, "alpha/map_report"]).success
-    assert store.exists(stages.descriptors_rel("alpha", "top1"))
+    assert store.exists(descriptors_path("alpha", "top1"))
 
     # The stored rankings are those of the library with the toy function.
     ds = config.dataset("alpha")
     feats = stages.load_features(store, "alpha", stored_shards(store, "cam_features", "alpha"))
     train = stages.load_features(store, "beta", stored_shards(store, "cam_features", "beta"))
-    qt = store.read_table(f"query_features/dataset={encode_component('alpha')}/queries.parquet")
+    qt = store.read_table(query_features_path("alpha"))
     queries = table_to_featureset(qt.drop_columns(["bbox", "query_name"]))
     pos = {i: k for k, i in enumerate(feats.ids)}
     ranked = {}
@@ -103,7 +103,7 @@ def test_a_registered_method_runs_through_the_pipeline(toy_method, fresh_project
         library = evaluate_search(
             method, feats, queries, fit_pca(method, train, config.search), config.search
         )
-        table = store.read_table(stages.rankings_rel("alpha", name))
+        table = store.read_table(rankings_path("alpha", name))
         ranked[name] = np.array([[pos[i] for i in row] for row in table["ranked_ids"].to_pylist()])
         np.testing.assert_array_equal(library.indices[:, : ranked[name].shape[1]], ranked[name])
     assert (ranked["ofa"] != ranked["top1"]).any()  # N_C = 16 against 1: not the same method

@@ -17,9 +17,10 @@ import dagster as dg
 import pytest
 
 from cw_pipeline import stages
-from cw_pipeline.defs.assets import current_shards
+from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.defs.versions import INPUT_VERSION_TAG
 from cw_pipeline.runs import index_dataset, materialize_missing, refresh
+from cw_pipeline.store import rankings_path
 from cw_pipeline_tests.defs.project import (
     ALPHA_DOWNSTREAM,
     DATASETS,
@@ -285,7 +286,7 @@ def test_rankings_refuse_inputs_of_different_states(fresh_project):
     for ds in ("alpha", "beta"):
         project.index(ds)
     refresh(project.defs, project.instance)
-    rel = stages.rankings_rel("alpha", "ofa")
+    rel = rankings_path("alpha", "ofa")
     before = project.store.read_bytes(rel)
     synthetic_jpeg(project.images("alpha") / "part2" / "extra_010.jpg", seed=41)
     project.index("alpha")

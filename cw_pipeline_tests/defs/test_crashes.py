@@ -26,7 +26,7 @@ import yaml
 from cw_pipeline.checkpoints import CHECKPOINT_ROOT, ShardCheckpoints
 from cw_pipeline.config import load_config
 from cw_pipeline.core.extract import FeatureExtractor
-from cw_pipeline.defs.assets import SHARDS_READABLE
+from cw_pipeline.defs.checks import SHARDS_READABLE
 from cw_pipeline.indexing import (
     build_manifest,
     feature_code_version,

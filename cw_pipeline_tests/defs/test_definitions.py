@@ -13,7 +13,7 @@ import dagster as dg
 
 from cw_pipeline.config import load_config
 from cw_pipeline.defs import build_definitions
-from cw_pipeline.defs.assets import partitions_def
+from cw_pipeline.defs.partitions import partitions_def
 from cw_pipeline.runs import materialize_missing
 from cw_pipeline_tests.defs.project import (
     DATASETS,
@@ -64,6 +64,27 @@ def test_default_config_loads_without_generated_demo(tmp_path):
     assert "demo-b/cam_features" in deps_of(graph, "demo-a/pca_model")
     assert "demo-a/cam_features" in deps_of(graph, "demo-b/pca_model")
     assert graph.has(K("demo-a-distractors/demo-distractors_descriptors"))
+
+
+def test_every_asset_and_check_says_whose_it_is(fresh_project):
+    """Issue 15: the Lineage graph labels nodes with the last part of their key, so a node of
+    another group reads only ``pca_model``: every asset's description starts with the dataset
+    or evaluation it belongs to, and a cross-group input is named in full."""
+    graph = fresh_project.defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        owner = key.path[0]
+        description = graph.get(key).description or ""
+        assert description.startswith(f"{owner} "), (key.to_user_string(), description)
+    assert (
+        "learned on beta (features of beta/cam_features)"
+        in graph.get(K("alpha/pca_model")).description
+    )
+    assert (
+        f"{DISTRACTOR_EVAL} distractor descriptors: raw, raw+PCA and OfA descriptors of gamma"
+        in (graph.get(K(f"{DISTRACTOR_EVAL}/gamma_descriptors")).description)
+    )
+    for check in graph.asset_check_keys:
+        assert graph.get_check_spec(check).description, check
 
 
 def test_temp_project_definitions(fresh_project):

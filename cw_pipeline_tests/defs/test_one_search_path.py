@@ -11,7 +11,7 @@ from cw_pipeline.core.evaluation import score
 from cw_pipeline.core.experiment import Method, fit_pca
 from cw_pipeline.core.runner import evaluate_search
 from cw_pipeline.indexing import table_to_featureset
-from cw_pipeline.store import encode_component
+from cw_pipeline.store import query_features_path, rankings_path
 
 
 def test_evaluate_library_path_and_pipeline_give_identical_rankings(indexed_project):
@@ -27,14 +27,14 @@ def test_evaluate_library_path_and_pipeline_give_identical_rankings(indexed_proj
         train = stages.load_features(
             store, ds.pca_from, stored_shards(store, "cam_features", ds.pca_from)
         )
-        qt = store.read_table(f"query_features/dataset={encode_component(ds.name)}/queries.parquet")
+        qt = store.read_table(query_features_path(ds.name))
         queries = table_to_featureset(qt.drop_columns(["bbox", "query_name"]))
         gt = stages.load_groundtruth(ds, feats.ids)
         for m in ev.methods:
             method = Method.parse(m.name)
             pca = fit_pca(method, train, params)
             library = evaluate_search(method, feats, queries, pca, params)
-            table: pa.Table = store.read_table(stages.rankings_rel(ev.name, m.name))
+            table: pa.Table = store.read_table(rankings_path(ev.name, m.name))
             assert table.column("query_id").to_pylist() == queries.ids
             pos = {i: k for k, i in enumerate(feats.ids)}
             stored = np.array([[pos[i] for i in row] for row in table["ranked_ids"].to_pylist()])

@@ -13,10 +13,11 @@ from PIL import Image
 
 from cw_pipeline import stages
 from cw_pipeline.cli import main
-from cw_pipeline.defs.assets import current_shards
+from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.figures import FRAME_COLOURS, sheet_tile_box
 from cw_pipeline.report_figures import EMBED_BUDGET, FigureOptions, report_with_figures
 from cw_pipeline.reports import evaluation_image_ids
+from cw_pipeline.store import rankings_path
 from cw_pipeline_tests.defs.project import METHODS, materialize
 
 EMBEDDED = re.compile(r"!\[(cw-figure[^\]]*)\]\((data:image/png;base64,[A-Za-z0-9+/=]+)\)")
@@ -58,7 +59,7 @@ def test_map_report_writes_and_embeds_figures(indexed_project, capsys):
 
     # The sheet's first result is framed by its ground-truth label.
     method = meta["figures_method"].value
-    table = project.store.read_table(stages.rankings_rel("alpha", method))
+    table = project.store.read_table(rankings_path("alpha", method))
     qid, ranked = table.column("query_id")[0].as_py(), table.column("ranked_ids")[0].as_py()
     query = next(q for q in gt.queries if q.image_id == qid)
     label = (

@@ -1,0 +1,52 @@
+"""``<ds>/descriptors``: raw, raw+PCA and OfA descriptors of a ground-truth dataset."""
+
+import time
+
+import dagster as dg
+
+from cw_pipeline import stages
+from cw_pipeline.config import DatasetConfig, ProjectConfig
+from cw_pipeline.defs.assets.features import features_key
+from cw_pipeline.defs.assets.pca import pca_key
+from cw_pipeline.defs.assets.support import cpu_seconds, versioned
+from cw_pipeline.defs.partitions import current_shards, ident, partitions_def
+from cw_pipeline.defs.resources import PipelineResource
+from cw_pipeline.defs.versions import Dep, refresh_when_inputs_change, version_of
+from cw_pipeline.store import descriptors_path
+
+
+def descriptors_key(ds: DatasetConfig) -> dg.AssetKey:
+    return dg.AssetKey([ds.name, "descriptors"])
+
+
+def descriptors_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefinition:
+    """One table per offline aggregation (self-split: each half with its own PCA)."""
+    deps = [Dep(features_key(ds), partitions_def(ds.name)), Dep(pca_key(ds))]
+
+    @dg.asset(
+        key=descriptors_key(ds),
+        deps=[features_key(ds), pca_key(ds)],
+        group_name=ident(ds.name),
+        kinds={"parquet"},
+        automation_condition=refresh_when_inputs_change(deps),
+        description=f"{ds.name} descriptors: raw, raw+PCA and OfA, one per image, with "
+        f"{ds.name}'s PCA.",
+    )
+    def descriptors(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        cpu0 = time.process_time()
+        _, tags = versioned(context, deps)
+        store = pipeline.store()
+        shards = current_shards(context.instance, ds.name)
+        feats = stages.load_features(store, ds.name, shards, ds.images)
+        dims, versions = {}, {}
+        for agg, (ids, mat) in stages.dataset_descriptors(config, store, ds, feats).items():
+            store.write_table(descriptors_path(ds.name, agg), stages.descriptor_table(ids, mat))
+            dims[agg] = int(mat.shape[1])
+            versions[agg] = stages.array_version({agg: mat}, ids)
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version_of(versions)),
+            tags=tags,
+            metadata={"images": len(feats), "dims": dims, "cpu_seconds": cpu_seconds(cpu0)},
+        )
+
+    return descriptors

@@ -1,0 +1,68 @@
+"""``<ev>/<d>_descriptors``: a distractor set's descriptors under one evaluation's PCA."""
+
+import time
+
+import dagster as dg
+
+from cw_pipeline import stages
+from cw_pipeline.config import EvaluationConfig, ProjectConfig
+from cw_pipeline.defs.assets.features import features_key
+from cw_pipeline.defs.assets.pca import pca_key
+from cw_pipeline.defs.assets.support import cpu_seconds, versioned
+from cw_pipeline.defs.partitions import ident, partitions_def
+from cw_pipeline.defs.resources import PipelineResource
+from cw_pipeline.defs.versions import Dep, on_cron_when_inputs_change
+from cw_pipeline.store import distractor_descriptors_path, features_path
+
+
+def distractor_descriptors_key(ev: EvaluationConfig, dname: str) -> dg.AssetKey:
+    return dg.AssetKey([ev.name, f"{dname}_descriptors"])
+
+
+def distractor_descriptors_asset(
+    config: ProjectConfig, ev: EvaluationConfig, dname: str, cron: str
+) -> dg.AssetsDefinition:
+    """Partitioned like the distractor set ``dname``; refreshed after the evaluation's cron
+    tick once its inputs changed (a shard without images drops its descriptors)."""
+    ds, dset = config.dataset(ev.dataset), config.dataset(dname)
+    deps = [
+        Dep(features_key(dset), partitions_def(dname), same_partition=True),
+        Dep(pca_key(ds)),
+    ]
+
+    @dg.asset(
+        key=distractor_descriptors_key(ev, dname),
+        deps=[features_key(dset), pca_key(ds)],
+        partitions_def=partitions_def(dname),
+        group_name=ident(ev.name),
+        kinds={"parquet"},
+        automation_condition=on_cron_when_inputs_change(cron, deps),
+        description=f"{ev.name} distractor descriptors: raw, raw+PCA and OfA descriptors of "
+        f"{dname}, per shard, with {ds.name}'s PCA (refreshed after the cron, {cron}).",
+    )
+    def distractor_descriptors(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        cpu0 = time.process_time()
+        shard = context.partition_key
+        version, tags = versioned(context, deps, shard)
+        store = pipeline.store()
+        images = store.read_table(features_path(dname, shard), ["image_id"]).num_rows
+        if images == 0:
+            for agg in stages.offline_aggregations():  # drop descriptors of removed images
+                store.delete(distractor_descriptors_path(ev.name, dname, agg, shard))
+        elif ds.self_split:  # refused by the configuration already
+            raise ValueError(f"{ev.name}: distractors with a self-split dataset are not supported")
+        else:
+            feats = stages.load_features(store, dname, [shard])
+            pcas = stages.pca_models_for(store, ds)
+            desc = stages.descriptor_sets(feats, pcas, config.search)
+            for agg, mat in desc.items():
+                rel = distractor_descriptors_path(ev.name, dname, agg, shard)
+                store.write_table(rel, stages.descriptor_table(feats.ids, mat))
+        # A deterministic function of this shard's features and the PCA: its input version.
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
+            tags=tags,
+            metadata={"images": images, "cpu_seconds": cpu_seconds(cpu0)},
+        )
+
+    return distractor_descriptors

@@ -1,0 +1,65 @@
+"""``<ds>/pca_model``: PCA-whitening learned on the paired dataset's features."""
+
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from cw_pipeline import stages
+from cw_pipeline.config import DatasetConfig, ProjectConfig
+from cw_pipeline.defs.assets.features import features_key
+from cw_pipeline.defs.assets.support import cpu_seconds, versioned
+from cw_pipeline.defs.partitions import current_shards, ident, partitions_def
+from cw_pipeline.defs.resources import PipelineResource
+from cw_pipeline.defs.versions import Dep, refresh_when_inputs_change
+
+
+def pca_key(ds: DatasetConfig) -> dg.AssetKey:
+    return dg.AssetKey([ds.name, "pca_model"])
+
+
+def pca_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefinition:
+    """The ``class`` and ``raw`` PCA models of ``ds`` (one pair per half when self-split),
+    fitted on the features of ``config.paired(ds)``: a cross-group dependency."""
+    paired = config.paired(ds.name)
+    assert paired is not None, f"dataset {ds.name} has ground truth but no PCA source"
+    deps = [Dep(features_key(paired), partitions_def(paired.name))]
+    learned = "the other half of its objects" if ds.self_split else paired.name
+
+    @dg.asset(
+        key=pca_key(ds),
+        deps=[features_key(paired)],
+        group_name=ident(ds.name),
+        kinds={"numpy"},
+        automation_condition=refresh_when_inputs_change(deps),
+        description=f"{ds.name} PCA-whitening, learned on {learned} "
+        f"(features of {paired.name}/cam_features).",
+    )
+    def pca_model(context: dg.AssetExecutionContext, pipeline: PipelineResource):
+        cpu0 = time.process_time()
+        _, tags = versioned(context, deps)
+        store = pipeline.store()
+        shards = current_shards(context.instance, paired.name)
+        train = stages.load_features(store, paired.name, shards, paired.images)
+        models = stages.fit_pca_models(config, ds, train)
+        for rel, model in models.items():
+            store.write_pca(rel, model)
+        first = next(iter(models.values()))
+        arrays = {
+            f"{rel}/{name}": getattr(m, name)
+            for rel, m in models.items()
+            for name in ("mean", "components", "eigenvalues")
+        }
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(stages.array_version(arrays)),
+            tags=tags,
+            metadata={
+                "cpu_seconds": cpu_seconds(cpu0),
+                "training_set": str(first.metadata.get("training_set")),
+                "training_images": len(train),
+                "models": len(models),
+                "dims": {Path(r).name: m.output_dim for r, m in models.items()},
+            },
+        )
+
+    return pca_model

@@ -1,0 +1,54 @@
+"""What the asset factories share: input versions, CPU time, optional reads (wiring only)."""
+
+import logging
+import time
+from collections.abc import Callable
+
+import dagster as dg
+import pyarrow as pa
+
+from cw_pipeline.config import ProjectConfig
+from cw_pipeline.defs.partitions import current_shards
+from cw_pipeline.defs.versions import INPUT_VERSION_TAG, Dep, input_version
+from cw_pipeline.store import CorruptFileError, FeatureStore
+
+__all__ = ["StoreFactory", "cpu_seconds", "evaluation_shards", "read_optional", "versioned"]
+
+#: Gives the feature store outside a run (automation conditions read it at evaluation time).
+StoreFactory = Callable[[], FeatureStore]
+
+logger = logging.getLogger(__name__)
+
+
+def versioned(
+    context: dg.AssetExecutionContext, deps: list[Dep], partition: str | None = None
+) -> tuple[str, dict[str, str]]:
+    """The input version of a run (read *before* its inputs) and the tags recording it."""
+    version = input_version(context.instance, deps, partition) or "missing"
+    return version, {INPUT_VERSION_TAG: version}
+
+
+def cpu_seconds(start: float) -> float:
+    """CPU seconds of this process (all its threads) since ``start`` (``time.process_time``)."""
+    return round(time.process_time() - start, 3)
+
+
+def read_optional(
+    store: FeatureStore, rel: str, log: logging.Logger | None = None
+) -> pa.Table | None:
+    """A stored table, or None when absent or corrupt (a corrupt file is rebuilt)."""
+    if not store.exists(rel):
+        return None
+    try:
+        return store.read_table(rel)
+    except CorruptFileError as exc:
+        (log or logger).warning("%s: rebuilding it", exc)
+        return None
+
+
+def evaluation_shards(
+    config: ProjectConfig, instance: dg.DagsterInstance, evaluation: str
+) -> dict[str, list[str]]:
+    """The current shards of an evaluation's dataset and of each of its distractor sets."""
+    ev = config.evaluation(evaluation)
+    return {name: current_shards(instance, name) for name in (ev.dataset, *ev.distractors)}

@@ -1,0 +1,70 @@
+"""One warehouse layout (issue 13): every file the pipeline writes is at a path that
+:mod:`cw_pipeline.store` names, and every named artefact of the project is there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cw_pipeline import stages
+from cw_pipeline.core.methods import PCA_SPACES
+from cw_pipeline.defs.partitions import current_shards
+from cw_pipeline.store import (
+    REPORT_JSON,
+    REPORT_MARKDOWN,
+    REPORT_PER_QUERY,
+    descriptors_path,
+    distractor_descriptors_path,
+    features_path,
+    manifest_path,
+    pca_path,
+    plan_path,
+    query_features_path,
+    rankings_path,
+    rejected_path,
+    report_folder,
+    report_path,
+)
+
+
+def _named_artefacts(project) -> set[str]:
+    """The store's name of every artefact the project's configuration calls for."""
+    config, named = project.config, set()
+    for ds in config.datasets.values():
+        for shard in current_shards(project.instance, ds.name):
+            named |= {f(ds.name, shard) for f in (manifest_path, features_path, rejected_path)}
+        if ds.shard_by == "batch":
+            named.add(plan_path(ds.name))
+        if not ds.has_groundtruth:
+            continue
+        if not ds.grouped:
+            named.add(query_features_path(ds.name))
+        halves = (1, 2) if ds.self_split else (None,)
+        for space in PCA_SPACES:
+            for half in halves:
+                named |= {f"{pca_path(ds.name, space, half)}.{ext}" for ext in ("npz", "json")}
+        named |= {descriptors_path(ds.name, agg) for agg in stages.offline_aggregations()}
+    for ev in config.evaluations.values():
+        for dname in ev.distractors:
+            for shard in current_shards(project.instance, dname):
+                for agg in stages.offline_aggregations():
+                    named.add(distractor_descriptors_path(ev.name, dname, agg, shard))
+        named |= {rankings_path(ev.name, m.name) for m in ev.methods}
+    return named
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_every_stored_file_is_at_a_path_the_store_names(indexed_project) -> None:
+    project = indexed_project
+    stored = _files(project.root / "warehouse")
+    named = _named_artefacts(project)
+    assert stored - named == set(), "files at paths the store does not name"
+    assert named - stored == set(), "artefacts of the configuration that were not written"
+    reports = project.root / "reports"
+    for ev in project.config.evaluations:
+        for name in (REPORT_MARKDOWN, REPORT_JSON, REPORT_PER_QUERY):
+            assert (reports / report_path(ev, name)).is_file()
+    tops = {Path(rel).parts[0] for rel in _files(reports)}
+    assert tops == {report_folder(ev) for ev in project.config.evaluations}
