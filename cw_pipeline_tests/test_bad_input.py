@@ -35,7 +35,7 @@ from PIL import ImageFile
 
 from cw_pipeline import cli, indexing, stages
 from cw_pipeline.config import ConfigError, load_config
-from cw_pipeline.core import datasets as datasets_module
+from cw_pipeline.core.datasets import folder as folder_module
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 from cw_pipeline.core.images import ImageLoadError
 from cw_pipeline.indexing import (
@@ -378,7 +378,7 @@ def test_symlink_loop_in_a_dataset_folder_is_skipped_with_a_warning(corpus, capl
     ds = corpus.project.config.dataset("bad")
     assert (ds.images / "corpus" / "loop").is_symlink()
     found: list = []
-    with caplog.at_level("WARNING", logger="cw_pipeline.core.datasets"):
+    with caplog.at_level("WARNING", logger="cw_pipeline.core.datasets.folder"):
         worker = threading.Thread(target=lambda: found.extend(scan_files(ds)), daemon=True)
         worker.start()
         worker.join(timeout=60)
@@ -481,7 +481,7 @@ def test_a_file_vanishing_between_scan_and_read_is_quarantined_and_the_rest_inde
             (folder / "a.jpg").rename(tmp_path / "a.jpg")
         return contextlib.nullcontext(entries)
 
-    monkeypatch.setattr(datasets_module.os, "scandir", scandir_then_vanish)
+    monkeypatch.setattr(folder_module.os, "scandir", scandir_then_vanish)
     files = {f.relpath: f for f in scan_files(ds)}
     monkeypatch.undo()
     assert re.fullmatch(

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cw_pipeline.core.datasets.folder import file_kind
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageLoadError",
@@ -87,8 +89,6 @@ class ImageLoadError(ValueError):
 
 
 def _not_regular(path: PathLike, mode: int) -> ImageLoadError:
-    from cw_pipeline.core.datasets import file_kind
-
     kind = file_kind(mode)
     return ImageLoadError(path, f"not a regular file ({kind}); only regular files are read")
 

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cw_pipeline.core import datasets as datasets_module
 from cw_pipeline.core.datasets import (
     GroundTruth,
     Query,
@@ -30,6 +29,7 @@ from cw_pipeline.core.datasets import (
     ukbench_labels,
     validate_groundtruth,
 )
+from cw_pipeline.core.datasets import folder as folder_module
 from cw_pipeline.core.evaluation import compute_map
 from cw_pipeline_tests.badfiles import FifoWatch, fifo, unix_socket
 
@@ -628,7 +628,7 @@ def test_scan_folder_records_a_file_that_vanishes_after_the_listing(
             (tmp_path / name).unlink()
         return contextlib.nullcontext(entries)
 
-    monkeypatch.setattr(datasets_module.os, "scandir", listing_then_vanish)
+    monkeypatch.setattr(folder_module.os, "scandir", listing_then_vanish)
     scan = scan_folder(tmp_path)
     assert [(f.relpath, f.error) for f in scan.files] == [
         ("a.jpg", None),
@@ -649,7 +649,7 @@ def test_scan_folder_records_a_file_that_vanishes_after_the_listing(
             (tmp_path / "sub").rename(tmp_path.parent / f"{tmp_path.name}-moved")
         return real_scandir(path)
 
-    monkeypatch.setattr(datasets_module.os, "scandir", folder_vanishes)
+    monkeypatch.setattr(folder_module.os, "scandir", folder_vanishes)
     scan = scan_folder(tmp_path)
     assert [f.relpath for f in scan.files] == ["a.jpg"]
     assert [(s.relpath, s.reason) for s in scan.skipped] == [
