@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from cw_pipeline.core import images as images_module
 from cw_pipeline.core.images import (
     DEFAULT_MAX_PIXELS,
     ImageLoadError,
@@ -30,6 +29,7 @@ from cw_pipeline.core.images import (
     to_rgb,
     to_tensor,
 )
+from cw_pipeline.core.images import loading as loading_module
 from cw_pipeline_tests.badfiles import FifoWatch, fifo, unix_socket
 
 # --------------------------------------------------------------------------------------
@@ -764,7 +764,9 @@ def test_a_file_swapped_for_a_fifo_after_its_stat_is_refused_without_blocking(
     real_stat = os.stat
     # The stat sees a regular file; by the open the path is a FIFO.
     monkeypatch.setattr(
-        images_module.os, "stat", lambda p, *a, **k: real_stat(regular if p == pipe else p, *a, **k)
+        loading_module.os,
+        "stat",
+        lambda p, *a, **k: real_stat(regular if p == pipe else p, *a, **k),
     )
     outcome: list[BaseException] = []
 
