@@ -1,256 +1,44 @@
-"""From images to per-image records: top classes, class vectors, sum-pooled vector, CAM boxes.
-
-One forward pass per image gives everything the index needs (the paper's Fig. 1, stages 1-2).
-``FeatureExtractor.extract_files`` decodes and resizes images on background threads while the
-network runs, groups images of equal size into batches, and yields one record per file.
-
-Memory is bounded by ``batch_pixels``, not by the input: a forward pass holds at most that many
-input pixels (about 300 bytes each for efficientnet_lite0 on the CPU), the images decoded ahead
-and waiting in half-full batches about as many again, and an image whose network input alone is
-over the budget is refused from its header, before decoding.
-"""
+"""The :class:`FeatureExtractor`: decodes and resizes images on background threads while the
+network runs, groups images of equal size into batches bounded by a pixel budget, and yields
+one record per file; also query boxes (``crop`` / ``paper`` protocols) and region encoding."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import math
 import os
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import Field, field_validator, model_validator
 
 from cw_pipeline.core import images as imgs
-from cw_pipeline.core.backbones import BACKBONES, DEFAULT_BACKBONE, Backbone, load_backbone
+from cw_pipeline.core.backbones import Backbone, load_backbone
 from cw_pipeline.core.cams import (
-    BOX_THRESHOLDS,
     boxes_to_pixels,
     class_activation_maps,
     heatmap_boxes,
     pixels_to_cells,
-    top_classes,
 )
-from cw_pipeline.core.encoding import class_vectors, crow_channel_weights, sum_pool
-from cw_pipeline.core.validation import Settings, bounded_int
-
-logger = logging.getLogger(__name__)
-
-#: Default resize policy: the paper's 1024 as a cap on the long side, never enlarging.
-DEFAULT_RESIZE = "max:1024"
-#: Default pixel budget of one forward pass (8 images of 1024x1024, 10 of 1024x768).
-DEFAULT_BATCH_PIXELS = 8 * 1024 * 1024
-
-QueryProtocol = Literal["paper", "crop"]
-
-
-class ExtractionConfig(Settings):
-    """Everything that determines the stored features of an image (the YAML's extraction keys).
-
-    ``stored_classes`` is N_C as stored: the class vectors kept per image (searches aggregate
-    at most that many). ``code_version()`` hashes the settings: changing any of them but
-    ``max_pixels`` marks stored features stale.
-    """
-
-    backbone: str = DEFAULT_BACKBONE
-    layer: str | None = None
-    weights: str | None = None
-    resize: str = DEFAULT_RESIZE
-    stored_classes: bounded_int(1, 1000) = 64  # type: ignore[valid-type]
-    box_classes: bounded_int(1) = 2  # type: ignore[valid-type]
-    thresholds: tuple[float, ...] = Field(default=BOX_THRESHOLDS, strict=False)
-    max_pixels: bounded_int(1) | None = imgs.DEFAULT_MAX_PIXELS  # type: ignore[valid-type]
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, value: str) -> str:
-        if value not in BACKBONES:
-            raise ValueError(f"unknown backbone {value!r} (expected one of {sorted(BACKBONES)})")
-        return value
-
-    @field_validator("resize")
-    @classmethod
-    def _resize_policy(cls, value: str) -> str:
-        imgs.ResizePolicy.parse(value)  # fail early on a bad policy string
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ExtractionConfig:
-        layers = BACKBONES[self.backbone].layers
-        if self.layer is not None and self.layer not in layers:
-            raise ValueError(
-                f"backbone {self.backbone!r} has no layer {self.layer!r} "
-                f"(expected one of {list(layers)})"
-            )
-        if self.box_classes > self.stored_classes:
-            raise ValueError(
-                f"box_classes must be in 1..stored_classes ({self.stored_classes}), "
-                f"got {self.box_classes}"
-            )
-        return self
-
-    @property
-    def resize_policy(self) -> imgs.ResizePolicy:
-        return imgs.ResizePolicy.parse(self.resize)
-
-    @property
-    def resolved_layer(self) -> str:
-        """``layer``, or the backbone's default layer when it is None."""
-        return self.layer or BACKBONES[self.backbone].default_layer
-
-    @property
-    def feature_space(self) -> tuple[str, str, str | None]:
-        """(backbone, layer, weights): settings with equal values have compatible features."""
-        return (self.backbone, self.resolved_layer, self.weights)
-
-    def code_version(self) -> str:
-        """Short stable hash of the settings that change stored features.
-
-        The payload keeps the names it was first computed with (``n_classes``), so renaming
-        a field does not mark every stored feature stale.
-        """
-        payload = {
-            "backbone": self.backbone,
-            "layer": self.layer,
-            "weights": self.weights,
-            "resize": self.resize_policy.describe(),
-            "n_classes": self.stored_classes,
-            "box_classes": self.box_classes,
-            "thresholds": list(self.thresholds),
-        }
-        digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-        return f"{self.backbone}-{digest[:10]}"
-
-
-class RuntimeConfig(Settings):
-    """How features are computed, not what they are: device, threads, batch limits."""
-
-    device: str = "cpu"
-    num_threads: bounded_int(1) | None = None  # type: ignore[valid-type]
-    batch_size: bounded_int(1) = 16  # type: ignore[valid-type]
-    batch_pixels: bounded_int(1) = DEFAULT_BATCH_PIXELS  # type: ignore[valid-type]
-
-    @field_validator("device")
-    @classmethod
-    def _valid_device(cls, value: str) -> str:
-        return valid_device(value)
-
-
-def valid_device(value: str) -> str:
-    """``value`` when torch parses it as a device (not whether it is present); ValueError
-    naming it otherwise."""
-    try:
-        torch.device(value)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"invalid device {value!r} ({exc})") from None
-    return value
-
-
-@dataclass
-class ImageFeatures:
-    """Per-image record.
-
-    Attributes:
-        class_ids: N_C class ids, most probable first.
-        class_probs: their softmax probabilities.
-        class_vectors: N_C × K class vectors (Eq. 4), in class-rank order.
-        sum_pooled: K raw sum-pooled vector (baseline).
-        boxes: T × 4 CAM boxes (x1, y1, x2, y2) in original-image pixels, one per threshold of
-            the heatmap = mean of the top ``box_classes`` CAMs; NaN rows where none.
-        grid: (h, w) of X.
-        input_size: (W, H) of the network input.
-        image_size: (W, H) of the original image (after EXIF orientation).
-        maps: optional ``FeatureMaps`` kept for online aggregation and re-ranking.
-    """
-
-    class_ids: np.ndarray
-    class_probs: np.ndarray
-    class_vectors: np.ndarray
-    sum_pooled: np.ndarray
-    boxes: np.ndarray
-    grid: tuple[int, int]
-    input_size: tuple[int, int]
-    image_size: tuple[int, int]
-    maps: FeatureMaps | None = None
-
-
-@dataclass
-class FeatureMaps:
-    """X and A of one image on X's grid (A resampled when its grid differs), float16 to save RAM.
-
-    ``cam_maps`` is None when A is X (the default layer of every backbone except VGG16-CAM).
-    """
-
-    features: np.ndarray
-    cam_maps: np.ndarray | None = None
-    input_size: tuple[int, int] = (0, 0)
-    image_size: tuple[int, int] = (0, 0)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.features.nbytes + (0 if self.cam_maps is None else self.cam_maps.nbytes))
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(self.features.astype(np.float32))[None]
-        a = x if self.cam_maps is None else torch.from_numpy(self.cam_maps.astype(np.float32))[None]
-        return x, a
-
-
-@dataclass
-class ExtractionStats:
-    """Counters of an extraction run."""
-
-    images: int = 0
-    batches: int = 0
-    failed: int = 0
-    forward_seconds: float = 0.0
-    errors: list[tuple[str, str]] = field(default_factory=list)
-
-
-def encode_maps(
-    x: torch.Tensor,
-    a: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    *,
-    n_classes: int,
-    class_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Class ids, probabilities and class vectors of a batch of (X, A) on the same grid.
-
-    When ``class_ids`` is None each image uses its own top ``n_classes`` (OfA); otherwise the
-    given ids (1-D, shared; or N × n) are used (OnA, re-ranking) and probabilities are theirs.
-    """
-    logits = a.mean(dim=(2, 3)) @ weight.T + bias
-    probs = torch.softmax(logits, dim=1)
-    if class_ids is None:
-        ids, p = top_classes(probs, n_classes)
-    else:
-        ids = class_ids.to(torch.long)
-        ids = ids.expand(x.shape[0], -1) if ids.ndim == 1 else ids
-        p = torch.gather(probs, 1, ids)
-    cams = class_activation_maps(a, weight, ids, size=tuple(x.shape[-2:]))
-    cv = class_vectors(x, cams, crow_channel_weights(x))
-    return ids, p, cv
+from cw_pipeline.core.datasets import QueryProtocol
+from cw_pipeline.core.encoding import sum_pool
+from cw_pipeline.core.extract.config import DEFAULT_BATCH_PIXELS, ExtractionConfig
+from cw_pipeline.core.extract.records import (
+    ExtractionStats,
+    FeatureMaps,
+    ImageFeatures,
+    crop_cells,
+    encode_maps,
+)
 
 
 def _pixels(size: tuple[int, int], bucket: Sequence) -> int:
     """Pixels held by a bucket of images of ``size``."""
     return size[0] * size[1] * len(bucket)
-
-
-def crop_cells(t: torch.Tensor, cells: Sequence[int]) -> torch.Tensor:
-    """Crop an N × K × h × w tensor to cells (x1, y1, x2, y2), end-exclusive."""
-    x1, y1, x2, y2 = (int(v) for v in cells)
-    return t[..., y1:y2, x1:x2]
 
 
 class FeatureExtractor:
