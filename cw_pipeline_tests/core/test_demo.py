@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cw_pipeline.core import demo
 from cw_pipeline.core.datasets import read_oxford_groundtruth, scan_image_folder
 from cw_pipeline.core.demo import DEMO_DATASETS, DEMO_VERSION, demo_instances, generate_demo
+from cw_pipeline.core.demo import data as demo_data
+from cw_pipeline.core.demo import render as demo_render
 
 SMALL = {"size": 128, "n_distractors": 12}
 
@@ -120,7 +121,7 @@ def _overlap(p: tuple[float, ...], q: tuple[float, ...]) -> bool:
 
 def test_source_regions_never_overlap() -> None:
     """Instances sharing a photo use disjoint regions; distractors avoid every instance."""
-    instances = [*demo._HALF_A, *demo._HALF_B]
+    instances = [*demo_data.HALF_A, *demo_data.HALF_B]
     assert len({i.name for i in instances}) == len(instances) >= 12
     for i, p in enumerate(instances):
         x1, y1, x2, y2 = p.obj
@@ -130,7 +131,7 @@ def test_source_regions_never_overlap() -> None:
             sources = {p.source, p.alt_source} & {q.source, q.alt_source} - {None}
             assert not (sources and _overlap(p.scene, q.scene)), (p.name, q.name)
     used = {s for i in instances for s in (i.source, i.alt_source) if s}
-    for source, region in demo._DISTRACTOR_REGIONS:
+    for source, region in demo_data.DISTRACTOR_REGIONS:
         if source in used:
             assert region is not None, source
             for inst in instances:
@@ -259,7 +260,7 @@ def test_a_failed_write_leaves_nothing_behind(
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(demo.Path, "write_text", boom)
+    monkeypatch.setattr(Path, "write_text", boom)
     with pytest.raises(OSError, match="disk full"):
         generate_demo(tmp_path, seed=5, only=["demo-a"], regenerate=True, **SMALL)
     monkeypatch.undo()
@@ -295,22 +296,22 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
 
 
 def test_sources_are_bundled_files_read_without_network() -> None:
-    for key in demo._SOURCE_FILES:
-        assert demo._package_file(*demo._SOURCE_FILES[key]).is_file()
-    arr = demo._source_array("lfw2")
+    for key in demo_data.SOURCE_FILES:
+        assert demo_render._package_file(*demo_data.SOURCE_FILES[key]).is_file()
+    arr = demo_render._source_array("lfw2")
     assert arr.shape == (100, 100, 3) and arr.dtype == np.uint8 and not arr.flags.writeable
     with pytest.raises(FileNotFoundError, match="needs the installed package"):
-        demo._package_file("no_such_package_xyz", "a.png")
+        demo_render._package_file("no_such_package_xyz", "a.png")
 
 
 @pytest.mark.parametrize("kind", ["good", "ok"])
 def test_clutter_sets_the_view_into_a_smaller_region_of_a_background(kind: str) -> None:
     """A composited view keeps its frame size; the object shrinks into a background region."""
     view = Image.new("RGB", (200, 150), (255, 0, 255))  # magenta: in no source photo
-    cfg = demo._CLUTTER[kind]
+    cfg = demo_data.CLUTTER[kind]
     composited = 0
     for k in range(20):
-        out = demo._clutter(np.random.default_rng(k), view, kind)  # type: ignore[arg-type]
+        out = demo_render._clutter(np.random.default_rng(k), view, kind)  # type: ignore[arg-type]
         assert out.size == view.size
         magenta = np.all(np.asarray(out) == (255, 0, 255), axis=2)
         if magenta.all():
@@ -326,5 +327,5 @@ def test_clutter_sets_the_view_into_a_smaller_region_of_a_background(kind: str) 
 
 def test_query_views_are_never_cluttered() -> None:
     view = Image.new("RGB", (64, 48), (255, 0, 255))
-    out = demo._clutter(np.random.default_rng(0), view, "query")
+    out = demo_render._clutter(np.random.default_rng(0), view, "query")
     assert out is view
