@@ -32,7 +32,7 @@ TOP_K = 1000
 
 
 def fast_top(scores: np.ndarray, k: int) -> np.ndarray:
-    """Prototype of a vectorised ``_stable_top``: same order, no per-row Python loop.
+    """Prototype of a vectorised ``stable_top``: same order, no per-row Python loop.
 
     argpartition picks k candidates per row; sorting them by index and then stable-sorting by
     descending score gives "descending score, ascending index". That is exact unless the k-th
@@ -48,12 +48,12 @@ def fast_top(scores: np.ndarray, k: int) -> np.ndarray:
     out = np.take_along_axis(part, np.argsort(-vals, axis=1, kind="stable"), axis=1)
     kth = vals.min(axis=1, keepdims=True)
     for i in np.flatnonzero((scores >= kth).sum(axis=1) > k):
-        out[i] = search._stable_top(scores[i : i + 1], k)[0]
+        out[i] = search.stable_top(scores[i : i + 1], k)[0]
     return out
 
 
 #: The library's own top-k now picks candidates with ``torch.topk`` (it was the prototype here).
-torch_top = search._stable_top
+torch_top = search.stable_top
 
 
 def fast_rank(
@@ -64,12 +64,12 @@ def fast_rank(
 
 
 def check_ties() -> bool:
-    """The prototype orders like ``_stable_top`` on tie-heavy integer scores."""
+    """The prototype orders like ``stable_top`` on tie-heavy integer scores."""
     rng = np.random.default_rng(1)
     for levels in (2, 5, 50):
         scores = rng.integers(0, levels, (9, 300)).astype(np.float32)
         for k in (1, 7, 150, 299, 300):
-            ref = search._stable_top(scores, k)
+            ref = search.stable_top(scores, k)
             if not (
                 np.array_equal(fast_top(scores, k), ref)
                 and np.array_equal(torch_top(scores, k), ref)
@@ -112,7 +112,7 @@ def bench_dim(dim: int, args: argparse.Namespace, rng: np.random.Generator, fais
     for r in range(args.repeats):
         add("rank 55", timed(lambda: rank(q, db, top_k=TOP_K)))
         add("matmul 55", timed(lambda: q @ db.T))
-        add("_stable_top 55", timed(lambda: search._stable_top(scores, TOP_K)))
+        add("stable_top 55", timed(lambda: search.stable_top(scores, TOP_K)))
         add("fast_top 55", timed(lambda: fast_top(scores, TOP_K)))
         add("torch_top 55", timed(lambda: torch_top(scores, TOP_K)))
         add("fast rank 55", timed(lambda: fast_rank(q, db, TOP_K)))
@@ -148,13 +148,13 @@ def bench_dim(dim: int, args: argparse.Namespace, rng: np.random.Generator, fais
     )
     print(
         f"  split ({args.queries} queries): matmul {1000 * med['matmul 55']:.1f} ms + "
-        f"_stable_top {1000 * med['_stable_top 55']:.1f} ms; 1 query: matmul "
+        f"stable_top {1000 * med['stable_top 55']:.1f} ms; 1 query: matmul "
         f"{1000 * med['matmul 1']:.1f} ms"
     )
     print(
         f"  vectorised top-k prototypes (same order as rank: {same}): numpy argpartition "
         f"{1000 * med['fast_top 55']:.1f} ms, torch.topk {1000 * med['torch_top 55']:.1f} ms "
-        f"({med['_stable_top 55'] / med['torch_top 55']:.1f}x faster than _stable_top); "
+        f"({med['stable_top 55'] / med['torch_top 55']:.1f}x faster than stable_top); "
         f"rank with torch.topk {1000 * med['fast rank 55']:.1f} ms"
     )
     print(

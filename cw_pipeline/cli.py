@@ -610,7 +610,7 @@ def _wait_for_ui(proc: Any, base: str, log_path: Path, timeout: float = UI_START
 
 def _add_serve_parser(sub: Any) -> None:
     from cw_pipeline.web import DEFAULT_PORT
-    from cw_pipeline.web.engine import DEFAULT_MAX_UPLOAD_BYTES
+    from cw_pipeline.web.engine import DEFAULT_MAP_CACHE_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 
     sv = sub.add_parser("serve", help="serve the search page over the materialized index")
     sv.add_argument("--config", type=Path, default=None, help="datasets YAML")
@@ -631,6 +631,13 @@ def _add_serve_parser(sub: Any) -> None:
         default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
         help="largest query image accepted (default: %(default)g MiB)",
     )
+    sv.add_argument(
+        "--map-cache-mb",
+        type=float,
+        default=DEFAULT_MAP_CACHE_BYTES / 2**20,
+        help="database feature maps (OnA, +r) kept across searches, least recently used "
+        "dropped first; 0 keeps none (default: %(default)g MiB)",
+    )
     sv.set_defaults(func=cmd_serve)
 
 
@@ -640,6 +647,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.max_upload_mb <= 0:
         raise CLIError(f"--max-upload-mb must be > 0, got {args.max_upload_mb:g}")
+    if args.map_cache_mb < 0:
+        raise CLIError(f"--map-cache-mb must be >= 0, got {args.map_cache_mb:g}")
     print(f"serving the search page on http://{args.host}:{args.port}", flush=True)
     if not is_loopback(args.host):
         print(
@@ -656,6 +665,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             args.port,
             dagster_url=args.dagster_url,
             max_upload_bytes=int(args.max_upload_mb * 2**20),
+            map_cache_bytes=int(args.map_cache_mb * 2**20),
         )
     except WebError as exc:
         raise CLIError(exc.message) from exc

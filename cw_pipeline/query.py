@@ -22,18 +22,22 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import ThreadpoolController
 
 from cw_pipeline.catalog import index_command, pca_rels, stored_shards
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.core.aggregation import PCAWhitening, raw_descriptors
-from cw_pipeline.core.experiment import FeatureSet, Method
+from cw_pipeline.core.experiment import FeatureSet, Method, offline_descriptors
 from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
 from cw_pipeline.core.images import load_image
+from cw_pipeline.core.retrieval import MapCache
+from cw_pipeline.core.search import FullOrder, stable_top
 from cw_pipeline.store import (
     FEATURES,
     MANIFEST,
@@ -102,8 +106,9 @@ class QueryResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: the query's features (classes, class vectors), for CAM views
     record: ImageFeatures | None = field(default=None, repr=False)
-    #: every database row, best first (``search_image(full_ranking=True)`` only)
-    ranking: np.ndarray | None = field(default=None, repr=False)
+    #: the order of every database row (``search_image(full_ranking=True)`` only): where any
+    #: row stands (``order.positions(rows)``) without sorting the database
+    order: FullOrder | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +144,15 @@ class SearchIndex:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @cached_property
+    def group_is_all(self) -> tuple[bool, ...]:
+        """Per group: whether its rows are all of the database, in order (no copy needed)."""
+        n = len(self.ids)
+        return tuple(
+            len(rows) == n and (n == 0 or bool(np.array_equal(rows, np.arange(n))))
+            for rows, _ in self.groups
+        )
 
     def owner(self, row: int) -> str:
         """The dataset whose image is database row ``row``."""
@@ -440,6 +454,7 @@ def search_image(
     method: Method | str = "ofa",
     protocol: str | None = None,
     full_ranking: bool = False,
+    map_cache: MapCache | None = None,
 ) -> QueryResult:
     """Rank ``index`` for an upright RGB ``query`` image (``name``: its file, for messages).
 
@@ -447,7 +462,9 @@ def search_image(
     through ``extractor`` (cropped to ``box`` by ``protocol``, default the dataset's), then
     :func:`cw_pipeline.core.retrieval.search` per row group of the index (self-split halves
     merged by score; a row in several groups keeps its best score). ``full_ranking`` also
-    keeps the whole database's order in :attr:`QueryResult.ranking` (for the query's AP).
+    keeps the whole database's order in :attr:`QueryResult.order` (for the query's AP; the
+    search itself still keeps only the top of each group, the rest stays unsorted).
+    ``map_cache`` keeps database feature maps (OnA, ``+r``) for later searches.
 
     Raises:
         QueryError (box, a box too small for the network), ValueError (method).
@@ -475,23 +492,41 @@ def search_image(
     params = config.search
     agg = method.stored_aggregation
     db = index.descriptors[agg]
-    rows_all, scores_all, passes = [], [], 0
-    for rows, pcas in index.groups:
+    rows_all, scores_all, orders, passes = [], [], [], 0
+    for (rows, pcas), is_all in zip(index.groups, index.group_is_all, strict=True):
         maps = None
         if method.needs_maps:
-            maps = ComputedMaps(extractor, [index.paths[i] for i in rows])
-        depth = len(rows) if full_ranking else min(top, len(rows))
+            maps = ComputedMaps(extractor, [index.paths[i] for i in rows], map_cache)
+        pca = method_pca(method, pcas)
+        with _one_blas_thread():
+            q = offline_descriptors(method, qfs, pca, params)
         r = search_method(
-            method, qfs, _rows_of(db, rows), method_pca(method, pcas), maps, params, depth
+            method,
+            qfs,
+            db if is_all else db[rows],  # a copy of a 105k database costs more than ranking it
+            pca,
+            maps,
+            params,
+            min(top, len(rows)),
+            query_descriptors=q,
+            full_order=full_ranking,
         )
         rows_all.append(rows[r.indices[0]])
         scores_all.append(r.scores[0])
+        if r.orders is not None:
+            orders.append(_in_database(r.orders[0], rows, is_all, len(index)))
         passes += 0 if maps is None else maps.forward_passes
     rows = np.concatenate(rows_all)
     scores = np.concatenate(scores_all)
-    if len(index.groups) == 1:
-        order = np.arange(len(rows))  # the search's order (re-ranked heads included)
-    else:  # self-split halves: merged by score, then database order; each row once
+    order = np.arange(len(rows))  # one group: the search's order (re-ranked heads included)
+    full = orders[0] if len(orders) == 1 else None
+    if len(index.groups) > 1 and full_ranking:
+        # Self-split halves: every row by its best score, then database order.
+        best = np.maximum.reduce([o.row_scores() for o in orders])
+        full = FullOrder(np.empty(0, np.int64), np.empty(0, np.float32), best)
+        rows = stable_top(best[None], min(top, len(best)))[0]
+        scores, order = best[rows], np.arange(len(rows))
+    elif len(index.groups) > 1:  # the same merge over each half's top
         order = np.lexsort((rows, -scores))
         _, first = np.unique(rows[order], return_index=True)
         order = order[np.sort(first)]
@@ -513,17 +548,31 @@ def search_image(
         map_forward_passes=passes,
         timings={"features": t1 - t0, "ranking": t2 - t1},
         record=record,
-        ranking=rows[order] if full_ranking else None,
+        order=full,
     )
 
 
-def _rows_of(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``matrix[rows]``, without copying when ``rows`` are all of it in order (a copy of a
-    105k-image database costs more than ranking it)."""
-    n = len(matrix)
-    if len(rows) == n and (n == 0 or (rows[0] == 0 and bool(np.all(np.diff(rows) == 1)))):
-        return matrix
-    return matrix[rows]
+@cache
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()  # a few ms: inspects the loaded libraries once
+
+
+def _one_blas_thread() -> Any:
+    """BLAS on one thread for the query's small products (its PCA): right after the forward
+    pass, and on a busy machine, a threaded BLAS waits on its threads several times longer
+    than one thread computes (3 vs 30 ms at 64 × 1280 × 1280). OpenBLAS splits a product's
+    rows and columns between threads, never the sums: the result is the same."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+def _in_database(order: FullOrder, rows: np.ndarray, is_all: bool, n_db: int) -> FullOrder:
+    """A group's order (over its ``rows``) as an order of the database's rows (those outside
+    the group last)."""
+    if is_all:
+        return order
+    scores = np.full(n_db, -np.inf, dtype=np.float32)
+    scores[rows] = order.scores
+    return FullOrder(rows[order.head], order.head_scores, scores)
 
 
 def format_results(result: QueryResult) -> str:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -330,3 +331,28 @@ def test_the_installed_command_prints_a_traceback_only_with_debug(
     assert debug.returncode != 0
     assert "Traceback (most recent call last)" in debug.stderr
     assert "unknown dataset 'omega'" in debug.stderr
+
+
+@pytest.mark.parametrize("dims", [1280, 256])
+def test_the_query_descriptor_is_the_same_on_one_blas_thread(dims: int) -> None:
+    """search_image computes the query's descriptor with BLAS on one thread (fast on a busy
+    machine): bitwise the descriptor of the default threads, so rankings do not move."""
+    from threadpoolctl import threadpool_info
+
+    from cw_pipeline.core.aggregation import PCAWhitening, aggregate
+    from cw_pipeline.query import _one_blas_thread
+
+    rng = np.random.default_rng(0)
+    vectors = np.abs(rng.standard_normal((3, 64, 1280))).astype(np.float32)
+    basis, _ = np.linalg.qr(rng.standard_normal((1280, dims)))
+    pca = PCAWhitening(
+        mean=rng.standard_normal(1280).astype(np.float32) / 100,
+        components=basis.T.astype(np.float32),
+        eigenvalues=rng.random(dims).astype(np.float32) + 0.1,
+        metadata={},
+    )
+    default = aggregate(vectors, pca, 64)
+    with _one_blas_thread():
+        assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == {1}
+        single = aggregate(vectors, pca, 64)
+    np.testing.assert_array_equal(single, default)

@@ -165,6 +165,51 @@ def test_ground_truth_labels_and_ap(client: TestClient, cli_project: CliProject)
     assert page["ap"] == pytest.approx(stored["aps"][q["id"]], abs=0.02)
 
 
+@pytest.mark.parametrize(
+    ("dataset", "method"),
+    [("alpha", "ofa+r5"), ("alpha", "ona+qe3"), ("ukb", "ofa"), ("ukb", "ofa+r5")],
+)
+def test_ap_is_that_of_the_whole_ranking_whose_top_is_shown(
+    client: TestClient, dataset: str, method: str
+) -> None:
+    """The AP (from where the positives stand, the database never sorted) is the AP of the
+    whole ranking the page lists when asked for all of it, whose top the short list is; ukb
+    is self-split: its two halves are merged by score."""
+    q = gt_query(client, dataset)
+    params = {"dataset": dataset, "id": q["id"], "method": method}
+    short = ok(client.get("/api/search", params={**params, "top": 3}))
+    whole = ok(client.get("/api/search", params={**params, "top": short["database"]}))
+    ids = [r["id"] for r in whole["results"]]
+    assert len(ids) == len(set(ids)) == whole["database"]
+    assert [r["id"] for r in short["results"]] == ids[:3]
+    labels = [r["label"] for r in whole["results"]]
+    positives = [k for k, label in enumerate(labels) if label == "positive"]
+    junk = [k for k, label in enumerate(labels) if label == "junk"]
+    own = average_precision(np.arange(len(ids)), positives, junk)
+    assert positives and whole["query"]["positives"] == len(positives)
+    assert short["ap"] == whole["ap"] == pytest.approx(own, abs=1e-6)
+
+
+def test_repeated_searches_reuse_the_database_feature_maps(cli_project: CliProject) -> None:
+    """+r and OnA compute database feature maps once: a repeated search runs no forward pass
+    for them (same results); with --map-cache-mb 0 it computes them again."""
+    for cache_bytes, again_passes in ((64 * 2**20, 0), (0, None)):
+        engine = SearchEngine(cli_project.config_path, map_cache_bytes=cache_bytes)
+        client = TestClient(create_app(engine))
+        q = gt_query(client)
+        query = {"dataset": "alpha", "id": q["id"], "box": ",".join(map(str, q["box"]))}
+        for method in ("ofa+r5", "ona"):
+            params = {**query, "method": method, "top": 10}
+            first = ok(client.get("/api/search", params=params))
+            again = ok(client.get("/api/search", params=params))
+            assert first["map_forward_passes"] > 0
+            want = first["map_forward_passes"] if again_passes is None else again_passes
+            if method == "ona" and cache_bytes:  # +r5 already computed 5 of its maps
+                assert first["map_forward_passes"] == first["database"] - 5
+            assert again["map_forward_passes"] == want
+            assert again["results"] == first["results"] and again["ap"] == first["ap"]
+
+
 def test_evaluation_with_distractors_ranks_dataset_and_distractors(
     client: TestClient, capsys, cli_project: CliProject
 ) -> None:
@@ -208,6 +253,9 @@ def test_model_and_index_loaded_once_and_reloaded_on_a_new_materialization(
     monkeypatch.setattr(engine_mod, "RELOAD_CHECK_SECONDS", 0.0)
     ok(client.get("/api/search", params=params))
     assert engine.index_loads == 1  # nothing changed in the store
+    rerank = {**params, "method": "ofa+r5"}
+    assert ok(client.get("/api/search", params=rerank))["map_forward_passes"] == 5
+    assert ok(client.get("/api/search", params=rerank))["map_forward_passes"] == 0
     # A new materialization of alpha's descriptors (same content, a new file).
     store = FeatureStore(cli_project.config.warehouse)
     rel = descriptors_path("alpha", "ofa")
@@ -217,6 +265,8 @@ def test_model_and_index_loaded_once_and_reloaded_on_a_new_materialization(
     reloaded = ok(client.get("/api/search", params=params))
     assert engine.index_loads == 2 and reloaded["timings_ms"]["index_load"] > 0
     assert [r["id"] for r in reloaded["results"]] == [r["id"] for r in first["results"]]
+    # the feature maps kept for +r are dropped with the old database
+    assert ok(client.get("/api/search", params=rerank))["map_forward_passes"] == 5
 
 
 def test_cam_view_shows_the_box_re_ranking_scores(client: TestClient) -> None:

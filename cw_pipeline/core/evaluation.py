@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MapResult",
     "average_precision",
+    "average_precision_at",
     "compute_ap",
     "compute_map",
     "compute_map_revisited",
@@ -172,6 +173,25 @@ def average_precision(
     if pos.size == 0:
         return math.nan
     return compute_ap(_positive_ranks(rk, pos, jnk, "ranking"), int(pos.size))
+
+
+def average_precision_at(
+    positive_positions: np.ndarray | Sequence[int],
+    junk_positions: np.ndarray | Sequence[int] = (),
+) -> float:
+    """AP (Oxford, junk ignored) from where each positive and junk image stands in a ranking
+    of the whole database (0-based positions, e.g. ``FullOrder.positions``): the same value
+    as :func:`average_precision` of that ranking, without the ranking itself.
+
+    Returns NaN without positives.
+    """
+    pos = np.sort(_as_index_array(positive_positions, "positive positions"))
+    jnk = np.sort(_as_index_array(junk_positions, "junk positions"))
+    if pos.size == 0:
+        return math.nan
+    _check_unique(np.concatenate([pos, jnk]), "positive and junk positions")
+    # A positive's rank once junk is removed: its position less the junk images before it.
+    return compute_ap(pos - np.searchsorted(jnk, pos), int(pos.size))
 
 
 def precision_recall_points(

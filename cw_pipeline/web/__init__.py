@@ -21,13 +21,19 @@ def serve(
     *,
     dagster_url: str,
     max_upload_bytes: int,
+    map_cache_bytes: int | None = None,
 ) -> None:
     """Serve the search page on ``host:port`` until interrupted."""
     import uvicorn
 
     from cw_pipeline.web.app import create_app
-    from cw_pipeline.web.engine import SearchEngine
+    from cw_pipeline.web.engine import DEFAULT_MAP_CACHE_BYTES, SearchEngine
 
-    engine = SearchEngine(config_path, dagster_url=dagster_url, max_upload_bytes=max_upload_bytes)
+    engine = SearchEngine(
+        config_path,
+        dagster_url=dagster_url,
+        max_upload_bytes=max_upload_bytes,
+        map_cache_bytes=DEFAULT_MAP_CACHE_BYTES if map_cache_bytes is None else map_cache_bytes,
+    )
     engine.config()  # a bad configuration fails here, not on the first request
     uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")

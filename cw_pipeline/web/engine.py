@@ -8,6 +8,9 @@
 * Images are found by manifest id only: no path from a request reaches the file system.
 * Every search goes through :func:`cw_pipeline.query.search_image`, the function of
   ``cw-pipeline search``.
+* Database feature maps computed for OnA and ``+r`` are kept (least recently used dropped
+  beyond :data:`DEFAULT_MAP_CACHE_BYTES`), so a repeated search runs no forward pass again;
+  they are dropped when a database is reloaded or the configuration changes.
 
 Errors the user can act on are :class:`WebError` (an HTTP status and one readable line).
 """
@@ -46,6 +49,8 @@ from cw_pipeline.core import datasets as gtio
 from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
 from cw_pipeline.core.images import ImageLoadError, load_image
+from cw_pipeline.core.retrieval import MapCache
+from cw_pipeline.core.search import FullOrder
 from cw_pipeline.query import (
     NotIndexedError,
     QueryError,
@@ -69,6 +74,7 @@ from cw_pipeline.store import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_MAP_CACHE_BYTES",
     "DEFAULT_MAX_UPLOAD_BYTES",
     "DEFAULT_TOP",
     "MAX_TOP",
@@ -79,6 +85,9 @@ __all__ = [
 
 #: Uploads larger than this are refused (``cw-pipeline serve --max-upload-mb``).
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+#: Database feature maps kept across searches (``cw-pipeline serve --map-cache-mb``): about
+#: 2 MB per Oxford-size image, so the top 100 of ``+r100`` fit many times over.
+DEFAULT_MAP_CACHE_BYTES = 512 * 1024 * 1024
 DEFAULT_TOP = 20
 MAX_TOP = 500
 #: How often, at most, a request checks whether the stored index changed.
@@ -196,10 +205,13 @@ class SearchEngine:
         *,
         dagster_url: str = "http://127.0.0.1:3000",
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        map_cache_bytes: int = DEFAULT_MAP_CACHE_BYTES,
     ) -> None:
         self.config_path = config_path
         self.dagster_url = dagster_url.rstrip("/")
         self.max_upload_bytes = int(max_upload_bytes)
+        self.map_cache_bytes = int(map_cache_bytes)
+        self._map_caches: dict[str, MapCache] = {}  #: per extraction settings, like the CNNs
         self._config: ProjectConfig | None = None
         self._config_mtime: int | None = None
         self._store: FeatureStore | None = None
@@ -232,6 +244,7 @@ class SearchEngine:
                 self._config, self._config_mtime = config, mtime
                 self._store = FeatureStore(config.warehouse)
                 self._indexes.clear()
+                self._map_caches.clear()
                 self._manifests.clear()
                 self._groundtruth.clear()
                 self._freshness.clear()
@@ -327,6 +340,8 @@ class SearchEngine:
                 raise WebError(404, str(exc)) from exc
             except ValueError as exc:
                 raise WebError(400, str(exc)) from exc
+            if loaded is not None:  # a new materialization: its images may have changed too
+                self._map_caches.clear()
             rows = {image_id: i for i, image_id in enumerate(index.ids)}
             loaded = _Loaded(signature, index, rows, time.monotonic())
             self._indexes[key] = loaded
@@ -343,6 +358,18 @@ class SearchEngine:
             if key not in self._extractors:
                 self._extractors[key] = dataset_extractor(ds)
             return self._extractors[key]
+
+    def _map_cache(self, ds: DatasetConfig) -> MapCache | None:
+        """The database feature maps kept for ``ds``'s extraction settings (None: disabled)."""
+        from cw_pipeline.indexing import feature_code_version
+
+        if self.map_cache_bytes <= 0:
+            return None
+        key = f"{feature_code_version(ds)}|{ds.runtime.device}"
+        with self._lock:
+            if key not in self._map_caches:
+                self._map_caches[key] = MapCache(self.map_cache_bytes)
+            return self._map_caches[key]
 
     # ------------------------------------------------------------------ manifests, images
     def manifest(self, ds: DatasetConfig) -> dict[str, dict[str, Any]]:
@@ -605,6 +632,7 @@ class SearchEngine:
                     method=m,
                     protocol=protocol,
                     full_ranking=gt_query is not None,
+                    map_cache=self._map_cache(main),
                 )
             except QueryError as exc:
                 raise WebError(400, str(exc)) from exc
@@ -617,8 +645,8 @@ class SearchEngine:
         labels: dict[int, str] = {}
         ap = None
         if gt_query is not None:
-            assert result.ranking is not None
-            labels, ap, n_pos = self._labels(loaded, gt_query, result.ranking)
+            assert result.order is not None
+            labels, ap, n_pos = self._labels(loaded, gt_query, result.order)
             query.update(query=gt_query.name or gt_query.image_id, positives=n_pos)
         categories = _imagenet_categories(int(extractor.backbone.classifier_weight.shape[0]))
         rec = result.record
@@ -670,11 +698,12 @@ class SearchEngine:
         }
 
     def _labels(
-        self, loaded: _Loaded, q: gtio.Query, ranking: np.ndarray
+        self, loaded: _Loaded, q: gtio.Query, order: FullOrder
     ) -> tuple[dict[int, str], float, int]:
         """Ground-truth label of each database row, the query's AP over the whole ranking
-        (Oxford AP, junk ignored) and its number of positives."""
-        from cw_pipeline.core.evaluation import average_precision
+        (Oxford AP, junk ignored; from where its positives and junk stand, without sorting
+        the database) and its number of positives."""
+        from cw_pipeline.core.evaluation import average_precision_at
 
         index, rows = loaded.index, loaded.rows
         owner = index.dataset.name
@@ -685,7 +714,7 @@ class SearchEngine:
         pos, junk = found(q.positives), found(q.junk)
         labels = {r: "positive" for r in pos}
         labels.update({r: "junk" for r in junk})
-        ap = average_precision(ranking, pos, junk) if pos else math.nan
+        ap = average_precision_at(order.positions(pos), order.positions(junk)) if pos else math.nan
         return labels, ap, len(pos)
 
     def _decode_upload(self, data: bytes, name: str, extractor: FeatureExtractor) -> Image.Image:

@@ -12,6 +12,7 @@ from cw_pipeline.core.datasets import ukbench_groundtruth
 from cw_pipeline.core.evaluation import (
     MapResult,
     average_precision,
+    average_precision_at,
     compute_ap,
     compute_map,
     compute_map_revisited,
@@ -19,6 +20,7 @@ from cw_pipeline.core.evaluation import (
     ukbench_map,
     ukbench_ns_score,
 )
+from cw_pipeline.core.search import FullOrder
 
 # Hand derivation for 4 positives at 1-based ranks 1, 2, 4, 7 (0-based 0, 1, 3, 6), nres = 4:
 #   j=0 r=0: p0 = 1,   p1 = 1/1 -> 2
@@ -130,6 +132,42 @@ def test_average_precision_validation() -> None:
 # --------------------------------------------------------------------------------------------
 # precision / recall points
 # --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_ap_equals_the_ap_of_the_sorted_database(seed: int) -> None:
+    """The search page's AP (positions of the positives and junk in a ``FullOrder``, no sort
+    of the database) equals ``average_precision`` of the whole ranking built by sorting."""
+    rng = np.random.default_rng(seed)
+    n = 3000
+    scores = rng.standard_normal(n).astype(np.float32)
+    if seed % 2:  # ties: a few distinct values, broken by row
+        scores = np.round(scores * 2) / 2
+    head = np.argsort(-scores, kind="stable")[: [0, 1, 25][seed % 3]]
+    head = head[rng.permutation(len(head))]  # a re-ranked head, scored apart
+    order = FullOrder(head, rng.random(len(head)).astype(np.float32), scores)
+    rest = np.setdiff1d(np.arange(n), head)
+    ranking = np.concatenate([head, rest[np.argsort(-scores[rest], kind="stable")]])
+    marked = rng.choice(n, size=60, replace=False)
+    positives, junk = marked[: [1, 10, 40][seed % 3]], marked[45:]
+    want = average_precision(ranking, positives, junk)
+    got = average_precision_at(order.positions(positives), order.positions(junk))
+    assert got == pytest.approx(want, rel=1e-12)
+    assert average_precision_at(order.positions(positives)) == pytest.approx(
+        average_precision(ranking, positives), rel=1e-12
+    )
+
+
+def test_average_precision_at_by_hand() -> None:
+    assert average_precision_at([0, 1, 3, 6]) == pytest.approx(float(AP_EXAMPLE))
+    # junk at positions 2 and 6 shifts the later positives up: 0, 1, 3, 7 → 0, 1, 2, 5
+    want = compute_ap([0, 1, 2, 5], 4)
+    assert average_precision_at([7, 1, 3, 0], [6, 2]) == pytest.approx(want, rel=1e-12)
+    ranking = [0, 1, 9, 2, 5, 6, 7, 3]  # positives 0-3, junk 9 and 7
+    assert average_precision(ranking, [0, 1, 2, 3], [9, 7]) == pytest.approx(want, rel=1e-12)
+    assert math.isnan(average_precision_at([]))
+    with pytest.raises(ValueError, match="more than once"):
+        average_precision_at([0, 3], [3])
 
 
 def test_precision_recall_points() -> None:

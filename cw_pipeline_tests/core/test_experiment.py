@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from cw_pipeline.core.experiment import (
     offline_descriptors,
 )
 from cw_pipeline.core.extract import FeatureMaps, ImageFeatures, encode_maps
-from cw_pipeline.core.retrieval import InMemoryMaps, search
+from cw_pipeline.core.retrieval import InMemoryMaps, MapCache, search
 from cw_pipeline.core.runner import evaluate_search, pca_groups
 from cw_pipeline.core.search import RerankConfig, online_descriptors, rerank
 
@@ -371,3 +373,51 @@ def test_pca_groups_whole_set_and_self_split_halves() -> None:
         pca_groups(4, labels[:3])
     with pytest.raises(ValueError, match="at least two objects"):
         pca_groups(2, np.array([5, 5]))
+
+
+@pytest.mark.parametrize(
+    "name", ["raw", "ofa", "ofa+qe3", "ofa+r5", "ofa+r5+qe3", "ona", "ona+r3", "ona+r3+qe2"]
+)
+def test_full_order_is_the_full_search(scene, name):
+    """``full_order``: the top k unchanged, and each query's order of the whole database (a
+    re-ranked head kept whole even when k is shorter) is the full search's ranking."""
+    clf, train, database, queries = scene
+    method = Method.parse(name)
+    pca = fit_pca(method, train, PARAMS)
+    db = offline_descriptors(method, database, pca, PARAMS)
+    maps = InMemoryMaps(database.maps, *clf)
+    full = search(method, queries, db, pca, maps, PARAMS)
+    assert full.orders is None
+    for top_k in (1, 2, 10):
+        part = search(method, queries, db, pca, maps, PARAMS, top_k=top_k, full_order=True)
+        np.testing.assert_array_equal(part.indices, full.indices[:, :top_k])
+        assert part.orders is not None and len(part.orders) == len(queries)
+        for i, order in enumerate(part.orders):
+            np.testing.assert_array_equal(order.ranking(), full.indices[i])
+            np.testing.assert_array_equal(order.positions(full.indices[i]), np.arange(10))
+            np.testing.assert_allclose(order.row_scores()[full.indices[i]], full.scores[i])
+
+
+def test_map_cache_keeps_the_most_recent_maps_within_its_bytes():
+    def maps(n_channels: int) -> FeatureMaps:
+        return FeatureMaps(features=np.zeros((n_channels, 2, 2), dtype=np.float16))
+
+    cache = MapCache(max_bytes=3 * 80)  # three maps of 10 channels (80 bytes each)
+    for name in "abc":
+        cache.put(Path(name), maps(10))
+    assert len(cache) == 3 and cache.nbytes == 240
+    assert cache.get(Path("a")) is not None  # a is now the most recent
+    cache.put(Path("d"), maps(10))  # drops b, the least recently used
+    assert cache.get(Path("b")) is None
+    assert [cache.get(Path(x)) is not None for x in "acd"] == [True, True, True]
+    cache.put(Path("e"), maps(20))  # 160 bytes: drops the two least recent (a, c)
+    assert cache.get(Path("a")) is None and cache.get(Path("c")) is None
+    assert cache.nbytes == 240 and len(cache) == 2
+    cache.put(Path("huge"), maps(40))  # larger than the whole cache: not kept, nothing dropped
+    assert cache.get(Path("huge")) is None and len(cache) == 2
+    cache.put(Path("d"), maps(5))  # replaced, counted once
+    assert cache.nbytes == 160 + 40
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0
+    with pytest.raises(ValueError, match="max_bytes must be >= 0"):
+        MapCache(-1)

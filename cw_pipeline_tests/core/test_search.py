@@ -13,11 +13,13 @@ import torch
 from cw_pipeline.core.aggregation import PCAWhitening, l2_normalize
 from cw_pipeline.core.extract import FeatureMaps
 from cw_pipeline.core.search import (
+    FullOrder,
     OnlineIndex,
     Ranking,
     RerankConfig,
     expand_queries,
     online_descriptors,
+    order_positions,
     query_expansion,
     rank,
     region_boxes,
@@ -89,6 +91,71 @@ def test_top_k_prefix_random_scores():
     full = rank(q, db)
     for k in (1, 7, 49):
         np.testing.assert_array_equal(rank(q, db, top_k=k).indices, full.indices[:, :k])
+
+
+def _where(ranking: np.ndarray) -> np.ndarray:
+    """Position of every row in a full ranking (its inverse permutation)."""
+    out = np.empty(len(ranking), dtype=np.int64)
+    out[ranking] = np.arange(len(ranking))
+    return out
+
+
+@pytest.mark.parametrize("levels", [None, 7, 1])  # continuous scores, many ties, all tied
+def test_order_positions_equal_a_full_stable_sort(levels):
+    rng = np.random.default_rng(3)
+    n = 2000
+    if levels is None:
+        s = rng.standard_normal(n).astype(np.float32)
+    else:
+        s = rng.integers(0, levels, size=n).astype(np.float32) / 7
+    where = _where(np.argsort(-s, kind="stable"))  # the straightforward order: sort it all
+    for rows in (rng.choice(n, size=60, replace=False), np.arange(n), np.array([n - 1, 0])):
+        np.testing.assert_array_equal(order_positions(s, rows), where[rows])
+    assert order_positions(s, []).shape == (0,)
+
+
+def test_order_positions_errors():
+    with pytest.raises(ValueError, match="NaN"):
+        order_positions(np.array([0.5, np.nan], dtype=np.float32), [0])
+    with pytest.raises(ValueError, match=r"rows must be in 0\.\.1, got 0\.\.2"):
+        order_positions(np.zeros(2, dtype=np.float32), [0, 2])
+    with pytest.raises(ValueError, match="1-D"):
+        order_positions(np.zeros((2, 2), dtype=np.float32), [0])
+
+
+def test_rank_full_order_is_the_full_ranking():
+    rng = np.random.default_rng(4)
+    db = np.zeros((300, 3), dtype=np.float32)  # tie-heavy: three distinct scores per query
+    db[np.arange(300), rng.integers(0, 3, size=300)] = 1.0
+    q = np.vstack([np.array([[1.0, 0.5, 0.0]], np.float32), _random_unit(rng, 1, 3)])
+    full = rank(q, db)
+    for k in (1, 5, 299, 300):
+        part = rank(q, db, top_k=k, full_order=True)
+        assert part.orders is not None and len(part.orders) == 2
+        for i, order in enumerate(part.orders):
+            np.testing.assert_array_equal(order.ranking(), full.indices[i])
+            np.testing.assert_array_equal(order.positions(np.arange(300)), _where(full.indices[i]))
+            np.testing.assert_array_equal(order.row_scores()[full.indices[i]], full.scores[i])
+    assert rank(q, db, top_k=3).orders is None
+
+
+def test_full_order_with_a_reordered_head():
+    """Re-ranking reorders the head (with scores of its own): the head comes first, in its
+    order, then the other rows by their scores."""
+    rng = np.random.default_rng(5)
+    s = rng.integers(0, 5, size=500).astype(np.float32)  # ties in the tail too
+    head = np.argsort(-s, kind="stable")[:40]
+    head = head[rng.permutation(40)]
+    head_scores = rng.random(40).astype(np.float32) - 2  # below every tail score
+    order = FullOrder(head, head_scores, s)
+    rest = np.array([r for r in np.argsort(-s, kind="stable") if r not in set(head.tolist())])
+    expected = np.concatenate([head, rest])
+    np.testing.assert_array_equal(order.ranking(), expected)
+    rows = rng.choice(500, size=100, replace=False)
+    np.testing.assert_array_equal(order.positions(rows), _where(expected)[rows])
+    scores = order.row_scores()
+    np.testing.assert_array_equal(scores[head], head_scores)
+    np.testing.assert_array_equal(np.delete(scores, head), np.delete(s, head))
 
 
 def test_rank_errors():
