@@ -212,6 +212,7 @@ class SearchEngine:
         self.max_upload_bytes = int(max_upload_bytes)
         self.map_cache_bytes = int(map_cache_bytes)
         self._map_caches: dict[str, MapCache] = {}  #: per extraction settings, like the CNNs
+        self._settings_keys: dict[str, str] = {}  #: dataset -> its extraction settings' key
         self._config: ProjectConfig | None = None
         self._config_mtime: int | None = None
         self._store: FeatureStore | None = None
@@ -245,6 +246,7 @@ class SearchEngine:
                 self._store = FeatureStore(config.warehouse)
                 self._indexes.clear()
                 self._map_caches.clear()
+                self._settings_keys.clear()
                 self._manifests.clear()
                 self._groundtruth.clear()
                 self._freshness.clear()
@@ -349,11 +351,24 @@ class SearchEngine:
             logger.info("loaded %s %s: %d images (%s)", target.kind, target.name, len(index), key)
             return loaded
 
+    def _settings_key(self, ds: DatasetConfig) -> str:
+        """``ds``'s extraction settings and device (a hash, kept until the configuration
+        changes)."""
+        from cw_pipeline.indexing import feature_code_version
+
+        with self._lock:
+            key = self._settings_keys.get(ds.name)
+            if key is None:
+                key = self._settings_keys[ds.name] = (
+                    f"{feature_code_version(ds)}|{ds.runtime.device}"
+                )
+            return key
+
     def extractor(self, ds: DatasetConfig) -> FeatureExtractor:
         """The CNN for ``ds``'s extraction settings (one per settings, kept)."""
-        from cw_pipeline.indexing import dataset_extractor, feature_code_version
+        from cw_pipeline.indexing import dataset_extractor
 
-        key = f"{feature_code_version(ds)}|{ds.runtime.device}"
+        key = self._settings_key(ds)
         with self._lock:
             if key not in self._extractors:
                 self._extractors[key] = dataset_extractor(ds)
@@ -361,11 +376,9 @@ class SearchEngine:
 
     def _map_cache(self, ds: DatasetConfig) -> MapCache | None:
         """The database feature maps kept for ``ds``'s extraction settings (None: disabled)."""
-        from cw_pipeline.indexing import feature_code_version
-
         if self.map_cache_bytes <= 0:
             return None
-        key = f"{feature_code_version(ds)}|{ds.runtime.device}"
+        key = self._settings_key(ds)
         with self._lock:
             if key not in self._map_caches:
                 self._map_caches[key] = MapCache(self.map_cache_bytes)
@@ -632,7 +645,7 @@ class SearchEngine:
                     method=m,
                     protocol=protocol,
                     full_ranking=gt_query is not None,
-                    map_cache=self._map_cache(main),
+                    map_cache=self._map_cache(main) if m.needs_maps else None,
                 )
             except QueryError as exc:
                 raise WebError(400, str(exc)) from exc
@@ -663,9 +676,12 @@ class SearchEngine:
             ],
         )
         hits = []
+        links: dict[str, str] = {}  # the Dagster asset of each dataset of the results
         for hit in result.hits:
             row = loaded.rows[hit.image_id]
             owner = index.owner(row)
+            if owner not in links:
+                links[owner] = self.asset_url(target, owner)
             hits.append(
                 {
                     "rank": hit.rank,
@@ -674,7 +690,7 @@ class SearchEngine:
                     "score": round(hit.score, 6),
                     "label": None if gt_query is None else labels.get(row, "negative"),
                     "image": _image_url(owner, hit.image_id),
-                    "dagster": self.asset_url(target, owner),
+                    "dagster": links[owner],
                 }
             )
         total = time.perf_counter() - t0
