@@ -67,8 +67,9 @@ serve: install
 figures: install
 	$(BIN)/cw-pipeline report-figures $(EVAL)
 
-# Redraw the README's UI screenshots (docs/img/ui-*.png): the browser test over a fresh demo,
-# headless Debian Chromium (`apt-get install chromium`; `make test-deps` installs it).
+# Redraw the README's screenshots (docs/img/ui-*.png, search-page-*.png): the browser tests
+# over a fresh demo, headless Debian Chromium (`apt-get install chromium`; `make test-deps`
+# installs it).
 screenshots: install test-deps
 	CW_ARTIFACTS=docs/img $(BIN)/python -m pytest -q cw_pipeline_tests/e2e/test_ui_browser.py \
 		cw_pipeline_tests/e2e/test_search_page.py

@@ -4,7 +4,8 @@ test_ui_browser.py).
 
 A user picks a ground-truth query, drags a new box on it, searches, sees a positive first,
 opens a result's CAM view, uploads an image file and gets results, then uploads a broken file
-and reads the error. Screenshots go to ``$CW_ARTIFACTS`` (``make screenshots``: ``docs/img/``).
+and reads the error. The two screenshots of the README (results, CAM view) go to
+``$CW_ARTIFACTS`` (``make screenshots``: ``docs/img/``); a failed step also saves one there.
 """
 
 from __future__ import annotations
@@ -161,4 +162,3 @@ def test_search_page_end_to_end(
         message = page.locator("#error").inner_text()
         assert "cannot read the uploaded file 'broken.jpg'" in message, message
         assert page.locator(".tile").count() == 0
-        screenshot(page, "search-page-error", record_property)
