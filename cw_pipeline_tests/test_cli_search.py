@@ -340,7 +340,7 @@ def test_the_query_descriptor_is_the_same_on_one_blas_thread(dims: int) -> None:
     from threadpoolctl import threadpool_info
 
     from cw_pipeline.core.aggregation import PCAWhitening, aggregate
-    from cw_pipeline.query import _one_blas_thread
+    from cw_pipeline.query.ranking import _one_blas_thread
 
     rng = np.random.default_rng(0)
     vectors = np.abs(rng.standard_normal((3, 64, 1280))).astype(np.float32)
