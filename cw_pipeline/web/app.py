@@ -30,7 +30,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cw_pipeline.core.jsonsafe import dumps as strict_json
-from cw_pipeline.web.engine import DEFAULT_TOP, SearchEngine, WebError, parse_box
+from cw_pipeline.web.common import DEFAULT_TOP, Target, WebError, _too_large, parse_box
+from cw_pipeline.web.engine import SearchEngine
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ def _int(request: Request, name: str, default: int) -> int:
 
 async def _body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) past ``limit`` bytes without reading all of it."""
-    from cw_pipeline.web.engine import _too_large
-
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise WebError(413, _too_large(int(declared), limit))
@@ -88,55 +87,58 @@ async def _body(request: Request, limit: int) -> bytes:
     return bytes(data)
 
 
-def create_app(engine: SearchEngine) -> Starlette:
-    """The search page and its JSON API over ``engine``."""
-    static = {
-        name: resources.files("cw_pipeline.web").joinpath("static", name).read_bytes()
-        for name in STATIC_TYPES
-    }
+class _Handlers:
+    """The route handlers over one engine (and the page's static files, read once)."""
 
-    def page(name: str) -> Response:
-        return Response(static[name], media_type=STATIC_TYPES[name], headers=SECURITY_HEADERS)
+    def __init__(self, engine: SearchEngine) -> None:
+        self.engine = engine
+        self.static = {
+            name: resources.files("cw_pipeline.web").joinpath("static", name).read_bytes()
+            for name in STATIC_TYPES
+        }
 
-    async def index(request: Request) -> Response:
-        return page("index.html")
+    def page(self, name: str) -> Response:
+        return Response(self.static[name], media_type=STATIC_TYPES[name], headers=SECURITY_HEADERS)
 
-    async def static_file(request: Request) -> Response:
+    async def index(self, request: Request) -> Response:
+        return self.page("index.html")
+
+    async def static_file(self, request: Request) -> Response:
         name = request.path_params["name"]
-        if name not in static or name == "index.html":
+        if name not in self.static or name == "index.html":
             raise WebError(404, f"no static file {name!r}")
-        return page(name)
+        return self.page(name)
 
-    def target(request: Request):
+    def target(self, request: Request) -> Target:
         q = request.query_params
-        return engine.target(q.get("dataset"), q.get("evaluation"))
+        return self.engine.target(q.get("dataset"), q.get("evaluation"))
 
-    async def datasets(request: Request) -> Response:
-        return _JSON(await run_in_threadpool(engine.targets), headers=SECURITY_HEADERS)
+    async def datasets(self, request: Request) -> Response:
+        return _JSON(await run_in_threadpool(self.engine.targets), headers=SECURITY_HEADERS)
 
-    async def images(request: Request) -> Response:
-        t = await run_in_threadpool(target, request)
+    async def images(self, request: Request) -> Response:
+        t = await run_in_threadpool(self.target, request)
         offset, limit = _int(request, "offset", 0), _int(request, "limit", 200)
         text = request.query_params.get("q", "")
-        out = await run_in_threadpool(engine.images, t, offset, limit, text)
+        out = await run_in_threadpool(self.engine.images, t, offset, limit, text)
         return _JSON(out, headers=SECURITY_HEADERS)
 
-    async def image(request: Request) -> Response:
+    async def image(self, request: Request) -> Response:
         q = request.query_params
         dataset, image_id = q.get("dataset"), q.get("id")
         if not dataset or image_id is None:
             raise WebError(400, "give dataset=NAME and id=ID")
         size = _int(request, "size", 1024)
-        data = await run_in_threadpool(engine.image_bytes, dataset, image_id, size)
+        data = await run_in_threadpool(self.engine.image_bytes, dataset, image_id, size)
         headers = {**SECURITY_HEADERS, "Cache-Control": "private, max-age=60"}
         return Response(data, media_type="image/jpeg", headers=headers)
 
-    async def search(request: Request) -> Response:
+    async def search(self, request: Request) -> Response:
         q = request.query_params
-        t = await run_in_threadpool(target, request)
+        t = await run_in_threadpool(self.target, request)
         upload = None
         if request.method == "POST":
-            upload = await _body(request, engine.max_upload_bytes)
+            upload = await _body(request, self.engine.max_upload_bytes)
             if not upload and q.get("id") is None:
                 raise WebError(400, "the POST body is empty: send an image file, or id=ID")
             if q.get("id") is not None:
@@ -154,48 +156,55 @@ def create_app(engine: SearchEngine) -> Starlette:
             "upload": upload,
             "upload_name": (q.get("filename") or "upload")[:200],
         }
-        out = await run_in_threadpool(lambda: engine.search(t, **kwargs))
+        out = await run_in_threadpool(lambda: self.engine.search(t, **kwargs))
         return _JSON(out, headers=SECURITY_HEADERS)
 
-    async def detail(request: Request) -> Response:
+    async def detail(self, request: Request) -> Response:
         q = request.query_params
         token, dataset, image_id = q.get("token"), q.get("dataset"), q.get("id")
         if not token or not dataset or image_id is None:
             raise WebError(400, "give token=T (from a search), dataset=NAME and id=ID")
-        out = await run_in_threadpool(engine.detail, token, dataset, image_id)
+        out = await run_in_threadpool(self.engine.detail, token, dataset, image_id)
         return _JSON(out, headers=SECURITY_HEADERS)
 
-    async def web_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, WebError)
-        return _error(exc.status, exc.message)
 
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        if exc.status_code == 404:
-            return _error(404, f"no such page: {request.url.path}")
-        if exc.status_code == 405:
-            return _error(405, f"{request.method} is not allowed on {request.url.path}")
-        return _error(exc.status_code, str(exc.detail))
+async def _web_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, WebError)
+    return _error(exc.status, exc.message)
 
-    async def server_error(request: Request, exc: Exception) -> Response:
-        logger.exception("error on %s %s", request.method, request.url.path)
-        return _error(500, f"internal error ({type(exc).__name__}: {exc}); see the server log")
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return _error(404, f"no such page: {request.url.path}")
+    if exc.status_code == 405:
+        return _error(405, f"{request.method} is not allowed on {request.url.path}")
+    return _error(exc.status_code, str(exc.detail))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    logger.exception("error on %s %s", request.method, request.url.path)
+    return _error(500, f"internal error ({type(exc).__name__}: {exc}); see the server log")
+
+
+def create_app(engine: SearchEngine) -> Starlette:
+    """The search page and its JSON API over ``engine``."""
+    h = _Handlers(engine)
     routes = [
-        Route("/", index),
-        Route("/static/{name}", static_file),
-        Route("/api/datasets", datasets),
-        Route("/api/images", images),
-        Route("/api/image", image),
-        Route("/api/search", search, methods=["GET", "POST"]),
-        Route("/api/detail", detail),
+        Route("/", h.index),
+        Route("/static/{name}", h.static_file),
+        Route("/api/datasets", h.datasets),
+        Route("/api/images", h.images),
+        Route("/api/image", h.image),
+        Route("/api/search", h.search, methods=["GET", "POST"]),
+        Route("/api/detail", h.detail),
     ]
     return Starlette(
         debug=False,
         routes=routes,
         exception_handlers={
-            WebError: web_error,
-            HTTPException: http_error,
-            Exception: server_error,
+            WebError: _web_error,
+            HTTPException: _http_error,
+            Exception: _server_error,
         },
     )
