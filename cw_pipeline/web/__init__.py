@@ -1,7 +1,10 @@
 """The search page: ``cw-pipeline serve`` (a Starlette app served by uvicorn).
 
 :mod:`cw_pipeline.web.engine` holds what a search needs (models, loaded databases, images by
-manifest id); :mod:`cw_pipeline.web.app` is the HTTP side (the page and its JSON API).
+manifest id), with what it does split by concern: :mod:`~cw_pipeline.web.searching` (a search
+and its answer), :mod:`~cw_pipeline.web.listing` (targets, images, thumbnails),
+:mod:`~cw_pipeline.web.detail` (a result's CAM view) and :mod:`~cw_pipeline.web.common` (what
+they share); :mod:`cw_pipeline.web.app` is the HTTP side (the page and its JSON API).
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@
   they are dropped when a database is reloaded or the configuration changes.
 
 Errors the user can act on are :class:`WebError` (an HTTP status and one readable line).
+
+This module holds the state (configuration, CNNs, loaded databases, manifests, ground truth);
+:class:`SearchEngine` takes what it does with it from :mod:`~cw_pipeline.web.searching`,
+:mod:`~cw_pipeline.web.listing` and :mod:`~cw_pipeline.web.detail`.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from cw_pipeline.core.search import FullOrder
 from cw_pipeline.query import (
     Hit,
     QueryError,
+    QueryResult,
     load_query_image,
     search_image,
 )
@@ -76,32 +77,9 @@ class SearchMixin:
         image, name, query, gt_query = self._query_image(
             target, main, image_id, image_dataset, query_name, upload, upload_name, extractor
         )
-        with self._lock:
-            t_index = time.perf_counter()
-            loads = self.index_loads
-            loaded = self.index(target, m)
-            index_seconds = time.perf_counter() - t_index if self.index_loads != loads else 0.0
-            try:
-                result = search_image(
-                    self.config(),
-                    loaded.index,
-                    extractor,
-                    image,
-                    name,
-                    box=box,
-                    top=top,
-                    method=m,
-                    protocol=protocol,
-                    full_ranking=gt_query is not None,
-                    map_cache=self._map_cache(main) if m.needs_maps else None,
-                )
-            except QueryError as exc:
-                raise WebError(400, str(exc)) from exc
-            token = secrets.token_urlsafe(12)
-            assert result.record is not None
-            self._queries[token] = _Query(target, m, result.record, loaded.signature)
-            while len(self._queries) > QUERY_CACHE:
-                self._queries.popitem(last=False)
+        loaded, result, token, index_seconds = self._rank(
+            target, main, m, extractor, image, name, box, top, protocol, gt_query is not None
+        )
         index = loaded.index
         labels: dict[int, str] = {}
         ap = None
@@ -134,6 +112,50 @@ class SearchMixin:
                 "server": round(1000 * total, 1),
             },
         }
+
+    def _rank(
+        self,
+        target: Target,
+        main: DatasetConfig,
+        m: Method,
+        extractor: FeatureExtractor,
+        image: Image.Image,
+        name: Path,
+        box: tuple[float, float, float, float] | None,
+        top: int,
+        protocol: str | None,
+        full_ranking: bool,
+    ) -> tuple[_Loaded, QueryResult, str, float]:
+        """Rank the target's database (loaded if needed) with :func:`search_image` and keep the
+        query for its result views: the database, the result, the query's token and the
+        seconds a (re)load of the database took (0 when none)."""
+        with self._lock:
+            t_index = time.perf_counter()
+            loads = self.index_loads
+            loaded = self.index(target, m)
+            index_seconds = time.perf_counter() - t_index if self.index_loads != loads else 0.0
+            try:
+                result = search_image(
+                    self.config(),
+                    loaded.index,
+                    extractor,
+                    image,
+                    name,
+                    box=box,
+                    top=top,
+                    method=m,
+                    protocol=protocol,
+                    full_ranking=full_ranking,
+                    map_cache=self._map_cache(main) if m.needs_maps else None,
+                )
+            except QueryError as exc:
+                raise WebError(400, str(exc)) from exc
+            token = secrets.token_urlsafe(12)
+            assert result.record is not None
+            self._queries[token] = _Query(target, m, result.record, loaded.signature)
+            while len(self._queries) > QUERY_CACHE:
+                self._queries.popitem(last=False)
+        return loaded, result, token, index_seconds
 
     def _query_image(
         self,
