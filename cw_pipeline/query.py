@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cw_pipeline.catalog import index_command, pca_rels, stored_shards
+from cw_pipeline.compute.catalog import index_command, pca_rels, stored_shards
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.core.aggregation import PCAWhitening, raw_descriptors
 from cw_pipeline.core.experiment import FeatureSet, Method
@@ -193,7 +193,8 @@ def check_box(box: Sequence[float], size: tuple[int, int], path: Path) -> Box:
 
 def _check_features(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig) -> list[str]:
     """Stored feature shards of ``ds``, checked against the current extraction settings."""
-    from cw_pipeline.indexing import feature_code_version, stored_code_version
+    from cw_pipeline.compute.features import feature_code_version
+    from cw_pipeline.compute.shards import stored_code_version
 
     shards = stored_shards(store, FEATURES, ds.name)
     if not shards:
@@ -240,7 +241,8 @@ def load_index(
         NotIndexedError: the descriptors or PCA it needs are not materialized (says what to run).
         ValueError: a folder dataset without PCA asked for a method that needs one.
     """
-    from cw_pipeline.stages import pca_groups_of, pca_models_for, read_descriptors
+    from cw_pipeline.compute.descriptors import read_descriptors
+    from cw_pipeline.compute.pca import pca_groups_of, pca_models_for
 
     ds = config.dataset(name)
     _check_features(config, store, ds)
@@ -276,7 +278,7 @@ def _distractor_descriptors(
 ) -> tuple[list[str], np.ndarray] | None:
     """The descriptors of distractor set ``dataset`` under evaluation ``ev_name`` (None: none
     materialized yet)."""
-    from cw_pipeline.stages import read_descriptors
+    from cw_pipeline.compute.descriptors import read_descriptors
 
     if not store.list(distractor_descriptors_folder(ev_name, dataset, agg)):
         return None
@@ -293,7 +295,7 @@ def _distractor_descriptors(
 def _folder_index(
     config: ProjectConfig, store: FeatureStore, ds: DatasetConfig, method: Method
 ) -> SearchIndex:
-    from cw_pipeline.stages import pca_models_for
+    from cw_pipeline.compute.pca import pca_models_for
 
     agg = method.stored_aggregation
     shards = stored_shards(store, FEATURES, ds.name)
@@ -410,7 +412,7 @@ def search(
     store = store or FeatureStore(config.warehouse)
     index = load_index(config, store, ds.name, method)
     if extractor is None:
-        from cw_pipeline.indexing import dataset_extractor
+        from cw_pipeline.compute.features import dataset_extractor
 
         extractor = dataset_extractor(ds)
     result = search_image(
@@ -452,9 +454,9 @@ def search_image(
     Raises:
         QueryError (box, a box too small for the network), ValueError (method).
     """
+    from cw_pipeline.compute.pca import method_pca
     from cw_pipeline.core.retrieval import ComputedMaps
     from cw_pipeline.core.retrieval import search as search_method
-    from cw_pipeline.stages import method_pca
 
     method = Method.parse(method) if isinstance(method, str) else method
     if top < 1:

@@ -28,7 +28,9 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from cw_pipeline import figures, reports, stages
+from cw_pipeline import figures, reports
+from cw_pipeline.compute.queries import load_groundtruth
+from cw_pipeline.compute.rankings import manifest_paths
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core import datasets as gtio
 from cw_pipeline.core.cams import boxes_to_pixels, class_activation_maps, heatmap_boxes
@@ -139,9 +141,9 @@ class ReportFigures:
 def _image_paths(
     config: ProjectConfig, store: FeatureStore, ev: EvaluationConfig, shards: dict[str, list[str]]
 ) -> dict[str, Path]:
-    paths = stages.manifest_paths(store, config.dataset(ev.dataset), shards[ev.dataset])
+    paths = manifest_paths(store, config.dataset(ev.dataset), shards[ev.dataset])
     for dname in ev.distractors:
-        paths.update(stages.manifest_paths(store, config.dataset(dname), shards.get(dname, [])))
+        paths.update(manifest_paths(store, config.dataset(dname), shards.get(dname, [])))
     return paths
 
 
@@ -269,7 +271,7 @@ def write_report_figures(
     db_ids = reports.evaluation_image_ids(config, store, ev, shards)
     pos = {i: k for k, i in enumerate(db_ids)}
     paths = _image_paths(config, store, ev, shards)
-    gt = stages.load_groundtruth(ds, ds_ids)
+    gt = load_groundtruth(ds, ds_ids)
     by_query = {q.image_id: q for q in gt.queries}
     tables: dict[str, pa.Table] = {m: store.read_table(rankings_path(ev.name, m)) for m in methods}
 
@@ -431,8 +433,8 @@ def redraw(
     """Redraw an evaluation's report and figures from what is stored (no Dagster instance):
     shards are those whose manifests are in the warehouse. ``cams=False`` skips the CAM
     overlays (and loading the network). Returns a summary for the command line."""
-    from cw_pipeline.catalog import stored_shards
-    from cw_pipeline.indexing import dataset_extractor
+    from cw_pipeline.compute.catalog import stored_shards
+    from cw_pipeline.compute.features import dataset_extractor
 
     ev = config.evaluation(evaluation)
     store = FeatureStore(config.warehouse)

@@ -277,7 +277,7 @@ class FeatureStore:
             raise ValueError(
                 f"shard name {shard!r} is {len(encoded)} characters once percent-encoded, over "
                 f"the {FeatureStore.MAX_SHARD_COMPONENT} a store file name can hold (shard keys "
-                "from cw_pipeline.indexing.shard_key are always short enough)"
+                "from cw_pipeline.compute.shards.shard_key are always short enough)"
             )
         return f"{kind}/dataset={encode_component(dataset)}/shard={encoded}.parquet"
 

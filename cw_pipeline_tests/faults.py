@@ -99,8 +99,8 @@ def _instrument(log: Path, kill_after_batches: int | None, kill_at_publish: bool
 
 
 def _cli(args: argparse.Namespace) -> None:
-    from cw_pipeline import stages
     from cw_pipeline.cli import main as cli_main
+    from cw_pipeline.defs.assets import rankings as ranking_assets
 
     _instrument(Path(args.log), args.kill_after_batches, False)
     if args.kill_in_rankings:
@@ -108,7 +108,7 @@ def _cli(args: argparse.Namespace) -> None:
         def rankings(*_args, **_kwargs):
             _die()
 
-        stages.evaluation_rankings = rankings  # type: ignore[assignment]
+        ranking_assets.evaluation_rankings = rankings  # type: ignore[assignment]
     argv = args.cli_args[1:] if args.cli_args[:1] == ["--"] else args.cli_args
     sys.exit(cli_main(argv))
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cw_pipeline.catalog import dataset_status, stored_shards
+from cw_pipeline.compute.catalog import dataset_status, stored_shards
 from cw_pipeline.config import (
     ConfigError,
     DatasetConfig,
@@ -336,7 +336,7 @@ class SearchEngine:
 
     def extractor(self, ds: DatasetConfig) -> FeatureExtractor:
         """The CNN for ``ds``'s extraction settings (one per settings, kept)."""
-        from cw_pipeline.indexing import dataset_extractor, feature_code_version
+        from cw_pipeline.compute.features import dataset_extractor, feature_code_version
 
         key = f"{feature_code_version(ds)}|{ds.runtime.device}"
         with self._lock:
@@ -407,7 +407,7 @@ class SearchEngine:
     # ------------------------------------------------------------------ ground truth
     def groundtruth(self, ds: DatasetConfig) -> gtio.GroundTruth | None:
         """The ground truth of ``ds`` over its indexed images (None without one)."""
-        from cw_pipeline.stages import load_groundtruth
+        from cw_pipeline.compute.queries import load_groundtruth
 
         if not ds.has_groundtruth:
             return None
@@ -505,7 +505,7 @@ class SearchEngine:
     ) -> dict[str, Any]:
         """The target's images: ground-truth queries first (with their boxes), then the
         others by id; ``text`` filters by id or query name."""
-        from cw_pipeline.stages import query_box
+        from cw_pipeline.compute.queries import query_box
 
         if offset < 0 or not 1 <= limit <= 1000:
             raise WebError(400, "offset must be >= 0 and limit between 1 and 1000")
@@ -727,11 +727,11 @@ class SearchEngine:
         the region CAM-box re-ranking scores best (the whole image counts as one)."""
         import torch
 
+        from cw_pipeline.compute.pca import method_pca
         from cw_pipeline.core.aggregation import aggregate
         from cw_pipeline.core.cams import boxes_to_pixels, class_activation_maps
         from cw_pipeline.core.search import region_scores
         from cw_pipeline.figures import cam_overlay, png_bytes
-        from cw_pipeline.stages import method_pca
 
         with self._lock:
             q = self._queries.get(token)

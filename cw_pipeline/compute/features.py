@@ -1,24 +1,18 @@
-"""Incremental indexing, independent of Dagster: shards, manifests, and feature shards.
+"""Feature shards: CAM feature rows per image, computed only for images not stored yet.
 
-* ``scan_dataset``: the files of a dataset by ``stat`` only (no hashing), grouped into shards.
-* ``build_manifest``: per shard, image id, relative path, bytes, mtime, sha1, width, height;
-  sha1 and size are reused from the previous manifest when a file's size and mtime match, so a
-  rescan hashes only new or changed files.
-* ``update_features``: per shard, reuse stored feature rows by sha1 and run the network only
-  on new or changed images; unreadable images go to a ``rejected`` table with their reason.
+``update_features`` reuses stored rows (and rows checkpointed by an interrupted run, see
+:mod:`cw_pipeline.compute.checkpoints`) by sha1 and runs the network only on new or changed
+images; unreadable images go to a ``rejected`` table with their reason. Also the Arrow
+layout of feature rows (class vectors stored as int8 or float16), its code version, loading a
+dataset's stored features back as a :class:`~cw_pipeline.core.experiment.FeatureSet`, and the
+progress reports of extraction.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import logging
-import math
-import os
-import re
 import time
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,54 +21,18 @@ import numpy as np
 import pyarrow as pa
 
 from cw_pipeline.config import DatasetConfig
-from cw_pipeline.core import images as imgs
 from cw_pipeline.core.datasets import (
-    SkippedFile,
     image_path,
-    scan_folder,
-    shown_name,
 )
-from cw_pipeline.core.experiment import FeatureSet
+from cw_pipeline.core.experiment import (
+    FeatureSet,
+)
 from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
 from cw_pipeline.store import (
     FeatureStore,
-    encode_component,
     features_path,
-    manifest_path,
-    plan_path,
+    rejected_path,
 )
-
-logger = logging.getLogger(__name__)
-
-ROOT_SHARD = "_root"
-FLAT_ID_LAYOUTS = ("oxford", "paris", "gnd", "revisited")
-
-
-# --------------------------------------------------------------------------- scanning
-
-
-@dataclass(frozen=True)
-class FileStat:
-    """A file of a dataset as seen by ``stat``.
-
-    ``relpath`` and ``image_id`` are names as Python decodes them (bytes that are not UTF-8 as
-    surrogate escapes); ``error`` says why the file cannot be indexed (it is never opened and
-    becomes a rejected row): not a regular file, vanished, a name no image id can hold.
-    """
-
-    image_id: str
-    relpath: str
-    size: int
-    mtime_ns: int
-    error: str | None = None
-
-
-@dataclass
-class DatasetScan:
-    """The files of a dataset (image candidates) and the entries skipped, with reasons."""
-
-    files: list[FileStat]
-    skipped: list[SkippedFile]
 
 
 def dataset_extractor(ds: DatasetConfig) -> FeatureExtractor:
@@ -90,136 +48,6 @@ def dataset_extractor(ds: DatasetConfig) -> FeatureExtractor:
         batch_size=r.batch_size,
         batch_pixels=r.batch_pixels,
     )
-
-
-def scan(ds: DatasetConfig) -> DatasetScan:
-    """All image candidates of a dataset with size and mtime (sorted by relative path), and
-    what was skipped (see :func:`cw_pipeline.core.datasets.scan_folder`); ``stat`` only."""
-    found = scan_folder(ds.images, flat=ds.layout in FLAT_ID_LAYOUTS)
-    files = [FileStat(f.image_id, f.relpath, f.size, f.mtime_ns, f.error) for f in found.files]
-    return DatasetScan(files, found.skipped)
-
-
-def scan_files(ds: DatasetConfig) -> list[FileStat]:
-    """All image candidates of a dataset with size and mtime (sorted by relative path)."""
-    return scan(ds).files
-
-
-def _raw(name: str) -> bytes:
-    """The bytes of a name as Python decodes it (surrogate escapes back to their bytes)."""
-    return name.encode("utf-8", "surrogateescape")
-
-
-def _bucket(relpath: str, n_buckets: int) -> int:
-    return zlib.crc32(_raw(relpath)) % n_buckets
-
-
-#: Shard keys longer than this once percent-encoded for the store get the hashed form (the
-#: longest whose store files fit in 255 bytes, see ``FeatureStore.MAX_SHARD_COMPONENT``).
-MAX_SHARD_KEY = FeatureStore.MAX_SHARD_COMPONENT
-_PREFIX_CHARS = 48  #: encoded length of the readable prefix of a hashed shard key
-_HASHED_KEY_RE = re.compile(r".*~[0-9a-f]{16}")
-#: Substrings Dagster refuses in partition keys ("..." marks key ranges).
-_INVALID_KEY_PARTS = ("...",)
-
-
-def _printable(ch: str) -> bool:
-    code = ord(ch)
-    return code >= 32 and code != 127 and not 0xD800 <= code <= 0xDFFF
-
-
-def _key_ok(name: str) -> bool:
-    if not all(_printable(ch) for ch in name):
-        return False  # not UTF-8 (surrogate escapes), or a control character (Dagster)
-    if any(part in name for part in _INVALID_KEY_PARTS) or name == ROOT_SHARD:
-        return False
-    if _HASHED_KEY_RE.fullmatch(name):
-        return False  # could be taken for the hashed key of another name
-    return len(encode_component(name)) <= MAX_SHARD_KEY
-
-
-def shard_key(name: str) -> str:
-    """The shard (Dagster partition) key of a top-level folder ``name``.
-
-    ``name`` itself when it is a valid partition key and its store file name is short enough
-    (so existing shards keep their names); otherwise a readable prefix of it, ``~`` and 16 hex
-    digits of the SHA-1 of its bytes (``<prefix>~<hash>``): for names too long for the store
-    (``MAX_SHARD_KEY`` percent-encoded characters), names that are not UTF-8 or hold control
-    characters or ``...`` (refused by Dagster), a folder named ``_root`` (the key of the files
-    at the top level) and names that look like a hashed key. Keys are distinct for distinct
-    names and their store file names are at most ``MAX_SHARD_KEY`` characters.
-    """
-    if _key_ok(name):
-        return name
-    digest = hashlib.sha1(_raw(name)).hexdigest()[:16]
-    readable = "".join(ch if _printable(ch) else "_" for ch in name).replace("...", "_")
-    prefix = ""
-    for ch in readable:
-        if len(encode_component(prefix + ch)) > _PREFIX_CHARS:
-            break
-        prefix += ch
-    return f"{prefix}~{digest}"
-
-
-def shard_of(ds: DatasetConfig, relpath: str, n_buckets: int = 1) -> str:
-    """The shard of a relative path: its top-level folder's :func:`shard_key`
-    (``shard_by: folder``), else its hash bucket among ``n_buckets``."""
-    if ds.shard_by == "folder":
-        return shard_key(relpath.split("/", 1)[0]) if "/" in relpath else ROOT_SHARD
-    width = max(3, len(str(n_buckets - 1)))
-    return f"b{_bucket(relpath, n_buckets):0{width}d}"
-
-
-def shard_count(store: FeatureStore, ds: DatasetConfig, n_files: int) -> int:
-    """Number of hash buckets of a ``batch``-sharded dataset, fixed at its first scan.
-
-    The count is stored (``plans/<dataset>.json``) so that adding files never moves existing
-    files to another shard; it is ceil(files / shard_size) of the first scan.
-    """
-    rel = plan_path(ds.name)
-    if store.exists(rel):
-        plan = store.read_json(rel)
-        if plan.get("shard_size") == ds.shard_size:
-            return int(plan["shards"])
-    n = max(1, math.ceil(n_files / ds.shard_size))
-    store.write_json(rel, {"shards": n, "shard_size": ds.shard_size, "files_at_plan": n_files})
-    return n
-
-
-def shard_files(
-    ds: DatasetConfig, files: Sequence[FileStat], store: FeatureStore
-) -> dict[str, list[FileStat]]:
-    """Group files into shards: top-level sub-folders, or stable hash buckets of the path."""
-    n = shard_count(store, ds, len(files)) if ds.shard_by != "folder" else 1
-    shards: dict[str, list[FileStat]] = {}
-    for f in files:
-        shards.setdefault(shard_of(ds, f.relpath, n), []).append(f)
-    return dict(sorted(shards.items()))
-
-
-def shard_skipped(
-    ds: DatasetConfig, skipped: Sequence[SkippedFile], store: FeatureStore, n_files: int
-) -> dict[str, list[SkippedFile]]:
-    """The skipped entries of a dataset by the shard their path falls in (``n_files``: the
-    number of image candidates, for a ``batch`` plan not made yet)."""
-    n = shard_count(store, ds, n_files) if ds.shard_by != "folder" else 1
-    out: dict[str, list[SkippedFile]] = {}
-    for s in skipped:
-        out.setdefault(shard_of(ds, s.relpath, n), []).append(s)
-    return out
-
-
-def fingerprint(files: Iterable[FileStat]) -> str:
-    """Stat fingerprint of a shard: changes when a file is added, removed or modified."""
-    h = hashlib.sha1()
-    for f in sorted(files, key=lambda f: f.relpath):
-        h.update(_raw(f"{f.relpath}\0{f.size}\0{f.mtime_ns}\n"))
-    return h.hexdigest()
-
-
-def scan_dataset(ds: DatasetConfig, store: FeatureStore) -> dict[str, list[FileStat]]:
-    """Files of a dataset grouped by shard (stat only)."""
-    return shard_files(ds, scan_files(ds), store)
 
 
 #: Receivers of every :func:`progress_logger` report, see :func:`progress_listener`.
@@ -269,154 +97,11 @@ def progress_logger(
     return report
 
 
-# --------------------------------------------------------------------------- manifests
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("relpath", pa.string()),
-        ("bytes", pa.int64()),
-        ("mtime_ns", pa.int64()),
-        ("sha1", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("error", pa.string()),
-    ]
-)
-
-
-def _stored_metadata(store: FeatureStore, rel: str, key: str) -> str | None:
-    """One key of a stored Parquet file's metadata; None when the file is absent or unreadable."""
-    if not store.exists(rel):
-        return None
-    try:
-        return store.read_metadata(rel).get(key)
-    except Exception:
-        return None
-
-
-def stored_fingerprint(store: FeatureStore, ds: DatasetConfig, shard: str) -> str | None:
-    """The stat fingerprint the shard's manifest was built from."""
-    rel = manifest_path(ds.name, shard)
-    return _stored_metadata(store, rel, "fingerprint")
-
-
-def stored_code_version(store: FeatureStore, ds: DatasetConfig, shard: str) -> str | None:
-    """The extraction code version the shard's stored features were computed with."""
-    rel = features_path(ds.name, shard)
-    return _stored_metadata(store, rel, "code_version")
-
-
-def plan_shards(
-    ds: DatasetConfig, store: FeatureStore, existing: set[str]
-) -> tuple[dict[str, str], list[str], list[str], list[str]]:
-    """Compare the folder with what the store holds.
-
-    Returns (fingerprints of current shards, new shards, shards to (re)index, removed shards).
-    A shard needs indexing when its stat fingerprint differs from the one stored with its
-    manifest, or when its stored features were computed with other extraction settings (code
-    version) than the current ones. Only the store is consulted (no sensor cursor), so every
-    caller — folder sensor, schedule, CLI — sees a shard indexed by any of them as done.
-    """
-    shards = scan_dataset(ds, store)
-    fps = {s: fingerprint(files) for s, files in shards.items()}
-    code_version = feature_code_version(ds)
-    new = sorted(s for s in fps if s not in existing)
-
-    def needs_indexing(s: str, fp: str) -> bool:
-        if fp != stored_fingerprint(store, ds, s):
-            return True
-        return stored_code_version(store, ds, s) != code_version
-
-    todo = sorted(s for s, fp in fps.items() if needs_indexing(s, fp))
-    removed = sorted(s for s in existing if s not in fps)
-    return fps, new, todo, removed
-
-
-def sha1_file(path: Path, chunk: int = 1 << 20) -> str:
-    """SHA-1 of a regular file (anything else is refused before it is opened)."""
-    h = hashlib.sha1()
-    with imgs.open_regular_file(path) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _manifest_row(
-    f: FileStat, sha1: str | None, error: str | None, size: tuple[int, int] = (-1, -1)
-) -> dict:
-    return {
-        "image_id": shown_name(f.image_id),
-        "relpath": shown_name(f.relpath),
-        "bytes": f.size,
-        "mtime_ns": f.mtime_ns,
-        "sha1": sha1,
-        "width": size[0],
-        "height": size[1],
-        "error": error,
-    }
-
-
-def build_manifest(
-    ds: DatasetConfig, files: Sequence[FileStat], previous: pa.Table | None = None
-) -> tuple[pa.Table, int]:
-    """Manifest rows of a shard; returns the table and how many files were hashed.
-
-    A file that cannot be indexed gets a row with its ``error`` (the features step puts it in
-    the rejected table) and the rest proceed: one refused by the scan (``FileStat.error``,
-    never opened), one that vanished or became unreadable since the scan, one whose header
-    does not parse. Only regular files are opened.
-    """
-    prev: dict[str, dict] = {}
-    if previous is not None and previous.num_rows:
-        for row in previous.to_pylist():
-            prev[row["relpath"]] = row
-    rows, hashed = [], 0
-    for f in files:
-        if f.error is not None:
-            rows.append(_manifest_row(f, None, f.error))
-            continue
-        old = prev.get(f.relpath)
-        if old and old["sha1"] and old["bytes"] == f.size and old["mtime_ns"] == f.mtime_ns:
-            rows.append({**old, "image_id": f.image_id})
-            continue
-        path = image_path(ds.images, f.relpath)
-        hashed += 1
-        try:
-            sha1 = sha1_file(path)
-        except FileNotFoundError as exc:
-            why = os.strerror(exc.errno or errno.ENOENT)
-            error = f"cannot load image '{path}': it vanished after the scan ({why})"
-            rows.append(_manifest_row(f, None, error))
-            continue
-        except (OSError, ValueError) as exc:  # ImageLoadError names the file
-            rows.append(_manifest_row(f, None, str(exc)))
-            continue
-        error, width, height = None, -1, -1
-        try:
-            width, height = imgs.image_size(path)
-        except Exception as exc:  # recorded; the features step quarantines it
-            error = str(exc)
-        rows.append(_manifest_row(f, sha1, error, (width, height)))
-    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), hashed
-
-
-def manifest_version(manifest: pa.Table) -> str:
-    """Data version of a manifest shard: hash of its (id, sha1) pairs."""
-    h = hashlib.sha1()
-    ids = manifest.column("image_id").to_pylist()
-    shas = manifest.column("sha1").to_pylist()
-    for i, s in sorted(zip(ids, shas, strict=True)):
-        h.update(f"{i}\0{s}\n".encode())
-    return h.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- feature shards
-
-
 #: How class vectors are stored: ``int8`` (per-vector symmetric scale; measured mAP change on
 #: UKBench ≤ 0.002 against float32, see benchmarks/storage_precision.py) or ``float16``.
 CLASS_VECTOR_STORAGE = "int8"
+
+
 STORAGE_FORMATS = ("int8", "float16")
 
 
@@ -629,7 +314,7 @@ def update_features(
 
     ``checkpoint`` receives the feature rows of every batch as soon as its forward pass is done,
     before the next batch starts; ``resumed`` holds such rows left by an interrupted run (see
-    :class:`cw_pipeline.checkpoints.ShardCheckpoints`). Both are optional.
+    :class:`cw_pipeline.compute.checkpoints.ShardCheckpoints`). Both are optional.
     """
     t0 = time.perf_counter()
     stored = _stored_rows(previous, resumed)
@@ -705,3 +390,48 @@ def update_features(
         errors=[(r["image_id"], r["reason"]) for r in rejected],
         resumed=sum(1 for i in take if i >= n_previous),
     )
+
+
+def load_features(
+    store: FeatureStore,
+    dataset: str,
+    shards: Sequence[str],
+    images: Path | str | None = None,
+) -> FeatureSet:
+    """All feature rows of the given shards of a dataset (missing shards are an error).
+
+    An image id stored in two shards (a stale shard left by a changed shard plan, a copied
+    shard file) is an error naming the id and both shards: the index is never silently
+    deduplicated. ``images`` (the dataset's folder) only makes the messages more precise.
+    """
+    where = f" under {images}" if images is not None else ""
+    tables = []
+    owner: dict[str, str] = {}
+    for shard in shards:
+        rel = features_path(dataset, shard)
+        if not store.exists(rel):
+            raise FileNotFoundError(f"features of {dataset} shard {shard} are not materialized")
+        t = store.read_table(rel)
+        for image_id in t.column("image_id").to_pylist():
+            first = owner.setdefault(image_id, shard)
+            if first != shard:
+                raise ValueError(
+                    f"dataset {dataset!r}: image id {image_id!r} is stored in shards {first!r} "
+                    f"and {shard!r} (a stale or duplicated feature shard); re-index the dataset "
+                    f"(cw-pipeline index --dataset {dataset} --force)"
+                )
+        if t.num_rows:
+            tables.append(t)
+    if not tables:
+        if not shards:
+            raise ValueError(f"dataset {dataset!r} has no images{where} (no shards indexed)")
+        rejected = 0
+        for shard in shards:
+            rej = rejected_path(dataset, shard)
+            if store.exists(rej):
+                rejected += store.read_table(rej, ["image_id"]).num_rows
+        raise ValueError(
+            f"dataset {dataset!r} has no feature rows: no readable images{where} "
+            f"({len(shards)} shard(s), {rejected} image(s) rejected as unreadable)"
+        )
+    return table_to_featureset(pa.concat_tables(tables).sort_by("image_id"))

@@ -117,8 +117,8 @@ class DatasetStatus:
 
 def dataset_status(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig) -> DatasetStatus:
     """The state of one dataset's index (see the module docstring)."""
-    from cw_pipeline.indexing import (
-        feature_code_version,
+    from cw_pipeline.compute.features import feature_code_version
+    from cw_pipeline.compute.shards import (
         fingerprint,
         scan,
         shard_files,
