@@ -297,6 +297,77 @@ def _stored_rows(previous: pa.Table | None, resumed: pa.Table | None) -> pa.Tabl
     return pa.concat_tables(parts)
 
 
+def _reject(r: dict, reason: str) -> dict[str, str]:
+    """A ``rejected`` row of manifest row ``r``."""
+    return {"image_id": r["image_id"], "relpath": r["relpath"], "sha1": r["sha1"], "reason": reason}
+
+
+def _extract_new(
+    ds: DatasetConfig,
+    todo: dict[str, dict],
+    extractor: FeatureExtractor,
+    rejected: list[dict[str, str]],
+    progress: Callable[[int, int], None] | None,
+    checkpoint: Callable[[pa.Table], None] | None,
+) -> list[pa.Table]:
+    """Feature rows of the manifest rows ``todo`` (by image id), one table per batch; images
+    that cannot be read are appended to ``rejected``."""
+    fresh: list[pa.Table] = []
+    items = [(key, image_path(ds.images, r["relpath"])) for key, r in todo.items()]
+    n = 0
+    for batch in extractor.extract_batches(items, on_error="yield"):
+        ids, shas, recs = [], [], []
+        for key, rec in batch:
+            r = todo[key]
+            if isinstance(rec, Exception):
+                rejected.append(_reject(r, str(rec)))
+            else:
+                ids.append(key)
+                shas.append(r["sha1"])
+                recs.append(rec)
+        if recs:
+            table = records_to_table(ids, shas, recs)
+            if checkpoint is not None:
+                checkpoint(table)
+            fresh.append(table)
+        for _ in batch:
+            n += 1
+            if progress is not None:
+                progress(n, len(items))
+    return fresh
+
+
+def _shard_table(
+    rows: list[dict],
+    stored: pa.Table | None,
+    reuse: dict[str, int],
+    fresh: list[pa.Table],
+    extractor: FeatureExtractor,
+) -> tuple[pa.Table, list[int]]:
+    """The shard's feature table (stored rows still in the manifest, under their current
+    image ids, plus the fresh ones, by image id) and the stored rows it took."""
+    parts = []
+    kept_ids, take = [], []
+    for r in rows:
+        if r["sha1"] in reuse:
+            take.append(reuse[r["sha1"]])
+            kept_ids.append(r["image_id"])
+    if take:
+        old = stored.take(pa.array(take, pa.int64()))  # type: ignore[union-attr]
+        old = old.set_column(0, "image_id", pa.array(kept_ids, pa.string()))
+        parts.append(old)
+    parts += fresh
+    if not parts:
+        e = extractor
+        schema = feature_schema(
+            e.config.stored_classes, e.backbone.feature_dim, len(e.config.thresholds)
+        )
+        return schema.empty_table(), take
+    if any(t.schema != parts[0].schema for t in parts[1:]):
+        raise ValueError(_LAYOUT_CHANGED)
+    return pa.concat_tables(parts).sort_by("image_id"), take
+
+
 def update_features(
     ds: DatasetConfig,
     manifest: pa.Table,
@@ -325,62 +396,9 @@ def update_features(
             reuse.setdefault(s, i)
     rows = manifest.to_pylist()
     todo = {r["image_id"]: r for r in rows if r["sha1"] not in reuse and not r["error"]}
-    rejected = [
-        {
-            "image_id": r["image_id"],
-            "relpath": r["relpath"],
-            "sha1": r["sha1"],
-            "reason": r["error"],
-        }
-        for r in rows
-        if r["error"] and r["sha1"] not in reuse
-    ]
-    fresh: list[pa.Table] = []
-    items = [(key, image_path(ds.images, r["relpath"])) for key, r in todo.items()]
-    n = 0
-    for batch in extractor.extract_batches(items, on_error="yield"):
-        ids, shas, recs = [], [], []
-        for key, rec in batch:
-            r = todo[key]
-            if isinstance(rec, Exception):
-                reason = str(rec)
-                rejected.append(
-                    {"image_id": key, "relpath": r["relpath"], "sha1": r["sha1"], "reason": reason}
-                )
-            else:
-                ids.append(key)
-                shas.append(r["sha1"])
-                recs.append(rec)
-        if recs:
-            table = records_to_table(ids, shas, recs)
-            if checkpoint is not None:
-                checkpoint(table)
-            fresh.append(table)
-        for _ in batch:
-            n += 1
-            if progress is not None:
-                progress(n, len(items))
-    parts = []
-    kept_ids, take = [], []
-    for r in rows:
-        if r["sha1"] in reuse:
-            take.append(reuse[r["sha1"]])
-            kept_ids.append(r["image_id"])
-    if take:
-        old = stored.take(pa.array(take, pa.int64()))  # type: ignore[union-attr]
-        old = old.set_column(0, "image_id", pa.array(kept_ids, pa.string()))
-        parts.append(old)
-    parts += fresh
-    if parts:
-        if any(t.schema != parts[0].schema for t in parts[1:]):
-            raise ValueError(_LAYOUT_CHANGED)
-        table = pa.concat_tables(parts).sort_by("image_id")
-    else:
-        e = extractor
-        table = feature_schema(
-            e.config.stored_classes, e.backbone.feature_dim, len(e.config.thresholds)
-        )
-        table = table.empty_table()
+    rejected = [_reject(r, r["error"]) for r in rows if r["error"] and r["sha1"] not in reuse]
+    fresh = _extract_new(ds, todo, extractor, rejected, progress, checkpoint)
+    table, take = _shard_table(rows, stored, reuse, fresh, extractor)
     return ShardUpdate(
         table=table,
         rejected=pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA),

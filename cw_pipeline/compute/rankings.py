@@ -22,6 +22,7 @@ from cw_pipeline.compute.queries import check_groundtruth_images, load_groundtru
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core import datasets as gtio
 from cw_pipeline.core.evaluation import score
+from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.retrieval import ComputedMaps, SubsetMaps, search
 from cw_pipeline.core.search import Ranking
@@ -100,23 +101,19 @@ def manifest_paths(
     return out
 
 
-def evaluation_rankings(
-    config: ProjectConfig,
-    store: FeatureStore,
-    ev: EvaluationConfig,
-    shards: dict[str, list[str]],
-    extractor: FeatureExtractor | None = None,
-) -> tuple[dict[str, pa.Table], dict[str, Any]]:
-    """Rankings of every method of an evaluation, and run statistics.
+#: One group of queries ranked against one set of database rows: the query ids, their
+#: FeatureSet, their stored descriptors by aggregation, the database rows, the PCA models.
+QueryGroup = tuple[list[str], FeatureSet, dict[str, np.ndarray], np.ndarray, dict[str, Any]]
 
-    ``shards`` lists the current shards of the evaluated dataset and each distractor set.
-    ``extractor`` is needed only by OnA and re-ranking methods (maps are recomputed).
-    """
-    ds = config.dataset(ev.dataset)
-    params = config.search
-    methods = list(ev.methods)
+
+def _database(
+    store: FeatureStore, ds: DatasetConfig, ev: EvaluationConfig, shards: dict[str, list[str]]
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Image ids and stored descriptors (by aggregation) of the evaluated dataset, then of
+    each distractor set's shards."""
     aggs = offline_aggregations()
-    db_ids, db = [], {}
+    db_ids: list[str] = []
+    db: dict[str, np.ndarray] = {}
     for agg in aggs:
         db_ids, db[agg] = read_descriptors(store, descriptors_path(ds.name, agg))
     for dname in ev.distractors:
@@ -131,73 +128,126 @@ def evaluation_rankings(
         db_ids = db_ids + ids
     if len(set(db_ids)) != len(db_ids):
         raise ValueError(f"evaluation {ev.name}: image ids are not unique across its datasets")
-    needs_maps = any(m.needs_maps for m in methods)
-    maps = None
-    if needs_maps:
-        if extractor is None:
-            raise ValueError(f"evaluation {ev.name}: OnA/re-ranking need a feature extractor")
-        paths = manifest_paths(store, ds, shards[ds.name])
-        for dname in ev.distractors:
-            paths.update(manifest_paths(store, config.dataset(dname), shards[dname]))
-        unknown = [i for i in db_ids if i not in paths]
-        if unknown:
-            raise ValueError(
-                f"evaluation {ev.name}: {len(unknown)} described image(s) are not in the current "
-                f"manifests (first: {unknown[0]!r}): the descriptors are out of date"
-            )
-        maps = ComputedMaps(extractor, [paths[i] for i in db_ids])
+    return db_ids, db
 
-    # Query groups: (query ids, query FeatureSet, query descriptors, db rows, PCA models).
-    groups = []
-    if ds.grouped:
-        feats = load_features(store, ds.name, shards[ds.name])
-        is_query = {q.image_id for q in load_groundtruth(ds, feats.ids).queries}
-        pos = {i: k for k, i in enumerate(db_ids)}
-        n_ds = len(feats)
-        for group in pca_groups_of(ds, feats.ids):
-            sub = feats.subset(group.rows)
-            rows = np.array([pos[i] for i in sub.ids])
-            rows = np.concatenate([rows, np.arange(n_ds, len(db_ids))])  # + distractors
-            pcas = pca_models_for(store, ds, group.half)
-            keep = np.array([j for j, i in enumerate(sub.ids) if i in is_query], dtype=np.int64)
-            qfs = sub.subset(keep)
-            qd = {agg: db[agg][rows[keep]] for agg in aggs}
-            groups.append((qfs.ids, qfs, qd, rows, pcas))
-    else:
+
+def _database_maps(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+    db_ids: Sequence[str],
+    extractor: FeatureExtractor | None,
+) -> ComputedMaps:
+    """The database images' maps, recomputed by ``extractor`` (for OnA and re-ranking)."""
+    if extractor is None:
+        raise ValueError(f"evaluation {ev.name}: OnA/re-ranking need a feature extractor")
+    ds = config.dataset(ev.dataset)
+    paths = manifest_paths(store, ds, shards[ds.name])
+    for dname in ev.distractors:
+        paths.update(manifest_paths(store, config.dataset(dname), shards[dname]))
+    unknown = [i for i in db_ids if i not in paths]
+    if unknown:
+        raise ValueError(
+            f"evaluation {ev.name}: {len(unknown)} described image(s) are not in the current "
+            f"manifests (first: {unknown[0]!r}): the descriptors are out of date"
+        )
+    return ComputedMaps(extractor, [paths[i] for i in db_ids])
+
+
+def _query_groups(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ds: DatasetConfig,
+    shards: Sequence[str],
+    db_ids: Sequence[str],
+    db: dict[str, np.ndarray],
+) -> list[QueryGroup]:
+    """The queries of ``ds`` by the PCA they rank with: a grouped dataset's queries are its
+    own images (each self-split half against its half plus the distractors), the others'
+    come from the stored query features."""
+    if not ds.grouped:
         qt = store.read_table(query_features_path(ds.name))
         qfeats = table_to_featureset(qt.drop_columns(["bbox", "query_name"]))
         pcas = pca_models_for(store, ds)
-        qd = descriptor_sets(qfeats, pcas, params)
-        groups.append((qfeats.ids, qfeats, qd, np.arange(len(db_ids)), pcas))
+        qd = descriptor_sets(qfeats, pcas, config.search)
+        return [(qfeats.ids, qfeats, qd, np.arange(len(db_ids)), pcas)]
+    groups: list[QueryGroup] = []
+    feats = load_features(store, ds.name, shards)
+    is_query = {q.image_id for q in load_groundtruth(ds, feats.ids).queries}
+    pos = {i: k for k, i in enumerate(db_ids)}
+    n_ds = len(feats)
+    for group in pca_groups_of(ds, feats.ids):
+        sub = feats.subset(group.rows)
+        rows = np.array([pos[i] for i in sub.ids])
+        rows = np.concatenate([rows, np.arange(n_ds, len(db_ids))])  # + distractors
+        keep = np.array([j for j, i in enumerate(sub.ids) if i in is_query], dtype=np.int64)
+        qfs = sub.subset(keep)
+        qd = {agg: m[rows[keep]] for agg, m in db.items()}
+        groups.append((qfs.ids, qfs, qd, rows, pca_models_for(store, ds, group.half)))
+    return groups
 
+
+def _rank_method(
+    method: Method,
+    groups: Sequence[QueryGroup],
+    db: dict[str, np.ndarray],
+    maps: ComputedMaps | None,
+    params: SearchParams,
+) -> tuple[list[str], Ranking]:
+    """One method's ranking of every query group, as one Ranking over all the queries."""
+    qids_all: list[str] = []
+    rows_all, scores_all = [], []
+    agg = method.stored_aggregation
+    for qids, qfs, qd, rows, pcas in groups:
+        r = search(
+            method,
+            qfs,
+            db[agg][rows],
+            method_pca(method, pcas),
+            None if maps is None else SubsetMaps(maps, rows),
+            params,
+            top_k=min(len(rows), MAX_RANKING_LENGTH),
+            query_descriptors=qd[agg],
+        )
+        qids_all.extend(qids)
+        rows_all.append(rows[r.indices])
+        scores_all.append(r.scores)
+    width = min(x.shape[1] for x in rows_all)
+    ranking = Ranking(
+        np.concatenate([x[:, :width] for x in rows_all]),
+        np.concatenate([x[:, :width] for x in scores_all]),
+    )
+    return qids_all, ranking
+
+
+def evaluation_rankings(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+    extractor: FeatureExtractor | None = None,
+) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """Rankings of every method of an evaluation, and run statistics.
+
+    ``shards`` lists the current shards of the evaluated dataset and each distractor set.
+    ``extractor`` is needed only by OnA and re-ranking methods (maps are recomputed).
+    """
+    ds = config.dataset(ev.dataset)
+    methods = list(ev.methods)
+    db_ids, db = _database(store, ds, ev, shards)
+    maps = None
+    if any(m.needs_maps for m in methods):
+        maps = _database_maps(config, store, ev, shards, db_ids, extractor)
+    groups = _query_groups(config, store, ds, shards[ds.name], db_ids, db)
     tables: dict[str, pa.Table] = {}
     stats: dict[str, Any] = {"database": len(db_ids), "queries": 0, "seconds": {}}
     for method in methods:
         t0 = time.perf_counter()
-        qids_all, rows_all, scores_all = [], [], []
-        for qids, qfs, qd, rows, pcas in groups:
-            agg = method.stored_aggregation
-            r = search(
-                method,
-                qfs,
-                db[agg][rows],
-                method_pca(method, pcas),
-                None if maps is None else SubsetMaps(maps, rows),
-                params,
-                top_k=min(len(rows), MAX_RANKING_LENGTH),
-                query_descriptors=qd[agg],
-            )
-            qids_all.extend(qids)
-            rows_all.append(rows[r.indices])
-            scores_all.append(r.scores)
-        width = min(x.shape[1] for x in rows_all)
-        ranking = Ranking(
-            np.concatenate([x[:, :width] for x in rows_all]),
-            np.concatenate([x[:, :width] for x in scores_all]),
-        )
-        tables[method.name] = ranking_table(qids_all, db_ids, ranking)
+        qids, ranking = _rank_method(method, groups, db, maps, config.search)
+        tables[method.name] = ranking_table(qids, db_ids, ranking)
         stats["seconds"][method.name] = round(time.perf_counter() - t0, 3)
-        stats["queries"] = len(qids_all)
+        stats["queries"] = len(qids)
     stats["map_forward_passes"] = 0 if maps is None else maps.forward_passes
     return tables, stats
 
