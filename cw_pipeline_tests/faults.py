@@ -69,8 +69,8 @@ def _die() -> None:
 
 
 def _instrument(log: Path, kill_after_batches: int | None, kill_at_publish: bool) -> None:
-    from cw_pipeline import store as store_mod
     from cw_pipeline.core.extract import FeatureExtractor
+    from cw_pipeline.store import feature_store
 
     original_flush = FeatureExtractor._flush
     batches = [0]
@@ -95,7 +95,7 @@ def _instrument(log: Path, kill_after_batches: int | None, kill_at_publish: bool
                 _die()
             real_replace(src, dst)
 
-        store_mod.os.replace = replace  # type: ignore[attr-defined]
+        feature_store.os.replace = replace  # type: ignore[attr-defined]
 
 
 def _cli(args: argparse.Namespace) -> None:
