@@ -31,8 +31,6 @@ from cw_pipeline.store import (
 )
 
 ROOT_SHARD = "_root"
-
-
 FLAT_ID_LAYOUTS = ("oxford", "paris", "gnd", "revisited")
 
 
