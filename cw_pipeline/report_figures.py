@@ -18,14 +18,13 @@ from __future__ import annotations
 import base64
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image
 
 from cw_pipeline import figures, reports
@@ -35,11 +34,11 @@ from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.compute.rankings import manifest_paths
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core import datasets as gtio
-from cw_pipeline.core.cams import boxes_to_pixels, class_activation_maps, heatmap_boxes
 from cw_pipeline.core.evaluation import average_precision, precision_recall_points
 from cw_pipeline.core.extract import FeatureExtractor
-from cw_pipeline.core.images import ImageLoadError, load_image
+from cw_pipeline.core.images import ImageLoadError
 from cw_pipeline.core.search import RerankConfig
+from cw_pipeline.figures.cams import query_cam_figure
 from cw_pipeline.store import (
     FeatureStore,
     bounded_component,
@@ -52,7 +51,6 @@ from cw_pipeline.store import (
 )
 
 __all__ = [
-    "CAM_MIN_SIDE",
     "EMBED_BUDGET",
     "FigureOptions",
     "ReportFigures",
@@ -66,8 +64,6 @@ logger = logging.getLogger(__name__)
 
 #: Upper bound of the bytes of all data URIs returned for the UI metadata.
 EMBED_BUDGET = 900_000
-#: CAM overlays of narrower images are enlarged to this width (display only).
-CAM_MIN_SIDE = 384
 
 
 @dataclass(frozen=True)
@@ -199,36 +195,6 @@ def data_uri(image: Image.Image, max_width: int = 720, colours: int = 128) -> st
 # ------------------------------------------------------------------------------ figures
 
 
-def _cam_figure(
-    extractor: FeatureExtractor, path: Path, class_ids: np.ndarray, rerank: RerankConfig
-) -> Image.Image:
-    """The mean CAM of ``class_ids[:box_classes]`` on the image at ``path`` (one forward pass),
-    with the boxes re-ranking would score: one per threshold, labelled with it."""
-    image = load_image(path, max_pixels=extractor.config.max_pixels)
-    resized, orig = extractor.prepare(image)
-    keep = extractor.keep_maps
-    extractor.keep_maps = True
-    try:
-        rec = extractor.encode_batch([resized], [orig])[0]
-    finally:
-        extractor.keep_maps = keep
-    assert rec.maps is not None
-    x, a = rec.maps.tensors()
-    ids = torch.as_tensor(np.asarray(class_ids[: rerank.box_classes], dtype=np.int64))
-    with torch.inference_mode():
-        heat = class_activation_maps(
-            a, extractor.backbone.classifier_weight, ids, size=tuple(x.shape[-2:])
-        )
-    heat_np = heat[0].mean(0).cpu().numpy()
-    cells = heatmap_boxes(heat_np, rerank.thresholds, min_cells=rerank.min_cells)
-    # Drawn at least CAM_MIN_SIDE pixels wide so that small images stay legible.
-    scale = max(1.0, CAM_MIN_SIDE / image.width)
-    shown = image.resize((round(image.width * scale), round(image.height * scale)))
-    boxes = boxes_to_pixels(cells, rec.grid, shown.size)
-    labels = [f"{t:.0%}" for t in rerank.thresholds]
-    return figures.cam_overlay(shown, heat_np, boxes, labels)
-
-
 def _best_method(report: dict[str, Any], methods: Sequence[str]) -> str:
     scored = [r for r in report.get("results", []) if r["method"] in methods]
     if not scored:
@@ -236,8 +202,19 @@ def _best_method(report: dict[str, Any], methods: Sequence[str]) -> str:
     return max(scored, key=lambda r: (r["map"], -methods.index(r["method"])))["method"]
 
 
-#: Writes one figure under the evaluation's report folder; returns its relative path.
-Write = Callable[[str, Image.Image], str]
+@dataclass
+class _Canvas:
+    """Where one run's figures go: the evaluation, the options, and the result being filled."""
+
+    ev: EvaluationConfig
+    out_store: FeatureStore
+    options: FigureOptions
+    result: ReportFigures
+
+    def write(self, rel: str, image: Image.Image) -> str:
+        """Write ``image`` as PNG at ``rel`` under the evaluation's report folder."""
+        self.out_store.write_bytes(report_path(self.ev.name, rel), figures.png_bytes(image))
+        return rel
 
 
 def _per_query_scores(
@@ -274,15 +251,13 @@ def _per_query_scores(
 
 
 def _draw_charts(
-    ev: EvaluationConfig,
-    method: str,
+    canvas: _Canvas,
     report: dict[str, Any],
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
     aps: dict[str, dict[str, float]],
-    write: Write,
-    result: ReportFigures,
 ) -> None:
-    """The PR curves (with ``method``'s hardest query) and the AP-per-query bars."""
+    """The PR curves (with the chosen method's hardest query) and the AP-per-query bars."""
+    ev, method, result, write = canvas.ev, canvas.result.method, canvas.result, canvas.write
     maps = {r["method"]: r["map"] for r in report.get("results", [])}
     if any(curves.values()):
         evaluated = {m: list(c.values()) for m, c in curves.items() if c}
@@ -308,17 +283,16 @@ def _draw_charts(
 
 
 def _draw_sheets(
-    ev: EvaluationConfig,
-    method: str,
+    canvas: _Canvas,
     table: pa.Table,
     by_query: dict[str, gtio.Query],
     paths: dict[str, Path],
     aps: dict[str, float],
-    options: FigureOptions,
-    write: Write,
-    result: ReportFigures,
 ) -> list[tuple[str, list[str]]]:
-    """The results sheets of ``method``'s queries; returns (query id, ranked ids) of each."""
+    """The results sheets of the chosen method (its rankings ``table``, its ``aps``);
+    returns (query id, ranked ids) of each sheet."""
+    ev, method, result, options = canvas.ev, canvas.result.method, canvas.result, canvas.options
+    write = canvas.write
     rows = list(
         zip(
             table.column("query_id").to_pylist(),
@@ -353,18 +327,16 @@ def _draw_sheets(
 
 
 def _draw_cams(
+    canvas: _Canvas,
     store: FeatureStore,
     ds: DatasetConfig,
-    ev: EvaluationConfig,
     shards: Sequence[str],
     sheet_rows: list[tuple[str, list[str]]],
     paths: dict[str, Path],
     extractor: FeatureExtractor,
-    options: FigureOptions,
-    write: Write,
-    result: ReportFigures,
 ) -> None:
     """CAM overlays: the query's classes on its first result (what re-ranking boxes)."""
+    ev, result, options, write = canvas.ev, canvas.result, canvas.options, canvas.write
     samples: list[tuple[str, str]] = []
     for qid, ranked in sheet_rows:
         first = next((i for i in ranked if i != qid and i in paths), None)
@@ -378,7 +350,7 @@ def _draw_cams(
         if qid not in classes:
             continue
         try:
-            overlay = _cam_figure(extractor, paths[image_id], classes[qid], rerank)
+            overlay = query_cam_figure(extractor, paths[image_id], classes[qid], rerank)
         except (OSError, ImageLoadError, ValueError) as exc:
             logger.warning("%s: no CAM overlay of %s: %s", ev.name, image_id, exc)
             continue
@@ -393,9 +365,10 @@ def _draw_cams(
             result.embedded.append((f"cw-figure cam {image_id}", data_uri(overlay, 480)))
 
 
-def _prune(out_store: FeatureStore, ev: EvaluationConfig, result: ReportFigures) -> None:
+def _prune(canvas: _Canvas) -> None:
     """Delete figures of earlier runs that this one did not write (queries or samples that
     changed), and drop embedded images (the last ones first) until they fit the budget."""
+    out_store, ev, result = canvas.out_store, canvas.ev, canvas.result
     written = {report_path(ev.name, p) for p in result.files}
     for sub in ("queries", "cams"):
         for rel in out_store.list(report_path(ev.name, sub), suffix=".png"):
@@ -445,20 +418,13 @@ def write_report_figures(
     by_query = {q.image_id: q for q in load_groundtruth(ds, ds_ids).queries}
     tables: dict[str, pa.Table] = {m: store.read_table(rankings_path(ev.name, m)) for m in methods}
 
-    def write(rel: str, image: Image.Image) -> str:
-        out_store.write_bytes(report_path(ev.name, rel), figures.png_bytes(image))
-        return rel
-
+    canvas = _Canvas(ev, out_store, options, result)
     curves, aps = _per_query_scores(tables, by_query, pos, report)
-    _draw_charts(ev, method, report, curves, aps, write, result)
-    sheet_rows = _draw_sheets(
-        ev, method, tables[method], by_query, paths, aps[method], options, write, result
-    )
+    _draw_charts(canvas, report, curves, aps)
+    sheet_rows = _draw_sheets(canvas, tables[method], by_query, paths, aps[method])
     if extractor is not None and options.cam_samples:
-        _draw_cams(
-            store, ds, ev, shards[ds.name], sheet_rows, paths, extractor, options, write, result
-        )
-    _prune(out_store, ev, result)
+        _draw_cams(canvas, store, ds, shards[ds.name], sheet_rows, paths, extractor)
+    _prune(canvas)
     return result
 
 

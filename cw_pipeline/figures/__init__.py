@@ -7,6 +7,8 @@
   :class:`matplotlib.figure.Figure`; pyplot's global state is never touched); these and the
   overlay are in :mod:`~cw_pipeline.figures.charts`.
 * :func:`save_png` — atomic PNG write (temp file + rename).
+* :func:`cw_pipeline.figures.cams.query_cam_figure` — a query's CAM on an image, computed
+  by the network (the report's CAM samples).
 
 Images are read with :func:`cw_pipeline.core.images.load_image`, so EXIF orientation is applied
 exactly as for feature extraction, and query boxes (in the upright image's pixels) line up.
