@@ -28,9 +28,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from _machine import machine_info
 
+from cw_pipeline.compute.features import records_to_table
 from cw_pipeline.core import images as imgs
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
-from cw_pipeline.indexing import records_to_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.80

@@ -37,16 +37,16 @@ import numpy as np
 from _machine import machine_info
 from PIL import Image
 
-from cw_pipeline.config import DatasetConfig
-from cw_pipeline.core.datasets import DEFAULT_IMAGE_EXTENSIONS
-from cw_pipeline.indexing import (
+from cw_pipeline.compute.manifests import build_manifest
+from cw_pipeline.compute.shards import (
     FLAT_ID_LAYOUTS,
     FileStat,
-    build_manifest,
     fingerprint,
     scan_files,
     shard_files,
 )
+from cw_pipeline.config import DatasetConfig
+from cw_pipeline.core.datasets import DEFAULT_IMAGE_EXTENSIONS
 from cw_pipeline.store import FeatureStore
 
 TARGET_SCAN_S = 20.0
@@ -188,7 +188,7 @@ def main() -> None:
         )
         rss_scan = maxrss_mib()
         print(
-            f"  ru_maxrss {rss0:.0f} MiB before the scan (imports: cw_pipeline.indexing pulls in "
+            f"  ru_maxrss {rss0:.0f} MiB before the scan (imports: cw_pipeline.compute pulls in "
             f"torch via core.extract), {rss_scan:.0f} MiB after"
         )
         tracemalloc.start()

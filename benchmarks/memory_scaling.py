@@ -56,8 +56,8 @@ def child(list_file: Path, out_dir: Path, shard_size: int, resize: str) -> None:
     """One measured indexing run; prints a JSON line with its figures."""
     import pyarrow.parquet as pq
 
+    from cw_pipeline.compute.features import records_to_table
     from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
-    from cw_pipeline.indexing import records_to_table
 
     paths = [Path(p) for p in list_file.read_text().splitlines() if p]
     t0 = time.perf_counter()

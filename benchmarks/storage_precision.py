@@ -19,12 +19,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from cw_pipeline.compute.features import records_to_table, table_to_featureset
 from cw_pipeline.core.datasets import ukbench_groundtruth, ukbench_labels
 from cw_pipeline.core.evaluation import score as score_rankings
 from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 from cw_pipeline.core.runner import evaluate_search, pca_groups
-from cw_pipeline.indexing import records_to_table, table_to_featureset
 
 ROOT = Path(__file__).resolve().parents[1]
 

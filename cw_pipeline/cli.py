@@ -12,7 +12,7 @@ Sub-commands:
 * ``search`` — rank a configured dataset's indexed images for a query image
   (:mod:`cw_pipeline.query`).
 * ``datasets`` — the configured datasets and the state of their index
-  (:mod:`cw_pipeline.catalog`).
+  (:mod:`cw_pipeline.compute.catalog`).
 * ``serve`` — the search page and its JSON API (:mod:`cw_pipeline.web`).
 """
 
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from cw_pipeline.compute.features import progress_listener, progress_logger
 from cw_pipeline.core.backbones import BACKBONES, DEFAULT_BACKBONE, check_device
 from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, settings_record
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
@@ -46,7 +47,6 @@ from cw_pipeline.core.runner import (
 )
 from cw_pipeline.core.search import RerankConfig
 from cw_pipeline.core.validation import error_message
-from cw_pipeline.indexing import progress_listener, progress_logger
 from cw_pipeline.instance import InstanceBusyError
 from cw_pipeline.progress import ImageBar, bars_enabled
 
@@ -823,7 +823,7 @@ def cmd_search(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_datasets(args: argparse.Namespace) -> dict[str, Any] | None:
-    from cw_pipeline.catalog import format_table, list_datasets
+    from cw_pipeline.compute.catalog import format_table, list_datasets
     from cw_pipeline.config import load_config
 
     config = load_config(args.config)

@@ -3,7 +3,7 @@
 Inside Dagster runs progress is a log line every N images (:func:`indexing.progress_logger`);
 the CLI draws a bar instead when stderr is a terminal. :class:`ImageBar` is a
 ``progress(done, total)`` callback, and a ``listener(label, done, total)`` for
-:func:`cw_pipeline.indexing.progress_listener` that sums several labelled jobs (the shards
+:func:`cw_pipeline.compute.features.progress_listener` that sums several labelled jobs (the shards
 of an index run) into one bar whose total grows as jobs start.
 """
 

@@ -25,17 +25,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image
 
-from cw_pipeline import figures, reports, stages
+from cw_pipeline import figures, reports
+from cw_pipeline.compute.catalog import stored_shards
+from cw_pipeline.compute.features import dataset_extractor
+from cw_pipeline.compute.queries import load_groundtruth
+from cw_pipeline.compute.rankings import manifest_paths
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core import datasets as gtio
-from cw_pipeline.core.cams import boxes_to_pixels, class_activation_maps, heatmap_boxes
 from cw_pipeline.core.evaluation import average_precision, precision_recall_points
 from cw_pipeline.core.extract import FeatureExtractor
-from cw_pipeline.core.images import ImageLoadError, load_image
+from cw_pipeline.core.images import ImageLoadError
 from cw_pipeline.core.search import RerankConfig
+from cw_pipeline.figures.cams import query_cam_figure
 from cw_pipeline.store import (
     FeatureStore,
     bounded_component,
@@ -48,7 +51,6 @@ from cw_pipeline.store import (
 )
 
 __all__ = [
-    "CAM_MIN_SIDE",
     "EMBED_BUDGET",
     "FigureOptions",
     "ReportFigures",
@@ -62,8 +64,6 @@ logger = logging.getLogger(__name__)
 
 #: Upper bound of the bytes of all data URIs returned for the UI metadata.
 EMBED_BUDGET = 900_000
-#: CAM overlays of narrower images are enlarged to this width (display only).
-CAM_MIN_SIDE = 384
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,9 @@ class ReportFigures:
 def _image_paths(
     config: ProjectConfig, store: FeatureStore, ev: EvaluationConfig, shards: dict[str, list[str]]
 ) -> dict[str, Path]:
-    paths = stages.manifest_paths(store, config.dataset(ev.dataset), shards[ev.dataset])
+    paths = manifest_paths(store, config.dataset(ev.dataset), shards[ev.dataset])
     for dname in ev.distractors:
-        paths.update(stages.manifest_paths(store, config.dataset(dname), shards.get(dname, [])))
+        paths.update(manifest_paths(store, config.dataset(dname), shards.get(dname, [])))
     return paths
 
 
@@ -195,41 +195,187 @@ def data_uri(image: Image.Image, max_width: int = 720, colours: int = 128) -> st
 # ------------------------------------------------------------------------------ figures
 
 
-def _cam_figure(
-    extractor: FeatureExtractor, path: Path, class_ids: np.ndarray, rerank: RerankConfig
-) -> Image.Image:
-    """The mean CAM of ``class_ids[:box_classes]`` on the image at ``path`` (one forward pass),
-    with the boxes re-ranking would score: one per threshold, labelled with it."""
-    image = load_image(path, max_pixels=extractor.config.max_pixels)
-    resized, orig = extractor.prepare(image)
-    keep = extractor.keep_maps
-    extractor.keep_maps = True
-    try:
-        rec = extractor.encode_batch([resized], [orig])[0]
-    finally:
-        extractor.keep_maps = keep
-    assert rec.maps is not None
-    x, a = rec.maps.tensors()
-    ids = torch.as_tensor(np.asarray(class_ids[: rerank.box_classes], dtype=np.int64))
-    with torch.inference_mode():
-        heat = class_activation_maps(
-            a, extractor.backbone.classifier_weight, ids, size=tuple(x.shape[-2:])
-        )
-    heat_np = heat[0].mean(0).cpu().numpy()
-    cells = heatmap_boxes(heat_np, rerank.thresholds, min_cells=rerank.min_cells)
-    # Drawn at least CAM_MIN_SIDE pixels wide so that small images stay legible.
-    scale = max(1.0, CAM_MIN_SIDE / image.width)
-    shown = image.resize((round(image.width * scale), round(image.height * scale)))
-    boxes = boxes_to_pixels(cells, rec.grid, shown.size)
-    labels = [f"{t:.0%}" for t in rerank.thresholds]
-    return figures.cam_overlay(shown, heat_np, boxes, labels)
-
-
 def _best_method(report: dict[str, Any], methods: Sequence[str]) -> str:
     scored = [r for r in report.get("results", []) if r["method"] in methods]
     if not scored:
         return methods[0]
     return max(scored, key=lambda r: (r["map"], -methods.index(r["method"])))["method"]
+
+
+@dataclass
+class _Canvas:
+    """Where one run's figures go: the evaluation, the options, and the result being filled."""
+
+    ev: EvaluationConfig
+    out_store: FeatureStore
+    options: FigureOptions
+    result: ReportFigures
+
+    def write(self, rel: str, image: Image.Image) -> str:
+        """Write ``image`` as PNG at ``rel`` under the evaluation's report folder."""
+        self.out_store.write_bytes(report_path(self.ev.name, rel), figures.png_bytes(image))
+        return rel
+
+
+def _per_query_scores(
+    tables: dict[str, pa.Table],
+    by_query: dict[str, gtio.Query],
+    pos: dict[str, int],
+    report: dict[str, Any],
+) -> tuple[dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], dict[str, dict[str, float]]]:
+    """Per method and query: PR points and AP (Oxford protocol: junk removed from the list);
+    the report's stored AP is used where it has one."""
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    aps: dict[str, dict[str, float]] = {}
+    for m, table in tables.items():
+        curves[m], aps[m] = {}, {}
+        stored_aps = report.get("per_query", {}).get(m) or {}
+        for qid, ranked in zip(
+            table.column("query_id").to_pylist(),
+            table.column("ranked_ids").to_pylist(),
+            strict=True,
+        ):
+            q = by_query.get(qid)
+            if q is None:
+                continue
+            ranking = np.fromiter((pos[i] for i in ranked), dtype=np.int64, count=len(ranked))
+            positives = [pos[i] for i in q.positives if i in pos]
+            junk = [pos[i] for i in q.junk if i in pos]
+            if positives:
+                curves[m][qid] = precision_recall_points(ranking, positives, junk)
+            ap = stored_aps.get(qid)
+            if ap is None:
+                ap = average_precision(ranking, positives, junk) if positives else math.nan
+            aps[m][qid] = float(ap)
+    return curves, aps
+
+
+def _draw_charts(
+    canvas: _Canvas,
+    report: dict[str, Any],
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+    aps: dict[str, dict[str, float]],
+) -> None:
+    """The PR curves (with the chosen method's hardest query) and the AP-per-query bars."""
+    ev, method, result, write = canvas.ev, canvas.result.method, canvas.result, canvas.write
+    maps = {r["method"]: r["map"] for r in report.get("results", [])}
+    if any(curves.values()):
+        evaluated = {m: list(c.values()) for m, c in curves.items() if c}
+        chosen = {q: a for q, a in aps[method].items() if not math.isnan(a)}
+        selected = {}
+        if chosen and method in evaluated:
+            worst = min(chosen, key=lambda q: (chosen[q], q))
+            if worst in curves[method]:
+                selected = {method: {f"hardest query {worst}": curves[method][worst]}}
+        n = max(len(c) for c in evaluated.values())
+        img = figures.pr_curves(
+            evaluated,
+            title=f"{ev.name}: precision–recall, mean over {n} queries (junk ignored)",
+            maps=maps,
+            queries=selected,
+        )
+        result.charts.append(write("pr_curves.png", img))
+        result.embedded.append(("cw-figure pr-curves", data_uri(img, 560)))
+    if any(aps.values()):
+        img = figures.ap_bars(aps, title=f"{ev.name}: average precision per query")
+        result.charts.append(write("ap_per_query.png", img))
+        result.embedded.append(("cw-figure ap-per-query", data_uri(img, 720)))
+
+
+def _draw_sheets(
+    canvas: _Canvas,
+    table: pa.Table,
+    by_query: dict[str, gtio.Query],
+    paths: dict[str, Path],
+    aps: dict[str, float],
+) -> list[tuple[str, list[str]]]:
+    """The results sheets of the chosen method (its rankings ``table``, its ``aps``);
+    returns (query id, ranked ids) of each sheet."""
+    ev, method, result, options = canvas.ev, canvas.result.method, canvas.result, canvas.options
+    write = canvas.write
+    rows = list(
+        zip(
+            table.column("query_id").to_pylist(),
+            table.column("ranked_ids").to_pylist(),
+            table.column("scores").to_pylist(),
+            strict=True,
+        )
+    )
+    if options.max_queries is not None:
+        rows = rows[: options.max_queries]
+    sheet_rows = []
+    for qid, ranked, scores in rows:
+        q = by_query.get(qid)
+        if q is None or qid not in paths:
+            logger.warning("%s: no image for query %s, no results sheet", ev.name, qid)
+            continue
+        items = [
+            figures.SheetItem(paths.get(i, Path(i)), float(s), _label(q, i), caption=i)
+            for i, s in zip(ranked[: options.top], scores[: options.top], strict=True)
+        ]
+        ap = aps.get(qid, math.nan)
+        title = f"{ev.name} · {method} · query {q.name or qid}" + (
+            "" if math.isnan(ap) else f" · AP {ap:.3f}"
+        )
+        sheet = figures.results_sheet(paths[qid], q.bbox, items, title, options.thumb)
+        rel = write(f"queries/{_safe_name(qid)}.png", sheet)
+        result.queries.append(rel)
+        if len(sheet_rows) < options.embed_sheets:
+            result.embedded.append((f"cw-figure query {qid}", data_uri(sheet, 960)))
+        sheet_rows.append((qid, ranked))
+    return sheet_rows
+
+
+def _draw_cams(
+    canvas: _Canvas,
+    store: FeatureStore,
+    ds: DatasetConfig,
+    shards: Sequence[str],
+    sheet_rows: list[tuple[str, list[str]]],
+    paths: dict[str, Path],
+    extractor: FeatureExtractor,
+) -> None:
+    """CAM overlays: the query's classes on its first result (what re-ranking boxes)."""
+    ev, result, options, write = canvas.ev, canvas.result, canvas.options, canvas.write
+    samples: list[tuple[str, str]] = []
+    for qid, ranked in sheet_rows:
+        first = next((i for i in ranked if i != qid and i in paths), None)
+        if first is not None and first not in {s for _, s in samples}:
+            samples.append((qid, first))
+        if len(samples) == options.cam_samples:
+            break
+    classes = _query_classes(store, ds, shards, {q for q, _ in samples})
+    rerank = RerankConfig()
+    for qid, image_id in samples:
+        if qid not in classes:
+            continue
+        try:
+            overlay = query_cam_figure(extractor, paths[image_id], classes[qid], rerank)
+        except (OSError, ImageLoadError, ValueError) as exc:
+            logger.warning("%s: no CAM overlay of %s: %s", ev.name, image_id, exc)
+            continue
+        text = (
+            f"{image_id}: CAM of query {qid}'s top {rerank.box_classes} classes; "
+            f"boxes at {', '.join(f'{t:.0%}' for t in rerank.thresholds)} of the max"
+        )
+        overlay = figures.with_caption(overlay, text)
+        rel = write(f"cams/{_safe_name(image_id)}.png", overlay)
+        result.cams.append(rel)
+        if len(result.cams) == 1:
+            result.embedded.append((f"cw-figure cam {image_id}", data_uri(overlay, 480)))
+
+
+def _prune(canvas: _Canvas) -> None:
+    """Delete figures of earlier runs that this one did not write (queries or samples that
+    changed), and drop embedded images (the last ones first) until they fit the budget."""
+    out_store, ev, result = canvas.out_store, canvas.ev, canvas.result
+    written = {report_path(ev.name, p) for p in result.files}
+    for sub in ("queries", "cams"):
+        for rel in out_store.list(report_path(ev.name, sub), suffix=".png"):
+            if rel not in written:
+                out_store.delete(rel)
+    while result.embedded and sum(len(u) for _, u in result.embedded) > EMBED_BUDGET:
+        result.embedded.pop()
 
 
 def write_report_figures(
@@ -269,133 +415,16 @@ def write_report_figures(
     db_ids = reports.evaluation_image_ids(config, store, ev, shards)
     pos = {i: k for k, i in enumerate(db_ids)}
     paths = _image_paths(config, store, ev, shards)
-    gt = stages.load_groundtruth(ds, ds_ids)
-    by_query = {q.image_id: q for q in gt.queries}
+    by_query = {q.image_id: q for q in load_groundtruth(ds, ds_ids).queries}
     tables: dict[str, pa.Table] = {m: store.read_table(rankings_path(ev.name, m)) for m in methods}
 
-    def write(rel: str, image: Image.Image) -> str:
-        out_store.write_bytes(report_path(ev.name, rel), figures.png_bytes(image))
-        return rel
-
-    # Per method and query: PR points and AP (Oxford protocol: junk removed from the list).
-    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-    aps: dict[str, dict[str, float]] = {}
-    for m, table in tables.items():
-        curves[m], aps[m] = {}, {}
-        stored_aps = report.get("per_query", {}).get(m) or {}
-        for qid, ranked in zip(
-            table.column("query_id").to_pylist(),
-            table.column("ranked_ids").to_pylist(),
-            strict=True,
-        ):
-            q = by_query.get(qid)
-            if q is None:
-                continue
-            ranking = np.fromiter((pos[i] for i in ranked), dtype=np.int64, count=len(ranked))
-            positives = [pos[i] for i in q.positives if i in pos]
-            junk = [pos[i] for i in q.junk if i in pos]
-            if positives:
-                curves[m][qid] = precision_recall_points(ranking, positives, junk)
-            ap = stored_aps.get(qid)
-            if ap is None:
-                ap = average_precision(ranking, positives, junk) if positives else math.nan
-            aps[m][qid] = float(ap)
-
-    maps = {r["method"]: r["map"] for r in report.get("results", [])}
-    if any(curves.values()):
-        evaluated = {m: list(c.values()) for m, c in curves.items() if c}
-        chosen = {q: a for q, a in aps[method].items() if not math.isnan(a)}
-        selected = {}
-        if chosen and method in evaluated:
-            worst = min(chosen, key=lambda q: (chosen[q], q))
-            if worst in curves[method]:
-                selected = {method: {f"hardest query {worst}": curves[method][worst]}}
-        n = max(len(c) for c in evaluated.values())
-        img = figures.pr_curves(
-            evaluated,
-            title=f"{ev.name}: precision–recall, mean over {n} queries (junk ignored)",
-            maps=maps,
-            queries=selected,
-        )
-        result.charts.append(write("pr_curves.png", img))
-        result.embedded.append(("cw-figure pr-curves", data_uri(img, 560)))
-    if any(aps.values()):
-        img = figures.ap_bars(aps, title=f"{ev.name}: average precision per query")
-        result.charts.append(write("ap_per_query.png", img))
-        result.embedded.append(("cw-figure ap-per-query", data_uri(img, 720)))
-
-    # Results sheets of the chosen method.
-    table = tables[method]
-    rows = list(
-        zip(
-            table.column("query_id").to_pylist(),
-            table.column("ranked_ids").to_pylist(),
-            table.column("scores").to_pylist(),
-            strict=True,
-        )
-    )
-    if options.max_queries is not None:
-        rows = rows[: options.max_queries]
-    sheet_rows = []
-    for qid, ranked, scores in rows:
-        q = by_query.get(qid)
-        if q is None or qid not in paths:
-            logger.warning("%s: no image for query %s, no results sheet", ev.name, qid)
-            continue
-        items = [
-            figures.SheetItem(paths.get(i, Path(i)), float(s), _label(q, i), caption=i)
-            for i, s in zip(ranked[: options.top], scores[: options.top], strict=True)
-        ]
-        ap = aps[method].get(qid, math.nan)
-        title = f"{ev.name} · {method} · query {q.name or qid}" + (
-            "" if math.isnan(ap) else f" · AP {ap:.3f}"
-        )
-        sheet = figures.results_sheet(paths[qid], q.bbox, items, title, options.thumb)
-        rel = write(f"queries/{_safe_name(qid)}.png", sheet)
-        result.queries.append(rel)
-        if len(sheet_rows) < options.embed_sheets:
-            result.embedded.append((f"cw-figure query {qid}", data_uri(sheet, 960)))
-        sheet_rows.append((qid, ranked))
-
-    # CAM overlays: the query's classes on its first result (what re-ranking boxes).
+    canvas = _Canvas(ev, out_store, options, result)
+    curves, aps = _per_query_scores(tables, by_query, pos, report)
+    _draw_charts(canvas, report, curves, aps)
+    sheet_rows = _draw_sheets(canvas, tables[method], by_query, paths, aps[method])
     if extractor is not None and options.cam_samples:
-        samples = []
-        for qid, ranked in sheet_rows:
-            first = next((i for i in ranked if i != qid and i in paths), None)
-            if first is not None and first not in {s for _, s in samples}:
-                samples.append((qid, first))
-            if len(samples) == options.cam_samples:
-                break
-        classes = _query_classes(store, ds, shards[ds.name], {q for q, _ in samples})
-        rerank = RerankConfig()
-        for qid, image_id in samples:
-            if qid not in classes:
-                continue
-            try:
-                overlay = _cam_figure(extractor, paths[image_id], classes[qid], rerank)
-            except (OSError, ImageLoadError, ValueError) as exc:
-                logger.warning("%s: no CAM overlay of %s: %s", ev.name, image_id, exc)
-                continue
-            text = (
-                f"{image_id}: CAM of query {qid}'s top {rerank.box_classes} classes; "
-                f"boxes at {', '.join(f'{t:.0%}' for t in rerank.thresholds)} of the max"
-            )
-            overlay = figures.with_caption(overlay, text)
-            rel = write(f"cams/{_safe_name(image_id)}.png", overlay)
-            result.cams.append(rel)
-            if len(result.cams) == 1:
-                result.embedded.append((f"cw-figure cam {image_id}", data_uri(overlay, 480)))
-
-    # Files of earlier runs that this one did not write (queries or samples that changed).
-    written = {report_path(ev.name, p) for p in result.files}
-    for sub in ("queries", "cams"):
-        for rel in out_store.list(report_path(ev.name, sub), suffix=".png"):
-            if rel not in written:
-                out_store.delete(rel)
-
-    # Keep the embedded images under budget (drop the last ones first).
-    while result.embedded and sum(len(u) for _, u in result.embedded) > EMBED_BUDGET:
-        result.embedded.pop()
+        _draw_cams(canvas, store, ds, shards[ds.name], sheet_rows, paths, extractor)
+    _prune(canvas)
     return result
 
 
@@ -431,9 +460,6 @@ def redraw(
     """Redraw an evaluation's report and figures from what is stored (no Dagster instance):
     shards are those whose manifests are in the warehouse. ``cams=False`` skips the CAM
     overlays (and loading the network). Returns a summary for the command line."""
-    from cw_pipeline.catalog import stored_shards
-    from cw_pipeline.indexing import dataset_extractor
-
     ev = config.evaluation(evaluation)
     store = FeatureStore(config.warehouse)
     shards = {n: stored_shards(store, "manifest", n) for n in (ev.dataset, *ev.distractors)}

@@ -10,7 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cw_pipeline import stages
+from cw_pipeline.compute.descriptors import read_descriptors
+from cw_pipeline.compute.pca import pca_output_dims
+from cw_pipeline.compute.queries import load_groundtruth
+from cw_pipeline.compute.rankings import score_rankings
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
 from cw_pipeline.core.experiment import settings_record
 from cw_pipeline.store import (
@@ -66,7 +69,7 @@ def evaluation_image_ids(
     """Database image ids of an evaluation (its dataset, then each distractor shard), in the
     order its rankings were computed over."""
     ds = config.dataset(ev.dataset)
-    db_ids, _ = stages.read_descriptors(store, descriptors_path(ds.name, "raw"))
+    db_ids, _ = read_descriptors(store, descriptors_path(ds.name, "raw"))
     all_ids = list(db_ids)
     for dname in ev.distractors:
         for shard in shards.get(dname, []):
@@ -89,14 +92,14 @@ def build_report(
     and its AP in ``per_query`` is None.
     """
     ds = config.dataset(ev.dataset)
-    db_ids, _ = stages.read_descriptors(store, descriptors_path(ds.name, "raw"))
+    db_ids, _ = read_descriptors(store, descriptors_path(ds.name, "raw"))
     all_ids = evaluation_image_ids(config, store, ev, shards)
-    gt = stages.load_groundtruth(ds, db_ids)
+    gt = load_groundtruth(ds, db_ids)
     paper = PAPER_MAP.get(ev.name, {})
     results, per_query = [], {}
     for m in ev.methods:
         table = store.read_table(rankings_path(ev.name, m.name))
-        score = stages.score_rankings(ds, gt, all_ids, table)
+        score = score_rankings(ds, gt, all_ids, table)
         entry = {"method": m.name, "map": score["map"]}
         for key in ("ns_score", "revisited"):
             if key in score:
@@ -125,7 +128,7 @@ def build_report(
         "settings": {
             **settings_record(ds.extraction, config.search, ev.methods),
             "pca_from": ds.pca_from,
-            "pca_output_dims": stages.pca_output_dims(store, ds),
+            "pca_output_dims": pca_output_dims(store, ds),
         },
         "results": results,
         "per_query": {

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
+from cw_pipeline.compute.shards import plan_shards
 from cw_pipeline.config import ProjectConfig
 from cw_pipeline.defs.partitions import current_shards, partitions_def
 from cw_pipeline.defs.recovery import pool_wait_line, process_tags, recover_dead_runs
 from cw_pipeline.defs.run_tags import active_index_shards, index_run_tags
 from cw_pipeline.defs.versions import is_stale
-from cw_pipeline.indexing import plan_shards
 from cw_pipeline.instance import add_partitions
 from cw_pipeline.store import FeatureStore, features_path
 

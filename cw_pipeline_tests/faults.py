@@ -69,8 +69,8 @@ def _die() -> None:
 
 
 def _instrument(log: Path, kill_after_batches: int | None, kill_at_publish: bool) -> None:
-    from cw_pipeline import store as store_mod
     from cw_pipeline.core.extract import FeatureExtractor
+    from cw_pipeline.store import feature_store
 
     original_flush = FeatureExtractor._flush
     batches = [0]
@@ -95,12 +95,12 @@ def _instrument(log: Path, kill_after_batches: int | None, kill_at_publish: bool
                 _die()
             real_replace(src, dst)
 
-        store_mod.os.replace = replace  # type: ignore[attr-defined]
+        feature_store.os.replace = replace  # type: ignore[attr-defined]
 
 
 def _cli(args: argparse.Namespace) -> None:
-    from cw_pipeline import stages
     from cw_pipeline.cli import main as cli_main
+    from cw_pipeline.defs.assets import rankings as ranking_assets
 
     _instrument(Path(args.log), args.kill_after_batches, False)
     if args.kill_in_rankings:
@@ -108,7 +108,7 @@ def _cli(args: argparse.Namespace) -> None:
         def rankings(*_args, **_kwargs):
             _die()
 
-        stages.evaluation_rankings = rankings  # type: ignore[assignment]
+        ranking_assets.evaluation_rankings = rankings  # type: ignore[assignment]
     argv = args.cli_args[1:] if args.cli_args[:1] == ["--"] else args.cli_args
     sys.exit(cli_main(argv))
 

@@ -33,21 +33,22 @@ import pytest
 import yaml
 from PIL import ImageFile
 
-from cw_pipeline import cli, indexing, stages
+from cw_pipeline import cli
+from cw_pipeline.compute import manifests
+from cw_pipeline.compute.features import (
+    REJECTED_SCHEMA,
+    feature_schema,
+    load_features,
+    update_features,
+)
+from cw_pipeline.compute.manifests import build_manifest, sha1_file
+from cw_pipeline.compute.queries import compute_query_features
+from cw_pipeline.compute.rankings import manifest_paths
+from cw_pipeline.compute.shards import ROOT_SHARD, scan_files, shard_key
 from cw_pipeline.config import ConfigError, load_config
 from cw_pipeline.core.datasets import folder as folder_module
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 from cw_pipeline.core.images import ImageLoadError
-from cw_pipeline.indexing import (
-    REJECTED_SCHEMA,
-    ROOT_SHARD,
-    build_manifest,
-    feature_schema,
-    scan_files,
-    sha1_file,
-    shard_key,
-    update_features,
-)
 from cw_pipeline.runs import IndexResult
 from cw_pipeline.store import FeatureStore, decode_component, shard_name_from_path
 from cw_pipeline_tests.badfiles import (
@@ -370,8 +371,8 @@ def test_same_image_id_in_two_shards_is_refused(corpus, tmp_path):
         ValueError,
         match=r"image id 'corpus/alpha' is stored in shards 'copy' and 'corpus'.*--force",
     ):
-        stages.load_features(store, "bad", ["copy", "corpus"])
-    assert len(stages.load_features(store, "bad", ["corpus"])) == corpus_rows.num_rows
+        load_features(store, "bad", ["copy", "corpus"])
+    assert len(load_features(store, "bad", ["corpus"])) == corpus_rows.num_rows
 
 
 def test_symlink_loop_in_a_dataset_folder_is_skipped_with_a_warning(corpus, caplog):
@@ -493,14 +494,14 @@ def test_a_file_vanishing_between_scan_and_read_is_quarantined_and_the_rest_inde
     (tmp_path / "a.jpg").rename(folder / "a.jpg")
 
     # 2. Scanned, then gone before it is read (the manifest's hashing), in a pipeline run.
-    real_sha1 = indexing.sha1_file
+    real_sha1 = sha1_file
 
     def vanish_then_hash(path):
         if Path(path).name == "b.jpg":
             Path(path).unlink()
         return real_sha1(path)
 
-    monkeypatch.setattr(indexing, "sha1_file", vanish_then_hash)
+    monkeypatch.setattr(manifests, "sha1_file", vanish_then_hash)
     result = project.index("v")
     monkeypatch.undo()
     assert (result.images, result.rejected, result.forward_passes) == (3, 1, 3)
@@ -536,7 +537,7 @@ def test_names_no_image_id_can_hold_are_quarantined_and_the_rest_indexed(corpus)
         assert set(corpus.features(shard)) == expected
     # Readers of the manifests (the map provider of re-ranking) pass over the quarantined rows.
     shards = corpus.project.instance.get_dynamic_partitions("bad_shards")
-    paths = stages.manifest_paths(corpus.store, corpus.project.config.dataset("bad"), shards)
+    paths = manifest_paths(corpus.store, corpus.project.config.dataset("bad"), shards)
     assert all(paths[BY_NAME[n].image_id] == corpus.paths[n] for n in INDEXED)
     assert not {BY_NAME[n].image_id for n in BAD_NAMES + NOT_REGULAR} & set(paths)
 
@@ -666,7 +667,7 @@ def land(tmp_path) -> Project:
 def _query_features(project: Project, extractor: FeatureExtractor):
     ds = project.config.dataset("land")
     manifest, _ = build_manifest(ds, scan_files(ds))
-    return stages.compute_query_features(ds, manifest, extractor)
+    return compute_query_features(ds, manifest, extractor)
 
 
 def test_ground_truth_naming_missing_images_fails_fast(land, extractor):
@@ -729,7 +730,7 @@ def test_empty_dataset_fails_naming_the_dataset_and_folder(land, tmp_path, monke
     with pytest.raises(ValueError, match=message):
         land.index("void")
     with pytest.raises(ValueError, match=rf"dataset 'void' has no images under {folder}"):
-        stages.load_features(land.store, "void", [], land.config.dataset("void").images)
+        load_features(land.store, "void", [], land.config.dataset("void").images)
     # Files, but none readable: the message counts the rejected ones.
     store = FeatureStore(tmp_path / "warehouse")
     store.write_table(
@@ -739,7 +740,7 @@ def test_empty_dataset_fails_naming_the_dataset_and_folder(land, tmp_path, monke
     rejected = pa.Table.from_pylist(bad * 2, schema=REJECTED_SCHEMA)
     store.write_table(store.shard_path("rejected", "void", "s"), rejected)
     with pytest.raises(ValueError, match=r"no readable images under .*2 image\(s\) rejected"):
-        stages.load_features(store, "void", ["s"], land.config.dataset("void").images)
+        load_features(store, "void", ["s"], land.config.dataset("void").images)
     # From the command line: exit status 2, one line naming the dataset and the folder.
     (tmp_path / "home").mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))

@@ -16,10 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from cw_pipeline.checkpoints import CHECKPOINT_ROOT, ShardCheckpoints
+from cw_pipeline.compute.checkpoints import CHECKPOINT_ROOT, ShardCheckpoints
+from cw_pipeline.compute.features import records_to_table, update_features
+from cw_pipeline.compute.manifests import MANIFEST_SCHEMA
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.extract import ExtractionConfig, ImageFeatures
-from cw_pipeline.indexing import MANIFEST_SCHEMA, records_to_table, update_features
 from cw_pipeline.store import FeatureStore
 
 N_C, DIM = 2, 4
@@ -180,7 +181,7 @@ def test_stale_and_corrupt_checkpoints_are_ignored(ds, store, caplog) -> None:
     good = cps.write(uninterrupted(ds, 1))
     broken = f"{cps.prefix}/part-broken-000000.parquet"
     store.write_bytes(broken, b"PAR1 truncated")
-    with caplog.at_level(logging.INFO, logger="cw_pipeline.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cw_pipeline.compute.checkpoints"):
         rows = cps.load()
     assert rows is not None and rows.column("image_id").to_pylist() == ["img00"]
     assert "ignoring 1 checkpoint(s) of another code version" in caplog.text

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from cw_pipeline.cli import main
-from cw_pipeline.indexing import progress_listener, progress_logger
+from cw_pipeline.compute.features import progress_listener, progress_logger
 from cw_pipeline.progress import ImageBar, bars_enabled
 from cw_pipeline_tests.cli_project import CliProject
 

@@ -256,9 +256,9 @@ def run_cli(*args: str) -> int:
 
 
 def test_download_fills_the_shipped_layout(tmp_path: Path, server: FileServer) -> None:
+    from cw_pipeline.compute.queries import load_groundtruth
+    from cw_pipeline.compute.shards import scan_files
     from cw_pipeline.core.datasets import validate_groundtruth
-    from cw_pipeline.indexing import scan_files
-    from cw_pipeline.stages import load_groundtruth
 
     ox, pa = serve_oxford(server), serve_paris(server)
     r1m = [

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cw_pipeline import figures, reports
+from cw_pipeline import reports
 from cw_pipeline.core.evaluation import average_precision, precision_recall_points
 from cw_pipeline.core.images import ImageLoadError
 from cw_pipeline.figures import (
@@ -28,6 +28,7 @@ from cw_pipeline.figures import (
     results_sheet,
     save_png,
     sheet_tile_box,
+    sheets,
 )
 from cw_pipeline.report_figures import data_uri
 
@@ -141,7 +142,7 @@ def test_unreadable_results_become_placeholders(tmp_path):
         x1, y1, x2, y2 = sheet_tile_box(k, 64, 3)
         assert px(sheet, (x1 + 1, y1 + 1)) == FRAME_COLOURS[lab]
         # Between the placeholder's diagonals, above its text: the placeholder fill.
-        assert px(sheet, ((x1 + x2) // 2, y1 + (y2 - y1) // 4)) == figures._UNREADABLE_FILL
+        assert px(sheet, ((x1 + x2) // 2, y1 + (y2 - y1) // 4)) == sheets._UNREADABLE_FILL
 
 
 def test_unreadable_query_and_bad_arguments_fail(tmp_path):

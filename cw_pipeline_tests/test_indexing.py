@@ -9,20 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cw_pipeline.config import DatasetConfig, ExtractionConfig
-from cw_pipeline.core.extract import ImageFeatures
-from cw_pipeline.indexing import (
-    build_manifest,
+from cw_pipeline.compute.features import (
     dequantize_int8,
-    fingerprint,
     quantize_int8,
     records_to_table,
-    scan_files,
-    shard_files,
     stored_class_shape,
     stored_finite,
     table_to_featureset,
 )
+from cw_pipeline.compute.manifests import build_manifest
+from cw_pipeline.compute.shards import fingerprint, scan_files, shard_files
+from cw_pipeline.config import DatasetConfig, ExtractionConfig
+from cw_pipeline.core.extract import ImageFeatures
 from cw_pipeline.store import FeatureStore
 
 

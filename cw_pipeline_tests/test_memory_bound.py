@@ -17,9 +17,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from cw_pipeline.compute.features import dataset_extractor, update_features
+from cw_pipeline.compute.manifests import build_manifest
+from cw_pipeline.compute.shards import scan_files
 from cw_pipeline.config import DatasetConfig, ExtractionConfig, RuntimeConfig
 from cw_pipeline.core.extract import DEFAULT_BATCH_PIXELS
-from cw_pipeline.indexing import build_manifest, dataset_extractor, scan_files, update_features
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADROOM = 1 << 30  # bytes of address space allowed beyond the loaded network

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cw_pipeline import reports, stages
+from cw_pipeline import reports
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.aggregation import PCAWhitening
 from cw_pipeline.core.datasets import GroundTruth, Query
@@ -47,9 +47,9 @@ def report_with_an_empty_query(tmp_path: Path, monkeypatch) -> dict:
         revisited=False,
         queries_in_database=True,
     )
-    monkeypatch.setattr(stages, "read_descriptors", lambda store, rel: (db, None))
-    monkeypatch.setattr(stages, "load_groundtruth", lambda ds, ids: gt)
-    monkeypatch.setattr(stages, "pca_output_dims", lambda store, ds: {})  # no PCA here
+    monkeypatch.setattr(reports, "read_descriptors", lambda store, rel: (db, None))
+    monkeypatch.setattr(reports, "load_groundtruth", lambda ds, ids: gt)
+    monkeypatch.setattr(reports, "pca_output_dims", lambda store, ds: {})  # no PCA here
     store = FeatureStore(str(tmp_path / "wh"))
     ev = SimpleNamespace(name="toy", dataset="toy", distractors=(), methods=[])
     for method in ("raw", "ofa"):

@@ -25,7 +25,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from cw_pipeline import cli, stages
+from cw_pipeline import cli
+from cw_pipeline.compute.features import update_features
+from cw_pipeline.compute.manifests import MANIFEST_SCHEMA
+from cw_pipeline.compute.queries import load_groundtruth
+from cw_pipeline.compute.rankings import manifest_paths
+from cw_pipeline.compute.shards import scan_files
 from cw_pipeline.config import ConfigError, DatasetConfig, load_config
 from cw_pipeline.core.datasets import (
     PickleLimitError,
@@ -35,7 +40,6 @@ from cw_pipeline.core.datasets import (
     read_oxford_groundtruth,
 )
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
-from cw_pipeline.indexing import MANIFEST_SCHEMA, scan_files, update_features
 from cw_pipeline.store import FeatureStore
 from cw_pipeline_tests.badfiles import HOSTILE_PICKLES, plain_jpeg
 
@@ -75,7 +79,7 @@ def test_ground_truth_pickle_with_an_os_system_reduce_is_refused(tmp_path):
     path = tmp_path / "gnd_evil.pkl"
     path.write_bytes(pickle.dumps(_gnd_payload(_SystemCall(marker))))
     with pytest.raises(UnsafePickleError) as info:
-        stages.load_groundtruth(_gnd_dataset(path), [])  # the pipeline's ground-truth loader
+        load_groundtruth(_gnd_dataset(path), [])  # the pipeline's ground-truth loader
     assert str(info.value).startswith(f"{path}: refused to load global ")
     assert str(info.value).endswith(".system")
     assert not marker.exists()
@@ -85,7 +89,7 @@ def test_ground_truth_pickle_with_an_arbitrary_class_is_refused(tmp_path):
     path = tmp_path / "gnd_class.pkl"
     path.write_bytes(pickle.dumps(_gnd_payload(Payload()), protocol=4))
     with pytest.raises(UnsafePickleError) as info:
-        stages.load_groundtruth(_gnd_dataset(path), [])
+        load_groundtruth(_gnd_dataset(path), [])
     assert str(info.value) == (
         f"{path}: refused to load global cw_pipeline_tests.test_safety.Payload"
     )
@@ -185,7 +189,7 @@ def test_real_ground_truth_pickles_load_with_the_restricted_unpickler(
 ):
     path = shared_data / "groundtruth" / relpath
     ds = DatasetConfig(name=path.stem, layout=layout, images=path.parent, groundtruth=path)
-    gt = stages.load_groundtruth(ds, [])
+    gt = load_groundtruth(ds, [])
     assert (len(gt.image_ids), len(gt.queries)) == (n_db, n_queries)
     assert all(q.bbox is not None and q.positives for q in gt.queries)
 
@@ -244,7 +248,7 @@ def test_manifest_paths_cannot_leave_the_dataset_folder(tmp_path):
     store = FeatureStore(tmp_path / "warehouse")
     store.write_table(store.shard_path("manifest", "d", "s"), forged)
     with pytest.raises(ValueError, match=r"'\.\./secret\.jpg' is not a relative name"):
-        stages.manifest_paths(store, ds, ["s"])
+        manifest_paths(store, ds, ["s"])
 
 
 def test_scan_refuses_symlinks_out_of_the_dataset_folder(tmp_path):

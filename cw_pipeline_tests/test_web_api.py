@@ -18,8 +18,9 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from cw_pipeline.cli import main
+from cw_pipeline.compute.queries import load_groundtruth
+from cw_pipeline.compute.rankings import score_rankings
 from cw_pipeline.core.evaluation import average_precision
-from cw_pipeline.stages import load_groundtruth, score_rankings
 from cw_pipeline.store import FeatureStore, descriptors_path, rankings_path
 from cw_pipeline.web import engine as engine_mod
 from cw_pipeline.web.app import create_app

@@ -19,12 +19,17 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from cw_pipeline import reports, stages
+from cw_pipeline import reports
+from cw_pipeline.compute.features import (
+    ShardUpdate,
+    load_features,
+    stored_class_shape,
+    stored_finite,
+)
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.indexing import ShardUpdate, stored_class_shape, stored_finite
 from cw_pipeline.store import CorruptFileError, FeatureStore, query_features_path
 
 __all__ = [
@@ -217,7 +222,7 @@ def _expected_queries(
 ) -> set[str]:
     ds = config.dataset(ev.dataset)
     if ds.grouped:
-        return set(stages.load_features(store, ds.name, shards[ds.name]).ids)
+        return set(load_features(store, ds.name, shards[ds.name]).ids)
     rel = query_features_path(ds.name)
     return set(store.read_table(rel, ["image_id"]).column("image_id").to_pylist())
 

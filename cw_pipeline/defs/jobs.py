@@ -4,13 +4,14 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from cw_pipeline.compute.features import feature_code_version
+from cw_pipeline.compute.shards import plan_shards
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.manifest import manifest_key
 from cw_pipeline.defs.partitions import ident
 from cw_pipeline.defs.recovery import recover_dead_runs
 from cw_pipeline.defs.run_tags import active_index_shards, index_run_tags
-from cw_pipeline.indexing import feature_code_version, plan_shards
 from cw_pipeline.store import FeatureStore
 
 if TYPE_CHECKING:

@@ -62,7 +62,7 @@ def search(
     store = store or FeatureStore(config.warehouse)
     index = load_index(config, store, ds.name, method)
     if extractor is None:
-        from cw_pipeline.indexing import dataset_extractor
+        from cw_pipeline.compute.features import dataset_extractor
 
         extractor = dataset_extractor(ds)
     result = search_image(
@@ -158,9 +158,9 @@ def _search_groups(
     """:func:`cw_pipeline.core.retrieval.search` over each row group of ``index``: per group
     its top rows and scores (database rows), its full order (``full_ranking`` only), and the
     forward passes its database maps took."""
+    from cw_pipeline.compute.pca import method_pca
     from cw_pipeline.core.retrieval import ComputedMaps
     from cw_pipeline.core.retrieval import search as search_method
-    from cw_pipeline.stages import method_pca
 
     params = config.search
     agg = method.stored_aggregation

@@ -27,11 +27,11 @@ class DetailMixin:
         the region CAM-box re-ranking scores best (the whole image counts as one)."""
         import torch
 
+        from cw_pipeline.compute.pca import method_pca
         from cw_pipeline.core.aggregation import aggregate
         from cw_pipeline.core.cams import boxes_to_pixels, class_activation_maps
         from cw_pipeline.core.search import region_scores
         from cw_pipeline.figures import cam_overlay, png_bytes
-        from cw_pipeline.stages import method_pca
 
         with self._lock:
             q = self._queries.get(token)

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import yaml
 
-from cw_pipeline import stages
-from cw_pipeline.catalog import stored_shards
 from cw_pipeline.cli import main
+from cw_pipeline.compute.catalog import stored_shards
+from cw_pipeline.compute.features import load_features, table_to_featureset
+from cw_pipeline.compute.pca import pca_models_for
 from cw_pipeline.core import methods
 from cw_pipeline.core.aggregation import PCAWhitening, aggregate
 from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca
 from cw_pipeline.core.extract import ExtractionConfig
 from cw_pipeline.core.methods import Aggregation
 from cw_pipeline.core.runner import evaluate_search
-from cw_pipeline.indexing import table_to_featureset
 from cw_pipeline.store import descriptors_path, query_features_path, rankings_path
 from cw_pipeline_tests.defs.project import materialize
 
@@ -92,8 +92,8 @@ def test_a_registered_method_runs_through_the_pipeline(toy_method, fresh_project
 
     # The stored rankings are those of the library with the toy function.
     ds = config.dataset("alpha")
-    feats = stages.load_features(store, "alpha", stored_shards(store, "cam_features", "alpha"))
-    train = stages.load_features(store, "beta", stored_shards(store, "cam_features", "beta"))
+    feats = load_features(store, "alpha", stored_shards(store, "cam_features", "alpha"))
+    train = load_features(store, "beta", stored_shards(store, "cam_features", "beta"))
     qt = store.read_table(query_features_path("alpha"))
     queries = table_to_featureset(qt.drop_columns(["bbox", "query_name"]))
     pos = {i: k for k, i in enumerate(feats.ids)}
@@ -129,7 +129,7 @@ def test_a_registered_method_runs_through_the_pipeline(toy_method, fresh_project
         4,
         None,
     )
-    pcas = stages.pca_models_for(store, ds)
+    pcas = pca_models_for(store, ds)
     assert settings["pca_output_dims"] == {s: p.output_dim for s, p in pcas.items()}
     md = (Path(config.reports) / "alpha" / "report.md").read_text()
     assert "N_C 16 stored / 16 aggregated, N_pca 4, PCA dims all" in md

@@ -16,7 +16,9 @@ import threading
 import dagster as dg
 import pytest
 
-from cw_pipeline import stages
+from cw_pipeline.compute.descriptors import dataset_descriptors
+from cw_pipeline.compute.rankings import evaluation_input_problems
+from cw_pipeline.defs.assets import descriptors as descriptor_assets
 from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.defs.versions import INPUT_VERSION_TAG
 from cw_pipeline.runs import index_dataset, materialize_missing, refresh
@@ -229,7 +231,7 @@ def test_a_failed_parent_stops_the_chain_until_fixed(fresh_project):
         assert project.materialization_count(key) == n, key
     shards = {"beta": current_shards(project.instance, "beta")}
     ev = project.config.evaluations["beta"]
-    assert stages.evaluation_input_problems(project.config, project.store, ev, shards) == []
+    assert evaluation_input_problems(project.config, project.store, ev, shards) == []
 
 
 def test_a_parent_being_rebuilt_holds_its_children(fresh_project, monkeypatch, tmp_path):
@@ -246,7 +248,7 @@ def test_a_parent_being_rebuilt_holds_its_children(fresh_project, monkeypatch, t
         assert project.index("alpha").forward_passes == 1
 
         entered, release = threading.Event(), threading.Event()
-        real = stages.dataset_descriptors
+        real = dataset_descriptors
 
         def slow(config, store, ds, feats):
             if ds.name == "alpha":
@@ -254,7 +256,7 @@ def test_a_parent_being_rebuilt_holds_its_children(fresh_project, monkeypatch, t
                 assert release.wait(120)
             return real(config, store, ds, feats)
 
-        monkeypatch.setattr(stages, "dataset_descriptors", slow)
+        monkeypatch.setattr(descriptor_assets, "dataset_descriptors", slow)
         results = []
         worker = threading.Thread(
             target=lambda: results.append(materialize(project, ["alpha/descriptors"]))

@@ -23,16 +23,13 @@ import pytest
 import torch
 import yaml
 
-from cw_pipeline.checkpoints import CHECKPOINT_ROOT, ShardCheckpoints
+from cw_pipeline.compute.checkpoints import CHECKPOINT_ROOT, ShardCheckpoints
+from cw_pipeline.compute.features import feature_code_version, update_features
+from cw_pipeline.compute.manifests import build_manifest
+from cw_pipeline.compute.shards import scan_dataset
 from cw_pipeline.config import load_config
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.defs.checks import SHARDS_READABLE
-from cw_pipeline.indexing import (
-    build_manifest,
-    feature_code_version,
-    scan_dataset,
-    update_features,
-)
 from cw_pipeline.store import CorruptShardError, FeatureStore
 from cw_pipeline_tests.conftest import REPO_ROOT
 from cw_pipeline_tests.defs.project import Project, materialize, synthetic_jpeg, tiny_defaults

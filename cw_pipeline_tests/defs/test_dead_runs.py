@@ -371,20 +371,20 @@ def test_index_killed_in_the_rankings_step_is_refreshed_by_the_next_index(
 def test_a_crashed_attempt_is_retried_a_failed_one_is_not(tmp_path, monkeypatch) -> None:
     """An attempt marked crashed (its process was gone) does not count as a failure:
     automation retries the asset, where it waits for an input to change after a failure."""
-    from cw_pipeline import stages
     from cw_pipeline.config import load_config
     from cw_pipeline.defs import build_definitions
+    from cw_pipeline.defs.assets import rankings as ranking_assets
     from cw_pipeline.runs import index_dataset, refresh
 
     config = load_config(make_ukbench_project(tmp_path))
     defs, instance = build_definitions(config), dg.DagsterInstance.ephemeral()
     index_dataset(defs, instance, config, "ukb", FeatureStore(config.warehouse))
-    real = stages.evaluation_rankings
+    real = ranking_assets.evaluation_rankings
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("rankings broken")
 
-    monkeypatch.setattr(stages, "evaluation_rankings", broken)
+    monkeypatch.setattr(ranking_assets, "evaluation_rankings", broken)
     with pytest.raises(Exception, match="rankings broken"):
         refresh(defs, instance)  # descriptors and rankings in one run: rankings fail
     with pytest.raises(Exception, match="rankings broken"):
@@ -394,7 +394,7 @@ def test_a_crashed_attempt_is_retried_a_failed_one_is_not(tmp_path, monkeypatch)
     failed = records[0].dagster_run  # the latest: the rankings alone (descriptors current)
     descriptors = instance.fetch_materializations(dg.AssetKey(["ukb", "descriptors"]), limit=9)
     assert len(descriptors.records) == 1
-    monkeypatch.setattr(stages, "evaluation_rankings", real)
+    monkeypatch.setattr(ranking_assets, "evaluation_rankings", real)
     assert refresh(defs, instance) == []  # a failure with unchanged inputs: not retried
     instance.add_run_tags(failed.run_id, {CRASHED_TAG: "pid 1 on elsewhere is gone"})
     assert sorted(refresh(defs, instance)) == ["ukb/map_report", "ukb/rankings"]

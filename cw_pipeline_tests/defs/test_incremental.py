@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from cw_pipeline.indexing import feature_code_version
+from cw_pipeline.compute.descriptors import read_descriptors
+from cw_pipeline.compute.features import feature_code_version
 from cw_pipeline.runs import refresh
-from cw_pipeline.stages import read_descriptors
 from cw_pipeline.store import descriptors_path, rankings_path
 from cw_pipeline_tests.defs.project import (
     ALPHA_DOWNSTREAM,

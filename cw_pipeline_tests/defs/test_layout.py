@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cw_pipeline import stages
+from cw_pipeline.compute.descriptors import offline_aggregations
 from cw_pipeline.core.methods import PCA_SPACES
 from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.store import (
@@ -42,11 +42,11 @@ def _named_artefacts(project) -> set[str]:
         for space in PCA_SPACES:
             for half in halves:
                 named |= {f"{pca_path(ds.name, space, half)}.{ext}" for ext in ("npz", "json")}
-        named |= {descriptors_path(ds.name, agg) for agg in stages.offline_aggregations()}
+        named |= {descriptors_path(ds.name, agg) for agg in offline_aggregations()}
     for ev in config.evaluations.values():
         for dname in ev.distractors:
             for shard in current_shards(project.instance, dname):
-                for agg in stages.offline_aggregations():
+                for agg in offline_aggregations():
                     named.add(distractor_descriptors_path(ev.name, dname, agg, shard))
         named |= {rankings_path(ev.name, m.name) for m in ev.methods}
     return named

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from cw_pipeline import stages
-from cw_pipeline.catalog import stored_shards
+from cw_pipeline.compute.catalog import stored_shards
+from cw_pipeline.compute.features import load_features, table_to_featureset
+from cw_pipeline.compute.queries import load_groundtruth
+from cw_pipeline.compute.rankings import score_rankings
 from cw_pipeline.core.evaluation import score
 from cw_pipeline.core.experiment import Method, fit_pca
 from cw_pipeline.core.runner import evaluate_search
-from cw_pipeline.indexing import table_to_featureset
 from cw_pipeline.store import query_features_path, rankings_path
 
 
@@ -23,13 +24,11 @@ def test_evaluate_library_path_and_pipeline_give_identical_rankings(indexed_proj
         if ev.distractors:
             continue
         ds = config.dataset(ev.dataset)
-        feats = stages.load_features(store, ds.name, stored_shards(store, "cam_features", ds.name))
-        train = stages.load_features(
-            store, ds.pca_from, stored_shards(store, "cam_features", ds.pca_from)
-        )
+        feats = load_features(store, ds.name, stored_shards(store, "cam_features", ds.name))
+        train = load_features(store, ds.pca_from, stored_shards(store, "cam_features", ds.pca_from))
         qt = store.read_table(query_features_path(ds.name))
         queries = table_to_featureset(qt.drop_columns(["bbox", "query_name"]))
-        gt = stages.load_groundtruth(ds, feats.ids)
+        gt = load_groundtruth(ds, feats.ids)
         for m in ev.methods:
             method = Method.parse(m.name)
             pca = fit_pca(method, train, params)
@@ -40,6 +39,6 @@ def test_evaluate_library_path_and_pipeline_give_identical_rankings(indexed_proj
             stored = np.array([[pos[i] for i in row] for row in table["ranked_ids"].to_pylist()])
             np.testing.assert_array_equal(library.indices[:, : stored.shape[1]], stored)
             lib_score = score(library.indices, gt, feats.ids, queries.ids)
-            assert stages.score_rankings(ds, gt, feats.ids, table)["map"] == lib_score.map
+            assert score_rankings(ds, gt, feats.ids, table)["map"] == lib_score.map
             checked += 1
     assert checked >= 4

@@ -11,8 +11,8 @@ from pathlib import Path
 import dagster as dg
 from PIL import Image
 
-from cw_pipeline import stages
 from cw_pipeline.cli import main
+from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.figures import FRAME_COLOURS, sheet_tile_box
 from cw_pipeline.report_figures import EMBED_BUDGET, FigureOptions, report_with_figures
@@ -42,9 +42,7 @@ def test_map_report_writes_and_embeds_figures(indexed_project, capsys):
     ds = project.config.dataset("alpha")
     folder = Path(project.config.reports) / "alpha"
     shards = {"alpha": current_shards(project.instance, "alpha")}
-    gt = stages.load_groundtruth(
-        ds, evaluation_image_ids(project.config, project.store, ev, shards)
-    )
+    gt = load_groundtruth(ds, evaluation_image_ids(project.config, project.store, ev, shards))
     meta = _latest_metadata(project, "alpha/map_report")
 
     # One results sheet per query, CAM samples, both charts, linked from report.md.

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page
 
+from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.config import load_config
-from cw_pipeline.stages import load_groundtruth
 from cw_pipeline_tests.e2e.conftest import BIN, REPO, free_port
 from cw_pipeline_tests.e2e.daemon import stop_group
 from cw_pipeline_tests.e2e.test_ui_browser import browser, new_page, screenshot, step

@@ -236,7 +236,7 @@ class FeatureExtractor:
         per unreadable file (``[(key, exception)]``, with ``on_error="yield"``).
 
         The next batch is computed only when the caller asks for it, so a caller can make each
-        batch durable (see ``cw_pipeline.checkpoints``) before any more work is done.
+        batch durable (see ``cw_pipeline.compute.checkpoints``) before any more work is done.
 
         Memory does not grow with the files: decoded images wait in half-full batches of their
         size only while they hold at most ``batch_pixels`` pixels in all (beyond that the

@@ -1,5 +1,5 @@
 """Asset factories: one module, one short factory per asset (wiring only; the computations
-are in :mod:`cw_pipeline.stages` over the store's named paths).
+are in :mod:`cw_pipeline.compute` over the store's named paths).
 
 Per dataset ``<ds>`` (group ``<ds>``), partitioned by shard: ``manifest``
 (:mod:`.manifest`), ``cam_features`` (:mod:`.features`); per dataset with ground truth,

@@ -4,7 +4,9 @@ import time
 
 import dagster as dg
 
-from cw_pipeline import stages
+from cw_pipeline.compute.data_versions import array_version
+from cw_pipeline.compute.descriptors import dataset_descriptors, descriptor_table
+from cw_pipeline.compute.features import load_features
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.pca import pca_key
@@ -37,12 +39,12 @@ def descriptors_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefi
         _, tags = versioned(context, deps)
         store = pipeline.store()
         shards = current_shards(context.instance, ds.name)
-        feats = stages.load_features(store, ds.name, shards, ds.images)
+        feats = load_features(store, ds.name, shards, ds.images)
         dims, versions = {}, {}
-        for agg, (ids, mat) in stages.dataset_descriptors(config, store, ds, feats).items():
-            store.write_table(descriptors_path(ds.name, agg), stages.descriptor_table(ids, mat))
+        for agg, (ids, mat) in dataset_descriptors(config, store, ds, feats).items():
+            store.write_table(descriptors_path(ds.name, agg), descriptor_table(ids, mat))
             dims[agg] = int(mat.shape[1])
-            versions[agg] = stages.array_version({agg: mat}, ids)
+            versions[agg] = array_version({agg: mat}, ids)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version_of(versions)),
             tags=tags,

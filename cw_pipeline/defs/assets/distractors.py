@@ -4,7 +4,9 @@ import time
 
 import dagster as dg
 
-from cw_pipeline import stages
+from cw_pipeline.compute.descriptors import descriptor_sets, descriptor_table, offline_aggregations
+from cw_pipeline.compute.features import load_features
+from cw_pipeline.compute.pca import pca_models_for
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.pca import pca_key
@@ -47,17 +49,17 @@ def distractor_descriptors_asset(
         store = pipeline.store()
         images = store.read_table(features_path(dname, shard), ["image_id"]).num_rows
         if images == 0:
-            for agg in stages.offline_aggregations():  # drop descriptors of removed images
+            for agg in offline_aggregations():  # drop descriptors of removed images
                 store.delete(distractor_descriptors_path(ev.name, dname, agg, shard))
         elif ds.self_split:  # refused by the configuration already
             raise ValueError(f"{ev.name}: distractors with a self-split dataset are not supported")
         else:
-            feats = stages.load_features(store, dname, [shard])
-            pcas = stages.pca_models_for(store, ds)
-            desc = stages.descriptor_sets(feats, pcas, config.search)
+            feats = load_features(store, dname, [shard])
+            pcas = pca_models_for(store, ds)
+            desc = descriptor_sets(feats, pcas, config.search)
             for agg, mat in desc.items():
                 rel = distractor_descriptors_path(ev.name, dname, agg, shard)
-                store.write_table(rel, stages.descriptor_table(feats.ids, mat))
+                store.write_table(rel, descriptor_table(feats.ids, mat))
         # A deterministic function of this shard's features and the PCA: its input version.
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),

@@ -6,7 +6,9 @@ import time
 import dagster as dg
 import pyarrow as pa
 
-from cw_pipeline.checkpoints import ShardCheckpoints
+from cw_pipeline.compute.checkpoints import ShardCheckpoints
+from cw_pipeline.compute.features import feature_code_version, progress_logger, update_features
+from cw_pipeline.compute.manifests import manifest_version
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.assets.manifest import manifest_key
 from cw_pipeline.defs.assets.support import cpu_seconds, read_optional
@@ -15,12 +17,6 @@ from cw_pipeline.defs.executors import cnn_op_tags
 from cw_pipeline.defs.partitions import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
 from cw_pipeline.defs.versions import version_of
-from cw_pipeline.indexing import (
-    feature_code_version,
-    manifest_version,
-    progress_logger,
-    update_features,
-)
 from cw_pipeline.store import FEATURES, features_path, manifest_path, rejected_path
 
 #: The pool of the forward-pass steps (``dagster.yaml``'s ``pools.default_limit`` bounds it).

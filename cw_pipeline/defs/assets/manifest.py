@@ -4,20 +4,14 @@ import time
 
 import dagster as dg
 
+from cw_pipeline.compute.manifests import build_manifest, manifest_version
+from cw_pipeline.compute.shards import fingerprint, scan, shard_files, shard_skipped
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.datasets import skipped_summary
 from cw_pipeline.defs.assets.support import cpu_seconds, read_optional
 from cw_pipeline.defs.checks import manifest_check_specs, manifest_checks
 from cw_pipeline.defs.partitions import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.indexing import (
-    build_manifest,
-    fingerprint,
-    manifest_version,
-    scan,
-    shard_files,
-    shard_skipped,
-)
 from cw_pipeline.store import manifest_path
 
 

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from cw_pipeline import stages
+from cw_pipeline.compute.data_versions import array_version
+from cw_pipeline.compute.features import load_features
+from cw_pipeline.compute.pca import fit_pca_models
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.support import cpu_seconds, versioned
@@ -40,8 +42,8 @@ def pca_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefinition:
         _, tags = versioned(context, deps)
         store = pipeline.store()
         shards = current_shards(context.instance, paired.name)
-        train = stages.load_features(store, paired.name, shards, paired.images)
-        models = stages.fit_pca_models(config, ds, train)
+        train = load_features(store, paired.name, shards, paired.images)
+        models = fit_pca_models(config, ds, train)
         for rel, model in models.items():
             store.write_pca(rel, model)
         first = next(iter(models.values()))
@@ -51,7 +53,7 @@ def pca_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefinition:
             for name in ("mean", "components", "eigenvalues")
         }
         return dg.MaterializeResult(
-            data_version=dg.DataVersion(stages.array_version(arrays)),
+            data_version=dg.DataVersion(array_version(arrays)),
             tags=tags,
             metadata={
                 "cpu_seconds": cpu_seconds(cpu0),

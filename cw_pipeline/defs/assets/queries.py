@@ -5,14 +5,14 @@ import time
 import dagster as dg
 import pyarrow as pa
 
-from cw_pipeline import stages
+from cw_pipeline.compute.features import feature_code_version
+from cw_pipeline.compute.queries import compute_query_features, query_input_version
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.assets.manifest import manifest_key
 from cw_pipeline.defs.assets.support import StoreFactory, cpu_seconds
 from cw_pipeline.defs.partitions import current_shards, ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
 from cw_pipeline.defs.versions import INPUT_VERSION_TAG, Dep, refresh_when_inputs_change
-from cw_pipeline.indexing import feature_code_version
 from cw_pipeline.store import manifest_path, query_features_path
 
 
@@ -22,13 +22,13 @@ def query_features_key(ds: DatasetConfig) -> dg.AssetKey:
 
 def query_features_asset(ds: DatasetConfig, store_factory: StoreFactory) -> dg.AssetsDefinition:
     """Unpartitioned; refreshed only when the ground truth, a query image or the extraction
-    settings change (:func:`stages.query_input_version`, read from the store that
+    settings change (:func:`query_input_version`, read from the store that
     ``store_factory`` gives), not when other images do."""
     code_version = feature_code_version(ds)
 
     def query_version(instance: dg.DagsterInstance) -> str | None:
         shards = current_shards(instance, ds.name)
-        return stages.query_input_version(store_factory(), ds, shards, code_version)
+        return query_input_version(store_factory(), ds, shards, code_version)
 
     @dg.asset(
         key=query_features_key(ds),
@@ -46,10 +46,10 @@ def query_features_asset(ds: DatasetConfig, store_factory: StoreFactory) -> dg.A
         cpu0 = time.process_time()
         store = pipeline.store()
         shards = current_shards(context.instance, ds.name)
-        version = stages.query_input_version(store, ds, shards, code_version) or "missing"
+        version = query_input_version(store, ds, shards, code_version) or "missing"
         manifest = pa.concat_tables([store.read_table(manifest_path(ds.name, s)) for s in shards])
         t0 = time.perf_counter()
-        table = stages.compute_query_features(ds, manifest, pipeline.extractor(ds))
+        table = compute_query_features(ds, manifest, pipeline.extractor(ds))
         store.write_table(query_features_path(ds.name), table)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),

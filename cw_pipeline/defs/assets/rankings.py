@@ -4,7 +4,8 @@ import time
 
 import dagster as dg
 
-from cw_pipeline import stages
+from cw_pipeline.compute.data_versions import table_version
+from cw_pipeline.compute.rankings import evaluation_input_problems, evaluation_rankings
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
 from cw_pipeline.defs.assets.support import cpu_seconds, evaluation_shards, versioned
 from cw_pipeline.defs.checks import inputs_inconsistent, rankings_check_specs, rankings_checks
@@ -49,16 +50,16 @@ def rankings_asset(
         _, tags = versioned(context, deps)
         store = pipeline.store()
         shards = evaluation_shards(config, context.instance, ev.name)
-        problems = stages.evaluation_input_problems(config, store, ev, shards)
+        problems = evaluation_input_problems(config, store, ev, shards)
         if problems:
             raise inputs_inconsistent(ev, problems)
         needs_maps = any(m.needs_maps for m in ev.methods)
         extractor = pipeline.extractor(ds) if needs_maps else None
-        tables, stats = stages.evaluation_rankings(config, store, ev, shards, extractor)
+        tables, stats = evaluation_rankings(config, store, ev, shards, extractor)
         for name, table in tables.items():
             store.write_table(rankings_path(ev.name, name), table)
         return dg.MaterializeResult(
-            data_version=dg.DataVersion(stages.table_version(tables)),
+            data_version=dg.DataVersion(table_version(tables)),
             tags=tags,
             metadata={
                 "cpu_seconds": cpu_seconds(cpu0),

@@ -27,6 +27,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cw_pipeline.compute.features import feature_code_version
+from cw_pipeline.compute.shards import (
+    FileStat,
+    fingerprint,
+    scan,
+    shard_files,
+    stored_code_version,
+    stored_fingerprint,
+)
 from cw_pipeline.config import DatasetConfig, ProjectConfig, default_config_path
 from cw_pipeline.core.datasets import skipped_summary
 from cw_pipeline.store import (
@@ -115,66 +124,69 @@ class DatasetStatus:
         return asdict(self)
 
 
+def _folder_files(ds: DatasetConfig, st: DatasetStatus) -> list[FileStat]:
+    """The image files in ``ds``'s folder (by ``stat``), noting what was skipped or missing."""
+    if not ds.images.is_dir():
+        st.notes.append(f"image folder not found: {ds.images}")
+        return []
+    found = scan(ds)
+    st.skipped = len(found.skipped)
+    if found.skipped:
+        st.notes.append(f"skipped: {skipped_summary(found.skipped)}")
+    return found.files
+
+
+def _shard_states(
+    store: FeatureStore,
+    ds: DatasetConfig,
+    files: list[FileStat],
+    stored: list[str],
+    st: DatasetStatus,
+) -> tuple[bool, bool, set[str]]:
+    """Compare the stored feature shards with the folder's: (stale, partial, indexed ids)."""
+    indexed_ids: set[str] = set()
+    if ds.shard_by == "batch":
+        rel = plan_path(ds.name)
+        plan = store.read_json(rel) if store.exists(rel) else None
+        if plan is None or plan.get("shard_size") != ds.shard_size:
+            # shard_files would write a new plan: leave that to indexing.
+            st.changed_shards = list(stored)
+            st.notes.append("the shard plan changed (shard_size): every shard is re-indexed")
+            return True, False, indexed_ids
+    shards = shard_files(ds, files, store)
+    st.shards_on_disk = len(shards)
+    code_version = feature_code_version(ds)
+    st.new_shards = [s for s in shards if s not in stored]
+    for s in (s for s in stored if s in shards):
+        ids = _ids(store, features_path(ds.name, s))
+        st.images_indexed += len(ids)
+        st.shards_indexed += 1
+        indexed_ids.update(ids)
+        rejected = rejected_path(ds.name, s)
+        if store.exists(rejected):
+            st.rejected += len(_ids(store, rejected))
+        if stored_fingerprint(store, ds, s) != fingerprint(shards[s]):
+            st.changed_shards.append(s)
+        elif stored_code_version(store, ds, s) != code_version:
+            st.changed_shards.append(s)
+            st.notes.append(f"shard {s}: features from other extraction settings")
+    if st.changed_shards:
+        st.notes.append(f"changed since indexing: {', '.join(st.changed_shards)}")
+    if st.new_shards:
+        st.notes.append(f"shards not indexed yet: {', '.join(st.new_shards)}")
+    return bool(st.changed_shards), bool(st.new_shards), indexed_ids
+
+
 def dataset_status(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig) -> DatasetStatus:
     """The state of one dataset's index (see the module docstring)."""
-    from cw_pipeline.indexing import (
-        feature_code_version,
-        fingerprint,
-        scan,
-        shard_files,
-        stored_code_version,
-        stored_fingerprint,
-    )
-
     st = DatasetStatus(name=ds.name, layout=ds.layout, folder=str(ds.images), state="indexed")
-    if ds.images.is_dir():
-        found = scan(ds)
-        files = found.files
-        st.skipped = len(found.skipped)
-        if found.skipped:
-            st.notes.append(f"skipped: {skipped_summary(found.skipped)}")
-    else:
-        files = []
-        st.notes.append(f"image folder not found: {ds.images}")
+    files = _folder_files(ds, st)
     st.images_on_disk = len(files)
     stored = stored_shards(store, FEATURES, ds.name)
     stale = partial = False
     indexed_ids: set[str] = set()
     if stored:
-        plan_ok = True
-        if ds.shard_by == "batch":
-            rel = plan_path(ds.name)
-            plan = store.read_json(rel) if store.exists(rel) else None
-            plan_ok = plan is not None and plan.get("shard_size") == ds.shard_size
-        if not plan_ok:
-            # shard_files would write a new plan: leave that to indexing.
-            stale = True
-            st.changed_shards = list(stored)
-            st.notes.append("the shard plan changed (shard_size): every shard is re-indexed")
-        else:
-            shards = shard_files(ds, files, store)
-            st.shards_on_disk = len(shards)
-            code_version = feature_code_version(ds)
-            st.new_shards = [s for s in shards if s not in stored]
-            for s in (s for s in stored if s in shards):
-                ids = _ids(store, features_path(ds.name, s))
-                st.images_indexed += len(ids)
-                st.shards_indexed += 1
-                indexed_ids.update(ids)
-                rejected = rejected_path(ds.name, s)
-                if store.exists(rejected):
-                    st.rejected += len(_ids(store, rejected))
-                if stored_fingerprint(store, ds, s) != fingerprint(shards[s]):
-                    st.changed_shards.append(s)
-                elif stored_code_version(store, ds, s) != code_version:
-                    st.changed_shards.append(s)
-                    st.notes.append(f"shard {s}: features from other extraction settings")
-            if st.changed_shards:
-                stale = True
-                st.notes.append(f"changed since indexing: {', '.join(st.changed_shards)}")
-            if st.new_shards:
-                partial = True
-                st.notes.append(f"shards not indexed yet: {', '.join(st.new_shards)}")
+        stale, partial, indexed_ids = _shard_states(store, ds, files, stored, st)
     if ds.has_groundtruth:
         st.pca = all(store.pca_exists(rel) for rel in pca_rels(ds))
         rel = descriptors_path(ds.name, "ofa")

@@ -1,0 +1,115 @@
+"""Manifest shards: per image, its id, relative path, bytes, mtime, sha1, width and height.
+
+``build_manifest`` reuses sha1 and size from the previous manifest when a file's size and
+mtime match, so a rescan hashes only new or changed files; files that cannot be read as
+images keep a row with their ``error`` (they get no features).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+
+from cw_pipeline.compute.shards import FileStat
+from cw_pipeline.config import DatasetConfig
+from cw_pipeline.core import images as imgs
+from cw_pipeline.core.datasets import (
+    image_path,
+    shown_name,
+)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("relpath", pa.string()),
+        ("bytes", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("sha1", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def sha1_file(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-1 of a regular file (anything else is refused before it is opened)."""
+    h = hashlib.sha1()
+    with imgs.open_regular_file(path) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest_row(
+    f: FileStat, sha1: str | None, error: str | None, size: tuple[int, int] = (-1, -1)
+) -> dict:
+    return {
+        "image_id": shown_name(f.image_id),
+        "relpath": shown_name(f.relpath),
+        "bytes": f.size,
+        "mtime_ns": f.mtime_ns,
+        "sha1": sha1,
+        "width": size[0],
+        "height": size[1],
+        "error": error,
+    }
+
+
+def build_manifest(
+    ds: DatasetConfig, files: Sequence[FileStat], previous: pa.Table | None = None
+) -> tuple[pa.Table, int]:
+    """Manifest rows of a shard; returns the table and how many files were hashed.
+
+    A file that cannot be indexed gets a row with its ``error`` (the features step puts it in
+    the rejected table) and the rest proceed: one refused by the scan (``FileStat.error``,
+    never opened), one that vanished or became unreadable since the scan, one whose header
+    does not parse. Only regular files are opened.
+    """
+    prev: dict[str, dict] = {}
+    if previous is not None and previous.num_rows:
+        for row in previous.to_pylist():
+            prev[row["relpath"]] = row
+    rows, hashed = [], 0
+    for f in files:
+        if f.error is not None:
+            rows.append(_manifest_row(f, None, f.error))
+            continue
+        old = prev.get(f.relpath)
+        if old and old["sha1"] and old["bytes"] == f.size and old["mtime_ns"] == f.mtime_ns:
+            rows.append({**old, "image_id": f.image_id})
+            continue
+        path = image_path(ds.images, f.relpath)
+        hashed += 1
+        try:
+            sha1 = sha1_file(path)
+        except FileNotFoundError as exc:
+            why = os.strerror(exc.errno or errno.ENOENT)
+            error = f"cannot load image '{path}': it vanished after the scan ({why})"
+            rows.append(_manifest_row(f, None, error))
+            continue
+        except (OSError, ValueError) as exc:  # ImageLoadError names the file
+            rows.append(_manifest_row(f, None, str(exc)))
+            continue
+        error, width, height = None, -1, -1
+        try:
+            width, height = imgs.image_size(path)
+        except Exception as exc:  # recorded; the features step quarantines it
+            error = str(exc)
+        rows.append(_manifest_row(f, sha1, error, (width, height)))
+    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), hashed
+
+
+def manifest_version(manifest: pa.Table) -> str:
+    """Data version of a manifest shard: hash of its (id, sha1) pairs."""
+    h = hashlib.sha1()
+    ids = manifest.column("image_id").to_pylist()
+    shas = manifest.column("sha1").to_pylist()
+    for i, s in sorted(zip(ids, shas, strict=True)):
+        h.update(f"{i}\0{s}\n".encode())
+    return h.hexdigest()[:16]

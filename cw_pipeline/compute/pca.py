@@ -1,0 +1,111 @@
+"""PCA models: which images use which model, fitting them, and reading them back.
+
+A dataset's PCA is learned on its paired dataset (``pca_from``), or, when it is self-split,
+one model per half of its objects, each fitted on the other half. One model per registered
+space (:data:`cw_pipeline.core.methods.PCA_SPACES`), stored at :func:`cw_pipeline.store.pca_path`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cw_pipeline.config import DatasetConfig, ProjectConfig
+from cw_pipeline.core.aggregation import PCAWhitening
+from cw_pipeline.core.experiment import (
+    FeatureSet,
+    Method,
+    fit_pca_space,
+)
+from cw_pipeline.core.methods import PCA_SPACES
+from cw_pipeline.core.runner import PcaGroup, group_labels, pca_groups
+from cw_pipeline.store import (
+    FeatureStore,
+    pca_path,
+)
+
+
+def pca_groups_of(ds: DatasetConfig, ids: Sequence[str]) -> list[PcaGroup]:
+    """The images ``ids`` of ``ds`` by the PCA model they use (:func:`core.runner.pca_groups`):
+    the two halves of its objects when it is self-split, else one group of all of them."""
+    if not ds.self_split:
+        return pca_groups(len(ids))
+    if not ds.grouped:
+        raise ValueError(f"dataset {ds.name!r} (layout {ds.layout}) has no object groups")
+    return pca_groups(len(ids), group_labels(ds.layout, ids))
+
+
+#: Fewest images a PCA training set may have: a PCA needs two vectors, and the raw space
+#: (raw+PCA) has one per image. (Fewer vectors than ``search.pca_dims`` only truncates the
+#: model, with a log line; see ``PCAWhitening.fit``.)
+MIN_PCA_TRAINING_IMAGES = 2
+
+
+def check_pca_training_size(ds: DatasetConfig, source: str, n_images: int) -> None:
+    """Refuse (ValueError naming the dataset, the training set, the count and the minimum) a
+    PCA training set too small to fit the models of :data:`core.methods.PCA_SPACES`."""
+    if n_images < MIN_PCA_TRAINING_IMAGES:
+        raise ValueError(
+            f"dataset {ds.name!r}: its PCA is learned on {source}, which has {n_images} "
+            f"image(s) with features; at least {MIN_PCA_TRAINING_IMAGES} are needed (a PCA "
+            "needs two vectors and raw+PCA has one per image): add images to it, or take "
+            "the PCA from a larger dataset (pca_from)"
+        )
+
+
+def fit_pca_models(
+    config: ProjectConfig, ds: DatasetConfig, train: FeatureSet
+) -> dict[str, PCAWhitening]:
+    """PCA models of ``ds`` fitted on ``train`` (its paired dataset's features), by store path.
+
+    One model per registered space (:data:`core.methods.PCA_SPACES`: ``class``, class
+    vectors, N_pca per image, for OfA/OnA; ``raw``, sum-pooled vectors, for raw+PCA). A
+    self-split dataset gets one model per half, each fitted on the *other* half.
+    """
+    params = config.search
+    e = ds.extraction
+    base = {
+        "dataset": ds.name,
+        "backbone": e.backbone,
+        "layer": e.layer or "default",
+        "resize": e.resize,
+        "n_pca": params.n_pca,
+        "pca_dims": params.pca_dims,
+    }
+    out: dict[str, PCAWhitening] = {}
+    for group in pca_groups_of(ds, train.ids):
+        if group.training is None:  # learned on the paired dataset
+            data, source, name = train, f"dataset {ds.pca_from!r}", ds.pca_from
+        else:
+            data = train.subset(group.training)
+            source = f"half {group.training_half} of its objects (self-split)"
+            name = f"{ds.name}-half{group.training_half}"
+        check_pca_training_size(ds, source, len(data))
+        meta = {**base, "training_set": name}
+        for space in PCA_SPACES:
+            out[pca_path(ds.name, space, group.half)] = fit_pca_space(space, data, params, meta)
+    return out
+
+
+def pca_models_for(
+    store: FeatureStore, ds: DatasetConfig, half: int | None = None
+) -> dict[str, PCAWhitening]:
+    """The PCA models of ``ds`` by space (``half``: 1 or 2 for a self-split dataset)."""
+    return {space: store.read_pca(pca_path(ds.name, space, half)) for space in PCA_SPACES}
+
+
+def pca_output_dims(store: FeatureStore, ds: DatasetConfig) -> dict[str, int]:
+    """Dimensions of each stored PCA model of ``ds`` (``class``, ``raw``; ``class-half1`` …
+    for a self-split dataset), from the models' metadata."""
+    halves: tuple[int | None, ...] = (1, 2) if ds.self_split else (None,)
+    out = {}
+    for space in PCA_SPACES:
+        for half in halves:
+            meta = store.read_pca_metadata(pca_path(ds.name, space, half))
+            out[space if half is None else f"{space}-half{half}"] = int(meta["output_dim"])
+    return out
+
+
+def method_pca(method: Method, pcas: dict[str, PCAWhitening] | None) -> PCAWhitening | None:
+    """The PCA model a method ranks with: its registered ``pca_space``'s, or none."""
+    space = method.spec.pca_space
+    return None if pcas is None or space is None else pcas[space]

@@ -1,0 +1,323 @@
+"""Rankings of an evaluation: every method's ranked database per query, and their scores.
+
+The database is the evaluated dataset's descriptors plus those of its distractor shards;
+``evaluation_input_problems`` says when those stored inputs do not describe one state of the
+data (the rankings would mix images of different times).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cw_pipeline.compute.descriptors import descriptor_sets, offline_aggregations, read_descriptors
+from cw_pipeline.compute.features import load_features, table_to_featureset
+from cw_pipeline.compute.pca import method_pca, pca_groups_of, pca_models_for
+from cw_pipeline.compute.queries import check_groundtruth_images, load_groundtruth
+from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
+from cw_pipeline.core import datasets as gtio
+from cw_pipeline.core.evaluation import score
+from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams
+from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.core.retrieval import ComputedMaps, SubsetMaps, search
+from cw_pipeline.core.search import Ranking
+from cw_pipeline.store import (
+    FeatureStore,
+    descriptors_path,
+    distractor_descriptors_path,
+    features_path,
+    manifest_path,
+    query_features_path,
+)
+
+#: Rankings keep the full list up to this many database images, then the top this many.
+MAX_RANKING_LENGTH = 10_000
+
+
+def ranking_table(query_ids: Sequence[str], db_ids: Sequence[str], r: Ranking) -> pa.Table:
+    """Rankings as rows: query id, ranked image ids (best first), scores."""
+    ids = np.asarray(db_ids, dtype=object)
+    return pa.table(
+        {
+            "query_id": pa.array(list(query_ids), pa.string()),
+            "ranked_ids": pa.array([ids[row].tolist() for row in r.indices], pa.list_(pa.string())),
+            "scores": pa.array(
+                [row.astype(np.float32) for row in r.scores], pa.list_(pa.float32())
+            ),
+        }
+    )
+
+
+def score_rankings(
+    ds: DatasetConfig, gt: gtio.GroundTruth, db_ids: Sequence[str], table: pa.Table
+) -> dict[str, Any]:
+    """mAP (and N-S, or revisited E/M/H) of stored rankings; per-query AP by query id
+    (not for UKBench, whose every image is a query). Scored by :func:`core.evaluation.score`."""
+    pos = {i: k for k, i in enumerate(db_ids)}
+    rankings = [
+        np.fromiter((pos[i] for i in row), dtype=np.int64, count=len(row))
+        for row in table.column("ranked_ids").to_pylist()
+    ]
+    # The ground truth was checked against the image folder upstream (check_groundtruth_images).
+    s = score(rankings, gt, db_ids, table.column("query_id").to_pylist(), strict=False)
+    if s.ns_score is not None:
+        return {"map": s.map, "ns_score": s.ns_score}
+    out: dict[str, Any] = {"map": s.map}
+    if s.revisited is not None:
+        out["revisited"] = s.revisited
+    out["aps"] = s.aps
+    return out
+
+
+def _read_all_descriptors(store: FeatureStore, rels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    ids, mats = [], []
+    for rel in rels:
+        if not store.exists(rel):  # a shard without readable images has no descriptors
+            continue
+        i, m = read_descriptors(store, rel)
+        ids.extend(i)
+        mats.append(m)
+    return ids, np.concatenate(mats) if mats else np.zeros((0, 0), np.float32)
+
+
+def manifest_paths(
+    store: FeatureStore, ds: DatasetConfig, shards: Sequence[str]
+) -> dict[str, Path]:
+    """image id → absolute path, from the stored manifests of the given shards.
+
+    Rows with an ``error`` (quarantined files, which have no features) are left out: their
+    names may be no valid relative path (a backslash, say)."""
+    out: dict[str, Path] = {}
+    for shard in shards:
+        rel = manifest_path(ds.name, shard)
+        for row in store.read_table(rel, ["image_id", "relpath", "error"]).to_pylist():
+            if not row["error"]:
+                out[row["image_id"]] = gtio.image_path(ds.images, row["relpath"])
+    return out
+
+
+#: One group of queries ranked against one set of database rows: the query ids, their
+#: FeatureSet, their stored descriptors by aggregation, the database rows, the PCA models.
+QueryGroup = tuple[list[str], FeatureSet, dict[str, np.ndarray], np.ndarray, dict[str, Any]]
+
+
+def _database(
+    store: FeatureStore, ds: DatasetConfig, ev: EvaluationConfig, shards: dict[str, list[str]]
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Image ids and stored descriptors (by aggregation) of the evaluated dataset, then of
+    each distractor set's shards."""
+    aggs = offline_aggregations()
+    db_ids: list[str] = []
+    db: dict[str, np.ndarray] = {}
+    for agg in aggs:
+        db_ids, db[agg] = read_descriptors(store, descriptors_path(ds.name, agg))
+    for dname in ev.distractors:
+        rels = {
+            agg: [distractor_descriptors_path(ev.name, dname, agg, s) for s in shards[dname]]
+            for agg in aggs
+        }
+        for agg in aggs:
+            ids, m = _read_all_descriptors(store, rels[agg])
+            if len(ids):
+                db[agg] = np.concatenate([db[agg], m])
+        db_ids = db_ids + ids
+    if len(set(db_ids)) != len(db_ids):
+        raise ValueError(f"evaluation {ev.name}: image ids are not unique across its datasets")
+    return db_ids, db
+
+
+def _database_maps(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+    db_ids: Sequence[str],
+    extractor: FeatureExtractor | None,
+) -> ComputedMaps:
+    """The database images' maps, recomputed by ``extractor`` (for OnA and re-ranking)."""
+    if extractor is None:
+        raise ValueError(f"evaluation {ev.name}: OnA/re-ranking need a feature extractor")
+    ds = config.dataset(ev.dataset)
+    paths = manifest_paths(store, ds, shards[ds.name])
+    for dname in ev.distractors:
+        paths.update(manifest_paths(store, config.dataset(dname), shards[dname]))
+    unknown = [i for i in db_ids if i not in paths]
+    if unknown:
+        raise ValueError(
+            f"evaluation {ev.name}: {len(unknown)} described image(s) are not in the current "
+            f"manifests (first: {unknown[0]!r}): the descriptors are out of date"
+        )
+    return ComputedMaps(extractor, [paths[i] for i in db_ids])
+
+
+def _query_groups(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ds: DatasetConfig,
+    shards: Sequence[str],
+    db_ids: Sequence[str],
+    db: dict[str, np.ndarray],
+) -> list[QueryGroup]:
+    """The queries of ``ds`` by the PCA they rank with: a grouped dataset's queries are its
+    own images (each self-split half against its half plus the distractors), the others'
+    come from the stored query features."""
+    if not ds.grouped:
+        qt = store.read_table(query_features_path(ds.name))
+        qfeats = table_to_featureset(qt.drop_columns(["bbox", "query_name"]))
+        pcas = pca_models_for(store, ds)
+        qd = descriptor_sets(qfeats, pcas, config.search)
+        return [(qfeats.ids, qfeats, qd, np.arange(len(db_ids)), pcas)]
+    groups: list[QueryGroup] = []
+    feats = load_features(store, ds.name, shards)
+    is_query = {q.image_id for q in load_groundtruth(ds, feats.ids).queries}
+    pos = {i: k for k, i in enumerate(db_ids)}
+    n_ds = len(feats)
+    for group in pca_groups_of(ds, feats.ids):
+        sub = feats.subset(group.rows)
+        rows = np.array([pos[i] for i in sub.ids])
+        rows = np.concatenate([rows, np.arange(n_ds, len(db_ids))])  # + distractors
+        keep = np.array([j for j, i in enumerate(sub.ids) if i in is_query], dtype=np.int64)
+        qfs = sub.subset(keep)
+        qd = {agg: m[rows[keep]] for agg, m in db.items()}
+        groups.append((qfs.ids, qfs, qd, rows, pca_models_for(store, ds, group.half)))
+    return groups
+
+
+def _rank_method(
+    method: Method,
+    groups: Sequence[QueryGroup],
+    db: dict[str, np.ndarray],
+    maps: ComputedMaps | None,
+    params: SearchParams,
+) -> tuple[list[str], Ranking]:
+    """One method's ranking of every query group, as one Ranking over all the queries."""
+    qids_all: list[str] = []
+    rows_all, scores_all = [], []
+    agg = method.stored_aggregation
+    for qids, qfs, qd, rows, pcas in groups:
+        r = search(
+            method,
+            qfs,
+            db[agg][rows],
+            method_pca(method, pcas),
+            None if maps is None else SubsetMaps(maps, rows),
+            params,
+            top_k=min(len(rows), MAX_RANKING_LENGTH),
+            query_descriptors=qd[agg],
+        )
+        qids_all.extend(qids)
+        rows_all.append(rows[r.indices])
+        scores_all.append(r.scores)
+    width = min(x.shape[1] for x in rows_all)
+    ranking = Ranking(
+        np.concatenate([x[:, :width] for x in rows_all]),
+        np.concatenate([x[:, :width] for x in scores_all]),
+    )
+    return qids_all, ranking
+
+
+def evaluation_rankings(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+    extractor: FeatureExtractor | None = None,
+) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """Rankings of every method of an evaluation, and run statistics.
+
+    ``shards`` lists the current shards of the evaluated dataset and each distractor set.
+    ``extractor`` is needed only by OnA and re-ranking methods (maps are recomputed).
+    """
+    ds = config.dataset(ev.dataset)
+    methods = list(ev.methods)
+    db_ids, db = _database(store, ds, ev, shards)
+    maps = None
+    if any(m.needs_maps for m in methods):
+        maps = _database_maps(config, store, ev, shards, db_ids, extractor)
+    groups = _query_groups(config, store, ds, shards[ds.name], db_ids, db)
+    tables: dict[str, pa.Table] = {}
+    stats: dict[str, Any] = {"database": len(db_ids), "queries": 0, "seconds": {}}
+    for method in methods:
+        t0 = time.perf_counter()
+        qids, ranking = _rank_method(method, groups, db, maps, config.search)
+        tables[method.name] = ranking_table(qids, db_ids, ranking)
+        stats["seconds"][method.name] = round(time.perf_counter() - t0, 3)
+        stats["queries"] = len(qids)
+    stats["map_forward_passes"] = 0 if maps is None else maps.forward_passes
+    return tables, stats
+
+
+def _stored_ids(store: FeatureStore, rel: str) -> list[str]:
+    return store.read_table(rel, ["image_id"]).column("image_id").to_pylist()
+
+
+def evaluation_input_problems(
+    config: ProjectConfig, store: FeatureStore, ev: EvaluationConfig, shards: dict[str, list[str]]
+) -> list[str]:
+    """Why the stored inputs of ``<ev>/rankings`` do not describe one state of the data.
+
+    The descriptors must hold exactly the images whose features are stored now (the current
+    manifest's readable images), each distractor shard's descriptors exactly that shard's
+    features, every query must be a database image with stored features, and the ground
+    truth must name only images of the database. An empty list: consistent.
+    """
+    ds = config.dataset(ev.dataset)
+    problems: list[str] = []
+    features: set[str] = set()
+    manifest: set[str] = set()
+    for s in shards[ds.name]:
+        rel = features_path(ds.name, s)
+        if not store.exists(rel):
+            problems.append(f"features of {ds.name} shard {s!r} are not materialized")
+            continue
+        features.update(_stored_ids(store, rel))
+        manifest.update(_stored_ids(store, manifest_path(ds.name, s)))
+    for agg in offline_aggregations():
+        rel = descriptors_path(ds.name, agg)
+        if not store.exists(rel):
+            problems.append(f"{ds.name} {agg} descriptors are not materialized")
+            continue
+        have = set(_stored_ids(store, rel))
+        if have != features:
+            problems.append(
+                f"{ds.name} {agg} descriptors hold {len(have)} images, the stored features "
+                f"{len(features)} ({len(features - have)} not described, {len(have - features)} "
+                "no longer indexed): the descriptors are out of date"
+            )
+    database = set(features)
+    for dname in ev.distractors:
+        for s in shards[dname]:
+            frel = features_path(dname, s)
+            if not store.exists(frel):
+                problems.append(f"features of {dname} shard {s!r} are not materialized")
+                continue
+            fids = set(_stored_ids(store, frel))
+            database |= fids
+            drel = distractor_descriptors_path(ev.name, dname, offline_aggregations()[0], s)
+            dids = set(_stored_ids(store, drel)) if store.exists(drel) else set()
+            if dids != fids:
+                problems.append(
+                    f"{ev.name}: {dname} shard {s!r} has {len(fids)} images with features but "
+                    f"{len(dids)} descriptors: its distractor descriptors are out of date"
+                )
+    if not ds.grouped:
+        rel = query_features_path(ds.name)
+        if not store.exists(rel):
+            problems.append(f"{ds.name} query features are not materialized")
+        else:
+            missing = sorted(set(_stored_ids(store, rel)) - manifest)
+            if missing:
+                problems.append(
+                    f"{ds.name}: query image(s) {', '.join(map(repr, missing[:5]))} are no "
+                    "longer in the manifest: the query features are out of date"
+                )
+        try:
+            check_groundtruth_images(ds, load_groundtruth(ds, sorted(manifest)), sorted(manifest))
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems
