@@ -20,6 +20,7 @@ import dagster as dg
 
 from cw_pipeline.compute.shards import plan_shards
 from cw_pipeline.config import ProjectConfig
+from cw_pipeline.core.datasets import DEFAULT_IMAGE_EXTENSIONS
 from cw_pipeline.defs.partitions import current_shards, partitions_def
 from cw_pipeline.defs.recovery import pool_wait_line, process_tags, recover_dead_runs
 from cw_pipeline.defs.run_tags import active_index_shards, index_run_tags
@@ -193,8 +194,6 @@ def index_dataset(
     for s in removed:
         instance.delete_dynamic_partition(parts.name, s)
     if not fps:
-        from cw_pipeline.core.datasets import DEFAULT_IMAGE_EXTENSIONS
-
         raise ValueError(
             f"dataset {name!r} ({config.source}) has no images under {ds.images} "
             f"(looked for {' '.join(DEFAULT_IMAGE_EXTENSIONS)} files, hidden ones skipped)"

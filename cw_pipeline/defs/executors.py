@@ -45,6 +45,7 @@ import dagster as dg
 import yaml
 
 from cw_pipeline.config import ConfigError, project_root
+from cw_pipeline.core.datasets import TextDecodeError, decode_text
 
 __all__ = [
     "CELERY_CONFIG_ENV",
@@ -100,7 +101,6 @@ def celery_config_path(environ: Mapping[str, str] | None = None) -> Path:
 def _celery_config(path: Path) -> dict[str, Any]:
     """The ``execution: config:`` block of a ``dagster-celery`` worker YAML file, validated."""
     shown = str(path)
-    from cw_pipeline.core.datasets import TextDecodeError, decode_text
 
     try:
         data = yaml.safe_load(decode_text(path.read_bytes(), shown))

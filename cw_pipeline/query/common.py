@@ -15,7 +15,7 @@ import numpy as np
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.aggregation import PCAWhitening
 from cw_pipeline.core.extract import ImageFeatures
-from cw_pipeline.core.images import load_image
+from cw_pipeline.core.images import ImageLoadError, load_image
 from cw_pipeline.core.search import FullOrder
 
 Box = tuple[float, float, float, float]
@@ -119,7 +119,6 @@ class SearchIndex:
 
 def load_query_image(path: Path):
     """The query as an upright RGB image; QueryError naming the file when it cannot be read."""
-    from cw_pipeline.core.images import ImageLoadError
 
     path = Path(path)
     if not path.exists():

@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from cw_pipeline.compute.catalog import index_command, pca_rels, stored_shards
+from cw_pipeline.compute.descriptors import read_descriptors
+from cw_pipeline.compute.features import feature_code_version
+from cw_pipeline.compute.pca import pca_groups_of, pca_models_for
+from cw_pipeline.compute.shards import stored_code_version
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.core.aggregation import PCAWhitening, raw_descriptors
 from cw_pipeline.core.experiment import Method
@@ -39,8 +43,6 @@ __all__ = ["load_evaluation_index", "load_index"]
 
 def _check_features(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig) -> list[str]:
     """Stored feature shards of ``ds``, checked against the current extraction settings."""
-    from cw_pipeline.compute.features import feature_code_version
-    from cw_pipeline.compute.shards import stored_code_version
 
     shards = stored_shards(store, FEATURES, ds.name)
     if not shards:
@@ -87,8 +89,6 @@ def load_index(
         NotIndexedError: the descriptors or PCA it needs are not materialized (says what to run).
         ValueError: a folder dataset without PCA asked for a method that needs one.
     """
-    from cw_pipeline.compute.descriptors import read_descriptors
-    from cw_pipeline.compute.pca import pca_groups_of, pca_models_for
 
     ds = config.dataset(name)
     _check_features(config, store, ds)
@@ -124,7 +124,6 @@ def _distractor_descriptors(
 ) -> tuple[list[str], np.ndarray] | None:
     """The descriptors of distractor set ``dataset`` under evaluation ``ev_name`` (None: none
     materialized yet)."""
-    from cw_pipeline.compute.descriptors import read_descriptors
 
     if not store.list(distractor_descriptors_folder(ev_name, dataset, agg)):
         return None
@@ -141,7 +140,6 @@ def _distractor_descriptors(
 def _folder_index(
     config: ProjectConfig, store: FeatureStore, ds: DatasetConfig, method: Method
 ) -> SearchIndex:
-    from cw_pipeline.compute.pca import pca_models_for
 
     agg = method.stored_aggregation
     shards = stored_shards(store, FEATURES, ds.name)

@@ -13,10 +13,13 @@ import numpy as np
 from PIL import Image
 from threadpoolctl import ThreadpoolController
 
+from cw_pipeline.compute.features import dataset_extractor
+from cw_pipeline.compute.pca import method_pca
 from cw_pipeline.config import ProjectConfig
 from cw_pipeline.core.experiment import FeatureSet, Method, offline_descriptors
 from cw_pipeline.core.extract import FeatureExtractor
-from cw_pipeline.core.retrieval import MapCache
+from cw_pipeline.core.retrieval import ComputedMaps, MapCache
+from cw_pipeline.core.retrieval import search as search_method
 from cw_pipeline.core.search import FullOrder, stable_top
 from cw_pipeline.query.common import (
     Hit,
@@ -62,8 +65,6 @@ def search(
     store = store or FeatureStore(config.warehouse)
     index = load_index(config, store, ds.name, method)
     if extractor is None:
-        from cw_pipeline.compute.features import dataset_extractor
-
         extractor = dataset_extractor(ds)
     result = search_image(
         config,
@@ -158,9 +159,6 @@ def _search_groups(
     """:func:`cw_pipeline.core.retrieval.search` over each row group of ``index``: per group
     its top rows and scores (database rows), its full order (``full_ranking`` only), and the
     forward passes its database maps took."""
-    from cw_pipeline.compute.pca import method_pca
-    from cw_pipeline.core.retrieval import ComputedMaps
-    from cw_pipeline.core.retrieval import search as search_method
 
     params = config.search
     agg = method.stored_aggregation

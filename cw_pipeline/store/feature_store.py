@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from cw_pipeline.core.aggregation import PCAWhitening
+from cw_pipeline.core.jsonsafe import dumps
 from cw_pipeline.store.layout import (
     MAX_SHARD_COMPONENT,
     decode_component,
@@ -158,7 +159,6 @@ class FeatureStore:
     def write_json(self, relpath: str, obj: Any, *, indent: int | None = 2) -> str:
         """Write ``obj`` as strict UTF-8 JSON (sorted keys, stable bytes; NaN and infinities
         become ``null``) atomically."""
-        from cw_pipeline.core.jsonsafe import dumps
 
         text = dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False)
         return self.write_bytes(relpath, (text + "\n").encode("utf-8"))

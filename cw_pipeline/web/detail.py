@@ -10,8 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from cw_pipeline.compute.pca import method_pca
+from cw_pipeline.core.aggregation import aggregate
+from cw_pipeline.core.cams import boxes_to_pixels, class_activation_maps
 from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.images import ImageLoadError, load_image
+from cw_pipeline.core.search import region_scores
+from cw_pipeline.figures import cam_overlay, png_bytes
 from cw_pipeline.web.common import (
     WebError,
     _imagenet_categories,
@@ -26,12 +31,6 @@ class DetailMixin:
         """One result seen by a query: the mean CAM of the query's top classes over it and
         the region CAM-box re-ranking scores best (the whole image counts as one)."""
         import torch
-
-        from cw_pipeline.compute.pca import method_pca
-        from cw_pipeline.core.aggregation import aggregate
-        from cw_pipeline.core.cams import boxes_to_pixels, class_activation_maps
-        from cw_pipeline.core.search import region_scores
-        from cw_pipeline.figures import cam_overlay, png_bytes
 
         with self._lock:
             q = self._queries.get(token)

@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from cw_pipeline.compute.catalog import stored_shards
+from cw_pipeline.compute.features import dataset_extractor, feature_code_version
+from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.config import (
     ConfigError,
     DatasetConfig,
     ProjectConfig,
     UnknownNameError,
+    default_config_path,
     load_config,
 )
 from cw_pipeline.core import datasets as gtio
@@ -118,7 +121,6 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
     # ------------------------------------------------------------------ configuration
     def config(self) -> ProjectConfig:
         """The configuration, re-read when its file changed (caches dropped then)."""
-        from cw_pipeline.config import default_config_path
 
         path = Path(self.config_path) if self.config_path is not None else default_config_path()
         try:
@@ -243,7 +245,6 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
     def _settings_key(self, ds: DatasetConfig) -> str:
         """``ds``'s extraction settings and device (a hash, kept until the configuration
         changes)."""
-        from cw_pipeline.compute.features import feature_code_version
 
         with self._lock:
             key = self._settings_keys.get(ds.name)
@@ -255,7 +256,6 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
 
     def extractor(self, ds: DatasetConfig) -> FeatureExtractor:
         """The CNN for ``ds``'s extraction settings (one per settings, kept)."""
-        from cw_pipeline.compute.features import dataset_extractor
 
         key = self._settings_key(ds)
         with self._lock:
@@ -309,7 +309,6 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
     # ------------------------------------------------------------------ ground truth
     def groundtruth(self, ds: DatasetConfig) -> gtio.GroundTruth | None:
         """The ground truth of ``ds`` over its indexed images (None without one)."""
-        from cw_pipeline.compute.queries import load_groundtruth
 
         if not ds.has_groundtruth:
             return None

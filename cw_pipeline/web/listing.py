@@ -10,6 +10,7 @@ from typing import Any
 from PIL import Image
 
 from cw_pipeline.compute.catalog import dataset_status
+from cw_pipeline.compute.queries import query_box
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.images import ImageLoadError, load_image
 from cw_pipeline.store import (
@@ -129,7 +130,6 @@ class ListingMixin:
     ) -> dict[str, Any]:
         """The target's images: ground-truth queries first (with their boxes), then the
         others by id; ``text`` filters by id or query name."""
-        from cw_pipeline.compute.queries import query_box
 
         if offset < 0 or not 1 <= limit <= 1000:
             raise WebError(400, "offset must be >= 0 and limit between 1 and 1000")

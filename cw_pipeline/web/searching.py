@@ -17,6 +17,7 @@ from PIL import Image
 
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core import datasets as gtio
+from cw_pipeline.core.evaluation import average_precision_at
 from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
 from cw_pipeline.core.images import ImageLoadError, load_image
@@ -221,7 +222,6 @@ class SearchMixin:
         """Ground-truth label of each database row, the query's AP over the whole ranking
         (Oxford AP, junk ignored; from where its positives and junk stand, without sorting
         the database) and its number of positives."""
-        from cw_pipeline.core.evaluation import average_precision_at
 
         index, rows = loaded.index, loaded.rows
         owner = index.dataset.name
