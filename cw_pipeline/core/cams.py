@@ -78,6 +78,18 @@ def class_activation_maps(
     return normalize_cams(cams)
 
 
+def mean_cam(
+    features: torch.Tensor, cam_maps: torch.Tensor, weight: torch.Tensor, class_ids: Sequence[int]
+) -> np.ndarray:
+    """The heatmap CAM-box re-ranking draws its boxes from: the normalised CAMs of
+    ``class_ids`` on one image (``cam_maps``: 1 × K × h × w), on the grid of its conv features
+    X (1 × C × H × W), averaged over the classes (H × W)."""
+    ids = torch.as_tensor(np.asarray(class_ids, dtype=np.int64))
+    with torch.inference_mode():
+        heat = class_activation_maps(cam_maps, weight, ids, size=tuple(features.shape[-2:]))
+    return heat[0].mean(0).cpu().numpy()
+
+
 def largest_component_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """Box (x1, y1, x2, y2), end-exclusive in cells, of the largest 8-connected component."""
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))

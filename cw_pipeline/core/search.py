@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, model_validator
 
 from cw_pipeline.core.aggregation import PCAWhitening, l2_normalize
-from cw_pipeline.core.cams import BOX_THRESHOLDS, class_activation_maps, heatmap_boxes
+from cw_pipeline.core.cams import BOX_THRESHOLDS, heatmap_boxes, mean_cam
 from cw_pipeline.core.extract import FeatureMaps, crop_cells, encode_maps
 from cw_pipeline.core.validation import Settings, bounded_int
 
@@ -332,10 +332,8 @@ def region_boxes(
 ) -> list[tuple[int, int, int, int]]:
     """Cell boxes of one image from the mean CAM of the query's first ``box_classes`` classes."""
     x, a = maps.tensors()
-    ids = torch.as_tensor(np.array(class_ids[: config.box_classes], dtype=np.int64))
-    with torch.inference_mode():
-        heat = class_activation_maps(a, weight, ids, size=tuple(x.shape[-2:]))[0].mean(0)
-    boxes = heatmap_boxes(heat.numpy(), config.thresholds, min_cells=config.min_cells)
+    heat = mean_cam(x, a, weight, class_ids[: config.box_classes])
+    boxes = heatmap_boxes(heat, config.thresholds, min_cells=config.min_cells)
     uniq: list[tuple[int, int, int, int]] = []
     for b in boxes:
         if np.isnan(b).any():

@@ -8,10 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from cw_pipeline.core.cams import boxes_to_pixels, class_activation_maps, heatmap_boxes
+from cw_pipeline.core.cams import boxes_to_pixels, heatmap_boxes, mean_cam
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.images import load_image
 from cw_pipeline.core.search import RerankConfig
@@ -27,21 +26,11 @@ def query_cam_figure(
     """The mean CAM of ``class_ids[:box_classes]`` on the image at ``path`` (one forward pass),
     with the boxes re-ranking would score: one per threshold, labelled with it."""
     image = load_image(path, max_pixels=extractor.config.max_pixels)
-    resized, orig = extractor.prepare(image)
-    keep = extractor.keep_maps
-    extractor.keep_maps = True
-    try:
-        rec = extractor.encode_batch([resized], [orig])[0]
-    finally:
-        extractor.keep_maps = keep
+    rec = extractor.extract_with_maps(image)
     assert rec.maps is not None
     x, a = rec.maps.tensors()
-    ids = torch.as_tensor(np.asarray(class_ids[: rerank.box_classes], dtype=np.int64))
-    with torch.inference_mode():
-        heat = class_activation_maps(
-            a, extractor.backbone.classifier_weight, ids, size=tuple(x.shape[-2:])
-        )
-    heat_np = heat[0].mean(0).cpu().numpy()
+    weight = extractor.backbone.classifier_weight
+    heat_np = mean_cam(x, a, weight, class_ids[: rerank.box_classes])
     cells = heatmap_boxes(heat_np, rerank.thresholds, min_cells=rerank.min_cells)
     # Drawn at least CAM_MIN_SIDE pixels wide so that small images stay legible.
     scale = max(1.0, CAM_MIN_SIDE / image.width)

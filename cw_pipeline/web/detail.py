@@ -12,7 +12,7 @@ import numpy as np
 
 from cw_pipeline.compute.pca import method_pca
 from cw_pipeline.core.aggregation import aggregate
-from cw_pipeline.core.cams import boxes_to_pixels, class_activation_maps
+from cw_pipeline.core.cams import boxes_to_pixels, mean_cam
 from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.images import ImageLoadError, load_image
 from cw_pipeline.core.search import region_scores
@@ -30,8 +30,6 @@ class DetailMixin:
     def detail(self, token: str, dataset: str, image_id: str) -> dict[str, Any]:
         """One result seen by a query: the mean CAM of the query's top classes over it and
         the region CAM-box re-ranking scores best (the whole image counts as one)."""
-        import torch
-
         with self._lock:
             q = self._queries.get(token)
             if q is None:
@@ -51,25 +49,16 @@ class DetailMixin:
             t0 = time.perf_counter()
             try:
                 image = load_image(path, max_pixels=extractor.config.max_pixels)
-                resized, orig = extractor.prepare(image)
+                rec = extractor.extract_with_maps(image)
             except (ImageLoadError, FileNotFoundError, ValueError) as exc:
                 raise WebError(422, f"image {image_id!r} of {dataset!r}: {exc}") from exc
-            keep = extractor.keep_maps
-            extractor.keep_maps = True
-            try:
-                rec = extractor.encode_batch([resized], [orig])[0]
-            finally:
-                extractor.keep_maps = keep
             assert rec.maps is not None
             weight, bias = extractor.backbone.classifier_weight, extractor.backbone.classifier_bias
             cv = q.record.class_vectors[None]
             q_r = aggregate(cv, pca, min(cfg.query_classes, cv.shape[1]))[0]
             regions = region_scores(q_r, q.record.class_ids, rec.maps, weight, bias, pca, cfg)
             x, a = rec.maps.tensors()
-            ids = torch.as_tensor(np.asarray(q.record.class_ids[: cfg.box_classes], np.int64))
-            with torch.inference_mode():
-                heat = class_activation_maps(a, weight, ids, size=tuple(x.shape[-2:]))
-            heat_np = heat[0].mean(0).cpu().numpy()
+            heat_np = mean_cam(x, a, weight, q.record.class_ids[: cfg.box_classes])
             seconds = time.perf_counter() - t0
         scale = max(1.0, 640 / image.width)
         shown = image.resize((round(image.width * scale), round(image.height * scale)))

@@ -14,6 +14,7 @@ from cw_pipeline.core.cams import (
     compute_cams,
     heatmap_boxes,
     largest_component_box,
+    mean_cam,
     normalize_cams,
     pixels_to_cells,
     top_classes,
@@ -277,3 +278,15 @@ def test_pixels_to_cells_by_hand(box, cells):
 def test_pixels_to_cells_non_square_cells():
     # Grid h=3, w=2 on a 100×90 image: cells are 50 px wide, 30 px high.
     assert pixels_to_cells((49, 31, 51, 59), grid=(3, 2), image_size=(100, 90)) == (0, 1, 2, 2)
+
+
+def test_mean_cam_is_the_mean_of_the_normalised_cams_on_the_feature_grid():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 6, 4, 6, generator=gen)
+    a = torch.randn(1, 5, 2, 3, generator=gen)
+    weight = torch.randn(7, 5, generator=gen)
+    heat = mean_cam(x, a, weight, [4, 1])
+    cams = compute_cams(a, weight, torch.tensor([4, 1]))
+    cams = normalize_cams(F.interpolate(cams, size=(4, 6), mode="bilinear", align_corners=False))
+    assert heat.shape == (4, 6)
+    np.testing.assert_allclose(heat, cams[0].mean(0).numpy(), rtol=1e-6)

@@ -530,3 +530,14 @@ def test_encode_region_with_given_classes(lite0):
     )
     np.testing.assert_allclose(rec.class_vectors, cv[0].numpy(), atol=1e-6)
     np.testing.assert_allclose(rec.class_probs, p[0].numpy(), atol=1e-7)
+
+
+def test_extract_with_maps_keeps_them_once_and_restores_the_setting(lite0):
+    extractor = FeatureExtractor(ExtractionConfig(stored_classes=4), backbone=lite0)
+    img = _image(96, 64, 10)
+    rec = extractor.extract_with_maps(img)
+    assert rec.maps is not None and rec.maps.features.shape == (1280, 2, 3)
+    assert extractor.keep_maps is False
+    plain = extractor.extract_images([img])[0]
+    assert plain.maps is None
+    np.testing.assert_array_equal(rec.class_vectors, plain.class_vectors)

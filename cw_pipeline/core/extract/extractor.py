@@ -296,6 +296,17 @@ class FeatureExtractor:
         for (key, _, _), rec in zip(bucket, recs, strict=True):
             yield key, rec
 
+    def extract_with_maps(self, image: Image.Image) -> ImageFeatures:
+        """Encode one (upright RGB) image keeping its feature maps (``.maps``), whatever
+        :attr:`keep_maps` says: for the CAM views of the reports and the search page."""
+        resized, orig = self.prepare(image)
+        keep = self.keep_maps
+        self.keep_maps = True
+        try:
+            return self.encode_batch([resized], [orig])[0]
+        finally:
+            self.keep_maps = keep
+
     # ------------------------------------------------------------------ queries and regions
     def extract_query(
         self,
