@@ -19,8 +19,9 @@ from cw_pipeline.config import load_config, project_root
 from cw_pipeline.core.backbones import DeviceUnavailableError, check_device
 from cw_pipeline.core.demo import generate_demo
 from cw_pipeline.indexing import progress_listener
-from cw_pipeline.instance import INSTANCE_YAML
+from cw_pipeline.instance import INSTANCE_YAML, open_instance
 from cw_pipeline.progress import ImageBar, bars_enabled
+from cw_pipeline.store import FeatureStore
 
 
 def add_parser(sub: Any) -> None:
@@ -103,10 +104,8 @@ def generate_demos(config, regenerate: bool = False) -> list[str]:
 def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
     """Index ``--dataset`` (new or changed shards), then refresh what depends on it."""
     from cw_pipeline.defs.assets import CNN_POOL
-    from cw_pipeline.instance import open_instance
     from cw_pipeline.pending import daemon_running, pending_refreshes
     from cw_pipeline.runs import console_log_level, index_dataset, refresh
-    from cw_pipeline.store import FeatureStore
 
     home = dagster_home()
     config, defs = load_pipeline(args.config)

@@ -28,6 +28,7 @@ from cw_pipeline.config.models import (
     ProjectConfig,
 )
 from cw_pipeline.config.yaml_file import ConfigFile
+from cw_pipeline.core.demo import DEMO_DATASETS
 from cw_pipeline.core.experiment import SearchParams
 from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
 from cw_pipeline.core.methods import Method
@@ -208,8 +209,6 @@ def _missing_files(ds: DatasetConfig) -> tuple[str | None, str]:
 
 
 def _check_demo(f: ConfigFile, ds: DatasetConfig, entry: str) -> None:
-    from cw_pipeline.core.demo import DEMO_DATASETS
-
     part = ds.images.parent.name
     if ds.images.name != "jpg" or part not in DEMO_DATASETS:
         raise f.error(
