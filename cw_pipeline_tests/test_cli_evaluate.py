@@ -123,13 +123,13 @@ def no_forward_pass(monkeypatch):
     """Fail the test if ``evaluate`` builds a network or extracts a feature."""
     import torch
 
-    from cw_pipeline import cli
+    from cw_pipeline.cli import evaluate
 
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the inputs were checked")
 
-    monkeypatch.setattr(cli, "FeatureExtractor", refuse)
-    monkeypatch.setattr(cli, "extract_features", refuse)
+    monkeypatch.setattr(evaluate, "FeatureExtractor", refuse)
+    monkeypatch.setattr(evaluate, "extract_features", refuse)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
 
@@ -230,7 +230,8 @@ def test_index_with_an_unavailable_device_is_one_line_and_status_2(
 
 def test_qe_and_rerank_apply_to_every_method() -> None:
     """``evaluate --method ofa --qe 2`` runs ofa+qe2 (it silently ran plain ofa)."""
-    from cw_pipeline.cli import _methods, build_parser
+    from cw_pipeline.cli import build_parser
+    from cw_pipeline.cli.evaluate import _methods
 
     def parsed(*extra: str) -> list[str]:
         args = build_parser().parse_args(

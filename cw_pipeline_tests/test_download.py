@@ -26,6 +26,7 @@ from PIL import Image
 from cw_pipeline import download as dl
 from cw_pipeline.cli import main
 from cw_pipeline.config import dataset_location, load_config
+from cw_pipeline.download import transfer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +105,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
-    monkeypatch.setattr(dl, "DEFAULT_RETRY_WAIT", 0.0)
+    monkeypatch.setattr(transfer, "DEFAULT_RETRY_WAIT", 0.0)
     state = FileServer()
     handler = type("Handler", (_Handler,), {"state": state})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -364,7 +365,7 @@ def test_truncated_download_is_detected_and_resumed_next_run(
     serve_oxford(server)  # the ground truth
     server.files[path] = archive
     server.cut[path] = 100_000
-    monkeypatch.setattr(dl, "DEFAULT_RETRIES", 0)  # no resumption within the run
+    monkeypatch.setattr(transfer, "DEFAULT_RETRIES", 0)  # no resumption within the run
     config = write_config(tmp_path / "data")
     args = ("oxford5k", "--config", str(config), "--mirror", server.url, "--quiet")
 
@@ -467,7 +468,7 @@ def test_size_mismatch_and_bad_content_are_refused(tmp_path: Path, server: FileS
     # a ground-truth pickle that is not one: refused by the restricted loader
     path = server.serve(f"{CNN}/oxford5k/gnd_oxford5k.pkl", b"not a pickle")
     with pytest.raises(dl.IntegrityError, match="not a valid file"):
-        dl.fetch(server.direct(path), tmp_path / "g.pkl", check=dl._check_gnd)
+        dl.fetch(server.direct(path), tmp_path / "g.pkl", check=transfer.check_gnd)
     assert not (tmp_path / "g.pkl").exists()
 
 

@@ -26,6 +26,8 @@ import pyarrow as pa
 import pytest
 
 from cw_pipeline import cli
+from cw_pipeline.cli import demo
+from cw_pipeline.cli.common import DEFAULT_UI_HOST, is_loopback
 from cw_pipeline.compute.features import update_features
 from cw_pipeline.compute.manifests import MANIFEST_SCHEMA
 from cw_pipeline.compute.queries import load_groundtruth
@@ -304,17 +306,15 @@ def test_config_paths_may_point_anywhere_local_explicitly(tmp_path):
 def test_demo_ui_binds_to_loopback_unless_told_otherwise():
     parser = cli.build_parser()
     args = parser.parse_args(["demo"])
-    assert (args.host, args.port) == ("127.0.0.1", 3000) == (cli.DEFAULT_UI_HOST, 3000)
-    assert cli.ui_command(args.host, args.port) == ["dg", "dev", "-h", "127.0.0.1", "-p", "3000"]
+    assert (args.host, args.port) == ("127.0.0.1", 3000) == (DEFAULT_UI_HOST, 3000)
+    assert demo.ui_command(args.host, args.port) == ["dg", "dev", "-h", "127.0.0.1", "-p", "3000"]
     told = parser.parse_args(["demo", "--host", "0.0.0.0", "--port", "8080"])
-    assert cli.ui_command(told.host, told.port)[-4:] == ["-h", "0.0.0.0", "-p", "8080"]
+    assert demo.ui_command(told.host, told.port)[-4:] == ["-h", "0.0.0.0", "-p", "8080"]
     # the address printed for a UI bound to every interface is the loopback one
-    assert cli.ui_base("0.0.0.0", 8080) == "http://127.0.0.1:8080"
-    assert cli.ui_base("::1", 3000) == "http://[::1]:3000"
-    assert [cli.is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.1.1")] == [
-        True
-    ] * 4
-    assert not any(cli.is_loopback(h) for h in ("0.0.0.0", "::", "10.1.2.3", "example.org"))
+    assert demo.ui_base("0.0.0.0", 8080) == "http://127.0.0.1:8080"
+    assert demo.ui_base("::1", 3000) == "http://[::1]:3000"
+    assert [is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.1.1")] == [True] * 4
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.1.2.3", "example.org"))
 
 
 def _make_dry_run(*args: str) -> str:

@@ -427,7 +427,7 @@ def _jpeg() -> bytes:
 
 def test_serve_warns_on_a_non_loopback_address(monkeypatch, capsys) -> None:
     calls = []
-    monkeypatch.setattr("cw_pipeline.web.serve", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr("cw_pipeline.cli.query.serve", lambda *a, **k: calls.append((a, k)))
     assert main(["serve", "--host", "0.0.0.0", "--port", "3999"]) == 0
     out, err = capsys.readouterr()
     assert "http://0.0.0.0:3999" in out and "no authentication" in err

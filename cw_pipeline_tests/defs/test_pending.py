@@ -9,7 +9,7 @@ import threading
 import dagster as dg
 from dagster._daemon.types import DaemonHeartbeat
 
-from cw_pipeline.cli import format_refresh
+from cw_pipeline.cli.index import format_refresh
 from cw_pipeline.pending import _running_run, daemon_running, pending_refreshes
 from cw_pipeline.runs import refresh
 from cw_pipeline_tests.defs.project import DATASETS, DISTRACTOR_EVAL, NIGHTLY, synthetic_jpeg

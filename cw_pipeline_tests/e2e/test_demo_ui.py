@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cw_pipeline import cli
+from cw_pipeline.cli import demo
 from cw_pipeline.config import load_config
 from cw_pipeline.defs import build_definitions
 from cw_pipeline_tests.e2e.conftest import BIN, REPO, free_port, graphql
@@ -173,7 +173,7 @@ def test_demo_serves_the_ui_with_dg_dev_and_says_where_to_look(
         base = f"http://127.0.0.1:{port}"
         nodes = graphql(port, "{ assetNodes { groupName } }")["assetNodes"]
         groups = sorted({n["groupName"] for n in nodes})
-        assert pages == dict(cli.ui_pages(base, groups, "demo-a")), pages
+        assert pages == dict(demo.ui_pages(base, groups, "demo-a")), pages
         for url in pages.values():
             with urllib.request.urlopen(url, timeout=60) as resp:
                 assert resp.status == 200, url

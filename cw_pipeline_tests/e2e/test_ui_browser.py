@@ -31,7 +31,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
-from cw_pipeline import cli
+from cw_pipeline.cli import demo
 from cw_pipeline_tests.e2e.conftest import REPO, graphql
 
 CHROMIUM = Path(os.environ.get("CW_CHROMIUM", "/usr/bin/chromium"))
@@ -274,7 +274,7 @@ def test_lineage_graph_shows_every_asset_key_materialized(
         assert page.locator('[class*="AssetNode_assetNodeContainer"]').count() == 0
     screenshot(page, "ui-lineage-collapsed", record_property)
     # The address `make demo` prints expands every group.
-    url = cli.lineage_url(webserver, groups)
+    url = demo.lineage_url(webserver, groups)
     open_graph(page, url, 1600, what, "ui-lineage", record_property)
     shown = graph_nodes(page, len(asset_nodes), what, "ui-lineage", record_property)
     path = screenshot(page, "ui-lineage", record_property)

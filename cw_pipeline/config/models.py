@@ -1,0 +1,248 @@
+"""The validated configuration: :class:`ProjectConfig` (warehouse, reports, datasets,
+evaluations, what was disabled and why), :class:`DatasetConfig`, :class:`EvaluationConfig` and
+:class:`DatasetDefaults` (pydantic models), and the vocabulary they accept (layouts, shard
+modes, query protocols, generators, the default methods). Loading the YAML into them is
+:mod:`cw_pipeline.config.load`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import field_validator, model_validator
+
+from cw_pipeline.config.yaml_file import UnknownNameError
+from cw_pipeline.core.experiment import SearchParams
+from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
+from cw_pipeline.core.methods import Method
+from cw_pipeline.core.validation import Settings, bounded_int
+
+#: Methods as the YAML writes them (``MethodSpec`` is :class:`core.methods.Method`).
+MethodSpec = Method
+
+#: Environment variable naming the config file (overrides ``<project>/data/datasets.yaml``).
+CONFIG_ENV = "CW_PIPELINE_CONFIG"
+
+Layout = Literal["oxford", "paris", "gnd", "revisited", "ukbench", "holidays", "folder"]
+ShardBy = Literal["folder", "batch"]
+QueryProtocol = Literal["paper", "crop"]
+
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+SHARD_BY: tuple[str, ...] = get_args(ShardBy)
+QUERY_PROTOCOLS: tuple[str, ...] = get_args(QueryProtocol)
+GENERATORS: tuple[str, ...] = ("demo",)
+
+#: ``pca_from`` value: split the dataset's objects in halves, each uses the other's PCA.
+SELF_SPLIT = "self-split"
+#: Layouts whose ground truth is a folder of Oxford-style text files.
+GT_FOLDER_LAYOUTS = frozenset({"oxford", "paris"})
+#: Layouts whose ground truth is a ``gnd_*.pkl`` file.
+GT_FILE_LAYOUTS = frozenset({"gnd", "revisited"})
+#: Layouts whose ground truth follows from the file names (no ``groundtruth`` entry).
+NAMED_GT_LAYOUTS = frozenset({"ukbench", "holidays"})
+
+DEFAULT_METHODS: tuple[str, ...] = (
+    "raw",
+    "raw+pca",
+    "ofa",
+    "ofa+qe10",
+    "ofa+r100+qe10",
+    "ona",
+    "ona+qe10",
+)
+
+_CRON_FIELD_RE = re.compile(r"[0-9A-Za-z*/,?#-]+")
+_CRON_ALIASES = frozenset({"@hourly", "@daily", "@weekly", "@monthly"})
+
+
+# --------------------------------------------------------------------------------------------
+# typed configuration: the YAML's entries, validated by these models
+# --------------------------------------------------------------------------------------------
+
+
+class DatasetDefaults(Settings):
+    """The YAML's ``defaults`` block: extraction and runtime settings every dataset inherits."""
+
+    extraction: ExtractionConfig = ExtractionConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+class DatasetConfig(Settings):
+    """One image collection: where its files and ground truth are, and how to process it.
+
+    In the YAML, ``extraction`` (core's :class:`ExtractionConfig`: what the stored features
+    are) and ``runtime`` (:class:`RuntimeConfig`: device, threads, batch limits) are written
+    as flat keys of the entry, over the ``defaults`` block.
+    """
+
+    name: str
+    layout: Layout
+    images: Path
+    groundtruth: Path | None = None
+    pca_from: str | None = None
+    shard_by: ShardBy = "batch"
+    shard_size: bounded_int(1) = 1000  # type: ignore[valid-type]
+    query_protocol: QueryProtocol = "paper"
+    extraction: ExtractionConfig = ExtractionConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    generate: Literal["demo"] | None = None
+    optional: bool = False
+    description: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_default(cls, data: Any) -> Any:
+        """Revisited queries are cropped to their box by default, the others are not."""
+        if isinstance(data, dict) and "query_protocol" not in data:
+            return {
+                **data,
+                "query_protocol": "crop" if data.get("layout") == "revisited" else "paper",
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _groundtruth(self) -> DatasetConfig:
+        layout = self.layout
+        if layout in GT_FOLDER_LAYOUTS | GT_FILE_LAYOUTS and self.groundtruth is None:
+            what = "folder" if layout in GT_FOLDER_LAYOUTS else "gnd_*.pkl file"
+            raise ValueError(f"layout {layout!r} needs 'groundtruth' (a {what})")
+        if layout not in GT_FOLDER_LAYOUTS | GT_FILE_LAYOUTS and self.groundtruth is not None:
+            why = (
+                "it follows from the file names"
+                if layout in NAMED_GT_LAYOUTS
+                else ("a folder layout has no queries")
+            )
+            raise ValueError(f"layout {layout!r} takes no 'groundtruth' ({why})")
+        return self
+
+    @property
+    def has_groundtruth(self) -> bool:
+        """All layouts but ``folder`` define queries and positives."""
+        return self.layout != "folder"
+
+    @property
+    def grouped(self) -> bool:
+        """Images grouped into objects (ukbench, holidays): every image is a query of its
+        object, and the dataset may learn its PCA by ``self-split``."""
+        return self.layout in NAMED_GT_LAYOUTS
+
+    @property
+    def self_split(self) -> bool:
+        """Each half of the objects is searched with PCA learned on the other half."""
+        return self.pca_from == SELF_SPLIT
+
+    @property
+    def generate_root(self) -> Path | None:
+        """Root to pass to :func:`cw_pipeline.core.demo.generate_demo` (``generate: demo``)."""
+        return self.images.parent.parent if self.generate == "demo" else None
+
+
+class EvaluationConfig(Settings):
+    """A benchmark run: a dataset with ground truth, optional distractor sets, methods."""
+
+    name: str
+    dataset: str
+    distractors: tuple[str, ...] = ()
+    methods: tuple[Method, ...] = ()
+    schedule: str | None = None
+    implicit: bool = False  #: True for the evaluation every ground-truth dataset gets
+    description: str = ""
+
+    @field_validator("dataset")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"dataset must be a non-empty string, got {value!r}")
+        return value
+
+    @field_validator("distractors", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        value = [] if value is None else value
+        if not isinstance(value, list | tuple) or not all(isinstance(d, str) for d in value):
+            raise ValueError(f"distractors must be a list of names, got {value!r}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"distractors lists a set twice: {list(value)}")
+        return tuple(value)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is None or value.strip() in _CRON_ALIASES:
+            return value
+        parts = value.split()
+        if len(parts) == 5 and all(_CRON_FIELD_RE.fullmatch(p) for p in parts):
+            return value
+        raise ValueError(
+            f"invalid schedule {value!r}: expected a 5-field cron string such as '0 3 * * *' "
+            f"or one of {', '.join(sorted(_CRON_ALIASES))}"
+        )
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """The whole validated configuration. Only enabled datasets and evaluations are listed."""
+
+    source: Path
+    warehouse: str
+    reports: str
+    defaults: DatasetDefaults
+    datasets: dict[str, DatasetConfig]
+    evaluations: dict[str, EvaluationConfig]
+    search: SearchParams
+    methods: tuple[MethodSpec, ...]
+    disabled_datasets: dict[str, str] = field(default_factory=dict)  #: name -> reason
+    disabled_evaluations: dict[str, str] = field(default_factory=dict)  #: name -> reason
+    warnings: tuple[str, ...] = ()
+
+    def _unknown(self, kind: str, name: str, known: Iterable[str], disabled: Mapping) -> None:
+        if name in disabled:
+            raise UnknownNameError(
+                f"{kind} {name!r} is disabled: {disabled[name]}", source=self.source
+            )
+        raise UnknownNameError(
+            f"unknown {kind} {name!r} (known: {', '.join(sorted(known)) or 'none'})",
+            source=self.source,
+        )
+
+    def dataset(self, name: str) -> DatasetConfig:
+        """The dataset ``name``; :class:`UnknownNameError` lists the known ones."""
+        if name not in self.datasets:
+            self._unknown("dataset", name, self.datasets, self.disabled_datasets)
+        return self.datasets[name]
+
+    def evaluation(self, name: str) -> EvaluationConfig:
+        """The evaluation ``name``; :class:`UnknownNameError` lists the known ones."""
+        if name not in self.evaluations:
+            self._unknown("evaluation", name, self.evaluations, self.disabled_evaluations)
+        return self.evaluations[name]
+
+    def evaluations_for(self, dataset: str) -> tuple[EvaluationConfig, ...]:
+        """Evaluations whose results depend on ``dataset`` (as the benchmark or a distractor
+        set), sorted by name."""
+        self.dataset(dataset)
+        return tuple(
+            e
+            for _, e in sorted(self.evaluations.items())
+            if e.dataset == dataset or dataset in e.distractors
+        )
+
+    def paired(self, dataset: str) -> DatasetConfig | None:
+        """The dataset whose features train ``dataset``'s PCA (itself for ``self-split``;
+        None when it has no PCA source)."""
+        ds = self.dataset(dataset)
+        if ds.pca_from is None:
+            return None
+        return ds if ds.self_split else self.dataset(ds.pca_from)
+
+    def pca_users(self, dataset: str) -> tuple[DatasetConfig, ...]:
+        """Datasets whose PCA is trained on ``dataset``'s features (itself if self-split)."""
+        self.dataset(dataset)
+        return tuple(
+            d
+            for _, d in sorted(self.datasets.items())
+            if d.pca_from == dataset or (d.name == dataset and d.self_split)
+        )
