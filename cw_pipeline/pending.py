@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from cw_pipeline.defs.versions import inputs_changed_node, is_stale
+from cw_pipeline.defs.versions import graph_order, inputs_changed_node, is_stale
 
 __all__ = ["Pending", "daemon_running", "pending_refreshes"]
 
@@ -130,7 +130,7 @@ def pending_refreshes(
     now = now or dt.datetime.now(dt.UTC)
     graph = defs.resolve_asset_graph()
     stale: dict[dg.AssetKey, tuple[str, ...]] = {}
-    order = [k for level in graph.toposorted_asset_keys_by_level for k in level]
+    order = graph_order(graph)
     position = {k: i for i, k in enumerate(order)}
     for key in order:
         node = graph.get(key)

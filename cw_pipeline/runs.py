@@ -24,7 +24,7 @@ from cw_pipeline.core.datasets import DEFAULT_IMAGE_EXTENSIONS
 from cw_pipeline.defs.partitions import current_shards, partitions_def
 from cw_pipeline.defs.recovery import pool_wait_line, process_tags, recover_dead_runs
 from cw_pipeline.defs.run_tags import active_index_shards, index_run_tags
-from cw_pipeline.defs.versions import is_stale
+from cw_pipeline.defs.versions import graph_order, is_stale
 from cw_pipeline.instance import add_partitions
 from cw_pipeline.store import FeatureStore, features_path
 
@@ -289,7 +289,7 @@ def _automation_rounds(defs: dg.Definitions, instance: dg.DagsterInstance, max_r
     cursor = _load_refresh_cursor(instance)
     initial = cursor is None
     graph = defs.resolve_asset_graph()
-    all_keys = [k for level in graph.toposorted_asset_keys_by_level for k in level]
+    all_keys = graph_order(graph)
     for _ in range(max_rounds):
         with warnings.catch_warnings():  # Dagster's evaluator uses a Beta selection
             warnings.simplefilter("ignore", dg.BetaWarning)
@@ -342,21 +342,20 @@ def materialize_missing(defs: dg.Definitions, instance: dg.DagsterInstance) -> l
     recover_dead_runs(instance)
     graph = defs.resolve_asset_graph()
     done = []
-    for level in graph.toposorted_asset_keys_by_level:
-        for key in level:
-            node = graph.get(key)
-            pdef = node.partitions_def
-            condition = node.automation_condition
-            if pdef is None:
-                never = instance.get_latest_materialization_event(key) is None
-                if never or is_stale(instance, key, condition):
-                    _materialize(defs, instance, [key])
-                    done.append(key.to_user_string())
-                continue
-            keys = pdef.get_partition_keys(dynamic_partitions_store=instance)
-            have = instance.get_materialized_partitions(key)
-            for pk in keys:
-                if pk not in have or is_stale(instance, key, condition, pk):
-                    _materialize(defs, instance, [key], partition_key=pk)
-                    done.append(f"{key.to_user_string()}[{pk}]")
+    for key in graph_order(graph):
+        node = graph.get(key)
+        pdef = node.partitions_def
+        condition = node.automation_condition
+        if pdef is None:
+            never = instance.get_latest_materialization_event(key) is None
+            if never or is_stale(instance, key, condition):
+                _materialize(defs, instance, [key])
+                done.append(key.to_user_string())
+            continue
+        keys = pdef.get_partition_keys(dynamic_partitions_store=instance)
+        have = instance.get_materialized_partitions(key)
+        for pk in keys:
+            if pk not in have or is_stale(instance, key, condition, pk):
+                _materialize(defs, instance, [key], partition_key=pk)
+                done.append(f"{key.to_user_string()}[{pk}]")
     return done

@@ -24,8 +24,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dagster as dg
+
+if TYPE_CHECKING:
+    from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
 #: Tag (Dagster's) holding a materialization's data version.
 DATA_VERSION_TAG = "dagster/data_version"
@@ -46,12 +50,20 @@ __all__ = [
     "ParentsReady",
     "combine",
     "dep_state",
+    "graph_order",
     "input_version",
     "is_stale",
     "on_cron_when_inputs_change",
     "refresh_when_inputs_change",
     "version_of",
 ]
+
+
+def graph_order(graph: BaseAssetGraph) -> list[dg.AssetKey]:
+    """Every asset key of ``graph``, parents before children; keys of one level sorted by name
+    (so lists built from it do not depend on Python's set order)."""
+    levels = graph.toposorted_asset_keys_by_level
+    return [k for level in levels for k in sorted(level, key=lambda k: k.to_user_string())]
 
 
 def combine(items: Iterable[tuple[str, str]]) -> str:
