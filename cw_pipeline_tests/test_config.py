@@ -232,7 +232,6 @@ def test_pair_datasets_and_implicit_evaluations(tmp_path: Path) -> None:
     assert ev.implicit and ev.dataset == "oxford5k" and ev.distractors == ()
     assert config.paired("oxford5k") == config.dataset("paris6k")
     assert config.paired("flickr") is None
-    assert config.pca_users("paris6k") == (ox,)
     assert config.evaluations_for("flickr") == ()
     assert not ox.grouped and not ox.self_split
 

@@ -237,12 +237,3 @@ class ProjectConfig:
         if ds.pca_from is None:
             return None
         return ds if ds.self_split else self.dataset(ds.pca_from)
-
-    def pca_users(self, dataset: str) -> tuple[DatasetConfig, ...]:
-        """Datasets whose PCA is trained on ``dataset``'s features (itself if self-split)."""
-        self.dataset(dataset)
-        return tuple(
-            d
-            for _, d in sorted(self.datasets.items())
-            if d.pca_from == dataset or (d.name == dataset and d.self_split)
-        )

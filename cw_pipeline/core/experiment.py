@@ -105,19 +105,6 @@ class FeatureSet:
             maps=None if self.maps is None else [self.maps[i] for i in idx],
         )
 
-    @staticmethod
-    def concat(sets: Sequence[FeatureSet]) -> FeatureSet:
-        keep_maps = all(s.maps is not None for s in sets)
-        return FeatureSet(
-            ids=[i for s in sets for i in s.ids],
-            class_ids=np.concatenate([s.class_ids for s in sets]),
-            class_probs=np.concatenate([s.class_probs for s in sets]),
-            class_vectors=np.concatenate([s.class_vectors for s in sets]),
-            sum_pooled=np.concatenate([s.sum_pooled for s in sets]),
-            boxes=np.concatenate([s.boxes for s in sets]),
-            maps=[m for s in sets for m in s.maps] if keep_maps else None,  # type: ignore[union-attr]
-        )
-
 
 def fit_pca(
     method: Method,

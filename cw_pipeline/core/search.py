@@ -188,14 +188,6 @@ def expand_queries(database: np.ndarray, ranking: Ranking, k: int) -> np.ndarray
     return l2_normalize(np.asarray(database, dtype=np.float32)[top].sum(axis=1))
 
 
-def query_expansion(
-    queries: np.ndarray, database: np.ndarray, k: int, top_k: int | None = None
-) -> Ranking:
-    """Rank, expand each query with its top-k results, and rank again."""
-    first = rank(queries, database, top_k=max(k, 1))
-    return rank(expand_queries(database, first, k), database, top_k=top_k)
-
-
 # --------------------------------------------------------------------------- online aggregation
 
 

@@ -23,11 +23,6 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    @classmethod
-    def from_fields(cls, values: dict[str, Any]) -> Any:
-        """Validate a mapping of fields (what ``cls(**values)`` does, for any key)."""
-        return cls.model_validate(values)
-
     def replace(self, **changes: Any) -> Any:
         """A validated copy with ``changes`` (``dataclasses.replace`` for settings)."""
         return type(self).model_validate({**self.model_dump(), **changes})

@@ -113,8 +113,8 @@ def test_method_parse_rejects_junk(junk):
 # --------------------------------------------------------------------------- FeatureSet
 
 
-def test_feature_set_from_records_subset_concat(scene):
-    _, train, database, _ = scene
+def test_feature_set_from_records_subset(scene):
+    _, _, database, _ = scene
     assert len(database) == 10
     assert database.class_ids.shape == (10, N_C)
     assert database.class_vectors.shape == (10, N_C, K)
@@ -125,12 +125,6 @@ def test_feature_set_from_records_subset_concat(scene):
     assert sub.ids == ["db3", "db1"]
     np.testing.assert_array_equal(sub.class_vectors[0], database.class_vectors[3])
     assert sub.maps[1] is database.maps[1]
-    both = FeatureSet.concat([sub, train.subset([0])])
-    assert both.ids == ["db3", "db1", "train0"]
-    np.testing.assert_array_equal(both.sum_pooled[2], train.sum_pooled[0])
-    no_maps = _set(2, seed=9, classifier=_classifier(), prefix="x", keep_maps=False)
-    assert no_maps.maps is None
-    assert FeatureSet.concat([sub, no_maps]).maps is None
 
 
 def test_feature_set_from_records_errors():

@@ -20,7 +20,6 @@ from cw_pipeline.core.search import (
     expand_queries,
     online_descriptors,
     order_positions,
-    query_expansion,
     rank,
     region_boxes,
     rerank,
@@ -194,14 +193,16 @@ def test_expand_queries_by_hand():
 
 def test_query_expansion_by_hand():
     q, db = _qe_example()
-    out = query_expansion(q, db, 3)
+    out = rank(expand_queries(db, rank(q, db, top_k=3), 3), db)
     e = np.array([1.6, 1.8]) / math.sqrt(5.8)  # (0.664, 0.747)
     # new scores: d0 0.664, d1 0.6·0.664 + 0.8·0.747 = 0.997, d2 0.747, d3 −0.664
     assert out.indices.tolist() == [[1, 2, 0, 3]]
     np.testing.assert_allclose(
         out.scores, [[0.6 * e[0] + 0.8 * e[1], e[1], e[0], -e[0]]], atol=1e-6
     )
-    assert query_expansion(q, db, 3, top_k=2).indices.tolist() == [[1, 2]]
+    assert rank(expand_queries(db, rank(q, db, top_k=3), 3), db, top_k=2).indices.tolist() == [
+        [1, 2]
+    ]
 
 
 # --------------------------------------------------------------------------- online aggregation
