@@ -28,6 +28,7 @@ from cw_pipeline.store import REPORT_JSON, FeatureStore, report_path
 def add_parser(sub: Any) -> None:
     """The ``demo`` sub-command."""
     dm = sub.add_parser("demo", help="build the demo, materialize everything, serve the UI")
+    dm.add_argument("--config", type=Path, default=None, help="datasets YAML")
     dm.add_argument("--no-ui", action="store_true", help="print the report and exit")
     dm.add_argument(
         "--regenerate",
