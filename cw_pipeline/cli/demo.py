@@ -226,16 +226,16 @@ def _serve_ui(
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         _wait_for_ui(proc, ui_base(host, port), log_path)
+        print(
+            "\nsearch the index in a browser: `make serve` in another terminal "
+            "(cw-pipeline serve, http://127.0.0.1:3001)",
+            file=out,
+        )
         print("\nopen:", file=out)
         width = max(len(what) for what, _ in pages)
         for what, url in pages:
             print(f"  {what + ':':<{width + 1}}  {url}", file=out)
         print(f"\nthe Dagster UI runs until Ctrl-C (its log: {_shown(log_path)})", file=out)
-        print(
-            "search the index in a browser: `make serve` (cw-pipeline serve), "
-            "http://127.0.0.1:3001",
-            file=out,
-        )
         out.flush()
         return_code = proc.wait()
     except KeyboardInterrupt:
