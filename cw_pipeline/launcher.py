@@ -17,8 +17,12 @@ the run with its process (:mod:`cw_pipeline.defs.recovery`), so termination from
 
 Runs of a code location that this process cannot execute itself (another interpreter, a
 working directory that is not here: a container, a remote code server) go to Dagster's
-default launcher. Configure it in ``dagster.yaml``::
+default launcher. :class:`WarmQueuedRunCoordinator` starts the forkserver when the daemon
+starts, not at the first run. Configure both in ``dagster.yaml``::
 
+    run_coordinator:
+      module: cw_pipeline.launcher
+      class: WarmQueuedRunCoordinator
     run_launcher:
       module: cw_pipeline.launcher
       class: WarmRunLauncher
@@ -40,6 +44,7 @@ from typing import Any
 import dagster as dg
 from dagster._core.launcher import LaunchRunContext
 from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
+from dagster._core.run_coordinator.queued_run_coordinator import QueuedRunCoordinator
 from dagster._serdes import ConfigurableClassData
 
 #: Libraries every run of this project imports (the run worker's start-up cost), preloaded
@@ -65,7 +70,14 @@ DEFAULT_PRELOAD: tuple[str, ...] = (
 #: Run tag: the run was started by this launcher (its worker is a forked process).
 LAUNCHER_TAG = "cw_pipeline/launcher"
 
-__all__ = ["DEFAULT_PRELOAD", "LAUNCHER_TAG", "WarmRunLauncher", "run_worker"]
+__all__ = [
+    "DEFAULT_PRELOAD",
+    "LAUNCHER_TAG",
+    "WarmQueuedRunCoordinator",
+    "WarmRunLauncher",
+    "is_daemon_process",
+    "run_worker",
+]
 
 
 def run_worker(run_id: str, instance_ref: Any) -> None:
@@ -115,6 +127,13 @@ class WarmRunLauncher(DefaultRunLauncher):
                 ctx.set_forkserver_preload(self._preload)
                 self._context = ctx
             return self._context
+
+    def warm(self) -> None:
+        """Start the forkserver now (it imports the preloaded libraries), not at the first run."""
+        from multiprocessing import forkserver
+
+        self._forkserver()
+        forkserver.ensure_running()
 
     @staticmethod
     def runs_here(run: dg.DagsterRun) -> bool:
@@ -180,3 +199,28 @@ class WarmRunLauncher(DefaultRunLauncher):
         for proc in workers:
             proc.join(timeout)
         super().join(timeout)
+
+
+def is_daemon_process(argv0: str | None = None) -> bool:
+    """Whether this process is ``dagster-daemon`` (``dagster-daemon run``, or
+    ``python -m dagster._daemon run`` as ``dagster dev`` / ``dg dev`` start it)."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    path = argv0.replace(os.sep, "/")
+    return os.path.basename(path) == "dagster-daemon" or path.endswith(
+        "dagster/_daemon/__main__.py"
+    )
+
+
+class WarmQueuedRunCoordinator(QueuedRunCoordinator):
+    """Dagster's queued run coordinator (same settings: the instance's ``concurrency`` block)
+    that, in the daemon, starts :class:`WarmRunLauncher`'s forkserver when the daemon starts:
+    the daemon reads the run queue's settings at once, while the launcher is only loaded at the
+    first run, which would otherwise pay for the libraries' import."""
+
+    def register_instance(self, instance: dg.DagsterInstance) -> None:
+        super().register_instance(instance)
+        if not is_daemon_process():
+            return
+        launcher = instance.run_launcher
+        if isinstance(launcher, WarmRunLauncher):
+            threading.Thread(target=launcher.warm, name="warm-forkserver", daemon=True).start()

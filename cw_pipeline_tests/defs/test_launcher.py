@@ -11,9 +11,15 @@ import dagster as dg
 import pytest
 import yaml
 
+from cw_pipeline import launcher as launcher_module
 from cw_pipeline.defs.recovery import HOST_TAG, PID_TAG
 from cw_pipeline.instance import INSTANCE_YAML
-from cw_pipeline.launcher import LAUNCHER_TAG, WarmRunLauncher
+from cw_pipeline.launcher import (
+    LAUNCHER_TAG,
+    WarmQueuedRunCoordinator,
+    WarmRunLauncher,
+    is_daemon_process,
+)
 from cw_pipeline_tests.defs import launcher_jobs
 
 
@@ -95,9 +101,58 @@ def test_runs_of_another_interpreter_go_to_the_default_launcher(instance) -> Non
         instance.launch_run(elsewhere.run_id, workspace=None)  # type: ignore[arg-type]
 
 
-def test_the_project_instance_uses_the_warm_launcher() -> None:
+def test_the_project_instance_uses_the_warm_launcher_and_keeps_its_queue_limits(
+    tmp_path: Path,
+) -> None:
     settings = yaml.safe_load((Path(__file__).resolve().parents[2] / INSTANCE_YAML).read_text())
     assert settings["run_launcher"] == {
         "module": "cw_pipeline.launcher",
         "class": "WarmRunLauncher",
     }
+    assert settings["run_coordinator"] == {
+        "module": "cw_pipeline.launcher",
+        "class": "WarmQueuedRunCoordinator",
+    }
+    with dg.instance_for_test(overrides=settings, temp_dir=str(tmp_path)) as inst:
+        assert isinstance(inst.run_coordinator, WarmQueuedRunCoordinator)
+        queue = inst.get_concurrency_config().run_queue_config
+        limits = settings["concurrency"]["runs"]
+        assert queue.max_concurrent_runs == limits["max_concurrent_runs"]
+        assert [lim["key"] for lim in queue.tag_concurrency_limits] == [
+            lim["key"] for lim in limits["tag_concurrency_limits"]
+        ]
+
+
+def test_is_daemon_process() -> None:
+    assert is_daemon_process("/venv/bin/dagster-daemon")
+    assert is_daemon_process("/venv/lib/python3.11/site-packages/dagster/_daemon/__main__.py")
+    assert not is_daemon_process("/venv/bin/dagster-webserver")
+    assert not is_daemon_process("/venv/bin/cw-pipeline")
+
+
+@pytest.mark.parametrize("daemon", [True, False])
+def test_the_coordinator_warms_the_launcher_in_the_daemon_only(
+    tmp_path: Path, monkeypatch, daemon: bool
+) -> None:
+    warmed = []
+    monkeypatch.setattr(WarmRunLauncher, "warm", lambda self: warmed.append(self))
+    monkeypatch.setattr(launcher_module, "is_daemon_process", lambda: daemon)
+    settings = {
+        "run_coordinator": {"module": "cw_pipeline.launcher", "class": "WarmQueuedRunCoordinator"},
+        "run_launcher": {"module": "cw_pipeline.launcher", "class": "WarmRunLauncher"},
+    }
+    with dg.instance_for_test(overrides=settings, temp_dir=str(tmp_path)) as inst:
+        inst.run_coordinator  # noqa: B018 (the daemon reads the queue's settings at once)
+        deadline = time.monotonic() + 10
+        while daemon and not warmed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert warmed == ([inst.run_launcher] if daemon else [])
+
+
+def test_warm_starts_the_forkserver_with_the_preload(instance) -> None:
+    from multiprocessing import forkserver
+
+    launcher = instance.run_launcher
+    launcher.warm()
+    assert forkserver._forkserver._forkserver_pid is not None
+    assert launcher_jobs.PRELOAD_PROBE in forkserver._forkserver._preload_modules
