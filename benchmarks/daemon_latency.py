@@ -135,8 +135,7 @@ def main() -> None:
                 fixed.append(cost)
             print(
                 f"\nfixed cost per change: {fixed[0]:.1f} s for the first change after the "
-                f"daemon started (it includes the warm run launcher's one-time start: "
-                f"cw_pipeline/launcher.py), {fixed[1]:.1f} s for the next one "
+                f"daemon started, {fixed[1]:.1f} s for the next one "
                 f"(target <= 15 s: {_met(max(fixed) <= 15)})"
             )
         finally:
