@@ -39,6 +39,7 @@ import socket
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from multiprocessing import forkserver
 from typing import Any
 
 import dagster as dg
@@ -130,8 +131,6 @@ class WarmRunLauncher(DefaultRunLauncher):
 
     def warm(self) -> None:
         """Start the forkserver now (it imports the preloaded libraries), not at the first run."""
-        from multiprocessing import forkserver
-
         self._forkserver()
         forkserver.ensure_running()
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import dagster as dg
+from dagster._utils.schedules import cron_string_iterator
 
 from cw_pipeline.defs.versions import graph_order, inputs_changed_node, is_stale
 
@@ -83,8 +84,6 @@ def _cron(condition: dg.AutomationCondition | None) -> tuple[str, str] | None:
 def next_tick(cron: str, timezone: str, now: dt.datetime) -> dt.datetime:
     """The first tick of ``cron`` (in ``timezone``) after ``now``."""
     # Dagster's own cron iterator: the tick the automation condition will see.
-    from dagster._utils.schedules import cron_string_iterator
-
     return next(cron_string_iterator(now.timestamp(), cron, timezone))
 
 

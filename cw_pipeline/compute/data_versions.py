@@ -4,6 +4,7 @@ equal data gives an equal version, so downstream assets rerun only when a result
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,8 +13,6 @@ import pyarrow as pa
 
 def table_version(tables: dict[str, pa.Table]) -> str:
     """Content hash of named Arrow tables (Arrow IPC bytes: equal data, equal hash)."""
-    import hashlib
-
     h = hashlib.sha1()
     for name in sorted(tables):
         sink = pa.BufferOutputStream()
@@ -26,8 +25,6 @@ def table_version(tables: dict[str, pa.Table]) -> str:
 
 def array_version(arrays: dict[str, np.ndarray], ids: Sequence[str] = ()) -> str:
     """Content hash of named arrays (dtype, shape, bytes) and an id list."""
-    import hashlib
-
     h = hashlib.sha1()
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])

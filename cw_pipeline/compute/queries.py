@@ -6,6 +6,7 @@ query images only, so changing other images leaves the query features as they ar
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -146,8 +147,6 @@ def query_input_version(
     None while a manifest shard is missing. A ground truth that cannot be read still gets a
     version (with its error), so the asset runs and fails with that error.
     """
-    import hashlib
-
     rows: dict[str, str] = {}
     for shard in shards:
         rel = manifest_path(ds.name, shard)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -140,8 +141,6 @@ class FeatureExtractor:
         self, images: Sequence[Image.Image], original_sizes: Sequence[tuple[int, int]]
     ) -> list[ImageFeatures]:
         """Encode a batch of equal-sized (already resized) images in one forward pass."""
-        import time
-
         bb = self.backbone
         batch = imgs.to_tensor(images, bb.mean, bb.std)
         t0 = time.perf_counter()
