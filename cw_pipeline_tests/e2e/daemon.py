@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cw_pipeline.instance import INSTANCE_YAML
+from cw_pipeline_tests.e2e.processes import free_port, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -95,26 +95,6 @@ def start_in_own_group(cmd: list[str], env: dict[str, str], out) -> subprocess.P
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-def stop_group(proc: subprocess.Popen | None, grace: float = 60) -> None:
-    """TERM the process group of ``proc``, then KILL it if it has not ended in ``grace`` s."""
-    if proc is None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:

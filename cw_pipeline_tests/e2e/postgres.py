@@ -16,7 +16,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from cw_pipeline_tests.e2e.processes import free_port, stop_group
 
 INSTALL_HINT = "install Debian's PostgreSQL server: apt-get install postgresql (make test does)"
 #: Where the server binaries are looked for: ``<root>/<version>/bin`` (as in .ci/test-deps).
@@ -100,12 +101,6 @@ storage:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _as_server_user() -> tuple[list[str], int | None]:
     """The command prefix running a server binary, and the uid owning its files."""
     if os.geteuid() != 0:
@@ -115,19 +110,6 @@ def _as_server_user() -> tuple[list[str], int | None]:
     except KeyError:
         pytest.fail(f"running as root and there is no 'postgres' user: {INSTALL_HINT}")
     return ["runuser", "-u", "postgres", "--"], uid
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Fast shutdown (SIGINT) of the server's process group; SIGKILL after 30 s."""
-    for sig in (signal.SIGINT, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(30)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @contextlib.contextmanager
@@ -153,7 +135,7 @@ def postgres_server() -> Iterator[PostgresServer]:
             capture_output=True,
             timeout=120,
         )
-        port = _free_port()
+        port = free_port()
         log = (root / "server.log").open("w")
         if uid is not None:
             os.chown(root / "server.log", uid, -1)
@@ -180,5 +162,5 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield PostgresServer("127.0.0.1", port, USER, PASSWORD, bindir, sockets, proc.pid)
     finally:
         if proc is not None:
-            _stop(proc)
+            stop_group(proc, grace=30, sig=signal.SIGINT)  # PostgreSQL's fast shutdown
         shutil.rmtree(root, ignore_errors=True)

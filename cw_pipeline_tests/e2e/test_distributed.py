@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from cw_pipeline.defs.executors import (
 )
 from cw_pipeline.store import FeatureStore
 from cw_pipeline_tests.defs.project import synthetic_jpeg
+from cw_pipeline_tests.e2e.processes import free_port, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -53,31 +53,6 @@ IMAGES_PER_SHARD = 6
 JOB = f"index_{DATASET}"
 FEATURES_KEY = dg.AssetKey([DATASET, "cam_features"])
 FEATURES_STEP = f"{DATASET}__cam_features"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, grace: float = 0) -> None:
-    """Wait ``grace`` seconds for ``proc`` to exit, then SIGTERM the process group started with
-    it (a worker CLI and its celery child), SIGKILL 30 s later."""
-    try:
-        proc.wait(grace)
-        return
-    except subprocess.TimeoutExpired:
-        pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(30)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def write_config(root: Path, images: Path, name: str) -> Path:
@@ -131,7 +106,7 @@ def broker(project) -> Iterator[str]:
     server = shutil.which("redis-server")
     if server is None:
         pytest.fail("redis-server not found: install Debian's redis-server (make test does)")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
@@ -149,7 +124,7 @@ def broker(project) -> Iterator[str]:
                 time.sleep(0.1)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        _stop(proc)
+        stop_group(proc, grace=30)
 
 
 def cluster_env(project: dict[str, Path], broker: str) -> dict[str, str]:
@@ -200,7 +175,7 @@ def workers(project, broker) -> Iterator[dict[str, int]]:
     finally:
         app.control.shutdown()  # warm shutdown of every worker; each CLI then exits
         for proc in procs:
-            _stop(proc, grace=30)
+            stop_group(proc, grace=30, exit_first=30)  # the worker exits after shutdown
         for log in logs:
             log.close()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import socket
 import threading
 from collections.abc import Iterator
 
@@ -37,16 +36,11 @@ from cw_pipeline_tests.defs.project import (
     project_yaml,
     synthetic_jpeg,
 )
+from cw_pipeline_tests.e2e.processes import free_port
 
 BUCKET = "cw-features"
 WAREHOUSE = f"s3://{BUCKET}/project/warehouse"
 REPORTS = f"s3://{BUCKET}/project/reports"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def s3() -> Iterator[boto3.client]:
     """A moto S3 server on loopback with bucket ``BUCKET``, and the AWS variables pointing at
     it; a boto3 client to look at the bucket directly."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {

@@ -21,8 +21,8 @@ from playwright.sync_api import Browser, Page
 
 from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.config import load_config
-from cw_pipeline_tests.e2e.conftest import BIN, REPO, free_port
-from cw_pipeline_tests.e2e.daemon import stop_group
+from cw_pipeline_tests.e2e.conftest import BIN, REPO
+from cw_pipeline_tests.e2e.processes import free_port, stop_group
 from cw_pipeline_tests.e2e.test_ui_browser import browser, new_page, screenshot, step
 
 __all__ = ["browser"]  # the module-scoped Chromium fixture, shared with the UI test
