@@ -19,6 +19,14 @@ cap". ``native`` with the default budget is also shown: the image is refused fro
 Target: every "after" figure within 400 bytes per pixel of ``batch_pixels`` (3.1 GiB by default)
 above the warm baseline, whatever the input: a single huge image takes one forward pass of at most
 1024x1024, a batch of large photos at most ``batch_pixels`` input pixels.
+
+The "after" runs are made twice, with the allocator tuning (``cw_pipeline/core/allocator.py``,
+freed memory kept) and with ``CW_PIPELINE_MALLOC=off`` (glibc's defaults). After the huge input
+each of them goes on with 160 ordinary 640x480 JPEGs (10 batches of 16); the RSS that stays while
+the last of them run (``VmRSS`` after each of the last 5 batches, the largest) is compared with
+that of a process that extracted only the ordinary images: what the next batches need. Target:
+with the tuning, RSS after the huge input stays within 1.25x of that. The RSS once the extraction
+is over (freed memory handed back) is printed too.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from _machine import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 BYTES_PER_PIXEL = 400
 UNLIMITED = 10**12
+STEADY_TARGET = 1.25
+MODES = ("keep", "off")
 
 
 def _vm_size() -> int:
@@ -46,8 +56,15 @@ def _vm_size() -> int:
         return int(next(ln for ln in fh if ln.startswith("VmSize:")).split()[1]) * 1024
 
 
-def child(paths: list[str], resize: str, batch_pixels: int, cap: int, warmup: str) -> None:
-    """One measured extraction; prints a JSON line."""
+def _vm_rss_kib() -> int:
+    with open("/proc/self/status") as fh:
+        return int(next(ln for ln in fh if ln.startswith("VmRSS:")).split()[1])
+
+
+def child(
+    paths: list[str], resize: str, batch_pixels: int, cap: int, warmup: str, ordinary: list[str]
+) -> None:
+    """One measured extraction, then the ordinary images; prints a JSON line."""
     from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 
     fe = FeatureExtractor(ExtractionConfig(resize=resize), batch_pixels=batch_pixels)
@@ -68,6 +85,14 @@ def child(paths: list[str], resize: str, batch_pixels: int, cap: int, warmup: st
         out["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     out["seconds"] = time.perf_counter() - t0
     out["peak_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if ordinary and "failed" not in out:
+        rss = [_vm_rss_kib() for _ in fe.extract_batches([(p, p) for p in ordinary])]
+        out["steady_kib"] = max(rss[-5:])  # while the last ordinary batches run
+        out["idle_kib"] = _vm_rss_kib()  # once the extraction is over
+    from cw_pipeline.core import allocator
+
+    out["malloc"] = allocator.state().describe()
+    out["final_peak_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(out), flush=True)
 
 
@@ -95,10 +120,20 @@ def make_inputs(tmp: Path) -> dict[str, list[Path]]:
         noise((4000, 3000), 10 + i).save(p, quality=90)
         phones.append(p)
     Image.new("RGB", (320, 240), (90, 140, 200)).save(tmp / "warmup.jpg")
+    for i in range(160):
+        noise((640, 480), 100 + i).save(tmp / f"ordinary{i:03d}.jpg", quality=90)
     return {"4000x4000 JPEG": [big], "9400x9400 1-bit PNG": [png], "16 x 12 Mpx JPEGs": phones}
 
 
-def run(paths: list[Path], tmp: Path, resize: str, batch_pixels: int, cap: int) -> dict:
+def run(
+    paths: list[Path],
+    tmp: Path,
+    resize: str,
+    batch_pixels: int,
+    cap: int,
+    mode: str = "keep",
+    ordinary: bool = False,
+) -> dict:
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -108,13 +143,24 @@ def run(paths: list[Path], tmp: Path, resize: str, batch_pixels: int, cap: int) 
         str(batch_pixels),
         str(cap),
         str(tmp / "warmup.jpg"),
+        json.dumps([str(p) for p in sorted(tmp.glob("ordinary*.jpg"))] if ordinary else []),
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_ARENA_MAX": "2"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MALLOC_ARENA_MAX": "2",
+        "CW_PIPELINE_MALLOC": mode,
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"failed": f"exit code {proc.returncode}: {proc.stderr.strip()[-300:]}"}
     return json.loads(lines[-1])
+
+
+def resource_peak(res: dict) -> int:
+    """Peak RSS of the whole child (KiB), ordinary images included."""
+    return res.get("final_peak_kib", res["peak_kib"])
 
 
 def describe(res: dict, cap_gib: float) -> str:
@@ -125,6 +171,11 @@ def describe(res: dict, cap_gib: float) -> str:
     text += f", {res['images']} image(s) in {res['batches']} batch(es), {res['seconds']:.1f} s"
     if res["errors"]:
         text += f"; refused: {res['errors'][0]}"
+    if "steady_kib" in res:
+        text += (
+            f"; then 160 ordinary images: RSS {res['steady_kib'] / 1024:,.0f} MiB while they "
+            f"run, {res['idle_kib'] / 1024:,.0f} MiB after"
+        )
     return text
 
 
@@ -132,11 +183,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cap-gib", type=float, default=6.0)
     ap.add_argument("--skip-before", action="store_true")
-    ap.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=6, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        paths, resize, bp, cap, warmup = args.child
-        child(json.loads(paths), resize, int(bp), int(cap), warmup)
+        paths, resize, bp, cap, warmup, ordinary = args.child
+        child(json.loads(paths), resize, int(bp), int(cap), warmup, json.loads(ordinary))
         return
     from cw_pipeline.core.extract import DEFAULT_BATCH_PIXELS, DEFAULT_RESIZE
 
@@ -145,17 +196,34 @@ def main() -> None:
     cap = int(args.cap_gib * 2**30)
     tmp = Path(tempfile.mkdtemp(prefix="cw_memory_bound_"))
     worst = 0.0
+    worst_steady = 0.0
     try:
         inputs = make_inputs(tmp)
+        need = {}
+        print("\nonly the 160 ordinary 640x480 JPEGs (what the next batches need):")
+        for mode in MODES:
+            res = run([], tmp, DEFAULT_RESIZE, DEFAULT_BATCH_PIXELS, 0, mode, ordinary=True)
+            need[mode] = res["steady_kib"]
+            print(
+                f"  malloc {mode:>4}: RSS {res['steady_kib'] / 1024:,.0f} MiB while they run, "
+                f"{res['idle_kib'] / 1024:,.0f} MiB after; peak "
+                f"{resource_peak(res) / 1024:,.0f} MiB ({res['malloc']})"
+            )
         for name, paths in inputs.items():
             print(f"\n{name}:")
             if not args.skip_before:
                 res = run(paths, tmp, "native", UNLIMITED, cap)
                 print(f"  before (native, batches by count):   {describe(res, args.cap_gib)}")
-            res = run(paths, tmp, DEFAULT_RESIZE, DEFAULT_BATCH_PIXELS, 0)
-            print(f"  after  ({DEFAULT_RESIZE}, {DEFAULT_BATCH_PIXELS} px): {describe(res, 0)}")
-            if "failed" not in res:
-                worst = max(worst, (res["peak_kib"] - res["base_kib"]) / 1024)
+            for mode in MODES:
+                res = run(paths, tmp, DEFAULT_RESIZE, DEFAULT_BATCH_PIXELS, 0, mode, True)
+                print(
+                    f"  after  ({DEFAULT_RESIZE}, {DEFAULT_BATCH_PIXELS} px), malloc {mode}: "
+                    f"{describe(res, 0)}"
+                )
+                if "failed" not in res:
+                    worst = max(worst, (res["peak_kib"] - res["base_kib"]) / 1024)
+                    if mode == "keep":
+                        worst_steady = max(worst_steady, res["steady_kib"] / need[mode])
             res = run(paths[:1], tmp, "native", DEFAULT_BATCH_PIXELS, 0)
             print(f"  native with the budget (1 image):    {describe(res, 0)}")
     finally:
@@ -163,6 +231,11 @@ def main() -> None:
     verdict = "MET" if worst <= target_mib else "MISSED"
     print(f"\nworst 'after' peak: {worst:,.0f} MiB above the baseline; ", end="")
     print(f"target <= {target_mib:,.0f}: {verdict}")
+    verdict = "MET" if worst_steady <= STEADY_TARGET else "MISSED"
+    print(
+        f"worst RSS after the huge input and 160 ordinary images, malloc keep: {worst_steady:.2f}x "
+        f"that of the ordinary images alone; target <= {STEADY_TARGET}: {verdict}"
+    )
 
 
 if __name__ == "__main__":

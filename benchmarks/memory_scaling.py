@@ -14,6 +14,10 @@ temp dir before the measured processes start (horizontal flip at JPEG quality 95
 quality 80, flip at 70, re-encoded at 60). The small run uses the first ``--small`` of the same
 list, so both runs see the same kind of images and the same shard size.
 
+Both runs are made twice: with the allocator tuning (``cw_pipeline/core/allocator.py``, freed
+memory kept; the target applies to it) and with ``CW_PIPELINE_MALLOC=off`` (glibc's defaults),
+so the peak and the RSS after each shard can be compared.
+
 Run time is dominated by the forward passes (``--small`` + ``--large`` of them): on 2 cores at
 the default native 320x240 this takes several minutes; ``--small 120 --large 600 --shard-size
 60`` (the same 5x ratio) is a quick check.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -113,7 +118,9 @@ def make_variants(paths: list[Path], dest: Path) -> list[Path]:
     return out
 
 
-def run_child(paths: list[Path], tmp: Path, tag: str, args: argparse.Namespace) -> dict:
+def run_child(
+    paths: list[Path], tmp: Path, tag: str, args: argparse.Namespace, mode: str = "keep"
+) -> dict:
     list_file = tmp / f"{tag}.txt"
     list_file.write_text("\n".join(str(p) for p in paths))
     out_dir = tmp / f"out_{tag}"
@@ -130,7 +137,8 @@ def run_child(paths: list[Path], tmp: Path, tag: str, args: argparse.Namespace) 
         "--resize",
         args.resize,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "CW_PIPELINE_MALLOC": mode}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"child run {tag} failed with exit code {proc.returncode}")
@@ -186,9 +194,13 @@ def main() -> None:
             f"{args.resize}"
         )
         results = {}
-        for tag, n in (("small", args.small), ("large", args.large)):
-            results[tag] = run_child(everything[:n], tmp, tag, args)
-            report(tag, results[tag])
+        for mode in ("keep", "off"):
+            print(f"malloc {mode}:")
+            for tag, n in (("small", args.small), ("large", args.large)):
+                res = run_child(everything[:n], tmp, f"{tag}_{mode}", args, mode)
+                report(tag, res)
+                if mode == "keep":
+                    results[tag] = res
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = results["large"]["maxrss_kib"] / results["small"]["maxrss_kib"]

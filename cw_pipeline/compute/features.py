@@ -47,6 +47,7 @@ def dataset_extractor(ds: DatasetConfig) -> FeatureExtractor:
         num_threads=r.num_threads,
         batch_size=r.batch_size,
         batch_pixels=r.batch_pixels,
+        batch_target_pixels=r.batch_target_pixels,
     )
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cw_pipeline.core import allocator
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,6 +74,8 @@ class Backbone:
         mean, std: RGB normalisation of inputs in [0, 1].
         stride: the input-to-X downsampling factor.
         feature_dim: K, the channels of X.
+        activation_bytes: bytes of the largest single activation of a forward pass, per input
+            pixel (measured when loaded; sizes the allocator's kept buffers).
         device: torch device the trunk lives on.
     """
 
@@ -86,6 +90,7 @@ class Backbone:
     feature_dim: int
     weights: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    activation_bytes: float = 0.0
 
     @property
     def num_classes(self) -> int:
@@ -109,6 +114,7 @@ class Backbone:
             x, a = self.trunk(batch.to(self.device, torch.float32))
             logits = a.mean(dim=(2, 3)) @ self.classifier_weight.T + self.classifier_bias
             probs = torch.softmax(logits, dim=1)
+        allocator.after_forward(batch.shape[0] * batch.shape[2] * batch.shape[3])
         return ForwardOutput(features=x, cam_maps=a, logits=logits, probs=probs)
 
     def describe(self) -> str:
@@ -337,12 +343,26 @@ BACKBONES: dict[str, BackboneSpec] = {
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
-def _probe(trunk: nn.Module, device: torch.device) -> tuple[int, int]:
-    """Input-to-X downsampling factor and X's channel count, from one small dummy pass."""
+def _probe(trunk: nn.Module, device: torch.device) -> tuple[int, int, float]:
+    """Input-to-X downsampling factor, X's channel count and the bytes of the largest module
+    output per input pixel, from one small dummy pass."""
     side = 64
-    with torch.inference_mode():
-        x, _ = trunk(torch.zeros(1, 3, side, side, device=device))
-    return max(1, round(side / x.shape[-1])), int(x.shape[1])
+    largest = [0]
+
+    def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
+        outs = output if isinstance(output, tuple | list) else (output,)
+        for t in outs:
+            if isinstance(t, torch.Tensor):
+                largest[0] = max(largest[0], t.numel() * t.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in trunk.modules()]
+    try:
+        with torch.inference_mode():
+            x, _ = trunk(torch.zeros(1, 3, side, side, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, round(side / x.shape[-1])), int(x.shape[1]), largest[0] / side**2
 
 
 def set_num_threads(num_threads: int | None) -> None:
@@ -430,7 +450,7 @@ def load_backbone(
     net.eval().to(dev)
     trunk = _Trunk(net, run).eval()
     trunk.layer = layer
-    stride, feature_dim = _probe(trunk, dev)
+    stride, feature_dim, activation_bytes = _probe(trunk, dev)
     logger.info("loaded backbone %s (layer %s, weights %s) on %s", name, layer, source, dev)
     return Backbone(
         name=name,
@@ -442,6 +462,7 @@ def load_backbone(
         std=spec.std,
         stride=stride,
         feature_dim=feature_dim,
+        activation_bytes=activation_bytes,
         weights=source if source in ("packaged", "random", "imagenet") else Path(source).name,
         device=dev,
     )

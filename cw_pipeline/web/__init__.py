@@ -29,8 +29,13 @@ def serve(
     """Serve the search page on ``host:port`` until interrupted."""
     import uvicorn
 
+    from cw_pipeline.core import allocator
     from cw_pipeline.web.app import create_app
     from cw_pipeline.web.engine import DEFAULT_MAP_CACHE_BYTES, SearchEngine
+
+    # Searches run the CNN on uvicorn's thread pool: before those threads start, make them
+    # allocate from the main heap, whose freed buffers are kept (core/allocator.py).
+    allocator.keep_freed_memory(one_arena=True)
 
     engine = SearchEngine(
         config_path,

@@ -40,6 +40,7 @@ from cw_pipeline.config import (
     default_config_path,
     load_config,
 )
+from cw_pipeline.core import allocator
 from cw_pipeline.core import datasets as gtio
 from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.extract import FeatureExtractor
@@ -233,11 +234,14 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
                 raise WebError(404, str(exc)) from exc
             except ValueError as exc:
                 raise WebError(400, str(exc)) from exc
-            if loaded is not None:  # a new materialization: its images may have changed too
+            replaced = loaded is not None
+            if replaced:  # a new materialization: its images may have changed too
                 self._map_caches.clear()
             rows = {image_id: i for i, image_id in enumerate(index.ids)}
             loaded = _Loaded(signature, index, rows, time.monotonic())
             self._indexes[key] = loaded
+            if replaced:  # the old database's memory, kept by malloc (core/allocator.py)
+                allocator.release()
             self.index_loads += 1
             logger.info("loaded %s %s: %d images (%s)", target.kind, target.name, len(index), key)
             return loaded

@@ -12,11 +12,13 @@ from cw_pipeline.core.backbones import load_backbone
 from cw_pipeline.core.cams import BOX_THRESHOLDS
 from cw_pipeline.core.encoding import crow_channel_weights
 from cw_pipeline.core.extract import (
+    CPU_BATCH_TARGET_PIXELS,
     DEFAULT_BATCH_PIXELS,
     ExtractionConfig,
     FeatureExtractor,
     FeatureMaps,
     ImageFeatures,
+    RuntimeConfig,
     crop_cells,
     encode_maps,
 )
@@ -351,6 +353,40 @@ def test_batches_are_formed_by_a_pixel_budget(lite0, tmp_path):
     assert FeatureExtractor(backbone=lite0).batch_pixels == DEFAULT_BATCH_PIXELS
     with pytest.raises(ValueError, match="batch_pixels must be >= 1"):
         FeatureExtractor(backbone=lite0, batch_pixels=0)
+
+
+def test_cpu_batches_are_grouped_up_to_the_target_pixels(lite0, tmp_path):
+    # On the CPU, batches of ~1 Mpx are as fast as larger ones with a third of the memory
+    # (core/extract/config.py); a larger image still runs alone, up to batch_pixels.
+    default = FeatureExtractor(backbone=lite0)
+    assert default.batch_target_pixels == CPU_BATCH_TARGET_PIXELS
+    assert default.batch_capacity((320, 240)) == CPU_BATCH_TARGET_PIXELS // (320 * 240) == 13
+    assert default.batch_capacity((640, 480)) == 3
+    assert default.batch_capacity((2048, 2048)) == 1
+    items = []
+    for i in range(7):
+        path = tmp_path / f"t{i}.png"
+        _image(64, 64, seed=90 + i).save(path)
+        items.append((f"t{i}", path))
+    config = ExtractionConfig(stored_classes=4)
+    targeted = FeatureExtractor(config, backbone=lite0, batch_target_pixels=2 * 64 * 64)
+    batches = list(targeted.extract_batches(items, workers=1))
+    assert [len(b) for b in batches] == [2, 2, 2, 1]
+    one_batch = dict(
+        FeatureExtractor(config, backbone=lite0, batch_target_pixels=10**6).extract_files(items)
+    )
+    for key, rec in (kv for b in batches for kv in b):
+        _assert_close_record(rec, one_batch[key])
+    # Never above the budget of one forward pass; must be positive.
+    assert (
+        FeatureExtractor(
+            backbone=lite0, batch_pixels=1000, batch_target_pixels=10**6
+        ).batch_target_pixels
+        == 1000
+    )
+    with pytest.raises(ValueError, match="batch_target_pixels must be >= 1"):
+        FeatureExtractor(backbone=lite0, batch_target_pixels=0)
+    assert RuntimeConfig(batch_target_pixels=4096).batch_target_pixels == 4096
 
 
 def test_images_waiting_for_a_batch_stay_within_the_pixel_budget(lite0, tmp_path):

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import threading
 import time
 
 import dagster as dg
@@ -23,6 +24,36 @@ def report_process(context: dg.OpExecutionContext) -> None:
 
 
 @dg.op
+def forward_passes(context: dg.OpExecutionContext) -> None:
+    """Runs the CNN the way the features asset does and reports what the kernel saw."""
+    import resource
+
+    import torch
+
+    from cw_pipeline.core import allocator
+    from cw_pipeline.core.extract import FeatureExtractor
+
+    fe = FeatureExtractor(num_threads=1)
+    batch = torch.rand(8, 3, 480, 640)
+    for _ in range(2):  # the first passes grow the heap to its layout (or map their buffers)
+        fe.backbone.forward(batch)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fe.backbone.forward(batch)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    context.log_event(
+        dg.AssetMaterialization(
+            asset_key="launcher_cnn_probe",
+            metadata={
+                "pid": os.getpid(),
+                "page_faults": faults,
+                "main_thread": threading.current_thread() is threading.main_thread(),
+                **allocator.state().as_metadata(),
+            },
+        )
+    )
+
+
+@dg.op
 def wait_a_minute() -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -32,6 +63,11 @@ def wait_a_minute() -> None:
 @dg.job(executor_def=dg.in_process_executor)
 def probe_job() -> None:
     report_process()
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def cnn_job() -> None:
+    forward_passes()
 
 
 @dg.job(executor_def=dg.in_process_executor)

@@ -14,6 +14,7 @@ The package holds :mod:`.config` (settings), :mod:`.records` (what is produced) 
 """
 
 from cw_pipeline.core.extract.config import (
+    CPU_BATCH_TARGET_PIXELS,
     DEFAULT_BATCH_PIXELS,
     DEFAULT_RESIZE,
     ExtractionConfig,
@@ -30,6 +31,7 @@ from cw_pipeline.core.extract.records import (
 )
 
 __all__ = [
+    "CPU_BATCH_TARGET_PIXELS",
     "DEFAULT_BATCH_PIXELS",
     "DEFAULT_RESIZE",
     "ExtractionConfig",

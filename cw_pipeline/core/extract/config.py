@@ -19,6 +19,11 @@ from cw_pipeline.core.validation import Settings, bounded_int
 DEFAULT_RESIZE = "max:1024"
 #: Default pixel budget of one forward pass (8 images of 1024x1024, 10 of 1024x768).
 DEFAULT_BATCH_PIXELS = 8 * 1024 * 1024
+#: Input pixels that the CPU batches images up to (an image over it runs alone, up to
+#: ``batch_pixels``): measured on 2 cores with freed memory kept (core/allocator.py), batches of
+#: ~1 Mpx are as fast as 16 × 640×480 or 10 × 1024×768 ones, or faster, with a third of the
+#: memory (benchmarks/indexing_throughput.py, memory_bound.py).
+CPU_BATCH_TARGET_PIXELS = 1024 * 1024
 
 
 class ExtractionConfig(Settings):
@@ -106,6 +111,9 @@ class RuntimeConfig(Settings):
     num_threads: bounded_int(1) | None = None  # type: ignore[valid-type]
     batch_size: bounded_int(1) = 16  # type: ignore[valid-type]
     batch_pixels: bounded_int(1) = DEFAULT_BATCH_PIXELS  # type: ignore[valid-type]
+    #: Pixels images are batched up to; None: ``CPU_BATCH_TARGET_PIXELS`` on the CPU,
+    #: ``batch_pixels`` on an accelerator.
+    batch_target_pixels: bounded_int(1) | None = None  # type: ignore[valid-type]
 
     @field_validator("device")
     @classmethod

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import resource
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cw_pipeline.core import allocator
 from cw_pipeline.core import images as imgs
-from cw_pipeline.core.backbones import Backbone, load_backbone
+from cw_pipeline.core.backbones import Backbone, ForwardOutput, load_backbone
 from cw_pipeline.core.cams import (
     boxes_to_pixels,
     class_activation_maps,
@@ -27,7 +30,11 @@ from cw_pipeline.core.cams import (
 )
 from cw_pipeline.core.datasets import QueryProtocol
 from cw_pipeline.core.encoding import sum_pool
-from cw_pipeline.core.extract.config import DEFAULT_BATCH_PIXELS, ExtractionConfig
+from cw_pipeline.core.extract.config import (
+    CPU_BATCH_TARGET_PIXELS,
+    DEFAULT_BATCH_PIXELS,
+    ExtractionConfig,
+)
 from cw_pipeline.core.extract.records import (
     ExtractionStats,
     FeatureMaps,
@@ -35,6 +42,14 @@ from cw_pipeline.core.extract.records import (
     crop_cells,
     encode_maps,
 )
+
+
+def _lower_priority() -> None:
+    """Run this (decoding) thread at a lower priority than the forward pass's threads."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux: every thread shares the process's priority
+        pass
 
 
 def _pixels(size: tuple[int, int], bucket: Sequence) -> int:
@@ -47,7 +62,10 @@ class FeatureExtractor:
 
     A forward pass holds at most ``batch_size`` images and ``batch_pixels`` input pixels (the
     sum of width × height after resizing); an image over ``batch_pixels`` on its own is refused
-    with an error naming it, its size and the budget.
+    with an error naming it, its size and the budget. Images are grouped up to
+    ``batch_target_pixels`` (default: ``CPU_BATCH_TARGET_PIXELS`` on the CPU, where larger
+    batches are no faster and hold more memory; ``batch_pixels`` on an accelerator); an image
+    over the target runs alone.
     """
 
     def __init__(
@@ -59,6 +77,7 @@ class FeatureExtractor:
         num_threads: int | None = None,
         batch_size: int = 16,
         batch_pixels: int = DEFAULT_BATCH_PIXELS,
+        batch_target_pixels: int | None = None,
         keep_maps: bool = False,
     ):
         self.config = config or ExtractionConfig()
@@ -73,8 +92,16 @@ class FeatureExtractor:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if batch_pixels < 1:
             raise ValueError(f"batch_pixels must be >= 1, got {batch_pixels}")
+        if batch_target_pixels is not None and batch_target_pixels < 1:
+            raise ValueError(f"batch_target_pixels must be >= 1, got {batch_target_pixels}")
         self.batch_size = batch_size
         self.batch_pixels = batch_pixels
+        if batch_target_pixels is None:
+            on_cpu = self.backbone.device.type == "cpu"
+            batch_target_pixels = CPU_BATCH_TARGET_PIXELS if on_cpu else batch_pixels
+        self.batch_target_pixels = min(batch_target_pixels, batch_pixels)
+        # Keep the forward pass's freed buffers for the next layer and batch (core/allocator.py).
+        allocator.keep_freed_memory(int(self.backbone.activation_bytes * batch_pixels))
         self.keep_maps = keep_maps
         self.policy = self.config.resize_policy
         self.stats = ExtractionStats()
@@ -129,9 +156,19 @@ class FeatureExtractor:
 
     def batch_capacity(self, size: tuple[int, int]) -> int:
         """How many images of ``size`` (width, height) one forward pass takes (at least 1)."""
-        return max(1, min(self.batch_size, self.batch_pixels // (size[0] * size[1])))
+        return max(1, min(self.batch_size, self.batch_target_pixels // (size[0] * size[1])))
 
     # ------------------------------------------------------------------ encoding
+    def _forward(self, batch: torch.Tensor) -> ForwardOutput:
+        """``backbone.forward``, counting its CPU time and page faults in :attr:`stats`."""
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        out = self.backbone.forward(batch)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        self.stats.forward_user_seconds += r1.ru_utime - r0.ru_utime
+        self.stats.forward_system_seconds += r1.ru_stime - r0.ru_stime
+        self.stats.forward_page_faults += r1.ru_minflt - r0.ru_minflt
+        return out
+
     def _maps_on_grid(self, out_x: torch.Tensor, out_a: torch.Tensor) -> torch.Tensor:
         if out_a is out_x or tuple(out_a.shape[-2:]) == tuple(out_x.shape[-2:]):
             return out_a
@@ -144,7 +181,7 @@ class FeatureExtractor:
         bb = self.backbone
         batch = imgs.to_tensor(images, bb.mean, bb.std)
         t0 = time.perf_counter()
-        out = bb.forward(batch)
+        out = self._forward(batch)
         x = out.features
         a = self._maps_on_grid(x, out.cam_maps)
         with torch.inference_mode():
@@ -242,13 +279,29 @@ class FeatureExtractor:
         fullest waiting batch runs early), and images are decoded ahead of the network only
         while the ones in flight could hold at most ``batch_pixels`` pixels (as many images as
         the resize policy's largest output allows, at least ``2 * workers``).
+
+        Decoding threads run at a lower priority than the network's, so that they fill its idle
+        moments instead of stalling its threads; when the run ends, the memory its forward
+        passes kept for each other is handed back (:func:`~cw_pipeline.core.allocator.release`).
         """
-        items = list(items)
+        try:
+            yield from self._batches(list(items), workers, on_error)
+        finally:
+            # The run is over (or abandoned): the buffers its forward passes kept for each
+            # other go back to the kernel (core/allocator.py).
+            allocator.release()
+
+    def _batches(
+        self,
+        items: list[tuple[str, str | os.PathLike]],
+        workers: int,
+        on_error: Literal["raise", "yield"],
+    ) -> Iterator[list[tuple[str, ImageFeatures | Exception]]]:
         pending: OrderedDict[tuple[int, int], list] = OrderedDict()
         pending_px = 0
         largest = self.policy.max_output_pixels() or self.batch_pixels
         window = max(2 * workers, min(4 * self.batch_size, self.batch_pixels // largest))
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, workers), initializer=_lower_priority) as pool:
             futures: deque = deque()
             it = iter(items)
 
@@ -336,7 +389,7 @@ class FeatureExtractor:
         imgs.crop_box(image, box)  # validates the box against the image
         resized, orig = self.prepare(image)
         bb = self.backbone
-        out = bb.forward(imgs.to_tensor([resized], bb.mean, bb.std))
+        out = self._forward(imgs.to_tensor([resized], bb.mean, bb.std))
         x = out.features
         a = self._maps_on_grid(x, out.cam_maps)
         grid = (int(x.shape[-2]), int(x.shape[-1]))

@@ -72,7 +72,16 @@ class ExtractionStats:
     batches: int = 0
     failed: int = 0
     forward_seconds: float = 0.0
+    #: CPU seconds (user, system: all threads of the process) and minor page faults during
+    #: forward passes: the allocator tuning (core/allocator.py) keeps the last two near zero.
+    forward_user_seconds: float = 0.0
+    forward_system_seconds: float = 0.0
+    forward_page_faults: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
+
+    def forward_usage(self) -> tuple[float, float, int]:
+        """(user CPU s, system CPU s, minor page faults) of the forward passes so far."""
+        return self.forward_user_seconds, self.forward_system_seconds, self.forward_page_faults
 
 
 def encode_maps(

@@ -11,7 +11,7 @@ from cw_pipeline.compute.features import feature_code_version, progress_logger, 
 from cw_pipeline.compute.manifests import manifest_version
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.assets.manifest import manifest_key
-from cw_pipeline.defs.assets.support import cpu_seconds, read_optional
+from cw_pipeline.defs.assets.support import cpu_seconds, forward_usage_metadata, read_optional
 from cw_pipeline.defs.checks import features_check_specs, features_checks
 from cw_pipeline.defs.executors import cnn_op_tags
 from cw_pipeline.defs.partitions import ident, partitions_def
@@ -70,6 +70,7 @@ def features_asset(ds: DatasetConfig) -> dg.AssetsDefinition:
         checkpoints = ShardCheckpoints(store, FEATURES, ds.name, shard, code_version)
         extractor = pipeline.extractor(ds)
         cpu0 = time.process_time()
+        usage0 = extractor.stats.forward_usage()
         update = update_features(
             ds,
             manifest_table,
@@ -95,6 +96,7 @@ def features_asset(ds: DatasetConfig) -> dg.AssetsDefinition:
                 "seconds": round(update.seconds, 3),
                 "cpu_seconds": cpu_seconds(cpu0),
                 "images_per_second": round(update.images_per_second, 2),
+                **forward_usage_metadata(extractor, usage0, update.forward_passes),
                 "path": store.url(rel),
             },
             check_results=features_checks(update, ds, extractor),

@@ -8,11 +8,20 @@ import dagster as dg
 import pyarrow as pa
 
 from cw_pipeline.config import ProjectConfig
+from cw_pipeline.core import allocator
+from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.defs.versions import INPUT_VERSION_TAG, Dep, input_version
 from cw_pipeline.store import CorruptFileError, FeatureStore
 
-__all__ = ["StoreFactory", "cpu_seconds", "evaluation_shards", "read_optional", "versioned"]
+__all__ = [
+    "StoreFactory",
+    "cpu_seconds",
+    "evaluation_shards",
+    "forward_usage_metadata",
+    "read_optional",
+    "versioned",
+]
 
 #: Gives the feature store outside a run (automation conditions read it at evaluation time).
 StoreFactory = Callable[[], FeatureStore]
@@ -31,6 +40,21 @@ def versioned(
 def cpu_seconds(start: float) -> float:
     """CPU seconds of this process (all its threads) since ``start`` (``time.process_time``)."""
     return round(time.process_time() - start, 3)
+
+
+def forward_usage_metadata(
+    extractor: FeatureExtractor, before: tuple[float, float, int], images: int
+) -> dict[str, object]:
+    """The malloc setting of this process and what its forward passes since ``before``
+    (``extractor.stats.forward_usage()``) cost the kernel: system CPU share, page faults."""
+    user, system, faults = (
+        now - then for now, then in zip(extractor.stats.forward_usage(), before, strict=True)
+    )
+    meta: dict[str, object] = {"malloc": allocator.state().mode}
+    if images:
+        meta["forward_page_faults_per_image"] = round(faults / images, 1)
+        meta["forward_system_cpu_share"] = round(system / max(user + system, 1e-9), 4)
+    return meta
 
 
 def read_optional(
