@@ -4,8 +4,10 @@
 Usage: python benchmarks/indexing_throughput.py [--images DIR] [--count N] [--rounds R]
            [--workers W] [--threads T]
 
-Each round runs two fresh child processes, one with ``CW_PIPELINE_MALLOC=off`` (glibc's
-defaults) and one with the default (freed memory kept), alternating which goes first. Each child
+Each round runs two fresh child processes, alternating which goes first: "off", the code as it
+was before the tuning (``CW_PIPELINE_MALLOC=off``: glibc's defaults; batches of ``--batch``
+images up to ``batch_pixels``), and "keep", as it is now (freed memory kept; CPU batches up to
+``batch_target_pixels``, 1 Mpx). Each child
 loads the backbone, decodes the images, warms up, then times:
 
 * forward-only: ``backbone.forward`` over the images, decoded and stacked into batch tensors
@@ -39,7 +41,7 @@ from _machine import machine_info
 
 from cw_pipeline.compute.features import records_to_table
 from cw_pipeline.core import images as imgs
-from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
+from cw_pipeline.core.extract import DEFAULT_BATCH_PIXELS, ExtractionConfig, FeatureExtractor
 
 ROOT = Path(__file__).resolve().parents[1]
 SYS_SHARE, FORWARD_GAIN, E2E_SHARE = 0.05, 2.0, 0.90
@@ -54,8 +56,13 @@ def child(args: argparse.Namespace) -> None:
     """One measured process: a forward-only and an end-to-end pass; prints a JSON line."""
     from cw_pipeline.core import allocator
 
+    # The "off" side is the code before the tuning: glibc's malloc, batches up to batch_pixels.
+    before = os.environ.get(allocator.ENV_VAR) == "off"
     fe = FeatureExtractor(
-        ExtractionConfig(resize="native"), batch_size=args.batch, num_threads=args.threads
+        ExtractionConfig(resize="native"),
+        batch_size=args.batch,
+        num_threads=args.threads,
+        batch_target_pixels=DEFAULT_BATCH_PIXELS if before else None,
     )
     paths = sorted(args.images.glob("*.jpg"))[: args.count]
     ids = [p.stem for p in paths]
@@ -165,8 +172,8 @@ def main() -> None:
         for mode, outs in res.items()
     }
     print(
-        f"\n{res['keep'][0]['batch']} images per forward pass (batch_target_pixels); malloc, "
-        f"tuning on: {res['keep'][0]['malloc']}"
+        f"\nimages per forward pass: off {res['off'][0]['batch']}, keep "
+        f"{res['keep'][0]['batch']}; malloc, tuning on: {res['keep'][0]['malloc']}"
     )
     for mode in ("off", "keep"):
         for part in ("forward", "e2e"):
