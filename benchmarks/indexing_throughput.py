@@ -90,8 +90,7 @@ def child(args: argparse.Namespace) -> None:
             table = records_to_table(keys, [sha1s[k] for k in keys], [recs[k] for k in keys])
             pq.write_table(table, os.path.join(tmp, name))
 
-        # Warm-up: the first passes size the heap (or the mappings) and start the threads. The
-        # end of an extraction hands kept memory back, so the forward-only warm-up comes last.
+        # Warm-up: the first passes size the heap (or the mappings) and start the threads.
         end_to_end("warmup.parquet")
         for b in batches:
             bb.forward(b)

@@ -88,7 +88,10 @@ def child(
     if ordinary and "failed" not in out:
         rss = [_vm_rss_kib() for _ in fe.extract_batches([(p, p) for p in ordinary])]
         out["steady_kib"] = max(rss[-5:])  # while the last ordinary batches run
-        out["idle_kib"] = _vm_rss_kib()  # once the extraction is over
+        from cw_pipeline.core import allocator
+
+        allocator.release()  # as an indexing run does when its forward passes are over
+        out["idle_kib"] = _vm_rss_kib()
     from cw_pipeline.core import allocator
 
     out["malloc"] = allocator.state().describe()

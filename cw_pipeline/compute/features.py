@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from cw_pipeline.config import DatasetConfig
+from cw_pipeline.core import allocator
 from cw_pipeline.core.datasets import (
     image_path,
 )
@@ -335,6 +336,8 @@ def _extract_new(
             n += 1
             if progress is not None:
                 progress(n, len(items))
+    # The shard's forward passes are over: what they kept for each other goes back.
+    allocator.release()
     return fresh
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from cw_pipeline.core import allocator
 from cw_pipeline.core import datasets as ds
 from cw_pipeline.core.aggregation import PCAWhitening
 from cw_pipeline.core.evaluation import score
@@ -122,6 +123,7 @@ def extract_features(
         records[key] = rec
         if progress is not None:
             progress(n, len(ids))
+    allocator.release()  # the forward passes are over: what they kept goes back
     return FeatureSet.from_records(list(ids), [records[i] for i in ids])
 
 

@@ -43,7 +43,6 @@ from cw_pipeline.core.extract.records import (
     encode_maps,
 )
 
-
 #: Niceness of the decoding threads: below the network's threads, so that decoding fills the
 #: forward pass's idle moments instead of stalling its threads (end-to-end indexing went from 75
 #: to 88 % of the forward-only speed on 2 cores), yet with a quarter of a core's share against a
@@ -288,22 +287,11 @@ class FeatureExtractor:
         the resize policy's largest output allows, at least ``2 * workers``).
 
         Decoding threads run at a lower priority than the network's, so that they fill its idle
-        moments instead of stalling its threads; when the run ends, the memory its forward
-        passes kept for each other is handed back (:func:`~cw_pipeline.core.allocator.release`).
+        moments instead of stalling its threads. The memory the forward passes keep for each
+        other (core/allocator.py) stays with the process for the next call; an indexing run
+        hands it back when it is over (:func:`~cw_pipeline.core.allocator.release`).
         """
-        try:
-            yield from self._batches(list(items), workers, on_error)
-        finally:
-            # The run is over (or abandoned): the buffers its forward passes kept for each
-            # other go back to the kernel (core/allocator.py).
-            allocator.release()
-
-    def _batches(
-        self,
-        items: list[tuple[str, str | os.PathLike]],
-        workers: int,
-        on_error: Literal["raise", "yield"],
-    ) -> Iterator[list[tuple[str, ImageFeatures | Exception]]]:
+        items = list(items)
         pending: OrderedDict[tuple[int, int], list] = OrderedDict()
         pending_px = 0
         largest = self.policy.max_output_pixels() or self.batch_pixels
