@@ -43,6 +43,8 @@ class IndexResult:
     resumed: int = 0  #: of ``reused``: rows from the checkpoints of an interrupted run
     rejected: int = 0
     seconds: float = 0.0
+    #: the malloc setting of the process that ran the forward passes (core/allocator.py)
+    malloc: str = ""
 
     def as_dict(self) -> dict:
         return {
@@ -56,6 +58,7 @@ class IndexResult:
             "rejected": self.rejected,
             "feature_seconds": round(self.feature_seconds, 3),
             "seconds": round(self.seconds, 2),
+            "malloc": self.malloc,
         }
 
 
@@ -219,6 +222,8 @@ def index_dataset(
             result.resumed += int(md["resumed"].value)
             result.rejected += int(md["rejected"].value)
             result.feature_seconds += float(md["seconds"].value)
+            if "malloc" in md:
+                result.malloc = str(md["malloc"].value)
     for shard in current_shards(instance, name):
         rel = features_path(name, shard)
         if store.exists(rel):

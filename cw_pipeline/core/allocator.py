@@ -27,7 +27,9 @@ The footprint stays bounded by what the batches need: :func:`after_forward` (cal
 :meth:`Backbone.forward <cw_pipeline.core.backbones.Backbone.forward>`) hands the freed memory
 back (``malloc_trim``) once the last :data:`RELEASE_WINDOW` forward passes all held at most
 1/:data:`RELEASE_RATIO` of the input pixels of the largest one since the last release, so an
-unusually large batch does not pin its memory for the rest of the process.
+unusually large batch does not pin its memory for the rest of the process; an indexing run
+(a features shard, ``cw-pipeline evaluate``) and the search page's database reload call
+:func:`release` when they are done with it. The search page keeps its buffers between queries.
 
 ``CW_PIPELINE_MALLOC=off`` in the environment keeps glibc's defaults (nothing is set); a user's
 own ``GLIBC_TUNABLES`` malloc thresholds or ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``

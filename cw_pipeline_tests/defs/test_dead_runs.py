@@ -274,6 +274,7 @@ def test_index_killed_holding_the_cnn_slot_does_not_block_the_rerun(tmp_path, ho
     result = json.loads(out.strip().splitlines()[-1])
     assert (result["forward_passes"], result["resumed"]) == (N_IMAGES - 4, 4)
     assert result["images"] == N_IMAGES and store.exists(shard(store))
+    assert result["malloc"] == "keep"  # the CLI's forward passes keep their buffers
     assert cps.files() == []
     warned = [ln for ln in err.splitlines() if dead.run_id in ln]
     assert len(warned) == 1 and "WARNING" in warned[0] and f"pid {pid}" in warned[0]
