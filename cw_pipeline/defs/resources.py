@@ -15,12 +15,7 @@ from cw_pipeline.config import (
     default_config_path,
     load_config,
 )
-from cw_pipeline.core.extract import (
-    ExtractionConfig,
-    FeatureExtractor,
-    RuntimeConfig,
-    valid_device,
-)
+from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, valid_device
 from cw_pipeline.defs.recovery import tag_run_worker
 from cw_pipeline.store import FeatureStore
 
@@ -44,16 +39,21 @@ def _load(path: str, stamp: tuple[int, int] | None) -> ProjectConfig:
 
 @functools.lru_cache(maxsize=4)
 def _extractor(
-    config: ExtractionConfig, runtime: RuntimeConfig, device: str, threads: int | None
+    config: ExtractionConfig,
+    batch_size: int,
+    batch_pixels: int,
+    batch_target_pixels: int | None,
+    device: str,
+    threads: int | None,
 ) -> FeatureExtractor:
     """One network per extraction settings (datasets with equal settings share it)."""
     return FeatureExtractor(
         config,
         device=device,
         num_threads=threads,
-        batch_size=runtime.batch_size,
-        batch_pixels=runtime.batch_pixels,
-        batch_target_pixels=runtime.batch_target_pixels,
+        batch_size=batch_size,
+        batch_pixels=batch_pixels,
+        batch_target_pixels=batch_target_pixels,
     )
 
 
@@ -111,4 +111,6 @@ class PipelineResource(dg.ConfigurableResource):
         r = ds.runtime
         threads = self.num_threads or r.num_threads
         device = self.device or _env_device() or r.device
-        return _extractor(ds.extraction, r, device, threads)
+        return _extractor(
+            ds.extraction, r.batch_size, r.batch_pixels, r.batch_target_pixels, device, threads
+        )

@@ -136,7 +136,7 @@ def test_device_of_the_process_overrides_the_datasets(monkeypatch, config_path) 
     pipeline.extractor(ds)
     monkeypatch.delenv(DEVICE_ENV)
     pipeline.extractor(ds)
-    assert [c[2] for c in calls] == ["cpu:0", "cpu"]
+    assert [c[4] for c in calls] == ["cpu:0", "cpu"]
     monkeypatch.setenv(DEVICE_ENV, "gpu")
     with pytest.raises(ConfigError, match=r"\$CW_PIPELINE_DEVICE: invalid device 'gpu'"):
         pipeline.extractor(ds)
