@@ -17,9 +17,10 @@ loads the backbone, decodes the images, warms up, then times:
 
 For each it prints images/s and, per image, user and system CPU (``getrusage``) and minor page
 faults. Targets (tuning on): system CPU <= 5 % of the forward pass's CPU; forward-only >= 2x the
-tuning-off forward-only; end-to-end >= 90 % of forward-only. Medians over the rounds, so load
-from other jobs hits both sides alike. File sha1s are computed before timing (that is the
-manifest step's work); the image files are likely in the page cache after the first round.
+tuning-off forward-only; end-to-end >= 90 % of forward-only (the median of each round's ratio).
+Medians over the rounds, so load from other jobs hits both sides alike. File sha1s are computed
+before timing (that is the manifest step's work); the image files are likely in the page cache
+after the first round.
 """
 
 from __future__ import annotations
@@ -181,10 +182,13 @@ def main() -> None:
                 f"{mode:>4} {part:>7}: {rate:6.2f} img/s; per image CPU user {1000 * user:.0f} "
                 f"ms, sys {1000 * sys_:.0f} ms, {flt:,.0f} minor page faults"
             )
-    on_f, off_f, on_e = med["keep"]["forward"], med["off"]["forward"], med["keep"]["e2e"]
+    on_f, off_f = med["keep"]["forward"], med["off"]["forward"]
     share = on_f[2] / (on_f[1] + on_f[2])
     gain = on_f[0] / off_f[0]
-    e2e = on_e[0] / on_f[0]
+    # Each child measures both passes back to back: the ratio of each round is less exposed to
+    # load that comes and goes between rounds than the ratio of the medians.
+    e2e = statistics.median(o["e2e"][0] / o["forward"][0] for o in res["keep"])
+    e2e_off = statistics.median(o["e2e"][0] / o["forward"][0] for o in res["off"])
     print(
         f"system CPU share of the forward pass (on): {100 * share:.1f} % "
         f"(off: {100 * off_f[2] / (off_f[1] + off_f[2]):.1f} %)  target <= 5 %: "
@@ -195,8 +199,8 @@ def main() -> None:
         f"{'MET' if gain >= FORWARD_GAIN else 'MISSED'}"
     )
     print(
-        f"end-to-end / forward-only (on): {100 * e2e:.1f} % (off: "
-        f"{100 * med['off']['e2e'][0] / off_f[0]:.1f} %)  target >= 90 %: "
+        f"end-to-end / forward-only (on, median of the rounds): {100 * e2e:.1f} % (off: "
+        f"{100 * e2e_off:.1f} %)  target >= 90 %: "
         f"{'MET' if e2e >= E2E_SHARE else 'MISSED'}"
     )
     print(f"total {time.perf_counter() - t_start:.0f} s")

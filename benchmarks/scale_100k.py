@@ -36,7 +36,6 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import psutil
 from PIL import Image, ImageDraw
 
 from cw_pipeline.instance import INSTANCE_YAML
@@ -99,6 +98,8 @@ class PeakRSS(threading.Thread):
         self._halt = threading.Event()
 
     def run(self) -> None:
+        import psutil  # only where process trees are watched (the generator needs none)
+
         while not self._halt.is_set():
             for name, pid in self.pids.items():
                 try:
@@ -218,6 +219,8 @@ def main() -> None:
     ap.add_argument("--watch-seconds", type=float, default=90.0)
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: temp)")
     args = ap.parse_args()
+    import psutil
+
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, python {platform.python_version()}"

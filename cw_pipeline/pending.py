@@ -3,9 +3,11 @@ were computed (or that were never computed), as :func:`cw_pipeline.defs.versions
 and the daemon's ``refresh_downstream`` sensor see them.
 
 ``cw-pipeline index`` reports them beside what it refreshed itself: an asset gated by its
-evaluation's cron (``schedule:``) waits for the next tick; one that a run is materializing right
-now (the daemon got there first) is in that run; one whose parent is stale follows its parent;
-anything else is refreshed by the sensor at its next tick (every 10 s) while the daemon runs.
+evaluation's cron (``schedule:``) waits for the next tick, unless its work is small enough to be
+done at once (a distractor set of at most ``reproject_at_once`` images); one that a run is
+materializing right now (the daemon got there first) is in that run; one whose parent is stale
+follows its parent; anything else is refreshed by the sensor at its next tick (every 10 s)
+while the daemon runs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import dagster as dg
 from dagster._utils.schedules import cron_string_iterator
 
-from cw_pipeline.defs.versions import graph_order, inputs_changed_node, is_stale
+from cw_pipeline.defs.versions import at_once_node, graph_order, inputs_changed_node, is_stale
 
 __all__ = ["Pending", "daemon_running", "pending_refreshes"]
 
@@ -156,6 +158,9 @@ def pending_refreshes(
         run_id = _running_run(instance, key, parts)
         stale_parents = sorted(p.to_user_string() for p in node.parent_keys if p in stale)
         cron = _cron(node.automation_condition)
+        at_once = at_once_node(node.automation_condition)
+        if at_once is not None and at_once.holds_now():
+            cron = None  # small enough to be refreshed at once
         if run_id is not None:
             out.append(
                 Pending(name, "running", f"being materialized by run {run_id}", parts, run_id)

@@ -44,6 +44,13 @@ def test_states_of_an_indexed_project(capsys, cli_project: CliProject) -> None:
     gamma = got["gamma"]
     assert gamma["state"] == "indexed" and gamma["images_indexed"] == 12
     assert gamma["pca"] is None and gamma["distractor_of"] == ["beta-gamma"]
+    # how gamma's descriptors follow a change of beta's PCA, and why (the test project has
+    # reproject_at_once 0: a set handled as a 100k one would be)
+    assert gamma["refreshes"] == [
+        "distractors of beta-gamma: re-projected after the cron tick '0 3 * * *' of "
+        "beta-gamma's schedule when beta's PCA changes (12 images > reproject_at_once 0; its "
+        "rankings wait)"
+    ]
     delta = got["delta"]
     assert delta["state"] == "indexed" and delta["descriptors"] is False
     eps = got["epsilon"]
@@ -61,6 +68,7 @@ def test_human_table(capsys, cli_project: CliProject) -> None:
     rows = {line.split()[0]: line for line in lines[1:7]}
     assert rows["alpha"].split()[:6] == ["alpha", "oxford", "indexed", "48", "48", "0"]
     assert "yes (beta-gamma)" in rows["gamma"]
+    assert "  distractors of beta-gamma: re-projected after the cron tick '0 3 * * *'" in out
     assert rows["epsilon"].split()[:6] == ["epsilon", "folder", "not", "indexed", "2", "0"]
     assert f"  run: cw-pipeline index --dataset epsilon --config {cli_project.config_path}" in lines
 
@@ -172,3 +180,19 @@ def test_index_of_an_unknown_dataset_lists_the_known_ones(
     assert err.strip().splitlines() == [
         f"cw-pipeline: error: {cfg}: unknown dataset {name!r} (known: tiny)"
     ]
+
+
+def test_a_large_distractor_set_waits_for_the_cron_and_says_so() -> None:
+    from cw_pipeline.compute.catalog import _reprojection
+    from cw_pipeline.config import EvaluationConfig
+
+    ev = EvaluationConfig(
+        name="oxford105k", dataset="oxford5k", distractors=("flickr100k",), schedule="0 3 * * 0"
+    )
+    assert _reprojection(ev, "flickr100k", 100_000) == (
+        "distractors of oxford105k: re-projected after the cron tick '0 3 * * 0' of "
+        "oxford105k's schedule when oxford5k's PCA changes (100,000 images > "
+        "reproject_at_once 20,000; its rankings wait)"
+    )
+    small = ev.model_copy(update={"reproject_at_once": 100_000})
+    assert "re-projected at once" in _reprojection(small, "flickr100k", 100_000)

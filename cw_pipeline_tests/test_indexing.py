@@ -6,22 +6,27 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from cw_pipeline.compute.features import (
+    current_layout,
     dequantize_int8,
+    load_features,
     quantize_int8,
     records_to_table,
     stored_class_shape,
     stored_finite,
     table_to_featureset,
+    update_features,
 )
 from cw_pipeline.compute.manifests import build_manifest
 from cw_pipeline.compute.shards import fingerprint, scan_files, shard_files
 from cw_pipeline.config import DatasetConfig, ExtractionConfig
-from cw_pipeline.core.extract import ImageFeatures
-from cw_pipeline.store import FeatureStore
+from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
+from cw_pipeline.store import FeatureStore, features_path
 
 
 def _dataset(root: Path, shard_by: str = "batch", shard_size: int = 3) -> DatasetConfig:
@@ -97,6 +102,65 @@ def test_int8_rows_are_smaller_than_float16() -> None:
     int8 = records_to_table(["a", "b"], ["1", "2"], recs, storage="int8")
     half = records_to_table(["a", "b"], ["1", "2"], recs, storage="float16")
     assert int8.column("class_vectors").nbytes * 2 == half.column("class_vectors").nbytes
+
+
+def _list_layout(table: pa.Table) -> pa.Table:
+    """``table`` with its int8 class vectors as a list of int8, the layout of older shards."""
+    i = table.schema.get_field_index("class_vectors")
+    col = table.column(i).combine_chunks()
+    codes = np.frombuffer(col.buffers()[1], dtype=np.int8)
+    width = col.type.byte_width
+    old = pa.FixedSizeListArray.from_arrays(pa.array(codes, pa.int8()), width)
+    return table.set_column(i, pa.field("class_vectors", pa.list_(pa.int8(), width)), old)
+
+
+def test_int8_class_vectors_take_one_byte_per_value_in_parquet(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    recs = [_record(rng, n_c=8, dim=640) for _ in range(5)]
+    table = records_to_table(list("abcde"), list("12345"), recs)
+    store = FeatureStore(tmp_path / "wh")
+    rel = features_path("t", "s")
+    store.write_table(rel, table)
+    meta = pq.ParquetFile(store.path(rel)).metadata.row_group(0)
+    [col] = [
+        meta.column(j)
+        for j in range(meta.num_columns)
+        if "class_vectors" in meta.column(j).path_in_schema
+    ]
+    # One FIXED_LEN_BYTE_ARRAY per image; a list of int8 is widened to INT32 (4 bytes a code).
+    assert col.physical_type == "FIXED_LEN_BYTE_ARRAY"
+    assert col.total_uncompressed_size < 1.1 * 5 * 8 * 640
+    back = table_to_featureset(store.read_table(rel))
+    q, scale = quantize_int8(np.stack([r.class_vectors for r in recs]))
+    np.testing.assert_array_equal(back.class_vectors, dequantize_int8(q, scale))
+
+
+def test_shards_of_the_list_layout_are_read_and_reused_unchanged(tmp_path: Path) -> None:
+    root = tmp_path / "img"
+    for i in range(3):
+        _jpeg(root / f"img{i}.jpg", (i * 70, 30, 200 - i * 50))
+    ds = _dataset(root, shard_size=10)
+    ds = ds.model_copy(update={"extraction": ExtractionConfig(resize="native", stored_classes=4)})
+    manifest, _ = build_manifest(ds, scan_files(ds))
+    extractor = FeatureExtractor(ds.extraction, num_threads=1)
+    new = update_features(ds, manifest, None, extractor).table
+    old = _list_layout(new)
+    assert old.schema != new.schema and current_layout(old).equals(new)
+    store = FeatureStore(tmp_path / "wh")
+    store.write_table(features_path("t", "old"), old)
+    fs_old = load_features(store, "t", ["old"])
+    fs_new = table_to_featureset(new)
+    np.testing.assert_array_equal(fs_old.class_vectors, fs_new.class_vectors)
+    assert stored_class_shape(old) == stored_class_shape(new) == (4, 1280)
+    # An old shard plus one new image: the old rows are reused beside the fresh one.
+    _jpeg(root / "img9.jpg", (9, 99, 199))
+    grown, _ = build_manifest(ds, scan_files(ds), manifest)
+    up = update_features(ds, grown, old, extractor)
+    assert (up.forward_passes, up.reused, up.table.num_rows) == (1, 3, 4)
+    assert up.table.schema == new.schema
+    np.testing.assert_array_equal(
+        table_to_featureset(up.table.slice(0, 3)).class_vectors, fs_new.class_vectors
+    )
 
 
 def test_batch_shards_are_stable_when_files_are_added(tmp_path: Path) -> None:

@@ -564,9 +564,9 @@ def test_pca_read_errors_name_the_file(store: FeatureStore) -> None:
 #: Text that only a warehouse path holds: a hive-style ``key=`` folder, a top-level artefact
 #: folder, or a report file name.
 _WAREHOUSE_TEXT = re.compile(
-    r"(^|/)(dataset|evaluation|set|agg|shard|method)=|"
+    r"(^|/)(dataset|evaluation|set|agg|shard|method|extraction)=|"
     r"^/?(manifest|cam_features|rejected|query_features|pca|descriptors|"
-    r"distractor_descriptors|rankings|plans|_checkpoints)/|"
+    r"distractor_descriptors|rankings|plans|_checkpoints|feature_maps|pair_cache)/|"
     r"^/?(report\.md|report\.json|per_query_ap\.csv)$"
 )
 

@@ -36,7 +36,8 @@ from cw_pipeline.compute.shards import (
     stored_code_version,
     stored_fingerprint,
 )
-from cw_pipeline.config import DatasetConfig, ProjectConfig, default_config_path
+from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig, default_config_path
+from cw_pipeline.config.models import DEFAULT_EVALUATION_CRON
 from cw_pipeline.core.datasets import skipped_summary
 from cw_pipeline.store import (
     FEATURES,
@@ -117,6 +118,8 @@ class DatasetStatus:
     descriptors: bool = False
     descriptor_images: int = 0
     distractor_of: list[str] = field(default_factory=list)  #: evaluations with descriptors
+    #: how a distractor set's descriptors follow a change of each evaluation's PCA
+    refreshes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     hint: str = ""  #: what to run, when the state is not ``indexed``
 
@@ -208,6 +211,8 @@ def dataset_status(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig
             prefix = distractor_descriptors_folder(ev.name, ds.name)
             if ds.name in ev.distractors and store.list(prefix):
                 st.distractor_of.append(ev.name)
+            if ds.name in ev.distractors:
+                st.refreshes.append(_reprojection(ev, ds.name, st.images_indexed))
         st.descriptors = bool(st.distractor_of)
     if not stored:
         st.state = "not indexed"
@@ -216,6 +221,18 @@ def dataset_status(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig
     if st.state != "indexed":
         st.hint = _hint(config, store, ds, st)
     return st
+
+
+def _reprojection(ev: EvaluationConfig, dname: str, images: int) -> str:
+    """How the distractor descriptors of ``dname`` under ``ev`` follow a change of its PCA."""
+    if images <= ev.reproject_at_once:
+        when = "at once"
+        why = f"{images:,} images <= reproject_at_once {ev.reproject_at_once:,}"
+    else:
+        cron = ev.schedule or DEFAULT_EVALUATION_CRON
+        when = f"after the cron tick '{cron}' of {ev.name}'s schedule"
+        why = f"{images:,} images > reproject_at_once {ev.reproject_at_once:,}; its rankings wait"
+    return f"distractors of {ev.name}: re-projected {when} when {ev.dataset}'s PCA changes ({why})"
 
 
 def _hint(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig, st: DatasetStatus) -> str:
@@ -264,7 +281,10 @@ def format_table(statuses: list[DatasetStatus]) -> str:
     for s in statuses:
         if s.notes or s.hint:
             lines.append(f"{s.name}: {s.state}")
+        elif s.refreshes:
+            lines.append(f"{s.name}:")
         lines += [f"  {note}" for note in s.notes]
+        lines += [f"  {line}" for line in s.refreshes]
         if s.hint:
             lines.append(f"  run: {s.hint}")
     return "\n".join(lines)

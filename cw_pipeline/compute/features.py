@@ -29,10 +29,13 @@ from cw_pipeline.core.experiment import (
     FeatureSet,
 )
 from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
+from cw_pipeline.core.retrieval import MapStore
 from cw_pipeline.store import (
+    FEATURES,
     FeatureStore,
     features_path,
     rejected_path,
+    shard_folder,
 )
 
 
@@ -131,10 +134,17 @@ def feature_code_version(ds: DatasetConfig) -> str:
 def feature_schema(
     n_classes: int, dim: int, n_boxes: int, storage: str = CLASS_VECTOR_STORAGE
 ) -> pa.Schema:
-    """Arrow schema of a feature shard (class vectors int8 + scales or float16)."""
+    """Arrow schema of a feature shard (class vectors int8 + scales or float16).
+
+    int8 class vectors are one fixed-size binary value per image (N_C × K bytes, row-major),
+    not a list of int8: Parquet has no 8-bit integer type and would widen each code to 32 bits
+    before compressing. Measured on 128 UKBench rows (64 × 1280), zstd: writes 2.40 → 0.61
+    ms/row, reads 1.48 → 0.18 ms/row, 73 → 45 kB/row. Shards written with the older list layout
+    are read as well (:func:`current_layout`).
+    """
     if storage == "int8":
         vec_fields = [
-            ("class_vectors", pa.list_(pa.int8(), n_classes * dim)),
+            ("class_vectors", pa.binary(n_classes * dim)),
             ("class_vector_scales", pa.list_(pa.float32(), n_classes)),
         ]
     elif storage == "float16":
@@ -168,6 +178,27 @@ REJECTED_SCHEMA = pa.schema(
 )
 
 
+def _int8_rows(codes: np.ndarray) -> pa.Array:
+    """Fixed-size binary rows of an (N, ...) int8 array, zero-copy."""
+    flat = np.ascontiguousarray(codes, dtype=np.int8).reshape(len(codes), -1)
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(flat.shape[1]), len(flat), [None, pa.py_buffer(flat)]
+    )
+
+
+def current_layout(table: pa.Table) -> pa.Table:
+    """Feature rows in the current layout: int8 class vectors stored as a list of int8 (shards
+    written before the fixed-size binary layout) become fixed-size binary, values unchanged."""
+    i = table.schema.get_field_index("class_vectors")
+    typ = table.schema.field(i).type if i >= 0 else None
+    if not (pa.types.is_fixed_size_list(typ) and pa.types.is_int8(typ.value_type)):
+        return table
+    width = typ.list_size
+    col = table.column(i).combine_chunks()
+    codes = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), width)
+    return table.set_column(i, pa.field("class_vectors", pa.binary(width)), _int8_rows(codes))
+
+
 def _fixed_list(values: np.ndarray, typ: pa.DataType, width: int) -> pa.Array:
     flat = pa.array(values.reshape(-1), type=typ)
     return pa.FixedSizeListArray.from_arrays(flat, width)
@@ -189,7 +220,7 @@ def records_to_table(
     if storage == "int8":
         q, scale = quantize_int8(vectors)
         vec_cols = [
-            _fixed_list(q, pa.int8(), n_c * dim),
+            _int8_rows(q),
             _fixed_list(scale, pa.float32(), n_c),
         ]
     else:
@@ -235,7 +266,11 @@ def table_to_featureset(table: pa.Table) -> FeatureSet:
 
 def _class_vectors(table: pa.Table, n_c: int, dim: int) -> np.ndarray:
     if "class_vector_scales" in table.schema.names:
-        q = _column_matrix(table, "class_vectors", np.int8, (n_c, dim))
+        col = current_layout(table.select(["class_vectors"])).column(0).combine_chunks()
+        width = n_c * dim
+        start = col.offset * width
+        q = np.frombuffer(col.buffers()[1], dtype=np.int8)[start : start + len(col) * width]
+        q = q.reshape(len(col), n_c, dim)
         scale = _column_matrix(table, "class_vector_scales", np.float32, (n_c,))
         return dequantize_int8(q, scale)
     return _column_matrix(table, "class_vectors", np.float32, (n_c, dim))
@@ -258,7 +293,9 @@ def stored_finite(table: pa.Table) -> bool:
 def stored_class_shape(table: pa.Table) -> tuple[int, int]:
     """(N_C, K) of a feature shard's class vectors, from its schema."""
     n_c = table.schema.field("class_ids").type.list_size
-    return n_c, table.schema.field("class_vectors").type.list_size // n_c
+    typ = table.schema.field("class_vectors").type
+    width = typ.byte_width if pa.types.is_fixed_size_binary(typ) else typ.list_size
+    return n_c, width // n_c
 
 
 @dataclass
@@ -290,7 +327,11 @@ _LAYOUT_CHANGED = (
 
 def _stored_rows(previous: pa.Table | None, resumed: pa.Table | None) -> pa.Table | None:
     """``previous`` then ``resumed`` rows in one table (schema metadata dropped)."""
-    parts = [t.replace_schema_metadata(None) for t in (previous, resumed) if t is not None]
+    parts = [
+        current_layout(t.replace_schema_metadata(None))
+        for t in (previous, resumed)
+        if t is not None
+    ]
     parts = [t for t in parts if t.num_rows]
     if not parts:
         return None
@@ -311,31 +352,44 @@ def _extract_new(
     rejected: list[dict[str, str]],
     progress: Callable[[int, int], None] | None,
     checkpoint: Callable[[pa.Table], None] | None,
+    maps: MapStore | None = None,
 ) -> list[pa.Table]:
     """Feature rows of the manifest rows ``todo`` (by image id), one table per batch; images
-    that cannot be read are appended to ``rejected``."""
+    that cannot be read are appended to ``rejected``. With ``maps``, each image's feature maps
+    are put there by sha1 (the forward pass computes them anyway)."""
     fresh: list[pa.Table] = []
     items = [(key, image_path(ds.images, r["relpath"])) for key, r in todo.items()]
     n = 0
-    for batch in extractor.extract_batches(items, on_error="yield"):
-        ids, shas, recs = [], [], []
-        for key, rec in batch:
-            r = todo[key]
-            if isinstance(rec, Exception):
-                rejected.append(_reject(r, str(rec)))
-            else:
+    keep_maps = getattr(extractor, "keep_maps", False)
+    if maps is not None:
+        extractor.keep_maps = True
+    try:
+        for batch in extractor.extract_batches(items, on_error="yield"):
+            ids, shas, recs = [], [], []
+            for key, rec in batch:
+                r = todo[key]
+                if isinstance(rec, Exception):
+                    rejected.append(_reject(r, str(rec)))
+                    continue
+                if maps is not None and rec.maps is not None:
+                    maps.put(r["sha1"], rec.maps)
+                    if not keep_maps:
+                        rec.maps = None
                 ids.append(key)
                 shas.append(r["sha1"])
                 recs.append(rec)
-        if recs:
-            table = records_to_table(ids, shas, recs)
-            if checkpoint is not None:
-                checkpoint(table)
-            fresh.append(table)
-        for _ in batch:
-            n += 1
-            if progress is not None:
-                progress(n, len(items))
+            if recs:
+                table = records_to_table(ids, shas, recs)
+                if checkpoint is not None:
+                    checkpoint(table)
+                fresh.append(table)
+            for _ in batch:
+                n += 1
+                if progress is not None:
+                    progress(n, len(items))
+    finally:
+        if maps is not None:
+            extractor.keep_maps = keep_maps
     # The shard's forward passes are over: what they kept for each other goes back.
     allocator.release()
     return fresh
@@ -381,6 +435,7 @@ def update_features(
     *,
     resumed: pa.Table | None = None,
     checkpoint: Callable[[pa.Table], None] | None = None,
+    maps: MapStore | None = None,
 ) -> ShardUpdate:
     """Feature rows for a manifest shard, reusing ``previous`` and ``resumed`` rows by sha1.
 
@@ -389,7 +444,9 @@ def update_features(
 
     ``checkpoint`` receives the feature rows of every batch as soon as its forward pass is done,
     before the next batch starts; ``resumed`` holds such rows left by an interrupted run (see
-    :class:`cw_pipeline.compute.checkpoints.ShardCheckpoints`). Both are optional.
+    :class:`cw_pipeline.compute.checkpoints.ShardCheckpoints`). Both are optional. ``maps``
+    (optional) receives the feature maps of the images the network runs on, by sha1
+    (:mod:`cw_pipeline.compute.feature_maps`).
     """
     t0 = time.perf_counter()
     stored = _stored_rows(previous, resumed)
@@ -401,7 +458,7 @@ def update_features(
     rows = manifest.to_pylist()
     todo = {r["image_id"]: r for r in rows if r["sha1"] not in reuse and not r["error"]}
     rejected = [_reject(r, r["error"]) for r in rows if r["error"] and r["sha1"] not in reuse]
-    fresh = _extract_new(ds, todo, extractor, rejected, progress, checkpoint)
+    fresh = _extract_new(ds, todo, extractor, rejected, progress, checkpoint, maps)
     table, take = _shard_table(rows, stored, reuse, fresh, extractor)
     return ShardUpdate(
         table=table,
@@ -433,7 +490,7 @@ def load_features(
         rel = features_path(dataset, shard)
         if not store.exists(rel):
             raise FileNotFoundError(f"features of {dataset} shard {shard} are not materialized")
-        t = store.read_table(rel)
+        t = current_layout(store.read_table(rel))
         for image_id in t.column("image_id").to_pylist():
             first = owner.setdefault(image_id, shard)
             if first != shard:
@@ -457,3 +514,8 @@ def load_features(
             f"({len(shards)} shard(s), {rejected} image(s) rejected as unreadable)"
         )
     return table_to_featureset(pa.concat_tables(tables).sort_by("image_id"))
+
+
+def stored_image_count(store: FeatureStore, dataset: str) -> int:
+    """How many images a dataset's stored feature shards hold (read from their footers)."""
+    return sum(store.row_count(rel) for rel in store.list(shard_folder(FEATURES, dataset)))

@@ -7,7 +7,10 @@ space (:data:`cw_pipeline.core.methods.PCA_SPACES`), stored at :func:`cw_pipelin
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+
+import numpy as np
 
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.core.aggregation import PCAWhitening
@@ -91,6 +94,18 @@ def pca_models_for(
 ) -> dict[str, PCAWhitening]:
     """The PCA models of ``ds`` by space (``half``: 1 or 2 for a self-split dataset)."""
     return {space: store.read_pca(pca_path(ds.name, space, half)) for space in PCA_SPACES}
+
+
+def pca_version(pcas: dict[str, PCAWhitening]) -> str:
+    """A short hash of PCA models' arrays: descriptors projected with equal versions are
+    comparable (kept in the descriptor tables' metadata, checked before ranking)."""
+    h = hashlib.sha1()
+    for space in sorted(pcas):
+        m = pcas[space]
+        h.update(space.encode())
+        for a in (m.mean, m.components, m.eigenvalues):
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def pca_output_dims(store: FeatureStore, ds: DatasetConfig) -> dict[str, int]:

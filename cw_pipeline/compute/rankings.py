@@ -7,6 +7,7 @@ data (the rankings would mix images of different times).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from cw_pipeline.compute.descriptors import descriptor_sets, offline_aggregations, read_descriptors
+from cw_pipeline.compute.feature_maps import warehouse_maps
 from cw_pipeline.compute.features import load_features, table_to_featureset
 from cw_pipeline.compute.pca import method_pca, pca_groups_of, pca_models_for
 from cw_pipeline.compute.queries import check_groundtruth_images, load_groundtruth
@@ -24,7 +26,7 @@ from cw_pipeline.core import datasets as gtio
 from cw_pipeline.core.evaluation import score
 from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams
 from cw_pipeline.core.extract import FeatureExtractor
-from cw_pipeline.core.retrieval import ComputedMaps, SubsetMaps, search
+from cw_pipeline.core.retrieval import ComputedMaps, PairCache, SubsetMaps, search
 from cw_pipeline.core.search import Ranking
 from cw_pipeline.store import (
     FeatureStore,
@@ -32,8 +34,11 @@ from cw_pipeline.store import (
     distractor_descriptors_path,
     features_path,
     manifest_path,
+    pair_cache_path,
     query_features_path,
 )
+
+logger = logging.getLogger(__name__)
 
 #: Rankings keep the full list up to this many database images, then the top this many.
 MAX_RANKING_LENGTH = 10_000
@@ -131,6 +136,19 @@ def _database(
     return db_ids, db
 
 
+def _manifest_rows(
+    store: FeatureStore, ds: DatasetConfig, shards: Sequence[str]
+) -> dict[str, tuple[Path, str]]:
+    """image id → (absolute path, sha1) of the readable rows of the given shards' manifests."""
+    out: dict[str, tuple[Path, str]] = {}
+    for shard in shards:
+        rel = manifest_path(ds.name, shard)
+        for row in store.read_table(rel, ["image_id", "relpath", "sha1", "error"]).to_pylist():
+            if not row["error"]:
+                out[row["image_id"]] = (gtio.image_path(ds.images, row["relpath"]), row["sha1"])
+    return out
+
+
 def _database_maps(
     config: ProjectConfig,
     store: FeatureStore,
@@ -139,20 +157,89 @@ def _database_maps(
     db_ids: Sequence[str],
     extractor: FeatureExtractor | None,
 ) -> ComputedMaps:
-    """The database images' maps, recomputed by ``extractor`` (for OnA and re-ranking)."""
+    """The database images' maps (for OnA and re-ranking): kept ones by sha1 from the
+    warehouse (:mod:`cw_pipeline.compute.feature_maps`), the others computed by ``extractor``
+    and kept."""
     if extractor is None:
         raise ValueError(f"evaluation {ev.name}: OnA/re-ranking need a feature extractor")
     ds = config.dataset(ev.dataset)
-    paths = manifest_paths(store, ds, shards[ds.name])
+    rows = _manifest_rows(store, ds, shards[ds.name])
     for dname in ev.distractors:
-        paths.update(manifest_paths(store, config.dataset(dname), shards[dname]))
-    unknown = [i for i in db_ids if i not in paths]
+        rows.update(_manifest_rows(store, config.dataset(dname), shards[dname]))
+    unknown = [i for i in db_ids if i not in rows]
     if unknown:
         raise ValueError(
             f"evaluation {ev.name}: {len(unknown)} described image(s) are not in the current "
             f"manifests (first: {unknown[0]!r}): the descriptors are out of date"
         )
-    return ComputedMaps(extractor, [paths[i] for i in db_ids])
+    return ComputedMaps(
+        extractor,
+        [rows[i][0] for i in db_ids],
+        keys=[rows[i][1] for i in db_ids],
+        store=warehouse_maps(config, store, ds),
+    )
+
+
+#: Pair values an evaluation keeps (``pair_cache_path`` kinds), and the most bytes of OnA
+#: descriptors it writes (n queries × n images × d floats; beyond it they are recomputed).
+PAIR_KINDS = ("region", "ona")
+MAX_ONA_CACHE_BYTES = 2 * 10**9
+
+
+def load_pair_cache(store: FeatureStore, ev: EvaluationConfig, extraction: str) -> PairCache:
+    """The pair values an evaluation's rankings kept (empty when none or unreadable)."""
+    pairs = PairCache(extraction=extraction)
+    for kind in PAIR_KINDS:
+        rel = pair_cache_path(ev.name, kind)
+        if not store.exists(rel):
+            continue
+        try:
+            t = store.read_table(rel)
+        except (OSError, ValueError, KeyError) as exc:  # a damaged cache is recomputed
+            logger.warning("%s: %s; recomputing its pairs", store.url(rel), exc)
+            continue
+        keys = zip(
+            t.column("context").to_pylist(),
+            t.column("query").to_pylist(),
+            t.column("image").to_pylist(),
+            strict=True,
+        )
+        if kind == "region":
+            pairs.region.update(zip(keys, t.column("value").to_numpy().tolist(), strict=True))
+        else:
+            for key, raw in zip(keys, t.column("value").to_pylist(), strict=True):
+                pairs.ona[key] = np.frombuffer(raw, dtype=np.float32)
+    return pairs
+
+
+def save_pair_cache(store: FeatureStore, ev: EvaluationConfig, pairs: PairCache) -> None:
+    """Write the pair values this run read or computed (the others are of images, queries or
+    settings no longer current: dropped)."""
+    for kind in PAIR_KINDS:
+        rel = pair_cache_path(ev.name, kind)
+        keys = sorted(pairs.touched[kind])
+        if kind == "region":
+            values = pa.array([pairs.region[k] for k in keys], pa.float32())
+        else:
+            if sum(pairs.ona[k].nbytes for k in keys) > MAX_ONA_CACHE_BYTES:
+                logger.info("%s: over %d bytes, not kept", ev.name, MAX_ONA_CACHE_BYTES)
+                keys = []
+            values = pa.array(
+                [pairs.ona[k].astype(np.float32).tobytes() for k in keys], pa.binary()
+            )
+        if not keys:
+            store.delete(rel)
+            continue
+        cols = list(zip(*keys, strict=True))
+        table = pa.table(
+            {
+                "context": pa.array(cols[0], pa.string()).dictionary_encode(),
+                "query": pa.array(cols[1], pa.string()).dictionary_encode(),
+                "image": pa.array(cols[2], pa.string()),
+                "value": values,
+            }
+        )
+        store.write_table(rel, table)
 
 
 def _query_groups(
@@ -194,6 +281,7 @@ def _rank_method(
     db: dict[str, np.ndarray],
     maps: ComputedMaps | None,
     params: SearchParams,
+    pairs: PairCache | None = None,
 ) -> tuple[list[str], Ranking]:
     """One method's ranking of every query group, as one Ranking over all the queries."""
     qids_all: list[str] = []
@@ -209,6 +297,7 @@ def _rank_method(
             params,
             top_k=min(len(rows), MAX_RANKING_LENGTH),
             query_descriptors=qd[agg],
+            pairs=pairs,
         )
         qids_all.extend(qids)
         rows_all.append(rows[r.indices])
@@ -231,24 +320,34 @@ def evaluation_rankings(
     """Rankings of every method of an evaluation, and run statistics.
 
     ``shards`` lists the current shards of the evaluated dataset and each distractor set.
-    ``extractor`` is needed only by OnA and re-ranking methods (maps are recomputed).
+    ``extractor`` is needed only by OnA and re-ranking methods: it computes the maps the
+    warehouse does not keep. The region scores and OnA descriptors of (query, image) pairs are
+    kept per evaluation (:func:`save_pair_cache`): a refresh computes only the pairs it has not
+    seen. The statistics say how many forward passes, region scores and OnA descriptors were
+    computed and how many reused.
     """
     ds = config.dataset(ev.dataset)
     methods = list(ev.methods)
     db_ids, db = _database(store, ds, ev, shards)
-    maps = None
+    maps = pairs = None
     if any(m.needs_maps for m in methods):
         maps = _database_maps(config, store, ev, shards, db_ids, extractor)
+        pairs = load_pair_cache(store, ev, ds.extraction.code_version())
     groups = _query_groups(config, store, ds, shards[ds.name], db_ids, db)
     tables: dict[str, pa.Table] = {}
     stats: dict[str, Any] = {"database": len(db_ids), "queries": 0, "seconds": {}}
     for method in methods:
         t0 = time.perf_counter()
-        qids, ranking = _rank_method(method, groups, db, maps, config.search)
+        qids, ranking = _rank_method(method, groups, db, maps, config.search, pairs)
         tables[method.name] = ranking_table(qids, db_ids, ranking)
         stats["seconds"][method.name] = round(time.perf_counter() - t0, 3)
         stats["queries"] = len(qids)
     stats["map_forward_passes"] = 0 if maps is None else maps.forward_passes
+    if maps is not None and pairs is not None:
+        save_pair_cache(store, ev, pairs)
+        stats["maps_reused"] = maps.stored_reused
+        stats.update(maps.store.statistics() if maps.store is not None else {})  # type: ignore[attr-defined]
+        stats.update(pairs.statistics())
     return tables, stats
 
 
@@ -290,6 +389,10 @@ def evaluation_input_problems(
                 "no longer indexed): the descriptors are out of date"
             )
     database = set(features)
+    agg0 = offline_aggregations()[0]
+    dataset_pca = None
+    if ev.distractors and store.exists(descriptors_path(ds.name, agg0)):
+        dataset_pca = store.read_metadata(descriptors_path(ds.name, agg0)).get("pca")
     for dname in ev.distractors:
         for s in shards[dname]:
             frel = features_path(dname, s)
@@ -298,12 +401,18 @@ def evaluation_input_problems(
                 continue
             fids = set(_stored_ids(store, frel))
             database |= fids
-            drel = distractor_descriptors_path(ev.name, dname, offline_aggregations()[0], s)
+            drel = distractor_descriptors_path(ev.name, dname, agg0, s)
             dids = set(_stored_ids(store, drel)) if store.exists(drel) else set()
             if dids != fids:
                 problems.append(
                     f"{ev.name}: {dname} shard {s!r} has {len(fids)} images with features but "
                     f"{len(dids)} descriptors: its distractor descriptors are out of date"
+                )
+            elif dids and store.read_metadata(drel).get("pca") != dataset_pca:
+                problems.append(
+                    f"{ev.name}: the descriptors of {dname} shard {s!r} were projected with "
+                    f"another PCA than {ds.name}'s descriptors: they are out of date "
+                    "(re-projected at once for a small set, else at the evaluation's cron)"
                 )
     if not ds.grouped:
         rel = query_features_path(ds.name)

@@ -38,6 +38,7 @@ from cw_pipeline.config.models import (
     DatasetConfig,
     DatasetDefaults,
     EvaluationConfig,
+    FeatureMapsConfig,
     MethodSpec,
     ProjectConfig,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "DatasetLocation",
     "EvaluationConfig",
     "ExtractionConfig",
+    "FeatureMapsConfig",
     "MethodSpec",
     "ProjectConfig",
     "RuntimeConfig",

@@ -25,6 +25,7 @@ from cw_pipeline.config.models import (
     DatasetConfig,
     DatasetDefaults,
     EvaluationConfig,
+    FeatureMapsConfig,
     ProjectConfig,
 )
 from cw_pipeline.config.yaml_file import ConfigFile
@@ -64,7 +65,16 @@ def default_config_path() -> Path:
 
 _WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
-_TOP_KEYS = ("warehouse", "reports", "defaults", "datasets", "evaluations", "methods", "search")
+_TOP_KEYS = (
+    "warehouse",
+    "reports",
+    "defaults",
+    "datasets",
+    "evaluations",
+    "methods",
+    "search",
+    "feature_maps",
+)
 _EXTRACTION_KEYS = tuple(ExtractionConfig.model_fields)
 _RUNTIME_KEYS = tuple(RuntimeConfig.model_fields)
 _DEFAULTS_KEYS = (*_EXTRACTION_KEYS, *_RUNTIME_KEYS)
@@ -72,7 +82,14 @@ _DATASET_KEYS = (
     *(k for k in DatasetConfig.model_fields if k not in ("name", "extraction", "runtime")),
     *_DEFAULTS_KEYS,
 )
-_EVALUATION_KEYS = ("dataset", "distractors", "methods", "schedule", "description")
+_EVALUATION_KEYS = (
+    "dataset",
+    "distractors",
+    "methods",
+    "schedule",
+    "reproject_at_once",
+    "description",
+)
 _SEARCH_KEYS = tuple(SearchParams.model_fields)
 #: Keys renamed when the three ``n_classes`` knobs got names saying which number they are.
 _RENAMED = {
@@ -158,6 +175,14 @@ def _search(f: ConfigFile, value: Any) -> SearchParams:
         return SearchParams.model_validate(raw)
     except ValidationError as exc:
         raise f.invalid(exc, "search", SearchParams) from None
+
+
+def _feature_maps(f: ConfigFile, value: Any) -> FeatureMapsConfig:
+    raw = f.mapping(value, "feature_maps", tuple(FeatureMapsConfig.model_fields))
+    try:
+        return FeatureMapsConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise f.invalid(exc, "feature_maps", FeatureMapsConfig) from None
 
 
 def _dataset(
@@ -397,6 +422,7 @@ def _load(f: ConfigFile) -> ProjectConfig:
     defaults, flat_defaults = _defaults(f, top.get("defaults"))
     methods = _methods(f, top.get("methods", list(DEFAULT_METHODS)), "methods")
     search = _search(f, top.get("search"))
+    feature_maps = _feature_maps(f, top.get("feature_maps"))
 
     datasets: dict[str, DatasetConfig] = {}
     disabled: dict[str, str] = {}
@@ -436,6 +462,7 @@ def _load(f: ConfigFile) -> ProjectConfig:
         disabled_datasets=disabled,
         disabled_evaluations=disabled_evals,
         warnings=tuple(f.warnings),
+        feature_maps=feature_maps,
     )
 
 

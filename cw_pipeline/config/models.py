@@ -140,14 +140,53 @@ class DatasetConfig(Settings):
         return self.images.parent.parent if self.generate == "demo" else None
 
 
+#: Cron of evaluations with distractors that set no ``schedule``: when distractor sets over
+#: ``reproject_at_once`` images are re-projected after a change of the PCA.
+DEFAULT_EVALUATION_CRON = "0 3 * * *"
+#: Distractor sets of at most this many images are re-projected as soon as their evaluation's
+#: PCA changes (about 2 ms an image: seconds); larger ones wait for the evaluation's cron.
+DEFAULT_REPROJECT_AT_ONCE = 20_000
+
+
+class FeatureMapsConfig(Settings):
+    """The YAML's ``feature_maps`` block: the maps kept for OnA and re-ranking
+    (:mod:`cw_pipeline.compute.feature_maps`).
+
+    Attributes:
+        budget_gb: the most the warehouse's ``feature_maps`` folder may hold (None: no bound;
+            0: keep none). Maps over it are recomputed when a search needs them.
+        at_indexing: the features step keeps the maps of the images it runs the network on,
+            for datasets an evaluation reads maps of (no second forward pass of those).
+    """
+
+    budget_gb: float | None = 20.0
+    at_indexing: bool = True
+
+    @field_validator("budget_gb")
+    @classmethod
+    def _non_negative(cls, value: float | None) -> float | None:
+        if value is not None and not value >= 0:
+            raise ValueError(f"budget_gb must be >= 0 (or null: no bound), got {value!r}")
+        return value
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.budget_gb is None else int(self.budget_gb * 1e9)
+
+
 class EvaluationConfig(Settings):
-    """A benchmark run: a dataset with ground truth, optional distractor sets, methods."""
+    """A benchmark run: a dataset with ground truth, optional distractor sets, methods.
+
+    ``schedule`` (cron) is when large distractor sets are re-projected after a change of the
+    PCA; ``reproject_at_once`` is the size (images) up to which that is done at once instead.
+    """
 
     name: str
     dataset: str
     distractors: tuple[str, ...] = ()
     methods: tuple[Method, ...] = ()
     schedule: str | None = None
+    reproject_at_once: bounded_int(0) = DEFAULT_REPROJECT_AT_ONCE  # type: ignore[valid-type]
     implicit: bool = False  #: True for the evaluation every ground-truth dataset gets
     description: str = ""
 
@@ -197,6 +236,7 @@ class ProjectConfig:
     disabled_datasets: dict[str, str] = field(default_factory=dict)  #: name -> reason
     disabled_evaluations: dict[str, str] = field(default_factory=dict)  #: name -> reason
     warnings: tuple[str, ...] = ()
+    feature_maps: FeatureMapsConfig = field(default_factory=FeatureMapsConfig)
 
     def _unknown(self, kind: str, name: str, known: Iterable[str], disabled: Mapping) -> None:
         if name in disabled:

@@ -359,22 +359,41 @@ def rerank(
     """
     config = config or RerankConfig()
     r = min(top_r, len(ranking_indices))
+    maps = [load_maps(int(ranking_indices[j])) for j in range(r)]
+    scores = rerank_scores(query_descriptor, query_classes, maps, weight, bias, pca, config)
+    return rerank_order(ranking_indices, scores)
+
+
+def rerank_scores(
+    query_descriptor: np.ndarray,
+    query_classes: np.ndarray,
+    maps: Sequence[FeatureMaps],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    pca: PCAWhitening | None,
+    config: RerankConfig | None = None,
+) -> np.ndarray:
+    """Each image's best CAM-box region score for one query (see :func:`rerank`).
+
+    One image at a time (its regions of equal shape share one einsum/PCA): an image's score is
+    a function of its maps and the query only, bit for bit, whatever other images are scored
+    in the same call, so a kept score equals a recomputed one exactly.
+    """
+    config = config or RerankConfig()
     classes = np.asarray(query_classes)[: config.query_classes]
     q = np.asarray(query_descriptor, dtype=np.float32)
-    # All regions of all R images in one call: regions of equal shape share one einsum/PCA.
-    region_maps: list[FeatureMaps] = []
-    region_cells: list[Sequence[int] | None] = []
-    owner: list[int] = []
-    for j in range(r):
-        m = load_maps(int(ranking_indices[j]))
+    scores = np.full(len(maps), -np.inf, dtype=np.float32)
+    for j, m in enumerate(maps):
         cells: list[Sequence[int] | None] = [None, *region_boxes(m, classes, weight, config)]
-        region_maps += [m] * len(cells)
-        region_cells += cells
-        owner += [j] * len(cells)
-    scores = np.full(r, -np.inf, dtype=np.float32)
-    if r:
-        descs = online_descriptors(region_maps, classes, weight, bias, pca, cells=region_cells)
-        np.maximum.at(scores, np.asarray(owner), (descs @ q).astype(np.float32))
+        descs = online_descriptors([m] * len(cells), classes, weight, bias, pca, cells=cells)
+        scores[j] = (descs @ q).astype(np.float32).max()
+    return scores
+
+
+def rerank_order(ranking_indices: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``len(scores)`` of a ranking re-sorted by ``scores`` (ties keep their order),
+    the rest unchanged; returns the new ordering and the sorted head's scores."""
+    r = len(scores)
     order = np.lexsort((np.arange(r), -scores))
     head = np.asarray(ranking_indices[:r])[order]
     return np.concatenate([head, np.asarray(ranking_indices[r:])]), scores[order]

@@ -34,7 +34,11 @@ def build_definitions(config: ProjectConfig, warehouse: str = "") -> dg.Definiti
     """The code location of a project configuration (``warehouse``: overrides its store)."""
     pipeline = PipelineResource(config_path=str(config.source), warehouse=warehouse)
     datasets = [_dataset_defs(config, ds, pipeline) for ds in config.datasets.values()]
-    evaluations = [a for ev in config.evaluations.values() for a in evaluation_assets(config, ev)]
+    evaluations = [
+        a
+        for ev in config.evaluations.values()
+        for a in evaluation_assets(config, ev, pipeline.store)
+    ]
     return dg.Definitions.merge(
         *datasets,
         dg.Definitions(

@@ -22,6 +22,7 @@ Dagster serializes every node's subsets at every tick, and the same checks writt
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -402,11 +403,18 @@ class ParentsReady(_Condition):
     """Every parent has data and is neither being materialized nor failed in its latest
     attempt; a parent requested in this same evaluation counts as ready only if it runs in the
     same run (an unpartitioned parent of an unpartitioned asset), unless ``strict``: then any
-    parent requested now makes the asset wait for a later tick."""
+    parent requested now makes the asset wait for a later tick (``strict_keys``: those parents
+    only)."""
 
-    def __init__(self, deps: Sequence[Dep], strict: bool = False):
+    def __init__(
+        self,
+        deps: Sequence[Dep],
+        strict: bool = False,
+        strict_keys: Iterable[dg.AssetKey] = (),
+    ):
         super().__init__(deps)
         self._strict = strict
+        self._strict_keys = frozenset(strict_keys)
 
     @property
     def name(self) -> str:
@@ -421,7 +429,7 @@ class ParentsReady(_Condition):
             requested = context.request_subsets_by_key.get(dep.key)
             if requested is not None and not requested.is_empty:
                 same_run = dep.partitions is None and context.partitions_def is None
-                if self._strict or not same_run:
+                if self._strict or dep.key in self._strict_keys or not same_run:
                     return False
                 continue
             state = dep_state(instance, dep, partition)
@@ -448,6 +456,70 @@ class ParentRequestedNow(_Condition):
         return False
 
 
+class ParentsCurrent(_Condition):
+    """Every partition of the given parents was computed from its inputs' current data (none
+    is stale, :func:`is_stale`): an asset reading them waits while one of them waits for its
+    own refresh (a distractor set re-projected only at its cron, say)."""
+
+    def __init__(self, parents: Sequence[tuple[Dep, InputsChanged]]):
+        super().__init__([dep for dep, _ in parents])
+        self._parents = tuple(parents)
+
+    @property
+    def name(self) -> str:
+        return "parents_current"
+
+    @property
+    def description(self) -> str:
+        return "no parent partition stale (each computed from its inputs' current data)"
+
+    def holds(self, context, instance: dg.DagsterInstance, partition: str | None) -> bool:
+        for dep, node in self._parents:
+            if dep.partitions is None:
+                parts: list[str | None] = [None]
+                recorded = recorded_input_versions(instance, dep.key, None)
+            else:
+                keys = dep.partitions.get_partition_keys(dynamic_partitions_store=instance)
+                parts = list(keys)
+                recorded = recorded_input_versions(instance, dep.key, keys)
+            for p in parts:
+                current = node.current(instance, p)
+                if current is not None and current != recorded.get(p):
+                    return False
+        return True
+
+
+class AtOnce(_Condition):
+    """True while ``measure()`` (an amount of work, e.g. a distractor set's images) is at most
+    ``limit``: such an asset refreshes as soon as its inputs change instead of at its cron.
+    The measure is re-read at most every ``ttl`` seconds."""
+
+    def __init__(self, measure: Callable[[], int], limit: int, what: str, ttl: float = 30.0):
+        super().__init__([])
+        self._measure, self.limit, self.what, self._ttl = measure, limit, what, ttl
+        self._cached: tuple[float, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return "at_once"
+
+    @property
+    def description(self) -> str:
+        return f"{self.what} is at most {self.limit}"
+
+    def amount(self) -> int:
+        now = time.monotonic()
+        if self._cached is None or now - self._cached[0] > self._ttl:
+            self._cached = (now, int(self._measure()))
+        return self._cached[1]
+
+    def holds_now(self) -> bool:
+        return self.amount() <= self.limit
+
+    def holds(self, context, instance: dg.DagsterInstance, partition: str | None) -> bool:
+        return self.holds_now()
+
+
 def refresh_when_inputs_change(
     deps: Sequence[Dep], version_fn: VersionFn | None = None
 ) -> dg.AutomationCondition:
@@ -472,6 +544,51 @@ def on_cron_when_inputs_change(cron: str, deps: Sequence[Dep]) -> dg.AutomationC
         & ParentsReady(deps, strict=True)
         & ~AC.in_progress()
     )
+
+
+def refresh_when_current_parents_change(
+    deps: Sequence[Dep],
+    parents: Sequence[tuple[Dep, InputsChanged]],
+    shared: Iterable[dg.AssetKey] = (),
+) -> dg.AutomationCondition:
+    """:func:`refresh_when_inputs_change`, and only while the ``parents`` are current: an
+    evaluation with distractors follows its dataset at once while the distractor descriptors
+    are current, and waits for them when they wait for a cron. A ``shared`` input (the PCA,
+    which the distractor descriptors read too) requested now makes it wait for a later tick:
+    the parents it feeds are not current until they are refreshed after it."""
+    AC = dg.AutomationCondition
+    return (
+        (InputsChanged(deps) | ParentRequestedNow(deps))
+        & ParentsReady(deps, strict_keys=shared)
+        & ParentsCurrent(parents)
+        & ~AC.in_progress()
+    )
+
+
+def at_once_or_on_cron(cron: str, deps: Sequence[Dep], at_once: AtOnce) -> dg.AutomationCondition:
+    """Run as soon as the inputs change while ``at_once`` holds (a small amount of work), else
+    once after each tick of ``cron`` (:func:`on_cron_when_inputs_change`); never while a
+    parent is missing, running, failed or requested now."""
+    AC = dg.AutomationCondition
+    return (
+        (at_once | AC.cron_tick_passed(cron).since_last_handled())
+        & InputsChanged(deps)
+        & ParentsReady(deps, strict=True)
+        & ~AC.in_progress()
+    )
+
+
+def at_once_node(condition: dg.AutomationCondition | None) -> AtOnce | None:
+    """The :class:`AtOnce` inside an asset's automation condition, if any."""
+    if condition is None:
+        return None
+    if isinstance(condition, AtOnce):
+        return condition
+    for child in condition.children:
+        found = at_once_node(child)
+        if found is not None:
+            return found
+    return None
 
 
 def version_of(payload: bytes | str | Mapping | Iterable) -> str:

@@ -8,7 +8,8 @@ This package owns the warehouse layout (:mod:`~cw_pipeline.store.layout`; the re
 writing is :mod:`~cw_pipeline.store.feature_store`'s): every artefact of the pipeline has a
 named path there (:func:`manifest_path`, :func:`features_path`, :func:`rejected_path`,
 :func:`plan_path`, :func:`checkpoint_folder`, :func:`query_features_path`, :func:`pca_path`,
-:func:`descriptors_path`, :func:`distractor_descriptors_path`, :func:`rankings_path`, and
+:func:`descriptors_path`, :func:`distractor_descriptors_path`, :func:`feature_maps_path`,
+:func:`pair_cache_path`, :func:`rankings_path`, and
 :func:`report_path` under the reports root), and every folder a reader lists or watches has
 one too (:func:`shard_folder`, :func:`pca_folder`, :func:`descriptors_folder`,
 :func:`distractor_descriptors_folder`); no other module builds a warehouse path. PCA models
@@ -43,6 +44,7 @@ from cw_pipeline.store.feature_store import (
 )
 from cw_pipeline.store.layout import (
     CHECKPOINTS,
+    FEATURE_MAPS,
     FEATURES,
     MANIFEST,
     REJECTED,
@@ -58,8 +60,11 @@ from cw_pipeline.store.layout import (
     distractor_descriptors_folder,
     distractor_descriptors_path,
     encode_component,
+    feature_maps_folder,
+    feature_maps_path,
     features_path,
     manifest_path,
+    pair_cache_path,
     parse_shard_path,
     pca_folder,
     pca_path,
@@ -76,6 +81,7 @@ from cw_pipeline.store.layout import (
 __all__ = [
     "CHECKPOINTS",
     "FEATURES",
+    "FEATURE_MAPS",
     "MANIFEST",
     "REJECTED",
     "REPORT_JSON",
@@ -93,8 +99,11 @@ __all__ = [
     "distractor_descriptors_folder",
     "distractor_descriptors_path",
     "encode_component",
+    "feature_maps_folder",
+    "feature_maps_path",
     "features_path",
     "manifest_path",
+    "pair_cache_path",
     "parse_shard_path",
     "pca_folder",
     "pca_path",

@@ -243,6 +243,10 @@ class FeatureStore:
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise CorruptShardError(relpath, str(exc), self.url(relpath)) from None
 
+    def row_count(self, relpath: str) -> int:
+        """The number of rows of a Parquet file, from its footer."""
+        return int(self._parquet_file(relpath).metadata.num_rows)
+
     def read_metadata(self, relpath: str) -> dict[str, str]:
         """The schema metadata of a Parquet file, decoded as text."""
         meta = self._parquet_file(self._relpath([relpath])).schema_arrow.metadata or {}

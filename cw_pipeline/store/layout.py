@@ -245,6 +245,36 @@ def rankings_path(evaluation: str, method: str) -> str:
     return f"rankings/{_ev(evaluation)}/method={encode_component(method)}.parquet"
 
 
+#: Top-level folder of the kept feature maps (content-addressed: by extraction and image sha1).
+FEATURE_MAPS = "feature_maps"
+_SHA1_RE = re.compile(r"[0-9a-f]{40}")
+
+
+def feature_maps_folder(extraction: str | None = None) -> str:
+    """``feature_maps[/extraction=<code version>]``: the kept feature maps (for listing)."""
+    if extraction is None:
+        return FEATURE_MAPS
+    return f"{FEATURE_MAPS}/extraction={encode_component(extraction)}"
+
+
+def feature_maps_path(extraction: str, sha1: str) -> str:
+    """``feature_maps/extraction=<v>/<sha1[:2]>/<sha1>.npz``: the float16 feature maps (X, and
+    A when it differs) of one image content under one extraction's settings, kept for online
+    aggregation and re-ranking so that no image gets a second forward pass."""
+    if not _SHA1_RE.fullmatch(sha1):
+        raise ValueError(f"not a sha1 hex digest: {sha1!r}")
+    return f"{feature_maps_folder(extraction)}/{sha1[:2]}/{sha1}.npz"
+
+
+def pair_cache_path(evaluation: str, kind: str) -> str:
+    """``pair_cache/evaluation=<ev>/<kind>.parquet``: values of (query, image) pairs kept by an
+    evaluation's rankings (``region_scores``: best CAM-box region score; ``ona``: the OnA
+    descriptor), so that a refresh computes only pairs it has not seen."""
+    if not _KIND_RE.fullmatch(kind):
+        raise ValueError(f"invalid pair cache kind {kind!r}")
+    return f"pair_cache/{_ev(evaluation)}/{kind}.parquet"
+
+
 #: The files of a report folder that other commands read (beside its figures).
 REPORT_MARKDOWN = "report.md"
 REPORT_JSON = "report.json"

@@ -17,7 +17,7 @@ from cw_pipeline.core.experiment import (
     offline_descriptors,
 )
 from cw_pipeline.core.extract import FeatureMaps, ImageFeatures, encode_maps
-from cw_pipeline.core.retrieval import InMemoryMaps, MapCache, search
+from cw_pipeline.core.retrieval import InMemoryMaps, MapCache, PairCache, search
 from cw_pipeline.core.runner import evaluate_search, pca_groups
 from cw_pipeline.core.search import RerankConfig, online_descriptors, rerank
 
@@ -415,3 +415,95 @@ def test_map_cache_keeps_the_most_recent_maps_within_its_bytes():
     assert len(cache) == 0 and cache.nbytes == 0
     with pytest.raises(ValueError, match="max_bytes must be >= 0"):
         MapCache(-1)
+
+
+# --------------------------------------------------------------------------- pair cache
+
+
+class _KeyedMaps(InMemoryMaps):
+    """In-memory maps with a content key per row, as the warehouse's kept maps have."""
+
+    def __init__(self, maps, keys, weight, bias):
+        super().__init__(maps, weight, bias)
+        self.keys = list(keys)
+        self.gets: list[int] = []
+
+    def key(self, i: int) -> str:
+        return self.keys[i]
+
+    def get(self, i: int) -> FeatureMaps:
+        self.gets.append(i)
+        return super().get(i)
+
+
+PAIR_METHODS = ["ofa+r5", "ofa+r5+qe3", "ona", "ona+qe2", "ona+r3+qe2"]
+
+
+@pytest.mark.parametrize("name", PAIR_METHODS)
+def test_kept_pair_values_give_the_rankings_of_a_fresh_search(scene, name):
+    """Rankings from kept region scores / OnA descriptors equal those computed from the maps,
+    exactly; a refresh after an image was added computes only that image's pairs."""
+    clf, train, database, queries = scene
+    method = Method.parse(name)
+    pca = fit_pca(method, train, PARAMS)
+    db = offline_descriptors(method, database, pca, PARAMS)
+    keys = [f"sha-{i}" for i in range(len(database))]
+    fresh = search(method, queries, db, pca, _KeyedMaps(database.maps, keys, *clf), PARAMS)
+    pairs = PairCache(extraction="x")
+    first = search(
+        method, queries, db, pca, _KeyedMaps(database.maps, keys, *clf), PARAMS, pairs=pairs
+    )
+    np.testing.assert_array_equal(first.indices, fresh.indices)
+    np.testing.assert_array_equal(first.scores, fresh.scores)
+    stats = pairs.statistics()
+    kind = "ona_descriptors" if method.spec.online else "region_scores"
+    assert stats[f"{kind}_computed"] > 0
+    # Again: every pair is kept, no map is read for OnA, the rankings are the same.
+    again = PairCache(extraction="x", region=dict(pairs.region), ona=dict(pairs.ona))
+    maps = _KeyedMaps(database.maps, keys, *clf)
+    second = search(method, queries, db, pca, maps, PARAMS, pairs=again)
+    np.testing.assert_array_equal(second.indices, fresh.indices)
+    np.testing.assert_array_equal(second.scores, fresh.scores)
+    assert again.computed == {"region": 0, "ona": 0}
+    assert sum(again.reused.values()) > 0 and maps.gets == []
+
+
+@pytest.mark.parametrize("name", ["ofa+r10", "ona", "ona+r3"])
+def test_an_added_or_changed_image_gets_its_pairs_computed_the_others_reused(scene, name):
+    clf, train, database, queries = scene
+    method = Method.parse(name)
+    pca = fit_pca(method, train, PARAMS)
+    base = database.subset(list(range(8)))
+    pairs = PairCache(extraction="x")
+    keys = [f"sha-{i}" for i in range(8)]
+    db = offline_descriptors(method, base, pca, PARAMS)
+    search(method, queries, db, pca, _KeyedMaps(base.maps, keys, *clf), PARAMS, pairs=pairs)
+    before = Method(method.aggregation)  # the first ranking, before re-ranking
+
+    def heads(db, maps, keys) -> set[tuple[int, str]]:
+        first = search(before, queries, db, pca, _KeyedMaps(maps, keys, *clf), PARAMS)
+        return {(i, keys[j]) for i, row in enumerate(first.indices) for j in row[: method.rerank]}
+
+    old_heads = heads(db, base.maps, keys)
+    # Two images added (rows 8, 9) and row 3 changed: its content key changes with its maps.
+    grown = database
+    keys = [*keys, "sha-8", "sha-9"]
+    keys[3] = "sha-3-edited"
+    maps = list(grown.maps)
+    maps[3] = grown.maps[9]  # other content under row 3
+    feats = grown.subset(list(range(10)))
+    db = offline_descriptors(method, feats, pca, PARAMS)
+    db[3] = db[9]
+    pairs.computed = {"region": 0, "ona": 0}
+    pairs.reused = {"region": 0, "ona": 0}
+    kept = search(method, queries, db, pca, _KeyedMaps(maps, keys, *clf), PARAMS, pairs=pairs)
+    fresh = search(method, queries, db, pca, _KeyedMaps(maps, keys, *clf), PARAMS)
+    np.testing.assert_array_equal(kept.indices, fresh.indices)
+    np.testing.assert_array_equal(kept.scores, fresh.scores)
+    if method.spec.online:  # the pairs of the 3 new images with each query; the rest kept
+        assert pairs.computed["ona"] == 3 * len(queries)
+        assert pairs.reused["ona"] == 7 * len(queries)
+    if method.rerank:  # in each query's top R, only new or changed images and new entrants
+        new_heads = heads(db, maps, keys)
+        assert pairs.computed["region"] == len(new_heads - old_heads) > 0
+        assert pairs.reused["region"] == len(new_heads & old_heads)

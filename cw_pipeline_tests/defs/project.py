@@ -52,7 +52,13 @@ METHODS = ["raw", "raw+pca", "ofa", "ofa+qe5"]
 FIXED = "fixed:160x160"
 
 
-def project_yaml(resize: str = FIXED) -> dict:
+def project_yaml(resize: str = FIXED, reproject_at_once: int | None = 0) -> dict:
+    """The test project's configuration. ``reproject_at_once`` 0 (default): gamma is
+    re-projected at the evaluation's cron, as a 100k set would be; None: the default (gamma's
+    36 images re-projected as soon as beta's PCA changes)."""
+    evaluation = {"dataset": "beta", "distractors": ["gamma"], "schedule": NIGHTLY}
+    if reproject_at_once is not None:
+        evaluation["reproject_at_once"] = reproject_at_once
     return {
         "warehouse": "warehouse",
         "reports": "reports",
@@ -90,9 +96,7 @@ def project_yaml(resize: str = FIXED) -> dict:
             },
             "delta": {"layout": "folder", "images": "delta/jpg", "shard_by": "folder"},
         },
-        "evaluations": {
-            DISTRACTOR_EVAL: {"dataset": "beta", "distractors": ["gamma"], "schedule": NIGHTLY}
-        },
+        "evaluations": {DISTRACTOR_EVAL: evaluation},
         "methods": METHODS,
         "search": {"n_pca": 4, "aggregated_classes": 16},
     }
@@ -110,9 +114,10 @@ def tiny_defaults(batch_size: int = 4) -> dict:
     }
 
 
-def write_config(root: Path, resize: str = FIXED) -> Path:
+def write_config(root: Path, resize: str = FIXED, reproject_at_once: int | None = 0) -> Path:
     path = root / "datasets.yaml"
-    path.write_text(yaml.safe_dump(project_yaml(resize), sort_keys=False), encoding="utf-8")
+    text = yaml.safe_dump(project_yaml(resize, reproject_at_once), sort_keys=False)
+    path.write_text(text, encoding="utf-8")
     return path
 
 

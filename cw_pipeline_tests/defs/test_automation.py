@@ -28,8 +28,11 @@ from cw_pipeline_tests.defs.project import (
     DATASETS,
     DISTRACTOR_EVAL,
     Automation,
+    build_project,
     materialize,
+    open_project,
     synthetic_jpeg,
+    write_config,
 )
 
 EV = DISTRACTOR_EVAL
@@ -73,9 +76,12 @@ def test_automation_sensor_and_conditions(fresh_project):
     for key in (*GROUND_TRUTH_ASSETS, f"{EV}/gamma_descriptors", *CRON_RUN):
         names = _names(graph.get(K(key)).automation_condition)
         assert {"inputs_changed", "parents_ready", "in_progress"} <= names, key
-        # with distractors, the descriptors and rankings wait for the nightly tick
+        # the distractor descriptors wait for the nightly tick unless the set is small; the
+        # rankings with distractors follow at once, while those descriptors are current
         cron = any(n.startswith("cron_tick_passed") for n in names)
-        assert cron == (key in (f"{EV}/gamma_descriptors", f"{EV}/rankings")), key
+        assert cron == (key == f"{EV}/gamma_descriptors"), key
+        assert ("at_once" in names) == (key == f"{EV}/gamma_descriptors"), key
+        assert ("parents_current" in names) == (key == f"{EV}/rankings"), key
 
 
 def test_automation_waits_for_a_dataset_without_shards(fresh_project):
@@ -135,6 +141,34 @@ def test_automation_after_indexing(fresh_project):
     assert auto.rounds() == [ALPHA_DOWNSTREAM, GAMMA_DESCRIPTORS, CRON_RUN]
 
 
+def test_a_small_distractor_set_follows_a_new_pca_at_once(tmp_path, demo_source):
+    """With gamma under ``reproject_at_once`` (the default), a change of beta's PCA source
+    re-projects gamma and refreshes the evaluation without waiting for a cron tick: the
+    distractor descriptors a tick after the PCA (partitioned: other runs), then the rankings
+    once they are all current — never the rankings over a mix of two PCAs."""
+    root = tmp_path / "project"
+    build_project(root, demo_source)
+    write_config(root, reproject_at_once=None)
+    project = open_project(root)
+    for ds in DATASETS:
+        project.index(ds)
+    refresh(project.defs, project.instance, include_cron=True)
+    auto = Automation(project)
+    assert auto.start() == set()
+    synthetic_jpeg(project.images("alpha") / "part1" / "extra_001.jpg", seed=12)
+    assert project.index("alpha").forward_passes == 1
+    assert auto.rounds() == [ALPHA_DOWNSTREAM, GAMMA_DESCRIPTORS, CRON_RUN]
+    shards = {ds: current_shards(project.instance, ds) for ds in ("beta", "gamma")}
+    ev = project.config.evaluations[EV]
+    assert evaluation_input_problems(project.config, project.store, ev, shards) == []
+    # The same through the CLI's refresh: nothing is left for a cron.
+    synthetic_jpeg(project.images("alpha") / "part3" / "extra_002.jpg", seed=13)
+    assert project.index("alpha").forward_passes == 1
+    done = refresh(project.defs, project.instance)
+    assert set(done) == ALPHA_DOWNSTREAM | GAMMA_DESCRIPTORS | CRON_RUN
+    assert done.index(f"{EV}/rankings") > max(done.index(k) for k in GAMMA_DESCRIPTORS)
+
+
 def test_refresh_follows_the_data_not_a_cursor(fresh_project):
     """`refresh` and the automation sensor agree: both compare data versions, so what one
     refreshed the other finds current (no second run of anything)."""
@@ -155,7 +189,8 @@ def test_refresh_follows_the_data_not_a_cursor(fresh_project):
     assert project.index("beta").forward_passes == 1
     # beta's own downstream assets, and alpha's PCA (learned on beta) with what depends on it;
     # not beta's PCA (learned on alpha), nor beta's query features (no query image changed),
-    # nor the distractors' descriptors (cron)
+    # nor the distractors' descriptors (beta's PCA did not change): the evaluation with
+    # distractors follows beta in the same refresh
     expected = {
         "beta/descriptors",
         "beta/rankings",
@@ -164,6 +199,8 @@ def test_refresh_follows_the_data_not_a_cursor(fresh_project):
         "alpha/descriptors",
         "alpha/rankings",
         "alpha/map_report",
+        f"{EV}/rankings",
+        f"{EV}/map_report",
     }
     auto = Automation(project)  # what the daemon would do, first
     assert auto.start() == expected

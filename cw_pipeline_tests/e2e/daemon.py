@@ -32,6 +32,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: Assets of the demo (keys as user strings).
 DEMO_A = "demo-a"
 DEMO_B = "demo-b"
+#: The demo's evaluations with distractors.
+DEMO_DISTRACTOR_EVALUATIONS = ("demo-a-distractors", "demo-b-distractors")
 
 
 def demo_config(root: Path) -> Path:
@@ -118,6 +120,7 @@ class Snapshot:
     feature_cpu_seconds: float  #: inside the features steps (forward passes)
     step_cpu_seconds: float  #: inside every asset's step (``cpu_seconds`` metadata)
     cpu_seconds: float  #: of the daemon's and the code server's process trees
+    map_forward_passes: int = 0  #: run by rankings steps for OnA / re-ranking maps
     at: float = field(default_factory=time.time)
 
 
@@ -234,7 +237,7 @@ class DaemonProject:
         with self.instance() as instance:
             runs = {r.run_id: r.status.value for r in instance.get_runs()}
             mats: Counter = Counter()
-            passes, feature_cpu, step_cpu = 0, 0.0, 0.0
+            passes, map_passes, feature_cpu, step_cpu = 0, 0, 0.0, 0.0
             for key in instance.get_asset_keys():
                 records = instance.fetch_materializations(
                     dg.AssetRecordsFilter(asset_key=key), limit=10_000
@@ -251,7 +254,10 @@ class DaemonProject:
                     if key.path[-1] == "cam_features":
                         passes += int(mat.metadata["forward_passes"].value)
                         feature_cpu += cpu
-        return Snapshot(runs, mats, passes, feature_cpu, step_cpu, self.processes_cpu_seconds())
+                    if key.path[-1] == "rankings" and "map_forward_passes" in mat.metadata:
+                        map_passes += int(mat.metadata["map_forward_passes"].value)
+        cpu_now = self.processes_cpu_seconds()
+        return Snapshot(runs, mats, passes, feature_cpu, step_cpu, cpu_now, map_passes)
 
     def latest_materialization_time(self, key: str) -> float | None:
         import dagster as dg

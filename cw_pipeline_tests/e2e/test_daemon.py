@@ -14,7 +14,13 @@ import json
 import pytest
 
 from cw_pipeline.launcher import LAUNCHER_TAG
-from cw_pipeline_tests.e2e.daemon import DEMO_A, DEMO_B, DaemonProject, delta
+from cw_pipeline_tests.e2e.daemon import (
+    DEMO_A,
+    DEMO_B,
+    DEMO_DISTRACTOR_EVALUATIONS,
+    DaemonProject,
+    delta,
+)
 
 #: Longer than the folder sensors' 15 s and the automation sensor's 10 s: no run appearing
 #: for this long after the last one ended means the daemon has nothing more to do.
@@ -47,7 +53,9 @@ def test_daemon_refreshes_each_affected_asset_exactly_once(project: DaemonProjec
     runs, mats = delta(before, after)
 
     assert all(status == "SUCCESS" for status in runs.values()), (runs, project.log_tail())
-    assert len(runs) <= 3, runs  # the shard's indexing run(s) and one refresh run
+    # the shard's indexing run(s), one refresh run, then demo-b-distractors: one run per
+    # distractor shard re-projected with demo-b's new PCA (2), and its rankings and report
+    assert len(runs) <= 3 + 2 + 1, runs
     # each run's worker was forked warm (deploy/dagster.yaml's WarmRunLauncher), not spawned
     with project.instance() as instance:
         launched = {r: instance.get_run_by_id(r).tags.get(LAUNCHER_TAG) for r in runs}
@@ -69,12 +77,23 @@ def test_daemon_refreshes_each_affected_asset_exactly_once(project: DaemonProjec
         f"{DEMO_B}/descriptors",
         f"{DEMO_B}/rankings",
         f"{DEMO_B}/map_report",
+        # The evaluations with distractors follow their dataset at once: demo-a's with the
+        # distractor descriptors it has (demo-a's PCA did not change); demo-b's after its 40
+        # distractors (under reproject_at_once) are re-projected with demo-b's new PCA.
+        *(
+            f"{ev}/{name}"
+            for ev in DEMO_DISTRACTOR_EVALUATIONS
+            for name in ("rankings", "map_report")
+        ),
+        *(f"demo-b-distractors/demo-distractors_descriptors[{s}]" for s in ("b000", "b001")),
     }
     # exactly these, once each: not demo-a's PCA (learned on demo-b), not the query features
-    # (no query image changed), not the evaluations with distractors (they wait for 03:00)
+    # (no query image changed), not demo-a-distractors' distractor descriptors
     assert dict(mats) == dict.fromkeys(sorted(expected), 1), mats
-    # one forward pass per image added or changed, none for the others
+    # one forward pass per image added or changed, none for the others: the features step kept
+    # their maps, so no rankings step (OnA, re-ranking) runs the network again
     assert after.forward_passes - before.forward_passes == 4
+    assert after.map_forward_passes - before.map_forward_passes == 0
 
     # every file the user added is still on disk, the deleted one stays deleted
     for path in changed["added"] + changed["reencoded"]:

@@ -109,6 +109,9 @@ class FeatureExtractor:
         # Keep the forward pass's freed buffers for the next layer and batch (core/allocator.py).
         allocator.keep_freed_memory(int(self.backbone.activation_bytes * batch_pixels))
         self.keep_maps = keep_maps
+        #: dtype of the kept maps: float16 halves their memory (and the kept files); the mAP
+        #: change against float32 is measured by ``benchmarks/map_precision.py``.
+        self.maps_dtype: type = np.float16
         self.policy = self.config.resize_policy
         self.stats = ExtractionStats()
 
@@ -210,8 +213,8 @@ class FeatureExtractor:
             maps = None
             if self.keep_maps:
                 maps = FeatureMaps(
-                    features=x[i].cpu().numpy().astype(np.float16),
-                    cam_maps=None if a is x else a[i].cpu().numpy().astype(np.float16),
+                    features=x[i].cpu().numpy().astype(self.maps_dtype),
+                    cam_maps=None if a is x else a[i].cpu().numpy().astype(self.maps_dtype),
                     input_size=input_size,
                     image_size=tuple(orig),
                 )

@@ -14,9 +14,11 @@ Every asset's description starts with the dataset or evaluation it belongs to.
 import dagster as dg
 
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
+from cw_pipeline.config.models import DEFAULT_EVALUATION_CRON
 from cw_pipeline.defs.assets.descriptors import descriptors_asset, descriptors_key
 from cw_pipeline.defs.assets.distractors import (
     distractor_descriptors_asset,
+    distractor_descriptors_deps,
     distractor_descriptors_key,
 )
 from cw_pipeline.defs.assets.features import CNN_POOL, features_asset, features_key
@@ -28,13 +30,10 @@ from cw_pipeline.defs.assets.rankings import rankings_asset
 from cw_pipeline.defs.assets.support import StoreFactory
 from cw_pipeline.defs.checks import shards_readable_check
 from cw_pipeline.defs.partitions import partitions_def
-from cw_pipeline.defs.versions import Dep
+from cw_pipeline.defs.versions import Dep, InputsChanged
 from cw_pipeline.store import FeatureStore
 
 __all__ = ["CNN_POOL", "DEFAULT_EVALUATION_CRON", "dataset_assets", "evaluation_assets"]
-
-#: Cron of evaluations with distractors that set no ``schedule``.
-DEFAULT_EVALUATION_CRON = "0 3 * * *"
 
 
 def dataset_assets(
@@ -58,16 +57,22 @@ def dataset_assets(
 
 
 def evaluation_assets(
-    config: ProjectConfig, ev: EvaluationConfig
+    config: ProjectConfig, ev: EvaluationConfig, store_factory: StoreFactory | None = None
 ) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
-    """An evaluation's distractor descriptors, rankings and report."""
+    """An evaluation's distractor descriptors, rankings and report. ``store_factory`` gives
+    the feature store to the distractor descriptors' automation condition (default: the
+    configuration's warehouse)."""
+    store_factory = store_factory or (lambda: FeatureStore(config.warehouse))
     ds = config.dataset(ev.dataset)
     deps = [Dep(descriptors_key(ds)), Dep(pca_key(ds))]
     if not ds.grouped:
         deps.append(Dep(query_features_key(ds)))
     cron = ev.schedule or DEFAULT_EVALUATION_CRON
     out: list[dg.AssetsDefinition | dg.AssetChecksDefinition] = []
+    parents = []
     for dname in ev.distractors:
-        out.append(distractor_descriptors_asset(config, ev, dname, cron))
-        deps.append(Dep(distractor_descriptors_key(ev, dname), partitions_def(dname)))
-    return [*out, rankings_asset(config, ev, deps, cron), map_report_asset(config, ev)]
+        out.append(distractor_descriptors_asset(config, ev, dname, cron, store_factory))
+        dep = Dep(distractor_descriptors_key(ev, dname), partitions_def(dname))
+        deps.append(dep)
+        parents.append((dep, InputsChanged(distractor_descriptors_deps(config, ev, dname))))
+    return [*out, rankings_asset(config, ev, deps, parents), map_report_asset(config, ev)]

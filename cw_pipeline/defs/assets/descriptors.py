@@ -7,6 +7,7 @@ import dagster as dg
 from cw_pipeline.compute.data_versions import array_version
 from cw_pipeline.compute.descriptors import dataset_descriptors, descriptor_table
 from cw_pipeline.compute.features import load_features
+from cw_pipeline.compute.pca import pca_models_for, pca_version
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.pca import pca_key
@@ -41,8 +42,11 @@ def descriptors_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefi
         shards = current_shards(context.instance, ds.name)
         feats = load_features(store, ds.name, shards, ds.images)
         dims, versions = {}, {}
+        # The PCA the distractor descriptors must share (a self-split dataset has none).
+        meta = None if ds.self_split else {"pca": pca_version(pca_models_for(store, ds))}
         for agg, (ids, mat) in dataset_descriptors(config, store, ds, feats).items():
-            store.write_table(descriptors_path(ds.name, agg), descriptor_table(ids, mat))
+            rel = descriptors_path(ds.name, agg)
+            store.write_table(rel, descriptor_table(ids, mat), metadata=meta)
             dims[agg] = int(mat.shape[1])
             versions[agg] = array_version({agg: mat}, ids)
         return dg.MaterializeResult(

@@ -7,6 +7,7 @@ import dagster as dg
 import pyarrow as pa
 
 from cw_pipeline.compute.checkpoints import ShardCheckpoints
+from cw_pipeline.compute.feature_maps import maps_wanted_at_indexing, warehouse_maps
 from cw_pipeline.compute.features import feature_code_version, progress_logger, update_features
 from cw_pipeline.compute.manifests import manifest_version
 from cw_pipeline.config import DatasetConfig
@@ -69,6 +70,9 @@ def features_asset(ds: DatasetConfig) -> dg.AssetsDefinition:
         # Every batch is checkpointed; a run killed mid-shard resumes from its checkpoints.
         checkpoints = ShardCheckpoints(store, FEATURES, ds.name, shard, code_version)
         extractor = pipeline.extractor(ds)
+        # Maps an evaluation will read are kept now: those images get no second forward pass.
+        project = pipeline.project()
+        maps = warehouse_maps(project, store, ds) if maps_wanted_at_indexing(project, ds) else None
         cpu0 = time.process_time()
         usage0 = extractor.stats.forward_usage()
         update = update_features(
@@ -79,6 +83,7 @@ def features_asset(ds: DatasetConfig) -> dg.AssetsDefinition:
             progress_logger(context.log, f"{ds.name}/{shard}", every_images=PROGRESS_EVERY),
             resumed=checkpoints.load(context.log),
             checkpoint=checkpoints.write,
+            maps=maps,
         )
         store.write_table(rel, update.table, metadata={"code_version": code_version})
         store.write_table(rejected_path(ds.name, shard), update.rejected)
@@ -97,6 +102,7 @@ def features_asset(ds: DatasetConfig) -> dg.AssetsDefinition:
                 "cpu_seconds": cpu_seconds(cpu0),
                 "images_per_second": round(update.images_per_second, 2),
                 **forward_usage_metadata(extractor, usage0, update.forward_passes),
+                **({} if maps is None else maps.statistics()),
                 "path": store.url(rel),
             },
             check_results=features_checks(update, ds, extractor),

@@ -7,12 +7,30 @@ import dagster as dg
 from cw_pipeline.compute.data_versions import table_version
 from cw_pipeline.compute.rankings import evaluation_input_problems, evaluation_rankings
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
+from cw_pipeline.defs.assets.pca import pca_key
 from cw_pipeline.defs.assets.support import cpu_seconds, evaluation_shards, versioned
 from cw_pipeline.defs.checks import inputs_inconsistent, rankings_check_specs, rankings_checks
 from cw_pipeline.defs.partitions import ident
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import Dep, on_cron_when_inputs_change, refresh_when_inputs_change
+from cw_pipeline.defs.versions import (
+    Dep,
+    InputsChanged,
+    refresh_when_current_parents_change,
+    refresh_when_inputs_change,
+)
 from cw_pipeline.store import rankings_path
+
+#: Rankings metadata on what was reused: kept maps (``maps_reused``, ``maps_written``,
+#: ``maps_over_budget``), region scores and OnA descriptors of (query, image) pairs.
+REUSE_STATISTICS = (
+    "maps_reused",
+    "maps_written",
+    "maps_over_budget",
+    "region_scores_computed",
+    "region_scores_reused",
+    "ona_descriptors_computed",
+    "ona_descriptors_reused",
+)
 
 
 def rankings_key(ev: EvaluationConfig) -> dg.AssetKey:
@@ -20,20 +38,30 @@ def rankings_key(ev: EvaluationConfig) -> dg.AssetKey:
 
 
 def rankings_asset(
-    config: ProjectConfig, ev: EvaluationConfig, deps: list[Dep], cron: str
+    config: ProjectConfig,
+    ev: EvaluationConfig,
+    deps: list[Dep],
+    distractors: list[tuple[Dep, InputsChanged]] | None = None,
 ) -> dg.AssetsDefinition:
     """Rankings of every method over the dataset and its distractors. ``deps``: descriptors,
-    PCA, query features and distractor descriptors; with distractors (100k images) the
-    rankings wait for the evaluation's ``cron``. The blocking ``inputs_consistent`` check
-    fails the run before anything is written when the inputs are not one state."""
+    PCA, query features and distractor descriptors; refreshed as soon as they change, and
+    with distractors only while every distractor descriptor shard is current (``distractors``:
+    each one's dependency and input condition), so a large set re-projected at its cron holds
+    the rankings back until then. The blocking ``inputs_consistent`` check fails the run
+    before anything is written when the inputs are not one state."""
     ds = config.dataset(ev.dataset)
     key, methods = rankings_key(ev), [m.name for m in ev.methods]
     condition = (
-        on_cron_when_inputs_change(cron, deps)
-        if ev.distractors
+        refresh_when_current_parents_change(deps, distractors, shared=[pca_key(ds)])
+        if distractors
         else refresh_when_inputs_change(deps)
     )
     against = f" and {', '.join(ev.distractors)}" if ev.distractors else ""
+    waits = (
+        " Refreshed when its inputs change, once the distractor descriptors are current."
+        if distractors
+        else " Refreshed when its inputs change."
+    )
 
     @dg.asset(
         key=key,
@@ -42,7 +70,8 @@ def rankings_asset(
         kinds={"parquet"},
         automation_condition=condition,
         description=f"{ev.name} rankings: {ds.name}'s queries ranked over {ds.name}{against} "
-        f"by {', '.join(methods)}.",
+        f"by {', '.join(methods)}. OnA and re-ranking read the kept feature maps and the "
+        f"kept scores of (query, image) pairs: a refresh computes only new pairs.{waits}",
         check_specs=rankings_check_specs(key),
     )
     def rankings(context: dg.AssetExecutionContext, pipeline: PipelineResource):
@@ -68,6 +97,7 @@ def rankings_asset(
                 "queries": stats["queries"],
                 "seconds_per_method": stats["seconds"],
                 "map_forward_passes": stats["map_forward_passes"],
+                **{k: stats[k] for k in REUSE_STATISTICS if k in stats},
             },
             check_results=rankings_checks(config, store, ev, shards, tables, stats["database"]),
         )
