@@ -115,19 +115,40 @@ class PCAWhitening:
             metadata=meta,
         )
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        """Project and whiten (no normalisation); accepts (..., D) arrays."""
+    def transform(self, x: np.ndarray, row_invariant: bool = False) -> np.ndarray:
+        """Project and whiten (no normalisation); accepts (..., D) arrays.
+
+        ``row_invariant``: each vector's result is the same whatever other vectors are
+        projected with it. A float32 BLAS product's rounding depends on a row's place in the
+        matrix; accumulated in float64, the float32 results agree (the search's kept
+        per-image values, re-ranking scores and OnA descriptors, need it; it costs twice the
+        product's time)."""
         x = np.asarray(x, dtype=np.float32)
         if x.shape[-1] != self.input_dim:
             raise ValueError(f"PCA expects {self.input_dim}-d vectors, got {x.shape[-1]}-d")
         # One 2-D product: numpy's stacked (3-D) matmul skips BLAS and is ~10× slower.
-        flat = (x.reshape(-1, x.shape[-1]) - self.mean) @ self.components.T
+        rows = x.reshape(-1, x.shape[-1]) - self.mean
+        if row_invariant:
+            if rows.shape[0] == 1:  # BLAS runs a single row by another kernel: run two
+                rows = np.concatenate([rows, rows])
+            flat = (rows.astype(np.float64) @ self._components64.T).astype(np.float32)
+            flat = flat[: int(np.prod(x.shape[:-1], dtype=np.int64))]
+        else:
+            flat = rows @ self.components.T
         y = flat.reshape(*x.shape[:-1], flat.shape[-1])
         return y / np.sqrt(np.maximum(self.eigenvalues, EPS))
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    @property
+    def _components64(self) -> np.ndarray:
+        cached = self.__dict__.get("_c64")
+        if cached is None or cached.shape != self.components.shape:
+            cached = self.components.astype(np.float64)
+            self.__dict__["_c64"] = cached
+        return cached
+
+    def __call__(self, x: np.ndarray, row_invariant: bool = False) -> np.ndarray:
         """The paper's per-vector step: l2 → PCA-whitening → l2."""
-        return l2_normalize(self.transform(l2_normalize(x)))
+        return l2_normalize(self.transform(l2_normalize(x), row_invariant))
 
     def npz_bytes(self) -> bytes:
         """The arrays as ``.npz`` bytes (``mean``, ``components``, ``eigenvalues``; no pickles).

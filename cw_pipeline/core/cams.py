@@ -2,7 +2,8 @@
 
 CAM_c = Σ_k w_{k,c} · A_k with the classifier weights W (no bias). Each map is divided by its
 maximum and negative values are set to 0, so maps lie in [0, 1]. All classes of a whole batch are
-computed in one ``einsum``.
+computed in one batched matrix product (:func:`batch_matmul`), whose result for an image does
+not depend on the other images of the batch.
 """
 
 from __future__ import annotations
@@ -27,10 +28,24 @@ def top_classes(probs: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, values
 
 
+def batch_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a[i] @ b[i]`` for every i (N × m × k and N × k × p → N × m × p), bit for bit the same
+    whatever else is in the batch.
+
+    A plain ``einsum`` or ``matmul`` picks its kernel by the total sizes, so an image's values
+    moved in the last bits with the batch it was computed in; ``torch.bmm`` runs one product
+    per item, except for a batch of one (a different kernel): that one is run as two. Kept
+    per-image values (re-ranking scores, OnA descriptors) then equal recomputed ones exactly.
+    """
+    if a.shape[0] == 1:
+        return torch.bmm(a.expand(2, -1, -1), b.expand(2, -1, -1))[:1]
+    return torch.bmm(a, b)
+
+
 def compute_cams(
     cam_maps: torch.Tensor, weight: torch.Tensor, class_ids: torch.Tensor
 ) -> torch.Tensor:
-    """Raw CAMs of the given classes for every image of a batch, in one einsum.
+    """Raw CAMs of the given classes for every image of a batch, in one batched product.
 
     Args:
         cam_maps: A, N × K × h × w.
@@ -48,13 +63,15 @@ def compute_cams(
             f"classifier has {weight.shape[1]} input channels but A has {cam_maps.shape[1]}"
         )
     class_ids = class_ids.to(weight.device, torch.long)
+    n, k, h, w = cam_maps.shape
     if class_ids.ndim == 1:
-        return torch.einsum("ck,nkhw->nchw", weight[class_ids], cam_maps)
-    if class_ids.shape[0] != cam_maps.shape[0]:
-        raise ValueError(
-            f"class_ids has {class_ids.shape[0]} rows for a batch of {cam_maps.shape[0]} images"
-        )
-    return torch.einsum("nck,nkhw->nchw", weight[class_ids], cam_maps)
+        rows = weight[class_ids].expand(n, -1, -1)
+    else:
+        if class_ids.shape[0] != n:
+            raise ValueError(f"class_ids has {class_ids.shape[0]} rows for a batch of {n} images")
+        rows = weight[class_ids]
+    flat = cam_maps.reshape(n, k, h * w)
+    return batch_matmul(rows.to(flat.dtype), flat).reshape(n, rows.shape[1], h, w)
 
 
 def normalize_cams(cams: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from cw_pipeline.core.cams import batch_matmul
+
 
 def crow_channel_weights(features: torch.Tensor) -> torch.Tensor:
     """CroW channel weights CW_k = log(Σ_n Q_n / Q_k), Q_k = share of cells with X_k > 0.
@@ -47,7 +49,8 @@ def class_vectors(
         )
     if channel_weights is None:
         channel_weights = crow_channel_weights(features)
-    pooled = torch.einsum("nkhw,nchw->nck", features, cams)
+    n, k, h, w = features.shape
+    pooled = batch_matmul(cams.reshape(n, cams.shape[1], h * w), features.reshape(n, k, h * w).mT)
     return pooled * channel_weights[:, None, :]
 
 

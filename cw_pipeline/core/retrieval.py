@@ -498,9 +498,9 @@ def _search_online(
     index = None
     if need:
         need_maps = [maps.get(j) for j in need]
-        # One image per encoding (chunk=1): a descriptor depends on its image, the classes and
-        # the PCA only, so a kept one equals a recomputed one bit for bit.
-        index = OnlineIndex(need_maps, union, maps.weight, maps.bias, pca, chunk=1)
+        # A descriptor depends on its image, the classes and the PCA only (batch-invariant
+        # products), so a kept one equals a recomputed one bit for bit.
+        index = OnlineIndex(need_maps, union, maps.weight, maps.bias, pca)
         logger.info(
             "OnA index: %d of %d images x %d classes, %.1f MB",
             len(need),

@@ -227,7 +227,7 @@ def online_descriptors(
             _, _, cv = encode_maps(x, a, weight, bias, n_classes=len(ids), class_ids=ids)
         vecs[members] = cv.numpy()
     # One PCA product for all regions (not one per shape group): most of re-ranking's time.
-    per_class = pca(vecs) if pca is not None else l2_normalize(vecs)
+    per_class = pca(vecs, row_invariant=True) if pca is not None else l2_normalize(vecs)
     return l2_normalize(per_class.sum(axis=1))
 
 
@@ -274,7 +274,9 @@ class OnlineIndex:
                         class_ids=ids,
                     )
                 vecs = cv.numpy()
-                self.vectors[part] = pca(vecs) if pca is not None else l2_normalize(vecs)
+                self.vectors[part] = (
+                    pca(vecs, row_invariant=True) if pca is not None else l2_normalize(vecs)
+                )
 
     @property
     def nbytes(self) -> int:
@@ -375,18 +377,27 @@ def rerank_scores(
 ) -> np.ndarray:
     """Each image's best CAM-box region score for one query (see :func:`rerank`).
 
-    One image at a time (its regions of equal shape share one einsum/PCA): an image's score is
-    a function of its maps and the query only, bit for bit, whatever other images are scored
-    in the same call, so a kept score equals a recomputed one exactly.
+    All regions of all images in one call: regions of equal shape share one batched product and
+    one PCA product. An image's score is the same bit for bit whatever other images are scored
+    with it (every product is per image or per row: :func:`~cw_pipeline.core.cams.
+    batch_matmul`, :meth:`PCAWhitening.transform`), so a kept score equals a recomputed one.
     """
     config = config or RerankConfig()
     classes = np.asarray(query_classes)[: config.query_classes]
     q = np.asarray(query_descriptor, dtype=np.float32)
-    scores = np.full(len(maps), -np.inf, dtype=np.float32)
+    region_maps: list[FeatureMaps] = []
+    region_cells: list[Sequence[int] | None] = []
+    owner: list[int] = []
     for j, m in enumerate(maps):
         cells: list[Sequence[int] | None] = [None, *region_boxes(m, classes, weight, config)]
-        descs = online_descriptors([m] * len(cells), classes, weight, bias, pca, cells=cells)
-        scores[j] = (descs @ q).astype(np.float32).max()
+        region_maps += [m] * len(cells)
+        region_cells += cells
+        owner += [j] * len(cells)
+    scores = np.full(len(maps), -np.inf, dtype=np.float32)
+    if len(maps):
+        descs = online_descriptors(region_maps, classes, weight, bias, pca, cells=region_cells)
+        # Row by row (a matrix-vector product's rounding depends on the number of rows).
+        np.maximum.at(scores, np.asarray(owner), (descs * q).sum(axis=1, dtype=np.float32))
     return scores
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cw_pipeline.core.aggregation import PCAWhitening, l2_normalize
+from cw_pipeline.core.cams import batch_matmul
 from cw_pipeline.core.extract import FeatureMaps
 from cw_pipeline.core.search import (
     FullOrder,
@@ -23,6 +24,7 @@ from cw_pipeline.core.search import (
     rank,
     region_boxes,
     rerank,
+    rerank_scores,
 )
 
 
@@ -404,3 +406,36 @@ def test_online_descriptors_take_read_only_class_ids_without_a_warning():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Warning" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_per_image_values_do_not_depend_on_the_batch() -> None:
+    """What the search keeps per image (re-ranking scores, OnA descriptors) is computed in
+    batches; each image's value must be the same bit for bit alone, in any batch, at any place
+    of it: CAM and class-vector products (batch_matmul), the PCA (row_invariant), the scores."""
+    rng = np.random.default_rng(11)
+    gen = torch.Generator().manual_seed(11)
+    a = torch.relu(torch.randn(9, 64, 5, 7, generator=gen))
+    w = torch.randn(30, 64, generator=gen)
+    full = batch_matmul(w[:6].expand(9, -1, -1), a.reshape(9, 64, 35))
+    for i in range(9):
+        alone = batch_matmul(w[:6].expand(1, -1, -1), a[i : i + 1].reshape(1, 64, 35))
+        assert torch.equal(alone[0], full[i])
+    assert torch.equal(batch_matmul(w[:6].expand(4, -1, -1), a[3:7].reshape(4, 64, 35)), full[3:7])
+    train = rng.standard_normal((200, 64)).astype(np.float32)
+    pca = PCAWhitening.fit(train, dims=7)
+    x = rng.standard_normal((50, 64)).astype(np.float32)
+    both = pca(x, row_invariant=True)
+    for lo, hi in ((0, 1), (3, 4), (5, 17), (20, 50)):
+        np.testing.assert_array_equal(pca(x[lo:hi], row_invariant=True), both[lo:hi])
+    # the scores of re-ranking: each image alone equals its score among the others
+    maps = _maps(rng, [(5, 7), (5, 7), (4, 6), (6, 5), (5, 7)], k=64)
+    q = l2_normalize(rng.standard_normal(7).astype(np.float32))
+    cfg = RerankConfig(query_classes=3, box_classes=2, min_cells=1)
+    classes = np.array([1, 4, 9])
+    together = rerank_scores(q, classes, maps, w, torch.zeros(30), pca, cfg)
+    for j, m in enumerate(maps):
+        alone = rerank_scores(q, classes, [m], w, torch.zeros(30), pca, cfg)
+        assert alone[0] == together[j]
+    np.testing.assert_array_equal(
+        rerank_scores(q, classes, maps[2:], w, torch.zeros(30), pca, cfg), together[2:]
+    )
