@@ -355,6 +355,13 @@ def _stored_ids(store: FeatureStore, rel: str) -> list[str]:
     return store.read_table(rel, ["image_id"]).column("image_id").to_pylist()
 
 
+def _other_pca(dataset_pca: str | None, distractor_pca: str | None) -> bool:
+    """Whether distractor descriptors were projected with another PCA than the dataset's.
+    Tables written before descriptors recorded their PCA say nothing: not a mismatch (they are
+    re-projected at their next change of inputs, like any other)."""
+    return dataset_pca is not None and distractor_pca is not None and dataset_pca != distractor_pca
+
+
 def evaluation_input_problems(
     config: ProjectConfig, store: FeatureStore, ev: EvaluationConfig, shards: dict[str, list[str]]
 ) -> list[str]:
@@ -408,7 +415,7 @@ def evaluation_input_problems(
                     f"{ev.name}: {dname} shard {s!r} has {len(fids)} images with features but "
                     f"{len(dids)} descriptors: its distractor descriptors are out of date"
                 )
-            elif dids and store.read_metadata(drel).get("pca") != dataset_pca:
+            elif dids and _other_pca(dataset_pca, store.read_metadata(drel).get("pca")):
                 problems.append(
                     f"{ev.name}: the descriptors of {dname} shard {s!r} were projected with "
                     f"another PCA than {ds.name}'s descriptors: they are out of date "

@@ -16,13 +16,13 @@ import threading
 import dagster as dg
 import pytest
 
-from cw_pipeline.compute.descriptors import dataset_descriptors
+from cw_pipeline.compute.descriptors import dataset_descriptors, offline_aggregations
 from cw_pipeline.compute.rankings import evaluation_input_problems
 from cw_pipeline.defs.assets import descriptors as descriptor_assets
 from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.defs.versions import INPUT_VERSION_TAG
 from cw_pipeline.runs import index_dataset, materialize_missing, refresh
-from cw_pipeline.store import rankings_path
+from cw_pipeline.store import distractor_descriptors_path, rankings_path
 from cw_pipeline_tests.defs.project import (
     ALPHA_DOWNSTREAM,
     DATASETS,
@@ -167,6 +167,16 @@ def test_a_small_distractor_set_follows_a_new_pca_at_once(tmp_path, demo_source)
     done = refresh(project.defs, project.instance)
     assert set(done) == ALPHA_DOWNSTREAM | GAMMA_DESCRIPTORS | CRON_RUN
     assert done.index(f"{EV}/rankings") > max(done.index(k) for k in GAMMA_DESCRIPTORS)
+    # Distractor descriptors of another PCA are refused before ranking (the rankings would
+    # mix two projections); tables that predate the recorded version are not.
+    store = project.store
+    rel = distractor_descriptors_path(EV, "gamma", offline_aggregations()[0], "b000")
+    table = store.read_table(rel)
+    store.write_table(rel, table.replace_schema_metadata({"pca": "0123456789abcdef"}))
+    [problem] = evaluation_input_problems(project.config, store, ev, shards)
+    assert "gamma shard 'b000' were projected with another PCA than beta's" in problem
+    store.write_table(rel, table.replace_schema_metadata(None))
+    assert evaluation_input_problems(project.config, store, ev, shards) == []
 
 
 def test_refresh_follows_the_data_not_a_cursor(fresh_project):
