@@ -22,7 +22,6 @@ Usage: python benchmarks/distractor_refresh.py [--images 100000] [--shards 100] 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._machine import machine_info  # noqa: E402
-from benchmarks.scale_100k import generate  # noqa: E402
+from benchmarks.scale_100k import generate, prepare_project  # noqa: E402
 
 CONFIG = """
 warehouse: {root}/warehouse
@@ -101,15 +100,7 @@ def _add(src: Path, dst_folder: Path, n: int, prefix: str) -> list[Path]:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
-    shard_size = -(-args.images // args.shards)
-    cfg = work / "datasets.yaml"
-    cfg.write_text(CONFIG.format(root=work, size=args.size, shard_size=shard_size))
-    home = work / "dagster_home"
-    home.mkdir(exist_ok=True)
-    from cw_pipeline.instance import INSTANCE_YAML
-
-    (home / "dagster.yaml").write_text((ROOT / INSTANCE_YAML).read_text())
-    os.environ.update(DAGSTER_HOME=str(home), CW_PIPELINE_CONFIG=str(cfg))
+    cfg = prepare_project(work, CONFIG, args)
     if not (work / "jpg").is_dir():
         seconds = generate(work / "jpg", args.images, args.size)
         print(f"generated {args.images} distractors in {seconds:.1f} s")

@@ -234,14 +234,21 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def run(args: argparse.Namespace, work: Path) -> None:
+def prepare_project(work: Path, config: str, args: argparse.Namespace) -> Path:
+    """Write ``config`` (formatted with the work folder, image size and shard size) and a
+    Dagster instance under ``work``, and point this process at them; returns the config."""
     shard_size = -(-args.images // args.shards)
     cfg = work / "datasets.yaml"
-    cfg.write_text(CONFIG.format(root=work, size=args.size, shard_size=shard_size))
+    cfg.write_text(config.format(root=work, size=args.size, shard_size=shard_size))
     home = work / "dagster_home"
     home.mkdir(exist_ok=True)
     (home / "dagster.yaml").write_text((ROOT / INSTANCE_YAML).read_text())
     os.environ.update(DAGSTER_HOME=str(home), CW_PIPELINE_CONFIG=str(cfg))
+    return cfg
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    cfg = prepare_project(work, CONFIG, args)
 
     existing = len(list((work / "jpg").glob("*.jpg"))) if (work / "jpg").is_dir() else 0
     if existing != args.images:

@@ -97,12 +97,20 @@ def manifest_paths(
 
     Rows with an ``error`` (quarantined files, which have no features) are left out: their
     names may be no valid relative path (a backslash, say)."""
-    out: dict[str, Path] = {}
+    return {i: path for i, (path, _) in manifest_rows(store, ds, shards).items()}
+
+
+def manifest_rows(
+    store: FeatureStore, ds: DatasetConfig, shards: Sequence[str]
+) -> dict[str, tuple[Path, str]]:
+    """image id → (absolute path, sha1) of the readable rows of the given shards' manifests
+    (as :func:`manifest_paths`)."""
+    out: dict[str, tuple[Path, str]] = {}
     for shard in shards:
         rel = manifest_path(ds.name, shard)
-        for row in store.read_table(rel, ["image_id", "relpath", "error"]).to_pylist():
+        for row in store.read_table(rel, ["image_id", "relpath", "sha1", "error"]).to_pylist():
             if not row["error"]:
-                out[row["image_id"]] = gtio.image_path(ds.images, row["relpath"])
+                out[row["image_id"]] = (gtio.image_path(ds.images, row["relpath"]), row["sha1"])
     return out
 
 
@@ -136,19 +144,6 @@ def _database(
     return db_ids, db
 
 
-def _manifest_rows(
-    store: FeatureStore, ds: DatasetConfig, shards: Sequence[str]
-) -> dict[str, tuple[Path, str]]:
-    """image id → (absolute path, sha1) of the readable rows of the given shards' manifests."""
-    out: dict[str, tuple[Path, str]] = {}
-    for shard in shards:
-        rel = manifest_path(ds.name, shard)
-        for row in store.read_table(rel, ["image_id", "relpath", "sha1", "error"]).to_pylist():
-            if not row["error"]:
-                out[row["image_id"]] = (gtio.image_path(ds.images, row["relpath"]), row["sha1"])
-    return out
-
-
 def _database_maps(
     config: ProjectConfig,
     store: FeatureStore,
@@ -163,9 +158,9 @@ def _database_maps(
     if extractor is None:
         raise ValueError(f"evaluation {ev.name}: OnA/re-ranking need a feature extractor")
     ds = config.dataset(ev.dataset)
-    rows = _manifest_rows(store, ds, shards[ds.name])
+    rows = manifest_rows(store, ds, shards[ds.name])
     for dname in ev.distractors:
-        rows.update(_manifest_rows(store, config.dataset(dname), shards[dname]))
+        rows.update(manifest_rows(store, config.dataset(dname), shards[dname]))
     unknown = [i for i in db_ids if i not in rows]
     if unknown:
         raise ValueError(

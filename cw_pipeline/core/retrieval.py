@@ -489,10 +489,11 @@ def _search_online(
     ctx = ""
     if pairs is not None:
         ctx = pair_context("ona", pca, params, pairs.extraction, union.tobytes().hex())
+    distinct = set(qkeys)
     need = [
         j
         for j in range(n)
-        if keys[j] is None or any((ctx, qk, keys[j]) not in pairs.ona for qk in set(qkeys))  # type: ignore[union-attr]
+        if keys[j] is None or any((ctx, qk, keys[j]) not in pairs.ona for qk in distinct)  # type: ignore[union-attr]
     ]
     maps.prefetch(need)
     index = None

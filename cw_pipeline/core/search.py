@@ -396,9 +396,14 @@ def rerank_scores(
     scores = np.full(len(maps), -np.inf, dtype=np.float32)
     if len(maps):
         descs = online_descriptors(region_maps, classes, weight, bias, pca, cells=region_cells)
-        # Row by row (a matrix-vector product's rounding depends on the number of rows).
-        np.maximum.at(scores, np.asarray(owner), (descs * q).sum(axis=1, dtype=np.float32))
+        np.maximum.at(scores, np.asarray(owner), _cosines(descs, q))
     return scores
+
+
+def _cosines(descs: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Each row of ``descs`` dotted with ``q``, row by row: a matrix-vector product's rounding
+    depends on the number of rows, and a region's score must not."""
+    return (descs * np.asarray(q, dtype=np.float32)).sum(axis=1, dtype=np.float32)
 
 
 def rerank_order(ranking_indices: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -432,5 +437,5 @@ def region_scores(
         *region_boxes(maps, classes, weight, config),
     ]
     descs = online_descriptors([maps] * len(cells), classes, weight, bias, pca, cells=cells)
-    scores = (descs @ np.asarray(query_descriptor, dtype=np.float32)).astype(np.float32)
+    scores = _cosines(descs, query_descriptor)
     return [(c, float(s)) for c, s in zip(cells, scores, strict=True)]

@@ -25,7 +25,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import dagster as dg
 
@@ -580,15 +580,7 @@ def at_once_or_on_cron(cron: str, deps: Sequence[Dep], at_once: AtOnce) -> dg.Au
 
 def at_once_node(condition: dg.AutomationCondition | None) -> AtOnce | None:
     """The :class:`AtOnce` inside an asset's automation condition, if any."""
-    if condition is None:
-        return None
-    if isinstance(condition, AtOnce):
-        return condition
-    for child in condition.children:
-        found = at_once_node(child)
-        if found is not None:
-            return found
-    return None
+    return _node_of(condition, AtOnce)
 
 
 def version_of(payload: bytes | str | Mapping | Iterable) -> str:
@@ -601,17 +593,25 @@ def version_of(payload: bytes | str | Mapping | Iterable) -> str:
     return combine((str(k), str(v)) for k, v in items)
 
 
-def inputs_changed_node(condition: dg.AutomationCondition | None) -> InputsChanged | None:
-    """The :class:`InputsChanged` inside an asset's automation condition, if any."""
+_C = TypeVar("_C", bound=dg.AutomationCondition)
+
+
+def _node_of(condition: dg.AutomationCondition | None, kind: type[_C]) -> _C | None:
+    """The first node of type ``kind`` in a condition tree (depth first), if any."""
     if condition is None:
         return None
-    if isinstance(condition, InputsChanged):
+    if isinstance(condition, kind):
         return condition
     for child in condition.children:
-        found = inputs_changed_node(child)
+        found = _node_of(child, kind)
         if found is not None:
             return found
     return None
+
+
+def inputs_changed_node(condition: dg.AutomationCondition | None) -> InputsChanged | None:
+    """The :class:`InputsChanged` inside an asset's automation condition, if any."""
+    return _node_of(condition, InputsChanged)
 
 
 def is_stale(
