@@ -11,11 +11,18 @@
 
 It returns the written paths and small PNG data URIs of a few of them, for markdown shown in the
 Dagster UI (:func:`cw_pipeline.reports.markdown` takes both as ``images``).
+
+A refresh redraws only the figures whose inputs changed: ``figures.json`` in the report folder
+records, per file, a hash of what it was drawn from (ranked image contents by sha1, scores,
+labels, box, titles, the query's classes, the drawing code's version) and its embedded data
+URI; a file whose hash is unchanged and which is still on disk is kept as it is.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -31,7 +38,7 @@ from cw_pipeline import figures, reports
 from cw_pipeline.compute.catalog import stored_shards
 from cw_pipeline.compute.features import dataset_extractor
 from cw_pipeline.compute.queries import load_groundtruth
-from cw_pipeline.compute.rankings import manifest_paths
+from cw_pipeline.compute.rankings import manifest_rows
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core import datasets as gtio
 from cw_pipeline.core.evaluation import average_precision, precision_recall_points
@@ -40,6 +47,7 @@ from cw_pipeline.core.images import ImageLoadError
 from cw_pipeline.core.search import RerankConfig
 from cw_pipeline.figures.cams import query_cam_figure
 from cw_pipeline.store import (
+    CorruptFileError,
     FeatureStore,
     bounded_component,
     descriptors_path,
@@ -64,6 +72,11 @@ logger = logging.getLogger(__name__)
 
 #: Upper bound of the bytes of all data URIs returned for the UI metadata.
 EMBED_BUDGET = 900_000
+#: The figures' index in the report folder: file -> hash of its inputs (and data URI).
+FIGURE_INDEX = "figures.json"
+#: Part of every figure's input hash: change it when the drawing code changes what a figure
+#: with the same inputs looks like (every figure is then redrawn once).
+FIGURES_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,8 @@ class ReportFigures:
     charts: list[str] = field(default_factory=list)
     #: (alt text, ``data:image/png;base64,…``) of the images embedded in the UI markdown.
     embedded: list[tuple[str, str]] = field(default_factory=list)
+    redrawn: int = 0  #: files drawn by this run
+    kept: int = 0  #: files kept as they were (their inputs did not change)
 
     @property
     def files(self) -> list[str]:
@@ -130,19 +145,34 @@ class ReportFigures:
             "figures_method": self.method,
             "figures_queries": len(self.queries),
             "figures_cams": len(self.cams),
+            "figures_redrawn": self.redrawn,
+            "figures_kept": self.kept,
         }
 
 
 # ------------------------------------------------------------------------------ data
 
 
-def _image_paths(
+def _image_rows(
     config: ProjectConfig, store: FeatureStore, ev: EvaluationConfig, shards: dict[str, list[str]]
-) -> dict[str, Path]:
-    paths = manifest_paths(store, config.dataset(ev.dataset), shards[ev.dataset])
+) -> dict[str, tuple[Path, str]]:
+    """image id -> (path, sha1) of the evaluation's images, from the current manifests."""
+    rows = manifest_rows(store, config.dataset(ev.dataset), shards[ev.dataset])
     for dname in ev.distractors:
-        paths.update(manifest_paths(store, config.dataset(dname), shards.get(dname, [])))
-    return paths
+        rows.update(manifest_rows(store, config.dataset(dname), shards.get(dname, [])))
+    return rows
+
+
+def _inputs_hash(*parts: Any) -> str:
+    """The hash of a figure's inputs (JSON-able parts; arrays by their bytes)."""
+    h = hashlib.sha1(FIGURES_VERSION.encode())
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part, dtype=np.float64).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
 
 
 def _label(q: gtio.Query, image_id: str) -> str:
@@ -204,17 +234,64 @@ def _best_method(report: dict[str, Any], methods: Sequence[str]) -> str:
 
 @dataclass
 class _Canvas:
-    """Where one run's figures go: the evaluation, the options, and the result being filled."""
+    """Where one run's figures go: the evaluation, the options, the result being filled, and
+    the figures' index (``previous``: read from the folder; ``index``: this run's)."""
 
     ev: EvaluationConfig
     out_store: FeatureStore
     options: FigureOptions
     result: ReportFigures
+    previous: dict[str, dict[str, str]] = field(default_factory=dict)
+    index: dict[str, dict[str, str]] = field(default_factory=dict)
 
-    def write(self, rel: str, image: Image.Image) -> str:
-        """Write ``image`` as PNG at ``rel`` under the evaluation's report folder."""
+    def write(self, rel: str, image: Image.Image, key: str = "") -> str:
+        """Write ``image`` as PNG at ``rel`` under the evaluation's report folder; ``key``:
+        the hash of its inputs, recorded in the index."""
         self.out_store.write_bytes(report_path(self.ev.name, rel), figures.png_bytes(image))
+        self.result.redrawn += 1
+        if key:
+            self.index[rel] = {"key": key}
         return rel
+
+    def kept(self, rel: str, key: str, embed: bool) -> str | None:
+        """``rel`` when the file drawn from inputs ``key`` is still there (nothing to draw),
+        with its data URI when it is to be ``embed``-ded; None: draw it."""
+        entry = self.previous.get(rel)
+        if entry is None or entry.get("key") != key:
+            return None
+        if embed and not entry.get("uri"):
+            return None
+        if not self.out_store.exists(report_path(self.ev.name, rel)):
+            return None
+        self.index[rel] = dict(entry)
+        self.result.kept += 1
+        return rel
+
+    def embed(self, rel: str, alt: str, image: Image.Image | None, max_width: int) -> None:
+        """Embed ``rel`` in the UI markdown: its fresh ``image``, or (None) its kept URI."""
+        if image is None:
+            uri = self.index[rel]["uri"]
+        else:
+            uri = data_uri(image, max_width)
+            self.index.setdefault(rel, {})["uri"] = uri
+        self.result.embedded.append((alt, uri))
+
+    def load_index(self) -> None:
+        rel = report_path(self.ev.name, FIGURE_INDEX)
+        if not self.out_store.exists(rel):
+            return
+        try:
+            data = self.out_store.read_json(rel)
+        except (CorruptFileError, OSError) as exc:  # redraw everything
+            logger.warning("%s: %s; redrawing every figure", self.ev.name, exc)
+            return
+        if isinstance(data, dict):
+            self.previous = {
+                k: v for k, v in data.items() if isinstance(v, dict) and isinstance(k, str)
+            }
+
+    def save_index(self) -> None:
+        self.out_store.write_json(report_path(self.ev.name, FIGURE_INDEX), self.index, indent=None)
 
 
 def _per_query_scores(
@@ -257,7 +334,7 @@ def _draw_charts(
     aps: dict[str, dict[str, float]],
 ) -> None:
     """The PR curves (with the chosen method's hardest query) and the AP-per-query bars."""
-    ev, method, result, write = canvas.ev, canvas.result.method, canvas.result, canvas.write
+    ev, method, result = canvas.ev, canvas.result.method, canvas.result
     maps = {r["method"]: r["map"] for r in report.get("results", [])}
     if any(curves.values()):
         evaluated = {m: list(c.values()) for m, c in curves.items() if c}
@@ -268,31 +345,46 @@ def _draw_charts(
             if worst in curves[method]:
                 selected = {method: {f"hardest query {worst}": curves[method][worst]}}
         n = max(len(c) for c in evaluated.values())
-        img = figures.pr_curves(
-            evaluated,
-            title=f"{ev.name}: precision–recall, mean over {n} queries (junk ignored)",
-            maps=maps,
-            queries=selected,
+        title = f"{ev.name}: precision–recall, mean over {n} queries (junk ignored)"
+        points = [
+            (m, q, *[np.asarray(a) for a in c])
+            for m, per in sorted(curves.items())
+            for q, c in sorted(per.items())
+        ]
+        key = _inputs_hash(
+            "pr", title, maps, sorted(selected.get(method, {})), *[x for row in points for x in row]
         )
-        result.charts.append(write("pr_curves.png", img))
-        result.embedded.append(("cw-figure pr-curves", data_uri(img, 560)))
+        rel = "pr_curves.png"
+        if canvas.kept(rel, key, embed=True) is None:
+            img = figures.pr_curves(evaluated, title=title, maps=maps, queries=selected)
+            canvas.write(rel, img, key)
+            canvas.embed(rel, "cw-figure pr-curves", img, 560)
+        else:
+            canvas.embed(rel, "cw-figure pr-curves", None, 560)
+        result.charts.append(rel)
     if any(aps.values()):
-        img = figures.ap_bars(aps, title=f"{ev.name}: average precision per query")
-        result.charts.append(write("ap_per_query.png", img))
-        result.embedded.append(("cw-figure ap-per-query", data_uri(img, 720)))
+        title = f"{ev.name}: average precision per query"
+        key = _inputs_hash("ap", title, {m: sorted(a.items()) for m, a in aps.items()})
+        rel = "ap_per_query.png"
+        if canvas.kept(rel, key, embed=True) is None:
+            img = figures.ap_bars(aps, title=title)
+            canvas.write(rel, img, key)
+            canvas.embed(rel, "cw-figure ap-per-query", img, 720)
+        else:
+            canvas.embed(rel, "cw-figure ap-per-query", None, 720)
+        result.charts.append(rel)
 
 
 def _draw_sheets(
     canvas: _Canvas,
     table: pa.Table,
     by_query: dict[str, gtio.Query],
-    paths: dict[str, Path],
+    images: dict[str, tuple[Path, str]],
     aps: dict[str, float],
 ) -> list[tuple[str, list[str]]]:
-    """The results sheets of the chosen method (its rankings ``table``, its ``aps``);
-    returns (query id, ranked ids) of each sheet."""
+    """The results sheets of the chosen method (its rankings ``table``, its ``aps``;
+    ``images``: id -> (path, sha1)); returns (query id, ranked ids) of each sheet."""
     ev, method, result, options = canvas.ev, canvas.result.method, canvas.result, canvas.options
-    write = canvas.write
     rows = list(
         zip(
             table.column("query_id").to_pylist(),
@@ -306,22 +398,39 @@ def _draw_sheets(
     sheet_rows = []
     for qid, ranked, scores in rows:
         q = by_query.get(qid)
-        if q is None or qid not in paths:
+        if q is None or qid not in images:
             logger.warning("%s: no image for query %s, no results sheet", ev.name, qid)
             continue
-        items = [
-            figures.SheetItem(paths.get(i, Path(i)), float(s), _label(q, i), caption=i)
-            for i, s in zip(ranked[: options.top], scores[: options.top], strict=True)
-        ]
+        top = list(zip(ranked[: options.top], scores[: options.top], strict=True))
         ap = aps.get(qid, math.nan)
         title = f"{ev.name} · {method} · query {q.name or qid}" + (
             "" if math.isnan(ap) else f" · AP {ap:.3f}"
         )
-        sheet = figures.results_sheet(paths[qid], q.bbox, items, title, options.thumb)
-        rel = write(f"queries/{_safe_name(qid)}.png", sheet)
+        rel = f"queries/{_safe_name(qid)}.png"
+        embed = len(sheet_rows) < options.embed_sheets
+        alt = f"cw-figure query {qid}"
+        key = _inputs_hash(
+            "sheet",
+            title,
+            images[qid][1],
+            q.bbox,
+            options.thumb,
+            [(i, images[i][1] if i in images else i, float(sc), _label(q, i)) for i, sc in top],
+        )
+        if canvas.kept(rel, key, embed) is None:
+            items = [
+                figures.SheetItem(
+                    images[i][0] if i in images else Path(i), float(sc), _label(q, i), caption=i
+                )
+                for i, sc in top
+            ]
+            sheet = figures.results_sheet(images[qid][0], q.bbox, items, title, options.thumb)
+            canvas.write(rel, sheet, key)
+            if embed:
+                canvas.embed(rel, alt, sheet, 960)
+        elif embed:
+            canvas.embed(rel, alt, None, 960)
         result.queries.append(rel)
-        if len(sheet_rows) < options.embed_sheets:
-            result.embedded.append((f"cw-figure query {qid}", data_uri(sheet, 960)))
         sheet_rows.append((qid, ranked))
     return sheet_rows
 
@@ -332,14 +441,14 @@ def _draw_cams(
     ds: DatasetConfig,
     shards: Sequence[str],
     sheet_rows: list[tuple[str, list[str]]],
-    paths: dict[str, Path],
+    images: dict[str, tuple[Path, str]],
     extractor: FeatureExtractor,
 ) -> None:
     """CAM overlays: the query's classes on its first result (what re-ranking boxes)."""
-    ev, result, options, write = canvas.ev, canvas.result, canvas.options, canvas.write
+    ev, result, options = canvas.ev, canvas.result, canvas.options
     samples: list[tuple[str, str]] = []
     for qid, ranked in sheet_rows:
-        first = next((i for i in ranked if i != qid and i in paths), None)
+        first = next((i for i in ranked if i != qid and i in images), None)
         if first is not None and first not in {s for _, s in samples}:
             samples.append((qid, first))
         if len(samples) == options.cam_samples:
@@ -349,20 +458,35 @@ def _draw_cams(
     for qid, image_id in samples:
         if qid not in classes:
             continue
-        try:
-            overlay = query_cam_figure(extractor, paths[image_id], classes[qid], rerank)
-        except (OSError, ImageLoadError, ValueError) as exc:
-            logger.warning("%s: no CAM overlay of %s: %s", ev.name, image_id, exc)
-            continue
         text = (
             f"{image_id}: CAM of query {qid}'s top {rerank.box_classes} classes; "
             f"boxes at {', '.join(f'{t:.0%}' for t in rerank.thresholds)} of the max"
         )
+        rel = f"cams/{_safe_name(image_id)}.png"
+        embed = not result.cams
+        key = _inputs_hash(
+            "cam",
+            text,
+            images[image_id][1],
+            classes[qid][: rerank.box_classes].tolist(),
+            ds.extraction.code_version(),
+            extractor.config.max_pixels,
+        )
+        if canvas.kept(rel, key, embed) is not None:
+            if embed:
+                canvas.embed(rel, f"cw-figure cam {image_id}", None, 480)
+            result.cams.append(rel)
+            continue
+        try:
+            overlay = query_cam_figure(extractor, images[image_id][0], classes[qid], rerank)
+        except (OSError, ImageLoadError, ValueError) as exc:
+            logger.warning("%s: no CAM overlay of %s: %s", ev.name, image_id, exc)
+            continue
         overlay = figures.with_caption(overlay, text)
-        rel = write(f"cams/{_safe_name(image_id)}.png", overlay)
+        canvas.write(rel, overlay, key)
+        if embed:
+            canvas.embed(rel, f"cw-figure cam {image_id}", overlay, 480)
         result.cams.append(rel)
-        if len(result.cams) == 1:
-            result.embedded.append((f"cw-figure cam {image_id}", data_uri(overlay, 480)))
 
 
 def _prune(canvas: _Canvas) -> None:
@@ -414,17 +538,19 @@ def write_report_figures(
     ds_ids = store.read_table(ds_rel, ["image_id"]).column("image_id").to_pylist()
     db_ids = reports.evaluation_image_ids(config, store, ev, shards)
     pos = {i: k for k, i in enumerate(db_ids)}
-    paths = _image_paths(config, store, ev, shards)
+    images = _image_rows(config, store, ev, shards)
     by_query = {q.image_id: q for q in load_groundtruth(ds, ds_ids).queries}
     tables: dict[str, pa.Table] = {m: store.read_table(rankings_path(ev.name, m)) for m in methods}
 
     canvas = _Canvas(ev, out_store, options, result)
+    canvas.load_index()
     curves, aps = _per_query_scores(tables, by_query, pos, report)
     _draw_charts(canvas, report, curves, aps)
-    sheet_rows = _draw_sheets(canvas, tables[method], by_query, paths, aps[method])
+    sheet_rows = _draw_sheets(canvas, tables[method], by_query, images, aps[method])
     if extractor is not None and options.cam_samples:
-        _draw_cams(canvas, store, ds, shards[ds.name], sheet_rows, paths, extractor)
+        _draw_cams(canvas, store, ds, shards[ds.name], sheet_rows, images, extractor)
     _prune(canvas)
+    canvas.save_index()
     return result
 
 

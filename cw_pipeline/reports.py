@@ -22,7 +22,7 @@ from cw_pipeline.store import (
     REPORT_PER_QUERY,
     FeatureStore,
     descriptors_path,
-    distractor_descriptors_path,
+    features_path,
     rankings_path,
     report_folder,
     report_path,
@@ -66,14 +66,15 @@ MAP_FLOORS: dict[str, float] = {
 def evaluation_image_ids(
     config: ProjectConfig, store: FeatureStore, ev: EvaluationConfig, shards: dict[str, list[str]]
 ) -> list[str]:
-    """Database image ids of an evaluation (its dataset, then each distractor shard), in the
-    order its rankings were computed over."""
+    """Database image ids of an evaluation (its dataset, then each distractor shard's stored
+    features: the images its rankings ranked, whether its distractor descriptors were stored
+    or projected by the rankings themselves), in the order its rankings were computed over."""
     ds = config.dataset(ev.dataset)
     db_ids, _ = read_descriptors(store, descriptors_path(ds.name, "raw"))
     all_ids = list(db_ids)
     for dname in ev.distractors:
         for shard in shards.get(dname, []):
-            rel = distractor_descriptors_path(ev.name, dname, "raw", shard)
+            rel = features_path(dname, shard)
             if store.exists(rel):
                 all_ids += store.read_table(rel, ["image_id"]).column("image_id").to_pylist()
     return all_ids

@@ -227,7 +227,10 @@ def _reprojection(ev: EvaluationConfig, dname: str, images: int) -> str:
     """How the distractor descriptors of ``dname`` under ``ev`` follow a change of its PCA."""
     if images <= ev.reproject_at_once:
         when = "at once"
-        why = f"{images:,} images <= reproject_at_once {ev.reproject_at_once:,}"
+        why = (
+            f"{images:,} images <= reproject_at_once {ev.reproject_at_once:,}; its rankings "
+            "project them in the same refresh"
+        )
     else:
         cron = ev.schedule or DEFAULT_EVALUATION_CRON
         when = f"after the cron tick '{cron}' of {ev.name}'s schedule"

@@ -18,8 +18,8 @@ import pyarrow as pa
 
 from cw_pipeline.compute.descriptors import descriptor_sets, offline_aggregations, read_descriptors
 from cw_pipeline.compute.feature_maps import warehouse_maps
-from cw_pipeline.compute.features import load_features, table_to_featureset
-from cw_pipeline.compute.pca import method_pca, pca_groups_of, pca_models_for
+from cw_pipeline.compute.features import load_features, stored_image_count, table_to_featureset
+from cw_pipeline.compute.pca import method_pca, pca_groups_of, pca_models_for, pca_version
 from cw_pipeline.compute.queries import check_groundtruth_images, load_groundtruth
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core import datasets as gtio
@@ -79,17 +79,6 @@ def score_rankings(
     return out
 
 
-def _read_all_descriptors(store: FeatureStore, rels: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    ids, mats = [], []
-    for rel in rels:
-        if not store.exists(rel):  # a shard without readable images has no descriptors
-            continue
-        i, m = read_descriptors(store, rel)
-        ids.extend(i)
-        mats.append(m)
-    return ids, np.concatenate(mats) if mats else np.zeros((0, 0), np.float32)
-
-
 def manifest_paths(
     store: FeatureStore, ds: DatasetConfig, shards: Sequence[str]
 ) -> dict[str, Path]:
@@ -119,28 +108,119 @@ def manifest_rows(
 QueryGroup = tuple[list[str], FeatureSet, dict[str, np.ndarray], np.ndarray, dict[str, Any]]
 
 
+def projects_distractors(store: FeatureStore, ev: EvaluationConfig, dname: str) -> bool:
+    """Whether ``<ev>/rankings`` projects the out-of-date shards of distractor set ``dname``
+    itself (with the dataset's current PCA, exactly as ``<ev>/<dname>_descriptors`` will): a
+    set of at most ``reproject_at_once`` images, so an evaluation with distractors follows a
+    new PCA in the same refresh as its dataset. A larger set is ranked only once its stored
+    descriptors are current (re-projected at the evaluation's cron)."""
+    return stored_image_count(store, dname) <= ev.reproject_at_once
+
+
+def _current_distractor_tables(
+    store: FeatureStore, ev: EvaluationConfig, dname: str, shard: str, pca: str | None
+) -> dict[str, pa.Table] | str:
+    """The stored descriptor tables of a distractor shard (by aggregation) when they describe
+    exactly its stored features, projected with the PCA of version ``pca``; else why not.
+    Each table is read once, with its metadata (a concurrent re-projection replaces whole
+    files: each one read is either the old or the new one, and is checked as read)."""
+    frel = features_path(dname, shard)
+    if not store.exists(frel):
+        return f"features of {dname} shard {shard!r} are not materialized"
+    fids = _stored_ids(store, frel)
+    tables: dict[str, pa.Table] = {}
+    for agg in offline_aggregations():
+        rel = distractor_descriptors_path(ev.name, dname, agg, shard)
+        t = store.read_table(rel) if store.exists(rel) else None
+        dids = [] if t is None else t.column("image_id").to_pylist()
+        if set(dids) != set(fids):
+            return (
+                f"{ev.name}: {dname} shard {shard!r} has {len(fids)} images with features but "
+                f"{len(dids)} descriptors: its distractor descriptors are out of date"
+            )
+        meta = (t.schema.metadata or {}) if t is not None else {}
+        recorded = meta.get(b"pca")
+        if fids and _other_pca(pca, None if recorded is None else recorded.decode()):
+            return (
+                f"{ev.name}: the descriptors of {dname} shard {shard!r} were projected with "
+                f"another PCA than the evaluation's: they are out of date "
+                "(re-projected at once for a small set, else at the evaluation's cron)"
+            )
+        if t is not None:
+            tables[agg] = t
+    return tables
+
+
+def _table_descriptors(t: pa.Table) -> tuple[list[str], np.ndarray]:
+    dim = t.schema.field("descriptor").type.list_size
+    values = t.column("descriptor").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return t.column("image_id").to_pylist(), values.reshape(t.num_rows, dim)
+
+
+def _distractor_shard(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    dname: str,
+    shard: str,
+    pcas: dict[str, Any],
+    projects: bool,
+) -> tuple[dict[str, tuple[list[str], np.ndarray]], bool]:
+    """A distractor shard's descriptors by aggregation: the stored ones when current, else
+    (``projects``) computed here from its features with ``pcas``, exactly as its asset
+    computes them. The flag says whether they were projected here."""
+    stored = _current_distractor_tables(store, ev, dname, shard, pca_version(pcas))
+    if isinstance(stored, dict):
+        return {agg: _table_descriptors(t) for agg, t in stored.items()}, False
+    if not projects:
+        raise ValueError(stored)
+    if not _stored_ids(store, features_path(dname, shard)):
+        return {}, True  # a shard without images has no descriptors
+    feats = load_features(store, dname, [shard])
+    desc = descriptor_sets(feats, pcas, config.search)
+    return {
+        agg: (list(feats.ids), np.ascontiguousarray(m, dtype=np.float32)) for agg, m in desc.items()
+    }, True
+
+
 def _database(
-    store: FeatureStore, ds: DatasetConfig, ev: EvaluationConfig, shards: dict[str, list[str]]
+    config: ProjectConfig,
+    store: FeatureStore,
+    ds: DatasetConfig,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+    stats: dict[str, Any] | None = None,
 ) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Image ids and stored descriptors (by aggregation) of the evaluated dataset, then of
-    each distractor set's shards."""
+    """Image ids and descriptors (by aggregation) of the evaluated dataset, then of each
+    distractor set's shards: stored ones, or for a small set's out-of-date shards projected
+    here (:func:`projects_distractors`; counted in ``stats["distractors_projected"]``)."""
     aggs = offline_aggregations()
     db_ids: list[str] = []
     db: dict[str, np.ndarray] = {}
     for agg in aggs:
         db_ids, db[agg] = read_descriptors(store, descriptors_path(ds.name, agg))
+    pcas = pca_models_for(store, ds) if ev.distractors else {}
+    projected = 0
     for dname in ev.distractors:
-        rels = {
-            agg: [distractor_descriptors_path(ev.name, dname, agg, s) for s in shards[dname]]
-            for agg in aggs
-        }
-        for agg in aggs:
-            ids, m = _read_all_descriptors(store, rels[agg])
-            if len(ids):
-                db[agg] = np.concatenate([db[agg], m])
-        db_ids = db_ids + ids
+        projects = projects_distractors(store, ev, dname)
+        for s in shards[dname]:
+            desc, here = _distractor_shard(config, store, ev, dname, s, pcas, projects)
+            if not desc:
+                continue
+            ids = desc[aggs[0]][0]
+            for agg in aggs:
+                if desc[agg][0] != ids:
+                    raise ValueError(
+                        f"evaluation {ev.name}: {dname} shard {s!r} holds its images in "
+                        "different orders in its descriptor tables"
+                    )
+                db[agg] = np.concatenate([db[agg], desc[agg][1]])
+            db_ids = db_ids + ids
+            projected += len(ids) if here else 0
     if len(set(db_ids)) != len(db_ids):
         raise ValueError(f"evaluation {ev.name}: image ids are not unique across its datasets")
+    if stats is not None:
+        stats["distractors_projected"] = projected
     return db_ids, db
 
 
@@ -181,30 +261,42 @@ PAIR_KINDS = ("region", "ona")
 MAX_ONA_CACHE_BYTES = 2 * 10**9
 
 
-def load_pair_cache(store: FeatureStore, ev: EvaluationConfig, extraction: str) -> PairCache:
-    """The pair values an evaluation's rankings kept (empty when none or unreadable)."""
+def load_pair_cache(
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    extraction: str,
+    siblings: Sequence[EvaluationConfig] = (),
+) -> PairCache:
+    """The pair values an evaluation's rankings kept (empty when none or unreadable), and
+    those of ``siblings``, evaluations of the same dataset (read only: every value is keyed by
+    its context, query and image content, so a sibling's value of a pair is this one's; the
+    values this evaluation uses are kept in its own cache)."""
     pairs = PairCache(extraction=extraction)
-    for kind in PAIR_KINDS:
-        rel = pair_cache_path(ev.name, kind)
-        if not store.exists(rel):
-            continue
-        try:
-            t = store.read_table(rel)
-        except (OSError, ValueError, KeyError) as exc:  # a damaged cache is recomputed
-            logger.warning("%s: %s; recomputing its pairs", store.url(rel), exc)
-            continue
-        keys = zip(
-            t.column("context").to_pylist(),
-            t.column("query").to_pylist(),
-            t.column("image").to_pylist(),
-            strict=True,
-        )
-        if kind == "region":
-            pairs.region.update(zip(keys, t.column("value").to_numpy().tolist(), strict=True))
-        else:
-            for key, raw in zip(keys, t.column("value").to_pylist(), strict=True):
-                pairs.ona[key] = np.frombuffer(raw, dtype=np.float32)
+    for owner in (*siblings, ev):  # its own values last (they win)
+        for kind in PAIR_KINDS:
+            _read_pair_values(store, pair_cache_path(owner.name, kind), kind, pairs)
     return pairs
+
+
+def _read_pair_values(store: FeatureStore, rel: str, kind: str, pairs: PairCache) -> None:
+    if not store.exists(rel):
+        return
+    try:
+        t = store.read_table(rel)
+    except (OSError, ValueError, KeyError) as exc:  # a damaged cache is recomputed
+        logger.warning("%s: %s; recomputing its pairs", store.url(rel), exc)
+        return
+    keys = zip(
+        t.column("context").to_pylist(),
+        t.column("query").to_pylist(),
+        t.column("image").to_pylist(),
+        strict=True,
+    )
+    if kind == "region":
+        pairs.region.update(zip(keys, t.column("value").to_numpy().tolist(), strict=True))
+    else:
+        for key, raw in zip(keys, t.column("value").to_pylist(), strict=True):
+            pairs.ona[key] = np.frombuffer(raw, dtype=np.float32)
 
 
 def save_pair_cache(store: FeatureStore, ev: EvaluationConfig, pairs: PairCache) -> None:
@@ -317,20 +409,25 @@ def evaluation_rankings(
     ``shards`` lists the current shards of the evaluated dataset and each distractor set.
     ``extractor`` is needed only by OnA and re-ranking methods: it computes the maps the
     warehouse does not keep. The region scores and OnA descriptors of (query, image) pairs are
-    kept per evaluation (:func:`save_pair_cache`): a refresh computes only the pairs it has not
-    seen. The statistics say how many forward passes, region scores and OnA descriptors were
-    computed and how many reused.
+    kept per evaluation (:func:`save_pair_cache`) and shared between the evaluations of one
+    dataset: a refresh computes only the pairs none of them has seen. The statistics say how
+    many forward passes, region scores and OnA descriptors were computed and how many reused,
+    and how many distractor images were projected here (:func:`projects_distractors`).
     """
     ds = config.dataset(ev.dataset)
     methods = list(ev.methods)
-    db_ids, db = _database(store, ds, ev, shards)
+    stats: dict[str, Any] = {"database": 0, "queries": 0, "seconds": {}}
+    db_ids, db = _database(config, store, ds, ev, shards, stats)
+    stats["database"] = len(db_ids)
     maps = pairs = None
     if any(m.needs_maps for m in methods):
         maps = _database_maps(config, store, ev, shards, db_ids, extractor)
-        pairs = load_pair_cache(store, ev, ds.extraction.code_version())
+        siblings = [
+            e for e in config.evaluations.values() if e.dataset == ev.dataset and e.name != ev.name
+        ]
+        pairs = load_pair_cache(store, ev, ds.extraction.code_version(), siblings)
     groups = _query_groups(config, store, ds, shards[ds.name], db_ids, db)
     tables: dict[str, pa.Table] = {}
-    stats: dict[str, Any] = {"database": len(db_ids), "queries": 0, "seconds": {}}
     for method in methods:
         t0 = time.perf_counter()
         qids, ranking = _rank_method(method, groups, db, maps, config.search, pairs)
@@ -391,31 +488,18 @@ def evaluation_input_problems(
                 "no longer indexed): the descriptors are out of date"
             )
     database = set(features)
-    agg0 = offline_aggregations()[0]
-    dataset_pca = None
-    if ev.distractors and store.exists(descriptors_path(ds.name, agg0)):
-        dataset_pca = store.read_metadata(descriptors_path(ds.name, agg0)).get("pca")
+    pca = pca_version(pca_models_for(store, ds)) if ev.distractors else None
     for dname in ev.distractors:
+        projects = projects_distractors(store, ev, dname)
         for s in shards[dname]:
             frel = features_path(dname, s)
             if not store.exists(frel):
                 problems.append(f"features of {dname} shard {s!r} are not materialized")
                 continue
-            fids = set(_stored_ids(store, frel))
-            database |= fids
-            drel = distractor_descriptors_path(ev.name, dname, agg0, s)
-            dids = set(_stored_ids(store, drel)) if store.exists(drel) else set()
-            if dids != fids:
-                problems.append(
-                    f"{ev.name}: {dname} shard {s!r} has {len(fids)} images with features but "
-                    f"{len(dids)} descriptors: its distractor descriptors are out of date"
-                )
-            elif dids and _other_pca(dataset_pca, store.read_metadata(drel).get("pca")):
-                problems.append(
-                    f"{ev.name}: the descriptors of {dname} shard {s!r} were projected with "
-                    f"another PCA than {ds.name}'s descriptors: they are out of date "
-                    "(re-projected at once for a small set, else at the evaluation's cron)"
-                )
+            database |= set(_stored_ids(store, frel))
+            stored = _current_distractor_tables(store, ev, dname, s, pca)
+            if isinstance(stored, str) and not projects:
+                problems.append(stored)
     if not ds.grouped:
         rel = query_features_path(ds.name)
         if not store.exists(rel):

@@ -46,6 +46,8 @@ __all__ = [
     "INPUT_VERSION_TAG",
     "Dep",
     "DepState",
+    "DerivedParent",
+    "DerivedParentsUsable",
     "InputsChanged",
     "ParentRequestedNow",
     "ParentsReady",
@@ -53,8 +55,10 @@ __all__ = [
     "dep_state",
     "graph_order",
     "input_version",
+    "input_version_when_current",
     "is_stale",
     "on_cron_when_inputs_change",
+    "refresh_when_derived_parents_usable",
     "refresh_when_inputs_change",
     "version_of",
 ]
@@ -456,36 +460,91 @@ class ParentRequestedNow(_Condition):
         return False
 
 
-class ParentsCurrent(_Condition):
-    """Every partition of the given parents was computed from its inputs' current data (none
-    is stale, :func:`is_stale`): an asset reading them waits while one of them waits for its
-    own refresh (a distractor set re-projected only at its cron, say)."""
+def parent_current(instance: dg.DagsterInstance, dep: Dep, node: InputsChanged) -> bool:
+    """Whether every partition of ``dep`` was computed from its inputs' current data (none is
+    stale, :func:`is_stale`)."""
+    if dep.partitions is None:
+        parts: list[str | None] = [None]
+        recorded = recorded_input_versions(instance, dep.key, None)
+    else:
+        keys = dep.partitions.get_partition_keys(dynamic_partitions_store=instance)
+        parts = list(keys)
+        recorded = recorded_input_versions(instance, dep.key, keys)
+    for p in parts:
+        current = node.current(instance, p)
+        if current is not None and current != recorded.get(p):
+            return False
+    return True
 
-    def __init__(self, parents: Sequence[tuple[Dep, InputsChanged]]):
-        super().__init__([dep for dep, _ in parents])
+
+@dataclass(frozen=True)
+class DerivedParent:
+    """A parent whose data is a deterministic function of its own inputs, so that its data
+    version is its input version (distractor descriptors: a shard's features and the PCA).
+    ``node`` computes that input version; ``at_once`` says whether the child may compute the
+    parent's out-of-date data itself (a small set) instead of waiting until it is current."""
+
+    dep: Dep
+    node: InputsChanged
+    at_once: AtOnce | None = None
+
+
+def input_version_when_current(
+    instance: dg.DagsterInstance, deps: Sequence[Dep], derived: Sequence[DerivedParent]
+) -> str | None:
+    """The input version of an asset whose ``derived`` parents count with the data versions
+    they have *once current* (their input versions now), the other ``deps`` with the ones
+    they have; None while one is missing. It equals :func:`input_version` while every derived
+    parent is current, and a child that computed a derived parent's new data itself is not
+    made stale when that parent is brought up to date afterwards."""
+    by_key = {d.dep.key: d for d in derived}
+    versions = []
+    for dep in deps:
+        parent = by_key.get(dep.key)
+        v = dep_version(instance, dep, None)  # None: missing (never materialized)
+        if parent is None or v is None:
+            pass
+        elif dep.partitions is None:
+            v = parent.node.current(instance, None)
+        else:
+            keys = sorted(instance.get_dynamic_partitions(dep.partitions.name))
+            per = [(p, parent.node.current(instance, p)) for p in keys]
+            v = None if not keys or any(x is None for _, x in per) else combine(per)  # type: ignore[misc]
+        if v is None:
+            return None
+        versions.append((dep.key.to_user_string(), v))
+    return combine(versions)
+
+
+class DerivedParentsUsable(_Condition):
+    """Every derived parent can be read now: it is current and none of the ``shared`` inputs
+    it is computed from is requested in this evaluation (its refresh comes after them), or it
+    is small (its ``at_once`` holds) and the child computes its out-of-date data itself, in
+    the same run as the shared inputs."""
+
+    def __init__(self, parents: Sequence[DerivedParent], shared: Iterable[dg.AssetKey] = ()):
+        super().__init__([p.dep for p in parents])
         self._parents = tuple(parents)
+        self._shared = tuple(shared)
 
     @property
     def name(self) -> str:
-        return "parents_current"
+        return "derived_parents_usable"
 
     @property
     def description(self) -> str:
-        return "no parent partition stale (each computed from its inputs' current data)"
+        return "each distractor set current, or small enough to be projected by the rankings"
 
     def holds(self, context, instance: dg.DagsterInstance, partition: str | None) -> bool:
-        for dep, node in self._parents:
-            if dep.partitions is None:
-                parts: list[str | None] = [None]
-                recorded = recorded_input_versions(instance, dep.key, None)
-            else:
-                keys = dep.partitions.get_partition_keys(dynamic_partitions_store=instance)
-                parts = list(keys)
-                recorded = recorded_input_versions(instance, dep.key, keys)
-            for p in parts:
-                current = node.current(instance, p)
-                if current is not None and current != recorded.get(p):
-                    return False
+        shared_now = any(
+            (r := context.request_subsets_by_key.get(k)) is not None and not r.is_empty
+            for k in self._shared
+        )
+        for parent in self._parents:
+            if parent.at_once is not None and parent.at_once.holds_now():
+                continue
+            if shared_now or not parent_current(instance, parent.dep, parent.node):
+                return False
         return True
 
 
@@ -546,21 +605,26 @@ def on_cron_when_inputs_change(cron: str, deps: Sequence[Dep]) -> dg.AutomationC
     )
 
 
-def refresh_when_current_parents_change(
+def refresh_when_derived_parents_usable(
     deps: Sequence[Dep],
-    parents: Sequence[tuple[Dep, InputsChanged]],
+    parents: Sequence[DerivedParent],
     shared: Iterable[dg.AssetKey] = (),
 ) -> dg.AutomationCondition:
-    """:func:`refresh_when_inputs_change`, and only while the ``parents`` are current: an
-    evaluation with distractors follows its dataset at once while the distractor descriptors
-    are current, and waits for them when they wait for a cron. A ``shared`` input (the PCA,
-    which the distractor descriptors read too) requested now makes it wait for a later tick:
-    the parents it feeds are not current until they are refreshed after it."""
+    """:func:`refresh_when_inputs_change` for an asset with derived parents (an evaluation's
+    distractor descriptors): its input version counts them as they are once current
+    (:func:`input_version_when_current`), and it runs only while each is usable
+    (:class:`DerivedParentsUsable`): an evaluation with a small distractor set follows its
+    dataset and a new PCA in the same run, projecting the set's out-of-date shards itself; one
+    with a large set waits until its descriptors are re-projected (at its cron)."""
     AC = dg.AutomationCondition
+
+    def version(instance: dg.DagsterInstance) -> str | None:
+        return input_version_when_current(instance, deps, parents)
+
     return (
-        (InputsChanged(deps) | ParentRequestedNow(deps))
-        & ParentsReady(deps, strict_keys=shared)
-        & ParentsCurrent(parents)
+        (InputsChanged(deps, version) | ParentRequestedNow(deps))
+        & ParentsReady(deps)
+        & DerivedParentsUsable(parents, shared)
         & ~AC.in_progress()
     )
 

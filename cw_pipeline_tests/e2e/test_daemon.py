@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import dagster as dg
 import pytest
 
 from cw_pipeline.launcher import LAUNCHER_TAG
@@ -53,9 +54,9 @@ def test_daemon_refreshes_each_affected_asset_exactly_once(project: DaemonProjec
     runs, mats = delta(before, after)
 
     assert all(status == "SUCCESS" for status in runs.values()), (runs, project.log_tail())
-    # the shard's indexing run(s), one refresh run, then demo-b-distractors: one run per
-    # distractor shard re-projected with demo-b's new PCA (2), and its rankings and report
-    assert len(runs) <= 3 + 2 + 1, runs
+    # the shard's indexing run(s), one refresh run, then one run per distractor shard of
+    # demo-b-distractors re-projected with demo-b's new PCA (2), which sets off nothing else
+    assert len(runs) <= 3 + 1 + 2, runs
     # each run's worker was forked warm (deploy/dagster.yaml's WarmRunLauncher), not spawned
     with project.instance() as instance:
         launched = {r: instance.get_run_by_id(r).tags.get(LAUNCHER_TAG) for r in runs}
@@ -78,8 +79,9 @@ def test_daemon_refreshes_each_affected_asset_exactly_once(project: DaemonProjec
         f"{DEMO_B}/rankings",
         f"{DEMO_B}/map_report",
         # The evaluations with distractors follow their dataset at once: demo-a's with the
-        # distractor descriptors it has (demo-a's PCA did not change); demo-b's after its 40
-        # distractors (under reproject_at_once) are re-projected with demo-b's new PCA.
+        # distractor descriptors it has (demo-a's PCA did not change); demo-b's with its 40
+        # distractors (under reproject_at_once) projected with demo-b's new PCA by its
+        # rankings, in the same run; their stored descriptors follow in runs of their own.
         *(
             f"{ev}/{name}"
             for ev in DEMO_DISTRACTOR_EVALUATIONS
@@ -90,6 +92,16 @@ def test_daemon_refreshes_each_affected_asset_exactly_once(project: DaemonProjec
     # exactly these, once each: not demo-a's PCA (learned on demo-b), not the query features
     # (no query image changed), not demo-a-distractors' distractor descriptors
     assert dict(mats) == dict.fromkeys(sorted(expected), 1), mats
+    # all four reports in one run, the one that learned demo-b's new PCA
+    with project.instance() as instance:
+        run_of = {
+            key: instance.get_latest_materialization_event(dg.AssetKey.from_user_string(key)).run_id
+            for key in (
+                f"{DEMO_B}/pca_model",
+                *(f"{ev}/map_report" for ev in (DEMO_A, DEMO_B, *DEMO_DISTRACTOR_EVALUATIONS)),
+            )
+        }
+    assert len(set(run_of.values())) == 1, run_of
     # one forward pass per image added or changed, none for the others: the features step kept
     # their maps, so no rankings step (OnA, re-ranking) runs the network again
     assert after.forward_passes - before.forward_passes == 4

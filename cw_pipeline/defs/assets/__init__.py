@@ -20,6 +20,7 @@ from cw_pipeline.defs.assets.distractors import (
     distractor_descriptors_asset,
     distractor_descriptors_deps,
     distractor_descriptors_key,
+    distractors_at_once,
 )
 from cw_pipeline.defs.assets.features import CNN_POOL, features_asset, features_key
 from cw_pipeline.defs.assets.manifest import manifest_asset, manifest_key
@@ -30,7 +31,7 @@ from cw_pipeline.defs.assets.rankings import rankings_asset
 from cw_pipeline.defs.assets.support import StoreFactory
 from cw_pipeline.defs.checks import shards_readable_check
 from cw_pipeline.defs.partitions import partitions_def
-from cw_pipeline.defs.versions import Dep, InputsChanged
+from cw_pipeline.defs.versions import Dep, DerivedParent, InputsChanged
 from cw_pipeline.store import FeatureStore
 
 __all__ = ["CNN_POOL", "DEFAULT_EVALUATION_CRON", "dataset_assets", "evaluation_assets"]
@@ -71,8 +72,10 @@ def evaluation_assets(
     out: list[dg.AssetsDefinition | dg.AssetChecksDefinition] = []
     parents = []
     for dname in ev.distractors:
-        out.append(distractor_descriptors_asset(config, ev, dname, cron, store_factory))
+        at_once = distractors_at_once(ev, dname, store_factory)
+        out.append(distractor_descriptors_asset(config, ev, dname, cron, at_once))
         dep = Dep(distractor_descriptors_key(ev, dname), partitions_def(dname))
         deps.append(dep)
-        parents.append((dep, InputsChanged(distractor_descriptors_deps(config, ev, dname))))
+        node = InputsChanged(distractor_descriptors_deps(config, ev, dname))
+        parents.append(DerivedParent(dep, node, at_once))
     return [*out, rankings_asset(config, ev, deps, parents), map_report_asset(config, ev)]

@@ -32,23 +32,31 @@ def distractor_descriptors_deps(
     ]
 
 
+def distractors_at_once(ev: EvaluationConfig, dname: str, store_factory: StoreFactory) -> AtOnce:
+    """Holds while distractor set ``dname`` has at most ``reproject_at_once`` images: its
+    descriptors are re-projected as soon as their inputs change, and the evaluation's rankings
+    project its out-of-date shards themselves
+    (:func:`cw_pipeline.compute.rankings.projects_distractors`, the same measure)."""
+    return AtOnce(
+        lambda: stored_image_count(store_factory(), dname),
+        ev.reproject_at_once,
+        f"the number of images of {dname} (reproject_at_once)",
+    )
+
+
 def distractor_descriptors_asset(
     config: ProjectConfig,
     ev: EvaluationConfig,
     dname: str,
     cron: str,
-    store_factory: StoreFactory,
+    at_once: AtOnce,
 ) -> dg.AssetsDefinition:
     """Partitioned like the distractor set ``dname``; a shard without images drops its
-    descriptors. Re-projected as soon as its inputs change while the set holds at most
-    ``reproject_at_once`` images (seconds of work), else after the evaluation's cron tick."""
+    descriptors. Re-projected as soon as its inputs change while ``at_once`` holds (the set
+    holds at most ``reproject_at_once`` images: seconds of work), else after the evaluation's
+    cron tick."""
     ds, dset = config.dataset(ev.dataset), config.dataset(dname)
     deps = distractor_descriptors_deps(config, ev, dname)
-    at_once = AtOnce(
-        lambda: stored_image_count(store_factory(), dname),
-        ev.reproject_at_once,
-        f"the number of images of {dname} (reproject_at_once)",
-    )
 
     @dg.asset(
         key=distractor_descriptors_key(ev, dname),

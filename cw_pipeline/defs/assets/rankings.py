@@ -14,8 +14,8 @@ from cw_pipeline.defs.partitions import ident
 from cw_pipeline.defs.resources import PipelineResource
 from cw_pipeline.defs.versions import (
     Dep,
-    InputsChanged,
-    refresh_when_current_parents_change,
+    DerivedParent,
+    refresh_when_derived_parents_usable,
     refresh_when_inputs_change,
 )
 from cw_pipeline.store import rankings_path
@@ -41,24 +41,28 @@ def rankings_asset(
     config: ProjectConfig,
     ev: EvaluationConfig,
     deps: list[Dep],
-    distractors: list[tuple[Dep, InputsChanged]] | None = None,
+    distractors: list[DerivedParent] | None = None,
 ) -> dg.AssetsDefinition:
     """Rankings of every method over the dataset and its distractors. ``deps``: descriptors,
-    PCA, query features and distractor descriptors; refreshed as soon as they change, and
-    with distractors only while every distractor descriptor shard is current (``distractors``:
-    each one's dependency and input condition), so a large set re-projected at its cron holds
-    the rankings back until then. The blocking ``inputs_consistent`` check fails the run
-    before anything is written when the inputs are not one state."""
+    PCA, query features and distractor descriptors; refreshed as soon as they change. With
+    distractors (``distractors``: each set's descriptors, their input condition and their
+    ``reproject_at_once`` condition), a small set's out-of-date shards are projected by the
+    rankings themselves, in the same run as a new PCA; a large set holds the rankings back
+    until its descriptors are re-projected at its cron. The blocking ``inputs_consistent``
+    check fails the run before anything is written when the inputs are not one state."""
     ds = config.dataset(ev.dataset)
     key, methods = rankings_key(ev), [m.name for m in ev.methods]
     condition = (
-        refresh_when_current_parents_change(deps, distractors, shared=[pca_key(ds)])
+        refresh_when_derived_parents_usable(deps, distractors, shared=[pca_key(ds)])
         if distractors
         else refresh_when_inputs_change(deps)
     )
     against = f" and {', '.join(ev.distractors)}" if ev.distractors else ""
     waits = (
-        " Refreshed when its inputs change, once the distractor descriptors are current."
+        f" Refreshed when its inputs change: at once while the distractor set holds at most "
+        f"{ev.reproject_at_once:,} images (reproject_at_once; the rankings project its "
+        "out-of-date shards themselves), else once its descriptors are re-projected at the "
+        "evaluation's cron."
         if distractors
         else " Refreshed when its inputs change."
     )
@@ -66,6 +70,9 @@ def rankings_asset(
     @dg.asset(
         key=key,
         deps=[d.key for d in deps],
+        # In a run that ranks several evaluations of one dataset, the one without distractors
+        # goes first: the pairs it computes are then reused by those with distractors.
+        op_tags={"dagster/priority": "0" if ev.distractors else "1"},
         group_name=ident(ev.name),
         kinds={"parquet"},
         automation_condition=condition,
@@ -76,7 +83,7 @@ def rankings_asset(
     )
     def rankings(context: dg.AssetExecutionContext, pipeline: PipelineResource):
         cpu0 = time.process_time()
-        _, tags = versioned(context, deps)
+        _, tags = versioned(context, deps, derived=distractors or ())
         store = pipeline.store()
         shards = evaluation_shards(config, context.instance, ev.name)
         problems = evaluation_input_problems(config, store, ev, shards)
@@ -97,6 +104,7 @@ def rankings_asset(
                 "queries": stats["queries"],
                 "seconds_per_method": stats["seconds"],
                 "map_forward_passes": stats["map_forward_passes"],
+                "distractors_projected": stats.get("distractors_projected", 0),
                 **{k: stats[k] for k in REUSE_STATISTICS if k in stats},
             },
             check_results=rankings_checks(config, store, ev, shards, tables, stats["database"]),

@@ -2,7 +2,7 @@
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import dagster as dg
 import pyarrow as pa
@@ -11,7 +11,13 @@ from cw_pipeline.config import ProjectConfig
 from cw_pipeline.core import allocator
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.defs.partitions import current_shards
-from cw_pipeline.defs.versions import INPUT_VERSION_TAG, Dep, input_version
+from cw_pipeline.defs.versions import (
+    INPUT_VERSION_TAG,
+    Dep,
+    DerivedParent,
+    input_version,
+    input_version_when_current,
+)
 from cw_pipeline.store import CorruptFileError, FeatureStore
 
 __all__ = [
@@ -30,10 +36,19 @@ logger = logging.getLogger(__name__)
 
 
 def versioned(
-    context: dg.AssetExecutionContext, deps: list[Dep], partition: str | None = None
+    context: dg.AssetExecutionContext,
+    deps: list[Dep],
+    partition: str | None = None,
+    derived: Sequence[DerivedParent] = (),
 ) -> tuple[str, dict[str, str]]:
-    """The input version of a run (read *before* its inputs) and the tags recording it."""
-    version = input_version(context.instance, deps, partition) or "missing"
+    """The input version of a run (read *before* its inputs) and the tags recording it;
+    ``derived`` parents count as they are once current (:func:`input_version_when_current`,
+    as the asset's automation condition counts them)."""
+    instance = context.instance
+    if derived:
+        version = input_version_when_current(instance, deps, derived) or "missing"
+    else:
+        version = input_version(instance, deps, partition) or "missing"
     return version, {INPUT_VERSION_TAG: version}
 
 
