@@ -19,6 +19,7 @@ seconds of fixed cost. Run it on an idle machine: ``python benchmarks/daemon_lat
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -49,6 +50,7 @@ def _run_table(project: DaemonProject, run_ids: list[str], t0: float) -> list[st
             part = run.tags.get("dagster/partition")
             run_created = instance.get_run_record_by_id(run_id).create_timestamp
             events = len(instance.get_records_for_run(run_id, limit=100_000).records)
+            steps = _step_seconds(instance, run_id) if len(keys) > 1 else ""
             rows.append(
                 (
                     run_created.timestamp() - t0,
@@ -57,10 +59,25 @@ def _run_table(project: DaemonProject, run_ids: list[str], t0: float) -> list[st
                     f"started +{(stats.start_time or 0) - t0:5.1f} s, "
                     f"ended +{(stats.end_time or 0) - t0:5.1f} s "
                     f"({(stats.end_time or 0) - (stats.start_time or 0):.1f} s), {events} events; "
-                    f"{len(keys)} assets: {', '.join(keys)}",
+                    f"{len(keys)} assets: {', '.join(keys)}{steps}",
                 )
             )
     return [text for _, text in sorted(rows)]
+
+
+def _step_seconds(instance, run_id: str) -> str:
+    """Each step of a run with its wall seconds, in the order they started."""
+    started, lines = {}, []
+    for rec in instance.get_records_for_run(run_id, limit=100_000).records:
+        event = rec.event_log_entry.dagster_event
+        if event is None or rec.event_log_entry.step_key is None:
+            continue
+        step, at = rec.event_log_entry.step_key, rec.event_log_entry.timestamp
+        if event.event_type_value == "STEP_START":
+            started[step] = at
+        elif event.event_type_value == "STEP_SUCCESS" and step in started:
+            lines.append(f"{step} {at - started[step]:.1f} s")
+    return "\n      steps: " + ", ".join(lines) if lines else ""
 
 
 def _met(ok: bool) -> str:
@@ -68,7 +85,7 @@ def _met(ok: bool) -> str:
 
 
 #: The changes measured one after the other, while the daemon keeps running.
-CHANGES = ("first change after the daemon started", "second change")
+CHANGES = ("first change after the daemon started", "second change", "third change")
 
 
 def _one_change(project: DaemonProject, before, round: int, quiet_seconds: float):
@@ -122,7 +139,7 @@ def _one_change(project: DaemonProject, before, round: int, quiet_seconds: float
         "CPU by process: "
         + ", ".join(f"{k} {cpu_after[k] - cpu_before.get(k, 0):.1f} s" for k in cpu_after)
     )
-    return after, fixed
+    return after, fixed, latency
 
 
 def main() -> None:
@@ -133,7 +150,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         project = DaemonProject(Path(tmp))
         project.generate()
-        project.seed_extra_images(project.images("demo-distractors"))
+        project.seed_extra_images(project.images("demo-distractors"), n=len(CHANGES))
         t = time.perf_counter()
         project.materialize_all()
         print(f"demo materialized in {time.perf_counter() - t:.1f} s (cw-pipeline demo --no-ui)")
@@ -145,15 +162,22 @@ def main() -> None:
                 f"daemon up and quiet after {time.perf_counter() - t:.1f} s "
                 f"({len(before.runs)} runs before the change: the daemon started none)"
             )
-            fixed = []
+            fixed, latencies = [], []
             for round, label in enumerate(CHANGES):
                 print(f"\n== {label}")
-                before, cost = _one_change(project, before, round, args.quiet_seconds)
+                before, cost, latency = _one_change(project, before, round, args.quiet_seconds)
                 fixed.append(cost)
+                latencies.append(latency)
             print(
-                f"\nfixed cost per change: {fixed[0]:.1f} s for the first change after the "
-                f"daemon started, {fixed[1]:.1f} s for the next one "
-                f"(target <= 15 s: {_met(max(fixed) <= 15)})"
+                f"\nall four reports refreshed after "
+                f"{', '.join(f'{x:.1f}' for x in latencies)} s: median "
+                f"{statistics.median(latencies):.1f} s, worst {max(latencies):.1f} s "
+                f"(target <= {LATENCY_TARGET:.0f} s: {_met(max(latencies) <= LATENCY_TARGET)})"
+            )
+            print(
+                f"fixed cost per change: {', '.join(f'{x:.1f}' for x in fixed)} s (the first "
+                f"after the daemon started, then the next ones; target <= 15 s: "
+                f"{_met(max(fixed) <= 15)})"
             )
         finally:
             project.stop_daemon()

@@ -6,7 +6,7 @@ and the daemon's ``refresh_downstream`` sensor see them.
 evaluation's cron (``schedule:``) waits for the next tick, unless its work is small enough to be
 done at once (a distractor set of at most ``reproject_at_once`` images); one that a run is
 materializing right now (the daemon got there first) is in that run; one whose parent is stale
-follows its parent; anything else is refreshed by the sensor at its next tick (every 10 s)
+follows its parent; anything else is refreshed by the sensor at its next tick (every 5 s)
 while the daemon runs.
 """
 

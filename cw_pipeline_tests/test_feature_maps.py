@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,10 +19,11 @@ from cw_pipeline.compute.feature_maps import (
 )
 from cw_pipeline.compute.features import update_features
 from cw_pipeline.compute.manifests import build_manifest
+from cw_pipeline.compute.rankings import load_pair_cache, save_pair_cache
 from cw_pipeline.compute.shards import scan_files
 from cw_pipeline.config import DatasetConfig, ExtractionConfig, load_config
 from cw_pipeline.core.extract import FeatureExtractor, FeatureMaps
-from cw_pipeline.core.retrieval import ComputedMaps
+from cw_pipeline.core.retrieval import ComputedMaps, PairCache
 from cw_pipeline.store import FEATURE_MAPS, FeatureStore, feature_maps_path
 
 
@@ -160,3 +162,33 @@ def test_which_datasets_keep_maps_at_indexing() -> None:
     off = config.feature_maps.model_copy(update={"budget_gb": 0})
     object.__setattr__(config, "feature_maps", off)
     assert not any(maps_wanted_at_indexing(config, d) for d in config.datasets.values())
+
+
+def test_evaluations_of_one_dataset_share_their_pair_values(tmp_path: Path) -> None:
+    """Pair values are keyed by their context, query and image content: an evaluation reads
+    its siblings' (those of the same dataset) besides its own, its own winning, and keeps in
+    its own cache only those it used."""
+    store = FeatureStore(tmp_path / "wh")
+    base, with_d = SimpleNamespace(name="demo-b"), SimpleNamespace(name="demo-b-distractors")
+    kept = PairCache(extraction="x")
+    kept.store("region", ("ctx", "q", "img1"), 0.25)
+    kept.store("region", ("ctx", "q", "img2"), 0.5)
+    kept.store("ona", ("ctx", "q", "img1"), np.arange(4, dtype=np.float32))
+    save_pair_cache(store, base, kept)
+    own = PairCache(extraction="x")
+    own.store("region", ("ctx", "q", "img2"), 0.75)
+    save_pair_cache(store, with_d, own)
+
+    alone = load_pair_cache(store, with_d, "x")
+    assert alone.lookup("region", ("ctx", "q", "img1")) is None
+    pairs = load_pair_cache(store, with_d, "x", siblings=[base])
+    assert pairs.lookup("region", ("ctx", "q", "img1")) == 0.25
+    assert pairs.lookup("region", ("ctx", "q", "img2")) == 0.75  # its own value wins
+    np.testing.assert_array_equal(
+        pairs.lookup("ona", ("ctx", "q", "img1")), np.arange(4, dtype=np.float32)
+    )
+    assert pairs.reused == {"region": 2, "ona": 1}
+    save_pair_cache(store, with_d, pairs)
+    reread = load_pair_cache(store, with_d, "x")
+    assert reread.region == {("ctx", "q", "img1"): 0.25, ("ctx", "q", "img2"): 0.75}
+    assert load_pair_cache(store, base, "x").region == kept.region  # the sibling's untouched

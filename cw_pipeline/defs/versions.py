@@ -32,6 +32,8 @@ import dagster as dg
 if TYPE_CHECKING:
     from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
+_T = TypeVar("_T")
+
 #: Tag (Dagster's) holding a materialization's data version.
 DATA_VERSION_TAG = "dagster/data_version"
 #: Tag of a materialization: the input version it was computed from.
@@ -93,15 +95,15 @@ class Dep:
     partitions: dg.DynamicPartitionsDefinition | None = None
     same_partition: bool = False
 
+    def __post_init__(self) -> None:
+        if self.partitions is not None and self.partitions.name:
+            _PARTITIONS.add(self.partitions.name)
+
 
 def _latest_event(instance: dg.DagsterInstance, key: dg.AssetKey):
-    """The latest materialization event (cached while a condition is being evaluated: the
-    events of reports carry their markdown and are slow to decode)."""
-    if not _CACHE.active:
-        return instance.get_latest_materialization_event(key)
-    if key not in _CACHE.events:
-        _CACHE.events[key] = instance.get_latest_materialization_event(key)
-    return _CACHE.events[key]
+    """The latest materialization event (the events of reports carry their markdown and are
+    slow to decode: cached while the event log is unchanged, :class:`_TickCache`)."""
+    return _CACHE.kept(("event", key), lambda: instance.get_latest_materialization_event(key))
 
 
 def _latest_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
@@ -114,13 +116,16 @@ def _latest_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | Non
 def _partition_versions(
     instance: dg.DagsterInstance, key: dg.AssetKey, partitions: Sequence[str]
 ) -> dict[str, str | None]:
-    tags = instance.event_log_storage.get_latest_tags_by_partition(
-        key,
-        dg.DagsterEventType.ASSET_MATERIALIZATION,
-        [DATA_VERSION_TAG],
-        asset_partitions=list(partitions),
-    )
-    return {p: tags.get(p, {}).get(DATA_VERSION_TAG) for p in partitions}
+    def read() -> dict[str, str | None]:
+        tags = instance.event_log_storage.get_latest_tags_by_partition(
+            key,
+            dg.DagsterEventType.ASSET_MATERIALIZATION,
+            [DATA_VERSION_TAG],
+            asset_partitions=list(partitions),
+        )
+        return {p: tags.get(p, {}).get(DATA_VERSION_TAG) for p in partitions}
+
+    return _CACHE.kept(("versions", key, tuple(partitions)), read)
 
 
 def dep_version(instance: dg.DagsterInstance, dep: Dep, partition: str | None) -> str | None:
@@ -131,7 +136,7 @@ def dep_version(instance: dg.DagsterInstance, dep: Dep, partition: str | None) -
         if partition is None:
             raise ValueError(f"{dep.key.to_user_string()}: a partition is needed")
         return _partition_versions(instance, dep.key, [partition])[partition]
-    keys = sorted(instance.get_dynamic_partitions(dep.partitions.name))
+    keys = _dynamic_keys(instance, dep.partitions.name)
     if not keys:  # a dataset without shards has no data yet
         return None
     versions = _partition_versions(instance, dep.key, keys)
@@ -161,19 +166,24 @@ def recorded_input_versions(
         event = _latest_event(instance, key)
         mat = event.asset_materialization if event is not None else None
         return {None: (mat.tags or {}).get(INPUT_VERSION_TAG) if mat is not None else None}
-    ids = instance.get_latest_storage_id_by_partition(
-        key, dg.DagsterEventType.ASSET_MATERIALIZATION, set(partitions)
-    )
-    out: dict[str | None, str | None] = dict.fromkeys(partitions)
-    if ids:
-        records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=key, storage_ids=list(ids.values())), limit=len(ids)
-        ).records
-        for rec in records:
-            mat = rec.asset_materialization
-            if mat is not None and mat.partition in out:
-                out[mat.partition] = (mat.tags or {}).get(INPUT_VERSION_TAG)
-    return out
+
+    def read() -> dict[str | None, str | None]:
+        ids = instance.get_latest_storage_id_by_partition(
+            key, dg.DagsterEventType.ASSET_MATERIALIZATION, set(partitions)
+        )
+        out: dict[str | None, str | None] = dict.fromkeys(partitions)
+        if ids:
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=key, storage_ids=list(ids.values())),
+                limit=len(ids),
+            ).records
+            for rec in records:
+                mat = rec.asset_materialization
+                if mat is not None and mat.partition in out:
+                    out[mat.partition] = (mat.tags or {}).get(INPUT_VERSION_TAG)
+        return out
+
+    return dict(_CACHE.kept(("recorded", key, tuple(partitions)), read))
 
 
 #: A custom input version: (instance) -> version, for assets whose real input is narrower
@@ -205,18 +215,59 @@ class DepState:
 
 
 class _TickCache:
-    """States computed during one evaluation (every asset asks about the same parents)."""
+    """What the conditions read from the instance while they are being evaluated.
+
+    Run states are read once per tick (``states``, ``runs``). The reads of materializations
+    (``kept``) are kept across ticks while the instance's *fingerprint* — the event log's
+    newest record id and the dynamic partitions of every :class:`Dep` — is unchanged: every
+    materialization, planned materialization and run event adds a record, so an idle
+    instance's tick reads one row instead of every asset's history. Outside an evaluation
+    nothing is cached."""
 
     def __init__(self) -> None:
-        self.key: object = None
+        self.tick: object = None  #: the asset graph view of the tick being evaluated
+        self.instance: object = None  #: the instance the kept values were read from
+        self.fingerprint: object = None
         self.active = False  #: only inside a condition's evaluation
         self.states: dict[tuple, DepState] = {}
         self.runs: dict[str, dg.DagsterRunStatus | None] = {}
-        self.events: dict[dg.AssetKey, object] = {}
+        self.values: dict[tuple, object] = {}
 
-    def reset_for(self, key: object) -> None:
-        if key != self.key:
-            self.key, self.states, self.runs, self.events = key, {}, {}, {}
+    def enter(self, context) -> None:
+        """Start evaluating a node of ``context``'s tick (one asset graph view per tick)."""
+        view = context.asset_graph_view
+        if view is not self.tick:
+            self.tick, self.states, self.runs = view, {}, {}
+            fingerprint = _fingerprint(view.instance)
+            if view.instance is not self.instance or fingerprint != self.fingerprint:
+                self.instance, self.fingerprint, self.values = view.instance, fingerprint, {}
+        self.active = True
+
+    def kept(self, key: tuple, read: Callable[[], _T]) -> _T:
+        if not self.active:
+            return read()
+        if key not in self.values:
+            self.values[key] = read()
+        return self.values[key]  # type: ignore[return-value]
+
+
+#: The dynamic partitions definitions of every Dep (part of the instance's fingerprint).
+_PARTITIONS: set[str] = set()
+
+
+def _dynamic_keys(instance: dg.DagsterInstance, name: str) -> list[str]:
+    """The sorted partition keys of a dynamic partitions definition."""
+    return _CACHE.kept(("partitions", name), lambda: sorted(instance.get_dynamic_partitions(name)))
+
+
+def _fingerprint(instance: dg.DagsterInstance) -> tuple:
+    newest = instance.event_log_storage.get_maximum_record_id()
+    parts = hashlib.sha1()
+    for name in sorted(_PARTITIONS):
+        parts.update(name.encode() + b"\0")
+        for key in sorted(instance.get_dynamic_partitions(name)):
+            parts.update(key.encode() + b"\n")
+    return newest, parts.hexdigest()
 
 
 _CACHE = _TickCache()
@@ -227,6 +278,8 @@ def _run_statuses(
 ) -> dict[str, dg.DagsterRunStatus | None]:
     """Status of each run; None for a run that does not exist or whose process was gone (a
     crashed attempt is no attempt: neither in progress nor a failure to wait out)."""
+    if not _CACHE.active:
+        _CACHE.runs = {}
     todo = [r for r in set(run_ids) if r not in _CACHE.runs]
     if todo:
         for rec in instance.get_run_records(dg.RunsFilter(run_ids=todo)):
@@ -238,13 +291,39 @@ def _run_statuses(
 
 
 def _latest_storage_id(instance: dg.DagsterInstance, key: dg.AssetKey) -> int:
-    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=1)
-    return records.records[0].storage_id if records.records else 0
+    def read() -> int:
+        flt = dg.AssetRecordsFilter(asset_key=key)
+        records = instance.fetch_materializations(flt, limit=1).records
+        return records[0].storage_id if records else 0
+
+    return _CACHE.kept(("latest_id", key), read)
+
+
+def _planned(instance: dg.DagsterInstance, key: dg.AssetKey):
+    """The latest planned materialization of an unpartitioned asset (run id, storage id)."""
+    return _CACHE.kept(
+        ("planned", key),
+        lambda: instance.event_log_storage.get_latest_planned_materialization_info(key),
+    )
+
+
+def _attempts(instance: dg.DagsterInstance, key: dg.AssetKey) -> Mapping[str, tuple[str, int]]:
+    """Partition -> (run id, storage id) of its latest attempt not followed by a
+    materialization."""
+    storage = instance.event_log_storage
+    return _CACHE.kept(
+        ("attempts", key),
+        lambda: (
+            storage.get_latest_asset_partition_materialization_attempts_without_materializations(
+                key
+            )
+        ),
+    )
 
 
 def _unpartitioned_state(instance: dg.DagsterInstance, key: dg.AssetKey) -> DepState:
     latest = _latest_storage_id(instance, key)
-    planned = instance.event_log_storage.get_latest_planned_materialization_info(key)
+    planned = _planned(instance, key)
     in_progress = failed = False
     if planned is not None and planned.storage_id > latest:
         status = _run_statuses(instance, [planned.run_id])[planned.run_id]
@@ -259,12 +338,13 @@ def _partitions_state(
     if not partitions:
         return DepState(True, False, False, 0)
     wanted = set(partitions)
-    latest = instance.get_latest_storage_id_by_partition(
-        key, dg.DagsterEventType.ASSET_MATERIALIZATION, wanted
+    latest = _CACHE.kept(
+        ("latest_ids", key, tuple(sorted(wanted))),
+        lambda: instance.get_latest_storage_id_by_partition(
+            key, dg.DagsterEventType.ASSET_MATERIALIZATION, wanted
+        ),
     )
-    attempts = instance.event_log_storage.get_latest_asset_partition_materialization_attempts_without_materializations(  # noqa: E501
-        key
-    )
+    attempts = _attempts(instance, key)
     pending = {pk: run_id for pk, (run_id, _) in attempts.items() if pk in wanted}
     statuses = _run_statuses(instance, pending.values())
     in_progress = any(statuses[r] in _ACTIVE for r in pending.values())
@@ -281,6 +361,8 @@ def dep_state(instance: dg.DagsterInstance, dep: Dep, partition: str | None) -> 
     """The state of a dependency as an input of the asset (partition) being evaluated."""
     scope = partition if dep.same_partition else None
     cache_key = (dep.key, scope)
+    if not _CACHE.active:  # outside an evaluation: read now
+        _CACHE.states = {}
     if cache_key not in _CACHE.states:
         if dep.partitions is None:
             state = _unpartitioned_state(instance, dep.key)
@@ -289,7 +371,7 @@ def dep_state(instance: dg.DagsterInstance, dep: Dep, partition: str | None) -> 
                 raise ValueError(f"{dep.key.to_user_string()}: a partition is needed")
             state = _partitions_state(instance, dep.key, [partition])
         else:
-            keys = sorted(instance.get_dynamic_partitions(dep.partitions.name))
+            keys = _dynamic_keys(instance, dep.partitions.name)
             state = _partitions_state(instance, dep.key, keys)
         _CACHE.states[cache_key] = state
     return _CACHE.states[cache_key]
@@ -300,14 +382,12 @@ def failed_attempt(
 ) -> int | None:
     """Storage id of the asset's (partition's) latest attempt when it failed, else None."""
     if partition is None:
-        planned = instance.event_log_storage.get_latest_planned_materialization_info(key)
+        planned = _planned(instance, key)
         if planned is None or planned.storage_id <= _latest_storage_id(instance, key):
             return None
         run_id, storage_id = planned.run_id, planned.storage_id
     else:
-        attempts = instance.event_log_storage.get_latest_asset_partition_materialization_attempts_without_materializations(  # noqa: E501
-            key
-        )
+        attempts = _attempts(instance, key)
         if partition not in attempts:
             return None
         run_id, storage_id = attempts[partition]
@@ -351,8 +431,7 @@ class _Condition(dg.AutomationCondition):
         if candidate.is_empty:
             return dg.AutomationResult(context=context, true_subset=candidate)
         instance = context.asset_graph_view.instance
-        _CACHE.reset_for((id(instance), context.evaluation_time))
-        _CACHE.active = True
+        _CACHE.enter(context)
         try:
             keys = _partition_keys(candidate)
             true = {pk for pk in keys if self.holds(context, instance, pk)}
@@ -467,7 +546,7 @@ def parent_current(instance: dg.DagsterInstance, dep: Dep, node: InputsChanged) 
         parts: list[str | None] = [None]
         recorded = recorded_input_versions(instance, dep.key, None)
     else:
-        keys = dep.partitions.get_partition_keys(dynamic_partitions_store=instance)
+        keys = _dynamic_keys(instance, dep.partitions.name)
         parts = list(keys)
         recorded = recorded_input_versions(instance, dep.key, keys)
     for p in parts:
@@ -507,7 +586,7 @@ def input_version_when_current(
         elif dep.partitions is None:
             v = parent.node.current(instance, None)
         else:
-            keys = sorted(instance.get_dynamic_partitions(dep.partitions.name))
+            keys = _dynamic_keys(instance, dep.partitions.name)
             per = [(p, parent.node.current(instance, p)) for p in keys]
             v = None if not keys or any(x is None for _, x in per) else combine(per)  # type: ignore[misc]
         if v is None:

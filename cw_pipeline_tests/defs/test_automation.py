@@ -196,6 +196,37 @@ def test_a_small_distractor_set_follows_a_new_pca_at_once(tmp_path, demo_source)
     assert evaluation_input_problems(project.config, store, large, shards) == []
 
 
+def test_an_idle_tick_reads_no_materialization_again(fresh_project, monkeypatch):
+    """While the event log and the partitions are unchanged, a tick reuses what the previous
+    one read of the assets' materializations (one row read instead of every asset's history);
+    the next event makes it read again, and it sees the change."""
+    project = fresh_project
+    for ds in DATASETS:
+        project.index(ds)
+    refresh(project.defs, project.instance, include_cron=True)
+    auto = Automation(project)
+    assert auto.start() == set()
+    reads = []
+    for name in (
+        "get_latest_materialization_event",
+        "fetch_materializations",
+        "get_latest_storage_id_by_partition",
+    ):
+        real = getattr(project.instance, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(project.instance, name, spy)
+    assert auto.tick() == set()
+    assert reads == []
+    synthetic_jpeg(project.images("alpha") / "part1" / "extra_003.jpg", seed=17)
+    assert project.index("alpha").forward_passes == 1
+    assert auto.tick() == ALPHA_DOWNSTREAM
+    assert reads
+
+
 def test_refresh_follows_the_data_not_a_cursor(fresh_project):
     """`refresh` and the automation sensor agree: both compare data versions, so what one
     refreshed the other finds current (no second run of anything)."""

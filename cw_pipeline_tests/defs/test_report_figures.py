@@ -9,9 +9,12 @@ import re
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
 from PIL import Image
 
+from cw_pipeline import report_figures
 from cw_pipeline.cli import main
+from cw_pipeline.compute.features import dataset_extractor
 from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.figures import FRAME_COLOURS, sheet_tile_box
@@ -129,3 +132,58 @@ def test_report_figures_command_errors(fresh_project, capsys):
     assert len(err) == 1 and "not indexed" in err[0] and "cw-pipeline index" in err[0]
     assert main(["report-figures", "alpha", "--config", config, "--top", "0"]) == 2
     assert "--top must be >= 1" in capsys.readouterr().err
+
+
+def test_figures_are_redrawn_only_when_their_inputs_change(indexed_project, monkeypatch):
+    """A report drawn again from the same rankings redraws nothing (same files, same embedded
+    images); a changed ranking redraws that query's sheet (and what depends on it), keeps the
+    other sheets; a lost file, a damaged index or a new drawing version redraws."""
+    project = indexed_project
+    ev = project.config.evaluation("alpha")
+    shards = {"alpha": current_shards(project.instance, "alpha")}
+    out = str(project.root / "again")
+    cnn = dataset_extractor(project.config.dataset("alpha"))
+    options = FigureOptions(method="raw")
+
+    def draw():
+        return report_with_figures(project.config, project.store, ev, shards, out, cnn, options)
+
+    def files(folder: Path) -> dict[str, tuple[int, bytes]]:
+        return {
+            str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in folder.rglob("*.png")
+        }
+
+    _, first, folder = draw()
+    assert first.kept == 0 and first.redrawn == len(first.files) > 3
+    before = files(folder)
+    _, again, _ = draw()
+    assert (again.redrawn, again.kept) == (0, len(first.files))
+    assert again.embedded == first.embedded and again.files == first.files
+    assert files(folder) == before
+
+    # Swap the first two results of one query: its sheet is redrawn, the others are kept.
+    rel = rankings_path("alpha", "raw")
+    table = project.store.read_table(rel)
+    rows = table.to_pylist()
+    q0 = rows[0]
+    q0["ranked_ids"][:2] = q0["ranked_ids"][1::-1]
+    q0["scores"][:2] = q0["scores"][1::-1]
+    project.store.write_table(rel, pa.Table.from_pylist(rows, schema=table.schema))
+    _, changed, _ = draw()
+    now = files(folder)
+    redrawn = {k for k in now if now[k] != before[k]}
+    sheet = f"queries/{q0['query_id']}.png"
+    assert sheet in redrawn
+    others = {k for k in before if k.startswith("queries/") and k != sheet}
+    assert others and not (others & redrawn)
+    assert changed.redrawn == len(redrawn) and changed.kept == len(changed.files) - len(redrawn)
+
+    # A lost file is drawn again; a damaged index or another drawing version redraws all.
+    (folder / sheet).unlink()
+    assert draw()[1].redrawn == 1
+    (folder / "figures.json").write_text("{not json")
+    assert draw()[1].redrawn == len(changed.files)
+    monkeypatch.setattr(report_figures, "FIGURES_VERSION", "test")
+    assert draw()[1].redrawn == len(changed.files)
+    assert draw()[1].redrawn == 0

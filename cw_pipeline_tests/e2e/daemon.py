@@ -300,8 +300,8 @@ class DaemonProject:
     def change_demo_a(self, extra_source: Path, round: int = 0) -> dict[str, list[Path]]:
         """Add 3 images, re-encode 1 (named by the ground truth), delete 1 (an extra image
         that the ground truth does not name). ``round`` k picks other images for the k-th
-        change (at most 2: :meth:`seed_extra_images` seeds 2 extras). Returns the paths by
-        kind."""
+        change (k below the number of extras :meth:`seed_extra_images` seeded). Returns the
+        paths by kind."""
         from PIL import Image
 
         jpg = self.images(DEMO_A)
