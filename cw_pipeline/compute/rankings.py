@@ -118,12 +118,18 @@ def projects_distractors(store: FeatureStore, ev: EvaluationConfig, dname: str) 
 
 
 def _current_distractor_tables(
-    store: FeatureStore, ev: EvaluationConfig, dname: str, shard: str, pca: str | None
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    dname: str,
+    shard: str,
+    pca: str | None,
+    ids_only: bool = False,
 ) -> dict[str, pa.Table] | str:
     """The stored descriptor tables of a distractor shard (by aggregation) when they describe
     exactly its stored features, projected with the PCA of version ``pca``; else why not.
     Each table is read once, with its metadata (a concurrent re-projection replaces whole
-    files: each one read is either the old or the new one, and is checked as read)."""
+    files: each one read is either the old or the new one, and is checked as read);
+    ``ids_only``: only their ``image_id`` column (a check, not a read of the descriptors)."""
     frel = features_path(dname, shard)
     if not store.exists(frel):
         return f"features of {dname} shard {shard!r} are not materialized"
@@ -131,7 +137,8 @@ def _current_distractor_tables(
     tables: dict[str, pa.Table] = {}
     for agg in offline_aggregations():
         rel = distractor_descriptors_path(ev.name, dname, agg, shard)
-        t = store.read_table(rel) if store.exists(rel) else None
+        columns = ["image_id"] if ids_only else None
+        t = store.read_table(rel, columns) if store.exists(rel) else None
         dids = [] if t is None else t.column("image_id").to_pylist()
         if set(dids) != set(fids):
             return (
@@ -497,7 +504,7 @@ def evaluation_input_problems(
                 problems.append(f"features of {dname} shard {s!r} are not materialized")
                 continue
             database |= set(_stored_ids(store, frel))
-            stored = _current_distractor_tables(store, ev, dname, s, pca)
+            stored = _current_distractor_tables(store, ev, dname, s, pca, ids_only=True)
             if isinstance(stored, str) and not projects:
                 problems.append(stored)
     if not ds.grouped:
