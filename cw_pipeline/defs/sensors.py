@@ -31,8 +31,8 @@ WATCH_INTERVAL_ENV = "CW_PIPELINE_WATCH_INTERVAL"
 DEFAULT_WATCH_INTERVAL = 10
 #: Seconds between two evaluations of the automation conditions (the daemon's sensor loop runs
 #: every 5 s: less changes nothing); a refresh waits for one tick after its indexing run. On the
-#: demo, 5 s instead of 10 s cut that wait from 13-14 s to 2-8 s for about 2 CPU-seconds more
-#: per minute (benchmarks/daemon_latency.py).
+#: demo, 5 s instead of 10 s cut that wait from 13-14 s to 2-8 s, for about 2 CPU-seconds more
+#: per 90 s (benchmarks/daemon_latency.py).
 AUTOMATION_INTERVAL_ENV = "CW_PIPELINE_AUTOMATION_INTERVAL"
 DEFAULT_AUTOMATION_INTERVAL = 5
 
