@@ -129,9 +129,12 @@ def test_the_project_instance_uses_the_warm_launcher_and_keeps_its_queue_limits(
     assert settings["run_coordinator"] == {
         "module": "cw_pipeline.launcher",
         "class": "WarmQueuedRunCoordinator",
+        "config": {"dequeue_interval_seconds": 1},
     }
     with dg.instance_for_test(overrides=settings, temp_dir=str(tmp_path)) as inst:
         assert isinstance(inst.run_coordinator, WarmQueuedRunCoordinator)
+        # the queue is read every second, and the concurrency block still sets its limits
+        assert inst.run_coordinator.dequeue_interval_seconds == 1
         queue = inst.get_concurrency_config().run_queue_config
         limits = settings["concurrency"]["runs"]
         assert queue.max_concurrent_runs == limits["max_concurrent_runs"]
