@@ -1,7 +1,9 @@
 """Sensors: a folder sensor per dataset, and the automation sensor that refreshes everything
 downstream of changed data."""
 
+import json
 import os
+import time
 import warnings
 from typing import TYPE_CHECKING
 
@@ -22,19 +24,23 @@ __all__ = [
     "WATCH_INTERVAL_ENV",
     "automation_sensor",
     "dataset_sensor",
+    "scan_pause",
 ]
 
-#: Seconds between two scans of a dataset's folder by its sensor. A scan stats every file
-#: (0.5 CPU-seconds per 20,000 files on the 2-core reference machine): raise it for folders
-#: of tens of thousands of images.
+#: Seconds between two scans of a dataset's folder by its sensor (the daemon's sensor loop
+#: runs every 5 s).
 WATCH_INTERVAL_ENV = "CW_PIPELINE_WATCH_INTERVAL"
-DEFAULT_WATCH_INTERVAL = 10
-#: Seconds between two evaluations of the automation conditions (the daemon's sensor loop runs
-#: every 5 s: less changes nothing); a refresh waits for one tick after its indexing run. On the
-#: demo, 5 s instead of 10 s cut that wait from 13-14 s to 2-8 s, for about 2 CPU-seconds more
-#: per 90 s (benchmarks/daemon_latency.py).
+DEFAULT_WATCH_INTERVAL = 5
+#: A scan stats every file (0.5 s per 20,000 files on the 2-core reference machine): a folder
+#: whose last scan took longer than this share of the interval is scanned less often, so that
+#: scanning takes at most this share of the time (a 100k-image folder: about every 50 s).
+SCAN_TIME_SHARE = 0.05
+#: Seconds between two evaluations of the automation conditions; a refresh waits for one tick
+#: after its indexing run. The default ticks at every pass of the daemon's loop (every 5 s, and
+#: the loop's own time): with 10 s the wait was 13-14 s on the demo, with 1 s 2-5 s, for about
+#: 2 CPU-seconds more per 90 s (benchmarks/daemon_latency.py).
 AUTOMATION_INTERVAL_ENV = "CW_PIPELINE_AUTOMATION_INTERVAL"
-DEFAULT_AUTOMATION_INTERVAL = 5
+DEFAULT_AUTOMATION_INTERVAL = 1
 
 
 def _interval(var: str, default: int) -> int:
@@ -50,9 +56,26 @@ def _interval(var: str, default: int) -> int:
     return seconds
 
 
+def scan_pause(cursor: str | None, interval: float, now: float) -> float:
+    """Seconds to wait before the next scan, from the sensor's cursor (when and how long the
+    last scan took): 0 once the last scan is ``SCAN_TIME_SHARE`` of the time ago (never more
+    often than the sensor's interval, which Dagster enforces). A cursor that does not parse
+    counts as no scan yet."""
+    try:
+        last = json.loads(cursor) if cursor else {}
+        at, took = float(last["scanned_at"]), float(last["scan_seconds"])
+    except (ValueError, KeyError, TypeError):
+        return 0.0
+    wait = took / SCAN_TIME_SHARE
+    if wait <= interval:
+        return 0.0
+    return max(0.0, at + wait - now)
+
+
 def dataset_sensor(ds: DatasetConfig, job: "UnresolvedAssetJobDefinition") -> dg.SensorDefinition:
     """``watch_<ds>``: scans the folder (stat only); new shards become partitions, removed
-    ones are deleted, changed ones are indexed by ``job``."""
+    ones are deleted, changed ones are indexed by ``job``. Its cursor only paces the scans of
+    a large folder (:func:`scan_pause`); what to index comes from the store."""
     parts = partitions_def(ds.name)
     interval = _interval(WATCH_INTERVAL_ENV, DEFAULT_WATCH_INTERVAL)
 
@@ -61,14 +84,25 @@ def dataset_sensor(ds: DatasetConfig, job: "UnresolvedAssetJobDefinition") -> dg
         job=job,
         minimum_interval_seconds=interval,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Watches {ds.images} every {interval} s: new shards become partitions; "
-        "shards whose files differ from what the store holds are indexed (never one shard "
-        "twice at once).",
+        description=f"Watches {ds.images} every {interval} s (a large folder less often: "
+        f"scans take at most {SCAN_TIME_SHARE:.0%} of the time): new shards become "
+        "partitions; shards whose files differ from what the store holds are indexed (never "
+        "one shard twice at once).",
     )
     def watch(context: dg.SensorEvaluationContext, pipeline: PipelineResource):
+        now = time.time()
+        pause = scan_pause(context.cursor, interval, now)
+        if pause > 0:
+            return dg.SkipReason(
+                f"{ds.name}: the last scan took {json.loads(context.cursor)['scan_seconds']:.1f}"
+                f" s; next scan in {pause:.0f} s (scans take at most {SCAN_TIME_SHARE:.0%} of "
+                "the time)"
+            )
         store = pipeline.store()
         existing = set(context.instance.get_dynamic_partitions(parts.name))
+        t0 = time.perf_counter()
         requests, new, removed, busy = index_requests(ds, store, context.instance, existing)
+        took = time.perf_counter() - t0
         if busy:
             context.log.info("%s: shard(s) %s are being indexed: next tick", ds.name, busy)
         dyn = []
@@ -76,7 +110,10 @@ def dataset_sensor(ds: DatasetConfig, job: "UnresolvedAssetJobDefinition") -> dg
             dyn.append(parts.build_add_request(new))
         if removed:
             dyn.append(parts.build_delete_request(removed))
-        return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=dyn)
+        cursor = json.dumps({"scanned_at": round(now, 3), "scan_seconds": round(took, 4)})
+        return dg.SensorResult(
+            run_requests=requests, dynamic_partitions_requests=dyn, cursor=cursor
+        )
 
     return watch
 

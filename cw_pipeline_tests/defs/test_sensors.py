@@ -4,9 +4,11 @@ changed shards are indexed."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -15,6 +17,7 @@ from dagster._core.utils import make_new_run_id
 
 from cw_pipeline.defs.recovery import PID_TAG, process_tags
 from cw_pipeline.defs.run_tags import SHARD_TAG, active_index_shards, index_run_tags
+from cw_pipeline.defs.sensors import DEFAULT_WATCH_INTERVAL, SCAN_TIME_SHARE, scan_pause
 from cw_pipeline.instance import INSTANCE_YAML
 from cw_pipeline_tests.defs.project import Project, materialize, synthetic_jpeg, write_config
 
@@ -235,3 +238,26 @@ def test_the_instance_runs_one_indexing_run_per_shard_at_a_time(tmp_path) -> Non
         "limit": 1,
     } in limits
     assert index_run_tags("demo-a", "b000")[SHARD_TAG] == "demo-a/b000"
+
+
+def test_a_folder_that_takes_long_to_scan_is_scanned_less_often(fresh_project):
+    """The sensor records when it scanned and how long it took; a scan that took longer than
+    SCAN_TIME_SHARE of the interval makes the next ticks skip until scanning is that share of
+    the time (a 100k-image folder), while a quick scan never delays the next one."""
+    project = fresh_project
+    first = tick(project, "delta", None)
+    last = json.loads(first.cursor)
+    assert last["scan_seconds"] >= 0 and abs(last["scanned_at"] - time.time()) < 60
+    assert scan_pause(first.cursor, DEFAULT_WATCH_INTERVAL, time.time()) == 0  # quick
+    slow = json.dumps({"scanned_at": time.time(), "scan_seconds": 2.5})
+    pause = scan_pause(slow, DEFAULT_WATCH_INTERVAL, time.time())
+    assert 49 <= pause <= 2.5 / SCAN_TIME_SHARE
+    assert scan_pause(slow, DEFAULT_WATCH_INTERVAL, time.time() + 51) == 0
+    assert scan_pause("not json", DEFAULT_WATCH_INTERVAL, time.time()) == 0
+    sensor = project.defs.resolve_sensor_def("watch_delta")
+    with dg.build_sensor_context(
+        instance=project.instance, cursor=slow, resources=project.defs.resources
+    ) as context:
+        skipped = sensor(context)
+    assert isinstance(skipped, dg.SkipReason)
+    assert "the last scan took 2.5 s; next scan in" in skipped.skip_message
