@@ -147,10 +147,11 @@ def _materialize(
     with log_to_file(log_path), terminal(out) as term:
         reporter = StepReporter(term, start=t0)
         config, defs = load_pipeline(args.config)
-        made = generate_demos(config, regenerate=args.regenerate)
-        if made:
+        done = generate_demos(config, regenerate=args.regenerate)
+        if args.regenerate or any(what != "kept" for what in done.values()):
             print(
-                f"[{time.perf_counter() - t0:6.1f} s] generated the demo images: {', '.join(made)}",
+                f"[{time.perf_counter() - t0:6.1f} s] demo folders: "
+                + ", ".join(f"{Path(folder).name} {what}" for folder, what in done.items()),
                 file=term,
                 flush=True,
             )

@@ -87,18 +87,20 @@ def _check_devices(config) -> None:
             ) from None
 
 
-def generate_demos(config, regenerate: bool = False) -> list[str]:
+def generate_demos(config, regenerate: bool = False) -> dict[str, str]:
     """Generate the demo folders that do not exist yet (or, with ``regenerate``, rebuild
-    those that hold only generated files); never touches anything else."""
+    those that hold the generator's unchanged files for other parameters); never touches
+    anything else. Returns each demo folder's path -> what was done (generated, regenerated,
+    kept); CLIError naming each folder's outcome when ``regenerate`` is refused."""
     roots = {ds.generate_root for ds in config.datasets.values() if ds.generate == "demo"}
-    made = []
+    done: dict[str, str] = {}
     for root in sorted(r for r in roots if r is not None):
         try:
             info = generate_demo(root, regenerate=regenerate)
         except FileExistsError as exc:
             raise CLIError(str(exc)) from exc
-        made += list(info.generated)
-    return made
+        done.update({str(d.folder): d.status for d in info.datasets.values()})
+    return done
 
 
 def cmd_index(args: argparse.Namespace) -> dict[str, Any]:

@@ -13,7 +13,13 @@ import pytest
 from PIL import Image
 
 from cw_pipeline.core.datasets import read_oxford_groundtruth, scan_image_folder
-from cw_pipeline.core.demo import DEMO_DATASETS, DEMO_VERSION, demo_instances, generate_demo
+from cw_pipeline.core.demo import (
+    DEMO_DATASETS,
+    DEMO_VERSION,
+    DemoRefusedError,
+    demo_instances,
+    generate_demo,
+)
 from cw_pipeline.core.demo import data as demo_data
 from cw_pipeline.core.demo import render as demo_render
 
@@ -200,7 +206,7 @@ def test_rerun_is_a_noop_and_mismatch_regenerates(tmp_path: Path) -> None:
     again = generate_demo(tmp_path, seed=0, **SMALL)
     assert again.generated == ()
     assert again.datasets == {
-        n: dataclasses.replace(d, generated=False) for n, d in first.datasets.items()
+        n: dataclasses.replace(d, generated=False, status="kept") for n, d in first.datasets.items()
     }
     assert _digests(tmp_path) == before
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == stamps
@@ -218,14 +224,29 @@ def test_rerun_is_a_noop_and_mismatch_regenerates(tmp_path: Path) -> None:
     assert after != before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(DEMO_DATASETS)  # no temp left
 
-    # a deleted generated file is the user's choice: kept deleted, unless regenerating
+    assert {n: d.status for n, d in changed.datasets.items()} == {
+        "demo-a": "regenerated",
+        "demo-b": "regenerated",
+        "demo-distractors": "kept",
+    }
+
+    # a deleted generated file is the user's choice: kept deleted, and regenerating is refused
+    # (naming it), with nothing touched
     victim = next((tmp_path / "demo-b" / "jpg").glob("*.jpg"))
+    data = victim.read_bytes()
     victim.unlink()
     assert generate_demo(tmp_path, seed=0, views=4, **SMALL).generated == ()
     assert not victim.exists()
-    assert generate_demo(tmp_path, seed=0, views=4, regenerate=True, **SMALL).generated == (
-        "demo-b",
-    )
+    with pytest.raises(DemoRefusedError, match=f"missing: jpg/{victim.name}") as err:
+        generate_demo(tmp_path, seed=0, views=5, regenerate=True, **SMALL)
+    assert err.value.outcomes["demo-a"] == "regenerated"  # what would have been done
+    assert err.value.outcomes["demo-distractors"] == "kept"
+    assert not victim.exists() and _digests(tmp_path) == {
+        k: v for k, v in after.items() if k != f"demo-b/jpg/{victim.name}"
+    }
+    victim.write_bytes(data)
+    again = generate_demo(tmp_path, seed=0, views=4, regenerate=True, **SMALL)
+    assert {d.status for d in again.datasets.values()} == {"kept"}
     assert _digests(tmp_path) == after
 
 
@@ -244,11 +265,42 @@ def test_user_changes_to_a_demo_folder_are_never_overwritten(tmp_path: Path) -> 
         info = generate_demo(tmp_path, only=["demo-a"], **{"seed": 0, **SMALL, **kwargs})
         assert info.generated == ()
         assert _digests(tmp_path) == state
-    with pytest.raises(FileExistsError, match=r"did not write.*my_photo\.jpg") as err:
+    with pytest.raises(FileExistsError, match=r"added: jpg/my_photo\.jpg") as err:
         generate_demo(tmp_path, seed=0, only=["demo-a"], regenerate=True, **SMALL)
-    assert edited.name in str(err.value)
+    assert f"edited: jpg/{edited.name}" in str(err.value)
+    assert f"missing: jpg/{deleted.name}" in str(err.value)
     assert _digests(tmp_path) == state
     assert os.listdir(tmp_path) == ["demo-a"]  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("change", ["added", "same-size edit", "edit"])
+def test_regenerate_compares_every_file_by_content(tmp_path: Path, change: str) -> None:
+    """An added file alone, or an edit that keeps the size, makes the folder the user's:
+    regenerate refuses, naming the file, with each folder's outcome, and touches nothing."""
+    generate_demo(tmp_path, seed=0, only=["demo-a", "demo-b"], **SMALL)
+    jpg = tmp_path / "demo-a" / "jpg"
+    target = sorted(jpg.glob("*.jpg"))[0]
+    if change == "added":
+        target = jpg / "holiday.jpg"
+        target.write_bytes(b"my own photo")
+    else:
+        data = bytearray(target.read_bytes())
+        data[-3] ^= 0xFF
+        target.write_bytes(bytes(data) if change == "same-size edit" else bytes(data[:-100]))
+    kind = "added" if change == "added" else "edited"
+    state = _digests(tmp_path)
+    for params in ({}, {"views": 4}):
+        with pytest.raises(DemoRefusedError) as err:
+            generate_demo(
+                tmp_path, seed=0, only=["demo-a", "demo-b"], regenerate=True, **{**SMALL, **params}
+            )
+        assert err.value.outcomes["demo-a"] == f"refused ({kind}: jpg/{target.name})"
+        assert err.value.outcomes["demo-b"] == ("kept" if not params else "regenerated")
+        assert f"demo-a: refused ({kind}: jpg/{target.name})" in str(err.value)
+        assert _digests(tmp_path) == state
+    # without regenerate, the folder is the user's and is kept as it is
+    info = generate_demo(tmp_path, seed=0, only=["demo-a"], **SMALL)
+    assert info.datasets["demo-a"].status == "kept" and _digests(tmp_path) == state
 
 
 def test_a_failed_write_leaves_nothing_behind(
@@ -272,7 +324,7 @@ def test_foreign_folders_are_kept_and_never_replaced(tmp_path: Path) -> None:
     (tmp_path / "demo-a").mkdir()
     (tmp_path / "demo-a" / "mine.txt").write_text("precious")
     assert generate_demo(tmp_path, only=["demo-a"], **SMALL).generated == ()
-    with pytest.raises(FileExistsError, match="did not write"):
+    with pytest.raises(FileExistsError, match=r"added: mine\.txt.*did not write"):
         generate_demo(tmp_path, only=["demo-a"], regenerate=True, **SMALL)
     assert (tmp_path / "demo-a" / "mine.txt").read_text() == "precious"
     assert os.listdir(tmp_path / "demo-a") == ["mine.txt"]

@@ -41,6 +41,7 @@ from cw_pipeline.core.demo.generate import (
     DEMO_VERSION,
     DemoDataset,
     DemoInfo,
+    DemoRefusedError,
     generate_demo,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "DEMO_VERSION",
     "DemoDataset",
     "DemoInfo",
+    "DemoRefusedError",
     "demo_instances",
     "generate_demo",
 ]

@@ -42,6 +42,9 @@ class DemoDataset:
     n_queries: int
     instances: tuple[str, ...]
     generated: bool  #: False when an identical complete folder was already there
+    #: what this call did: "generated" (missing), "regenerated" (--regenerate: other
+    #: parameters), "kept" (the user's folder, or already what these parameters give)
+    status: str = "kept"
 
 
 @dataclass(frozen=True)
@@ -102,19 +105,16 @@ def _is_complete(folder: Path, params: dict[str, Any]) -> bool:
     return True
 
 
-def _foreign_files(folder: Path) -> list[str]:
-    """Files under ``folder`` that this generator did not write (or that changed since).
-
-    A file is the generator's when the folder's manifest lists it with the same sha1; the
-    manifest itself counts as the generator's. Without a generator manifest every file is
-    foreign.
-    """
+def _changes(folder: Path) -> dict[str, list[str]]:
+    """How ``folder`` differs, file by file and by content (sha1), from what the generator
+    wrote there: ``added`` (not in its manifest: every file when there is no generator
+    manifest), ``edited`` (another sha1, or no longer a plain file) and ``missing``."""
     manifest = _read_manifest(folder)
     listed: dict[str, Any] = {}
     if manifest is not None and manifest.get("generator") == _GENERATOR:
         files = manifest.get("files")
         listed = files if isinstance(files, dict) else {}
-    foreign = []
+    added, edited, seen = [], [], set()
     for path in sorted(folder.rglob("*")):
         if path.is_dir() and not path.is_symlink():
             continue
@@ -122,26 +122,46 @@ def _foreign_files(folder: Path) -> list[str]:
         if rel == _MANIFEST and listed:
             continue
         entry = listed.get(rel)
-        if not isinstance(entry, dict) or path.is_symlink() or not path.is_file():
-            foreign.append(rel)
+        if not isinstance(entry, dict):
+            added.append(rel)
+            continue
+        seen.add(rel)
+        if path.is_symlink() or not path.is_file():
+            edited.append(rel)
         elif hashlib.sha1(path.read_bytes()).hexdigest() != entry.get("sha1"):
-            foreign.append(rel)
-    return foreign
+            edited.append(rel)
+    missing = sorted(r for r in listed if r not in seen)
+    return {"added": added, "edited": edited, "missing": missing}
 
 
-def _check_replaceable(folder: Path) -> None:
-    """Refuse to replace a folder holding any file the generator did not write unchanged."""
-    if not folder.exists():
-        return
-    foreign = _foreign_files(folder)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (
-            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        )
-        raise FileExistsError(
-            f"{folder} holds {len(foreign)} file(s) that the demo generator did not write "
-            f"(added or edited since: {shown}); refusing to regenerate it. Move them away, or "
-            "choose another demo root"
+def _foreign_files(folder: Path) -> list[str]:
+    """Files under ``folder`` that this generator did not write (or that changed since)."""
+    changes = _changes(folder)
+    return sorted(changes["added"] + changes["edited"])
+
+
+def _describe_changes(changes: dict[str, list[str]]) -> str:
+    parts = []
+    for kind in ("added", "edited", "missing"):
+        names = changes[kind]
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            parts.append(f"{kind}: {shown}")
+    return "; ".join(parts)
+
+
+class DemoRefusedError(FileExistsError):
+    """``regenerate`` found demo folders that are not the generator's unchanged output: nothing
+    was touched. ``outcomes``: each checked folder's name -> what would have been done, or why
+    it was refused."""
+
+    def __init__(self, root: Path, outcomes: dict[str, str]):
+        self.outcomes = outcomes
+        lines = "; ".join(f"{name}: {what}" for name, what in outcomes.items())
+        super().__init__(
+            f"{root}: refusing to regenerate the demo, nothing touched ({lines}). The demo "
+            "generator did not write those files as they are: they are yours. Move them away, "
+            "or choose another demo root"
         )
 
 
@@ -215,25 +235,35 @@ def generate_demo(
         n_distractors: number of distractor images.
         only: generate just these datasets (names from :data:`DEMO_DATASETS`).
 
-        regenerate: rebuild dataset folders that differ from what these parameters give
-            (other parameters, files removed) — refused, with nothing touched, when a folder
-            holds any file the generator did not write unchanged.
+        regenerate: rebuild dataset folders written by the generator for other parameters
+            (another ``DEMO_VERSION``, seed, views...). Every file is compared by sha1 with
+            the folder's generator manifest: when any folder has a file added, edited or
+            missing, nothing is touched and :class:`DemoRefusedError` says, for each folder,
+            what would have been done or which files refused it.
 
     A dataset folder that exists is the user's data from then on: without ``regenerate`` it
     is never modified, whatever it holds (images added, edited or deleted are indexed as
     they are); only a missing or empty folder is generated. Nothing is ever deleted except
-    files this generator wrote itself, unchanged, and only with ``regenerate``.
+    files this generator wrote itself, unchanged, and only with ``regenerate``. Each dataset's
+    ``status`` says what was done (generated, regenerated, kept).
     """
     root = Path(root)
     names = _check_arguments(views, size, n_distractors, only)
     root.mkdir(parents=True, exist_ok=True)
+    params = {
+        name: _params(name, seed=seed, views=views, size=size, n_distractors=n_distractors)
+        for name in DEMO_DATASETS
+        if name in names
+    }
+    plan = {name: _plan(root / name, p, regenerate=regenerate) for name, p in params.items()}
+    if any(what.startswith("refused") for what in plan.values()):
+        raise DemoRefusedError(root, plan)
     out: dict[str, DemoDataset] = {}
-    for name in DEMO_DATASETS:
-        if name not in names:
-            continue
-        params = _params(name, seed=seed, views=views, size=size, n_distractors=n_distractors)
-        generated = _ensure_dataset(root, name, params, regenerate=regenerate)
-        out[name] = _dataset_info(root / name, name, generated)
+    for name, what in plan.items():
+        if what in ("generated", "regenerated"):
+            _write_dataset(root, name, params[name])
+        status = what if what in ("generated", "regenerated") else "kept"
+        out[name] = _dataset_info(root / name, name, status)
     return DemoInfo(root=root, seed=seed, views=views, size=size, datasets=out)
 
 
@@ -254,12 +284,15 @@ def _check_arguments(
     return names
 
 
-def _ensure_dataset(root: Path, name: str, params: dict[str, Any], *, regenerate: bool) -> bool:
-    """Generate ``root/name`` unless it exists (or, with ``regenerate``, is already complete);
-    True when it was written."""
-    folder = root / name
+def _plan(folder: Path, params: dict[str, Any], *, regenerate: bool) -> str:
+    """What to do with a demo folder: ``generated`` (missing or empty), ``kept`` (without
+    ``regenerate`` whatever it holds; with it, when it is already what ``params`` give), or,
+    with ``regenerate``, ``regenerated`` (the generator's unchanged files for other
+    parameters) or ``refused (...)`` naming every file added, edited (by sha1) or missing."""
     exists = folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
-    if exists and not regenerate:
+    if not exists:
+        return "generated"
+    if not regenerate:
         if not _is_complete(folder, params):
             logger.info(
                 "demo %s kept as it is (%s); `cw-pipeline demo --regenerate` rebuilds it "
@@ -267,10 +300,17 @@ def _ensure_dataset(root: Path, name: str, params: dict[str, Any], *, regenerate
                 folder,
                 _differences(folder, params),
             )
-        return False
-    if _is_complete(folder, params):
-        return False
-    _check_replaceable(folder)
+        return "kept"
+    changes = _changes(folder) if folder.is_dir() else {"added": [folder.name]}
+    changes = {k: changes.get(k, []) for k in ("added", "edited", "missing")}
+    if any(changes.values()):
+        return f"refused ({_describe_changes(changes)})"
+    manifest = _read_manifest(folder) or {}
+    return "kept" if manifest.get("params") == params else "regenerated"
+
+
+def _write_dataset(root: Path, name: str, params: dict[str, Any]) -> None:
+    """Build one demo folder in memory and write it with its manifest, atomically."""
     seed, size = params["seed"], params["size"]
     if name == "demo-distractors":
         files, n_queries = build_distractors(seed=seed, size=size, count=params["n_distractors"])
@@ -287,11 +327,10 @@ def _ensure_dataset(root: Path, name: str, params: dict[str, Any], *, regenerate
         },
     }
     _write_atomically(root, name, files, manifest)
-    logger.info("demo: wrote %s (%d files)", folder, len(files))
-    return True
+    logger.info("demo: wrote %s (%d files)", root / name, len(files))
 
 
-def _dataset_info(folder: Path, name: str, generated: bool) -> DemoDataset:
+def _dataset_info(folder: Path, name: str, status: str) -> DemoDataset:
     """What ``folder`` holds now, from its manifest and its ``jpg/`` files."""
     manifest = _read_manifest(folder) or {}
     n_images = sum(1 for p in (folder / "jpg").glob("*.jpg") if p.is_file())
@@ -304,7 +343,8 @@ def _dataset_info(folder: Path, name: str, generated: bool) -> DemoDataset:
         n_images=n_images,
         n_queries=int(manifest.get("n_queries", 0)),
         instances=tuple(manifest.get("instances", ())),
-        generated=generated,
+        generated=status != "kept",
+        status=status,
     )
 
 
