@@ -14,6 +14,7 @@ import zlib
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -436,3 +437,37 @@ def test_serve_warns_on_a_non_loopback_address(monkeypatch, capsys) -> None:
     assert "http://127.0.0.1:3001" in out and err == ""
     assert [a[1:3] for a, _ in calls] == [("0.0.0.0", 3999), ("127.0.0.1", 3001)]
     assert main(["serve", "--max-upload-mb", "0"]) == 2
+
+
+def test_one_broken_dataset_never_takes_the_list_down(cli_project: CliProject, tmp_path) -> None:
+    """A dataset whose folder holds a link outside it and one whose folder is gone are listed
+    with their error, cannot be searched (409, the error), and every other dataset is listed
+    and searched as before."""
+    data = yaml.safe_load(cli_project.config_path.read_text(encoding="utf-8"))
+    outside = tmp_path / "outside.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(outside)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "elsewhere.jpg").symlink_to(outside)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    data["datasets"]["broken-link"] = {"layout": "folder", "images": str(linked)}
+    data["datasets"]["folder-gone"] = {"layout": "folder", "images": str(gone)}
+    path = cli_project.root / "datasets_with_broken_ones.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    gone.rmdir()
+    client = TestClient(create_app(SearchEngine(path)))
+
+    targets = {t["name"]: t for t in ok(client.get("/api/datasets"))["targets"]}
+    assert targets["alpha"]["state"] == "indexed" and "error" not in targets["alpha"]
+    for name, words in (
+        ("broken-link", "elsewhere.jpg"),
+        ("folder-gone", "gone"),
+    ):
+        assert targets[name]["state"] == "error", targets[name]
+        assert words in targets[name]["error"], targets[name]
+        message = error(client.get("/api/images", params={"dataset": name}), 409)
+        assert message == targets[name]["error"]
+    q = gt_query(client)
+    found = ok(client.get("/api/search", params={"dataset": "alpha", "id": q["id"], "top": 3}))
+    assert found["results"]

@@ -186,9 +186,10 @@ def _feature_maps(f: ConfigFile, value: Any) -> FeatureMapsConfig:
 
 
 def _dataset(
-    f: ConfigFile, name: Any, raw: Any, defaults: dict[str, Any]
+    f: ConfigFile, name: Any, raw: Any, defaults: dict[str, Any], disable_missing: bool = False
 ) -> tuple[DatasetConfig, str | None]:
-    """Parse one dataset; returns it and, for a missing optional one, why it is off."""
+    """Parse one dataset; returns it and, for a missing optional one (any one with
+    ``disable_missing``), why it is off."""
     entry = f"dataset {name!r}"
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise f.error(
@@ -216,7 +217,7 @@ def _dataset(
         _check_demo(f, ds, entry)
         return ds, None
     problem, key = _missing_files(ds)
-    if problem is not None and not ds.optional:
+    if problem is not None and not (ds.optional or disable_missing):
         raise f.error(entry, problem, key)
     return ds, problem
 
@@ -415,7 +416,7 @@ def _check_evaluations(
     return off
 
 
-def _load(f: ConfigFile) -> ProjectConfig:
+def _load(f: ConfigFile, disable_missing: bool = False) -> ProjectConfig:
     top = f.mapping(f.read(), None, _TOP_KEYS)
     warehouse = f.location(top.get("warehouse", "warehouse"), "warehouse")
     reports = f.location(top.get("reports", "reports"), "reports")
@@ -427,9 +428,10 @@ def _load(f: ConfigFile) -> ProjectConfig:
     datasets: dict[str, DatasetConfig] = {}
     disabled: dict[str, str] = {}
     for name, raw in f.mapping(top.get("datasets"), "datasets", None).items():
-        datasets[name], problem = _dataset(f, name, raw, flat_defaults)
+        datasets[name], problem = _dataset(f, name, raw, flat_defaults, disable_missing)
         if problem is not None:
-            disabled[name] = f"{problem} (optional dataset disabled)"
+            why = "optional dataset" if datasets[name].optional else "dataset"
+            disabled[name] = f"{problem} ({why} disabled)"
     _check_unique_identifiers(f, datasets, "dataset")
     for ds in datasets.values():
         _check_pca_source(f, ds, datasets)
@@ -515,10 +517,14 @@ def dataset_location(name: str, path: Path | str | None = None) -> DatasetLocati
     return DatasetLocation(name, raw["layout"], images, groundtruth, f.source)
 
 
-def load_config(path: Path | str | None = None) -> ProjectConfig:
+def load_config(path: Path | str | None = None, disable_missing: bool = False) -> ProjectConfig:
     """Load and validate a ``datasets.yaml`` (default: :func:`default_config_path`).
+
+    ``disable_missing``: a dataset whose folders are missing is disabled, with the reason in
+    ``disabled_datasets`` (as an ``optional`` one always is), instead of failing the whole
+    file: readers that serve every dataset (the search server) keep serving the others.
 
     Raises:
         ConfigError: anything invalid; the message names the file and the entry.
     """
-    return _load(_open(path))
+    return _load(_open(path), disable_missing)

@@ -114,6 +114,8 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         self._manifests: dict[str, _Manifest] = {}
         self._groundtruth: dict[str, tuple[tuple, gtio.GroundTruth | None]] = {}
         self._freshness: dict[str, tuple[float, dict[str, Any]]] = {}
+        #: dataset -> why it cannot be read, as the latest listing found (no scan per request)
+        self._problems: dict[str, str] = {}
         self._queries: OrderedDict[str, _Query] = OrderedDict()
         self._thumbs = _ThumbCache(THUMB_CACHE_BYTES)
         self._lock = threading.RLock()  # the CNN and the caches: one request at a time
@@ -131,7 +133,7 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         with self._lock:
             if self._config is None or mtime != self._config_mtime:
                 try:
-                    config = load_config(path)
+                    config = load_config(path, disable_missing=True)
                 except ConfigError as exc:
                     raise WebError(500, str(exc)) from exc
                 self._config, self._config_mtime = config, mtime
@@ -142,6 +144,7 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
                 self._manifests.clear()
                 self._groundtruth.clear()
                 self._freshness.clear()
+                self._problems.clear()
             return self._config
 
     @property
@@ -155,14 +158,22 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         if bool(dataset) == bool(evaluation):
             raise WebError(400, "give exactly one of dataset=NAME or evaluation=NAME")
         config = self.config()
+        if dataset and dataset in config.disabled_datasets:
+            raise WebError(409, config.disabled_datasets[dataset])
         try:
             if dataset:
-                config.dataset(dataset)
-                return Target("dataset", dataset)
-            config.evaluation(evaluation)  # type: ignore[arg-type]
-            return Target("evaluation", evaluation)  # type: ignore[arg-type]
+                parts = [config.dataset(dataset)]
+                target = Target("dataset", dataset)
+            else:
+                ev = config.evaluation(evaluation)  # type: ignore[arg-type]
+                parts = [config.dataset(d) for d in (ev.dataset, *ev.distractors)]
+                target = Target("evaluation", evaluation)  # type: ignore[arg-type]
         except UnknownNameError as exc:
             raise WebError(404, str(exc)) from exc
+        problem = self.known_problem(parts)
+        if problem is not None:  # listed with this error; the other targets work
+            raise WebError(409, problem)
+        return target
 
     def _datasets_of(self, target: Target) -> list[DatasetConfig]:
         config = self.config()

@@ -4,6 +4,7 @@ target's images (ground-truth queries first), and thumbnails of indexed images."
 from __future__ import annotations
 
 import io
+import logging
 import time
 from typing import Any
 
@@ -28,6 +29,23 @@ from cw_pipeline.web.common import (
     _iso,
     _item,
 )
+
+logger = logging.getLogger(__name__)
+
+
+def _error_info(datasets: list[str], error: str) -> dict[str, Any]:
+    """A target that cannot be read: listed with its error, nothing indexed."""
+    return {
+        "datasets": datasets,
+        "state": "error",
+        "error": error,
+        "images_indexed": 0,
+        "images_on_disk": 0,
+        "not_indexed": 0,
+        "materialized": None,
+        "hint": "",
+        "notes": [],
+    }
 
 
 class ListingMixin:
@@ -62,16 +80,48 @@ class ListingMixin:
 
     # ------------------------------------------------------------------ listing
     def targets(self) -> dict[str, Any]:
-        """Every dataset and evaluation with distractors, with the state of its index."""
+        """Every dataset and evaluation with distractors, with the state of its index. One
+        that cannot be read (its folder gone, a file escaping it, a damaged store...) is
+        listed with ``state: error`` and its ``error``, and the others as usual."""
         config = self.config()
         out = []
         for name, ds in sorted(config.datasets.items()):
-            out.append({**Target("dataset", name).as_dict(), **self._target_info([ds])})
+            out.append({**Target("dataset", name).as_dict(), **self._info_or_error([ds])})
+        for name, reason in sorted(config.disabled_datasets.items()):
+            out.append({**Target("dataset", name).as_dict(), **_error_info([name], reason)})
         for name, ev in sorted(config.evaluations.items()):
             if ev.distractors:
                 parts = [config.dataset(ev.dataset), *(config.dataset(d) for d in ev.distractors)]
-                out.append({**Target("evaluation", name).as_dict(), **self._target_info(parts)})
+                out.append({**Target("evaluation", name).as_dict(), **self._info_or_error(parts)})
         return {"config": str(config.source), "dagster_url": self.dagster_url, "targets": out}
+
+    def target_problem(self, parts: list[DatasetConfig]) -> str | None:
+        """Why a target made of these datasets cannot be listed or searched now (None: it
+        can): the error reading its index state gives, recorded for :meth:`known_problem`."""
+        for ds in parts:
+            try:
+                self.freshness(ds)
+            except (OSError, ValueError, KeyError) as exc:
+                message = str(exc) or type(exc).__name__
+                logger.warning("dataset %s: %s", ds.name, message)
+                with self._lock:
+                    self._problems[ds.name] = message
+                return message
+            with self._lock:
+                self._problems.pop(ds.name, None)
+        return None
+
+    def known_problem(self, parts: list[DatasetConfig]) -> str | None:
+        """The problem the latest listing found with one of these datasets (a request does
+        not scan folders: the listing does, every ``FRESHNESS_SECONDS`` at most)."""
+        with self._lock:
+            return next((self._problems[d.name] for d in parts if d.name in self._problems), None)
+
+    def _info_or_error(self, parts: list[DatasetConfig]) -> dict[str, Any]:
+        problem = self.target_problem(parts)
+        if problem is not None:
+            return _error_info([d.name for d in parts], problem)
+        return self._target_info(parts)
 
     def _target_info(self, parts: list[DatasetConfig]) -> dict[str, Any]:
         info: dict[str, Any] = {

@@ -57,8 +57,9 @@ async function loadTargets(keep) {
   const sel = $("target");
   sel.replaceChildren();
   for (const t of data.targets) {
-    const label = t.kind === "evaluation" ? `${t.name} (evaluation: ${t.datasets.join(" + ")})`
+    let label = t.kind === "evaluation" ? `${t.name} (evaluation: ${t.datasets.join(" + ")})`
       : `${t.name}${t.ground_truth ? "" : " (no ground truth)"}`;
+    if (t.state === "error") label += " — error: cannot be searched";
     sel.append(el("option", { value: `${t.kind}:${t.name}` }, label));
   }
   const wanted = keep || (data.targets.find((t) => t.state === "indexed") || data.targets[0]);
@@ -74,6 +75,7 @@ function selectTarget(value) {
   showFreshness();
   state.offset = 0;
   $("images").replaceChildren();
+  if (state.target && state.target.state === "error") return;  // its error is shown instead
   loadImages(false).catch((err) => showError(err.message));
 }
 
@@ -81,6 +83,10 @@ function showFreshness() {
   const t = state.target;
   const f = $("freshness");
   if (!t) { f.textContent = ""; return; }
+  if (t.state === "error") {
+    f.replaceChildren(el("span", { class: "stale" }, `cannot be searched: ${t.error}`));
+    return;
+  }
   const when = t.materialized ? new Date(t.materialized).toLocaleString() : "never";
   const parts = [
     `${t.images_indexed} images indexed`,
