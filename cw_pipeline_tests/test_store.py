@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -637,3 +638,33 @@ def test_the_path_check_catches_a_path_built_elsewhere() -> None:
     for harmless in ['"dataset"', '"image_id"', 'f"{ev.name}: rankings"', '"report"']:
         parts = [v for _, v in _string_parts(ast.parse(harmless))]
         assert not any(_WAREHOUSE_TEXT.search(p) for p in parts), harmless
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), OSError),
+        (OSError(errno.EROFS, "Read-only file system"), OSError),
+        (PermissionError(errno.EACCES, "Permission denied", "/somewhere/.x.tmp"), PermissionError),
+        (OSError(errno.EIO, "Input/output error"), OSError),
+    ],
+)
+def test_an_io_error_names_the_file_being_written(tmp_path, monkeypatch, error, kind) -> None:
+    """Disk full, read-only, permission denied, EIO: one line naming the file (not the
+    hidden temporary), the errno kept, nothing left behind."""
+    store = FeatureStore(tmp_path / "wh")
+
+    def fail(fd):
+        raise error
+
+    monkeypatch.setattr(os, "fsync", fail)
+    table = pa.table({"image_id": ["a"]})
+    for write, rel in (
+        (lambda: store.write_bytes("reports/x/report.md", b"text"), "reports/x/report.md"),
+        (lambda: store.write_table("features/t.parquet", table), "features/t.parquet"),
+    ):
+        with pytest.raises(kind) as info:
+            write()
+        assert info.value.errno == error.errno
+        assert str(info.value) == f"[Errno {error.errno}] {error.strerror}: '{store.url(rel)}'"
+        assert not any(p.is_file() for p in (tmp_path / "wh").rglob("*")), "left behind"

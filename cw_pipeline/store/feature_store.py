@@ -69,6 +69,17 @@ def _arrow_owned(data: bytes) -> pa.Buffer:
     return sink.getvalue()
 
 
+def _naming(exc: OSError, where: str) -> OSError:
+    """``exc`` naming the file being written (``[Errno 28] No space left on device: '<path>'``),
+    of the same type and errno when it has one."""
+    if exc.errno is not None:
+        try:
+            return type(exc)(exc.errno, exc.strerror or str(exc), where)
+        except TypeError:  # an OSError subclass with another signature
+            return OSError(exc.errno, exc.strerror or str(exc), where)
+    return OSError(f"{where}: {exc}")
+
+
 class FeatureStore:
     """Atomic Parquet / bytes / JSON files under ``root`` (a local path or an fsspec URL)."""
 
@@ -120,28 +131,32 @@ class FeatureStore:
     # ---- atomic writes --------------------------------------------------------------------
 
     def _write_atomic(self, relpath: str, write: Callable[[IO[bytes]], None]) -> str:
-        """Run ``write(fileobj)`` and publish the result at ``relpath`` atomically."""
+        """Run ``write(fileobj)`` and publish the result at ``relpath`` atomically. An I/O
+        error (disk full, read-only, permission denied, EIO) names the file being written."""
         path = self.path(relpath)
-        if self._local:
-            folder, name = path.rsplit("/", 1)
-            os.makedirs(folder, exist_ok=True)
-            tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
-            try:
-                with open(tmp, "wb") as fh:
-                    write(fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
+        try:
+            if self._local:
+                folder, name = path.rsplit("/", 1)
+                os.makedirs(folder, exist_ok=True)
+                tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
                 try:
-                    os.unlink(tmp)
-                except OSError:  # never created (or its name refused): keep the first error
-                    pass
-                raise
-        else:
-            buf = io.BytesIO()
-            write(buf)
-            self.fs.pipe_file(path, buf.getvalue())
+                    with open(tmp, "wb") as fh:
+                        write(fh)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    os.replace(tmp, path)
+                except BaseException:
+                    try:
+                        os.unlink(tmp)
+                    except OSError:  # never created (or its name refused): keep the first error
+                        pass
+                    raise
+            else:
+                buf = io.BytesIO()
+                write(buf)
+                self.fs.pipe_file(path, buf.getvalue())
+        except OSError as exc:
+            raise _naming(exc, self.url(relpath)) from exc
         return relpath
 
     def write_bytes(self, relpath: str, data: bytes) -> str:
