@@ -86,6 +86,24 @@ def fit_pca_models(
         meta = {**base, "training_set": name}
         for space in PCA_SPACES:
             out[pca_path(ds.name, space, group.half)] = fit_pca_space(space, data, params, meta)
+    return _agreeing_halves(ds, out)
+
+
+def _agreeing_halves(ds: DatasetConfig, models: dict[str, PCAWhitening]) -> dict[str, PCAWhitening]:
+    """A self-split dataset's halves are ranked as one database: for each space, every half's
+    model keeps the components all of them have (a small half's training set has fewer), and
+    says so in its metadata (``components_fitted``, ``components_kept``)."""
+    if not ds.self_split:
+        return models
+    out = dict(models)
+    for space in PCA_SPACES:
+        rels = [r for r in (pca_path(ds.name, space, h) for h in (1, 2)) if r in models]
+        if len(rels) < 2:
+            continue
+        dims = min(models[r].output_dim for r in rels)
+        for r in rels:
+            fitted = models[r].output_dim
+            out[r] = models[r].truncated(dims, components_fitted=fitted, components_kept=dims)
     return out
 
 

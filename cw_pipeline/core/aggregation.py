@@ -54,6 +54,18 @@ class PCAWhitening:
     def output_dim(self) -> int:
         return int(self.components.shape[0])
 
+    def truncated(self, dims: int, **metadata: Any) -> PCAWhitening:
+        """The same model keeping only its first ``dims`` components (the largest
+        variances), with ``metadata`` added to its own."""
+        if not 1 <= dims <= self.output_dim:
+            raise ValueError(f"cannot keep {dims} of {self.output_dim} PCA components")
+        return PCAWhitening(
+            mean=self.mean,
+            components=self.components[:dims].copy(),
+            eigenvalues=self.eigenvalues[:dims].copy(),
+            metadata={**self.metadata, "output_dim": int(dims), **metadata},
+        )
+
     @classmethod
     def fit(
         cls,
