@@ -38,11 +38,15 @@ def descriptor_table(ids: Sequence[str], desc: np.ndarray) -> pa.Table:
     )
 
 
-def read_descriptors(store: FeatureStore, rel: str) -> tuple[list[str], np.ndarray]:
-    t = store.read_table(rel)
+def table_descriptors(t: pa.Table) -> tuple[list[str], np.ndarray]:
+    """Image ids and the descriptor matrix of a table written by :func:`descriptor_table`."""
     dim = t.schema.field("descriptor").type.list_size
     values = t.column("descriptor").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return t.column("image_id").to_pylist(), values.reshape(t.num_rows, dim)
+
+
+def read_descriptors(store: FeatureStore, rel: str) -> tuple[list[str], np.ndarray]:
+    return table_descriptors(store.read_table(rel))
 
 
 def offline_aggregations() -> tuple[str, ...]:

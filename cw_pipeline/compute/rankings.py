@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cw_pipeline.compute.descriptors import descriptor_sets, offline_aggregations, read_descriptors
+from cw_pipeline.compute.descriptors import (
+    descriptor_sets,
+    offline_aggregations,
+    read_descriptors,
+    table_descriptors,
+)
 from cw_pipeline.compute.feature_maps import warehouse_maps
 from cw_pipeline.compute.features import load_features, stored_image_count, table_to_featureset
 from cw_pipeline.compute.pca import method_pca, pca_groups_of, pca_models_for, pca_version
@@ -158,12 +163,6 @@ def _current_distractor_tables(
     return tables
 
 
-def _table_descriptors(t: pa.Table) -> tuple[list[str], np.ndarray]:
-    dim = t.schema.field("descriptor").type.list_size
-    values = t.column("descriptor").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return t.column("image_id").to_pylist(), values.reshape(t.num_rows, dim)
-
-
 def _distractor_shard(
     config: ProjectConfig,
     store: FeatureStore,
@@ -178,7 +177,7 @@ def _distractor_shard(
     computes them. The flag says whether they were projected here."""
     stored = _current_distractor_tables(store, ev, dname, shard, pca_version(pcas))
     if isinstance(stored, dict):
-        return {agg: _table_descriptors(t) for agg, t in stored.items()}, False
+        return {agg: table_descriptors(t) for agg, t in stored.items()}, False
     if not projects:
         raise ValueError(stored)
     if not _stored_ids(store, features_path(dname, shard)):
@@ -203,9 +202,10 @@ def _database(
     here (:func:`projects_distractors`; counted in ``stats["distractors_projected"]``)."""
     aggs = offline_aggregations()
     db_ids: list[str] = []
-    db: dict[str, np.ndarray] = {}
+    parts: dict[str, list[np.ndarray]] = {}
     for agg in aggs:
-        db_ids, db[agg] = read_descriptors(store, descriptors_path(ds.name, agg))
+        db_ids, m = read_descriptors(store, descriptors_path(ds.name, agg))
+        parts[agg] = [m]
     pcas = pca_models_for(store, ds) if ev.distractors else {}
     projected = 0
     for dname in ev.distractors:
@@ -221,9 +221,10 @@ def _database(
                         f"evaluation {ev.name}: {dname} shard {s!r} holds its images in "
                         "different orders in its descriptor tables"
                     )
-                db[agg] = np.concatenate([db[agg], desc[agg][1]])
-            db_ids = db_ids + ids
+                parts[agg].append(desc[agg][1])
+            db_ids.extend(ids)
             projected += len(ids) if here else 0
+    db = {agg: np.concatenate(p) if len(p) > 1 else p[0] for agg, p in parts.items()}
     if len(set(db_ids)) != len(db_ids):
         raise ValueError(f"evaluation {ev.name}: image ids are not unique across its datasets")
     if stats is not None:
