@@ -37,6 +37,7 @@ from PIL import Image
 from cw_pipeline import figures, reports
 from cw_pipeline.compute.catalog import stored_shards
 from cw_pipeline.compute.features import dataset_extractor
+from cw_pipeline.compute.published import rankings_file
 from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.compute.rankings import manifest_rows
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
@@ -50,10 +51,8 @@ from cw_pipeline.store import (
     CorruptFileError,
     FeatureStore,
     bounded_component,
-    descriptors_path,
     features_path,
     query_features_path,
-    rankings_path,
     report_folder,
     report_path,
 )
@@ -534,13 +533,12 @@ def write_report_figures(
     out_store = FeatureStore(reports_root)
     result = ReportFigures(folder=Path(out_store.path(report_folder(ev.name))), method=method)
 
-    ds_rel = descriptors_path(ds.name, "raw")
-    ds_ids = store.read_table(ds_rel, ["image_id"]).column("image_id").to_pylist()
-    db_ids = reports.evaluation_image_ids(config, store, ev, shards)
+    rankings = reports.published_rankings(store, ev)  # tables and database of one run
+    ds_ids, db_ids = reports.database_ids(config, store, ev, shards, rankings)
     pos = {i: k for k, i in enumerate(db_ids)}
     images = _image_rows(config, store, ev, shards)
     by_query = {q.image_id: q for q in load_groundtruth(ds, ds_ids).queries}
-    tables: dict[str, pa.Table] = {m: store.read_table(rankings_path(ev.name, m)) for m in methods}
+    tables: dict[str, pa.Table] = {m: store.read_table(rankings_file(rankings, m)) for m in methods}
 
     canvas = _Canvas(ev, out_store, options, result)
     canvas.load_index()
@@ -565,12 +563,7 @@ def report_with_figures(
 ) -> tuple[dict[str, Any], ReportFigures, Path]:
     """Score an evaluation's stored rankings, draw its figures and write its report folder
     (``report.md`` linking the figures); returns the report, the figures and the folder."""
-    missing = [m.name for m in ev.methods if not store.exists(rankings_path(ev.name, m.name))]
-    if missing:
-        raise FileNotFoundError(
-            f"evaluation {ev.name} has no stored rankings for {', '.join(missing)} in "
-            f"{store.url()}: materialize {ev.name}/rankings first"
-        )
+    reports.published_rankings(store, ev)  # FileNotFoundError naming what is missing
     report = reports.build_report(config, store, ev, shards)
     figs = write_report_figures(config, store, ev, shards, report, reports_root, extractor, options)
     folder = reports.write_report(reports_root, report, figs.links())

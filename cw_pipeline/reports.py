@@ -12,6 +12,14 @@ from typing import Any
 
 from cw_pipeline.compute.descriptors import read_descriptors
 from cw_pipeline.compute.pca import pca_output_dims
+from cw_pipeline.compute.published import (
+    current_index,
+    current_rankings,
+    descriptors_file,
+    has_rankings,
+    ranked_database,
+    rankings_file,
+)
 from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.compute.rankings import score_rankings
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
@@ -21,12 +29,11 @@ from cw_pipeline.store import (
     REPORT_MARKDOWN,
     REPORT_PER_QUERY,
     FeatureStore,
-    descriptors_path,
     features_path,
-    rankings_path,
     report_folder,
     report_path,
 )
+from cw_pipeline.store.commits import Commit
 
 #: The paper's Table 2 (VGG16-CAM, 512-d) and Table 1a baselines, by benchmark and method.
 PAPER_MAP: dict[str, dict[str, float]] = {
@@ -63,21 +70,60 @@ MAP_FLOORS: dict[str, float] = {
 }
 
 
+def published_rankings(store: FeatureStore, ev: EvaluationConfig) -> Commit:
+    """The published rankings of ``ev`` (FileNotFoundError naming what is missing)."""
+    methods = [m.name for m in ev.methods]
+    rankings = current_rankings(store, ev.name, methods)
+    missing = [m for m in methods if not has_rankings(rankings, m)]
+    if missing:
+        raise FileNotFoundError(
+            f"evaluation {ev.name} has no stored rankings for {', '.join(missing)} in "
+            f"{store.url()}: materialize {ev.name}/rankings first"
+        )
+    assert rankings is not None
+    return rankings
+
+
 def evaluation_image_ids(
-    config: ProjectConfig, store: FeatureStore, ev: EvaluationConfig, shards: dict[str, list[str]]
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+    rankings: Commit | None = None,
 ) -> list[str]:
-    """Database image ids of an evaluation (its dataset, then each distractor shard's stored
-    features: the images its rankings ranked, whether its distractor descriptors were stored
-    or projected by the rankings themselves), in the order its rankings were computed over."""
+    """Database image ids of an evaluation in the order its rankings were computed over: as
+    kept with the published rankings (``rankings``: default the current ones), or for older
+    stores its dataset's descriptors, then each distractor shard's stored features."""
+    return database_ids(config, store, ev, shards, rankings)[1]
+
+
+def database_ids(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+    rankings: Commit | None = None,
+) -> tuple[list[str], list[str]]:
+    """(the dataset's image ids, every database image id) of the rankings ``rankings``."""
     ds = config.dataset(ev.dataset)
-    db_ids, _ = read_descriptors(store, descriptors_path(ds.name, "raw"))
+    if rankings is None:
+        rankings = current_rankings(store, ev.name)
+    database = None if rankings is None else ranked_database(store, rankings)
+    if database is not None:
+        ids = database.column("image_id").to_pylist()
+        names = database.column("dataset").to_pylist()
+        return [i for i, d in zip(ids, names, strict=True) if d == ds.name], ids
+    index = current_index(store, ds)
+    if index is None:
+        raise FileNotFoundError(f"dataset {ds.name!r} has no descriptors in the feature store")
+    db_ids, _ = read_descriptors(store, descriptors_file(index, "raw"))
     all_ids = list(db_ids)
     for dname in ev.distractors:
         for shard in shards.get(dname, []):
             rel = features_path(dname, shard)
             if store.exists(rel):
                 all_ids += store.read_table(rel, ["image_id"]).column("image_id").to_pylist()
-    return all_ids
+    return list(db_ids), all_ids
 
 
 def build_report(
@@ -93,13 +139,13 @@ def build_report(
     and its AP in ``per_query`` is None.
     """
     ds = config.dataset(ev.dataset)
-    db_ids, _ = read_descriptors(store, descriptors_path(ds.name, "raw"))
-    all_ids = evaluation_image_ids(config, store, ev, shards)
+    rankings = published_rankings(store, ev)  # read once: tables and database of one run
+    db_ids, all_ids = database_ids(config, store, ev, shards, rankings)
     gt = load_groundtruth(ds, db_ids)
     paper = PAPER_MAP.get(ev.name, {})
     results, per_query = [], {}
     for m in ev.methods:
-        table = store.read_table(rankings_path(ev.name, m.name))
+        table = store.read_table(rankings_file(rankings, m.name))
         score = score_rankings(ds, gt, all_ids, table)
         entry = {"method": m.name, "map": score["map"]}
         for key in ("ns_score", "revisited"):
@@ -129,7 +175,7 @@ def build_report(
         "settings": {
             **settings_record(ds.extraction, config.search, ev.methods),
             "pca_from": ds.pca_from,
-            "pca_output_dims": pca_output_dims(store, ds),
+            "pca_output_dims": rankings.meta.get("pca_output_dims") or pca_output_dims(store, ds),
         },
         "results": results,
         "per_query": {
@@ -237,8 +283,10 @@ __all__ = [
     "MAP_FLOORS",
     "PAPER_MAP",
     "build_report",
+    "database_ids",
     "evaluation_image_ids",
     "json",
     "markdown",
+    "published_rankings",
     "write_report",
 ]

@@ -72,7 +72,8 @@ def test_same_query_and_box_give_the_rankings_asset(
     capsys, cli_project: CliProject, method: str
 ) -> None:
     """A ground-truth query with its box ranks like the pipeline's rankings asset."""
-    from cw_pipeline.store import FeatureStore, query_features_path, rankings_path
+    from cw_pipeline.store import FeatureStore, query_features_path
+    from cw_pipeline_tests.published import rankings_rel
 
     store = FeatureStore(cli_project.config.warehouse)
     queries = store.read_table(query_features_path("alpha"))
@@ -80,7 +81,7 @@ def test_same_query_and_box_give_the_rankings_asset(
     path = cli_project.image("alpha", qid)
     w, h = Image.open(path).size
     box = [max(0.0, bbox[0]), max(0.0, bbox[1]), min(float(w), bbox[2]), min(float(h), bbox[3])]
-    stored = store.read_table(rankings_path("alpha", method)).to_pylist()
+    stored = store.read_table(rankings_rel(store, "alpha", method)).to_pylist()
     row = next(r for r in stored if r["query_id"] == qid)
     argv = [str(path), "--dataset", "alpha", "--method", method, "--box", *map(str, box)]
     res = search_json(capsys, cli_project, *argv)
@@ -184,7 +185,8 @@ def test_online_aggregation_runs_over_recomputed_maps(
 def test_self_split_dataset_searches_each_half_with_its_pca(
     capsys, cli_project: CliProject
 ) -> None:
-    from cw_pipeline.store import FeatureStore, rankings_path
+    from cw_pipeline.store import FeatureStore
+    from cw_pipeline_tests.published import rankings_rel
 
     q = cli_project.image("ukb", "ukbench00005")  # object 1 (images 4-7), in the first half
     res = search_json(capsys, cli_project, str(q), "--dataset", "ukb", "--top", "16")
@@ -196,7 +198,7 @@ def test_self_split_dataset_searches_each_half_with_its_pca(
     assert ids[0] == "ukbench00005" and scores[0] == pytest.approx(1.0, abs=0.01)
     # Within its half, the order of the pipeline's ranking (with that half's PCA).
     store = FeatureStore(cli_project.config.warehouse)
-    stored = store.read_table(rankings_path("ukb", "ofa")).to_pylist()
+    stored = store.read_table(rankings_rel(store, "ukb", "ofa")).to_pylist()
     row = next(r for r in stored if r["query_id"] == "ukbench00005")
     assert len(row["ranked_ids"]) == 8
     mine = [(i, s) for i, s in zip(ids, scores, strict=True) if i in row["ranked_ids"]]

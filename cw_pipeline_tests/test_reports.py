@@ -15,12 +15,13 @@ import pyarrow as pa
 import pytest
 
 from cw_pipeline import reports
+from cw_pipeline.compute.published import database_table, publish_rankings
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.aggregation import PCAWhitening
 from cw_pipeline.core.datasets import GroundTruth, Query
 from cw_pipeline.core.experiment import Method, SearchParams
 from cw_pipeline.core.jsonsafe import dumps, finite
-from cw_pipeline.store import FeatureStore, rankings_path
+from cw_pipeline.store import FeatureStore
 
 
 def _strict(text: str):
@@ -47,11 +48,11 @@ def report_with_an_empty_query(tmp_path: Path, monkeypatch) -> dict:
         revisited=False,
         queries_in_database=True,
     )
-    monkeypatch.setattr(reports, "read_descriptors", lambda store, rel: (db, None))
     monkeypatch.setattr(reports, "load_groundtruth", lambda ds, ids: gt)
     monkeypatch.setattr(reports, "pca_output_dims", lambda store, ds: {})  # no PCA here
     store = FeatureStore(str(tmp_path / "wh"))
     ev = SimpleNamespace(name="toy", dataset="toy", distractors=(), methods=[])
+    tables = {}
     for method in ("raw", "ofa"):
         ev.methods.append(Method.parse(method))
         table = pa.table(
@@ -62,7 +63,8 @@ def report_with_an_empty_query(tmp_path: Path, monkeypatch) -> dict:
                 ),
             }
         )
-        store.write_table(rankings_path("toy", method), table)
+        tables[method] = table
+    publish_rankings(store, "toy", tables, database_table([("toy", db)]))
     config = SimpleNamespace(dataset=lambda name: ds, search=SearchParams())
     return reports.build_report(config, store, ev, {})
 

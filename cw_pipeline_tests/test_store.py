@@ -668,3 +668,25 @@ def test_an_io_error_names_the_file_being_written(tmp_path, monkeypatch, error, 
         assert info.value.errno == error.errno
         assert str(info.value) == f"[Errno {error.errno}] {error.strerror}: '{store.url(rel)}'"
         assert not any(p.is_file() for p in (tmp_path / "wh").rglob("*")), "left behind"
+
+
+def test_a_folder_removed_during_a_write_is_made_again(tmp_path, monkeypatch) -> None:
+    """Another run removes the folder (its checkpoints) while this one writes a file there:
+    the folder is made again and the file written whole (not FileNotFoundError)."""
+    import shutil
+
+    store = FeatureStore(tmp_path / "wh")
+    real_fsync, removed = os.fsync, []
+
+    def racing_cleanup(fd):
+        if not removed:
+            removed.append(True)
+            shutil.rmtree(tmp_path / "wh" / "_checkpoints")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", racing_cleanup)
+    rel = "_checkpoints/cam_features/dataset=d/shard=s/part-1.parquet"
+    table = pa.table({"image_id": ["a", "b"]})
+    store.write_table(rel, table)
+    assert removed and store.read_table(rel).equals(table)
+    assert [p.name for p in (tmp_path / "wh").rglob("*") if p.is_file()] == ["part-1.parquet"]

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import struct
 import zlib
 
@@ -21,13 +22,16 @@ from starlette.testclient import TestClient
 from cw_pipeline.cli import main
 from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.compute.rankings import score_rankings
+from cw_pipeline.config import load_config
 from cw_pipeline.core.evaluation import average_precision
-from cw_pipeline.store import FeatureStore, descriptors_path, rankings_path
+from cw_pipeline.store import FeatureStore, commit_path
+from cw_pipeline.store.commits import read_commit
 from cw_pipeline.web import engine as engine_mod
 from cw_pipeline.web.app import create_app
 from cw_pipeline.web.engine import SearchEngine
 from cw_pipeline_tests.cli_project import CliProject
 from cw_pipeline_tests.defs.project import DISTRACTOR_EVAL
+from cw_pipeline_tests.published import rankings_rel
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +167,7 @@ def test_ground_truth_labels_and_ap(client: TestClient, cli_project: CliProject)
     )
     assert page["ap"] == pytest.approx(own, abs=1e-6)
     store = FeatureStore(cli_project.config.warehouse)
-    stored = score_rankings(ds, gt, ids, store.read_table(rankings_path("alpha", "ofa")))
+    stored = score_rankings(ds, gt, ids, store.read_table(rankings_rel(store, "alpha", "ofa")))
     assert page["ap"] == pytest.approx(stored["aps"][q["id"]], abs=0.02)
 
 
@@ -258,9 +262,9 @@ def test_model_and_index_loaded_once_and_reloaded_on_a_new_materialization(
     rerank = {**params, "method": "ofa+r5"}
     assert ok(client.get("/api/search", params=rerank))["map_forward_passes"] == 5
     assert ok(client.get("/api/search", params=rerank))["map_forward_passes"] == 0
-    # A new materialization of alpha's descriptors (same content, a new file).
+    # A new publication of alpha's index (same content, a new pointer file).
     store = FeatureStore(cli_project.config.warehouse)
-    rel = descriptors_path("alpha", "ofa")
+    rel = commit_path("dataset", "alpha", "index")
     store.write_bytes(rel, store.read_bytes(rel))
     later = os.stat(store.path(rel)).st_mtime + 5
     os.utime(store.path(rel), (later, later))
@@ -470,4 +474,40 @@ def test_one_broken_dataset_never_takes_the_list_down(cli_project: CliProject, t
         assert message == targets[name]["error"]
     q = gt_query(client)
     found = ok(client.get("/api/search", params={"dataset": "alpha", "id": q["id"], "top": 3}))
+    assert found["results"]
+
+
+@pytest.mark.parametrize("damage", ["corrupt descriptors", "pca of another dimension"])
+def test_a_damaged_index_is_listed_with_its_error_and_the_others_work(
+    cli_project: CliProject, tmp_path, damage: str
+) -> None:
+    """A dataset whose published descriptors do not decode, or whose PCA gives vectors of
+    another dimension than its descriptors, is listed with the error naming the file and
+    cannot be searched (409, the error); every other dataset is searched as before."""
+    root = tmp_path / "copy"
+    shutil.copytree(cli_project.root, root, symlinks=True)
+    path = root / cli_project.config_path.name
+    store = FeatureStore(load_config(path).warehouse)
+    index = read_commit(store, "dataset", "alpha", "index")
+    if damage == "corrupt descriptors":
+        rel = index.file("descriptors:ofa")
+        data = store.read_bytes(rel)
+        store.write_bytes(rel, data[: len(data) // 2])
+        words = [rel.split("/")[-1], "corrupt"]
+    else:  # the class-space PCA of beta written over alpha's
+        beta = read_commit(store, "dataset", "beta", "index")
+        model = store.read_pca(beta.file("pca:class"))
+        store.write_pca(index.file("pca:class"), model.truncated(model.output_dim - 1))
+        words = ["ofa descriptors", "dimensions", "--force"]
+    client = TestClient(create_app(SearchEngine(path)))
+    targets = {t["name"]: t for t in ok(client.get("/api/datasets"))["targets"]}
+    assert targets["alpha"]["state"] == "error", targets["alpha"]
+    assert all(w in targets["alpha"]["error"] for w in words), targets["alpha"]["error"]
+    for name in ("beta", DISTRACTOR_EVAL):
+        assert "error" not in targets[name], targets[name]
+    for endpoint in ("/api/search", "/api/images"):
+        message = error(client.get(endpoint, params={"dataset": "alpha", "id": "a"}), 409)
+        assert message == targets["alpha"]["error"]
+    beta_q = gt_query(client, "beta")
+    found = ok(client.get("/api/search", params={"dataset": "beta", "id": beta_q["id"]}))
     assert found["results"]

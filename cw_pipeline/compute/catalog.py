@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cw_pipeline.compute.features import feature_code_version
+from cw_pipeline.compute.published import current_index, current_pca, descriptors_file, has_pca
 from cw_pipeline.compute.shards import (
     FileStat,
     fingerprint,
@@ -42,10 +43,8 @@ from cw_pipeline.core.datasets import skipped_summary
 from cw_pipeline.store import (
     FEATURES,
     FeatureStore,
-    descriptors_path,
     distractor_descriptors_folder,
     features_path,
-    pca_path,
     plan_path,
     rejected_path,
     shard_folder,
@@ -59,7 +58,6 @@ __all__ = [
     "format_table",
     "index_command",
     "list_datasets",
-    "pca_rels",
     "stored_shards",
 ]
 
@@ -81,13 +79,6 @@ def index_command(config: ProjectConfig, dataset: str) -> str:
 def stored_shards(store: FeatureStore, kind: str, dataset: str) -> list[str]:
     """Names of the shards of ``dataset`` stored under ``kind`` (e.g. ``cam_features``)."""
     return sorted(shard_name_from_path(rel) for rel in store.list(shard_folder(kind, dataset)))
-
-
-def pca_rels(ds: DatasetConfig) -> list[str]:
-    """Store paths (without suffix) of a dataset's class-space PCA model(s)."""
-    if ds.self_split:
-        return [pca_path(ds.name, "class", 1), pca_path(ds.name, "class", 2)]
-    return [pca_path(ds.name, "class")]
 
 
 def _rows(store: FeatureStore, rel: str) -> int:
@@ -191,10 +182,11 @@ def dataset_status(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig
     if stored:
         stale, partial, indexed_ids = _shard_states(store, ds, files, stored, st)
     if ds.has_groundtruth:
-        st.pca = all(store.pca_exists(rel) for rel in pca_rels(ds))
-        rel = descriptors_path(ds.name, "ofa")
-        st.descriptors = store.exists(rel)
-        if st.descriptors:
+        st.pca = has_pca(current_pca(store, ds), ds)
+        index = current_index(store, ds)
+        st.descriptors = index is not None
+        if index is not None:
+            rel = descriptors_file(index, "ofa")
             described = set(_ids(store, rel))
             st.descriptor_images = len(described)
             if stored and not stale and described != indexed_ids:

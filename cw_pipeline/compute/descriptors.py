@@ -22,9 +22,8 @@ from cw_pipeline.core.experiment import (
     offline_descriptors,
 )
 from cw_pipeline.core.methods import AGGREGATIONS, stored_descriptors
-from cw_pipeline.store import (
-    FeatureStore,
-)
+from cw_pipeline.store import FeatureStore
+from cw_pipeline.store.commits import Commit
 
 
 def descriptor_table(ids: Sequence[str], desc: np.ndarray) -> pa.Table:
@@ -67,14 +66,19 @@ def descriptor_sets(
 
 
 def dataset_descriptors(
-    config: ProjectConfig, store: FeatureStore, ds: DatasetConfig, feats: FeatureSet
+    config: ProjectConfig,
+    store: FeatureStore,
+    ds: DatasetConfig,
+    feats: FeatureSet,
+    pca: Commit | None = None,
 ) -> dict[str, tuple[list[str], np.ndarray]]:
-    """Offline descriptors of a ground-truth dataset (self-split: each half with its PCA)."""
+    """Offline descriptors of a ground-truth dataset (self-split: each half with its PCA),
+    with the PCA models of ``pca`` (default: the published ones)."""
     params = config.search
     out: dict[str, list] = {agg: [[], []] for agg in offline_aggregations()}
     for group in pca_groups_of(ds, feats.ids):
         sub = feats.subset(group.rows)
-        d = descriptor_sets(sub, pca_models_for(store, ds, group.half), params)
+        d = descriptor_sets(sub, pca_models_for(store, ds, group.half, pca), params)
         for agg, v in d.items():
             out[agg][0].extend(sub.ids)
             out[agg][1].append(v)

@@ -2,7 +2,8 @@
 
 A dataset's PCA is learned on its paired dataset (``pca_from``), or, when it is self-split,
 one model per half of its objects, each fitted on the other half. One model per registered
-space (:data:`cw_pipeline.core.methods.PCA_SPACES`), stored at :func:`cw_pipeline.store.pca_path`.
+space (:data:`cw_pipeline.core.methods.PCA_SPACES`), published as one generation
+(:func:`cw_pipeline.compute.published.publish_pca`) and read through its pointer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cw_pipeline.compute.published import current_pca, pca_role
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.core.aggregation import PCAWhitening
 from cw_pipeline.core.experiment import (
@@ -21,10 +23,8 @@ from cw_pipeline.core.experiment import (
 )
 from cw_pipeline.core.methods import PCA_SPACES
 from cw_pipeline.core.runner import PcaGroup, group_labels, pca_groups
-from cw_pipeline.store import (
-    FeatureStore,
-    pca_path,
-)
+from cw_pipeline.store import FeatureStore
+from cw_pipeline.store.commits import Commit
 
 
 def pca_groups_of(ds: DatasetConfig, ids: Sequence[str]) -> list[PcaGroup]:
@@ -34,7 +34,21 @@ def pca_groups_of(ds: DatasetConfig, ids: Sequence[str]) -> list[PcaGroup]:
         return pca_groups(len(ids))
     if not ds.grouped:
         raise ValueError(f"dataset {ds.name!r} (layout {ds.layout}) has no object groups")
-    return pca_groups(len(ids), group_labels(ds.layout, ids))
+    labels = group_labels(ds.layout, ids)
+    objects, sizes = np.unique(labels, return_counts=True)
+    if objects.size < MIN_SELF_SPLIT_OBJECTS:
+        raise ValueError(
+            f"dataset {ds.name!r} (layout {ds.layout}, pca_from: self-split) has "
+            f"{objects.size} object(s) ({', '.join(map(str, sizes)) or 'no'} image(s)); at "
+            f"least {MIN_SELF_SPLIT_OBJECTS} are needed: each half of its objects is searched "
+            "with the PCA learned on the other half. Add the images of another object, or "
+            "take the PCA from another dataset (pca_from)"
+        )
+    return pca_groups(len(ids), labels)
+
+
+#: Fewest objects a self-split dataset may have: one per half.
+MIN_SELF_SPLIT_OBJECTS = 2
 
 
 #: Fewest images a PCA training set may have: a PCA needs two vectors, and the raw space
@@ -58,7 +72,8 @@ def check_pca_training_size(ds: DatasetConfig, source: str, n_images: int) -> No
 def fit_pca_models(
     config: ProjectConfig, ds: DatasetConfig, train: FeatureSet
 ) -> dict[str, PCAWhitening]:
-    """PCA models of ``ds`` fitted on ``train`` (its paired dataset's features), by store path.
+    """PCA models of ``ds`` fitted on ``train`` (its paired dataset's features), by role
+    (:func:`~cw_pipeline.compute.published.pca_role`).
 
     One model per registered space (:data:`core.methods.PCA_SPACES`: ``class``, class
     vectors, N_pca per image, for OfA/OnA; ``raw``, sum-pooled vectors, for raw+PCA). A
@@ -80,12 +95,13 @@ def fit_pca_models(
             data, source, name = train, f"dataset {ds.pca_from!r}", ds.pca_from
         else:
             data = train.subset(group.training)
-            source = f"half {group.training_half} of its objects (self-split)"
+            halves = f"{len(group.training)} and {len(group.rows)} images"
+            source = f"half {group.training_half} of its objects (self-split; halves of {halves})"
             name = f"{ds.name}-half{group.training_half}"
         check_pca_training_size(ds, source, len(data))
         meta = {**base, "training_set": name}
         for space in PCA_SPACES:
-            out[pca_path(ds.name, space, group.half)] = fit_pca_space(space, data, params, meta)
+            out[pca_role(space, group.half)] = fit_pca_space(space, data, params, meta)
     return _agreeing_halves(ds, out)
 
 
@@ -97,7 +113,7 @@ def _agreeing_halves(ds: DatasetConfig, models: dict[str, PCAWhitening]) -> dict
         return models
     out = dict(models)
     for space in PCA_SPACES:
-        rels = [r for r in (pca_path(ds.name, space, h) for h in (1, 2)) if r in models]
+        rels = [r for r in (pca_role(space, h) for h in (1, 2)) if r in models]
         if len(rels) < 2:
             continue
         dims = min(models[r].output_dim for r in rels)
@@ -107,11 +123,24 @@ def _agreeing_halves(ds: DatasetConfig, models: dict[str, PCAWhitening]) -> dict
     return out
 
 
+def _commit(store: FeatureStore, ds: DatasetConfig, commit: Commit | None) -> Commit:
+    if commit is None:
+        commit = current_pca(store, ds)
+    if commit is None:
+        raise FileNotFoundError(f"dataset {ds.name!r} has no PCA model in the feature store")
+    return commit
+
+
 def pca_models_for(
-    store: FeatureStore, ds: DatasetConfig, half: int | None = None
+    store: FeatureStore,
+    ds: DatasetConfig,
+    half: int | None = None,
+    commit: Commit | None = None,
 ) -> dict[str, PCAWhitening]:
-    """The PCA models of ``ds`` by space (``half``: 1 or 2 for a self-split dataset)."""
-    return {space: store.read_pca(pca_path(ds.name, space, half)) for space in PCA_SPACES}
+    """The PCA models of ``ds`` by space (``half``: 1 or 2 for a self-split dataset), from
+    ``commit`` (a ``pca`` or ``index`` commit; default: the published PCA)."""
+    commit = _commit(store, ds, commit)
+    return {space: store.read_pca(commit.file(pca_role(space, half))) for space in PCA_SPACES}
 
 
 def pca_version(pcas: dict[str, PCAWhitening]) -> str:
@@ -126,14 +155,17 @@ def pca_version(pcas: dict[str, PCAWhitening]) -> str:
     return h.hexdigest()[:16]
 
 
-def pca_output_dims(store: FeatureStore, ds: DatasetConfig) -> dict[str, int]:
-    """Dimensions of each stored PCA model of ``ds`` (``class``, ``raw``; ``class-half1`` …
-    for a self-split dataset), from the models' metadata."""
+def pca_output_dims(
+    store: FeatureStore, ds: DatasetConfig, commit: Commit | None = None
+) -> dict[str, int]:
+    """Dimensions of each PCA model of ``ds`` (``class``, ``raw``; ``class-half1`` … for a
+    self-split dataset), from the models' metadata (``commit``: default the published PCA)."""
     halves: tuple[int | None, ...] = (1, 2) if ds.self_split else (None,)
+    commit = _commit(store, ds, commit)
     out = {}
     for space in PCA_SPACES:
         for half in halves:
-            meta = store.read_pca_metadata(pca_path(ds.name, space, half))
+            meta = store.read_pca_metadata(commit.file(pca_role(space, half)))
             out[space if half is None else f"{space}-half{half}"] = int(meta["output_dim"])
     return out
 

@@ -25,6 +25,7 @@ from cw_pipeline.compute.descriptors import (
 from cw_pipeline.compute.feature_maps import warehouse_maps
 from cw_pipeline.compute.features import load_features, stored_image_count, table_to_featureset
 from cw_pipeline.compute.pca import method_pca, pca_groups_of, pca_models_for, pca_version
+from cw_pipeline.compute.published import current_index, descriptors_file
 from cw_pipeline.compute.queries import check_groundtruth_images, load_groundtruth
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core import datasets as gtio
@@ -35,13 +36,13 @@ from cw_pipeline.core.retrieval import ComputedMaps, PairCache, SubsetMaps, sear
 from cw_pipeline.core.search import Ranking
 from cw_pipeline.store import (
     FeatureStore,
-    descriptors_path,
     distractor_descriptors_path,
     features_path,
     manifest_path,
     pair_cache_path,
     query_features_path,
 )
+from cw_pipeline.store.commits import Commit
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def _database(
     ds: DatasetConfig,
     ev: EvaluationConfig,
     shards: dict[str, list[str]],
+    index: Commit,
     stats: dict[str, Any] | None = None,
 ) -> tuple[list[str], dict[str, np.ndarray]]:
     """Image ids and descriptors (by aggregation) of the evaluated dataset, then of each
@@ -204,10 +206,11 @@ def _database(
     db_ids: list[str] = []
     parts: dict[str, list[np.ndarray]] = {}
     for agg in aggs:
-        db_ids, m = read_descriptors(store, descriptors_path(ds.name, agg))
+        db_ids, m = read_descriptors(store, descriptors_file(index, agg))
         parts[agg] = [m]
-    pcas = pca_models_for(store, ds) if ev.distractors else {}
+    pcas = pca_models_for(store, ds, None, index) if ev.distractors else {}
     projected = 0
+    counts = {ds.name: len(db_ids)}
     for dname in ev.distractors:
         projects = projects_distractors(store, ev, dname)
         for s in shards[dname]:
@@ -223,12 +226,14 @@ def _database(
                     )
                 parts[agg].append(desc[agg][1])
             db_ids.extend(ids)
+            counts[dname] = counts.get(dname, 0) + len(ids)
             projected += len(ids) if here else 0
     db = {agg: np.concatenate(p) if len(p) > 1 else p[0] for agg, p in parts.items()}
     if len(set(db_ids)) != len(db_ids):
         raise ValueError(f"evaluation {ev.name}: image ids are not unique across its datasets")
     if stats is not None:
         stats["distractors_projected"] = projected
+        stats["database_parts"] = list(counts.items())
     return db_ids, db
 
 
@@ -344,6 +349,7 @@ def _query_groups(
     shards: Sequence[str],
     db_ids: Sequence[str],
     db: dict[str, np.ndarray],
+    index: Commit,
 ) -> list[QueryGroup]:
     """The queries of ``ds`` by the PCA they rank with: a grouped dataset's queries are its
     own images (each self-split half against its half plus the distractors), the others'
@@ -351,7 +357,7 @@ def _query_groups(
     if not ds.grouped:
         qt = store.read_table(query_features_path(ds.name))
         qfeats = table_to_featureset(qt.drop_columns(["bbox", "query_name"]))
-        pcas = pca_models_for(store, ds)
+        pcas = pca_models_for(store, ds, None, index)
         qd = descriptor_sets(qfeats, pcas, config.search)
         return [(qfeats.ids, qfeats, qd, np.arange(len(db_ids)), pcas)]
     groups: list[QueryGroup] = []
@@ -366,7 +372,7 @@ def _query_groups(
         keep = np.array([j for j, i in enumerate(sub.ids) if i in is_query], dtype=np.int64)
         qfs = sub.subset(keep)
         qd = {agg: m[rows[keep]] for agg, m in db.items()}
-        groups.append((qfs.ids, qfs, qd, rows, pca_models_for(store, ds, group.half)))
+        groups.append((qfs.ids, qfs, qd, rows, pca_models_for(store, ds, group.half, index)))
     return groups
 
 
@@ -411,6 +417,7 @@ def evaluation_rankings(
     ev: EvaluationConfig,
     shards: dict[str, list[str]],
     extractor: FeatureExtractor | None = None,
+    index: Commit | None = None,
 ) -> tuple[dict[str, pa.Table], dict[str, Any]]:
     """Rankings of every method of an evaluation, and run statistics.
 
@@ -421,12 +428,17 @@ def evaluation_rankings(
     dataset: a refresh computes only the pairs none of them has seen. The statistics say how
     many forward passes, region scores and OnA descriptors were computed and how many reused,
     and how many distractor images were projected here (:func:`projects_distractors`).
+
+    The dataset's descriptors and PCA come from one published index (``index``: default the
+    current one, :func:`~cw_pipeline.compute.published.current_index`), never from two.
     """
     ds = config.dataset(ev.dataset)
+    index = index or _index(store, ds)
     methods = list(ev.methods)
     stats: dict[str, Any] = {"database": 0, "queries": 0, "seconds": {}}
-    db_ids, db = _database(config, store, ds, ev, shards, stats)
+    db_ids, db = _database(config, store, ds, ev, shards, index, stats)
     stats["database"] = len(db_ids)
+    stats["database_ids"] = db_ids
     maps = pairs = None
     if any(m.needs_maps for m in methods):
         maps = _database_maps(config, store, ev, shards, db_ids, extractor)
@@ -434,7 +446,7 @@ def evaluation_rankings(
             e for e in config.evaluations.values() if e.dataset == ev.dataset and e.name != ev.name
         ]
         pairs = load_pair_cache(store, ev, ds.extraction.code_version(), siblings)
-    groups = _query_groups(config, store, ds, shards[ds.name], db_ids, db)
+    groups = _query_groups(config, store, ds, shards[ds.name], db_ids, db, index)
     tables: dict[str, pa.Table] = {}
     for method in methods:
         t0 = time.perf_counter()
@@ -451,6 +463,13 @@ def evaluation_rankings(
     return tables, stats
 
 
+def _index(store: FeatureStore, ds: DatasetConfig) -> Commit:
+    index = current_index(store, ds)
+    if index is None:
+        raise FileNotFoundError(f"dataset {ds.name!r} has no descriptors in the feature store")
+    return index
+
+
 def _stored_ids(store: FeatureStore, rel: str) -> list[str]:
     return store.read_table(rel, ["image_id"]).column("image_id").to_pylist()
 
@@ -463,9 +482,14 @@ def _other_pca(dataset_pca: str | None, distractor_pca: str | None) -> bool:
 
 
 def evaluation_input_problems(
-    config: ProjectConfig, store: FeatureStore, ev: EvaluationConfig, shards: dict[str, list[str]]
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+    index: Commit | None = None,
 ) -> list[str]:
-    """Why the stored inputs of ``<ev>/rankings`` do not describe one state of the data.
+    """Why the stored inputs of ``<ev>/rankings`` do not describe one state of the data
+    (``index``: the dataset's published index they are checked against, default the current).
 
     The descriptors must hold exactly the images whose features are stored now (the current
     manifest's readable images), each distractor shard's descriptors exactly that shard's
@@ -483,9 +507,9 @@ def evaluation_input_problems(
             continue
         features.update(_stored_ids(store, rel))
         manifest.update(_stored_ids(store, manifest_path(ds.name, s)))
+    index = index or current_index(store, ds)
     for agg in offline_aggregations():
-        rel = descriptors_path(ds.name, agg)
-        if not store.exists(rel):
+        if index is None or not store.exists(rel := descriptors_file(index, agg)):
             problems.append(f"{ds.name} {agg} descriptors are not materialized")
             continue
         have = set(_stored_ids(store, rel))
@@ -496,7 +520,8 @@ def evaluation_input_problems(
                 "no longer indexed): the descriptors are out of date"
             )
     database = set(features)
-    pca = pca_version(pca_models_for(store, ds)) if ev.distractors else None
+    with_pca = ev.distractors and index is not None
+    pca = pca_version(pca_models_for(store, ds, None, index)) if with_pca else None
     for dname in ev.distractors:
         projects = projects_distractors(store, ev, dname)
         for s in shards[dname]:

@@ -100,7 +100,9 @@ class PipelineResource(dg.ConfigurableResource):
         return _config(self.config_path)
 
     def store(self) -> FeatureStore:
-        return FeatureStore(self.warehouse or self.project().warehouse)
+        """The feature store; in an asset's step, its I/O errors name the asset (and
+        partition) besides the file."""
+        return FeatureStore(self.warehouse or self.project().warehouse).writing_for(_writer())
 
     def reports_dir(self) -> str:
         return self.project().reports
@@ -114,3 +116,21 @@ class PipelineResource(dg.ConfigurableResource):
         return _extractor(
             ds.extraction, r.batch_size, r.batch_pixels, r.batch_target_pixels, device, threads
         )
+
+
+def _writer() -> str | None:
+    """``asset <key> [<partition>]`` of the step running now (None outside a step)."""
+    try:
+        context = dg.OpExecutionContext.get()
+    except Exception:  # no step is running
+        return None
+    if context is None:
+        return None
+    try:
+        keys = sorted(k.to_user_string() for k in context.selected_asset_keys)
+    except Exception:  # an op without assets
+        return None
+    what = f"asset {', '.join(keys)}" if keys else f"op {context.op.name}"
+    if context.has_partition_key:
+        what += f" [{context.partition_key}]"
+    return what

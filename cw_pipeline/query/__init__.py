@@ -23,7 +23,9 @@ image and box), :mod:`~cw_pipeline.query.loading` (the database of a dataset or 
 from __future__ import annotations
 
 from cw_pipeline.query.common import (
+    BrokenIndexError,
     Hit,
+    InconsistentIndexError,
     NotIndexedError,
     QueryError,
     QueryResult,
@@ -31,17 +33,20 @@ from cw_pipeline.query.common import (
     check_box,
     load_query_image,
 )
-from cw_pipeline.query.loading import load_evaluation_index, load_index
+from cw_pipeline.query.loading import index_problem, load_evaluation_index, load_index
 from cw_pipeline.query.ranking import format_results, search, search_image
 
 __all__ = [
+    "BrokenIndexError",
     "Hit",
+    "InconsistentIndexError",
     "NotIndexedError",
     "QueryError",
     "QueryResult",
     "SearchIndex",
     "check_box",
     "format_results",
+    "index_problem",
     "load_evaluation_index",
     "load_index",
     "load_query_image",

@@ -29,6 +29,17 @@ class NotIndexedError(ValueError):
     """The dataset's index is not (fully) materialized; the message says what to run."""
 
 
+class BrokenIndexError(ValueError):
+    """A dataset's published index cannot be searched (a damaged file, descriptors and PCA
+    of different dimensions); the message names the files and says what to run."""
+
+
+class InconsistentIndexError(NotIndexedError):
+    """The published parts of a database are of two states (distractor descriptors not yet
+    re-projected with the dataset's new PCA): a reader that holds an earlier consistent
+    database keeps it and tries again later."""
+
+
 @dataclass(frozen=True)
 class Hit:
     """One result: rank (1-based), image id, cosine score and the image's path."""

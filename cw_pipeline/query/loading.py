@@ -13,32 +13,41 @@ distractor set's, as its rankings asset ranks them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from cw_pipeline.compute.catalog import index_command, pca_rels, stored_shards
-from cw_pipeline.compute.descriptors import read_descriptors
+from cw_pipeline.compute.catalog import index_command, stored_shards
+from cw_pipeline.compute.descriptors import read_descriptors, table_descriptors
 from cw_pipeline.compute.features import feature_code_version
-from cw_pipeline.compute.pca import pca_groups_of, pca_models_for
+from cw_pipeline.compute.pca import pca_groups_of, pca_models_for, pca_output_dims, pca_version
+from cw_pipeline.compute.published import current_index, current_pca, descriptors_file, has_pca
 from cw_pipeline.compute.shards import stored_code_version
-from cw_pipeline.config import DatasetConfig, ProjectConfig
+from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core.aggregation import PCAWhitening, raw_descriptors
 from cw_pipeline.core.experiment import Method
-from cw_pipeline.query.common import NotIndexedError, SearchIndex
+from cw_pipeline.core.methods import AGGREGATIONS, stored_descriptors
+from cw_pipeline.query.common import (
+    BrokenIndexError,
+    InconsistentIndexError,
+    NotIndexedError,
+    SearchIndex,
+)
 from cw_pipeline.store import (
     FEATURES,
     MANIFEST,
+    CorruptFileError,
     FeatureStore,
-    descriptors_path,
     distractor_descriptors_folder,
     distractor_descriptors_path,
     features_path,
     manifest_path,
 )
+from cw_pipeline.store.commits import Commit
 
-__all__ = ["load_evaluation_index", "load_index"]
+__all__ = ["index_problem", "load_evaluation_index", "load_index"]
 
 
 def _check_features(config: ProjectConfig, store: FeatureStore, ds: DatasetConfig) -> list[str]:
@@ -79,10 +88,46 @@ def _paths(
     return [where[i] for i in ids]
 
 
+def index_problem(
+    store: FeatureStore, ds: DatasetConfig, index: Commit | None = None
+) -> str | None:
+    """Why the published index of ``ds`` cannot be searched (None: it can, or it has none):
+    a pointer, descriptor table or PCA model that does not decode, or descriptors whose
+    dimension is not their PCA's output. Reads footers and metadata only."""
+    try:
+        index = index or current_index(store, ds)
+        if index is None or not has_pca(index, ds):
+            return None
+        dims = pca_output_dims(store, ds, index)
+        for agg in stored_descriptors():
+            rel = descriptors_file(index, agg)
+            field = store.read_schema(rel).field("descriptor")
+            have = field.type.list_size
+            space = AGGREGATIONS[agg].pca_space if agg in AGGREGATIONS else None
+            spaces = [k for k in dims if space is not None and k.split("-half")[0] == space]
+            wrong = [f"{k} {dims[k]}" for k in spaces if dims[k] != have]
+            if wrong:
+                return (
+                    f"dataset {ds.name!r}: its {agg} descriptors ({store.url(rel)}) have "
+                    f"{have} dimensions but the PCA they were projected with gives "
+                    f"{', '.join(wrong)}: the index is damaged; re-index it with --force"
+                )
+    except (CorruptFileError, KeyError) as exc:
+        return f"dataset {ds.name!r}: its published index cannot be read: {exc}"
+    except FileNotFoundError as exc:
+        return f"dataset {ds.name!r}: a file of its published index is missing: {exc}"
+    return None
+
+
 def load_index(
-    config: ProjectConfig, store: FeatureStore, name: str, method: Method
+    config: ProjectConfig,
+    store: FeatureStore,
+    name: str,
+    method: Method,
+    index: Commit | None = None,
 ) -> SearchIndex:
-    """The materialized database of dataset ``name`` for ``method`` (see the module doc).
+    """The materialized database of dataset ``name`` for ``method`` (see the module doc):
+    for a dataset with ground truth, its published index (``index``: default the current).
 
     Raises:
         UnknownNameError: no such dataset (lists the known ones).
@@ -95,9 +140,11 @@ def load_index(
     agg = method.stored_aggregation
     if ds.has_groundtruth:
         paired = config.paired(ds.name)
-        rel = descriptors_path(ds.name, agg)
-        have_pca = all(store.pca_exists(r) for r in pca_rels(ds))
-        if not (have_pca and store.exists(rel)):
+        # One published index: the descriptors and the PCA they were projected with (a query
+        # is encoded with it), whatever a concurrent re-index publishes meanwhile.
+        index = index or current_index(store, ds)
+        have_pca = has_pca(index, ds) or has_pca(current_pca(store, ds), ds)
+        if index is None or not has_pca(index, ds):
             todo = []
             if paired is not None and paired.name != ds.name:
                 if not stored_shards(store, FEATURES, paired.name):
@@ -109,8 +156,13 @@ def load_index(
                 f" yet (its PCA is learned on {learned}): run "
                 + " then ".join(f"`{c}`" for c in todo)
             )
-        ids, mat = read_descriptors(store, rel)
-        groups = [(g.rows, pca_models_for(store, ds, g.half)) for g in pca_groups_of(ds, ids)]
+        problem = index_problem(store, ds, index)
+        if problem is not None:
+            raise BrokenIndexError(problem)
+        ids, mat = read_descriptors(store, descriptors_file(index, agg))
+        groups = [
+            (g.rows, pca_models_for(store, ds, g.half, index)) for g in pca_groups_of(ds, ids)
+        ]
         if ds.self_split:
             source = f"descriptors of {ds.name} (each half with the PCA of the other)"
         else:
@@ -121,20 +173,52 @@ def load_index(
 
 def _distractor_descriptors(
     store: FeatureStore, ev_name: str, dataset: str, agg: str, shards: Sequence[str]
-) -> tuple[list[str], np.ndarray] | None:
-    """The descriptors of distractor set ``dataset`` under evaluation ``ev_name`` (None: none
-    materialized yet)."""
+) -> tuple[list[str], np.ndarray, set[str]] | None:
+    """The descriptors of distractor set ``dataset`` under evaluation ``ev_name``, and the
+    versions of the PCA their shards were projected with (None: none materialized yet)."""
 
     if not store.list(distractor_descriptors_folder(ev_name, dataset, agg)):
         return None
-    ids, mats = [], []
+    ids, mats, pcas = [], [], set()
     for shard in shards:
         rel = distractor_descriptors_path(ev_name, dataset, agg, shard)
         if store.exists(rel):  # a shard without readable images has none
-            i, m = read_descriptors(store, rel)
+            table = store.read_table(rel)
+            i, m = table_descriptors(table)
+            recorded = (table.schema.metadata or {}).get(b"pca")
+            if i and recorded is not None:
+                pcas.add(recorded.decode())
             ids += i
             mats.append(m)
-    return (ids, np.concatenate(mats)) if ids else None
+    if len(pcas) > 1:  # its shards are being re-projected now
+        raise _reprojecting(ev_name, dataset, None)
+    return (ids, np.concatenate(mats), pcas) if ids else None
+
+
+def _reprojecting(ev_name: str, dname: str, dataset: str | None) -> InconsistentIndexError:
+    of = "its dataset" if dataset is None else repr(dataset)
+    return InconsistentIndexError(
+        f"evaluation {ev_name!r}: the descriptors of its distractor set {dname!r} were "
+        f"projected with another PCA than the published index of {of}: they are being "
+        "re-projected (at once for a small set, else at the evaluation's cron); searched "
+        "again once they are"
+    )
+
+
+def _owner_pca(
+    store: FeatureStore, owner: DatasetConfig, versions: set[str]
+) -> dict[str, PCAWhitening]:
+    """The PCA models of ``owner`` the distractor descriptors were projected with (recorded
+    ``versions``: one, or none for tables written before they were recorded)."""
+    for commit in (*_indexes(store, owner), current_pca(store, owner)):
+        if has_pca(commit, owner):
+            pcas = pca_models_for(store, owner, None, commit)
+            if not versions or versions == {pca_version(pcas)}:
+                return pcas
+    raise InconsistentIndexError(
+        f"the distractor descriptors of {owner.name!r}'s evaluations were projected with a "
+        "PCA it no longer publishes: they are being re-projected; searched again once they are"
+    )
 
 
 def _folder_index(
@@ -148,9 +232,11 @@ def _folder_index(
         found = _distractor_descriptors(store, ev.name, ds.name, agg, shards)
         if found is None:
             continue
-        ids, mat = found
+        ids, mat, versions = found
         owner = config.dataset(ev.dataset)
-        groups = [(np.arange(len(ids)), pca_models_for(store, owner))]
+        if len(versions) > 1:
+            raise _reprojecting(ev.name, ds.name, owner.name)
+        groups = [(np.arange(len(ids)), _owner_pca(store, owner, versions))]
         source = f"distractor descriptors of evaluation {ev.name} (PCA learned on {owner.pca_from})"
         return SearchIndex(ds, ids, _paths(config, store, ds, ids), {agg: mat}, groups, source)
     if evaluations:
@@ -181,37 +267,94 @@ def _folder_index(
     return SearchIndex(ds, ids, _paths(config, store, ds, ids), {agg: desc}, groups, source)
 
 
+def _indexes(store: FeatureStore, ds: DatasetConfig) -> list[Commit]:
+    """The published index of ``ds`` and the one it replaced (kept readable), newest first."""
+    index = current_index(store, ds)
+    if index is None:
+        return []
+    return [index] if index.previous is None else [index, index.previous]
+
+
+def _index_with_pca(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    method: Method,
+    versions: set[str],
+) -> SearchIndex:
+    """The dataset's database from the published index whose PCA has version ``versions``
+    (none recorded: the current one)."""
+    ds = config.dataset(ev.dataset)
+    for index in _indexes(store, ds):
+        if not has_pca(index, ds):
+            continue
+        if not versions or {pca_version(pca_models_for(store, ds, None, index))} == versions:
+            return load_index(config, store, ds.name, method, index)
+    if not versions or not _indexes(store, ds):
+        return load_index(config, store, ds.name, method)  # says what is missing
+    raise _reprojecting(ev.name, ", ".join(ev.distractors), ds.name)
+
+
 def load_evaluation_index(
-    config: ProjectConfig, store: FeatureStore, name: str, method: Method
+    config: ProjectConfig,
+    store: FeatureStore,
+    name: str,
+    method: Method,
+    wait_seconds: float = 10.0,
 ) -> SearchIndex:
     """The database of evaluation ``name``: its dataset's descriptors followed by those of
     each distractor set (built with the dataset's PCA), as its rankings asset ranks them.
 
+    The dataset's part comes from the published index whose PCA the distractor descriptors
+    were projected with: after a re-index, the previous one until they are re-projected
+    (at once for a small set, else at the evaluation's cron). While their shards are being
+    rewritten (some with each PCA), it waits up to ``wait_seconds`` for them to agree.
+
     Raises:
         UnknownNameError: no such evaluation.
         NotIndexedError: a part of it is not materialized (says what to run).
+        InconsistentIndexError: its parts are of two states (see above).
         ValueError: image ids that are not unique across its datasets.
     """
     ev = config.evaluation(name)
-    base = load_index(config, store, ev.dataset, method)
     if not ev.distractors:
-        return base
+        return load_index(config, store, ev.dataset, method)
     agg = method.stored_aggregation
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        found, versions = {}, set()
+        try:
+            for dname in ev.distractors:
+                dset = config.dataset(dname)
+                found[dname] = _distractor_descriptors(
+                    store, ev.name, dname, agg, _check_features(config, store, dset)
+                )
+                if found[dname] is None:
+                    raise NotIndexedError(
+                        f"evaluation {ev.name!r}: the descriptors of its distractor set "
+                        f"{dname!r} are not materialized yet: run "
+                        f"`{index_command(config, dname)}`"
+                    )
+                versions |= found[dname][2]
+            # The dataset's published index whose PCA the distractors were projected with:
+            # the current one, or the one it replaced while they are re-projected.
+            if len(versions) > 1:  # shards being rewritten now
+                raise _reprojecting(ev.name, ", ".join(ev.distractors), ev.dataset)
+            base = _index_with_pca(config, store, ev, method, versions)
+            break
+        except InconsistentIndexError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
     ids, paths, mats = list(base.ids), list(base.paths), [base.descriptors[agg]]
     owners = [(0, base.dataset.name)]
     for dname in ev.distractors:
         dset = config.dataset(dname)
-        shards = _check_features(config, store, dset)
-        found = _distractor_descriptors(store, ev.name, dname, agg, shards)
-        if found is None:
-            raise NotIndexedError(
-                f"evaluation {ev.name!r}: the descriptors of its distractor set {dname!r} are "
-                f"not materialized yet: run `{index_command(config, dname)}`"
-            )
         owners.append((len(ids), dname))
-        ids += found[0]
-        paths += _paths(config, store, dset, found[0])
-        mats.append(found[1])
+        dids, dmat, _ = found[dname]
+        ids += dids
+        paths += _paths(config, store, dset, dids)
+        mats.append(dmat)
     if len(set(ids)) != len(ids):
         raise ValueError(f"evaluation {ev.name}: image ids are not unique across its datasets")
     n_base = len(base)

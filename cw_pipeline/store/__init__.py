@@ -9,7 +9,8 @@ writing is :mod:`~cw_pipeline.store.feature_store`'s): every artefact of the pip
 named path there (:func:`manifest_path`, :func:`features_path`, :func:`rejected_path`,
 :func:`plan_path`, :func:`checkpoint_folder`, :func:`query_features_path`, :func:`pca_path`,
 :func:`descriptors_path`, :func:`distractor_descriptors_path`, :func:`feature_maps_path`,
-:func:`pair_cache_path`, :func:`rankings_path`, and
+:func:`pair_cache_path`, :func:`rankings_path`, :func:`ranked_database_path`, the commit
+pointers (:func:`commit_path`, see :mod:`~cw_pipeline.store.commits`), and
 :func:`report_path` under the reports root), and every folder a reader lists or watches has
 one too (:func:`shard_folder`, :func:`pca_folder`, :func:`descriptors_folder`,
 :func:`distractor_descriptors_folder`); no other module builds a warehouse path. PCA models
@@ -54,6 +55,8 @@ from cw_pipeline.store.layout import (
     SHARD_KINDS,
     bounded_component,
     checkpoint_folder,
+    commit_path,
+    commits_folder,
     decode_component,
     descriptors_folder,
     descriptors_path,
@@ -70,6 +73,8 @@ from cw_pipeline.store.layout import (
     pca_path,
     plan_path,
     query_features_path,
+    ranked_database_path,
+    rankings_folder,
     rankings_path,
     rejected_path,
     report_folder,
@@ -93,6 +98,8 @@ __all__ = [
     "FeatureStore",
     "bounded_component",
     "checkpoint_folder",
+    "commit_path",
+    "commits_folder",
     "decode_component",
     "descriptors_folder",
     "descriptors_path",
@@ -109,6 +116,8 @@ __all__ = [
     "pca_path",
     "plan_path",
     "query_features_path",
+    "ranked_database_path",
+    "rankings_folder",
     "rankings_path",
     "rejected_path",
     "report_folder",

@@ -7,6 +7,7 @@ and writes whatever relative path it is given (see the package docstring for ato
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -69,15 +70,19 @@ def _arrow_owned(data: bytes) -> pa.Buffer:
     return sink.getvalue()
 
 
-def _naming(exc: OSError, where: str) -> OSError:
-    """``exc`` naming the file being written (``[Errno 28] No space left on device: '<path>'``),
-    of the same type and errno when it has one."""
+def _naming(exc: OSError, where: str, writer: str | None = None) -> OSError:
+    """``exc`` naming the file being written and, when known, for what (``[Errno 28] No space
+    left on device (writing for asset alpha/cam_features [part1]): '<path>'``), of the same
+    type and errno when it has one."""
+    reason = exc.strerror or str(exc)
+    if writer:
+        reason = f"{reason} (writing for {writer})"
     if exc.errno is not None:
         try:
-            return type(exc)(exc.errno, exc.strerror or str(exc), where)
+            return type(exc)(exc.errno, reason, where)
         except TypeError:  # an OSError subclass with another signature
-            return OSError(exc.errno, exc.strerror or str(exc), where)
-    return OSError(f"{where}: {exc}")
+            return OSError(exc.errno, reason, where)
+    return OSError(f"{where}: {reason}")
 
 
 class FeatureStore:
@@ -97,6 +102,14 @@ class FeatureStore:
         self.fs, base = fsspec.core.url_to_fs(self.root, **storage_options)
         self._base = base.rstrip("/") or "/"
         self._local = isinstance(self.fs, LocalFileSystem)
+        #: What this store writes for (an asset and partition), named by its I/O errors.
+        self.writer: str | None = None
+
+    def writing_for(self, writer: str | None) -> FeatureStore:
+        """This store, its I/O errors also naming ``writer`` (e.g. ``asset alpha/descriptors``)."""
+        out = copy.copy(self)
+        out.writer = writer
+        return out
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.root!r})"
@@ -136,28 +149,40 @@ class FeatureStore:
         path = self.path(relpath)
         try:
             if self._local:
-                folder, name = path.rsplit("/", 1)
-                os.makedirs(folder, exist_ok=True)
-                tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
-                try:
-                    with open(tmp, "wb") as fh:
-                        write(fh)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                    os.replace(tmp, path)
-                except BaseException:
+                for attempt in range(3):
                     try:
-                        os.unlink(tmp)
-                    except OSError:  # never created (or its name refused): keep the first error
-                        pass
-                    raise
+                        self._write_local(path, write)
+                        break
+                    except FileNotFoundError:
+                        # Its folder was removed meanwhile (another run cleaning up the same
+                        # checkpoints): made again, and the file written again.
+                        if attempt == 2:
+                            raise
             else:
                 buf = io.BytesIO()
                 write(buf)
                 self.fs.pipe_file(path, buf.getvalue())
         except OSError as exc:
-            raise _naming(exc, self.url(relpath)) from exc
+            raise _naming(exc, self.url(relpath), self.writer) from exc
         return relpath
+
+    @staticmethod
+    def _write_local(path: str, write: Callable[[IO[bytes]], None]) -> None:
+        folder, name = path.rsplit("/", 1)
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:  # never created (or its name refused): keep the first error
+                pass
+            raise
 
     def write_bytes(self, relpath: str, data: bytes) -> str:
         """Write ``data`` at ``relpath`` atomically; returns ``relpath``."""
@@ -261,6 +286,10 @@ class FeatureStore:
     def row_count(self, relpath: str) -> int:
         """The number of rows of a Parquet file, from its footer."""
         return int(self._parquet_file(relpath).metadata.num_rows)
+
+    def read_schema(self, relpath: str) -> pa.Schema:
+        """The Arrow schema of a Parquet file, from its footer."""
+        return self._parquet_file(self._relpath([relpath])).schema_arrow
 
     def read_metadata(self, relpath: str) -> dict[str, str]:
         """The schema metadata of a Parquet file, decoded as text."""

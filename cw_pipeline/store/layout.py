@@ -196,14 +196,17 @@ def pca_folder(dataset: str) -> str:
     return f"pca/{_ds(dataset)}"
 
 
-def pca_path(dataset: str, space: str, half: int | None = None) -> str:
-    """``pca/dataset=<ds>/<space>[-half<k>]``: a PCA model, without suffix (the store holds
-    ``.npz`` + ``.json``; see :meth:`FeatureStore.write_pca`). ``half``: 1 or 2 for the two
-    models of a self-split dataset."""
+def pca_path(
+    dataset: str, space: str, half: int | None = None, generation: str | None = None
+) -> str:
+    """``pca/dataset=<ds>/generation=<g>/<space>[-half<k>]``: a PCA model, without suffix
+    (the store holds ``.npz`` + ``.json``; see :meth:`FeatureStore.write_pca`). ``half``: 1 or
+    2 for the two models of a self-split dataset. Without ``generation``, the path of stores
+    written before commit points (read when a dataset has no ``pca`` pointer)."""
     if half not in (None, 1, 2):
         raise ValueError(f"a PCA half is 1 or 2, got {half!r}")
     suffix = "" if half is None else f"-half{half}"
-    return f"{pca_folder(dataset)}/{encode_component(space)}{suffix}"
+    return f"{_in(pca_folder(dataset), generation)}/{encode_component(space)}{suffix}"
 
 
 def descriptors_folder(dataset: str) -> str:
@@ -211,9 +214,11 @@ def descriptors_folder(dataset: str) -> str:
     return f"descriptors/{_ds(dataset)}"
 
 
-def descriptors_path(dataset: str, aggregation: str) -> str:
-    """``descriptors/dataset=<ds>/<aggregation>.parquet``: a dataset's offline descriptors."""
-    return f"{descriptors_folder(dataset)}/{encode_component(aggregation)}.parquet"
+def descriptors_path(dataset: str, aggregation: str, generation: str | None = None) -> str:
+    """``descriptors/dataset=<ds>/generation=<g>/<aggregation>.parquet``: a dataset's offline
+    descriptors (without ``generation``: where stores before commit points kept them)."""
+    folder = _in(descriptors_folder(dataset), generation)
+    return f"{folder}/{encode_component(aggregation)}.parquet"
 
 
 def distractor_descriptors_folder(
@@ -240,9 +245,72 @@ def distractor_descriptors_path(
     return f"{folder}/shard={encode_component(shard)}.parquet"
 
 
-def rankings_path(evaluation: str, method: str) -> str:
-    """``rankings/evaluation=<ev>/method=<m>.parquet``: one method's rankings."""
-    return f"rankings/{_ev(evaluation)}/method={encode_component(method)}.parquet"
+def rankings_folder(evaluation: str) -> str:
+    """``rankings/evaluation=<ev>``: the folder of an evaluation's rankings."""
+    return f"rankings/{_ev(evaluation)}"
+
+
+def rankings_path(evaluation: str, method: str, generation: str | None = None) -> str:
+    """``rankings/evaluation=<ev>/generation=<g>/method=<m>.parquet``: one method's rankings
+    (without ``generation``: where stores before commit points kept them)."""
+    folder = _in(rankings_folder(evaluation), generation)
+    return f"{folder}/method={encode_component(method)}.parquet"
+
+
+def ranked_database_path(evaluation: str, generation: str) -> str:
+    """``rankings/evaluation=<ev>/generation=<g>/database.parquet``: the database a generation
+    of rankings ranked (image ids in order, and the dataset of each)."""
+    return f"{_in(rankings_folder(evaluation), generation)}/database.parquet"
+
+
+# ---- commit points (see cw_pipeline.store.commits) ------------------------------------------
+
+#: What is published as one unit: a dataset's PCA models, its descriptors (its ``index``),
+#: an evaluation's rankings.
+COMMIT_UNITS = ("pca", "index", "rankings")
+_UNIT_FOLDERS = {
+    ("pca", "dataset"): pca_folder,
+    ("index", "dataset"): descriptors_folder,
+    ("rankings", "evaluation"): rankings_folder,
+}
+_GENERATION_RE = re.compile(r"[0-9A-Za-z._-]+")
+
+
+def _in(folder: str, generation: str | None) -> str:
+    if generation is None:
+        return folder
+    if not _GENERATION_RE.fullmatch(generation) or generation in (".", ".."):
+        raise ValueError(f"invalid generation name {generation!r}")
+    return f"{folder}/generation={generation}"
+
+
+def commit_path(owner_kind: str, owner: str, unit: str) -> str:
+    """``commits/<dataset|evaluation>=<name>/<unit>.json``: the pointer to the current
+    generation of ``unit`` (see :mod:`cw_pipeline.store.commits`)."""
+    if owner_kind not in ("dataset", "evaluation") or unit not in COMMIT_UNITS:
+        raise ValueError(f"no commit unit {unit!r} for a {owner_kind!r}")
+    return f"commits/{owner_kind}={encode_component(owner)}/{unit}.json"
+
+
+def commits_folder(owner_kind: str, owner: str) -> str:
+    """``commits/<dataset|evaluation>=<name>``: an owner's pointers (watched by readers)."""
+    if owner_kind not in ("dataset", "evaluation"):
+        raise ValueError(f"commits belong to a dataset or an evaluation, not {owner_kind!r}")
+    return f"commits/{owner_kind}={encode_component(owner)}"
+
+
+def generations_folder(unit: str, owner_kind: str, owner: str) -> str | None:
+    """The folder holding the generations of ``unit`` of ``owner`` (None: it has none)."""
+    folder = _UNIT_FOLDERS.get((unit, owner_kind))
+    return None if folder is None else folder(owner)
+
+
+def generation_folder(unit: str, owner_kind: str, owner: str, generation: str) -> str:
+    """``<unit folder>/generation=<g>``: the files of one generation."""
+    folder = generations_folder(unit, owner_kind, owner)
+    if folder is None:
+        raise ValueError(f"no commit unit {unit!r} for a {owner_kind!r}")
+    return _in(folder, generation)
 
 
 #: Top-level folder of the kept feature maps (content-addressed: by extraction and image sha1).

@@ -3,8 +3,12 @@
 * The configuration is re-read when its file changes.
 * One feature extractor (the CNN) per extraction settings, loaded on first use and kept.
 * The database of each search target (a dataset, or an evaluation with distractors) is loaded
-  once per aggregation and kept; it is reloaded when the stored files it came from change (a
-  new materialization), checked at most every :data:`RELOAD_CHECK_SECONDS`.
+  once per aggregation and kept; it is reloaded when a new generation is published (its commit
+  pointers, its manifests, features or distractor descriptors change), checked at most every
+  :data:`RELOAD_CHECK_SECONDS`. A load reads one published generation (see
+  :mod:`cw_pipeline.store.commits`), so a database is never a mix of two re-indexes; while the
+  published parts disagree (distractors not yet re-projected with a new PCA), the database
+  loaded before is kept and searched.
 * Images are found by manifest id only: no path from a request reaches the file system.
 * Every search goes through :func:`cw_pipeline.query.search_image`, the function of
   ``cw-pipeline search``.
@@ -46,18 +50,21 @@ from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.retrieval import MapCache
 from cw_pipeline.query import (
+    BrokenIndexError,
+    InconsistentIndexError,
     NotIndexedError,
+    SearchIndex,
     load_evaluation_index,
     load_index,
 )
 from cw_pipeline.store import (
     FEATURES,
     MANIFEST,
+    CorruptFileError,
     FeatureStore,
-    descriptors_folder,
+    commits_folder,
     distractor_descriptors_folder,
     manifest_path,
-    pca_folder,
     shard_folder,
 )
 from cw_pipeline.web.common import (
@@ -207,16 +214,15 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         out = []
         for name in names:
             out += [shard_folder(MANIFEST, name), shard_folder(FEATURES, name)]
-            out += [descriptors_folder(name), pca_folder(name)]
+            out.append(commits_folder("dataset", name))
         evaluations = [target.name] if target.kind == "evaluation" else []
         if target.kind == "dataset" and not config.dataset(target.name).has_groundtruth:
             evaluations = [e.name for e in config.evaluations_for(target.name)]
         for ev in evaluations:
             out.append(distractor_descriptors_folder(ev))
-        main = self._main_dataset(target)
-        pca_source = config.paired(main.name)
-        if pca_source is not None and pca_source.name not in names:
-            out.append(pca_folder(main.name))
+            owner = config.evaluation(ev).dataset  # whose PCA the distractors are projected with
+            if owner not in names:
+                out.append(commits_folder("dataset", owner))
         return out
 
     # ------------------------------------------------------------------ databases
@@ -235,12 +241,22 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
                 return loaded
             config = self.config()
             try:
-                if target.kind == "dataset":
-                    index = load_index(config, self.store, target.name, method)
-                else:
-                    index = load_evaluation_index(config, self.store, target.name, method)
+                index = self._load(config, target, method, wait=loaded is None)
+            except InconsistentIndexError as exc:
+                if loaded is None:
+                    raise WebError(409, str(exc)) from exc
+                logger.info("kept %s %s as loaded: %s", target.kind, target.name, exc)
+                loaded.checked = now  # the new state is tried again later
+                return loaded
             except NotIndexedError as exc:
                 raise WebError(409, str(exc)) from exc
+            except (BrokenIndexError, CorruptFileError) as exc:
+                # damaged stored files: this target is listed with the error, the others work
+                message = str(exc)
+                with self._lock:
+                    for ds in self._datasets_of(target):
+                        self._problems.setdefault(ds.name, message)
+                raise WebError(409, message) from exc
             except (UnknownNameError, FileNotFoundError) as exc:
                 raise WebError(404, str(exc)) from exc
             except ValueError as exc:
@@ -256,6 +272,25 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
             self.index_loads += 1
             logger.info("loaded %s %s: %d images (%s)", target.kind, target.name, len(index), key)
             return loaded
+
+    def _load(
+        self, config: ProjectConfig, target: Target, method: Method, wait: bool
+    ) -> SearchIndex:
+        """Read the database of ``target``; once more when a generation it was reading was
+        removed meanwhile (a reader that paused past the grace period: the pointer it read is
+        no longer current). ``wait``: for distractor shards being rewritten to agree (without
+        it, one that is being rewritten raises :class:`InconsistentIndexError` at once)."""
+        for attempt in (1, 2):
+            try:
+                if target.kind == "dataset":
+                    return load_index(config, self.store, target.name, method)
+                return load_evaluation_index(
+                    config, self.store, target.name, method, wait_seconds=10.0 if wait else 0.0
+                )
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _settings_key(self, ds: DatasetConfig) -> str:
         """``ds``'s extraction settings and device (a hash, kept until the configuration

@@ -14,9 +14,10 @@ from cw_pipeline.compute.catalog import dataset_status
 from cw_pipeline.compute.queries import query_box
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.images import ImageLoadError, load_image
+from cw_pipeline.query import index_problem
 from cw_pipeline.store import (
     FEATURES,
-    descriptors_folder,
+    commits_folder,
     distractor_descriptors_folder,
     shard_folder,
 )
@@ -151,7 +152,10 @@ class ListingMixin:
             if cached is not None and now - cached[0] < FRESHNESS_SECONDS:
                 return cached[1]
         status = dataset_status(self.config(), self.store, ds)
-        prefixes = [descriptors_folder(ds.name)]
+        problem = index_problem(self.store, ds) if ds.has_groundtruth else None
+        if problem is not None:  # listed with it, not searchable (target_problem)
+            raise ValueError(problem)
+        prefixes = [commits_folder("dataset", ds.name)]  # its index's publications
         if not ds.has_groundtruth:
             prefixes = [
                 distractor_descriptors_folder(e.name, ds.name)

@@ -22,8 +22,9 @@ from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pc
 from cw_pipeline.core.extract import ExtractionConfig
 from cw_pipeline.core.methods import Aggregation
 from cw_pipeline.core.runner import evaluate_search
-from cw_pipeline.store import descriptors_path, query_features_path, rankings_path
+from cw_pipeline.store import query_features_path
 from cw_pipeline_tests.defs.project import materialize
+from cw_pipeline_tests.published import descriptors_rel, rankings_rel
 
 
 def top1(features: FeatureSet, pca: PCAWhitening | None, params: SearchParams) -> np.ndarray:
@@ -88,7 +89,7 @@ def test_a_registered_method_runs_through_the_pipeline(toy_method, fresh_project
     project.index("beta")
     keys = ["alpha/query_features", "alpha/pca_model", "alpha/descriptors", "alpha/rankings"]
     assert materialize(project, [*keys, "alpha/map_report"]).success
-    assert store.exists(descriptors_path("alpha", "top1"))
+    assert store.exists(descriptors_rel(store, "alpha", "top1"))
 
     # The stored rankings are those of the library with the toy function.
     ds = config.dataset("alpha")
@@ -103,7 +104,7 @@ def test_a_registered_method_runs_through_the_pipeline(toy_method, fresh_project
         library = evaluate_search(
             method, feats, queries, fit_pca(method, train, config.search), config.search
         )
-        table = store.read_table(rankings_path("alpha", name))
+        table = store.read_table(rankings_rel(store, "alpha", name))
         ranked[name] = np.array([[pos[i] for i in row] for row in table["ranked_ids"].to_pylist()])
         np.testing.assert_array_equal(library.indices[:, : ranked[name].shape[1]], ranked[name])
     assert (ranked["ofa"] != ranked["top1"]).any()  # N_C = 16 against 1: not the same method

@@ -23,7 +23,7 @@ from cw_pipeline.defs.assets import descriptors as descriptor_assets
 from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.defs.versions import INPUT_VERSION_TAG
 from cw_pipeline.runs import index_dataset, materialize_missing, refresh
-from cw_pipeline.store import distractor_descriptors_path, features_path, rankings_path
+from cw_pipeline.store import commit_path, distractor_descriptors_path, features_path
 from cw_pipeline_tests.defs.project import (
     ALPHA_DOWNSTREAM,
     DATASETS,
@@ -35,6 +35,7 @@ from cw_pipeline_tests.defs.project import (
     synthetic_jpeg,
     write_config,
 )
+from cw_pipeline_tests.published import rankings_rel
 
 EV = DISTRACTOR_EVAL
 GROUND_TRUTH_ASSETS = {
@@ -171,7 +172,7 @@ def test_a_small_distractor_set_follows_a_new_pca_at_once(tmp_path, demo_source)
     tables, stats = evaluation_rankings(project.config, store, ev, shards, cnn)
     assert stats["distractors_projected"] == 0
     for m in ev.methods:
-        assert tables[m.name].equals(store.read_table(rankings_path(EV, m.name))), m.name
+        assert tables[m.name].equals(store.read_table(rankings_rel(store, EV, m.name))), m.name
     # The same through the CLI's refresh: nothing is left for a cron.
     synthetic_jpeg(project.images("alpha") / "part3" / "extra_002.jpg", seed=13)
     assert project.index("alpha").forward_passes == 1
@@ -345,11 +346,11 @@ def test_a_parent_being_rebuilt_holds_its_children(fresh_project, monkeypatch, t
         entered, release = threading.Event(), threading.Event()
         real = dataset_descriptors
 
-        def slow(config, store, ds, feats):
+        def slow(config, store, ds, feats, pca=None):
             if ds.name == "alpha":
                 entered.set()
                 assert release.wait(120)
-            return real(config, store, ds, feats)
+            return real(config, store, ds, feats, pca)
 
         monkeypatch.setattr(descriptor_assets, "dataset_descriptors", slow)
         results = []
@@ -383,7 +384,7 @@ def test_rankings_refuse_inputs_of_different_states(fresh_project):
     for ds in ("alpha", "beta"):
         project.index(ds)
     refresh(project.defs, project.instance)
-    rel = rankings_path("alpha", "ofa")
+    rel = commit_path("evaluation", "alpha", "rankings")
     before = project.store.read_bytes(rel)
     synthetic_jpeg(project.images("alpha") / "part2" / "extra_010.jpg", seed=41)
     project.index("alpha")

@@ -1,17 +1,21 @@
-"""A self-split dataset that grows one object at a time indexes, evaluates and searches at
-every size: the two halves' PCA models keep the components both have (issue 21)."""
+"""Self-split datasets grown one object or one image at a time, from the smallest that
+loads: every size either indexes, evaluates and searches, or `cw-pipeline index` says in one
+line why it cannot (the dataset, its group sizes, the limit). The two halves' PCA models keep
+the components both have (issue 21)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 from cw_pipeline.cli import main
 from cw_pipeline.compute.pca import pca_models_for
-from cw_pipeline.runs import refresh
-from cw_pipeline.store import report_path
-from cw_pipeline_tests.defs.project import open_project
+from cw_pipeline.config import load_config
+from cw_pipeline.store import FeatureStore, report_path
 
 CONFIG = """\
 warehouse: warehouse
@@ -20,7 +24,7 @@ defaults:
   resize: "fixed:160x160"
 datasets:
   grow:
-    layout: ukbench
+    layout: {layout}
     images: grow/jpg
     pca_from: self-split
 """
@@ -34,34 +38,72 @@ def _objects(demo: Path) -> list[list[Path]]:
     return [g for g in groups if len(g) == 4]
 
 
-def test_a_self_split_dataset_grows_one_object_at_a_time(tmp_path: Path, demo_source, capsys):
+#: (layout, the images added at each step as (object, view), the error each step gives or
+#: None). UKBench grows one object (4 views) at a time; Holidays one image at a time.
+GROWTH = {
+    "ukbench": [
+        ([(0, v) for v in range(4)], r"has 1 object\(s\) \(4 image\(s\)\); at least 2 are needed"),
+        ([(1, v) for v in range(4)], None),
+        ([(2, v) for v in range(4)], None),
+        ([(3, v) for v in range(4)], None),
+    ],
+    "holidays": [
+        ([(0, 0)], r"has 1 object\(s\) \(1 image\(s\)\); at least 2 are needed"),
+        ([(0, 1)], r"has 1 object\(s\) \(2 image\(s\)\); at least 2 are needed"),
+        (
+            [(1, 0)],
+            r"half 2 of its objects \(self-split; halves of 1 and 2 images\), which has "
+            r"1 image\(s\) with features; at least 2 are needed",
+        ),
+        ([(1, 1)], None),
+        ([(2, 0)], None),
+        ([(2, 1)], None),
+        ([(3, 0)], None),
+    ],
+}
+
+
+def _name(layout: str, obj: int, view: int) -> str:
+    if layout == "ukbench":
+        return f"ukbench{4 * obj + view:05d}.jpg"
+    return f"{1000 + obj}{view:02d}.jpg"  # Holidays: group, then 00 for its query
+
+
+@pytest.mark.parametrize("layout", sorted(GROWTH))
+def test_a_self_split_dataset_grows_from_the_smallest_size(
+    tmp_path: Path, demo_source, capsys, layout: str
+) -> None:
     objects = _objects(demo_source)
-    assert len(objects) >= 6
     root = tmp_path / "project"
     jpg = root / "grow" / "jpg"
     jpg.mkdir(parents=True)
     config_path = root / "datasets.yaml"
-    config_path.write_text(CONFIG, encoding="utf-8")
-    n = 0
-    for count in range(4, 7):  # 16 images (the smallest with a usable PCA) to 24
-        while n < 4 * count:
-            shutil.copy2(objects[n // 4][n % 4], jpg / f"ukbench{n:05d}.jpg")
-            n += 1
-        project = open_project(root)
-        project.index("grow")
-        done = refresh(project.defs, project.instance)
-        assert "grow/map_report" in done, (count, done)
-        store = project.store
-        halves = [pca_models_for(store, project.config.dataset("grow"), h) for h in (1, 2)]
+    config_path.write_text(CONFIG.format(layout=layout), encoding="utf-8")
+    cfg = ["--config", str(config_path)]
+    for step, (added, refused) in enumerate(GROWTH[layout]):
+        for obj, view in added:
+            shutil.copy2(objects[obj][view], jpg / _name(layout, obj, view))
+        code = main(["index", "--dataset", "grow", *cfg])
+        out, err = capsys.readouterr()
+        if refused is not None:
+            assert code == 2, (step, out, err)
+            (line,) = [x for x in err.splitlines() if x.startswith("cw-pipeline: error:")]
+            assert "'grow'" in line and re.search(refused, line), line
+            continue
+        assert code == 0, (step, err)
+        config = load_config(config_path)
+        store = FeatureStore(config.warehouse)
+        halves = [pca_models_for(store, config.dataset("grow"), h) for h in (1, 2)]
         for space in halves[0]:
-            one, two = halves[0][space], halves[1][space]
-            assert one.output_dim == two.output_dim, (count, space)
+            assert halves[0][space].output_dim == halves[1][space].output_dim, (step, space)
         fitted = {m.metadata.get("components_fitted") for h in halves for m in h.values()}
         assert None not in fitted  # what the agreement cost is recorded
-        assert (Path(project.config.reports) / report_path("grow", "report.md")).is_file()
+        report = Path(config.reports) / report_path("grow", "report.json")
+        assert json.loads(report.read_text(encoding="utf-8"))["results"], step
+        query = jpg / _name(layout, 0, 0)
         for method in ("ofa", "raw+pca"):
-            argv = ["search", str(jpg / "ukbench00000.jpg"), "--dataset", "grow"]
-            code = main([*argv, "--method", method, "--config", str(config_path), "--json"])
+            argv = ["search", str(query), "--dataset", "grow", "--method", method, *cfg]
+            code = main([*argv, "--json"])
             out, err = capsys.readouterr()
-            assert code == 0, (count, method, err)
-            assert json.loads(out)["results"], (count, method)
+            assert code == 0, (step, method, err)
+            assert json.loads(out)["results"], (step, method)

@@ -8,7 +8,6 @@ import dagster as dg
 from cw_pipeline.compute.descriptors import read_descriptors
 from cw_pipeline.compute.features import feature_code_version
 from cw_pipeline.runs import refresh
-from cw_pipeline.store import descriptors_path, rankings_path
 from cw_pipeline_tests.defs.project import (
     ALPHA_DOWNSTREAM,
     DATASETS,
@@ -20,6 +19,7 @@ from cw_pipeline_tests.defs.project import (
     truncated_jpeg,
     write_config,
 )
+from cw_pipeline_tests.published import descriptors_rel, rankings_rel
 
 ALPHA_IMAGES = 48
 PART2_IMAGES = 18
@@ -70,7 +70,7 @@ def test_new_images_in_one_shard(indexed_project):
         assert not any(r.startswith(("gamma/", "delta/")) for r in requests)
         assert "alpha/pca_model" not in requests
         assert f"{DISTRACTOR_EVAL}/rankings" not in requests
-    ids, _ = read_descriptors(project.store, descriptors_path("alpha", "ofa"))
+    ids, _ = read_descriptors(project.store, descriptors_rel(project.store, "alpha", "ofa"))
     assert len(ids) == ALPHA_IMAGES + 5 and {p.stem for p in new} <= set(ids)
 
     # re-observing unchanged folders: nothing to index, nothing to refresh
@@ -113,10 +113,10 @@ def test_deleted_image_leaves_features_and_downstream(indexed_project):
         f"{DISTRACTOR_EVAL}/map_report",
     }
     for agg in ("raw", "raw+pca", "ofa"):
-        ids, _ = read_descriptors(project.store, descriptors_path("alpha", agg))
+        ids, _ = read_descriptors(project.store, descriptors_rel(project.store, "alpha", agg))
         assert gone not in ids and len(ids) == ALPHA_IMAGES - 1
     for method in METHODS:
-        table = project.store.read_table(rankings_path("alpha", method))
+        table = project.store.read_table(rankings_rel(project.store, "alpha", method))
         assert all(gone not in row for row in table.column("ranked_ids").to_pylist())
     pca = project.instance.get_latest_materialization_event(dg.AssetKey(["beta", "pca_model"]))
     assert pca.asset_materialization.metadata["training_images"].value == ALPHA_IMAGES - 1

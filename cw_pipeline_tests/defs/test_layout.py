@@ -14,6 +14,7 @@ from cw_pipeline.store import (
     REPORT_MARKDOWN,
     REPORT_PER_QUERY,
     FeatureStore,
+    commit_path,
     descriptors_path,
     distractor_descriptors_path,
     feature_maps_path,
@@ -23,16 +24,19 @@ from cw_pipeline.store import (
     pca_path,
     plan_path,
     query_features_path,
+    ranked_database_path,
     rankings_path,
     rejected_path,
     report_folder,
     report_path,
 )
+from cw_pipeline.store.commits import read_commit
 
 
 def _named_artefacts(project) -> set[str]:
     """The store's name of every artefact the project's configuration calls for."""
     config, named = project.config, set()
+    store = FeatureStore(project.root / "warehouse")
     for ds in config.datasets.values():
         for shard in current_shards(project.instance, ds.name):
             named |= {f(ds.name, shard) for f in (manifest_path, features_path, rejected_path)}
@@ -42,17 +46,24 @@ def _named_artefacts(project) -> set[str]:
             continue
         if not ds.grouped:
             named.add(query_features_path(ds.name))
+        pca, index = (read_commit(store, "dataset", ds.name, u) for u in ("pca", "index"))
+        named |= {commit_path("dataset", ds.name, u) for u in ("pca", "index")}
         halves = (1, 2) if ds.self_split else (None,)
         for space in PCA_SPACES:
-            for half in halves:
-                named |= {f"{pca_path(ds.name, space, half)}.{ext}" for ext in ("npz", "json")}
-        named |= {descriptors_path(ds.name, agg) for agg in offline_aggregations()}
+            for half in halves:  # the index names the PCA generation it was projected with
+                assert index.refs == {"pca": pca.generation}
+                rel = pca_path(ds.name, space, half, pca.generation)
+                named |= {f"{rel}.{ext}" for ext in ("npz", "json")}
+        named |= {descriptors_path(ds.name, a, index.generation) for a in offline_aggregations()}
     for ev in config.evaluations.values():
         for dname in ev.distractors:
             for shard in current_shards(project.instance, dname):
                 for agg in offline_aggregations():
                     named.add(distractor_descriptors_path(ev.name, dname, agg, shard))
-        named |= {rankings_path(ev.name, m.name) for m in ev.methods}
+        rankings = read_commit(store, "evaluation", ev.name, "rankings")
+        named.add(commit_path("evaluation", ev.name, "rankings"))
+        named |= {rankings_path(ev.name, m.name, rankings.generation) for m in ev.methods}
+        named.add(ranked_database_path(ev.name, rankings.generation))
         if any(m.rerank for m in ev.methods):
             named.add(pair_cache_path(ev.name, "region"))
         if any(m.spec.online for m in ev.methods):

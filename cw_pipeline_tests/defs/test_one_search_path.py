@@ -12,7 +12,8 @@ from cw_pipeline.compute.rankings import score_rankings
 from cw_pipeline.core.evaluation import score
 from cw_pipeline.core.experiment import Method, fit_pca
 from cw_pipeline.core.runner import evaluate_search
-from cw_pipeline.store import query_features_path, rankings_path
+from cw_pipeline.store import query_features_path
+from cw_pipeline_tests.published import rankings_rel
 
 
 def test_evaluate_library_path_and_pipeline_give_identical_rankings(indexed_project):
@@ -33,7 +34,7 @@ def test_evaluate_library_path_and_pipeline_give_identical_rankings(indexed_proj
             method = Method.parse(m.name)
             pca = fit_pca(method, train, params)
             library = evaluate_search(method, feats, queries, pca, params)
-            table: pa.Table = store.read_table(rankings_path(ev.name, m.name))
+            table: pa.Table = store.read_table(rankings_rel(store, ev.name, m.name))
             assert table.column("query_id").to_pylist() == queries.ids
             pos = {i: k for k, i in enumerate(feats.ids)}
             stored = np.array([[pos[i] for i in row] for row in table["ranked_ids"].to_pylist()])

@@ -20,8 +20,8 @@ from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.figures import FRAME_COLOURS, sheet_tile_box
 from cw_pipeline.report_figures import EMBED_BUDGET, FigureOptions, report_with_figures
 from cw_pipeline.reports import evaluation_image_ids
-from cw_pipeline.store import rankings_path
 from cw_pipeline_tests.defs.project import METHODS, materialize
+from cw_pipeline_tests.published import rankings_rel
 
 EMBEDDED = re.compile(r"!\[(cw-figure[^\]]*)\]\((data:image/png;base64,[A-Za-z0-9+/=]+)\)")
 
@@ -60,7 +60,7 @@ def test_map_report_writes_and_embeds_figures(indexed_project, capsys):
 
     # The sheet's first result is framed by its ground-truth label.
     method = meta["figures_method"].value
-    table = project.store.read_table(rankings_path("alpha", method))
+    table = project.store.read_table(rankings_rel(project.store, "alpha", method))
     qid, ranked = table.column("query_id")[0].as_py(), table.column("ranked_ids")[0].as_py()
     query = next(q for q in gt.queries if q.image_id == qid)
     label = (
@@ -163,7 +163,7 @@ def test_figures_are_redrawn_only_when_their_inputs_change(indexed_project, monk
     assert files(folder) == before
 
     # Swap the first two results of one query: its sheet is redrawn, the others are kept.
-    rel = rankings_path("alpha", "raw")
+    rel = rankings_rel(project.store, "alpha", "raw")
     table = project.store.read_table(rel)
     rows = table.to_pylist()
     q0 = rows[0]

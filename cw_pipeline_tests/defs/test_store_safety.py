@@ -4,11 +4,13 @@ manifests, descriptors and rankings are Parquet."""
 
 from __future__ import annotations
 
+import errno
 import json
 import zipfile
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 #: First bytes of a pickle (the PROTO opcode, protocols 2-5).
 PICKLE_MAGIC = tuple(bytes([0x80, p]) for p in range(2, 6))
@@ -39,3 +41,29 @@ def test_materialized_store_holds_no_pickles(indexed_project):
     assert by_suffix[".npz"] >= 4 and by_suffix[".parquet"] >= 20 and by_suffix[".json"] >= 4
     kinds = {p.relative_to(root).parts[0] for p in files}
     assert {"manifest", "cam_features", "rejected", "pca", "descriptors", "rankings"} <= kinds
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")],
+)
+def test_a_write_error_in_a_run_names_the_file_and_the_asset(
+    fresh_project, monkeypatch, capsys, code, words
+) -> None:
+    """Disk full or a read-only store while a run writes: the command's one error line names
+    the asset and partition being materialized and the file, errno kept; no traceback."""
+    import os
+
+    from cw_pipeline.cli import main
+
+    def full(fd):
+        raise OSError(code, words)
+
+    monkeypatch.setattr(os, "fsync", full)
+    config = str(fresh_project.root / "datasets.yaml")
+    assert main(["index", "--dataset", "delta", "--config", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    line = next(x for x in err if x.startswith("cw-pipeline: error:"))
+    assert f"[Errno {code}] {words} (writing for asset delta/manifest [misc1]): '" in line, err
+    assert "manifest/dataset=delta/shard=misc1.parquet'" in line
+    assert not [x for x in err if x.startswith("Traceback")]

@@ -36,6 +36,12 @@ from cw_pipeline_tests.defs.project import (
     project_yaml,
     synthetic_jpeg,
 )
+from cw_pipeline_tests.defs.reindex_readers import (
+    expected_answers,
+    recording,
+    search_during_reindex,
+    unexplained,
+)
 from cw_pipeline_tests.e2e.processes import free_port
 
 BUCKET = "cw-features"
@@ -227,3 +233,32 @@ def test_objects_written_by_other_processes_are_seen_at_once(s3) -> None:
     assert store.exists("plans/b.parquet")
     assert store.list("plans") == ["plans/b.parquet"]
     assert store.read_table("plans/b.parquet").num_rows == 1
+
+
+def test_searches_during_reindexing_in_the_bucket_see_one_generation(
+    s3, tmp_path, monkeypatch
+) -> None:
+    """Commit points on S3: searches (the server's engine and `cw-pipeline search`'s path)
+    running while the project in the bucket is re-indexed again and again each see one
+    published state; every pointer switch is one PUT (see
+    :mod:`cw_pipeline_tests.defs.reindex_readers`)."""
+    demo = tmp_path / "demo"
+    generate_demo(demo, size=160, views=4, n_distractors=12)
+    root = tmp_path / "project"
+    build_project(root, demo)
+    data = project_yaml(reproject_at_once=None)  # gamma follows beta's PCA in the same run
+    data.update(warehouse=f"s3://{BUCKET}/commits/warehouse", reports=f"s3://{BUCKET}/commits/r")
+    (root / "datasets.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    with threadpool_limits(1):
+        project = open_project(root)
+        out = recording(monkeypatch)
+        project.index_all()
+        refresh(project.defs, project.instance, include_cron=True)
+        search_during_reindex(project, monkeypatch, out, rounds=3)
+        assert out.errors == []
+        assert sum(c[:2] == ("index", "beta") for c in out.commits) == 4
+        assert len(out.answers) >= 20
+        assert unexplained(out, expected_answers(project, out)) == []
+    pointers = keys(s3, "commits/warehouse/commits/")
+    assert "commits/warehouse/commits/dataset=beta/index.json" in pointers
+    assert not [k for k in keys(s3, "commits/") if any(p.startswith(".") for p in k.split("/"))]

@@ -8,6 +8,7 @@ from cw_pipeline.compute.data_versions import array_version
 from cw_pipeline.compute.descriptors import dataset_descriptors, descriptor_table
 from cw_pipeline.compute.features import load_features
 from cw_pipeline.compute.pca import pca_models_for, pca_version
+from cw_pipeline.compute.published import current_pca, publish_index
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.pca import pca_key
@@ -15,7 +16,6 @@ from cw_pipeline.defs.assets.support import cpu_seconds, versioned
 from cw_pipeline.defs.partitions import current_shards, ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
 from cw_pipeline.defs.versions import Dep, refresh_when_inputs_change, version_of
-from cw_pipeline.store import descriptors_path
 
 
 def descriptors_key(ds: DatasetConfig) -> dg.AssetKey:
@@ -41,18 +41,27 @@ def descriptors_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefi
         store = pipeline.store()
         shards = current_shards(context.instance, ds.name)
         feats = load_features(store, ds.name, shards, ds.images)
-        dims, versions = {}, {}
+        pca = current_pca(store, ds)  # read once: every table is projected with it
+        if pca is None:
+            raise FileNotFoundError(f"dataset {ds.name!r} has no PCA model in the feature store")
+        dims, versions, tables = {}, {}, {}
         # The PCA the distractor descriptors must share (a self-split dataset has none).
-        meta = None if ds.self_split else {"pca": pca_version(pca_models_for(store, ds))}
-        for agg, (ids, mat) in dataset_descriptors(config, store, ds, feats).items():
-            rel = descriptors_path(ds.name, agg)
-            store.write_table(rel, descriptor_table(ids, mat), metadata=meta)
+        meta = None if ds.self_split else {"pca": pca_version(pca_models_for(store, ds, None, pca))}
+        for agg, (ids, mat) in dataset_descriptors(config, store, ds, feats, pca).items():
+            tables[agg] = descriptor_table(ids, mat)
             dims[agg] = int(mat.shape[1])
             versions[agg] = array_version({agg: mat}, ids)
+        # The tables and their PCA become visible to readers together.
+        commit = publish_index(store, ds, tables, pca, metadata=meta)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version_of(versions)),
             tags=tags,
-            metadata={"images": len(feats), "dims": dims, "cpu_seconds": cpu_seconds(cpu0)},
+            metadata={
+                "images": len(feats),
+                "dims": dims,
+                "cpu_seconds": cpu_seconds(cpu0),
+                "generation": commit.generation,
+            },
         )
 
     return descriptors

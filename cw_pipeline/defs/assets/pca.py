@@ -1,13 +1,13 @@
 """``<ds>/pca_model``: PCA-whitening learned on the paired dataset's features."""
 
 import time
-from pathlib import Path
 
 import dagster as dg
 
 from cw_pipeline.compute.data_versions import array_version
 from cw_pipeline.compute.features import load_features
 from cw_pipeline.compute.pca import fit_pca_models
+from cw_pipeline.compute.published import publish_pca
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.support import cpu_seconds, versioned
@@ -44,8 +44,7 @@ def pca_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefinition:
         shards = current_shards(context.instance, paired.name)
         train = load_features(store, paired.name, shards, paired.images)
         models = fit_pca_models(config, ds, train)
-        for rel, model in models.items():
-            store.write_pca(rel, model)
+        commit = publish_pca(store, ds, models)  # one generation, visible at once
         first = next(iter(models.values()))
         arrays = {
             f"{rel}/{name}": getattr(m, name)
@@ -60,7 +59,8 @@ def pca_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefinition:
                 "training_set": str(first.metadata.get("training_set")),
                 "training_images": len(train),
                 "models": len(models),
-                "dims": {Path(r).name: m.output_dim for r, m in models.items()},
+                "dims": {r.removeprefix("pca:"): m.output_dim for r, m in models.items()},
+                "generation": commit.generation,
             },
         )
 

@@ -3,8 +3,11 @@
 import time
 
 import dagster as dg
+import pyarrow as pa
 
 from cw_pipeline.compute.data_versions import table_version
+from cw_pipeline.compute.pca import pca_output_dims
+from cw_pipeline.compute.published import current_index, database_table, publish_rankings
 from cw_pipeline.compute.rankings import evaluation_input_problems, evaluation_rankings
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
 from cw_pipeline.defs.assets.pca import pca_key
@@ -18,7 +21,6 @@ from cw_pipeline.defs.versions import (
     refresh_when_derived_parents_usable,
     refresh_when_inputs_change,
 )
-from cw_pipeline.store import rankings_path
 
 #: Rankings metadata on what was reused: kept maps (``maps_reused``, ``maps_written``,
 #: ``maps_over_budget``), region scores and OnA descriptors of (query, image) pairs.
@@ -31,6 +33,15 @@ REUSE_STATISTICS = (
     "ona_descriptors_computed",
     "ona_descriptors_reused",
 )
+
+
+def ranked(stats: dict) -> pa.Table:
+    """The database the rankings ranked, from :func:`evaluation_rankings`' statistics."""
+    ids, parts, start = stats["database_ids"], [], 0
+    for name, count in stats["database_parts"]:
+        parts.append((name, ids[start : start + count]))
+        start += count
+    return database_table(parts)
 
 
 def rankings_key(ev: EvaluationConfig) -> dg.AssetKey:
@@ -86,14 +97,22 @@ def rankings_asset(
         _, tags = versioned(context, deps, derived=distractors or ())
         store = pipeline.store()
         shards = evaluation_shards(config, context.instance, ev.name)
-        problems = evaluation_input_problems(config, store, ev, shards)
+        index = current_index(store, ds)  # read once: checked and ranked as one state
+        problems = evaluation_input_problems(config, store, ev, shards, index)
         if problems:
             raise inputs_inconsistent(ev, problems)
         needs_maps = any(m.needs_maps for m in ev.methods)
         extractor = pipeline.extractor(ds) if needs_maps else None
-        tables, stats = evaluation_rankings(config, store, ev, shards, extractor)
-        for name, table in tables.items():
-            store.write_table(rankings_path(ev.name, name), table)
+        tables, stats = evaluation_rankings(config, store, ev, shards, extractor, index)
+        assert index is not None  # else a problem above
+        # Every method's table becomes visible to the report (and figures) at once.
+        commit = publish_rankings(
+            store,
+            ev.name,
+            tables,
+            ranked(stats),
+            meta={"index": index.generation, "pca_output_dims": pca_output_dims(store, ds, index)},
+        )
         return dg.MaterializeResult(
             data_version=dg.DataVersion(table_version(tables)),
             tags=tags,
@@ -105,6 +124,7 @@ def rankings_asset(
                 "seconds_per_method": stats["seconds"],
                 "map_forward_passes": stats["map_forward_passes"],
                 "distractors_projected": stats.get("distractors_projected", 0),
+                "generation": commit.generation,
                 **{k: stats[k] for k in REUSE_STATISTICS if k in stats},
             },
             check_results=rankings_checks(config, store, ev, shards, tables, stats["database"]),
