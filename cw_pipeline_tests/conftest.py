@@ -10,6 +10,14 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _own_dagster_home(tmp_path_factory, monkeypatch) -> None:
+    """Each test's commands use a Dagster home of their own (a test may set another): never
+    the developer's ``$DAGSTER_HOME`` nor the repository's ``.dagster/``, which the CLI takes
+    when the variable is unset, and never another test's runs and refresh cursor."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path_factory.mktemp("dagster_home")))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared real-data folder (``<repo>/../shared/data``, or ``$CW_SHARED_DATA``).

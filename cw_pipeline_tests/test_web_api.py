@@ -511,3 +511,33 @@ def test_a_damaged_index_is_listed_with_its_error_and_the_others_work(
     beta_q = gt_query(client, "beta")
     found = ok(client.get("/api/search", params={"dataset": "beta", "id": beta_q["id"]}))
     assert found["results"]
+
+
+def test_an_invalid_entry_disables_only_itself(cli_project: CliProject, tmp_path) -> None:
+    """A dataset entry the configuration refuses (an unknown layout), a dataset whose PCA
+    source is that entry, and an evaluation naming an unknown distractor set are listed with
+    their errors (file and line) and answer 409; the page and every other target work.
+    `cw-pipeline index` still refuses the whole file."""
+    data = yaml.safe_load(cli_project.config_path.read_text(encoding="utf-8"))
+    data["datasets"]["typo"] = {"layout": "oxfrod", "images": "alpha/jpg"}
+    data["datasets"]["orphan"] = {
+        "layout": "oxford",
+        "images": "alpha/jpg",
+        "groundtruth": "alpha/gt",
+        "pca_from": "typo",
+    }
+    data["evaluations"]["lost"] = {"dataset": "beta", "distractors": ["nowhere"]}
+    path = cli_project.root / "datasets_with_invalid_entries.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    client = TestClient(create_app(SearchEngine(path)))
+    targets = {t["name"]: t for t in ok(client.get("/api/datasets"))["targets"]}
+    assert "unknown layout 'oxfrod'" in targets["typo"]["error"]
+    assert f"{path.name}:" in targets["typo"]["error"]  # the file and line
+    assert "its PCA source 'typo' is disabled" in targets["orphan"]["error"]
+    assert "unknown distractor set 'nowhere'" in targets["lost"]["error"]
+    assert targets["alpha"]["state"] == "indexed" and "error" not in targets[DISTRACTOR_EVAL]
+    assert "oxfrod" in error(client.get("/api/images", params={"dataset": "typo"}), 409)
+    assert "nowhere" in error(client.get("/api/images", params={"evaluation": "lost"}), 409)
+    q = gt_query(client)
+    assert ok(client.get("/api/search", params={"dataset": "alpha", "id": q["id"]}))["results"]
+    assert main(["index", "--dataset", "alpha", "--config", str(path)]) == 2

@@ -23,7 +23,7 @@ from cw_pipeline.core.experiment import (
 )
 from cw_pipeline.core.methods import PCA_SPACES
 from cw_pipeline.core.runner import PcaGroup, group_labels, pca_groups
-from cw_pipeline.store import FeatureStore
+from cw_pipeline.store import FEATURES, FeatureStore, shard_folder
 from cw_pipeline.store.commits import Commit
 
 
@@ -69,6 +69,33 @@ def check_pca_training_size(ds: DatasetConfig, source: str, n_images: int) -> No
         )
 
 
+def _training_source(group: PcaGroup) -> str:
+    """A self-split half's training set, for messages (with both halves' sizes)."""
+    assert group.training is not None
+    halves = f"{len(group.training)} and {len(group.rows)} images"
+    return f"half {group.training_half} of its objects (self-split; halves of {halves})"
+
+
+def pca_size_problem(store: FeatureStore, config: ProjectConfig, ds: DatasetConfig) -> str | None:
+    """Why the PCA of ``ds`` cannot be fitted on the features stored now (the one-line
+    errors of :func:`pca_groups_of` and :func:`check_pca_training_size`), or None."""
+    paired = config.paired(ds.name)
+    if paired is None:
+        return None
+    ids: list[str] = []
+    for rel in store.list(shard_folder(FEATURES, paired.name)):
+        ids += store.read_table(rel, ["image_id"]).column("image_id").to_pylist()
+    try:
+        for group in pca_groups_of(ds, ids):
+            if group.training is None:
+                check_pca_training_size(ds, f"dataset {ds.pca_from!r}", len(ids))
+            else:
+                check_pca_training_size(ds, _training_source(group), len(group.training))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def fit_pca_models(
     config: ProjectConfig, ds: DatasetConfig, train: FeatureSet
 ) -> dict[str, PCAWhitening]:
@@ -95,8 +122,7 @@ def fit_pca_models(
             data, source, name = train, f"dataset {ds.pca_from!r}", ds.pca_from
         else:
             data = train.subset(group.training)
-            halves = f"{len(group.training)} and {len(group.rows)} images"
-            source = f"half {group.training_half} of its objects (self-split; halves of {halves})"
+            source = _training_source(group)
             name = f"{ds.name}-half{group.training_half}"
         check_pca_training_size(ds, source, len(data))
         meta = {**base, "training_set": name}

@@ -28,7 +28,7 @@ from cw_pipeline.config.models import (
     FeatureMapsConfig,
     ProjectConfig,
 )
-from cw_pipeline.config.yaml_file import ConfigFile
+from cw_pipeline.config.yaml_file import ConfigError, ConfigFile
 from cw_pipeline.core.demo import DEMO_DATASETS
 from cw_pipeline.core.experiment import SearchParams
 from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
@@ -391,29 +391,55 @@ def _check_evaluations(
     datasets: dict[str, DatasetConfig],
     disabled: dict[str, str],
     search: SearchParams,
+    isolate: bool = False,
 ) -> dict[str, str]:
-    """Cross-entry checks of the evaluations; returns those disabled, with the reason."""
+    """Cross-entry checks of the evaluations; returns those disabled, with the reason
+    (``isolate``: an evaluation that fails a check too, with its error)."""
     off: dict[str, str] = {}
     for name, ev in evaluations.items():
-        entry = f"evaluation {name!r}"
-        ds = datasets.get(ev.dataset)
-        if ds is None:
-            known = ", ".join(sorted(datasets))
-            raise f.error(entry, f"unknown dataset {ev.dataset!r} (known: {known})")
-        if not ds.has_groundtruth:
-            raise f.error(entry, f"dataset {ev.dataset!r} has layout 'folder' and no ground truth")
-        if name in datasets and name != ev.dataset:
-            raise f.error(
-                entry,
-                f"the name is taken by dataset {name!r}; an evaluation named after a "
-                "dataset must evaluate that dataset",
-            )
-        _check_distractors(f, ev, ds, datasets)
-        _check_classes(f, ev, datasets, search)
         off_parts = [d for d in (ev.dataset, *ev.distractors) if d in disabled]
-        if off_parts:
+        if isolate and off_parts:  # not checked against entries that did not load
             off[name] = f"uses disabled dataset(s) {', '.join(repr(d) for d in off_parts)}"
+            continue
+        try:
+            problem = _check_evaluation(f, name, ev, datasets, disabled, search)
+        except ConfigError as exc:
+            if not isolate:
+                raise
+            problem = str(exc)
+        if problem is not None:
+            off[name] = problem
     return off
+
+
+def _check_evaluation(
+    f: ConfigFile,
+    name: str,
+    ev: EvaluationConfig,
+    datasets: dict[str, DatasetConfig],
+    disabled: dict[str, str],
+    search: SearchParams,
+) -> str | None:
+    """Check one evaluation against the datasets (ConfigError); why it is disabled, or None."""
+    entry = f"evaluation {name!r}"
+    ds = datasets.get(ev.dataset)
+    if ds is None:
+        known = ", ".join(sorted(datasets))
+        raise f.error(entry, f"unknown dataset {ev.dataset!r} (known: {known})")
+    if not ds.has_groundtruth:
+        raise f.error(entry, f"dataset {ev.dataset!r} has layout 'folder' and no ground truth")
+    if name in datasets and name != ev.dataset:
+        raise f.error(
+            entry,
+            f"the name is taken by dataset {name!r}; an evaluation named after a "
+            "dataset must evaluate that dataset",
+        )
+    _check_distractors(f, ev, ds, datasets)
+    _check_classes(f, ev, datasets, search)
+    off_parts = [d for d in (ev.dataset, *ev.distractors) if d in disabled]
+    if off_parts:
+        return f"uses disabled dataset(s) {', '.join(repr(d) for d in off_parts)}"
+    return None
 
 
 def _load(f: ConfigFile, disable_missing: bool = False) -> ProjectConfig:
@@ -427,26 +453,49 @@ def _load(f: ConfigFile, disable_missing: bool = False) -> ProjectConfig:
 
     datasets: dict[str, DatasetConfig] = {}
     disabled: dict[str, str] = {}
+    # disable_missing (the search server): a dataset or evaluation whose entry is invalid is
+    # disabled with its error, like a missing folder, and the others load.
+    isolate = disable_missing
     for name, raw in f.mapping(top.get("datasets"), "datasets", None).items():
-        datasets[name], problem = _dataset(f, name, raw, flat_defaults, disable_missing)
+        try:
+            datasets[name], problem = _dataset(f, name, raw, flat_defaults, disable_missing)
+        except ConfigError as exc:
+            if not isolate or not isinstance(name, str):
+                raise
+            disabled[name] = str(exc)
+            continue
         if problem is not None:
             why = "optional dataset" if datasets[name].optional else "dataset"
             disabled[name] = f"{problem} ({why} disabled)"
     _check_unique_identifiers(f, datasets, "dataset")
     for ds in datasets.values():
-        _check_pca_source(f, ds, datasets)
+        if isolate and ds.pca_from in disabled and ds.pca_from not in datasets:
+            continue  # disabled below, with its source
+        try:
+            _check_pca_source(f, ds, datasets)
+        except ConfigError as exc:
+            if not isolate:
+                raise
+            disabled[ds.name] = str(exc)
     _disable_pca_users(datasets, disabled)
 
     evaluations: dict[str, EvaluationConfig] = {}
+    invalid_evals: dict[str, str] = {}
     for name, raw in f.mapping(top.get("evaluations"), "evaluations", None).items():
-        evaluations[name] = _evaluation(f, name, raw, methods)
+        try:
+            evaluations[name] = _evaluation(f, name, raw, methods)
+        except ConfigError as exc:
+            if not isolate or not isinstance(name, str):
+                raise
+            invalid_evals[name] = str(exc)
     for name, ds in datasets.items():
         if ds.has_groundtruth and name not in disabled and name not in evaluations:
             evaluations[name] = EvaluationConfig(
                 name=name, dataset=name, methods=methods, implicit=True
             )
     _check_unique_identifiers(f, evaluations, "evaluation")
-    disabled_evals = _check_evaluations(f, evaluations, datasets, disabled, search)
+    disabled_evals = _check_evaluations(f, evaluations, datasets, disabled, search, isolate)
+    disabled_evals.update(invalid_evals)
 
     for name, reason in disabled.items():
         f.warn(f"dataset {name!r} disabled: {reason}")

@@ -22,7 +22,13 @@ import numpy as np
 from cw_pipeline.compute.catalog import index_command, stored_shards
 from cw_pipeline.compute.descriptors import read_descriptors, table_descriptors
 from cw_pipeline.compute.features import feature_code_version
-from cw_pipeline.compute.pca import pca_groups_of, pca_models_for, pca_output_dims, pca_version
+from cw_pipeline.compute.pca import (
+    pca_groups_of,
+    pca_models_for,
+    pca_output_dims,
+    pca_size_problem,
+    pca_version,
+)
 from cw_pipeline.compute.published import current_index, current_pca, descriptors_file, has_pca
 from cw_pipeline.compute.shards import stored_code_version
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
@@ -145,6 +151,8 @@ def load_index(
         index = index or current_index(store, ds)
         have_pca = has_pca(index, ds) or has_pca(current_pca(store, ds), ds)
         if index is None or not has_pca(index, ds):
+            if not have_pca and (problem := pca_size_problem(store, config, ds)) is not None:
+                raise NotIndexedError(problem)  # indexing again would not help
             todo = []
             if paired is not None and paired.name != ds.name:
                 if not stored_shards(store, FEATURES, paired.name):

@@ -167,6 +167,8 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         config = self.config()
         if dataset and dataset in config.disabled_datasets:
             raise WebError(409, config.disabled_datasets[dataset])
+        if evaluation and evaluation in config.disabled_evaluations:
+            raise WebError(409, config.disabled_evaluations[evaluation])
         try:
             if dataset:
                 parts = [config.dataset(dataset)]

@@ -94,6 +94,9 @@ class ListingMixin:
             if ev.distractors:
                 parts = [config.dataset(ev.dataset), *(config.dataset(d) for d in ev.distractors)]
                 out.append({**Target("evaluation", name).as_dict(), **self._info_or_error(parts)})
+        for name, reason in sorted(config.disabled_evaluations.items()):
+            if name not in config.disabled_datasets and name not in config.datasets:
+                out.append({**Target("evaluation", name).as_dict(), **_error_info([], reason)})
         return {"config": str(config.source), "dagster_url": self.dagster_url, "targets": out}
 
     def target_problem(self, parts: list[DatasetConfig]) -> str | None:

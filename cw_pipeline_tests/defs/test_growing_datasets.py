@@ -107,3 +107,66 @@ def test_a_self_split_dataset_grows_from_the_smallest_size(
             out, err = capsys.readouterr()
             assert code == 0, (step, method, err)
             assert json.loads(out)["results"], (step, method)
+
+
+PAIRED = """\
+warehouse: warehouse
+reports: reports
+defaults:
+  resize: "fixed:160x160"
+datasets:
+  oxf:
+    layout: oxford
+    images: oxf/jpg
+    groundtruth: oxf/gt
+    pca_from: src
+  src:
+    layout: folder
+    images: src/jpg
+"""
+
+
+def test_a_dataset_and_its_pca_source_grow_one_image_at_a_time(
+    tmp_path: Path, demo_source, capsys
+) -> None:
+    """An Oxford-layout dataset (every image its ground truth names, the smallest that
+    loads, then one unlabelled image more per step) whose PCA is learned on a folder dataset
+    grown from one image: one image cannot train a PCA (one line naming both datasets, the
+    count and the limit); from two on, both index and search."""
+    root = tmp_path / "project"
+    shutil.copytree(demo_source / "demo-a" / "gt", root / "oxf" / "gt")
+    shutil.copytree(demo_source / "demo-a" / "jpg", root / "oxf" / "jpg")
+    (root / "src" / "jpg").mkdir(parents=True)
+    config_path = root / "datasets.yaml"
+    config_path.write_text(PAIRED, encoding="utf-8")
+    cfg = ["--config", str(config_path)]
+    extra = sorted((demo_source / "demo-b" / "jpg").glob("*.jpg"))
+    for step in range(1, 4):
+        shutil.copy2(extra[step], root / "src" / "jpg" / f"s{step}.jpg")
+        if step > 1:
+            shutil.copy2(extra[20 + step], root / "oxf" / "jpg" / f"unlabelled_{step}.jpg")
+        if step == 1:  # src is indexed, then the refresh of what depends on it says why not
+            code = main(["index", "--dataset", "src", *cfg])
+            out, err = capsys.readouterr()
+            assert code == 2, (out, err)
+            assert main(["index", "--dataset", "oxf", *cfg]) == 0  # its features
+            capsys.readouterr()
+            query = root / "oxf" / "jpg" / "astronaut_000000.jpg"
+            assert main(["search", str(query), "--dataset", "oxf", *cfg]) == 2
+            err += capsys.readouterr().err  # and a search of it says why, too
+            lines = [x for x in err.splitlines() if x.startswith("cw-pipeline: error:")]
+            assert len(lines) == 2, err
+            for line in lines:
+                assert "dataset 'oxf': its PCA is learned on dataset 'src', which has 1 " in line
+                assert "at least 2 are needed" in line
+            continue
+        assert main(["index", "--dataset", "src", *cfg]) == 0, capsys.readouterr().err
+        code = main(["index", "--dataset", "oxf", *cfg])
+        out, err = capsys.readouterr()
+        assert code == 0, (step, err)
+        query = root / "oxf" / "jpg" / "astronaut_000000.jpg"
+        for dataset, method in (("oxf", "ofa"), ("oxf", "raw+pca"), ("src", "raw")):
+            argv = ["search", str(query), "--dataset", dataset, "--method", method, *cfg]
+            assert main([*argv, "--json"]) == 0, (step, dataset, method)
+            hits = json.loads(capsys.readouterr().out)["results"]
+            assert len(hits) == min(10, 48 + step - 1 if dataset == "oxf" else step)

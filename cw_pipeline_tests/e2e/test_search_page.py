@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from playwright.sync_api import Browser, Page
 
 from cw_pipeline.compute.queries import load_groundtruth
@@ -33,12 +34,15 @@ DATASET = "demo-a"
 @pytest.fixture(scope="module")
 def search_server(demo_result: dict, demo_env: dict) -> Iterator[str]:
     """``cw-pipeline serve`` on 127.0.0.1 over the demo; yields its base URL."""
+    yield from _serve(demo_env["env"], demo_env["root"] / "serve.log")
+
+
+def _serve(env: dict, log: Path) -> Iterator[str]:
     port = free_port()
-    log = demo_env["root"] / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(BIN / "cw-pipeline"), "serve", "--port", str(port)],
-            env=demo_env["env"],
+            env=env,
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -162,3 +166,37 @@ def test_search_page_end_to_end(
         message = page.locator("#error").inner_text()
         assert "cannot read the uploaded file 'broken.jpg'" in message, message
         assert page.locator(".tile").count() == 0
+
+
+@pytest.fixture(scope="module")
+def server_with_broken_datasets(demo_result: dict, demo_env: dict) -> Iterator[str]:
+    """``cw-pipeline serve`` over the demo plus a dataset whose folder is gone and an entry
+    the configuration refuses."""
+    data = yaml.safe_load(Path(demo_env["config"]).read_text(encoding="utf-8"))
+    data["datasets"]["gone"] = {"layout": "folder", "images": str(demo_env["root"] / "gone")}
+    data["datasets"]["typo"] = {"layout": "oxfrod", "images": "nowhere"}
+    config = demo_env["root"] / "with_broken.yaml"
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    env = {**demo_env["env"], "CW_PIPELINE_CONFIG": str(config)}
+    yield from _serve(env, demo_env["root"] / "serve-broken.log")
+
+
+def test_the_picker_shows_a_broken_dataset_and_the_others_work(
+    page: Page, server_with_broken_datasets: str, record_property
+) -> None:
+    with step(page, "a broken dataset in the picker", "search-page-broken", record_property):
+        page.goto(server_with_broken_datasets)
+        options = page.locator("#target option").all_inner_texts()
+        assert "gone — error: cannot be searched" in options, options
+        assert "typo — error: cannot be searched" in options, options
+        page.locator("#target").select_option("dataset:gone")
+        text = page.locator("#freshness").inner_text()
+        assert text.startswith("cannot be searched: image folder not found"), text
+        assert page.locator(".image-list li").count() == 0
+        page.locator("#target").select_option("dataset:typo")
+        assert "unknown layout 'oxfrod'" in page.locator("#freshness").inner_text()
+    with step(page, "another dataset still works", "search-page-broken", record_property):
+        page.locator("#target").select_option(f"dataset:{DATASET}")
+        assert "images indexed" in page.locator("#freshness").inner_text()
+        page.locator(".image-list li").first.wait_for()
+        assert not page.locator("#error").is_visible()

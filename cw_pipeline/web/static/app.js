@@ -59,7 +59,7 @@ async function loadTargets(keep) {
   for (const t of data.targets) {
     let label = t.kind === "evaluation" ? `${t.name} (evaluation: ${t.datasets.join(" + ")})`
       : `${t.name}${t.ground_truth ? "" : " (no ground truth)"}`;
-    if (t.state === "error") label += " — error: cannot be searched";
+    if (t.state === "error") label = `${t.name} — error: cannot be searched`;
     sel.append(el("option", { value: `${t.kind}:${t.name}` }, label));
   }
   const wanted = keep || (data.targets.find((t) => t.state === "indexed") || data.targets[0]);
