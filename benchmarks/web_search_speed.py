@@ -95,8 +95,9 @@ def synthetic_index(config_ds, n: int, dims: int, seed: int = 0) -> SearchIndex:
 def ranking_paths(engine: SyntheticEngine, repeats: int) -> tuple[float, float]:
     """Median ms of the ground-truth query's ranking + AP: the page's way, the sorted way."""
     index = engine.synthetic
-    extractor = engine.extractor(index.dataset)
-    record = extractor.extract_query(Image.open(engine.query_file).convert("RGB"), None, "crop")
+    with engine.extractors(index.dataset).get() as extractor:
+        image = Image.open(engine.query_file).convert("RGB")
+        record = extractor.extract_query(image, None, "crop")
     qfs = FeatureSet.from_records(["q"], [record])
     method, params = Method.parse("ofa"), engine.config().search
     pca = index.groups[0][1]["class"]  # type: ignore[index]

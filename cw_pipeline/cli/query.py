@@ -19,7 +19,12 @@ from cw_pipeline.figures import SheetItem, results_sheet, save_png
 from cw_pipeline.query import format_results, search
 from cw_pipeline.report_figures import FigureOptions, redraw
 from cw_pipeline.web import DEFAULT_PORT, serve
-from cw_pipeline.web.engine import DEFAULT_MAP_CACHE_BYTES, DEFAULT_MAX_UPLOAD_BYTES, WebError
+from cw_pipeline.web.engine import (
+    DEFAULT_MAP_CACHE_BYTES,
+    DEFAULT_MAX_SEARCHES,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    WebError,
+)
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -50,6 +55,13 @@ def add_serve_parser(sub: Any) -> None:
         help="database feature maps (OnA, +r) kept across searches, least recently used "
         "dropped first; 0 keeps none (default: %(default)g MiB)",
     )
+    sv.add_argument(
+        "--max-searches",
+        type=int,
+        default=DEFAULT_MAX_SEARCHES,
+        help="searches (and CAM views) running at once, the others waiting for a slot; the "
+        "list of datasets, images and thumbnails never wait (default: %(default)d)",
+    )
     sv.set_defaults(func=cmd_serve)
 
 
@@ -59,6 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CLIError(f"--max-upload-mb must be > 0, got {args.max_upload_mb:g}")
     if args.map_cache_mb < 0:
         raise CLIError(f"--map-cache-mb must be >= 0, got {args.map_cache_mb:g}")
+    if args.max_searches < 1:
+        raise CLIError(f"--max-searches must be >= 1, got {args.max_searches}")
     print(f"serving the search page on http://{args.host}:{args.port}", flush=True)
     if not is_loopback(args.host):
         print(
@@ -76,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             dagster_url=args.dagster_url,
             max_upload_bytes=int(args.max_upload_mb * 2**20),
             map_cache_bytes=int(args.map_cache_mb * 2**20),
+            max_searches=args.max_searches,
         )
     except WebError as exc:
         raise CLIError(exc.message) from exc

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ class MapCache:
     first once they hold more than ``max_bytes`` (a map larger than that is not kept).
 
     Keyed by image file: the owner drops it (``clear``) when the files or the extraction
-    settings it was computed with may have changed.
+    settings it was computed with may have changed. Safe to share between threads (searches
+    running at once).
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -109,31 +111,35 @@ class MapCache:
         self.max_bytes = int(max_bytes)
         self.nbytes = 0
         self._items: OrderedDict[Path, FeatureMaps] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
 
     def get(self, path: Path) -> FeatureMaps | None:
-        maps = self._items.get(path)
-        if maps is not None:
-            self._items.move_to_end(path)
-        return maps
+        with self._lock:
+            maps = self._items.get(path)
+            if maps is not None:
+                self._items.move_to_end(path)
+            return maps
 
     def put(self, path: Path, maps: FeatureMaps) -> None:
-        old = self._items.pop(path, None)
-        if old is not None:
-            self.nbytes -= old.nbytes
-        if maps.nbytes > self.max_bytes:
-            return
-        self._items[path] = maps
-        self.nbytes += maps.nbytes
-        while self.nbytes > self.max_bytes:
-            _, dropped = self._items.popitem(last=False)
-            self.nbytes -= dropped.nbytes
+        with self._lock:
+            old = self._items.pop(path, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            if maps.nbytes > self.max_bytes:
+                return
+            self._items[path] = maps
+            self.nbytes += maps.nbytes
+            while self.nbytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self.nbytes -= dropped.nbytes
 
     def clear(self) -> None:
-        self._items.clear()
-        self.nbytes = 0
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
 
 
 class ComputedMaps:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -16,7 +17,11 @@ from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.aggregation import PCAWhitening
 from cw_pipeline.core.extract import ImageFeatures
 from cw_pipeline.core.images import ImageLoadError, load_image
+from cw_pipeline.core.methods import Method
 from cw_pipeline.core.search import FullOrder
+
+#: What a source says of its PCA (dropped for a method without PCA).
+_PCA_NOTE = re.compile(r" \((?:PCA learned on [^)]*|each half with the PCA of the other)\)")
 
 Box = tuple[float, float, float, float]
 
@@ -109,6 +114,10 @@ class SearchIndex:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def described(self, method: Method) -> str:
+        """:attr:`source`, without what it says of the PCA for a method that uses none."""
+        return self.source if method.uses_pca else _PCA_NOTE.sub("", self.source)
 
     @cached_property
     def group_is_all(self) -> tuple[bool, ...]:

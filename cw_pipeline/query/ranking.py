@@ -136,7 +136,7 @@ def search_image(
         method=method.name,
         protocol=protocol if qbox is not None else None,
         database=len(index),
-        descriptors=index.source,
+        descriptors=index.described(method),
         hits=hits,
         seconds=t2 - t0,
         map_forward_passes=passes,

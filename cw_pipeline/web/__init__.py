@@ -25,13 +25,18 @@ def serve(
     dagster_url: str,
     max_upload_bytes: int,
     map_cache_bytes: int | None = None,
+    max_searches: int | None = None,
 ) -> None:
     """Serve the search page on ``host:port`` until interrupted."""
     import uvicorn
 
     from cw_pipeline.core import allocator
     from cw_pipeline.web.app import create_app
-    from cw_pipeline.web.engine import DEFAULT_MAP_CACHE_BYTES, SearchEngine
+    from cw_pipeline.web.engine import (
+        DEFAULT_MAP_CACHE_BYTES,
+        DEFAULT_MAX_SEARCHES,
+        SearchEngine,
+    )
 
     # Searches run the CNN on uvicorn's thread pool: before those threads start, make them
     # allocate from the main heap, whose freed buffers are kept (core/allocator.py).
@@ -42,6 +47,7 @@ def serve(
         dagster_url=dagster_url,
         max_upload_bytes=max_upload_bytes,
         map_cache_bytes=DEFAULT_MAP_CACHE_BYTES if map_cache_bytes is None else map_cache_bytes,
+        max_searches=DEFAULT_MAX_SEARCHES if max_searches is None else max_searches,
     )
     engine.config()  # a bad configuration fails here, not on the first request
     uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")

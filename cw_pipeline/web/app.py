@@ -14,12 +14,20 @@ Routes (all answers of ``/api/`` are JSON, errors too: ``{"error": "...", "statu
   ``filename=NAME`` (for messages).
 * ``GET /api/detail?token=T&dataset=NAME&id=ID`` — a result's CAM view for the query of a
   search (``token`` from its answer).
+* ``POST /api/upload?dataset=NAME|evaluation=NAME&filename=NAME`` — read an image file as a
+  search would (no forward pass): ``{"width", "height"}`` of the upright image, or the error
+  a search would give (the page reports a broken upload at once).
+* ``GET /api/health`` — ``{"status": "ok", …}`` (200) while the configuration loads, else
+  ``{"status": "error", "error": …}`` (503): for load balancers and monitors.
+* ``GET /metrics`` — request counts and latencies, search times, running searches, in the
+  Prometheus text format (:mod:`cw_pipeline.web.metrics`).
 """
 
 from __future__ import annotations
 
 import logging
-from importlib import resources
+import time
+from importlib import metadata, resources
 from typing import Any
 
 from starlette.applications import Starlette
@@ -27,11 +35,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cw_pipeline.core.jsonsafe import dumps as strict_json
 from cw_pipeline.web.common import DEFAULT_TOP, Target, WebError, _too_large, parse_box
 from cw_pipeline.web.engine import SearchEngine
+from cw_pipeline.web.metrics import CONTENT_TYPE, Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +169,39 @@ class _Handlers:
         out = await run_in_threadpool(lambda: self.engine.search(t, **kwargs))
         return _JSON(out, headers=SECURITY_HEADERS)
 
+    async def check_upload(self, request: Request) -> Response:
+        t = await run_in_threadpool(self.target, request)
+        data = await _body(request, self.engine.max_upload_bytes)
+        name = (request.query_params.get("filename") or "upload")[:200]
+        out = await run_in_threadpool(self.engine.check_upload, t, data, name)
+        return _JSON(out, headers=SECURITY_HEADERS)
+
+    async def health(self, request: Request) -> Response:
+        def check() -> dict[str, Any]:
+            engine = self.engine
+            config = engine.config()
+            return {
+                "status": "ok",
+                "version": _version(),
+                "datasets": len(config.datasets),
+                "disabled_datasets": len(config.disabled_datasets),
+                "searches_running": engine.searches_running,
+                "max_searches": engine.max_searches,
+                "uptime_seconds": round(time.time() - engine.started, 1),
+            }
+
+        try:
+            out = await run_in_threadpool(check)
+        except WebError as exc:
+            error = self.engine.public(exc.message)
+            return _JSON({"status": "error", "error": error}, status_code=503,
+                         headers=SECURITY_HEADERS)  # fmt: skip
+        return _JSON(out, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
+
+    async def metrics(self, request: Request) -> Response:
+        data = await run_in_threadpool(self.engine.metrics.text)
+        return Response(data, media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
     async def detail(self, request: Request) -> Response:
         q = request.query_params
         token, dataset, image_id = q.get("token"), q.get("dataset"), q.get("id")
@@ -168,23 +211,67 @@ class _Handlers:
         return _JSON(out, headers=SECURITY_HEADERS)
 
 
-async def _web_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, WebError)
-    return _error(exc.status, exc.message)
+def _error_handlers(engine: SearchEngine) -> dict[Any, Any]:
+    """JSON errors, their messages without the server's absolute paths (:meth:`public`)."""
+
+    async def web_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, WebError)
+        return _error(exc.status, engine.public(exc.message))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return _error(404, f"no such page: {request.url.path}")
+        if exc.status_code == 405:
+            return _error(405, f"{request.method} is not allowed on {request.url.path}")
+        return _error(exc.status_code, str(exc.detail))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        logger.exception("error on %s %s", request.method, request.url.path)
+        text = engine.public(f"internal error ({type(exc).__name__}: {exc}); see the server log")
+        return _error(500, text)
+
+    return {WebError: web_error, HTTPException: http_error, Exception: server_error}
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        return _error(404, f"no such page: {request.url.path}")
-    if exc.status_code == 405:
-        return _error(405, f"{request.method} is not allowed on {request.url.path}")
-    return _error(exc.status_code, str(exc.detail))
+def _version() -> str:
+    try:
+        return metadata.version("cw_pipeline")
+    except metadata.PackageNotFoundError:  # a checkout that is not installed
+        return "unknown"
 
 
-async def _server_error(request: Request, exc: Exception) -> Response:
-    logger.exception("error on %s %s", request.method, request.url.path)
-    return _error(500, f"internal error ({type(exc).__name__}: {exc}); see the server log")
+class _Measured:
+    """ASGI middleware: counts and times every HTTP request by route (the route's path,
+    ``other`` for any other path, so the labels stay few)."""
+
+    def __init__(self, app: ASGIApp, routes: list[Route], metrics: Metrics) -> None:
+        self.app, self.routes, self.metrics = app, routes, metrics
+
+    def _endpoint(self, scope: Scope) -> str:
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match != Match.NONE:
+                return route.path
+        return "other"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0, status = time.perf_counter(), 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            seconds = time.perf_counter() - t0
+            self.metrics.request(self._endpoint(scope), scope["method"], status, seconds)
 
 
 def create_app(engine: SearchEngine) -> Starlette:
@@ -198,13 +285,14 @@ def create_app(engine: SearchEngine) -> Starlette:
         Route("/api/image", h.image),
         Route("/api/search", h.search, methods=["GET", "POST"]),
         Route("/api/detail", h.detail),
+        Route("/api/upload", h.check_upload, methods=["POST"]),
+        Route("/api/health", h.health),
+        Route("/metrics", h.metrics),
     ]
-    return Starlette(
+    app = Starlette(
         debug=False,
         routes=routes,
-        exception_handlers={
-            WebError: _web_error,
-            HTTPException: _http_error,
-            Exception: _server_error,
-        },
+        exception_handlers=_error_handlers(engine),
     )
+    app.add_middleware(_Measured, routes=routes, metrics=engine.metrics)
+    return app

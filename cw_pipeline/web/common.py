@@ -22,6 +22,9 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAP_CACHE_BYTES = 512 * 1024 * 1024
 DEFAULT_TOP = 20
 MAX_TOP = 500
+#: The most images query expansion (+qe) and re-ranking (+r) may take from a ranking; never
+#: more than the database holds either.
+MAX_EXPANSION = 1000
 #: How long the index state of the dataset picker (a stat scan of the folders) is reused.
 FRESHNESS_SECONDS = 10.0
 #: Queries kept for their result views (CAM, re-ranking box).
@@ -75,6 +78,7 @@ class _Query:
 class _Manifest:
     signature: tuple
     rows: dict[str, dict[str, Any]]  #: image id -> relpath, width, height (readable files)
+    checked: float = 0.0  #: when the stored manifests were last compared (monotonic)
 
 
 @dataclass

@@ -32,20 +32,20 @@ class DetailMixin:
         the region CAM-box re-ranking scores best (the whole image counts as one)."""
         with self._lock:
             q = self._queries.get(token)
-            if q is None:
-                raise WebError(404, "unknown or expired query token: search again")
-            loaded = self.index(q.target, q.method)
-            row = loaded.rows.get(image_id)
-            if row is None or loaded.index.owner(row) != dataset:
-                raise WebError(404, f"{image_id!r} of {dataset!r} is not in this search's index")
-            index = loaded.index
-            pcas = next(p for rows, p in index.groups if np.any(rows == row))
-            class_method = q.method if q.method.aggregation in ("ofa", "ona") else Method("ofa")
-            pca = method_pca(class_method, pcas)
-            params = self.config().search
-            cfg = params.rerank
-            extractor = self.extractor(index.dataset)
-            path = index.paths[row]
+        if q is None:
+            raise WebError(404, "unknown or expired query token: search again")
+        loaded = self.index(q.target, q.method)
+        row = loaded.rows.get(image_id)
+        if row is None or loaded.index.owner(row) != dataset:
+            raise WebError(404, f"{image_id!r} of {dataset!r} is not in this search's index")
+        index = loaded.index
+        pcas = next(p for rows, p in index.groups if np.any(rows == row))
+        class_method = q.method if q.method.aggregation in ("ofa", "ona") else Method("ofa")
+        pca = method_pca(class_method, pcas)
+        params = self.config().search
+        cfg = params.rerank
+        path = index.paths[row]
+        with self.search_slot(), self.extractors(index.dataset).get() as extractor:
             t0 = time.perf_counter()
             try:
                 image = load_image(path, max_pixels=extractor.config.max_pixels)

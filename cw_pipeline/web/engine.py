@@ -1,7 +1,13 @@
 """What the search page does, without HTTP: the state of one ``cw-pipeline serve`` process.
 
+* Requests run at once (the server's threads): reads (the target list, images, thumbnails)
+  never wait behind a search, and up to ``max_searches`` searches (and CAM views) run at once,
+  the others waiting for a slot. No lock is held over a whole request: the short ones guard
+  the caches; one per database guards its (re)load, while the searches already running keep
+  the database they started with, and new ones take the loaded one until the reload is done.
 * The configuration is re-read when its file changes.
-* One feature extractor (the CNN) per extraction settings, loaded on first use and kept.
+* One network per extraction settings, loaded on first use and kept; each running search
+  takes an extractor of its own over it (:meth:`FeatureExtractor.clone`).
 * The database of each search target (a dataset, or an evaluation with distractors) is loaded
   once per aggregation and kept; it is reloaded when a new generation is published (its commit
   pointers, its manifests, features or distractor descriptors change), checked at most every
@@ -26,10 +32,13 @@ This module holds the state (configuration, CNNs, loaded databases, manifests, g
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +89,7 @@ from cw_pipeline.web.common import (
 )
 from cw_pipeline.web.detail import DetailMixin
 from cw_pipeline.web.listing import ListingMixin
+from cw_pipeline.web.metrics import Metrics
 from cw_pipeline.web.searching import SearchMixin
 
 logger = logging.getLogger(__name__)
@@ -94,6 +104,46 @@ __all__ = [
 
 #: How often, at most, a request checks whether the stored index changed.
 RELOAD_CHECK_SECONDS = 2.0
+#: An absolute POSIX path left in a message (its last component is kept).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~<>-])/(?:[^\s'\"/:,;()]+/)+([^\s'\"/:,;()]+)")
+
+#: How often a dataset's manifests are checked for a change (listing, images, thumbnails).
+MANIFEST_CHECK_SECONDS = 2.0
+#: Searches (and CAM views) running at once by default: one per core of a small server.
+DEFAULT_MAX_SEARCHES = 2
+
+
+class _ExtractorPool:
+    """The extractors of one extraction settings: one per search running at once, all over
+    the network of the first (loaded on first use)."""
+
+    def __init__(self, make: Callable[[], FeatureExtractor]) -> None:
+        self._make = make
+        self._free: list[FeatureExtractor] = []
+        self._first: FeatureExtractor | None = None
+        self._lock = threading.Lock()
+        self.load_seconds = 0.0  #: time the network took to load (0 once loaded)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the network is loaded."""
+        return self._first is not None
+
+    @contextmanager
+    def get(self) -> Iterator[FeatureExtractor]:
+        with self._lock:  # the first loads the network; the others wait for it, once
+            if self._first is None:
+                t0 = time.perf_counter()
+                self._first = self._make()
+                self.load_seconds = time.perf_counter() - t0
+                extractor = self._first
+            else:
+                extractor = self._free.pop() if self._free else self._first.clone()
+        try:
+            yield extractor
+        finally:
+            with self._lock:
+                self._free.append(extractor)
 
 
 class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
@@ -106,7 +156,10 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         dagster_url: str = "http://127.0.0.1:3000",
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         map_cache_bytes: int = DEFAULT_MAP_CACHE_BYTES,
+        max_searches: int = DEFAULT_MAX_SEARCHES,
     ) -> None:
+        if max_searches < 1:
+            raise ValueError(f"max_searches must be >= 1, got {max_searches}")
         self.config_path = config_path
         self.dagster_url = dagster_url.rstrip("/")
         self.max_upload_bytes = int(max_upload_bytes)
@@ -116,7 +169,7 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         self._config: ProjectConfig | None = None
         self._config_mtime: int | None = None
         self._store: FeatureStore | None = None
-        self._extractors: dict[str, FeatureExtractor] = {}
+        self._extractors: dict[str, _ExtractorPool] = {}
         self._indexes: dict[tuple[Target, str], _Loaded] = {}
         self._manifests: dict[str, _Manifest] = {}
         self._groundtruth: dict[str, tuple[tuple, gtio.GroundTruth | None]] = {}
@@ -125,7 +178,14 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         self._problems: dict[str, str] = {}
         self._queries: OrderedDict[str, _Query] = OrderedDict()
         self._thumbs = _ThumbCache(THUMB_CACHE_BYTES)
-        self._lock = threading.RLock()  # the CNN and the caches: one request at a time
+        self._lock = threading.Lock()  # the caches: held for dictionary updates only
+        self._config_lock = threading.Lock()
+        self._key_locks: dict[Any, threading.Lock] = {}  #: one per database, manifest
+        self.max_searches = int(max_searches)
+        self._search_slots = threading.BoundedSemaphore(self.max_searches)
+        self.metrics = Metrics(self.max_searches)
+        self.searches_running = 0
+        self.started = time.time()
         self.index_loads = 0  #: databases loaded (or reloaded) by this process
 
     # ------------------------------------------------------------------ configuration
@@ -137,22 +197,79 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
             mtime = path.stat().st_mtime_ns
         except OSError as exc:
             raise WebError(500, f"configuration {path}: {exc.strerror or exc}") from exc
-        with self._lock:
+        config = self._config
+        if config is not None and mtime == self._config_mtime:
+            return config
+        with self._config_lock:
             if self._config is None or mtime != self._config_mtime:
                 try:
                     config = load_config(path, disable_missing=True)
                 except ConfigError as exc:
                     raise WebError(500, str(exc)) from exc
-                self._config, self._config_mtime = config, mtime
-                self._store = FeatureStore(config.warehouse)
-                self._indexes.clear()
-                self._map_caches.clear()
-                self._settings_keys.clear()
-                self._manifests.clear()
-                self._groundtruth.clear()
-                self._freshness.clear()
-                self._problems.clear()
+                with self._lock:
+                    self._store = FeatureStore(config.warehouse)
+                    self._indexes.clear()
+                    self._map_caches.clear()
+                    self._settings_keys.clear()
+                    self._manifests.clear()
+                    self._groundtruth.clear()
+                    self._freshness.clear()
+                    self._problems.clear()
+                    self._config, self._config_mtime = config, mtime
+            assert self._config is not None
             return self._config
+
+    def public(self, text: str) -> str:
+        """``text`` without the server's absolute paths, for an answer: paths under the
+        project's folder become relative to it, the warehouse and reports roots elsewhere
+        ``<warehouse>`` and ``<reports>``, a dataset's folder elsewhere ``<name>:``, and any
+        other absolute path its last component (``…/name``)."""
+        config = self._config
+        roots: list[tuple[str, str]] = []
+        if config is not None:
+            project = str(Path(config.source).resolve().parent)
+            roots.append((project + os.sep, ""))
+            roots.append((project, "."))
+            for location, name in (
+                (config.warehouse, "<warehouse>"),
+                (config.reports, "<reports>"),
+            ):
+                if os.path.isabs(str(location)):
+                    roots.append((str(location), name))
+            for ds in (*config.datasets.values(),):
+                roots.append((str(ds.images), f"<{ds.name}>"))
+            inside = project + os.sep
+            roots = roots[:2] + [(r, n) for r, n in roots[2:] if not r.startswith(inside)]
+        for root, shown in sorted(roots, key=lambda r: -len(r[0])):
+            text = text.replace(root, shown)
+        return _ABSOLUTE_PATH.sub(lambda m: f"…/{m.group(1)}", text)
+
+    def _key_lock(self, key: Any) -> threading.Lock:
+        """The lock of one database or manifest (made on first use)."""
+        with self._lock:
+            lock = self._key_locks.get(key)
+            if lock is None:
+                lock = self._key_locks[key] = threading.Lock()
+            return lock
+
+    @contextmanager
+    def search_slot(self) -> Iterator[None]:
+        """One of the ``max_searches`` slots of the searches running at once."""
+        self.metrics.waiting.inc()
+        try:
+            self._search_slots.acquire()
+        finally:
+            self.metrics.waiting.dec()
+        self.metrics.running.inc()
+        with self._lock:
+            self.searches_running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.searches_running -= 1
+            self.metrics.running.dec()
+            self._search_slots.release()
 
     @property
     def store(self) -> FeatureStore:
@@ -232,48 +349,64 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         """The loaded database of ``target`` for ``method``'s stored aggregation (reloaded
         when its stored files changed)."""
         key = (target, method.stored_aggregation)
-        with self._lock:
-            loaded = self._indexes.get(key)
-            now = time.monotonic()
-            if loaded is not None and now - loaded.checked < RELOAD_CHECK_SECONDS:
-                return loaded
-            signature = self._signature(self._prefixes(target))
-            if loaded is not None and loaded.signature == signature:
-                loaded.checked = now
-                return loaded
-            config = self.config()
-            try:
-                index = self._load(config, target, method, wait=loaded is None)
-            except InconsistentIndexError as exc:
-                if loaded is None:
-                    raise WebError(409, str(exc)) from exc
-                logger.info("kept %s %s as loaded: %s", target.kind, target.name, exc)
-                loaded.checked = now  # the new state is tried again later
-                return loaded
-            except NotIndexedError as exc:
+        loaded = self._indexes.get(key)
+        if loaded is not None and time.monotonic() - loaded.checked < RELOAD_CHECK_SECONDS:
+            return loaded
+        lock = self._key_lock(("index", key))
+        # While another request checks or reloads it, the database loaded before serves.
+        if not lock.acquire(blocking=loaded is None):
+            assert loaded is not None
+            return loaded
+        try:
+            return self._index_locked(key, target, method)
+        finally:
+            lock.release()
+
+    def _index_locked(self, key: tuple[Target, str], target: Target, method: Method) -> _Loaded:
+        """:meth:`index`, holding the database's lock."""
+        loaded = self._indexes.get(key)
+        now = time.monotonic()
+        if loaded is not None and now - loaded.checked < RELOAD_CHECK_SECONDS:
+            return loaded  # checked by the request that held the lock before
+        signature = self._signature(self._prefixes(target))
+        if loaded is not None and loaded.signature == signature:
+            loaded.checked = now
+            return loaded
+        config = self.config()
+        try:
+            index = self._load(config, target, method, wait=loaded is None)
+        except InconsistentIndexError as exc:
+            if loaded is None:
                 raise WebError(409, str(exc)) from exc
-            except (BrokenIndexError, CorruptFileError) as exc:
-                # damaged stored files: this target is listed with the error, the others work
-                message = str(exc)
-                with self._lock:
-                    for ds in self._datasets_of(target):
-                        self._problems.setdefault(ds.name, message)
-                raise WebError(409, message) from exc
-            except (UnknownNameError, FileNotFoundError) as exc:
-                raise WebError(404, str(exc)) from exc
-            except ValueError as exc:
-                raise WebError(400, str(exc)) from exc
-            replaced = loaded is not None
+            logger.info("kept %s %s as loaded: %s", target.kind, target.name, exc)
+            loaded.checked = now  # the new state is tried again later
+            return loaded
+        except NotIndexedError as exc:
+            raise WebError(409, str(exc)) from exc
+        except (BrokenIndexError, CorruptFileError) as exc:
+            # damaged stored files: this target is listed with the error, the others work
+            message = str(exc)
+            with self._lock:
+                for ds in self._datasets_of(target):
+                    self._problems.setdefault(ds.name, message)
+            raise WebError(409, message) from exc
+        except (UnknownNameError, FileNotFoundError) as exc:
+            raise WebError(404, str(exc)) from exc
+        except ValueError as exc:
+            raise WebError(400, str(exc)) from exc
+        replaced = loaded is not None
+        rows = {image_id: i for i, image_id in enumerate(index.ids)}
+        loaded = _Loaded(signature, index, rows, time.monotonic())
+        with self._lock:
             if replaced:  # a new materialization: its images may have changed too
                 self._map_caches.clear()
-            rows = {image_id: i for i, image_id in enumerate(index.ids)}
-            loaded = _Loaded(signature, index, rows, time.monotonic())
             self._indexes[key] = loaded
-            if replaced:  # the old database's memory, kept by malloc (core/allocator.py)
-                allocator.release()
             self.index_loads += 1
-            logger.info("loaded %s %s: %d images (%s)", target.kind, target.name, len(index), key)
-            return loaded
+        self.metrics.index_loads.inc()
+        if replaced:  # the old database's memory, kept by malloc (core/allocator.py)
+            allocator.release()
+        logger.info("loaded %s %s: %d images (%s)", target.kind, target.name, len(index), key)
+        return loaded
 
     def _load(
         self, config: ProjectConfig, target: Target, method: Method, wait: bool
@@ -306,14 +439,16 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
                 )
             return key
 
-    def extractor(self, ds: DatasetConfig) -> FeatureExtractor:
-        """The CNN for ``ds``'s extraction settings (one per settings, kept)."""
+    def extractors(self, ds: DatasetConfig) -> _ExtractorPool:
+        """The extractors of ``ds``'s extraction settings (one network per settings, kept);
+        ``with engine.extractors(ds).get() as extractor:`` takes one for a request."""
 
         key = self._settings_key(ds)
         with self._lock:
-            if key not in self._extractors:
-                self._extractors[key] = dataset_extractor(ds)
-            return self._extractors[key]
+            pool = self._extractors.get(key)
+            if pool is None:
+                pool = self._extractors[key] = _ExtractorPool(lambda: dataset_extractor(ds))
+            return pool
 
     def _map_cache(self, ds: DatasetConfig) -> MapCache | None:
         """The database feature maps kept for ``ds``'s extraction settings (None: disabled)."""
@@ -330,10 +465,14 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         """Readable images of ``ds`` by id (relpath, width, height), from its stored
         manifests (reloaded when they change)."""
         prefix = shard_folder(MANIFEST, ds.name)
-        with self._lock:
+        cached = self._manifests.get(ds.name)
+        if cached is not None and time.monotonic() - cached.checked < MANIFEST_CHECK_SECONDS:
+            return cached.rows
+        with self._key_lock(("manifest", ds.name)):
             cached = self._manifests.get(ds.name)
             signature = self._signature([prefix])
             if cached is not None and cached.signature == signature:
+                cached.checked = time.monotonic()
                 return cached.rows
             rows: dict[str, dict[str, Any]] = {}
             for shard in stored_shards(self.store, MANIFEST, ds.name):
@@ -344,7 +483,8 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
                 for row in table.to_pylist():
                     if not row.pop("error"):
                         rows[row["image_id"]] = row
-            self._manifests[ds.name] = _Manifest(signature, rows)
+            with self._lock:
+                self._manifests[ds.name] = _Manifest(signature, rows, time.monotonic())
             return rows
 
     def image_path(self, dataset: str, image_id: str) -> Path:
@@ -366,7 +506,10 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
             return None
         manifest = self.manifest(ds)
         signature = self._manifests[ds.name].signature
-        with self._lock:
+        cached = self._groundtruth.get(ds.name)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        with self._key_lock(("groundtruth", ds.name)):
             cached = self._groundtruth.get(ds.name)
             if cached is not None and cached[0] == signature:
                 return cached[1]
@@ -374,7 +517,8 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
                 gt = load_groundtruth(ds, sorted(manifest))
             except (OSError, ValueError) as exc:
                 raise WebError(500, f"ground truth of {ds.name!r}: {exc}") from exc
-            self._groundtruth[ds.name] = (signature, gt)
+            with self._lock:
+                self._groundtruth[ds.name] = (signature, gt)
             return gt
 
     def _gt_query(self, ds: DatasetConfig, image_id: str, name: str | None) -> gtio.Query | None:

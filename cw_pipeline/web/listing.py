@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -97,7 +98,13 @@ class ListingMixin:
         for name, reason in sorted(config.disabled_evaluations.items()):
             if name not in config.disabled_datasets and name not in config.datasets:
                 out.append({**Target("evaluation", name).as_dict(), **_error_info([], reason)})
-        return {"config": str(config.source), "dagster_url": self.dagster_url, "targets": out}
+        for t in out:  # what the page shows: no absolute path of the server
+            for key in ("error", "hint"):
+                if t.get(key):
+                    t[key] = self.public(t[key])
+            t["notes"] = [self.public(n) for n in t.get("notes", [])]
+        source = Path(config.source)
+        return {"config": source.name, "dagster_url": self.dagster_url, "targets": out}
 
     def target_problem(self, parts: list[DatasetConfig]) -> str | None:
         """Why a target made of these datasets cannot be listed or searched now (None: it

@@ -31,6 +31,7 @@ from cw_pipeline.query import (
 )
 from cw_pipeline.web.common import (
     DEFAULT_TOP,
+    MAX_EXPANSION,
     MAX_TOP,
     QUERY_CACHE,
     Target,
@@ -71,10 +72,42 @@ class SearchMixin:
             raise WebError(400, f"top must be between 1 and {MAX_TOP}, got {top}")
         if (image_id is None) == (upload is None):
             raise WebError(400, "give an image: id=ID of an indexed image, or upload one")
+        if max(m.qe, m.rerank) > MAX_EXPANSION:
+            raise WebError(
+                400,
+                f"method {method!r}: +qe and +r go up to {MAX_EXPANSION} (and the database's size)",
+            )
         main = self._main_dataset(target)
-        t_model, models = time.perf_counter(), len(self._extractors)
-        extractor = self.extractor(main)  # loaded once per process
-        model_seconds = time.perf_counter() - t_model if len(self._extractors) > models else 0.0
+        pool = self.extractors(main)
+        loads_network = not pool.loaded
+        t_queue = time.perf_counter()
+        with self.search_slot(), pool.get() as extractor:
+            queued = time.perf_counter() - t_queue
+            model_seconds = pool.load_seconds if loads_network else 0.0
+            return self._search(
+                t0, queued, model_seconds, target, main, m, extractor, top, box, protocol,
+                image_id, image_dataset, query_name, upload, upload_name,
+            )  # fmt: skip
+
+    def _search(
+        self,
+        t0: float,
+        queued: float,
+        model_seconds: float,
+        target: Target,
+        main: DatasetConfig,
+        m: Method,
+        extractor: FeatureExtractor,
+        top: int,
+        box: tuple[float, float, float, float] | None,
+        protocol: str | None,
+        image_id: str | None,
+        image_dataset: str | None,
+        query_name: str | None,
+        upload: bytes | None,
+        upload_name: str,
+    ) -> dict[str, Any]:
+        """:meth:`search` in a search slot, with an extractor of its own."""
         image, name, query, gt_query = self._query_image(
             target, main, image_id, image_dataset, query_name, upload, upload_name, extractor
         )
@@ -82,6 +115,9 @@ class SearchMixin:
             target, main, m, extractor, image, name, box, top, protocol, gt_query is not None
         )
         index = loaded.index
+        self.metrics.search(
+            m, result.timings["features"], result.timings["ranking"], result.map_forward_passes
+        )
         labels: dict[int, str] = {}
         ap = None
         if gt_query is not None:
@@ -100,7 +136,7 @@ class SearchMixin:
             "query": query,
             "method": result.method,
             "database": len(index),
-            "descriptors": index.source,
+            "descriptors": index.described(m),
             "ap": None if ap is None else round(ap, 6),
             "results": hits,
             "map_forward_passes": result.map_forward_passes,
@@ -110,6 +146,7 @@ class SearchMixin:
                 "ranking": round(1000 * result.timings["ranking"], 1),
                 "index_load": round(1000 * index_seconds, 1),
                 "model_load": round(1000 * model_seconds, 1),
+                "queued": round(1000 * queued, 1),
                 "server": round(1000 * total, 1),
             },
         }
@@ -130,29 +167,35 @@ class SearchMixin:
         """Rank the target's database (loaded if needed) with :func:`search_image` and keep the
         query for its result views: the database, the result, the query's token and the
         seconds a (re)load of the database took (0 when none)."""
+        t_index = time.perf_counter()
+        loads = self.index_loads
+        loaded = self.index(target, m)
+        index_seconds = time.perf_counter() - t_index if self.index_loads != loads else 0.0
+        n = len(loaded.index)
+        if max(m.qe, m.rerank) > n:
+            what = f"+qe{m.qe}" if m.qe > n else f"+r{m.rerank}"
+            raise WebError(
+                400, f"method {m.name!r}: {what} is more than the {n} images of the database"
+            )
+        try:
+            result = search_image(
+                self.config(),
+                loaded.index,
+                extractor,
+                image,
+                name,
+                box=box,
+                top=top,
+                method=m,
+                protocol=protocol,
+                full_ranking=full_ranking,
+                map_cache=self._map_cache(main) if m.needs_maps else None,
+            )
+        except QueryError as exc:
+            raise WebError(400, str(exc)) from exc
+        token = secrets.token_urlsafe(12)
+        assert result.record is not None
         with self._lock:
-            t_index = time.perf_counter()
-            loads = self.index_loads
-            loaded = self.index(target, m)
-            index_seconds = time.perf_counter() - t_index if self.index_loads != loads else 0.0
-            try:
-                result = search_image(
-                    self.config(),
-                    loaded.index,
-                    extractor,
-                    image,
-                    name,
-                    box=box,
-                    top=top,
-                    method=m,
-                    protocol=protocol,
-                    full_ranking=full_ranking,
-                    map_cache=self._map_cache(main) if m.needs_maps else None,
-                )
-            except QueryError as exc:
-                raise WebError(400, str(exc)) from exc
-            token = secrets.token_urlsafe(12)
-            assert result.record is not None
             self._queries[token] = _Query(target, m, result.record, loaded.signature)
             while len(self._queries) > QUERY_CACHE:
                 self._queries.popitem(last=False)
@@ -173,7 +216,8 @@ class SearchMixin:
         far, and its ground-truth query (None: not one of ``main``'s)."""
         gt_query = None
         if upload is not None:
-            image, name = self._decode_upload(upload, upload_name, extractor), Path(upload_name)
+            max_pixels = extractor.config.max_pixels
+            image, name = self._decode_upload(upload, upload_name, max_pixels), Path(upload_name)
             query: dict[str, Any] = {"upload": upload_name}
         else:
             owner = image_dataset or main.name
@@ -235,7 +279,14 @@ class SearchMixin:
         ap = average_precision_at(order.positions(pos), order.positions(junk)) if pos else math.nan
         return labels, ap, len(pos)
 
-    def _decode_upload(self, data: bytes, name: str, extractor: FeatureExtractor) -> Image.Image:
+    def check_upload(self, target: Target, data: bytes, name: str) -> dict[str, Any]:
+        """Whether an upload can be searched in ``target``: read as a search reads it (no
+        forward pass); its upright size, for the page to draw boxes on it."""
+        main = self._main_dataset(target)
+        image = self._decode_upload(data, name, main.extraction.max_pixels)
+        return {"upload": name, "width": image.width, "height": image.height}
+
+    def _decode_upload(self, data: bytes, name: str, max_pixels: int | None) -> Image.Image:
         """Decode an upload with indexing's limits (bomb limit, EXIF, odd modes)."""
         if len(data) > self.max_upload_bytes:
             raise WebError(413, _too_large(len(data), self.max_upload_bytes))
@@ -245,7 +296,7 @@ class SearchMixin:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            return load_image(tmp, max_pixels=extractor.config.max_pixels)
+            return load_image(tmp, max_pixels=max_pixels)
         except ImageLoadError as exc:
             raise WebError(422, f"cannot read the uploaded file {name!r}: {exc.reason}") from exc
         finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from playwright.sync_api import Browser, Page
+from playwright.sync_api import Error as PlaywrightError
 
 from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.config import load_config
@@ -161,11 +162,13 @@ def test_search_page_end_to_end(
         broken = tmp_path / "broken.jpg"
         broken.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
         page.locator("#upload").set_input_files(str(broken))
-        page.locator("#search").click()
-        page.locator("#error").wait_for(state="visible")
+        page.locator("#error").wait_for(state="visible")  # at once, before any search
         message = page.locator("#error").inner_text()
         assert "cannot read the uploaded file 'broken.jpg'" in message, message
-        assert page.locator(".tile").count() == 0
+        assert page.locator("#search").is_disabled()
+        assert page.locator("#canvas").is_hidden()
+        assert "my photo.jpg" not in page.locator("#query-title").inner_text()
+        assert page.locator(".tile").count() == 0  # no results under another query
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +203,178 @@ def test_the_picker_shows_a_broken_dataset_and_the_others_work(
         assert "images indexed" in page.locator("#freshness").inner_text()
         page.locator(".image-list li").first.wait_for()
         assert not page.locator("#error").is_visible()
+
+
+PHONE = {"width": 390, "height": 844}
+
+
+def touch_drag(page: Page, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """A finger on the query image at ``start``, moved to ``end`` (fractions of its size) in
+    steps, lifted: touch events through the browser's input pipeline (pointerType touch)."""
+    box = page.locator("#query-img").bounding_box()
+    assert box is not None
+    cdp = page.context.new_cdp_session(page)
+
+    def at(fx: float, fy: float) -> list[dict]:
+        return [{"x": box["x"] + fx * box["width"], "y": box["y"] + fy * box["height"]}]
+
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": at(*start)})
+    for k in range(1, 9):
+        f = k / 8
+        x = start[0] + f * (end[0] - start[0])
+        y = start[1] + f * (end[1] - start[1])
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": at(x, y)})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    cdp.detach()
+
+
+def fits(page: Page, selector: str, width: int) -> None:
+    box = page.locator(selector).bounding_box()
+    assert box is not None, selector
+    assert box["x"] >= -0.5 and box["x"] + box["width"] <= width + 0.5, (selector, box)
+
+
+def test_search_page_on_a_phone(browser: Browser, search_server: str, record_property) -> None:
+    """At 390×844 with touch: nothing is wider than the screen; pick a query, draw and move
+    the box with a finger, search, scroll the results, open and close the CAM view."""
+    page = new_page(browser, PHONE, has_touch=True, is_mobile=True, device_scale_factor=2)
+    try:
+        with step(page, "open the page on a phone", "search-page-phone", record_property):
+            page.goto(search_server)
+            page.locator("#target").select_option(f"dataset:{DATASET}")
+            item = page.locator(".image-list li").first
+            item.wait_for()
+            assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+            for selector in ("header", "#images", "#controls", "#results-panel"):
+                fits(page, selector, PHONE["width"])
+            item.tap()
+            page.wait_for_function(
+                "() => { const i = document.getElementById('query-img');"
+                " return i.complete && i.naturalWidth > 0; }"
+            )
+            page.locator("#box").wait_for()
+            gt_box = page.locator("#box-text").inner_text()
+        with step(page, "draw and move the box by touch", "search-page-phone", record_property):
+            touch_drag(page, (0.15, 0.1), (0.85, 0.75))
+            drawn = page.locator("#box-text").inner_text()
+            assert drawn.startswith("box ") and drawn != gt_box, (gt_box, drawn)
+            x1, y1, x2, y2 = (float(v) for v in drawn.removeprefix("box ").split(", "))
+            touch_drag(page, (0.5, 0.42), (0.45, 0.37))  # a finger inside the box moves it
+            moved = [float(v) for v in page.locator("#box-text").inner_text()[4:].split(", ")]
+            assert moved != [x1, y1, x2, y2]
+            assert abs((moved[2] - moved[0]) - (x2 - x1)) <= 1  # same size, moved
+        with step(page, "search and scroll the results", "search-page-phone", record_property):
+            page.locator("#search").tap()
+            page.locator(".tile").first.wait_for()
+            assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+            last = page.locator(".tile").last
+            last.scroll_into_view_if_needed()
+            fits(page, ".tile >> nth=-1", PHONE["width"])
+            assert page.evaluate("window.scrollY") > 0
+            screenshot(page, "search-page-phone", record_property)
+        with step(
+            page, "open and close the CAM view by touch", "search-page-phone", record_property
+        ):
+            tile = page.locator(".tile").nth(1)
+            tile.scroll_into_view_if_needed()
+            tile.tap()
+            page.wait_for_function("() => document.getElementById('detail-img').naturalWidth > 0")
+            fits(page, ".detail-card", PHONE["width"])
+            fits(page, "#detail-img", PHONE["width"])
+            screenshot(page, "search-page-phone-cam", record_property)
+            page.locator("#detail-close").tap()
+            page.locator("#detail").wait_for(state="hidden")
+    finally:
+        page.context.close()
+
+
+def test_the_screen_always_shows_the_current_state(
+    page: Page, search_server: str, demo_env: dict, record_property
+) -> None:
+    """Invalid numbers are reported next to their field; an error goes with the next action;
+    a search replaced by a newer action never shows its answer; a progress indicator runs
+    meanwhile; switching target resets query, box and results; more results page up; results
+    without ground truth look unlabelled; PCA is named only for methods using it; the query
+    list and the results work with the keyboard."""
+    with step(page, "invalid numbers", "search-page-state", record_property):
+        page.goto(search_server)
+        page.locator("#target").select_option(f"dataset:{DATASET}")
+        page.locator(".image-list li").first.click()
+        page.locator("#box").wait_for()
+        page.locator("#top").fill("9999")
+        assert "from 1 to 500" in page.locator("#top-error").inner_text()
+        assert page.locator("#search").is_disabled()
+        page.locator("#top").fill("20")
+        assert (
+            page.locator("#top-error").inner_text() == "" and page.locator("#search").is_enabled()
+        )
+    with step(page, "an error goes with the next action", "search-page-state", record_property):
+        page.locator("#qe").fill("999")  # valid here; the server refuses it for 48 images
+        page.locator("#search").click()
+        page.locator("#error").wait_for(state="visible")
+        assert "more than the" in page.locator("#error").inner_text()
+        page.locator("#qe").fill("0")
+        page.locator(".image-list li").nth(1).click()
+        assert page.locator("#error").is_hidden()
+    with step(page, "a replaced search shows nothing", "search-page-state", record_property):
+        held: list = []
+        page.route("**/api/search?*", lambda route: held.append(route))
+        page.locator("#search").click()
+        page.locator("#progress").wait_for(state="visible")
+        assert page.locator("#search").inner_text() == "Searching…"
+        for _ in range(100):
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert held, "the search request was never sent"
+        page.locator(".image-list li").nth(2).click()  # another query meanwhile
+        assert page.locator("#progress").is_hidden()
+        assert page.locator("#search").inner_text() == "Search"
+        page.unroute("**/api/search?*")
+        try:
+            held[0].continue_()  # its answer arrives late, or the request was aborted
+        except PlaywrightError:
+            pass
+        page.wait_for_timeout(1500)
+        assert page.locator(".tile").count() == 0
+    with step(page, "more results, labels, PCA", "search-page-state", record_property):
+        page.locator("#search").click()
+        page.locator(".tile").first.wait_for()
+        assert "PCA learned on" in page.locator("#summary").inner_text()
+        assert page.locator(".tile").count() == 20
+        page.locator("#more-results").click()
+        page.wait_for_function("() => document.querySelectorAll('.tile').length === 40")
+        page.locator("#method").select_option("raw")
+        page.locator("#search").click()
+        page.wait_for_function(
+            "() => document.querySelector('#summary')?.textContent.includes('method raw')"
+        )
+        assert "PCA" not in page.locator("#summary").inner_text()
+        non_query = page.locator(".image-list li", has_not=page.locator(".q")).first
+        non_query.click()
+        page.locator("#search").click()
+        page.locator(".tile").first.wait_for()
+        labels = {t.get_attribute("class") for t in page.locator(".tile").all()}
+        assert labels == {"tile unlabelled"}, labels
+        assert "not labelled" in page.locator(".legend").inner_text()
+    with step(page, "the keyboard", "search-page-state", record_property):
+        first = page.locator(".image-list li").first
+        first.focus()
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("Enter")
+        assert page.locator(".image-list li").nth(1).get_attribute("aria-selected") == "true"
+        page.locator("#search").click()
+        tile = page.locator(".tile").first
+        tile.wait_for()
+        tile.focus()
+        page.keyboard.press("Enter")
+        page.locator("#detail").wait_for(state="visible")
+        page.keyboard.press("Escape")
+        page.locator("#detail").wait_for(state="hidden")
+        assert page.evaluate("document.activeElement.classList.contains('tile')")
+    with step(page, "switching target resets the screen", "search-page-state", record_property):
+        page.locator("#target").select_option("dataset:demo-b")
+        assert page.locator(".tile").count() == 0
+        assert page.locator("#canvas").is_hidden() and page.locator("#search").is_disabled()
+        assert page.locator("#summary").inner_text() == ""
+        assert "pick a query" in page.locator("#query-title").inner_text()

@@ -185,9 +185,10 @@ def browser() -> Iterator[Browser]:
             chromium.close()
 
 
-def new_page(browser: Browser, viewport: dict[str, int] = VIEWPORT) -> Page:
-    """A fresh context: UTC, en-US, the community pop-up already dismissed."""
-    context = browser.new_context(viewport=viewport, timezone_id="UTC", locale="en-US")
+def new_page(browser: Browser, viewport: dict[str, int] = VIEWPORT, **options) -> Page:
+    """A fresh context: UTC, en-US, the community pop-up already dismissed (``options``:
+    more context options, e.g. ``has_touch=True, is_mobile=True`` for a phone)."""
+    context = browser.new_context(viewport=viewport, timezone_id="UTC", locale="en-US", **options)
     context.set_default_timeout(TIMEOUT_MS)
     context.add_init_script("window.localStorage.setItem('communityNux', JSON.stringify('1'))")
     return context.new_page()

@@ -4,6 +4,7 @@ one record per file; also query boxes (``crop`` / ``paper`` protocols) and regio
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import resource
@@ -345,6 +346,13 @@ class FeatureExtractor:
         recs = self.encode_batch([b[1] for b in bucket], [b[2] for b in bucket])
         for (key, _, _), rec in zip(bucket, recs, strict=True):
             yield key, rec
+
+    def clone(self) -> FeatureExtractor:
+        """Another extractor of the same settings sharing this one's network (inference does
+        not change it), with its own counters and flags: one per thread extracting at once."""
+        out = copy.copy(self)
+        out.stats = ExtractionStats()
+        return out
 
     def extract_with_maps(self, image: Image.Image) -> ImageFeatures:
         """Encode one (upright RGB) image keeping its feature maps (``.maps``), whatever

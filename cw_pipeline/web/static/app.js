@@ -7,8 +7,12 @@ const $ = (id) => document.getElementById(id);
 const state = {
   targets: [], target: null, query: null, box: null, token: null,
   offset: 0, uploadUrl: null,
+  searchSeq: 0, controller: null,  // the latest search: older answers are dropped
 };
 const PAGE = 200;
+const MAX_TOP = 500;
+//: Valid values of the number fields (the server checks them too, against the database).
+const FIELDS = { top: [1, MAX_TOP], qe: [0, 1000], rerank: [0, 1000] };
 
 function showError(message) {
   const el = $("error");
@@ -69,9 +73,26 @@ async function loadTargets(keep) {
   }
 }
 
+function resetQuery() {
+  // Nothing of another target stays on screen: its query, box, results and their searches.
+  cancelSearch();
+  state.query = null;
+  state.box = null;
+  state.token = null;
+  $("upload").value = "";
+  $("canvas").hidden = true;
+  $("query-img").removeAttribute("src");
+  $("query-title").textContent = "pick a query from the list or upload an image";
+  $("box-text").textContent = "drag on the image to draw the query box";
+  clearResults();
+  updateSearchButton();
+}
+
 function selectTarget(value) {
   const [kind, ...rest] = value.split(":");
   state.target = state.targets.find((t) => t.kind === kind && t.name === rest.join(":"));
+  showError("");
+  resetQuery();
   showFreshness();
   state.offset = 0;
   $("images").replaceChildren();
@@ -112,13 +133,22 @@ async function loadImages(append) {
   const list = $("images");
   if (!append) list.replaceChildren();
   for (const item of data.items) {
-    const li = el("li", { dataset: { id: item.id, dataset: item.dataset } },
-      el("img", { src: `${item.image}&size=64`, alt: "", loading: "lazy" }));
+    const li = el("li", { dataset: { id: item.id, dataset: item.dataset }, tabindex: "0",
+      role: "option", "aria-selected": "false" },
+    el("img", { src: `${item.image}&size=64`, alt: "", loading: "lazy" }));
     const text = el("span");
     if (item.query) text.append(el("span", { class: "q" }, `★ ${item.query}`), el("br"));
     text.append(item.id);
     li.append(text);
     li.addEventListener("click", () => pickImage(item, li));
+    li.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); pickImage(item, li); }
+      else if (ev.key === "ArrowDown" && li.nextElementSibling) {
+        ev.preventDefault(); li.nextElementSibling.focus();
+      } else if (ev.key === "ArrowUp" && li.previousElementSibling) {
+        ev.preventDefault(); li.previousElementSibling.focus();
+      }
+    });
     list.append(li);
   }
   state.offset = data.offset + data.items.length;
@@ -132,11 +162,27 @@ async function loadImages(append) {
   }
 }
 
-function pickImage(item, li) {
+function clearResults() {
+  // Results belong to the query that was searched: none are shown under another one.
+  state.token = null;
+  $("summary").replaceChildren();
+  $("results").replaceChildren();
+}
+
+function unselect() {
   for (const other of document.querySelectorAll(".image-list li.selected")) {
     other.classList.remove("selected");
+    other.setAttribute("aria-selected", "false");
   }
+}
+
+function pickImage(item, li) {
+  showError("");
+  cancelSearch();
+  clearResults();
+  unselect();
   li.classList.add("selected");
+  li.setAttribute("aria-selected", "true");
   $("upload").value = "";
   state.query = { kind: "id", id: item.id, dataset: item.dataset, name: item.query,
     width: item.width, height: item.height };
@@ -147,34 +193,55 @@ function pickImage(item, li) {
   showQueryImage(`${item.image}&size=1024`);
 }
 
-function pickUpload(file) {
-  for (const other of document.querySelectorAll(".image-list li.selected")) {
-    other.classList.remove("selected");
-  }
+async function pickUpload(file) {
+  showError("");
+  cancelSearch();
+  clearResults();
+  unselect();
   if (state.uploadUrl) URL.revokeObjectURL(state.uploadUrl);
-  state.uploadUrl = URL.createObjectURL(file);
-  state.query = { kind: "upload", file, name: file.name, width: 0, height: 0 };
+  state.uploadUrl = null;
+  state.query = null;
   state.box = null;
-  $("query-title").textContent = `uploaded ${file.name} (${(file.size / 1024).toFixed(0)} KiB)`;
+  $("canvas").hidden = true;
+  $("box-text").textContent = "";
+  updateSearchButton();
+  $("query-title").textContent = `reading ${file.name}…`;
+  // Read by the server as a search would, at once: a broken file is reported now.
+  const params = targetParams();
+  params.set("filename", file.name);
+  let info;
+  try {
+    info = await api(`/api/upload?${params}`, { method: "POST", body: file,
+      headers: { "Content-Type": file.type || "application/octet-stream" } });
+  } catch (err) {
+    $("query-title").textContent = "pick a query from the list or upload an image";
+    $("upload").value = "";
+    showError(err.message);
+    return;
+  }
+  state.uploadUrl = URL.createObjectURL(file);
+  state.query = { kind: "upload", file, name: file.name, width: info.width, height: info.height };
+  $("query-title").textContent = `uploaded ${file.name} (${info.width}×${info.height}, ` +
+    `${(file.size / 1024).toFixed(0)} KiB)`;
   showQueryImage(state.uploadUrl);
 }
 
 function showQueryImage(src) {
   const img = $("query-img");
+  const query = state.query;
   $("canvas").hidden = false;
-  $("search").disabled = false;
-  img.onload = () => {
-    if (state.query && state.query.kind === "upload") {
-      state.query.width = img.naturalWidth;   // browsers apply the EXIF orientation too
-      state.query.height = img.naturalHeight;
-    }
-    drawBox();
-  };
+  $("box").hidden = true;
+  drawBox();
+  updateSearchButton();
+  img.onload = () => { if (state.query === query) drawBox(); };
   img.onerror = () => {
-    // An upload the browser cannot show may still be decodable by the server (or not: then
-    // the search says why); an indexed image that fails to load is an error of its own.
-    if (state.query && state.query.kind === "id") showError(`cannot load image ${state.query.id}`);
-    $("box").hidden = true;
+    if (state.query !== query) return;  // another query was picked meanwhile
+    $("canvas").hidden = true;
+    if (query.kind === "id") {
+      showError(`cannot load image ${query.id}`);
+    } else {  // the server reads it (checked): only this browser cannot show it
+      $("box-text").textContent = "this browser cannot show the file: the whole image is searched";
+    }
   };
   img.src = src;
 }
@@ -259,11 +326,49 @@ function setupBox() {
   };
   canvas.addEventListener("pointerup", end);
   canvas.addEventListener("pointercancel", end);
-  $("clear-box").addEventListener("click", () => { state.box = null; drawBox(); });
+  $("clear-box").addEventListener("click", () => { showError(""); state.box = null; drawBox(); });
   window.addEventListener("resize", drawBox);
 }
 
 // ---------------------------------------------------------------- search and results
+
+function fieldProblem(name) {
+  const input = $(name);
+  const [lo, hi] = FIELDS[name];
+  const text = input.value.trim();
+  if (text === "" && name !== "top") return null;
+  if (!/^\d+$/.test(text)) return `a whole number from ${lo} to ${hi}`;
+  const v = parseInt(text, 10);
+  if (v < lo || v > hi) return `from ${lo} to ${hi}`;
+  return null;
+}
+
+function checkFields() {
+  let ok = true;
+  for (const name of Object.keys(FIELDS)) {
+    const problem = fieldProblem(name);
+    $(`${name}-error`).textContent = problem || "";
+    $(name).setAttribute("aria-invalid", problem ? "true" : "false");
+    if (problem) ok = false;
+  }
+  return ok;
+}
+
+function updateSearchButton() {
+  const busy = state.controller !== null;
+  const btn = $("search");
+  btn.disabled = busy || !state.query || !checkFields();
+  btn.textContent = busy ? "Searching…" : "Search";
+}
+
+function cancelSearch() {
+  if (state.controller) state.controller.abort();
+  state.controller = null;
+  state.searchSeq += 1;  // an answer still on its way is dropped
+  $("progress").hidden = true;
+  clearInterval(state.ticker);
+  updateSearchButton();
+}
 
 function methodName() {
   let m = $("method").value;
@@ -275,13 +380,17 @@ function methodName() {
 }
 
 async function search() {
-  if (!state.query) return;
+  if (!state.query || !checkFields()) return;
   showError("");
+  cancelSearch();
+  const seq = state.searchSeq;
+  const controller = new AbortController();
+  state.controller = controller;
   const params = targetParams();
   params.set("method", methodName());
   params.set("top", $("top").value || "20");
   if (state.box) params.set("box", state.box.map((v) => v.toFixed(1)).join(","));
-  let options;
+  let options = {};
   if (state.query.kind === "id") {
     params.set("id", state.query.id);
     params.set("image_dataset", state.query.dataset);
@@ -291,23 +400,38 @@ async function search() {
     options = { method: "POST", body: state.query.file,
       headers: { "Content-Type": state.query.file.type || "application/octet-stream" } };
   }
-  const btn = $("search");
-  btn.disabled = true;
-  btn.textContent = "Searching…";
-  $("summary").textContent = "searching…";
+  options.signal = controller.signal;
+  updateSearchButton();
+  const started = performance.now();
+  const progress = $("progress");
+  progress.hidden = false;
+  $("progress-text").textContent = "searching…";
+  state.ticker = setInterval(() => {
+    $("progress-text").textContent =
+      `searching… ${((performance.now() - started) / 1000).toFixed(1)} s`;
+  }, 100);
+  $("results-panel").setAttribute("aria-busy", "true");
   try {
-    showResults(await api(`/api/search?${params}`, options));
+    const data = await api(`/api/search?${params}`, options);
+    if (seq !== state.searchSeq) return;  // a newer search (or query) replaced this one
+    showResults(data, parseInt(params.get("top"), 10));
   } catch (err) {
-    $("summary").textContent = "";
+    if (seq !== state.searchSeq) return;
+    $("summary").replaceChildren();
     $("results").replaceChildren();
     showError(err.message);
   } finally {
-    btn.disabled = false;
-    btn.textContent = "Search";
+    if (seq === state.searchSeq) {
+      state.controller = null;
+      progress.hidden = true;
+      clearInterval(state.ticker);
+      $("results-panel").setAttribute("aria-busy", "false");
+      updateSearchButton();
+    }
   }
 }
 
-function showResults(data) {
+function showResults(data, top) {
   state.token = data.token;
   const t = data.timings_ms;
   const summary = $("summary");
@@ -329,29 +453,55 @@ function showResults(data) {
     (t.model_load ? ` (model loaded: ${t.model_load} ms)` : "") +
     (data.map_forward_passes ? ` · ${data.map_forward_passes} forward passes for feature maps` : "");
   summary.append(el("div", { class: "timings", id: "timings" }, timing));
-  if (data.results.some((r) => r.label)) {
-    const legend = el("div", { class: "legend muted" });
-    for (const label of ["positive", "negative", "junk"]) {
-      legend.append(el("span", {}, el("i", { class: `swatch ${label}` }), label));
-    }
-    summary.append(legend);
+  const legend = el("div", { class: "legend muted" });
+  const labels = new Set(data.results.map((r) => r.label || "unlabelled"));
+  for (const label of ["positive", "negative", "junk", "unlabelled"]) {
+    if (!labels.has(label)) continue;
+    const text = label === "unlabelled" ? "not labelled (no ground truth for this query)" : label;
+    legend.append(el("span", {}, el("i", { class: `swatch ${label}` }), text));
   }
+  summary.append(legend);
   const grid = $("results");
   grid.replaceChildren();
   for (const r of data.results) {
+    const label = r.label || "unlabelled";
     const tile = el("div", {
-      class: `tile ${r.label || ""}`, tabindex: "0",
+      class: `tile ${label}`, tabindex: "0", role: "button",
+      "aria-label": `result ${r.rank}: ${r.id}, ${label}, score ${r.score.toFixed(4)}`,
       dataset: { id: r.id, dataset: r.dataset, rank: r.rank, label: r.label || "" },
     },
     el("img", { src: `${r.image}&size=256`, alt: r.id, loading: "lazy" }),
     el("div", { class: "cap" }, el("b", {}, `#${r.rank}`), r.score.toFixed(4), el("br"), r.id));
-    tile.addEventListener("click", () => openDetail(r));
-    tile.addEventListener("keydown", (ev) => { if (ev.key === "Enter") openDetail(r); });
+    tile.addEventListener("click", () => openDetail(r, tile));
+    tile.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); openDetail(r, tile); }
+    });
     grid.append(tile);
+  }
+  // More results: the same search with a larger top-k, up to the maximum and the database.
+  const most = Math.min(MAX_TOP, data.database);
+  if (data.results.length >= top && top < most) {
+    const more = el("button", { type: "button", id: "more-results", class: "more" },
+      `more results (${Math.min(most, top * 2)})`);
+    more.addEventListener("click", () => {
+      $("top").value = String(Math.min(most, top * 2));
+      search();
+    });
+    grid.append(more);
   }
 }
 
-async function openDetail(r) {
+let detailOpener = null;
+
+function closeDetail() {
+  $("detail").hidden = true;
+  if (detailOpener) detailOpener.focus();
+  detailOpener = null;
+}
+
+async function openDetail(r, tile) {
+  showError("");
+  detailOpener = tile || null;
   const params = new URLSearchParams({ token: state.token, dataset: r.dataset, id: r.id });
   const dlg = $("detail");
   $("detail-title").textContent = `#${r.rank} ${r.id} · score ${r.score.toFixed(4)}` +
@@ -359,6 +509,7 @@ async function openDetail(r) {
   $("detail-img").removeAttribute("src");
   $("detail-info").textContent = "computing the CAM…";
   dlg.hidden = false;
+  $("detail-close").focus();
   try {
     const d = await api(`/api/detail?${params}`);
     $("detail-img").src = d.overlay;
@@ -374,7 +525,7 @@ async function openDetail(r) {
         "the descriptors asset in the Dagster UI (lineage)")));
   } catch (err) {
     $("detail-info").textContent = "";
-    dlg.hidden = true;
+    closeDetail();
     showError(err.message);
   }
 }
@@ -386,6 +537,7 @@ window.addEventListener("DOMContentLoaded", () => {
   $("target").addEventListener("change", (ev) => selectTarget(ev.target.value));
   let timer = null;
   $("filter").addEventListener("input", () => {
+    showError("");
     clearTimeout(timer);
     timer = setTimeout(() => {
       state.offset = 0;
@@ -396,12 +548,16 @@ window.addEventListener("DOMContentLoaded", () => {
     if (ev.target.files.length) pickUpload(ev.target.files[0]);
   });
   $("controls").addEventListener("submit", (ev) => { ev.preventDefault(); search(); });
-  $("detail-close").addEventListener("click", () => { $("detail").hidden = true; });
+  for (const name of Object.keys(FIELDS)) {
+    $(name).addEventListener("input", () => updateSearchButton());
+  }
+  $("method").addEventListener("change", () => showError(""));
+  $("detail-close").addEventListener("click", closeDetail);
   $("detail").addEventListener("click", (ev) => {
-    if (ev.target === $("detail")) $("detail").hidden = true;
+    if (ev.target === $("detail")) closeDetail();
   });
   document.addEventListener("keydown", (ev) => {
-    if (ev.key === "Escape") $("detail").hidden = true;
+    if (ev.key === "Escape" && !$("detail").hidden) closeDetail();
   });
   loadTargets().catch((err) => showError(err.message));
 });
