@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -88,23 +87,48 @@ def synthetic_index(ds, n: int, seed: int = 0) -> SearchIndex:
 
 
 class Server:
-    """uvicorn over the app on a free loopback port, in a thread of this process."""
+    """``python web_load.py --serve PORT``: the app over a :class:`LoadEngine` under uvicorn,
+    set up as ``cw-pipeline serve`` sets itself up, in a process of its own (the clients do
+    not share its interpreter)."""
 
-    def __init__(self, engine: SearchEngine) -> None:
-        config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="error")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+    def __init__(self, config: Path, size: int, max_searches: int) -> None:
+        self.port = _free_port()
+        self.argv = [sys.executable, __file__, "--serve", str(self.port), "--config", str(config),
+                     "--size", str(size), "--max-searches", str(max_searches)]  # fmt: skip
 
     def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{base}/api/health", timeout=5).status_code == 200:
+                    return base
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the server did not start")
+            time.sleep(0.3)
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(port: int, config: Path, size: int, max_searches: int) -> None:
+    from cw_pipeline.core import allocator
+
+    allocator.keep_freed_memory(one_arena=True)  # as cw_pipeline.web.serve does
+    engine = LoadEngine(config, size, max_searches)
+    uvicorn.run(create_app(engine), host="127.0.0.1", port=port, log_level="error")
 
 
 class Recorder:
@@ -218,10 +242,12 @@ def measure(base: str, args: argparse.Namespace, photo: bytes) -> None:
          {"params": {**demo, "id": i, "size": 160}})
         for i in ids
     ]  # fmt: skip
+    probe = sync.get("/api/search", **search(ev, "ofa", id=queries[0])).json()
+    r = min(100, probe["database"])  # +r100, or the whole database when it is smaller
     slow = [
         ("search OnA (evaluation)", "GET", "/api/search", search(ev, "ona", id=q)) for q in queries
     ] + [
-        ("search ofa+r50 (evaluation)", "GET", "/api/search", search(ev, "ofa+r50", id=q))
+        (f"search ofa+r{r} (evaluation)", "GET", "/api/search", search(ev, f"ofa+r{r}", id=q))
         for q in queries
     ]
     upload_bench = [("upload OfA (105k)", "POST", "/api/search", {**search(bench, "ofa"), **jpeg})]
@@ -242,7 +268,7 @@ def measure(base: str, args: argparse.Namespace, photo: bytes) -> None:
 
     seconds = args.seconds
     rec = asyncio.run(run(base, [(4, slow), (2, reads)], seconds))
-    rec.report("1. reads while 4 users search slowly (OnA, +r50) and 2 users read", seconds)
+    rec.report(f"1. reads while 4 users search slowly (OnA, +r{r}) and 2 users read", seconds)
     read_p95 = max(
         statistics.quantiles(v, n=100, method="inclusive")[94]
         for k, v in rec.ms.items()
@@ -284,7 +310,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=105_000)
     ap.add_argument("--users", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-searches", type=int, default=2)
+    ap.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve:
+        serve(args.serve, args.config, args.size, args.max_searches)
+        return
     print(machine_info())
     print(f"max_searches={args.max_searches}, {args.seconds:.0f} s per measurement")
     with tempfile.TemporaryDirectory() as tmp:
@@ -293,8 +323,7 @@ def main() -> None:
         buf = io.BytesIO()
         Image.fromarray(skdata.astronaut()).save(buf, "JPEG", quality=90)
         photo = buf.getvalue()
-        engine = LoadEngine(with_bench(config, root, photo), args.size, args.max_searches)
-        with Server(engine) as base:
+        with Server(with_bench(config, root, photo), args.size, args.max_searches) as base:
             measure(base, args, photo)
     print("\n" + machine_info())
 

@@ -7,7 +7,9 @@
   the database they started with, and new ones take the loaded one until the reload is done.
 * The configuration is re-read when its file changes.
 * One network per extraction settings, loaded on first use and kept; each running search
-  takes an extractor of its own over it (:meth:`FeatureExtractor.clone`).
+  takes an extractor of its own over it (:meth:`FeatureExtractor.clone`). On the CPU the
+  cores are shared among the search slots: each forward pass runs on ``cores //
+  max_searches`` threads (at least one), unless the dataset sets ``num_threads``.
 * The database of each search target (a dataset, or an evaluation with distractors) is loaded
   once per aggregation and kept; it is reloaded when a new generation is published (its commit
   pointers, its manifests, features or distractor descriptors change), checked at most every
@@ -55,6 +57,7 @@ from cw_pipeline.config import (
 )
 from cw_pipeline.core import allocator
 from cw_pipeline.core import datasets as gtio
+from cw_pipeline.core.backbones import set_num_threads
 from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.retrieval import MapCache
@@ -183,6 +186,8 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         self._key_locks: dict[Any, threading.Lock] = {}  #: one per database, manifest
         self.max_searches = int(max_searches)
         self._search_slots = threading.BoundedSemaphore(self.max_searches)
+        #: torch threads of one forward pass on the CPU: the cores shared among the slots
+        self.threads_per_search = max(1, (os.cpu_count() or 1) // self.max_searches)
         self.metrics = Metrics(self.max_searches)
         self.searches_running = 0
         self.started = time.time()
@@ -439,6 +444,12 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
                 )
             return key
 
+    def _extractor(self, ds: DatasetConfig) -> FeatureExtractor:
+        extractor = dataset_extractor(ds)
+        if ds.runtime.num_threads is None and extractor.backbone.device.type == "cpu":
+            set_num_threads(self.threads_per_search)  # the slots share the cores
+        return extractor
+
     def extractors(self, ds: DatasetConfig) -> _ExtractorPool:
         """The extractors of ``ds``'s extraction settings (one network per settings, kept);
         ``with engine.extractors(ds).get() as extractor:`` takes one for a request."""
@@ -447,7 +458,7 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         with self._lock:
             pool = self._extractors.get(key)
             if pool is None:
-                pool = self._extractors[key] = _ExtractorPool(lambda: dataset_extractor(ds))
+                pool = self._extractors[key] = _ExtractorPool(lambda: self._extractor(ds))
             return pool
 
     def _map_cache(self, ds: DatasetConfig) -> MapCache | None:

@@ -104,12 +104,13 @@ def test_serve_makes_search_threads_share_the_kept_heap(monkeypatch) -> None:
 
     import cw_pipeline.web.engine as engine_module
     from cw_pipeline.web import serve
+    from cw_pipeline.web.metrics import Metrics
 
     calls: list[str] = []
 
     class Engine:
         def __init__(self, *args, **kwargs) -> None:
-            pass
+            self.metrics = Metrics(1)
 
         def config(self) -> None:
             calls.append("config")

@@ -237,7 +237,7 @@ def fits(page: Page, selector: str, width: int) -> None:
 def test_search_page_on_a_phone(browser: Browser, search_server: str, record_property) -> None:
     """At 390×844 with touch: nothing is wider than the screen; pick a query, draw and move
     the box with a finger, search, scroll the results, open and close the CAM view."""
-    page = new_page(browser, PHONE, has_touch=True, is_mobile=True, device_scale_factor=2)
+    page = new_page(browser, PHONE, has_touch=True, is_mobile=True)
     try:
         with step(page, "open the page on a phone", "search-page-phone", record_property):
             page.goto(search_server)
@@ -271,7 +271,10 @@ def test_search_page_on_a_phone(browser: Browser, search_server: str, record_pro
             last.scroll_into_view_if_needed()
             fits(page, ".tile >> nth=-1", PHONE["width"])
             assert page.evaluate("window.scrollY") > 0
-            screenshot(page, "search-page-phone", record_property)
+            page.locator("#box-text").scroll_into_view_if_needed()  # the box, then results
+            page.evaluate("window.scrollBy(0, document.getElementById('box-text')"
+                          ".getBoundingClientRect().top - 380)")  # fmt: skip
+            screenshot(page, "search-page-phone", record_property, full_page=False)
         with step(
             page, "open and close the CAM view by touch", "search-page-phone", record_property
         ):
@@ -281,7 +284,7 @@ def test_search_page_on_a_phone(browser: Browser, search_server: str, record_pro
             page.wait_for_function("() => document.getElementById('detail-img').naturalWidth > 0")
             fits(page, ".detail-card", PHONE["width"])
             fits(page, "#detail-img", PHONE["width"])
-            screenshot(page, "search-page-phone-cam", record_property)
+            screenshot(page, "search-page-phone-cam", record_property, full_page=False)
             page.locator("#detail-close").tap()
             page.locator("#detail").wait_for(state="hidden")
     finally:

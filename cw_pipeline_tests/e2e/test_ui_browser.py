@@ -117,10 +117,11 @@ def artifacts_dir() -> Path:
     return path.resolve()
 
 
-def screenshot(page: Page, name: str, record_property) -> Path:
-    """A full-page screenshot ``<artifacts>/<name>.png``, recorded in the test report."""
+def screenshot(page: Page, name: str, record_property, full_page: bool = True) -> Path:
+    """A screenshot ``<artifacts>/<name>.png`` (the full page, or what the viewport shows),
+    recorded in the test report."""
     path = artifacts_dir() / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
     record_property(f"screenshot {name}", str(path))
     return path
 
