@@ -61,7 +61,8 @@ class LoadEngine(SearchEngine):
     def __init__(self, config: Path, size: int, max_searches: int) -> None:
         super().__init__(config, max_searches=max_searches)
         ds = self.config().dataset("bench")
-        self.bench = _Loaded((), synthetic_index(ds, size), {}, 0.0)
+        index = synthetic_index(ds, size)
+        self.bench = _Loaded((), index, {i: k for k, i in enumerate(index.ids)}, 0.0)
 
     def index(self, target: Target, method) -> _Loaded:
         if target == Target("dataset", "bench"):
@@ -201,8 +202,10 @@ def demo_project(root: Path) -> Path:
     env = dict(os.environ, DAGSTER_HOME=str(home), CW_PIPELINE_CONFIG=str(config))
     print("building the demo (cw-pipeline demo --no-ui), about 2 minutes …", flush=True)
     cli = Path(sys.executable).parent / "cw-pipeline"
-    subprocess.run([str(cli), "demo", "--no-ui"], env=env, cwd=repo, check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+    done = subprocess.run([str(cli), "demo", "--no-ui"], env=env, cwd=repo,
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"cw-pipeline demo failed:\n{done.stderr[-3000:]}")
     return config
 
 
@@ -263,8 +266,8 @@ def measure(base: str, args: argparse.Namespace, photo: bytes) -> None:
         + upload_bench
     )
     for name, method, url, kwargs in [*reads[:2], *slow[:1], *slow[-1:], *upload_bench, *mix]:
-        r = sync.request(method, url, **kwargs)  # warm: models, databases, caches
-        assert r.status_code == 200, (name, r.text)
+        warm = sync.request(method, url, **kwargs)  # models, databases, caches
+        assert warm.status_code == 200, (name, warm.text)
 
     seconds = args.seconds
     rec = asyncio.run(run(base, [(4, slow), (2, reads)], seconds))
