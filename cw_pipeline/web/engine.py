@@ -170,7 +170,8 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         self._map_caches: dict[str, MapCache] = {}  #: per extraction settings, like the CNNs
         self._settings_keys: dict[str, str] = {}  #: dataset -> its extraction settings' key
         self._config: ProjectConfig | None = None
-        self._config_mtime: int | None = None
+        #: (the file's mtime, the configuration read from it): one attribute, read at once
+        self._config_state: tuple[int, ProjectConfig] | None = None
         self._store: FeatureStore | None = None
         self._extractors: dict[str, _ExtractorPool] = {}
         self._indexes: dict[tuple[Target, str], _Loaded] = {}
@@ -202,11 +203,12 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
             mtime = path.stat().st_mtime_ns
         except OSError as exc:
             raise WebError(500, f"configuration {path}: {exc.strerror or exc}") from exc
-        config = self._config
-        if config is not None and mtime == self._config_mtime:
-            return config
+        state = self._config_state
+        if state is not None and state[0] == mtime:
+            return state[1]
         with self._config_lock:
-            if self._config is None or mtime != self._config_mtime:
+            state = self._config_state
+            if state is None or state[0] != mtime:
                 try:
                     config = load_config(path, disable_missing=True)
                 except ConfigError as exc:
@@ -220,14 +222,14 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
                     self._groundtruth.clear()
                     self._freshness.clear()
                     self._problems.clear()
-                    self._config, self._config_mtime = config, mtime
-            assert self._config is not None
-            return self._config
+                    self._config = config
+                    self._config_state = state = (mtime, config)
+            return state[1]
 
     def public(self, text: str) -> str:
         """``text`` without the server's absolute paths, for an answer: paths under the
         project's folder become relative to it, the warehouse and reports roots elsewhere
-        ``<warehouse>`` and ``<reports>``, a dataset's folder elsewhere ``<name>:``, and any
+        ``<warehouse>`` and ``<reports>``, a dataset's folder elsewhere ``<name>``, and any
         other absolute path its last component (``…/name``)."""
         config = self._config
         roots: list[tuple[str, str]] = []
