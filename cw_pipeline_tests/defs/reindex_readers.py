@@ -146,6 +146,22 @@ def search_during_reindex(
     return out
 
 
+def index_and_search_during_reindex(
+    project: Project, monkeypatch: pytest.MonkeyPatch, rounds: int
+) -> tuple[Outcome, dict[str, dict[str, tuple[tuple[str, float], ...]]]]:
+    """Index the whole project (recording every commit), then :func:`search_during_reindex`
+    ``rounds`` times; checks that no reader saw an error and that ``beta`` published one index
+    per round besides the first; returns what the readers saw and :func:`expected_answers`."""
+    out = recording(monkeypatch)
+    project.index_all()
+    refresh(project.defs, project.instance, include_cron=True)
+    search_during_reindex(project, monkeypatch, out, rounds=rounds)
+    assert out.errors == []
+    generations = [c[2]["generation"] for c in out.commits if c[:2] == ("index", "beta")]
+    assert len(generations) == rounds + 1  # the first index, then a new PCA each round
+    return out, expected_answers(project, out)
+
+
 def expected_answers(
     project: Project, out: Outcome
 ) -> dict[str, dict[str, tuple[tuple[str, float], ...]]]:

@@ -3,14 +3,8 @@ published state (see :mod:`cw_pipeline_tests.defs.reindex_readers`)."""
 
 from __future__ import annotations
 
-from cw_pipeline.runs import refresh
 from cw_pipeline_tests.defs.project import build_project, open_project, write_config
-from cw_pipeline_tests.defs.reindex_readers import (
-    expected_answers,
-    recording,
-    search_during_reindex,
-    unexplained,
-)
+from cw_pipeline_tests.defs.reindex_readers import index_and_search_during_reindex, unexplained
 
 
 def test_searches_during_reindexing_see_one_generation(tmp_path, demo_source, monkeypatch):
@@ -18,16 +12,7 @@ def test_searches_during_reindexing_see_one_generation(tmp_path, demo_source, mo
     build_project(root, demo_source)
     write_config(root, reproject_at_once=None)  # gamma follows beta's PCA in the same refresh
     project = open_project(root)
-    out = recording(monkeypatch)
-    project.index_all()
-    refresh(project.defs, project.instance, include_cron=True)
-
-    search_during_reindex(project, monkeypatch, out, rounds=4)
-
-    assert out.errors == []
-    generations = [c[2]["generation"] for c in out.commits if c[:2] == ("index", "beta")]
-    assert len(generations) == 5  # the first index, then one per round (a new PCA each)
-    expected = expected_answers(project, out)
+    out, expected = index_and_search_during_reindex(project, monkeypatch, rounds=4)
     assert len({h for e in expected.values() for h in [e["ofa"][:10]]}) > 1  # they differ
     assert len(out.answers) >= 40
     kinds = {(kind, method) for kind, method, _ in out.answers}

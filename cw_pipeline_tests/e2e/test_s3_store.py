@@ -36,12 +36,7 @@ from cw_pipeline_tests.defs.project import (
     project_yaml,
     synthetic_jpeg,
 )
-from cw_pipeline_tests.defs.reindex_readers import (
-    expected_answers,
-    recording,
-    search_during_reindex,
-    unexplained,
-)
+from cw_pipeline_tests.defs.reindex_readers import index_and_search_during_reindex, unexplained
 from cw_pipeline_tests.e2e.processes import free_port
 
 BUCKET = "cw-features"
@@ -251,14 +246,9 @@ def test_searches_during_reindexing_in_the_bucket_see_one_generation(
     (root / "datasets.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     with threadpool_limits(1):
         project = open_project(root)
-        out = recording(monkeypatch)
-        project.index_all()
-        refresh(project.defs, project.instance, include_cron=True)
-        search_during_reindex(project, monkeypatch, out, rounds=3)
-        assert out.errors == []
-        assert sum(c[:2] == ("index", "beta") for c in out.commits) == 4
+        out, expected = index_and_search_during_reindex(project, monkeypatch, rounds=3)
         assert len(out.answers) >= 20
-        assert unexplained(out, expected_answers(project, out)) == []
+        assert unexplained(out, expected) == []
     pointers = keys(s3, "commits/warehouse/commits/")
     assert "commits/warehouse/commits/dataset=beta/index.json" in pointers
     assert not [k for k in keys(s3, "commits/") if any(p.startswith(".") for p in k.split("/"))]
