@@ -1,7 +1,7 @@
 """Load on the search server: many users at once, over the demo and 105,000 descriptors.
 
 Usage: python benchmarks/web_load.py [--config datasets.yaml] [--seconds 15] [--size 105000]
-       [--users 1 4 16] [--max-searches 2]
+       [--users 1 4 16] [--max-searches 2] [--rounds 3] [--parts reads uploads mix]
 
 The server is the real app (``cw-pipeline serve``'s: :func:`cw_pipeline.web.app.create_app`)
 under uvicorn on a loopback port, in this process; the clients are an async HTTP client
@@ -16,8 +16,9 @@ per second and any 5xx:
 1. **Reads during slow searches**: 4 users loop on OnA and ``+r`` searches of the demo
    evaluation with distractors while 2 users read the target list, image lists and
    thumbnails. Target: list/thumbnail p95 ≤ 100 ms.
-2. **Uploads, 1 user then 4**: OfA searches of an uploaded photo against the 105k target.
-   Target: 4 users give ≥ 1.6× the requests per second of 1.
+2. **Uploads, 1 user then 4**, ``--rounds`` times: OfA searches of an uploaded photo against
+   the 105k target, with the server's own timings (queued, features, ranking). Target: 4 users
+   give ≥ 1.6× the requests per second of 1 (the medians of the rounds).
 3. **A mix at each of ``--users``**: ground-truth queries, uploads (demo and 105k), lists and
    thumbnails. Target: no 5xx at 16 users.
 """
@@ -51,6 +52,7 @@ from cw_pipeline.web.engine import SearchEngine
 DIMS = 512  #: OfA descriptors of the synthetic target (PCA from 1280)
 READ_P95_TARGET_MS = 100.0
 UPLOAD_SPEEDUP_TARGET = 1.6
+PARTS = ("reads", "uploads", "mix")
 
 
 class LoadEngine(SearchEngine):
@@ -118,6 +120,8 @@ class Recorder:
         self.ms: dict[str, list[float]] = defaultdict(list)
         self.errors: dict[str, int] = defaultdict(int)
         self.other: dict[str, int] = defaultdict(int)
+        #: per endpoint, the sums of the server's ``timings_ms`` (searches)
+        self.server_ms: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
     def report(self, title: str, seconds: float) -> dict[str, float]:
         print(f"\n{title}")
@@ -138,6 +142,10 @@ class Recorder:
                 f"{q[98]:>8.1f} {rps[name]:>7.2f} {self.errors[name]:>4}"
                 + (f"  (4xx: {self.other[name]})" if self.other[name] else "")
             )
+        for name in sorted(self.server_ms):
+            n = len(self.ms[name])
+            spent = ", ".join(f"{k} {v / n:.1f}" for k, v in self.server_ms[name].items() if v)
+            print(f"  {name:<28} server's mean ms: {spent}")
         return rps
 
 
@@ -148,6 +156,9 @@ async def user(client: httpx.AsyncClient, requests: list, rec: Recorder, until: 
         t0 = time.perf_counter()
         response = await client.request(method, url, **kwargs)
         rec.ms[name].append(1000 * (time.perf_counter() - t0))
+        if response.status_code == 200 and url == "/api/search":
+            for k, v in response.json()["timings_ms"].items():
+                rec.server_ms[name][k] += v
         if response.status_code >= 500:
             rec.errors[name] += 1
         elif response.status_code >= 400:
@@ -251,40 +262,51 @@ def measure(base: str, args: argparse.Namespace, photo: bytes) -> None:
         assert warm.status_code == 200, (name, warm.text)
 
     seconds = args.seconds
-    rec = asyncio.run(run(base, [(4, slow), (2, reads)], seconds))
-    rec.report(f"1. reads while 4 users search slowly (OnA, +r{r}) and 2 users read", seconds)
-    read_p95 = max(
-        statistics.quantiles(v, n=100, method="inclusive")[94]
-        for k, v in rec.ms.items()
-        if k.startswith("GET")
-    )
-    rps = {}
-    for n in (1, 4):
-        rec = asyncio.run(run(base, [(n, upload_bench)], seconds))
-        rps[n] = rec.report(f"2. uploads against {args.size:,} descriptors, {n} user(s)", seconds)[
-            "upload OfA (105k)"
-        ]
-    speedup = rps[4] / rps[1]
-    errors_at_most = {}
-    for n in args.users:
-        rec = asyncio.run(run(base, [(n, mix)], seconds))
-        rec.report(f"3. the mix, {n} user(s)", seconds)
-        errors_at_most[n] = sum(rec.errors.values())
-    verdict = "MET" if read_p95 <= READ_P95_TARGET_MS else "MISSED"
-    print(
-        f"\nreads (list, images, thumbnails) p95 during slow searches: {read_p95:.1f} ms "
-        f"(target ≤ {READ_P95_TARGET_MS:.0f}: {verdict})"
-    )
-    print(
-        f"uploads: {rps[1]:.2f} req/s with 1 user, {rps[4]:.2f} with 4: {speedup:.2f}x "
-        f"(target ≥ {UPLOAD_SPEEDUP_TARGET}x: "
-        f"{'MET' if speedup >= UPLOAD_SPEEDUP_TARGET else 'MISSED'})"
-    )
-    top = max(args.users)
-    print(
-        f"5xx at {top} users: {errors_at_most[top]} "
-        f"(target 0: {'MET' if errors_at_most[top] == 0 else 'MISSED'})"
-    )
+    verdicts = []
+    if "reads" in args.parts:
+        rec = asyncio.run(run(base, [(4, slow), (2, reads)], seconds))
+        rec.report(f"1. reads while 4 users search slowly (OnA, +r{r}) and 2 users read", seconds)
+        read_p95 = max(
+            statistics.quantiles(v, n=100, method="inclusive")[94]
+            for k, v in rec.ms.items()
+            if k.startswith("GET")
+        )
+        verdict = "MET" if read_p95 <= READ_P95_TARGET_MS else "MISSED"
+        verdicts.append(
+            f"reads (list, images, thumbnails) p95 during slow searches: {read_p95:.1f} ms "
+            f"(target ≤ {READ_P95_TARGET_MS:.0f}: {verdict})"
+        )
+    if "uploads" in args.parts:
+        # 1 user and 4 alternate over --rounds rounds: a slower minute of the machine (another
+        # process, the page cache) weighs on both sides of the ratio, not on one.
+        rps: dict[int, list[float]] = {1: [], 4: []}
+        for round_ in range(1, args.rounds + 1):
+            for n in (1, 4):
+                rec = asyncio.run(run(base, [(n, upload_bench)], seconds))
+                title = f"2. uploads against {args.size:,} descriptors, {n} user(s)"
+                if args.rounds > 1:
+                    title += f", round {round_} of {args.rounds}"
+                rps[n].append(rec.report(title, seconds)["upload OfA (105k)"])
+        one, four = statistics.median(rps[1]), statistics.median(rps[4])
+        speedup = four / one
+        ratios = ", ".join(f"{b / a:.2f}x" for a, b in zip(rps[1], rps[4], strict=True))
+        verdicts.append(
+            f"uploads (median of {args.rounds} round(s)): {one:.2f} req/s with 1 user, "
+            f"{four:.2f} with 4: {speedup:.2f}x (rounds: {ratios}; target ≥ "
+            f"{UPLOAD_SPEEDUP_TARGET}x: {'MET' if speedup >= UPLOAD_SPEEDUP_TARGET else 'MISSED'})"
+        )
+    if "mix" in args.parts:
+        errors_at_most = {}
+        for n in args.users:
+            rec = asyncio.run(run(base, [(n, mix)], seconds))
+            rec.report(f"3. the mix, {n} user(s)", seconds)
+            errors_at_most[n] = sum(rec.errors.values())
+        top = max(args.users)
+        verdicts.append(
+            f"5xx at {top} users: {errors_at_most[top]} "
+            f"(target 0: {'MET' if errors_at_most[top] == 0 else 'MISSED'})"
+        )
+    print("\n" + "\n".join(verdicts))
 
 
 def main() -> None:
@@ -294,6 +316,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=105_000)
     ap.add_argument("--users", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-searches", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of 1 then 4 uploading users")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                    help="the measurements to run (default: all three)")  # fmt: skip
     ap.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
