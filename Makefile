@@ -15,7 +15,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster
 # run in that is not $DAGSTER_HOME's.
 INSTANCE_YAML := deploy/dagster.yaml
 
-.PHONY: install test test-deps lint format demo demo-headless ui serve figures screenshots bench clean
+.PHONY: install test test-fast test-data test-deps lint format demo demo-headless ui serve figures screenshots bench clean
 
 install: $(VENV)/.installed
 
@@ -35,10 +35,25 @@ $(DAGSTER_HOME)/dagster.yaml: $(INSTANCE_YAML)
 test-deps:
 	@.ci/test-deps
 
+# The whole suite on every core (pytest-xdist; TEST_WORKERS=1 runs it in one process). Tests
+# that read the real data (UKBench, the Oxford/Paris ground truth) find it in $CW_SHARED_DATA,
+# ../shared/data or data/test-data/ (`make test-data`), and are skipped, counted in one line,
+# where it is in none of them (a failure under CI: .ci/run sets CW_REQUIRE_TEST_DATA).
+TEST_WORKERS ?= auto
 test: install test-deps
 	$(BIN)/ruff check cw_pipeline cw_pipeline_tests benchmarks
 	$(BIN)/ruff format --check cw_pipeline cw_pipeline_tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+
+# The inner loop: everything but the end-to-end tests of real processes (browser, daemon,
+# Celery, PostgreSQL: the `e2e` marker), in about 2 minutes.
+test-fast: install
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not e2e"
+
+# The real test data for a clone without ../shared/data, from its public sources into
+# data/test-data/ (resumable, checksummed; cw_pipeline/download/test_data.py).
+test-data: install
+	$(BIN)/cw-pipeline download test-data
 
 lint: install
 	$(BIN)/ruff check cw_pipeline cw_pipeline_tests benchmarks

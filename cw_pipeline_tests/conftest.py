@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from cw_pipeline_tests import real_data
+from cw_pipeline_tests.file_server import FileServer, serving
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,20 +24,86 @@ def _own_dagster_home(tmp_path_factory, monkeypatch) -> None:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The shared real-data folder (``<repo>/../shared/data``, or ``$CW_SHARED_DATA``).
+    """The real test data (UKBench images, Oxford/Paris ground truth): see
+    :mod:`cw_pipeline_tests.real_data` for where it is looked for. Skips the test when it is
+    nowhere, fails when ``$CW_SHARED_DATA`` is wrong or ``$CW_REQUIRE_TEST_DATA`` is set."""
+    located = real_data.locate()
+    if located.error:
+        pytest.fail(located.error, pytrace=False)
+    if located.path is None:
+        if located.required:
+            pytest.fail(real_data.required_reason(), pytrace=False)
+        pytest.skip(real_data.skip_reason())
+    return located.path
 
-    Fails (never skips) when the folder is missing: the real-data tests are mandatory.
-    """
-    override = os.environ.get("CW_SHARED_DATA")
-    path = Path(override) if override else REPO_ROOT / ".." / "shared" / "data"
-    if not path.is_dir():
-        source = "CW_SHARED_DATA" if override else "the default location"
-        pytest.fail(
-            f"shared test data folder not found at {path} (from {source}); "
-            "set CW_SHARED_DATA to the folder holding groundtruth/ and ukbench/",
-            pytrace=False,
+
+E2E = Path(__file__).resolve().parent / "e2e"
+#: Session fixtures costly enough that their tests share one worker under ``-n`` (pytest-xdist
+#: builds a session fixture once per worker that uses it): the fixture -> its group.
+SHARED_SETUPS = {"demo_env": "e2e-demo", "cli_project": "cli-project"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist with a worker per core, each worker (and the commands it starts)
+    computes on one thread: two workers with two OpenMP threads each on two cores spin-wait
+    on each other. A test or command that asks for threads explicitly still gets them."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and int(workers) >= (os.cpu_count() or 1):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers: ``real_data`` for the tests reading the real data, ``e2e`` for the end-to-end
+    tests of real processes (``e2e/``: browser, daemon, Celery, PostgreSQL, S3; ``make
+    test-fast`` leaves them out). For ``--dist loadgroup``: one group per test file, or per
+    costly session fixture (:data:`SHARED_SETUPS`); the end-to-end groups are sent first, so
+    the longest ones do not start last."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "shared_data" in names:
+            item.add_marker(pytest.mark.real_data)
+        if E2E in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)
+        group = next((g for f, g in SHARED_SETUPS.items() if f in names), None)
+        item.add_marker(pytest.mark.xdist_group(group or item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)  # stable: e2e first
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One line for the tests skipped for want of real data, one per other skip reason."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    real = sum(n for r, n in reasons.items() if r.startswith(real_data.SKIP_TAG))
+    if real:
+        terminalreporter.write_line(
+            f"{real} real-data test(s) skipped: {real_data.SKIP_TAG} "
+            f"(${real_data.PATH_ENV}, ../shared/data, {real_data.IN_REPO}/); "
+            f"run `make test-data` to enable them",
+            yellow=True,
         )
-    return path.resolve()
+    for reason, n in sorted(reasons.items()):
+        if not reason.startswith(real_data.SKIP_TAG):
+            terminalreporter.write_line(f"{n} test(s) skipped: {reason}")
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
+    """A local HTTP file server for download tests (:mod:`cw_pipeline_tests.file_server`),
+    with no proxy, mirror variable or retry wait from the environment."""
+    from cw_pipeline import download
+    from cw_pipeline.download import transfer
+
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv(download.MIRROR_ENV, raising=False)
+    monkeypatch.setattr(transfer, "DEFAULT_RETRY_WAIT", 0.0)
+    with serving() as state:
+        yield state
 
 
 @pytest.fixture(scope="session")

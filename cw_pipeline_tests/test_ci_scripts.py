@@ -190,12 +190,16 @@ def test_dry_run_says_what_it_would_run_and_runs_nothing(tmp_path: Path) -> None
 
 
 def test_ci_run_is_the_readme_test_command(machine: Machine) -> None:
-    """.ci/run installs nothing itself: it runs `make test`, which does."""
-    machine.fake("make")
+    """.ci/run installs nothing itself: it runs `make test`, which does, with missing real
+    test data made a failure ($CW_REQUIRE_TEST_DATA)."""
+    _script(
+        machine.bin / "make",
+        f'echo "make $* (CW_REQUIRE_TEST_DATA=$CW_REQUIRE_TEST_DATA)" >> "{machine.log}"\n',
+    )
     machine.fake("apt-get")
     proc = machine.run(CI_RUN)
     assert proc.returncode == 0, proc.stderr
-    assert machine.calls() == ["make test (DEBIAN_FRONTEND=)"]
+    assert machine.calls() == ["make test (CW_REQUIRE_TEST_DATA=1)"]
 
 
 def test_make_test_installs_the_system_packages_before_pytest() -> None:

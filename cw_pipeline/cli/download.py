@@ -14,7 +14,7 @@ from cw_pipeline.progress import bars_enabled
 
 def add_parser(sub: Any) -> None:
     """The ``download`` sub-command."""
-    names = ", ".join([*download.CATALOGUE, *download.ALIASES])
+    names = ", ".join([*download.CATALOGUE, *download.ALIASES, "test-data"])
     dl = sub.add_parser(
         "download",
         help="fetch Oxford5k, Paris6k, their ground truth or the distractors",
@@ -52,11 +52,22 @@ def add_parser(sub: Any) -> None:
         help="seconds to connect / per read",
     )
     dl.add_argument("--cache", type=Path, default=None, help="archive folder (default: downloads/)")
+    dl.add_argument(
+        "--dest",
+        type=Path,
+        default=None,
+        help="test-data: the folder to build (default: the project's data/test-data/, where the "
+        "tests look for it)",
+    )
     dl.set_defaults(func=cmd_download)
 
 
 def cmd_download(args: argparse.Namespace) -> dict[str, Any] | None:
     """Fetch the named benchmark (or, with ``--dry-run``, print what would be fetched)."""
+    if args.timeout <= 0:
+        raise CLIError(f"--timeout must be positive, got {args.timeout}")
+    if args.name == "test-data":
+        return _test_data(args)
     plan = download.plan_download(
         args.name,
         config=args.config,
@@ -68,13 +79,27 @@ def cmd_download(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.dry_run:
         print("\n".join(download.describe_plan(plan)))
         return None
-    if args.timeout <= 0:
-        raise CLIError(f"--timeout must be positive, got {args.timeout}")
     download.run_plan(
         plan,
         progress=bars_enabled(args.quiet),
         log=None if args.quiet else print,
         keep_archives=args.keep_archives,
         timeout=args.timeout,
+    )
+    return None
+
+
+def _test_data(args: argparse.Namespace) -> None:
+    """``download test-data``: the real test data (:mod:`cw_pipeline.download.test_data`)."""
+    from cw_pipeline.config import project_root
+    from cw_pipeline.download import test_data
+
+    dest = args.dest or project_root() / "data" / "test-data"
+    mirror = download.resolve_mirror(args.mirror)
+    if args.dry_run:
+        print("\n".join(test_data.describe(dest, mirror)))
+        return None
+    test_data.fetch_test_data(
+        dest, mirror=mirror, timeout=args.timeout, log=None if args.quiet else print
     )
     return None

@@ -1,6 +1,7 @@
 """The catalogue of downloadable benchmarks: their official URLs (Oxford5k, Paris6k, the
 classic and revisited ground truth, the revisitop1m distractors), the archives of each entry and
-the layout they provide, the aliases, and the verified facts (:data:`KNOWN`) about source files."""
+the layout they provide, the aliases, the verified facts (:data:`KNOWN`) about source files,
+and the sources of the real test data (``test-data``)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,28 @@ CATALOGUE: dict[str, Entry] = {
         "flickr100k/jpg",
         None,
         distractors=True,
+    ),
+}
+
+#: ``cw-pipeline download test-data`` (:mod:`cw_pipeline.download.test_data`): UKBench's
+#: archive (the Internet Archive's copy first: its authors' host no longer answers reliably),
+#: then the ground truth by target folder: text archives (extracted flat) and pickles.
+UKBENCH_URLS = (
+    "https://archive.org/download/ukbench/ukbench.zip",
+    "http://www.vis.uky.edu/~stewe/ukbench/ukbench.zip",
+)
+TEST_DATA_GROUNDTRUTH: dict[str, tuple[str, ...]] = {
+    "groundtruth/oxford5k": (
+        f"{_OXFORD}/gt_files_170407.tgz",
+        f"{_GND_CLASSIC}/oxford5k/gnd_oxford5k.pkl",
+    ),
+    "groundtruth/paris6k": (
+        f"{_PARIS}/paris_120310.tgz",
+        f"{_GND_CLASSIC}/paris6k/gnd_paris6k.pkl",
+    ),
+    "groundtruth/revisited": (
+        f"{_GND_REVISITED}/roxford5k/gnd_roxford5k.pkl",
+        f"{_GND_REVISITED}/rparis6k/gnd_rparis6k.pkl",
     ),
 }
 

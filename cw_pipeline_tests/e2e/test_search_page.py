@@ -244,6 +244,9 @@ def test_search_page_on_a_phone(browser: Browser, search_server: str, record_pro
             page.locator("#target").select_option(f"dataset:{DATASET}")
             item = page.locator(".image-list li").first
             item.wait_for()
+            # The page's own first listing and the one the selection asked for are both in:
+            # under load a late one re-lays the page out while a finger taps.
+            page.wait_for_load_state("networkidle")
             assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
             for selector in ("header", "#images", "#controls", "#results-panel"):
                 fits(page, selector, PHONE["width"])
