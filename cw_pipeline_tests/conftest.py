@@ -53,6 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ.setdefault(var, "1")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Markers: ``real_data`` for the tests reading the real data, ``e2e`` for the end-to-end
     tests of real processes (``e2e/``: browser, daemon, Celery, PostgreSQL, S3; ``make

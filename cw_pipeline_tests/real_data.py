@@ -64,8 +64,8 @@ def locate(repo: Path = REPO_ROOT) -> Located:
         missing = missing_parts(path)
         if missing:
             what = "is not a folder" if not path.is_dir() else f"lacks {', '.join(missing[:3])}"
-            return Located(None, f"${PATH_ENV}={override} {what}: it must name the folder "
-                                 "holding ukbench/ and groundtruth/ (see ../shared/data/README.md)")  # fmt: skip
+            hint = "it must name the folder holding ukbench/ and groundtruth/"
+            return Located(None, f"${PATH_ENV}={override} {what}: {hint}")
         return Located(path.resolve())
     for path in (repo / ".." / "shared" / "data", repo / IN_REPO):
         if not missing_parts(path):

@@ -25,8 +25,6 @@ def ukbench_result(shared_data: Path) -> dict:
         str(shared_data / "ukbench" / "jpg"),
         "--pca-split",
         "--json",
-        "--threads",
-        "2",
         "--method",
         "raw",
         "--method",

@@ -71,8 +71,8 @@ def test_a_wrong_cw_shared_data_is_an_error_never_a_skip(tmp_path: Path, monkeyp
 
 
 def _clone(root: Path) -> Path:
-    """The repository's files (tracked or not ignored, as in this working tree) in ``root/clone``, with
-    nothing beside it: no ``../shared``, no ``data/test-data``."""
+    """The repository's files (tracked or not ignored, as in this working tree) in
+    ``root/clone``, with nothing beside it: no ``../shared``, no ``data/test-data``."""
     files = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
@@ -96,7 +96,7 @@ def _pytest(clone: Path, **env: str) -> subprocess.CompletedProcess:
         if not k.startswith("PYTEST") and k not in (real_data.PATH_ENV, real_data.REQUIRE_ENV)
     }
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *SAMPLE],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *SAMPLE],
         cwd=clone,
         env={**clean, **env},
         capture_output=True,

@@ -5,7 +5,7 @@ Builds ``data/test-data/`` (the tree the tests look for, :mod:`cw_pipeline_tests
 
 - ``ukbench/jpg/ukbench00000.jpg`` … ``ukbench00599.jpg``: the first 600 images of UKBench
   (150 objects × 4 views), halved to 320×240. Read from the official ``ukbench.zip`` with HTTP
-  ``Range`` requests for those members only (about 6 % of its 1.5 GB); from a server without
+  ``Range`` requests for those members only (about 90 MB of its 1.5 GB); from a server without
   ``Range`` the whole archive is downloaded (resumable) and read locally. Each member is
   checked by the archive's CRC-32 and decoded before it is written.
 - ``groundtruth/oxford5k/``, ``paris6k/`` (the official text files and ``gnd_*.pkl``) and

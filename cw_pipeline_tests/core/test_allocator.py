@@ -16,17 +16,17 @@ from cw_pipeline.core import allocator
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: A child process: builds the default extractor, counts the minor page faults of five forward
-#: passes of 8 × 640×480 (activation buffers of up to ~240 MB) and reports the fewest of the last
-#: three with the allocator's state.
+#: A child process: builds the default extractor, counts the minor page faults of four forward
+#: passes of 4 × 640×480 (activation buffers of up to ~120 MB, all above glibc's largest dynamic
+#: mmap threshold of 32 MiB) and reports the fewer of the last two with the allocator's state.
 _CHILD = """
 import json, resource, torch
 from cw_pipeline.core import allocator
 from cw_pipeline.core.extract import FeatureExtractor
 fe = FeatureExtractor(num_threads=1)
-batch = torch.rand(8, 3, 480, 640)
+batch = torch.rand(4, 3, 480, 640)
 passes = []
-for _ in range(5):
+for _ in range(4):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     fe.backbone.forward(batch)
     passes.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -35,8 +35,8 @@ print(json.dumps({"faults": faults, "passes": passes, **allocator.state().as_met
 """
 
 
-#: The same on a thread started after the tuning (as the search page's thread pool), one
-#: 1024×768 image a pass (buffers of ~75 MB, over a thread arena's 64 MiB heaps).
+#: The same on a thread started after the tuning (as the search page's thread pool), four
+#: passes of one 1024×768 image (buffers of ~75 MB, over a thread arena's 64 MiB heaps).
 _THREAD_CHILD = """
 import json, resource, sys, threading, torch
 from cw_pipeline.core import allocator
@@ -47,7 +47,7 @@ batch = torch.rand(1, 3, 768, 1024)
 out = {}
 def work():
     passes = []
-    for _ in range(5):
+    for _ in range(4):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         fe.backbone.forward(batch)
         passes.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
