@@ -38,9 +38,38 @@ def shared_data() -> Path:
 
 
 E2E = Path(__file__).resolve().parent / "e2e"
-#: Session fixtures costly enough that their tests share one worker under ``-n`` (pytest-xdist
-#: builds a session fixture once per worker that uses it): the fixture -> its group.
-SHARED_SETUPS = {"demo_env": "e2e-demo", "cli_project": "cli-project"}
+#: The test files sharing the materialized end-to-end demo (the session fixture ``demo_env``):
+#: under ``-n`` they are one scheduling unit, so the demo is built once per run, not once per
+#: worker. Every other file is a unit of its own (its module fixtures are built once).
+SHARED_DEMO_FILES = (
+    "cw_pipeline_tests/e2e/test_demo_ui.py",
+    "cw_pipeline_tests/e2e/test_search_page.py",
+    "cw_pipeline_tests/e2e/test_ui_browser.py",
+)
+
+
+def scheduling_unit(nodeid: str) -> str:
+    """The unit of work a test is sent to a pytest-xdist worker in: its file, or the shared
+    end-to-end demo."""
+    path = nodeid.split("::", 1)[0]
+    return "e2e-demo" if path in SHARED_DEMO_FILES else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``-n`` with the default distribution: units of :func:`scheduling_unit`, handed out in
+    collection order (the end-to-end ones first: see below). pytest-xdist's own
+    ``--dist loadgroup`` cannot be used: it marks groups in a node id attribute that pytest 9
+    no longer reads."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scheduling_unit(nodeid)
+
+    return Units(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,21 +82,22 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ.setdefault(var, "1")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Markers: ``real_data`` for the tests reading the real data, ``e2e`` for the end-to-end
     tests of real processes (``e2e/``: browser, daemon, Celery, PostgreSQL, S3; ``make
-    test-fast`` leaves them out). For ``--dist loadgroup``: one group per test file, or per
-    costly session fixture (:data:`SHARED_SETUPS`); the end-to-end groups are sent first, so
-    the longest ones do not start last."""
+    test-fast`` leaves them out). The end-to-end tests go first, so that under ``-n`` the
+    longest units do not start last."""
     for item in items:
         names = getattr(item, "fixturenames", ())
         if "shared_data" in names:
             item.add_marker(pytest.mark.real_data)
         if E2E in Path(item.path).parents:
             item.add_marker(pytest.mark.e2e)
-        group = next((g for f, g in SHARED_SETUPS.items() if f in names), None)
-        item.add_marker(pytest.mark.xdist_group(group or item.nodeid.split("::")[0]))
+        if "demo_env" in names and scheduling_unit(item.nodeid) != "e2e-demo":
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the shared end-to-end demo: add its file to "
+                "SHARED_DEMO_FILES in cw_pipeline_tests/conftest.py"
+            )
     items.sort(key=lambda item: item.get_closest_marker("e2e") is None)  # stable: e2e first
 
 
