@@ -188,11 +188,21 @@ def test_the_picker_shows_a_broken_dataset_and_the_others_work(
     page: Page, server_with_broken_datasets: str, record_property
 ) -> None:
     with step(page, "a broken dataset in the picker", "search-page-broken", record_property):
+        # The listing the page asks for on load (the first working target) is held back
+        # until the broken target is picked: its late answer must not fill the list.
+        held: list = []
+        page.route("**/api/images?*", lambda route: held.append(route))
         page.goto(server_with_broken_datasets)
+        while not held:
+            page.wait_for_timeout(20)
         options = page.locator("#target option").all_inner_texts()
         assert "gone — error: cannot be searched" in options, options
         assert "typo — error: cannot be searched" in options, options
         page.locator("#target").select_option("dataset:gone")
+        for route in held:
+            route.continue_()
+        page.unroute("**/api/images?*")
+        page.wait_for_load_state("networkidle")
         text = page.locator("#freshness").inner_text()
         assert text.startswith("cannot be searched: image folder not found"), text
         assert page.locator(".image-list li").count() == 0

@@ -8,6 +8,7 @@ const state = {
   targets: [], target: null, query: null, box: null, token: null,
   offset: 0, uploadUrl: null,
   searchSeq: 0, controller: null,  // the latest search: older answers are dropped
+  listSeq: 0,  // the latest image listing: a late answer for another target or filter is dropped
 };
 const PAGE = 200;
 const MAX_TOP = 500;
@@ -95,7 +96,9 @@ function selectTarget(value) {
   resetQuery();
   showFreshness();
   state.offset = 0;
+  state.listSeq += 1;  // a listing of the previous target still on its way is dropped
   $("images").replaceChildren();
+  $("images-more").replaceChildren();
   if (state.target && state.target.state === "error") return;  // its error is shown instead
   loadImages(false).catch((err) => showError(err.message));
 }
@@ -124,12 +127,14 @@ function showFreshness() {
 // ---------------------------------------------------------------- the image list
 
 async function loadImages(append) {
+  const seq = ++state.listSeq;
   const params = targetParams();
   params.set("offset", state.offset);
   params.set("limit", PAGE);
   const text = $("filter").value.trim();
   if (text) params.set("q", text);
   const data = await api(`/api/images?${params}`);
+  if (seq !== state.listSeq) return;  // another target, filter or page was asked for since
   const list = $("images");
   if (!append) list.replaceChildren();
   for (const item of data.items) {
