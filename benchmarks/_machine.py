@@ -1,10 +1,13 @@
-"""The machine line every benchmark prints first."""
+"""The machine line every benchmark prints first, and where the real UKBench images are."""
 
 from __future__ import annotations
 
 import os
 import platform
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine_info() -> str:
@@ -27,3 +30,18 @@ def machine_info() -> str:
             f"{torch.get_num_interop_threads()} inter-op threads"
         )
     return text
+
+
+def ukbench_images() -> Path:
+    """The real UKBench images, found as the tests find them (``$CW_SHARED_DATA``,
+    ``../shared/data``, ``data/test-data/`` from ``make test-data``); where none holds them,
+    the ``../shared/data`` path, which the benchmark then names as missing."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from cw_pipeline_tests.real_data import locate
+    finally:
+        sys.path.remove(str(ROOT))
+    found = locate()
+    if found.error:
+        raise SystemExit(found.error)
+    return (found.path or ROOT.parent / "shared" / "data") / "ukbench" / "jpg"

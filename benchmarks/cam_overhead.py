@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _machine import machine_info
+from _machine import machine_info, ukbench_images
 from PIL import Image
 
 from cw_pipeline.core import images as imgs
@@ -222,7 +222,7 @@ def measure(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/ukbench/jpg")
+    ap.add_argument("--images", type=Path, default=ukbench_images())
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = ap.parse_args()

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+from _machine import ukbench_images
 from PIL import Image, ImageOps
 
 from cw_pipeline.config import load_config
@@ -45,7 +46,7 @@ methods: [ofa]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/ukbench/jpg")
+    ap.add_argument("--images", type=Path, default=ukbench_images())
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from _machine import machine_info
+from _machine import machine_info, ukbench_images
 
 from cw_pipeline.compute.features import records_to_table
 from cw_pipeline.core import images as imgs
@@ -126,7 +126,7 @@ def run_child(argv: list[str], mode: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/ukbench/jpg")
+    ap.add_argument("--images", type=Path, default=ukbench_images())
     ap.add_argument("--count", type=int, default=64, help="images per round (multiple of 16)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of each mode")
     ap.add_argument("--batch", type=int, default=16)

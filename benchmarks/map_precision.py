@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._machine import machine_info  # noqa: E402
+from benchmarks._machine import machine_info, ukbench_images  # noqa: E402
 from cw_pipeline.compute.feature_maps import encode_maps_file  # noqa: E402
 from cw_pipeline.core.demo import generate_demo  # noqa: E402
 from cw_pipeline.core.evaluation import score  # noqa: E402
@@ -116,7 +116,7 @@ def demo(methods: list[Method]) -> tuple[dict[str, dict[str, float]], FeatureSet
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ukbench", type=Path, default=ROOT.parent / "shared/data/ukbench/jpg")
+    ap.add_argument("--ukbench", type=Path, default=ukbench_images())
     ap.add_argument("--methods", default="ona,ona+qe10,ofa+r100+qe10")
     args = ap.parse_args()
     methods = [Method.parse(m) for m in args.methods.split(",")]

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _machine import machine_info
+from _machine import machine_info, ukbench_images
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.2
@@ -165,7 +165,7 @@ def report(tag: str, res: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/ukbench/jpg")
+    ap.add_argument("--images", type=Path, default=ukbench_images())
     ap.add_argument("--small", type=int, default=600)
     ap.add_argument("--large", type=int, default=3000)
     ap.add_argument("--shard-size", type=int, default=300)

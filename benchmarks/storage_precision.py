@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from _machine import ukbench_images
 
 from cw_pipeline.compute.features import records_to_table, table_to_featureset
 from cw_pipeline.core.datasets import ukbench_groundtruth, ukbench_labels
@@ -43,7 +44,7 @@ def score(fs: FeatureSet, labels: np.ndarray, params: SearchParams) -> tuple[flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/ukbench/jpg")
+    ap.add_argument("--images", type=Path, default=ukbench_images())
     args = ap.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     paths = sorted(args.images.glob("*.jpg"))

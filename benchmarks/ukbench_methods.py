@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import ukbench_images
 
 from cw_pipeline.core.datasets import ukbench_groundtruth, ukbench_labels
 from cw_pipeline.core.evaluation import score
@@ -75,7 +76,7 @@ def grid(configs: list[tuple], only: set[str]) -> list[Row]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/ukbench/jpg")
+    ap.add_argument("--images", type=Path, default=ukbench_images())
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", default="", help="comma-separated method names to run")
     args = ap.parse_args()

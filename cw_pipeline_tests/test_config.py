@@ -110,18 +110,21 @@ def _with_ukbench(text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_real_config_ukbench_entry_reads_the_real_folder(tmp_path: Path, shared_data: Path) -> None:
+    text = _with_ukbench(REAL_CONFIG.read_text())
+    ukbench = shared_data / "ukbench" / "jpg"
+    here = tmp_path / "here" / "datasets.yaml"
+    here.parent.mkdir()
+    here.write_text(text.replace("../../shared/data/ukbench/jpg", str(ukbench)))
+    config = load_config(here)
+    ds = config.dataset("ukbench")
+    assert ds.images == ukbench and ds.pca_from == SELF_SPLIT and ds.optional
+    assert config.paired("ukbench") is ds
+    assert config.evaluation("ukbench").implicit
+
+
 def test_real_config_ukbench_is_optional(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     text = _with_ukbench(REAL_CONFIG.read_text())
-    shared_ukbench = (REPO / ".." / "shared" / "data" / "ukbench" / "jpg").resolve()
-    if shared_ukbench.is_dir():
-        here = tmp_path / "here" / "datasets.yaml"
-        here.parent.mkdir()
-        here.write_text(text.replace("../../shared/data/ukbench/jpg", str(shared_ukbench)))
-        config = load_config(here)
-        ds = config.dataset("ukbench")
-        assert ds.images == shared_ukbench and ds.pca_from == SELF_SPLIT and ds.optional
-        assert config.paired("ukbench") is ds
-        assert config.evaluation("ukbench").implicit
     # A copy elsewhere cannot see the shared folder: ukbench is disabled with a warning.
     copy = tmp_path / "data" / "datasets.yaml"
     copy.parent.mkdir()
