@@ -46,7 +46,7 @@ test: install test-deps
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # The inner loop: everything but the end-to-end tests of real processes (browser, daemon,
-# Celery, PostgreSQL: the `e2e` marker), in about 2 minutes.
+# Celery, PostgreSQL, S3: the `e2e` marker); docs/development.md has its time.
 test-fast: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not e2e"
 

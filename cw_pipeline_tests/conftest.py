@@ -112,9 +112,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     real = sum(n for r, n in reasons.items() if r.startswith(real_data.SKIP_TAG))
     if real:
         terminalreporter.write_line(
-            f"{real} real-data test(s) skipped: {real_data.SKIP_TAG} "
-            f"(${real_data.PATH_ENV}, ../shared/data, {real_data.IN_REPO}/); "
-            f"run `make test-data` to enable them",
+            f"{real} real-data test(s) skipped: {real_data.SKIP_TAG} ({real_data.WHERE}); "
+            "run `make test-data` to enable them",
             yellow=True,
         )
     for reason, n in sorted(reasons.items()):

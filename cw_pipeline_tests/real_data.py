@@ -35,6 +35,8 @@ REQUIRED = (
 #: Every skip for missing real data starts with this (the end-of-run line counts them).
 SKIP_TAG = "real test data not found"
 ENABLE_HINT = "`make test-data` fetches it into data/test-data/"
+#: Where it is looked for, in order (the messages name them).
+WHERE = f"${PATH_ENV}, ../shared/data, {IN_REPO}/"
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,11 @@ def locate(repo: Path = REPO_ROOT) -> Located:
 
 
 def skip_reason() -> str:
-    return f"{SKIP_TAG} (${PATH_ENV}, ../shared/data, {IN_REPO}/): {ENABLE_HINT}"
+    return f"{SKIP_TAG} ({WHERE}): {ENABLE_HINT}"
 
 
 def required_reason() -> str:
     return (
-        f"{SKIP_TAG} in ${PATH_ENV}, ../shared/data or {IN_REPO}/, and ${REQUIRE_ENV} is set "
-        f"(CI): the real-data tests must run; {ENABLE_HINT}"
+        f"{SKIP_TAG} ({WHERE}) and ${REQUIRE_ENV} is set (CI): the real-data tests must "
+        f"run; {ENABLE_HINT}"
     )

@@ -20,7 +20,6 @@ applies to every source.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import io
 import os
@@ -41,7 +40,13 @@ from cw_pipeline.download.archives import safe_extract
 from cw_pipeline.download.errors import DownloadError, HostUnreachableError, IntegrityError
 from cw_pipeline.download.plan import apply_mirror
 from cw_pipeline.download.sources import TEST_DATA_GROUNDTRUTH, UKBENCH_URLS
-from cw_pipeline.download.transfer import DEFAULT_TIMEOUT, USER_AGENT, check_gnd, fetch
+from cw_pipeline.download.transfer import (
+    DEFAULT_TIMEOUT,
+    USER_AGENT,
+    check_gnd,
+    fetch,
+    file_sha256,
+)
 
 UKBENCH_IMAGES = 600  #: the first 150 objects
 UKBENCH_SIZE = (320, 240)
@@ -205,7 +210,7 @@ def _ukbench(
             say(f"test-data: {url} sends whole files: fetching all of ukbench.zip (resumable)")
             result = fetch(url, cache / "ukbench.zip", timeout=timeout, progress=False)
             n = extract_ukbench(result.path, folder)
-        except (HostUnreachableError, DownloadError) as exc:
+        except DownloadError as exc:  # unreachable, HTTP errors: try the next source
             errors.append(str(exc))
             continue
         else:
@@ -253,7 +258,7 @@ def verify(out: Path, sums: dict[str, str] | None = None) -> None:
         path = out / name
         if not path.is_file():
             raise _bad(name, f"test data: {name} is missing after the download")
-        got = hashlib.sha256(path.read_bytes()).hexdigest()
+        got = file_sha256(path)
         if got != digest:
             raise _bad(
                 name, f"test data: {name} has sha256 {got}, expected {digest} (the official file's)"

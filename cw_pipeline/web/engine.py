@@ -169,7 +169,6 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         self.map_cache_bytes = int(map_cache_bytes)
         self._map_caches: dict[str, MapCache] = {}  #: per extraction settings, like the CNNs
         self._settings_keys: dict[str, str] = {}  #: dataset -> its extraction settings' key
-        self._config: ProjectConfig | None = None
         #: (the file's mtime, the configuration read from it): one attribute, read at once
         self._config_state: tuple[int, ProjectConfig] | None = None
         self._store: FeatureStore | None = None
@@ -222,7 +221,6 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
                     self._groundtruth.clear()
                     self._freshness.clear()
                     self._problems.clear()
-                    self._config = config
                     self._config_state = state = (mtime, config)
             return state[1]
 
@@ -231,7 +229,8 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         project's folder become relative to it, the warehouse and reports roots elsewhere
         ``<warehouse>`` and ``<reports>``, a dataset's folder elsewhere ``<name>``, and any
         other absolute path its last component (``…/name``)."""
-        config = self._config
+        state = self._config_state
+        config = state[1] if state is not None else None
         roots: list[tuple[str, str]] = []
         if config is not None:
             project = str(Path(config.source).resolve().parent)
