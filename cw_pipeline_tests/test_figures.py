@@ -279,6 +279,14 @@ def test_data_uri_and_markdown_embed_small_pngs():
     png = base64.b64decode(uri.split(",", 1)[1])
     with Image.open(io.BytesIO(png)) as back:
         assert back.format == "PNG" and back.size == (400, 75)
+        assert back.mode == "P" and len(back.getcolors()) <= 128
+    # A chart's few flat colours come through exactly.
+    rng = np.random.default_rng(2)
+    palette = rng.integers(0, 256, (20, 3), dtype=np.uint8)
+    chart = palette[rng.integers(0, 20, (60, 80))]
+    png = base64.b64decode(data_uri(Image.fromarray(chart)).split(",", 1)[1])
+    with Image.open(io.BytesIO(png)) as back:
+        assert np.array_equal(np.asarray(back.convert("RGB")), chart)
     report = {
         "evaluation": "ev",
         "database_images": 3,

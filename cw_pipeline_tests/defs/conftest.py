@@ -10,8 +10,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from cw_pipeline.core.demo import generate_demo
-from cw_pipeline.runs import refresh
-from cw_pipeline_tests.defs.project import Project, build_project, open_project
+from cw_pipeline_tests.defs.project import Project, SavedStates, build_project, open_project
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,10 +36,22 @@ def fresh_project(tmp_path, demo_source) -> Project:
     return open_project(tmp_path / "project")
 
 
+@pytest.fixture(scope="session")
+def saved_states(tmp_path_factory, demo_source) -> Iterator[SavedStates]:
+    """Project states built once per test process and copied into each test that starts
+    from one (indexing the demo project costs about 10 s; a copy, a fraction of one)."""
+    states = SavedStates(tmp_path_factory.mktemp("saved-states"), demo_source)
+    yield states
+    states.check_unchanged()
+
+
 @pytest.fixture
-def indexed_project(fresh_project) -> Project:
+def indexed_project(tmp_path, saved_states) -> Project:
     """A project fully indexed: every dataset, then everything downstream (cron-gated too)."""
-    project = fresh_project
-    project.index_results = project.index_all()
-    project.refreshed = refresh(project.defs, project.instance, include_cron=True)
-    return project
+    return saved_states.project("refreshed", tmp_path / "project")
+
+
+@pytest.fixture
+def indexed_no_refresh(tmp_path, saved_states) -> Project:
+    """A project whose datasets are all indexed, with nothing downstream refreshed."""
+    return saved_states.project("indexed", tmp_path / "project")

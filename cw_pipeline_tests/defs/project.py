@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import sqlite3
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from PIL import Image
 
 from cw_pipeline.config import ProjectConfig, load_config
 from cw_pipeline.defs import build_definitions
-from cw_pipeline.runs import IndexResult, index_dataset
+from cw_pipeline.runs import IndexResult, index_dataset, refresh
 from cw_pipeline.store import FeatureStore
 
 DATASETS = ("alpha", "beta", "gamma", "delta")
@@ -207,9 +208,121 @@ class Project:
         return len(self.instance.fetch_materializations(flt, limit=1000).records)
 
 
-def open_project(root: Path) -> Project:
+def open_project(root: Path, instance: dg.DagsterInstance | None = None) -> Project:
     config = load_config(root / "datasets.yaml")
-    return Project(root, config, build_definitions(config), dg.DagsterInstance.ephemeral())
+    return Project(
+        root, config, build_definitions(config), instance or dg.DagsterInstance.ephemeral()
+    )
+
+
+# --------------------------------------------------------------------------- saved states
+
+
+def copy_instance(
+    source: dg.DagsterInstance, moved: tuple[Path, Path] | None = None
+) -> dg.DagsterInstance:
+    """A new ephemeral instance holding a copy of ``source``'s runs, events, asset records,
+    checks and key-value store (SQLite's backup of its two in-memory databases).
+
+    ``moved`` (old, new): the project was copied from ``old`` to ``new``; paths under ``old``
+    in the copy's records (metadata such as a report's folder) are rewritten to ``new``, so
+    the copy reads as if the project had been indexed where it now is.
+    """
+    copy = dg.DagsterInstance.ephemeral()
+    for src, dst in (
+        (source.run_storage, copy.run_storage),
+        (source.event_log_storage, copy.event_log_storage),
+    ):
+        # the connection each in-memory storage holds for its life (it keeps the database)
+        db = dst._held_conn.connection.dbapi_connection  # type: ignore[attr-defined]
+        src._held_conn.connection.dbapi_connection.backup(db)  # type: ignore[attr-defined]
+        if moved is not None:
+            _rewrite_text(db, str(moved[0]), str(moved[1]))
+    copy.event_log_storage._storage_id = source.event_log_storage._storage_id  # type: ignore[attr-defined]
+    return copy
+
+
+def _rewrite_text(db: sqlite3.Connection, old: str, new: str) -> None:
+    """``old`` replaced by ``new`` in every text column of every table of ``db``."""
+    assert '"' not in old + new and "\\" not in old + new, "paths that JSON would escape"
+    tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    with db:
+        for (table,) in tables:
+            for column in db.execute(f'PRAGMA table_info("{table}")').fetchall():
+                name, kind = column[1], column[2].upper()
+                if kind and not any(t in kind for t in ("TEXT", "CHAR", "CLOB")):
+                    continue
+                db.execute(
+                    f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) '
+                    f'WHERE instr("{name}", ?) > 0',
+                    (old, new, old),
+                )
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` with its size and mtime (ns): what a test may not change."""
+    return {
+        str(p.relative_to(root)): (st.st_size, st.st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and (st := p.stat())
+    }
+
+
+@dataclass
+class SavedState:
+    """A project brought to some state once (its folder and its instance), copied for each
+    test that starts from it: the copy is the state, without the minutes of indexing."""
+
+    project: Project
+    files: dict[str, tuple[int, int]]
+
+    def copy_to(self, root: Path) -> Project:
+        """The saved project copied to ``root`` (files with their mtimes, and the instance)."""
+        changed = tree_state(self.project.root) != self.files
+        assert not changed, f"a test wrote into the saved project {self.project.root}"
+        shutil.copytree(self.project.root, root, symlinks=True)
+        project = open_project(
+            root, copy_instance(self.project.instance, (self.project.root, root))
+        )
+        project.index_results = dict(self.project.index_results)
+        project.refreshed = list(self.project.refreshed)
+        return project
+
+
+class SavedStates:
+    """Project states built at most once per test process (see :class:`SavedState`):
+
+    ``indexed``   every dataset indexed (``index --no-refresh``), nothing downstream;
+    ``refreshed`` ``indexed`` then every stale asset refreshed, the cron-gated ones too.
+    """
+
+    def __init__(self, workdir: Path, demo: Path) -> None:
+        self.workdir, self.demo = workdir, demo
+        self._saved: dict[str, SavedState] = {}
+
+    def project(self, state: str, root: Path) -> Project:
+        """A new project at ``root`` in ``state``."""
+        if state not in self._saved:
+            self._saved[state] = self._build(state)
+        return self._saved[state].copy_to(root)
+
+    def _build(self, state: str) -> SavedState:
+        where = self.workdir / state
+        if state == "indexed":
+            build_project(where, self.demo)
+            project = open_project(where)
+            project.index_results = project.index_all()
+        elif state == "refreshed":
+            project = self.project("indexed", where)
+            project.refreshed = refresh(project.defs, project.instance, include_cron=True)
+        else:
+            raise ValueError(f"unknown project state {state!r}")
+        return SavedState(project, tree_state(where))
+
+    def check_unchanged(self) -> None:
+        """Fails naming the state whose folder a test wrote into."""
+        for name, saved in self._saved.items():
+            assert tree_state(saved.project.root) == saved.files, f"saved state {name} changed"
 
 
 def check_evaluations(instance: dg.DagsterInstance) -> list[tuple[object, str | None]]:

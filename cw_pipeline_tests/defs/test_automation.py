@@ -29,9 +29,7 @@ from cw_pipeline_tests.defs.project import (
     DATASETS,
     DISTRACTOR_EVAL,
     Automation,
-    build_project,
     materialize,
-    open_project,
     synthetic_jpeg,
     write_config,
 )
@@ -100,10 +98,8 @@ def test_automation_waits_for_a_dataset_without_shards(fresh_project):
     assert {"alpha/query_features", "beta/pca_model", "alpha/descriptors"} <= auto.tick()
 
 
-def test_automation_after_indexing(fresh_project):
-    project = fresh_project
-    for ds in DATASETS:
-        project.index(ds)
+def test_automation_after_indexing(indexed_no_refresh):
+    project = indexed_no_refresh
     auto = Automation(project)
 
     # Everything whose inputs exist runs in one tick (the unpartitioned assets share a run).
@@ -143,17 +139,13 @@ def test_automation_after_indexing(fresh_project):
     assert auto.rounds() == [ALPHA_DOWNSTREAM, GAMMA_DESCRIPTORS, CRON_RUN]
 
 
-def test_a_small_distractor_set_follows_a_new_pca_at_once(tmp_path, demo_source):
+def test_a_small_distractor_set_follows_a_new_pca_at_once(indexed_no_refresh):
     """With gamma under ``reproject_at_once`` (the default), a change of beta's PCA source
     refreshes the evaluation with distractors in the same run as the PCA: its rankings
     project gamma's out-of-date shards themselves, exactly as gamma's descriptors are
     re-projected a tick later (other runs: partitioned), which then sets off nothing."""
-    root = tmp_path / "project"
-    build_project(root, demo_source)
-    write_config(root, reproject_at_once=None)
-    project = open_project(root)
-    for ds in DATASETS:
-        project.index(ds)
+    write_config(indexed_no_refresh.root, reproject_at_once=None)  # indexing does not read it
+    project = indexed_no_refresh.reload()
     refresh(project.defs, project.instance, include_cron=True)
     auto = Automation(project)
     assert auto.start() == set()
@@ -197,14 +189,11 @@ def test_a_small_distractor_set_follows_a_new_pca_at_once(tmp_path, demo_source)
     assert evaluation_input_problems(project.config, store, large, shards) == []
 
 
-def test_an_idle_tick_reads_no_materialization_again(fresh_project, monkeypatch):
+def test_an_idle_tick_reads_no_materialization_again(indexed_project, monkeypatch):
     """While the event log and the partitions are unchanged, a tick reuses what the previous
     one read of the assets' materializations (one row read instead of every asset's history);
     the next event makes it read again, and it sees the change."""
-    project = fresh_project
-    for ds in DATASETS:
-        project.index(ds)
-    refresh(project.defs, project.instance, include_cron=True)
+    project = indexed_project
     auto = Automation(project)
     assert auto.start() == set()
     reads = []
@@ -228,12 +217,10 @@ def test_an_idle_tick_reads_no_materialization_again(fresh_project, monkeypatch)
     assert reads
 
 
-def test_refresh_follows_the_data_not_a_cursor(fresh_project):
+def test_refresh_follows_the_data_not_a_cursor(indexed_no_refresh):
     """`refresh` and the automation sensor agree: both compare data versions, so what one
     refreshed the other finds current (no second run of anything)."""
-    project = fresh_project
-    for ds in DATASETS:
-        project.index(ds)
+    project = indexed_no_refresh
     assert set(refresh(project.defs, project.instance)) == GROUND_TRUTH_ASSETS
     assert refresh(project.defs, project.instance, include_cron=True) == [
         f"{EV}/gamma_descriptors[b000]",
@@ -267,13 +254,10 @@ def test_refresh_follows_the_data_not_a_cursor(fresh_project):
     assert refresh(project.defs, project.instance) == []  # ...the CLI then has nothing to do
 
 
-def test_unchanged_data_triggers_nothing(fresh_project):
+def test_unchanged_data_triggers_nothing(indexed_project):
     """Re-indexing with no change (0 forward passes, same ids and sha1s) and re-materializing
     an asset that produces the same data set off nothing downstream."""
-    project = fresh_project
-    for ds in DATASETS:
-        project.index(ds)
-    refresh(project.defs, project.instance, include_cron=True)
+    project = indexed_project
     forced = index_dataset(
         project.defs, project.instance, project.config, "alpha", project.store, force=True
     )
@@ -288,13 +272,11 @@ def test_unchanged_data_triggers_nothing(fresh_project):
     assert event.asset_materialization.tags[INPUT_VERSION_TAG]
 
 
-def test_a_failed_parent_stops_the_chain_until_fixed(fresh_project):
+def test_a_failed_parent_stops_the_chain_until_fixed(indexed_no_refresh):
     """A query image deleted: query_features runs and fails (the ground truth names it);
     rankings and the report are not rebuilt from the old query features, and the failure is
     not retried every tick."""
-    project = fresh_project
-    for ds in DATASETS:
-        project.index(ds)
+    project = indexed_no_refresh
     refresh(project.defs, project.instance)
     before = {k: project.materialization_count(k) for k in ("beta/rankings", "beta/map_report")}
     query_file = sorted((project.root / "beta" / "gt").glob("*_query.txt"))[0]
@@ -377,12 +359,10 @@ def test_a_parent_being_rebuilt_holds_its_children(fresh_project, monkeypatch, t
         assert {"alpha/rankings", "alpha/map_report"} <= Automation(project).start()
 
 
-def test_rankings_refuse_inputs_of_different_states(fresh_project):
+def test_rankings_refuse_inputs_of_different_states(indexed_no_refresh):
     """Rankings asked for (by hand, in the UI) while the descriptors are out of date fail
     before writing anything, naming what is out of date; map_report is not run after them."""
-    project = fresh_project
-    for ds in ("alpha", "beta"):
-        project.index(ds)
+    project = indexed_no_refresh
     refresh(project.defs, project.instance)
     rel = commit_path("evaluation", "alpha", "rankings")
     before = project.store.read_bytes(rel)

@@ -283,10 +283,8 @@ def assert_names_corrupt(check, location: str) -> None:
     assert location in check.description
 
 
-def test_corrupt_feature_shard_fails_its_check_and_is_rebuilt(fresh_project) -> None:
-    project = fresh_project
-    for name in ("alpha", "beta"):
-        project.index(name)
+def test_corrupt_feature_shard_fails_its_check_and_is_rebuilt(indexed_no_refresh) -> None:
+    project = indexed_no_refresh
     assert materialize(project, ["alpha/pca_model", "alpha/descriptors"]).success
     assert check_alone(project, "alpha/cam_features").passed
 

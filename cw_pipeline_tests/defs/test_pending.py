@@ -12,16 +12,14 @@ from dagster._daemon.types import DaemonHeartbeat
 from cw_pipeline.cli.index import format_refresh
 from cw_pipeline.pending import _running_run, daemon_running, pending_refreshes
 from cw_pipeline.runs import refresh
-from cw_pipeline_tests.defs.project import DATASETS, DISTRACTOR_EVAL, NIGHTLY, synthetic_jpeg
+from cw_pipeline_tests.defs.project import DISTRACTOR_EVAL, NIGHTLY, synthetic_jpeg
 
 EV = DISTRACTOR_EVAL
 NOON = dt.datetime(2031, 5, 6, 12, 0, tzinfo=dt.UTC)
 
 
-def test_pending_says_who_refreshes_each_stale_asset_and_when(fresh_project) -> None:
-    project = fresh_project
-    for ds in DATASETS:
-        project.index(ds)
+def test_pending_says_who_refreshes_each_stale_asset_and_when(indexed_no_refresh) -> None:
+    project = indexed_no_refresh
 
     # Indexed, nothing refreshed: the assets whose inputs all exist are stale; what follows
     # them is listed after them.
