@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cw_pipeline.cli.common import keep_terminable
 from cw_pipeline_tests import real_data
 from cw_pipeline_tests.file_server import FileServer, serving
 
@@ -75,7 +76,12 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist with a worker per core, each worker (and the commands it starts)
     computes on one thread: two workers with two OpenMP threads each on two cores spin-wait
-    on each other. A test or command that asks for threads explicitly still gets them."""
+    on each other. A test or command that asks for threads explicitly still gets them.
+
+    A suite started in the background (SIGINT ignored) keeps SIGTERM deliverable, as the
+    CLI does (:func:`cw_pipeline.cli.common.keep_terminable`): otherwise every Dagster run a
+    test starts in a thread waits 30 s per step for compute-log processes that ignore it."""
+    keep_terminable()
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers and int(workers) >= (os.cpu_count() or 1):
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):

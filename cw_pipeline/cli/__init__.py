@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 
 from cw_pipeline.cli import demo, download, evaluate, index, query
-from cw_pipeline.cli.common import CLIError
+from cw_pipeline.cli.common import CLIError, keep_terminable
 from cw_pipeline.core.jsonsafe import dumps as strict_json
 from cw_pipeline.instance import InstanceBusyError
 
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cw-pipeline`` with ``argv``: exit status 0, 2 (an error, one line on stderr) or
     130 (interrupted)."""
+    keep_terminable()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
