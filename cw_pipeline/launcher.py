@@ -48,6 +48,8 @@ from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
 from dagster._core.run_coordinator.queued_run_coordinator import QueuedRunCoordinator
 from dagster._serdes import ConfigurableClassData
 
+from cw_pipeline.runtime.run_tags import HOST_TAG, LAUNCHER_TAG, PID_START_TAG, PID_TAG, process_of
+
 #: Libraries every run of this project imports (the run worker's start-up cost), preloaded
 #: in the forkserver. Missing ones are skipped.
 DEFAULT_PRELOAD: tuple[str, ...] = (
@@ -68,12 +70,8 @@ DEFAULT_PRELOAD: tuple[str, ...] = (
     "fsspec",
 )
 
-#: Run tag: the run was started by this launcher (its worker is a forked process).
-LAUNCHER_TAG = "cw_pipeline/launcher"
-
 __all__ = [
     "DEFAULT_PRELOAD",
-    "LAUNCHER_TAG",
     "WarmQueuedRunCoordinator",
     "WarmRunLauncher",
     "is_daemon_process",
@@ -174,20 +172,21 @@ class WarmRunLauncher(DefaultRunLauncher):
         run = self._instance.get_run_by_id(run_id) if self.has_instance else None
         if run is None or run.is_finished:
             return False
+        from cw_pipeline.defs.recovery import process_alive
+
         if run.tags.get(LAUNCHER_TAG) != "warm":
             return super().terminate(run_id)
-        from cw_pipeline.defs.recovery import HOST_TAG, PID_START_TAG, PID_TAG, process_alive
-
         self._instance.report_run_canceling(run)
-        pid = run.tags.get(PID_TAG)
-        if run.tags.get(HOST_TAG) != socket.gethostname() or pid is None:
+        process = process_of(run.tags)
+        pid = process.get(PID_TAG)
+        if process.get(HOST_TAG) != socket.gethostname() or pid is None:
             self._instance.report_engine_event(
                 "Run worker not known on this host yet: it stops when it sees the run canceling.",
                 run,
                 cls=self.__class__,
             )
             return False
-        if not process_alive(int(pid), run.tags.get(PID_START_TAG)):
+        if not process_alive(int(pid), process.get(PID_START_TAG)):
             return False
         os.kill(int(pid), signal.SIGINT)  # Dagster's interrupt: the run is canceled
         return True

@@ -20,16 +20,10 @@ import dagster as dg
 from dagster._utils.schedules import cron_string_iterator
 
 from cw_pipeline.defs.versions import at_once_node, graph_order, inputs_changed_node, is_stale
+from cw_pipeline.runtime.run_tags import ACTIVE_STATUSES
 
 __all__ = ["Pending", "daemon_running", "pending_refreshes"]
 
-#: Run statuses of a run that may still materialize what it planned.
-_ACTIVE = {
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-}
 #: The daemon's automation sensor (cw_pipeline.defs.sensors).
 SENSOR = "refresh_downstream"
 #: Seconds since the sensor daemon's last heartbeat within which it counts as running.
@@ -107,7 +101,7 @@ def _running_run(
     if not run_ids:
         return None
     for record in instance.get_run_records(dg.RunsFilter(run_ids=sorted(run_ids))):
-        if record.dagster_run.status in _ACTIVE:
+        if record.dagster_run.status in ACTIVE_STATUSES:
             return record.dagster_run.run_id
     return None
 

@@ -23,9 +23,9 @@ from cw_pipeline.config import ProjectConfig
 from cw_pipeline.core.datasets import DEFAULT_IMAGE_EXTENSIONS
 from cw_pipeline.defs.partitions import current_shards, partitions_def
 from cw_pipeline.defs.recovery import pool_wait_line, process_tags, recover_dead_runs
-from cw_pipeline.defs.run_tags import active_index_shards, index_run_tags
 from cw_pipeline.defs.versions import graph_order, is_stale
 from cw_pipeline.instance import add_partitions
+from cw_pipeline.runtime.run_tags import active_index_shards, index_run_tags
 from cw_pipeline.store import FeatureStore, features_path
 
 logger = logging.getLogger(__name__)

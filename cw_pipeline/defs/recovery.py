@@ -31,23 +31,21 @@ from pathlib import Path
 
 import dagster as dg
 
-from cw_pipeline.defs.run_tags import ACTIVE_STATUSES, SHARD_TAG
-from cw_pipeline.defs.versions import CRASHED_TAG
+from cw_pipeline.runtime.run_tags import (
+    ACTIVE_STATUSES,
+    CRASHED_TAG,
+    HOST_TAG,
+    PID_START_TAG,
+    PID_TAG,
+    SHARD_TAG,
+    process_of,
+)
 
 logger = logging.getLogger(__name__)
-
-#: Run tags naming the process that executes a run started by the CLI.
-HOST_TAG = "cw_pipeline/host"
-PID_TAG = "cw_pipeline/pid"
-PID_START_TAG = "cw_pipeline/pid_start"
 
 PROC = Path("/proc")
 
 __all__ = [
-    "CRASHED_TAG",
-    "HOST_TAG",
-    "PID_START_TAG",
-    "PID_TAG",
     "dead_run_reason",
     "pool_wait_line",
     "process_alive",
@@ -108,7 +106,7 @@ def tag_run_worker(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
     pid the run's "Started process for run" engine event records) and it has no process tags
     yet. A step subprocess of the multiprocess executor is not the run worker: its end is not
     the run's, so it tags nothing. Returns whether the run was tagged."""
-    if PID_TAG in run.tags:
+    if PID_TAG in process_of(run.tags):
         return False
     pid = str(os.getpid())
     for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
@@ -125,6 +123,7 @@ def dead_run_reason(
 ) -> str | None:
     """Why the run with these tags has no process any more (its pid on this host is gone or
     reused), or None: alive, of another host, or not started by the CLI."""
+    tags = process_of(tags)
     host = _host() if host is None else host
     if tags.get(HOST_TAG) != host or PID_TAG not in tags:
         return None
@@ -141,7 +140,7 @@ def dead_run_reason(
 
 
 def _describe(run: dg.DagsterRun) -> str:
-    tags = run.tags
+    tags = {**run.tags, **process_of(run.tags)}
     parts = []
     if PID_TAG in tags:
         parts.append(f"pid {tags[PID_TAG]} on {tags.get(HOST_TAG, '?')}")

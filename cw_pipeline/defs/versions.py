@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import dagster as dg
 
+from cw_pipeline.runtime.run_tags import ACTIVE_STATUSES, CRASHED_TAG
+
 if TYPE_CHECKING:
     from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
@@ -38,12 +40,8 @@ _T = TypeVar("_T")
 DATA_VERSION_TAG = "dagster/data_version"
 #: Tag of a materialization: the input version it was computed from.
 INPUT_VERSION_TAG = "cw_pipeline/input_version"
-#: Tag of a run marked failed because its process was gone (cw_pipeline.defs.recovery): its
-#: attempt counts as none (not a failure of the code: the assets are retried).
-CRASHED_TAG = "cw_pipeline/crashed"
 
 __all__ = [
-    "CRASHED_TAG",
     "DATA_VERSION_TAG",
     "INPUT_VERSION_TAG",
     "Dep",
@@ -193,14 +191,7 @@ VersionFn = Callable[[dg.DagsterInstance], "str | None"]
 
 # --------------------------------------------------------------------------- run states
 
-#: Run statuses of an attempt that may still materialize its assets, and of a failed one.
-_ACTIVE = {
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-}
+#: Run statuses of a failed attempt (ACTIVE_STATUSES: of one that may still materialize).
 _FAILED = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
@@ -327,7 +318,7 @@ def _unpartitioned_state(instance: dg.DagsterInstance, key: dg.AssetKey) -> DepS
     in_progress = failed = False
     if planned is not None and planned.storage_id > latest:
         status = _run_statuses(instance, [planned.run_id])[planned.run_id]
-        in_progress = status in _ACTIVE
+        in_progress = status in ACTIVE_STATUSES
         failed = status in _FAILED
     return DepState(latest == 0, in_progress, failed, latest)
 
@@ -347,7 +338,7 @@ def _partitions_state(
     attempts = _attempts(instance, key)
     pending = {pk: run_id for pk, (run_id, _) in attempts.items() if pk in wanted}
     statuses = _run_statuses(instance, pending.values())
-    in_progress = any(statuses[r] in _ACTIVE for r in pending.values())
+    in_progress = any(statuses[r] in ACTIVE_STATUSES for r in pending.values())
     failed = any(statuses[r] in _FAILED for r in pending.values())
     return DepState(
         missing=not wanted <= set(latest),

@@ -24,13 +24,10 @@ import dagster as dg
 import pytest
 import yaml
 from dagster._core.events import EngineEventData
+from dagster._core.storage.tags import TagType, get_tag_type
 
 from cw_pipeline.defs import recovery, resources
 from cw_pipeline.defs.recovery import (
-    CRASHED_TAG,
-    HOST_TAG,
-    PID_START_TAG,
-    PID_TAG,
     dead_run_reason,
     pool_wait_line,
     process_alive,
@@ -38,8 +35,15 @@ from cw_pipeline.defs.recovery import (
     process_tags,
     recover_dead_runs,
 )
-from cw_pipeline.defs.run_tags import SHARD_TAG
 from cw_pipeline.instance import INSTANCE_YAML
+from cw_pipeline.runtime.run_tags import (
+    CRASHED_TAG,
+    HOST_TAG,
+    PID_START_TAG,
+    PID_TAG,
+    SHARD_TAG,
+    process_of,
+)
 from cw_pipeline.store import FeatureStore
 from cw_pipeline_tests.conftest import REPO_ROOT
 from cw_pipeline_tests.defs.project import synthetic_jpeg, tiny_defaults
@@ -179,6 +183,19 @@ def test_dead_run_reason_only_for_gone_processes_of_this_host() -> None:
     assert dead_run_reason({**dead, HOST_TAG: "elsewhere.example"}) is None  # another host
     assert dead_run_reason({}) is None  # not started by the CLI (daemon, UI)
     assert dead_run_reason({HOST_TAG: host, PID_TAG: "x"}) is None
+    # Runs recorded before the process tags were hidden carry them under their plain names.
+    legacy = {"cw_pipeline/host": host, "cw_pipeline/pid": str(gone)}
+    reason = dead_run_reason(legacy)
+    assert reason is not None and f"pid {gone} on {host}" in reason
+
+
+def test_the_process_tags_are_hidden_from_the_runs_page() -> None:
+    """Host, pid and start time are for the code; the Runs page hides Dagster's hidden tags."""
+    tags = process_tags()
+    assert set(tags) == {HOST_TAG, PID_TAG, PID_START_TAG}
+    assert {get_tag_type(t) for t in tags} == {TagType.HIDDEN}
+    assert process_of(tags) == tags
+    assert process_of({"cw_pipeline/pid": "7", PID_TAG: "8"}) == {PID_TAG: "8"}
 
 
 def _add_run(instance: dg.DagsterInstance, tags: dict[str, str], status) -> str:

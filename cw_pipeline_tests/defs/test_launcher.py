@@ -13,14 +13,13 @@ import yaml
 
 from cw_pipeline import launcher as launcher_module
 from cw_pipeline.core import allocator
-from cw_pipeline.defs.recovery import HOST_TAG, PID_TAG
 from cw_pipeline.instance import INSTANCE_YAML
 from cw_pipeline.launcher import (
-    LAUNCHER_TAG,
     WarmQueuedRunCoordinator,
     WarmRunLauncher,
     is_daemon_process,
 )
+from cw_pipeline.runtime.run_tags import HOST_TAG, LAUNCHER_TAG, PID_TAG
 from cw_pipeline_tests.defs import launcher_jobs
 
 

@@ -117,6 +117,10 @@ def test_an_asset_a_run_is_materializing_names_that_run(tmp_path) -> None:
                 assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED
                 if parts:
                     assert _running_run(instance, key, ["p1"]) is None  # another partition
+                else:  # a run being canceled still runs until it has stopped
+                    instance.report_run_canceling(instance.get_run_by_id(run_id))
+                    assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.CANCELING
+                    assert _running_run(instance, key, parts) == run_id
             finally:
                 _RELEASE.set()
                 worker.join(120)

@@ -14,7 +14,7 @@ import json
 import dagster as dg
 import pytest
 
-from cw_pipeline.launcher import LAUNCHER_TAG
+from cw_pipeline.runtime.run_tags import LAUNCHER_TAG
 from cw_pipeline_tests.e2e.daemon import (
     DEMO_A,
     DEMO_B,
