@@ -50,15 +50,14 @@ _PLAIN_PROCESS_TAGS = {
 }
 
 #: Run statuses of a run that is queued or running: it may still write, hold a slot of a
-#: pool, or materialize its assets (CANCELING included: it runs until it has stopped).
-ACTIVE_STATUSES = frozenset(
-    {
-        dg.DagsterRunStatus.NOT_STARTED,
-        dg.DagsterRunStatus.QUEUED,
-        dg.DagsterRunStatus.STARTING,
-        dg.DagsterRunStatus.STARTED,
-        dg.DagsterRunStatus.CANCELING,
-    }
+#: pool, or materialize its assets (CANCELING included: it runs until it has stopped). A
+#: tuple: ``dg.RunsFilter(statuses=...)`` takes a sequence.
+ACTIVE_STATUSES = (
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
 )
 
 
@@ -80,7 +79,7 @@ def index_run_tags(ds_name: str, shard: str) -> dict[str, str]:
 def active_index_shards(instance: dg.DagsterInstance, ds_name: str) -> set[str]:
     """Shards of ``ds_name`` that a queued or running run is indexing."""
     records = instance.get_run_records(
-        dg.RunsFilter(statuses=list(ACTIVE_STATUSES), tags={DATASET_TAG: ds_name})
+        dg.RunsFilter(statuses=ACTIVE_STATUSES, tags={DATASET_TAG: ds_name})
     )
     out = set()
     for rec in records:
