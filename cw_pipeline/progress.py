@@ -1,7 +1,8 @@
 """Progress bars for the command line (tqdm: images, rate and ETA on stderr).
 
-Inside Dagster runs progress is a log line every N images (:func:`indexing.progress_logger`);
-the CLI draws a bar instead when stderr is a terminal. :class:`ImageBar` is a
+Inside Dagster runs progress is a log line every N images
+(:func:`cw_pipeline.compute.features.progress_logger`); the CLI draws a bar instead when
+stderr is a terminal. :class:`ImageBar` is a
 ``progress(done, total)`` callback, and a ``listener(label, done, total)`` for
 :func:`cw_pipeline.compute.features.progress_listener` that sums several labelled jobs (the shards
 of an index run) into one bar whose total grows as jobs start.

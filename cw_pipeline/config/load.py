@@ -185,18 +185,23 @@ def _feature_maps(f: ConfigFile, value: Any) -> FeatureMapsConfig:
         raise f.invalid(exc, "feature_maps", FeatureMapsConfig) from None
 
 
-def _dataset(
-    f: ConfigFile, name: Any, raw: Any, defaults: dict[str, Any], disable_missing: bool = False
-) -> tuple[DatasetConfig, str | None]:
-    """Parse one dataset; returns it and, for a missing optional one (any one with
-    ``disable_missing``), why it is off."""
-    entry = f"dataset {name!r}"
+def _check_name(f: ConfigFile, name: Any, entry: str) -> None:
+    """A dataset's or evaluation's name: lowercase letters, digits, '-' and '_'."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise f.error(
             entry,
             "invalid name: use lowercase letters, digits, '-' and '_', starting with a "
             "letter or digit",
         )
+
+
+def _dataset(
+    f: ConfigFile, name: Any, raw: Any, defaults: dict[str, Any], disable_missing: bool = False
+) -> tuple[DatasetConfig, str | None]:
+    """Parse one dataset; returns it and, for a missing optional one (any one with
+    ``disable_missing``), why it is off."""
+    entry = f"dataset {name!r}"
+    _check_name(f, name, entry)
     raw = f.renamed(f.mapping(raw, entry, (*_DATASET_KEYS, "n_classes")), entry, "dataset")
     fields = {k: v for k, v in raw.items() if k not in _DEFAULTS_KEYS}
     if "layout" not in raw:
@@ -255,12 +260,7 @@ def _evaluation(
     f: ConfigFile, name: Any, raw: Any, methods: tuple[Method, ...]
 ) -> EvaluationConfig:
     entry = f"evaluation {name!r}"
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise f.error(
-            entry,
-            "invalid name: use lowercase letters, digits, '-' and '_', starting with a "
-            "letter or digit",
-        )
+    _check_name(f, name, entry)
     raw = dict(f.mapping(raw, entry, _EVALUATION_KEYS))
     raw["methods"] = _methods(f, raw["methods"], entry) if "methods" in raw else methods
     try:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from cw_pipeline.core.aggregation import PCAWhitening, aggregate
 from cw_pipeline.core.experiment import FeatureSet, SearchParams, offline_descriptors
 from cw_pipeline.core.extract import FeatureExtractor, FeatureMaps
+from cw_pipeline.core.lru import ByteLRU
 from cw_pipeline.core.methods import Method
 from cw_pipeline.core.search import (
     FullOrder,
@@ -96,7 +95,7 @@ class InMemoryMaps:
         """Nothing to compute."""
 
 
-class MapCache:
+class MapCache(ByteLRU[Path, FeatureMaps]):
     """Feature maps of database images kept across searches, least recently used dropped
     first once they hold more than ``max_bytes`` (a map larger than that is not kept).
 
@@ -106,40 +105,7 @@ class MapCache:
     """
 
     def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        self.max_bytes = int(max_bytes)
-        self.nbytes = 0
-        self._items: OrderedDict[Path, FeatureMaps] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, path: Path) -> FeatureMaps | None:
-        with self._lock:
-            maps = self._items.get(path)
-            if maps is not None:
-                self._items.move_to_end(path)
-            return maps
-
-    def put(self, path: Path, maps: FeatureMaps) -> None:
-        with self._lock:
-            old = self._items.pop(path, None)
-            if old is not None:
-                self.nbytes -= old.nbytes
-            if maps.nbytes > self.max_bytes:
-                return
-            self._items[path] = maps
-            self.nbytes += maps.nbytes
-            while self.nbytes > self.max_bytes:
-                _, dropped = self._items.popitem(last=False)
-                self.nbytes -= dropped.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.nbytes = 0
+        super().__init__(max_bytes, lambda maps: maps.nbytes)
 
 
 class ComputedMaps:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 import urllib.parse
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cw_pipeline.core.experiment import Method
@@ -79,26 +78,6 @@ class _Manifest:
     signature: tuple
     rows: dict[str, dict[str, Any]]  #: image id -> relpath, width, height (readable files)
     checked: float = 0.0  #: when the stored manifests were last compared (monotonic)
-
-
-@dataclass
-class _ThumbCache:
-    limit: int
-    items: OrderedDict = field(default_factory=OrderedDict)
-    size: int = 0
-
-    def get(self, key: tuple) -> bytes | None:
-        data = self.items.get(key)
-        if data is not None:
-            self.items.move_to_end(key)
-        return data
-
-    def put(self, key: tuple, data: bytes) -> None:
-        self.items[key] = data
-        self.size += len(data)
-        while self.size > self.limit and self.items:
-            _, old = self.items.popitem(last=False)
-            self.size -= len(old)
 
 
 def _imagenet_categories(n: int) -> list[str] | None:

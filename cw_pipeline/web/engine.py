@@ -60,6 +60,7 @@ from cw_pipeline.core import datasets as gtio
 from cw_pipeline.core.backbones import set_num_threads
 from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.core.lru import ByteLRU
 from cw_pipeline.core.retrieval import MapCache
 from cw_pipeline.query import (
     BrokenIndexError,
@@ -88,7 +89,6 @@ from cw_pipeline.web.common import (
     _Loaded,
     _Manifest,
     _Query,
-    _ThumbCache,
 )
 from cw_pipeline.web.detail import DetailMixin
 from cw_pipeline.web.listing import ListingMixin
@@ -180,7 +180,7 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         #: dataset -> why it cannot be read, as the latest listing found (no scan per request)
         self._problems: dict[str, str] = {}
         self._queries: OrderedDict[str, _Query] = OrderedDict()
-        self._thumbs = _ThumbCache(THUMB_CACHE_BYTES)
+        self._thumbs: ByteLRU[tuple, bytes] = ByteLRU(THUMB_CACHE_BYTES, len)
         self._lock = threading.Lock()  # the caches: held for dictionary updates only
         self._config_lock = threading.Lock()
         self._key_locks: dict[Any, threading.Lock] = {}  #: one per database, manifest
