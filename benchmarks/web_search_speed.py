@@ -41,8 +41,8 @@ from PIL import Image
 from skimage import data as skdata
 from starlette.testclient import TestClient
 
-from cw_pipeline.core import datasets as gtio
 from cw_pipeline.core.aggregation import PCAWhitening
+from cw_pipeline.core.datasets import Query
 from cw_pipeline.core.evaluation import average_precision, average_precision_at
 from cw_pipeline.core.experiment import FeatureSet, Method, offline_descriptors
 from cw_pipeline.core.retrieval import search
@@ -63,7 +63,7 @@ class SyntheticEngine(SearchEngine):
         self.query_file = query_file
         self.loaded = _Loaded((), index, {i: k for k, i in enumerate(index.ids)}, 0.0)
         positives = frozenset(index.ids[k] for k in range(0, len(index.ids), 2000))
-        self.gt = gtio.Query("q", None, positives, frozenset(), name="q")
+        self.gt = Query("q", None, positives, frozenset(), name="q")
 
     def index(self, target: Target, method) -> _Loaded:
         return self.loaded
@@ -71,7 +71,7 @@ class SyntheticEngine(SearchEngine):
     def image_path(self, dataset: str, image_id: str) -> Path:
         return self.query_file
 
-    def _gt_query(self, ds, image_id: str, name: str | None) -> gtio.Query:
+    def _gt_query(self, ds, image_id: str, name: str | None) -> Query:
         return self.gt
 
 

@@ -41,7 +41,7 @@ from cw_pipeline.compute.published import rankings_file
 from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.compute.rankings import manifest_rows
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
-from cw_pipeline.core import datasets as gtio
+from cw_pipeline.core.datasets import Query
 from cw_pipeline.core.evaluation import average_precision, precision_recall_points
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.images import ImageLoadError
@@ -174,7 +174,7 @@ def _inputs_hash(*parts: Any) -> str:
     return h.hexdigest()[:20]
 
 
-def _label(q: gtio.Query, image_id: str) -> str:
+def _label(q: Query, image_id: str) -> str:
     if image_id in q.junk:
         return "junk"
     return "positive" if image_id in q.positives else "negative"
@@ -296,7 +296,7 @@ class _Canvas:
 
 def _per_query_scores(
     tables: dict[str, pa.Table],
-    by_query: dict[str, gtio.Query],
+    by_query: dict[str, Query],
     pos: dict[str, int],
     report: dict[str, Any],
 ) -> tuple[dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], dict[str, dict[str, float]]]:
@@ -378,7 +378,7 @@ def _draw_charts(
 def _draw_sheets(
     canvas: _Canvas,
     table: pa.Table,
-    by_query: dict[str, gtio.Query],
+    by_query: dict[str, Query],
     images: dict[str, tuple[Path, str]],
     aps: dict[str, float],
 ) -> list[tuple[str, list[str]]]:

@@ -15,7 +15,15 @@ import pyarrow as pa
 
 from cw_pipeline.compute.features import records_to_table
 from cw_pipeline.config import DatasetConfig
-from cw_pipeline.core import datasets as gtio
+from cw_pipeline.core.datasets import (
+    GroundTruth,
+    Query,
+    holidays_groundtruth,
+    image_path,
+    load_gnd_pickle,
+    read_oxford_groundtruth,
+    ukbench_groundtruth,
+)
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.images import load_image
 from cw_pipeline.store import (
@@ -26,24 +34,20 @@ from cw_pipeline.store import (
 QUERY_EXTRA = [("bbox", pa.list_(pa.float32(), 4)), ("query_name", pa.string())]
 
 
-def load_groundtruth(ds: DatasetConfig, image_ids: Sequence[str]) -> gtio.GroundTruth:
+def load_groundtruth(ds: DatasetConfig, image_ids: Sequence[str]) -> GroundTruth:
     """Ground truth of a dataset for the given database ids."""
     if ds.layout in ("oxford", "paris"):
-        return gtio.read_oxford_groundtruth(
-            ds.groundtruth, image_ids=list(image_ids), dataset=ds.name
-        )  # type: ignore[arg-type]
+        return read_oxford_groundtruth(ds.groundtruth, image_ids=list(image_ids), dataset=ds.name)  # type: ignore[arg-type]
     if ds.layout in ("gnd", "revisited"):
-        return gtio.load_gnd_pickle(ds.groundtruth)  # type: ignore[arg-type]
+        return load_gnd_pickle(ds.groundtruth)  # type: ignore[arg-type]
     if ds.layout == "ukbench":
-        return gtio.ukbench_groundtruth(list(image_ids))
+        return ukbench_groundtruth(list(image_ids))
     if ds.layout == "holidays":
-        return gtio.holidays_groundtruth(list(image_ids))
+        return holidays_groundtruth(list(image_ids))
     raise ValueError(f"dataset {ds.name!r} (layout {ds.layout}) has no ground truth")
 
 
-def check_groundtruth_images(
-    ds: DatasetConfig, gt: gtio.GroundTruth, available: Sequence[str]
-) -> None:
+def check_groundtruth_images(ds: DatasetConfig, gt: GroundTruth, available: Sequence[str]) -> None:
     """Fail fast (ValueError naming the ground-truth file, the count and the first ids) when
     the ground truth names images — database, query, positive or junk — that are not files of
     the dataset's folder."""
@@ -62,7 +66,7 @@ def check_groundtruth_images(
 
 
 def query_box(
-    ds: DatasetConfig, query: gtio.Query, width: int, height: int
+    ds: DatasetConfig, query: Query, width: int, height: int
 ) -> tuple[float, float, float, float] | None:
     """A query's box clipped to its ``width``×``height`` image (None: the whole image).
 
@@ -113,7 +117,7 @@ def compute_query_features(
     recs, qids, boxes, names = [], [], [], []
     for q, relpath, box in plan:
         try:
-            img = load_image(gtio.image_path(ds.images, relpath))
+            img = load_image(image_path(ds.images, relpath))
             recs.append(extractor.extract_query(img, box, ds.query_protocol))
         except ValueError as exc:  # ImageLoadError, or a box smaller than the network stride
             raise ValueError(f"{ds.groundtruth}: query {q.name or q.image_id!r}: {exc}") from exc

@@ -28,7 +28,7 @@ from cw_pipeline.compute.pca import method_pca, pca_groups_of, pca_models_for, p
 from cw_pipeline.compute.published import current_index, descriptors_file
 from cw_pipeline.compute.queries import check_groundtruth_images, load_groundtruth
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
-from cw_pipeline.core import datasets as gtio
+from cw_pipeline.core.datasets import GroundTruth, image_path
 from cw_pipeline.core.evaluation import score
 from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams
 from cw_pipeline.core.extract import FeatureExtractor
@@ -65,7 +65,7 @@ def ranking_table(query_ids: Sequence[str], db_ids: Sequence[str], r: Ranking) -
 
 
 def score_rankings(
-    ds: DatasetConfig, gt: gtio.GroundTruth, db_ids: Sequence[str], table: pa.Table
+    ds: DatasetConfig, gt: GroundTruth, db_ids: Sequence[str], table: pa.Table
 ) -> dict[str, Any]:
     """mAP (and N-S, or revisited E/M/H) of stored rankings; per-query AP by query id
     (not for UKBench, whose every image is a query). Scored by :func:`core.evaluation.score`."""
@@ -105,7 +105,7 @@ def manifest_rows(
         rel = manifest_path(ds.name, shard)
         for row in store.read_table(rel, ["image_id", "relpath", "sha1", "error"]).to_pylist():
             if not row["error"]:
-                out[row["image_id"]] = (gtio.image_path(ds.images, row["relpath"]), row["sha1"])
+                out[row["image_id"]] = (image_path(ds.images, row["relpath"]), row["sha1"])
     return out
 
 

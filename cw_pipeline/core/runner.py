@@ -14,8 +14,18 @@ import numpy as np
 import torch
 
 from cw_pipeline.core import allocator
-from cw_pipeline.core import datasets as ds
 from cw_pipeline.core.aggregation import PCAWhitening
+from cw_pipeline.core.datasets import (
+    GroundTruth,
+    QueryProtocol,
+    holidays_groundtruth,
+    load_gnd_pickle,
+    read_oxford_groundtruth,
+    scan_image_folder,
+    ukbench_groundtruth,
+    ukbench_labels,
+    validate_groundtruth,
+)
 from cw_pipeline.core.evaluation import score
 from cw_pipeline.core.experiment import (
     FeatureSet,
@@ -44,7 +54,7 @@ class Benchmark:
     root: Path
     ids: list[str]
     paths: list[Path]
-    groundtruth: ds.GroundTruth
+    groundtruth: GroundTruth
     labels: np.ndarray | None = None  # object/group label per image (grouped layouts)
 
     @property
@@ -60,7 +70,7 @@ def load_benchmark(layout: str, images: Path, groundtruth: Path | None = None) -
     if not images.is_dir():
         raise FileNotFoundError(f"image folder not found: {images}")
     flat = layout in ("oxford", "paris", "gnd")
-    found = ds.scan_image_folder(images, flat=flat)
+    found = scan_image_folder(images, flat=flat)
     if not found:
         raise ValueError(f"no images found under {images}")
     rel = dict(found)
@@ -73,7 +83,7 @@ def load_benchmark(layout: str, images: Path, groundtruth: Path | None = None) -
         raise ValueError(f"layout {layout!r} needs --groundtruth (a folder or a gnd_*.pkl)")
     groundtruth = Path(groundtruth)
     if layout == "gnd" or groundtruth.suffix == ".pkl":
-        gt = ds.load_gnd_pickle(groundtruth)
+        gt = load_gnd_pickle(groundtruth)
         missing = [i for i in gt.image_ids if i not in rel]
         if missing:
             raise FileNotFoundError(
@@ -83,8 +93,8 @@ def load_benchmark(layout: str, images: Path, groundtruth: Path | None = None) -
         ids = list(gt.image_ids)
     else:
         ids = sorted(rel)
-        gt = ds.read_oxford_groundtruth(groundtruth, image_ids=ids, dataset=layout)
-        problems = ds.validate_groundtruth(gt, ids)
+        gt = read_oxford_groundtruth(groundtruth, image_ids=ids, dataset=layout)
+        problems = validate_groundtruth(gt, ids)
         if problems:  # as the pipeline: missing positives would inflate the AP
             raise FileNotFoundError(
                 f"the ground truth {groundtruth} names images missing under {images}: "
@@ -93,19 +103,19 @@ def load_benchmark(layout: str, images: Path, groundtruth: Path | None = None) -
     return Benchmark(layout, images, ids, [images / rel[i] for i in ids], gt)
 
 
-def grouped_groundtruth(layout: str, ids: Sequence[str]) -> ds.GroundTruth:
+def grouped_groundtruth(layout: str, ids: Sequence[str]) -> GroundTruth:
     """Ground truth of a grouped layout (ukbench, holidays) over the images ``ids``."""
     if layout == "ukbench":
-        return ds.ukbench_groundtruth(ids)
+        return ukbench_groundtruth(ids)
     if layout == "holidays":
-        return ds.holidays_groundtruth(ids)
+        return holidays_groundtruth(ids)
     raise ValueError(f"layout {layout!r} has no object groups")
 
 
 def group_labels(layout: str, ids: Sequence[str]) -> np.ndarray:
     """Object label of each image of a grouped layout."""
     if layout == "ukbench":
-        return ds.ukbench_labels(ids)
+        return ukbench_labels(ids)
     if layout == "holidays":
         return np.array([int(Path(i).name[:4]) for i in ids])
     raise ValueError(f"layout {layout!r} has no object groups")
@@ -128,7 +138,7 @@ def extract_features(
 
 
 def extract_queries(
-    extractor: FeatureExtractor, bench: Benchmark, protocol: ds.QueryProtocol
+    extractor: FeatureExtractor, bench: Benchmark, protocol: QueryProtocol
 ) -> FeatureSet:
     """Features of the queries of a benchmark with boxes (Oxford/Paris style)."""
     index = {i: p for i, p in zip(bench.ids, bench.paths, strict=True)}
@@ -176,7 +186,7 @@ def evaluate_methods(
     params: SearchParams,
     extractor: FeatureExtractor,
     *,
-    groundtruth: ds.GroundTruth,
+    groundtruth: GroundTruth,
     pca_metadata: dict[str, Any] | None = None,
 ) -> list[MethodScore]:
     """Score each method; PCA is always fitted on ``train``, never on the evaluated images.

@@ -56,8 +56,8 @@ from cw_pipeline.config import (
     load_config,
 )
 from cw_pipeline.core import allocator
-from cw_pipeline.core import datasets as gtio
 from cw_pipeline.core.backbones import set_num_threads
+from cw_pipeline.core.datasets import GroundTruth, Query, image_path
 from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.lru import ByteLRU
@@ -175,7 +175,7 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         self._extractors: dict[str, _ExtractorPool] = {}
         self._indexes: dict[tuple[Target, str], _Loaded] = {}
         self._manifests: dict[str, _Manifest] = {}
-        self._groundtruth: dict[str, tuple[tuple, gtio.GroundTruth | None]] = {}
+        self._groundtruth: dict[str, tuple[tuple, GroundTruth | None]] = {}
         self._freshness: dict[str, tuple[float, dict[str, Any]]] = {}
         #: dataset -> why it cannot be read, as the latest listing found (no scan per request)
         self._problems: dict[str, str] = {}
@@ -508,10 +508,10 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         row = self.manifest(ds).get(image_id)
         if row is None:
             raise WebError(404, f"dataset {dataset!r} has no indexed image with id {image_id!r}")
-        return gtio.image_path(ds.images, row["relpath"])
+        return image_path(ds.images, row["relpath"])
 
     # ------------------------------------------------------------------ ground truth
-    def groundtruth(self, ds: DatasetConfig) -> gtio.GroundTruth | None:
+    def groundtruth(self, ds: DatasetConfig) -> GroundTruth | None:
         """The ground truth of ``ds`` over its indexed images (None without one)."""
 
         if not ds.has_groundtruth:
@@ -533,7 +533,7 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
                 self._groundtruth[ds.name] = (signature, gt)
             return gt
 
-    def _gt_query(self, ds: DatasetConfig, image_id: str, name: str | None) -> gtio.Query | None:
+    def _gt_query(self, ds: DatasetConfig, image_id: str, name: str | None) -> Query | None:
         gt = self.groundtruth(ds)
         if gt is None:
             return None

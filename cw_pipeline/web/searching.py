@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from cw_pipeline.config import DatasetConfig
-from cw_pipeline.core import datasets as gtio
+from cw_pipeline.core.datasets import Query
 from cw_pipeline.core.evaluation import average_precision_at
 from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
@@ -211,7 +211,7 @@ class SearchMixin:
         upload: bytes | None,
         upload_name: str,
         extractor: FeatureExtractor,
-    ) -> tuple[Image.Image, Path, dict[str, Any], gtio.Query | None]:
+    ) -> tuple[Image.Image, Path, dict[str, Any], Query | None]:
         """The query image of a search, its name for messages, the answer's ``query`` entry so
         far, and its ground-truth query (None: not one of ``main``'s)."""
         gt_query = None
@@ -261,7 +261,7 @@ class SearchMixin:
         return hits
 
     def _labels(
-        self, loaded: _Loaded, q: gtio.Query, order: FullOrder
+        self, loaded: _Loaded, q: Query, order: FullOrder
     ) -> tuple[dict[int, str], float, int]:
         """Ground-truth label of each database row, the query's AP over the whole ranking
         (Oxford AP, junk ignored; from where its positives and junk stand, without sorting
