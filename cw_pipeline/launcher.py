@@ -172,10 +172,10 @@ class WarmRunLauncher(DefaultRunLauncher):
         run = self._instance.get_run_by_id(run_id) if self.has_instance else None
         if run is None or run.is_finished:
             return False
-        from cw_pipeline.defs.recovery import process_alive
-
         if run.tags.get(LAUNCHER_TAG) != "warm":
             return super().terminate(run_id)
+        from cw_pipeline.defs.recovery import process_alive  # (imports the graph: warm runs only)
+
         self._instance.report_run_canceling(run)
         process = process_of(run.tags)
         pid = process.get(PID_TAG)

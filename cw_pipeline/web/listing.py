@@ -63,8 +63,7 @@ class ListingMixin:
         except OSError as exc:
             raise WebError(404, f"image {image_id!r} of {dataset!r}: {exc.strerror}") from exc
         key = (dataset, image_id, size, stamp)
-        with self._lock:
-            cached = self._thumbs.get(key)
+        cached = self._thumbs.get(key)  # (a ByteLRU: its own lock)
         if cached is not None:
             return cached
         ds = self.config().dataset(dataset)
@@ -76,8 +75,7 @@ class ListingMixin:
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=88)
         data = buf.getvalue()
-        with self._lock:
-            self._thumbs.put(key, data)
+        self._thumbs.put(key, data)
         return data
 
     # ------------------------------------------------------------------ listing

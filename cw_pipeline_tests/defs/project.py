@@ -276,10 +276,14 @@ class SavedState:
     project: Project
     files: dict[str, tuple[int, int]]
 
+    def assert_unchanged(self) -> None:
+        """Fails when a test wrote into the saved project's folder."""
+        root = self.project.root
+        assert tree_state(root) == self.files, f"a test wrote into the saved project {root}"
+
     def copy_to(self, root: Path) -> Project:
         """The saved project copied to ``root`` (files with their mtimes, and the instance)."""
-        changed = tree_state(self.project.root) != self.files
-        assert not changed, f"a test wrote into the saved project {self.project.root}"
+        self.assert_unchanged()
         shutil.copytree(self.project.root, root, symlinks=True)
         project = open_project(
             root, copy_instance(self.project.instance, (self.project.root, root))
@@ -320,9 +324,9 @@ class SavedStates:
         return SavedState(project, tree_state(where))
 
     def check_unchanged(self) -> None:
-        """Fails naming the state whose folder a test wrote into."""
-        for name, saved in self._saved.items():
-            assert tree_state(saved.project.root) == saved.files, f"saved state {name} changed"
+        """Fails naming the saved project a test wrote into."""
+        for saved in self._saved.values():
+            saved.assert_unchanged()
 
 
 def check_evaluations(instance: dg.DagsterInstance) -> list[tuple[object, str | None]]:
