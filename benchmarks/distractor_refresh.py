@@ -109,9 +109,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
     from cw_pipeline.config import load_config
     from cw_pipeline.core.demo import generate_demo
-    from cw_pipeline.defs import build_definitions
-    from cw_pipeline.pending import pending_refreshes
-    from cw_pipeline.runs import console_log_level, index_dataset, refresh
+    from cw_pipeline.defs.graph import build_definitions
+    from cw_pipeline.runtime.pending import pending_refreshes
+    from cw_pipeline.runtime.runs import console_log_level, index_dataset, refresh
     from cw_pipeline.store import FeatureStore
 
     if not (work / "demo").is_dir():

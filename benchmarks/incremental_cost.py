@@ -22,8 +22,8 @@ from _machine import ukbench_images
 from PIL import Image, ImageOps
 
 from cw_pipeline.config import load_config
-from cw_pipeline.defs import build_definitions
-from cw_pipeline.runs import index_dataset
+from cw_pipeline.defs.graph import build_definitions
+from cw_pipeline.runtime.runs import index_dataset
 from cw_pipeline.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ Usage: python benchmarks/scale_100k.py [--images 100000] [--shards 100] [--size 
 
 1. Generates ``--images`` synthetic JPEGs (``--size`` pixels square: coloured shapes on a
    gradient, each image different) in one folder.
-2. Indexes them with :func:`cw_pipeline.runs.index_dataset` — manifest + cam_features, one
+2. Indexes them with :func:`cw_pipeline.runtime.runs.index_dataset` — manifest + cam_features, one
    Dagster run per shard, on a persistent (SQLite) instance in a temporary ``DAGSTER_HOME``,
    with ``fixed:<size>x<size>`` resizing so that it finishes in well under an hour on 2 cores.
 3. Starts ``dagster-webserver`` and ``dagster-daemon`` on that instance (loopback), asks the
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cw_pipeline.instance import INSTANCE_YAML
+from cw_pipeline.runtime.instance import INSTANCE_YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -259,8 +259,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     import dagster as dg  # after DAGSTER_HOME is set
 
     from cw_pipeline.config import load_config
-    from cw_pipeline.defs import build_definitions
-    from cw_pipeline.runs import console_log_level, index_dataset
+    from cw_pipeline.defs.graph import build_definitions
+    from cw_pipeline.runtime.runs import console_log_level, index_dataset
     from cw_pipeline.store import FeatureStore
 
     config = load_config(cfg)

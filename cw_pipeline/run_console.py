@@ -4,7 +4,7 @@
 writes everything else — every Dagster event of its runs, Python warnings, the log of the
 Dagster UI it serves — to one log file, named in its output:
 
-* :class:`StepReporter` receives the runs' events (:func:`cw_pipeline.runs.run_events`);
+* :class:`StepReporter` receives the runs' events (:func:`cw_pipeline.runtime.runs.run_events`);
 * :func:`log_to_file` routes Python logging and warnings to the file for the command's duration;
 * :func:`step_counts` and :func:`map_table` format what the terminal shows.
 """
@@ -102,7 +102,7 @@ def _raw(value: Any) -> Any:
 
 
 class StepReporter:
-    """Listener of runs' events (:func:`cw_pipeline.runs.run_events`): one line per finished
+    """Listener of runs' events (:func:`cw_pipeline.runtime.runs.run_events`): one line per finished
     step on ``out``, every event to the ``cw_pipeline.events`` logger (the log file).
 
     A line reads ``[  12.3 s] demo-a/cam_features [b000]: 56 images, 56 forward passes (4.9 s)``:

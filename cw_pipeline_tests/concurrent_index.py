@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from cw_pipeline.config import load_config
-from cw_pipeline.instance import INSTANCE_YAML
+from cw_pipeline.runtime.instance import INSTANCE_YAML
 from cw_pipeline.store import FeatureStore
 from cw_pipeline_tests.conftest import REPO_ROOT
 from cw_pipeline_tests.defs.project import synthetic_jpeg, tiny_defaults

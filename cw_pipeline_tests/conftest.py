@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cw_pipeline.instance import keep_terminable
+from cw_pipeline.runtime.instance import keep_terminable
 from cw_pipeline_tests import real_data
 from cw_pipeline_tests.file_server import FileServer, serving
 
@@ -79,7 +79,7 @@ def pytest_configure(config: pytest.Config) -> None:
     on each other. A test or command that asks for threads explicitly still gets them.
 
     A suite started in the background (SIGINT ignored) keeps SIGTERM deliverable, as the
-    CLI does (:func:`cw_pipeline.instance.keep_terminable`): otherwise every Dagster run a
+    CLI does (:func:`cw_pipeline.runtime.instance.keep_terminable`): otherwise every Dagster run a
     test starts in a thread waits 30 s per step for compute-log processes that ignore it."""
     keep_terminable()
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")

@@ -117,8 +117,8 @@ def _index(args: argparse.Namespace) -> None:
     import dagster as dg
 
     from cw_pipeline.config import load_config
-    from cw_pipeline.defs import build_definitions
-    from cw_pipeline.runs import index_dataset
+    from cw_pipeline.defs.graph import build_definitions
+    from cw_pipeline.runtime.runs import index_dataset
     from cw_pipeline.store import FeatureStore
 
     _instrument(Path(args.log), args.kill_after_batches, args.kill_at_publish)

@@ -49,7 +49,7 @@ from cw_pipeline.config import ConfigError, load_config
 from cw_pipeline.core.datasets import folder as folder_module
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 from cw_pipeline.core.images import ImageLoadError
-from cw_pipeline.runs import IndexResult
+from cw_pipeline.runtime.runs import IndexResult
 from cw_pipeline.store import FeatureStore, decode_component, shard_name_from_path
 from cw_pipeline_tests.badfiles import (
     BLUE,

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from cw_pipeline.config import load_config
-from cw_pipeline.defs import build_definitions
-from cw_pipeline.instance import INSTANCE_YAML
+from cw_pipeline.defs.graph import build_definitions
+from cw_pipeline.runtime.instance import INSTANCE_YAML
 
 REPO = Path(__file__).resolve().parents[1]
 DG = Path(sys.executable).parent / "dg"

@@ -1,5 +1,5 @@
 """Opening and writing the Dagster instance from several processes at once
-(:mod:`cw_pipeline.instance`)."""
+(:mod:`cw_pipeline.runtime.instance`)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from cw_pipeline.instance import (
+from cw_pipeline.runtime.instance import (
     LOCK_NAME,
     InstanceBusyError,
     add_partitions,
     instance_lock,
     is_transient_storage_error,
+    migrate_instance_settings,
     open_instance,
     retry_busy,
 )
@@ -106,7 +107,7 @@ def test_a_command_waits_for_the_instance_lock_and_says_so(tmp_path):
     code = (
         "import logging, sys; from pathlib import Path; "
         "logging.basicConfig(level=logging.WARNING); "
-        "from cw_pipeline.instance import open_instance; "
+        "from cw_pipeline.runtime.instance import open_instance; "
         "open_instance(Path(sys.argv[1])).dispose(); print('opened')"
     )
     env = dict(os.environ, DAGSTER_HOME=str(home), PYTHONPATH=str(REPO_ROOT))
@@ -151,7 +152,7 @@ def test_busy_storage_errors_are_retried_and_logged(caplog):
             raise sqlite3.OperationalError("database is locked")
         return "done"
 
-    with caplog.at_level(logging.WARNING, logger="cw_pipeline.instance"):
+    with caplog.at_level(logging.WARNING, logger="cw_pipeline.runtime.instance"):
         assert retry_busy(flaky, "indexing x", first_delay=0.01) == "done"
     assert len(calls) == 3
     waits = [r.getMessage() for r in caplog.records]
@@ -186,3 +187,28 @@ def test_other_errors_are_not_retried():
     assert is_transient_storage_error(
         sqlite3.OperationalError("table secondary_indexes already exists")
     )
+
+
+def test_instance_settings_naming_the_old_launcher_module_are_migrated(tmp_path, caplog):
+    """A $DAGSTER_HOME set up before the launcher moved to cw_pipeline.runtime names
+    ``module: cw_pipeline.launcher``: opening it rewrites those lines, and only those."""
+    from cw_pipeline.runtime.launcher import WarmRunLauncher
+
+    current = (REPO_ROOT / "deploy" / "dagster.yaml").read_text()
+    assert "module: cw_pipeline.runtime.launcher" in current
+    old = current.replace("cw_pipeline.runtime.launcher", "cw_pipeline.launcher")
+    old = old.replace("class: WarmRunLauncher", "class: WarmRunLauncher  # kept comment")
+    (tmp_path / "dagster.yaml").write_text(old)
+    with caplog.at_level(logging.WARNING):
+        instance = open_instance(tmp_path)
+    try:
+        assert isinstance(instance.run_launcher, WarmRunLauncher)
+    finally:
+        instance.dispose()
+    assert (tmp_path / "dagster.yaml").read_text() == current.replace(
+        "class: WarmRunLauncher", "class: WarmRunLauncher  # kept comment"
+    )
+    assert "cw_pipeline.launcher -> cw_pipeline.runtime.launcher" in caplog.text
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not migrate_instance_settings(tmp_path)  # nothing left to rename
+    assert not migrate_instance_settings(tmp_path / "absent")

@@ -14,7 +14,7 @@ import dagster as dg
 import pytest
 
 from cw_pipeline.run_console import StepReporter, log_to_file, map_table, step_counts
-from cw_pipeline.runs import _materialize, console_log_level, run_events
+from cw_pipeline.runtime.runs import _materialize, console_log_level, run_events
 
 
 def test_step_counts_read_the_assets_metadata() -> None:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from cw_pipeline.cli import demo, download, evaluate, index, query
 from cw_pipeline.cli.common import CLIError
 from cw_pipeline.core.jsonsafe import dumps as strict_json
-from cw_pipeline.instance import InstanceBusyError, keep_terminable
+from cw_pipeline.runtime.instance import InstanceBusyError, keep_terminable
 
 
 def build_parser() -> argparse.ArgumentParser:

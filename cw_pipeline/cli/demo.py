@@ -20,8 +20,8 @@ from cw_pipeline.cli.common import DEFAULT_UI_HOST, CLIError, is_loopback
 from cw_pipeline.cli.index import dagster_home, generate_demos, load_pipeline
 from cw_pipeline.config import project_root
 from cw_pipeline.core.jsonsafe import dumps as strict_json
-from cw_pipeline.instance import open_instance
 from cw_pipeline.run_console import StepReporter, log_to_file, map_table, terminal
+from cw_pipeline.runtime.instance import open_instance
 from cw_pipeline.store import REPORT_JSON, FeatureStore, report_path
 
 
@@ -91,7 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     """Generate the demo, materialize every asset (a line per finished step, everything else in
     ``$DAGSTER_HOME/cw-pipeline-demo.log``), print the mAP table, then serve the UI with
     ``dg dev`` until Ctrl-C (unless ``--no-ui``)."""
-    from cw_pipeline.runs import CHECK_LOG
+    from cw_pipeline.runtime.runs import CHECK_LOG
 
     home = dagster_home()
     log_path = home / DEMO_LOG
@@ -141,7 +141,7 @@ def _materialize(
     line per finished step on ``out``, the rest in ``log_path``): (config, definitions,
     indexing summary per dataset, steps run). CLIError naming the failed step and the log."""
     from cw_pipeline.defs.assets import CNN_POOL
-    from cw_pipeline.runs import console_log_level, index_dataset, refresh, run_events
+    from cw_pipeline.runtime.runs import console_log_level, index_dataset, refresh, run_events
 
     indexed = {}
     with log_to_file(log_path), terminal(out) as term:

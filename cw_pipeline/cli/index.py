@@ -19,8 +19,8 @@ from cw_pipeline.compute.features import progress_listener
 from cw_pipeline.config import load_config, project_root
 from cw_pipeline.core.backbones import DeviceUnavailableError, check_device
 from cw_pipeline.core.demo import generate_demo
-from cw_pipeline.instance import INSTANCE_YAML, open_instance
 from cw_pipeline.progress import ImageBar, bars_enabled
+from cw_pipeline.runtime.instance import INSTANCE_YAML, open_instance
 from cw_pipeline.store import FeatureStore
 
 
@@ -59,7 +59,7 @@ def load_pipeline(config_path: Path | None) -> tuple[Any, Any]:
         os.environ["CW_PIPELINE_CONFIG"] = str(Path(config_path).resolve())
     config = load_config(config_path)
     _check_devices(config)
-    from cw_pipeline.defs import build_definitions
+    from cw_pipeline.defs.graph import build_definitions
 
     return config, build_definitions(config)
 
@@ -106,8 +106,8 @@ def generate_demos(config, regenerate: bool = False) -> dict[str, str]:
 def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
     """Index ``--dataset`` (new or changed shards), then refresh what depends on it."""
     from cw_pipeline.defs.assets import CNN_POOL
-    from cw_pipeline.pending import daemon_running, pending_refreshes
-    from cw_pipeline.runs import console_log_level, index_dataset, refresh
+    from cw_pipeline.runtime.pending import daemon_running, pending_refreshes
+    from cw_pipeline.runtime.runs import console_log_level, index_dataset, refresh
 
     home = dagster_home()
     config, defs = load_pipeline(args.config)
@@ -156,7 +156,7 @@ def index_see_also() -> list[str]:
 
 def format_refresh(refreshed: Sequence[str], pending: Sequence[Any], daemon: bool) -> list[str]:
     """The lines ``cw-pipeline index`` prints under its summary: what it refreshed, what is
-    still stale and who refreshes it when (:class:`cw_pipeline.pending.Pending`), where to
+    still stale and who refreshes it when (:class:`cw_pipeline.runtime.pending.Pending`), where to
     look."""
     lines = []
     if refreshed:

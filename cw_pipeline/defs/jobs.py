@@ -10,7 +10,7 @@ from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.manifest import manifest_key
 from cw_pipeline.defs.partitions import ident
-from cw_pipeline.defs.recovery import recover_dead_runs
+from cw_pipeline.runtime.recovery import recover_dead_runs
 from cw_pipeline.runtime.run_tags import active_index_shards, index_run_tags
 from cw_pipeline.store import FeatureStore
 

@@ -16,7 +16,7 @@ from cw_pipeline.config import (
     load_config,
 )
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, valid_device
-from cw_pipeline.defs.recovery import tag_run_worker
+from cw_pipeline.runtime.recovery import tag_run_worker
 from cw_pipeline.store import FeatureStore
 
 
@@ -92,7 +92,7 @@ class PipelineResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # A run launched by the daemon records its run worker's process, so that a later
-        # command or sensor tick can tell when it died (cw_pipeline.defs.recovery).
+        # command or sensor tick can tell when it died (cw_pipeline.runtime.recovery).
         if context.instance is not None and context.dagster_run is not None:
             tag_run_worker(context.instance, context.dagster_run)
 

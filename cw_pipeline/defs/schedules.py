@@ -9,7 +9,7 @@ from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.jobs import index_requests
 from cw_pipeline.defs.partitions import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.instance import add_partitions
+from cw_pipeline.runtime.instance import add_partitions
 
 if TYPE_CHECKING:
     from dagster._core.definitions.unresolved_asset_job_definition import (

@@ -30,11 +30,11 @@ __all__ = [
 #: ``<dataset>/<shard>``, which dagster.yaml limits to one run at a time per value.
 DATASET_TAG = "cw_pipeline/dataset"
 SHARD_TAG = "cw_pipeline/shard"
-#: A run marked failed because its process was gone (cw_pipeline.defs.recovery), and why:
+#: A run marked failed because its process was gone (cw_pipeline.runtime.recovery), and why:
 #: its attempt counts as none (not a failure of the code: the assets are retried).
 CRASHED_TAG = "cw_pipeline/crashed"
 #: How a run's worker was started: ``warm`` (forked from the warm server,
-#: cw_pipeline.launcher) or absent (Dagster's default launcher).
+#: cw_pipeline.runtime.launcher) or absent (Dagster's default launcher).
 LAUNCHER_TAG = "cw_pipeline/launcher"
 
 #: Hidden tags naming the process that executes a run: host, pid and the process's start

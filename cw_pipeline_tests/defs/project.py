@@ -35,8 +35,8 @@ import yaml
 from PIL import Image
 
 from cw_pipeline.config import ProjectConfig, load_config
-from cw_pipeline.defs import build_definitions
-from cw_pipeline.runs import IndexResult, index_dataset, refresh
+from cw_pipeline.defs.graph import build_definitions
+from cw_pipeline.runtime.runs import IndexResult, index_dataset, refresh
 from cw_pipeline.store import FeatureStore
 
 DATASETS = ("alpha", "beta", "gamma", "delta")

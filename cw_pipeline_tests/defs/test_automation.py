@@ -22,7 +22,7 @@ from cw_pipeline.compute.rankings import evaluation_input_problems, evaluation_r
 from cw_pipeline.defs.assets import descriptors as descriptor_assets
 from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.defs.versions import INPUT_VERSION_TAG
-from cw_pipeline.runs import index_dataset, materialize_missing, refresh
+from cw_pipeline.runtime.runs import index_dataset, materialize_missing, refresh
 from cw_pipeline.store import commit_path, distractor_descriptors_path, features_path
 from cw_pipeline_tests.defs.project import (
     ALPHA_DOWNSTREAM,

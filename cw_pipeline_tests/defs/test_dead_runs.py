@@ -1,4 +1,4 @@
-"""Runs whose process is gone (cw_pipeline/defs/recovery.py): a ``cw-pipeline index`` killed
+"""Runs whose process is gone (cw_pipeline/runtime/recovery.py): a ``cw-pipeline index`` killed
 while it holds the ``cnn`` slot, or inside the rankings step, must not block later commands.
 
 The CLI children run against an on-disk instance seeded with the project's ``dagster.yaml``
@@ -26,8 +26,10 @@ import yaml
 from dagster._core.events import EngineEventData
 from dagster._core.storage.tags import TagType, get_tag_type
 
-from cw_pipeline.defs import recovery, resources
-from cw_pipeline.defs.recovery import (
+from cw_pipeline.defs import resources
+from cw_pipeline.runtime import recovery
+from cw_pipeline.runtime.instance import INSTANCE_YAML
+from cw_pipeline.runtime.recovery import (
     dead_run_reason,
     pool_wait_line,
     process_alive,
@@ -35,7 +37,6 @@ from cw_pipeline.defs.recovery import (
     process_tags,
     recover_dead_runs,
 )
-from cw_pipeline.instance import INSTANCE_YAML
 from cw_pipeline.runtime.run_tags import (
     CRASHED_TAG,
     HOST_TAG,
@@ -223,7 +224,7 @@ def test_recover_dead_runs_fails_only_dead_ones_and_frees_their_slots(home, capl
     assert line is not None and dead in line and f"pid {gone} on {host}" in line
     assert "shard crash/s1" in line and "limit 1" in line
 
-    with caplog.at_level("WARNING", logger="cw_pipeline.defs.recovery"):
+    with caplog.at_level("WARNING", logger="cw_pipeline.runtime.recovery"):
         failed = recover_dead_runs(instance)
     assert sorted(failed) == sorted([dead, dead_queued])
     status = {r.run_id: r for r in cli_runs(instance)}
@@ -390,9 +391,9 @@ def test_a_crashed_attempt_is_retried_a_failed_one_is_not(tmp_path, monkeypatch)
     """An attempt marked crashed (its process was gone) does not count as a failure:
     automation retries the asset, where it waits for an input to change after a failure."""
     from cw_pipeline.config import load_config
-    from cw_pipeline.defs import build_definitions
+    from cw_pipeline.defs.graph import build_definitions
     from cw_pipeline.defs.assets import rankings as ranking_assets
-    from cw_pipeline.runs import index_dataset, refresh
+    from cw_pipeline.runtime.runs import index_dataset, refresh
 
     config = load_config(make_ukbench_project(tmp_path))
     defs, instance = build_definitions(config), dg.DagsterInstance.ephemeral()

@@ -12,9 +12,9 @@ from pathlib import Path
 import dagster as dg
 
 from cw_pipeline.config import load_config
-from cw_pipeline.defs import build_definitions
+from cw_pipeline.defs.graph import build_definitions
 from cw_pipeline.defs.partitions import partitions_def
-from cw_pipeline.runs import materialize_missing
+from cw_pipeline.runtime.runs import materialize_missing
 from cw_pipeline_tests.defs.project import (
     DATASETS,
     DISTRACTOR_EVAL,

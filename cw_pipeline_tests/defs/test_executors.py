@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cw_pipeline.config import ConfigError, load_config
-from cw_pipeline.defs import build_definitions, resources
+from cw_pipeline.defs.graph import build_definitions, resources
 from cw_pipeline.defs.executors import (
     CELERY_CONFIG_ENV,
     CELERY_QUEUE_TAG,

@@ -7,7 +7,7 @@ import dagster as dg
 
 from cw_pipeline.compute.descriptors import read_descriptors
 from cw_pipeline.compute.features import feature_code_version
-from cw_pipeline.runs import refresh
+from cw_pipeline.runtime.runs import refresh
 from cw_pipeline_tests.defs.project import (
     ALPHA_DOWNSTREAM,
     DATASETS,

@@ -1,4 +1,4 @@
-"""The warm run launcher (cw_pipeline/launcher.py): runs execute in processes forked from a
+"""The warm run launcher (cw_pipeline/runtime/launcher.py): runs execute in processes forked from a
 server with the libraries preloaded, tagged with their process, and can be terminated."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import dagster as dg
 import pytest
 import yaml
 
-from cw_pipeline import launcher as launcher_module
 from cw_pipeline.core import allocator
-from cw_pipeline.instance import INSTANCE_YAML
-from cw_pipeline.launcher import (
+from cw_pipeline.runtime import launcher as launcher_module
+from cw_pipeline.runtime.instance import INSTANCE_YAML
+from cw_pipeline.runtime.launcher import (
     WarmQueuedRunCoordinator,
     WarmRunLauncher,
     is_daemon_process,
@@ -27,7 +27,7 @@ from cw_pipeline_tests.defs import launcher_jobs
 def instance(tmp_path: Path):
     settings = {
         "run_launcher": {
-            "module": "cw_pipeline.launcher",
+            "module": "cw_pipeline.runtime.launcher",
             "class": "WarmRunLauncher",
             "config": {"preload": [launcher_jobs.PRELOAD_PROBE]},
         },
@@ -122,11 +122,11 @@ def test_the_project_instance_uses_the_warm_launcher_and_keeps_its_queue_limits(
 ) -> None:
     settings = yaml.safe_load((Path(__file__).resolve().parents[2] / INSTANCE_YAML).read_text())
     assert settings["run_launcher"] == {
-        "module": "cw_pipeline.launcher",
+        "module": "cw_pipeline.runtime.launcher",
         "class": "WarmRunLauncher",
     }
     assert settings["run_coordinator"] == {
-        "module": "cw_pipeline.launcher",
+        "module": "cw_pipeline.runtime.launcher",
         "class": "WarmQueuedRunCoordinator",
         "config": {"dequeue_interval_seconds": 1},
     }
@@ -157,8 +157,11 @@ def test_the_coordinator_warms_the_launcher_in_the_daemon_only(
     monkeypatch.setattr(WarmRunLauncher, "warm", lambda self: warmed.append(self))
     monkeypatch.setattr(launcher_module, "is_daemon_process", lambda: daemon)
     settings = {
-        "run_coordinator": {"module": "cw_pipeline.launcher", "class": "WarmQueuedRunCoordinator"},
-        "run_launcher": {"module": "cw_pipeline.launcher", "class": "WarmRunLauncher"},
+        "run_coordinator": {
+            "module": "cw_pipeline.runtime.launcher",
+            "class": "WarmQueuedRunCoordinator",
+        },
+        "run_launcher": {"module": "cw_pipeline.runtime.launcher", "class": "WarmRunLauncher"},
     }
     with dg.instance_for_test(overrides=settings, temp_dir=str(tmp_path)) as inst:
         inst.run_coordinator  # noqa: B018 (the daemon reads the queue's settings at once)

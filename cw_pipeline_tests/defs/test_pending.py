@@ -1,4 +1,4 @@
-"""What automation will refresh, and when (:mod:`cw_pipeline.pending`): what
+"""What automation will refresh, and when (:mod:`cw_pipeline.runtime.pending`): what
 ``cw-pipeline index`` reports beside what it refreshed itself."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import dagster as dg
 from dagster._daemon.types import DaemonHeartbeat
 
 from cw_pipeline.cli.index import format_refresh
-from cw_pipeline.pending import _running_run, daemon_running, pending_refreshes
-from cw_pipeline.runs import refresh
+from cw_pipeline.runtime.pending import _running_run, daemon_running, pending_refreshes
+from cw_pipeline.runtime.runs import refresh
 from cw_pipeline_tests.defs.project import DISTRACTOR_EVAL, NIGHTLY, synthetic_jpeg
 
 EV = DISTRACTOR_EVAL

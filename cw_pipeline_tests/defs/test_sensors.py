@@ -15,9 +15,9 @@ import dagster as dg
 import yaml
 from dagster._core.utils import make_new_run_id
 
-from cw_pipeline.defs.recovery import process_tags
 from cw_pipeline.defs.sensors import DEFAULT_WATCH_INTERVAL, SCAN_TIME_SHARE, scan_pause
-from cw_pipeline.instance import INSTANCE_YAML
+from cw_pipeline.runtime.instance import INSTANCE_YAML
+from cw_pipeline.runtime.recovery import process_tags
 from cw_pipeline.runtime.run_tags import PID_TAG, SHARD_TAG, active_index_shards, index_run_tags
 from cw_pipeline_tests.defs.project import Project, materialize, synthetic_jpeg, write_config
 

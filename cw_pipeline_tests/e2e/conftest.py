@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cw_pipeline.instance import INSTANCE_YAML
+from cw_pipeline.runtime.instance import INSTANCE_YAML
 from cw_pipeline_tests.e2e.daemon import demo_config
 from cw_pipeline_tests.e2e.processes import free_port, stop_group
 

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cw_pipeline.instance import INSTANCE_YAML
+from cw_pipeline.runtime.instance import INSTANCE_YAML
 from cw_pipeline_tests.e2e.processes import free_port, stop_group
 
 REPO = Path(__file__).resolve().parents[2]

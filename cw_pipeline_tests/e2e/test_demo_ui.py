@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cw_pipeline.cli import demo
 from cw_pipeline.config import load_config
-from cw_pipeline.defs import build_definitions
+from cw_pipeline.defs.graph import build_definitions
 from cw_pipeline_tests.e2e.conftest import BIN, REPO, graphql
 from cw_pipeline_tests.e2e.processes import free_port
 

@@ -31,7 +31,7 @@ import yaml
 from celery import Celery
 
 from cw_pipeline.config import CONFIG_ENV, load_config
-from cw_pipeline.defs import build_definitions
+from cw_pipeline.defs.graph import build_definitions
 from cw_pipeline.defs.executors import (
     CELERY_CONFIG_ENV,
     CELERY_QUEUE_TAG,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
-from cw_pipeline.instance import INSTANCE_YAML, open_instance
+from cw_pipeline.runtime.instance import INSTANCE_YAML, open_instance
 from cw_pipeline_tests.concurrent_index import (
     check_all_indexed,
     fresh_home,

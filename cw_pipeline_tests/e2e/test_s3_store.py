@@ -24,7 +24,7 @@ from moto.server import ThreadedMotoServer
 from threadpoolctl import threadpool_limits
 
 from cw_pipeline.core.demo import generate_demo
-from cw_pipeline.runs import refresh
+from cw_pipeline.runtime.runs import refresh
 from cw_pipeline.store import FeatureStore
 from cw_pipeline_tests.defs.project import (
     DATASETS,

@@ -12,7 +12,7 @@ each run worker from it. The project's own code is *not* preloaded: every run im
 ``cw_pipeline`` and loads the definitions afresh, so an edited ``datasets.yaml`` or a new
 version of the code is picked up exactly as with the default launcher. A worker runs the run
 the way ``dagster api execute_run`` does (same engine events, same failure handling); it tags
-the run with its process (:mod:`cw_pipeline.defs.recovery`), so termination from the UI
+the run with its process (:mod:`cw_pipeline.runtime.recovery`), so termination from the UI
 (SIGINT: Dagster cancels the run) and dead-run recovery work as before.
 
 Runs of a code location that this process cannot execute itself (another interpreter, a
@@ -21,10 +21,10 @@ default launcher. :class:`WarmQueuedRunCoordinator` starts the forkserver when t
 starts, not at the first run. Configure both in ``dagster.yaml``::
 
     run_coordinator:
-      module: cw_pipeline.launcher
+      module: cw_pipeline.runtime.launcher
       class: WarmQueuedRunCoordinator
     run_launcher:
-      module: cw_pipeline.launcher
+      module: cw_pipeline.runtime.launcher
       class: WarmRunLauncher
 
 This module imports only Dagster: it is loaded by the daemon and the webserver.
@@ -48,6 +48,7 @@ from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
 from dagster._core.run_coordinator.queued_run_coordinator import QueuedRunCoordinator
 from dagster._serdes import ConfigurableClassData
 
+from cw_pipeline.runtime.recovery import process_alive, process_tags
 from cw_pipeline.runtime.run_tags import HOST_TAG, LAUNCHER_TAG, PID_START_TAG, PID_TAG, process_of
 
 #: Libraries every run of this project imports (the run worker's start-up cost), preloaded
@@ -84,8 +85,6 @@ def run_worker(run_id: str, instance_ref: Any) -> None:
     tagging it with this process (for termination and dead-run recovery)."""
     from dagster._cli.api import _execute_run_command_body
     from dagster._utils.interrupts import capture_interrupts
-
-    from cw_pipeline.defs.recovery import process_tags
 
     with capture_interrupts(), dg.DagsterInstance.from_ref(instance_ref) as instance:
         instance.add_run_tags(run_id, process_tags())
@@ -174,8 +173,6 @@ class WarmRunLauncher(DefaultRunLauncher):
             return False
         if run.tags.get(LAUNCHER_TAG) != "warm":
             return super().terminate(run_id)
-        from cw_pipeline.defs.recovery import process_alive  # (imports the graph: warm runs only)
-
         self._instance.report_run_canceling(run)
         process = process_of(run.tags)
         pid = process.get(PID_TAG)

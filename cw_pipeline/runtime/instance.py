@@ -206,7 +206,45 @@ def open_instance(
         return instance
 
     with instance_lock(home, timeout):
+        migrate_instance_settings(home)
         return retry_busy(attempt, what)
+
+
+#: Modules that instance settings written by earlier versions name, and where they live now
+#: (the run launcher and coordinator moved from ``cw_pipeline.launcher`` to
+#: ``cw_pipeline.runtime.launcher``).
+MOVED_MODULES = {"cw_pipeline.launcher": "cw_pipeline.runtime.launcher"}
+
+_MODULE_LINE = re.compile(r"^(?P<head>\s*module:\s*)(?P<module>[\w.]+)(?P<tail>\s*(#.*)?)$", re.M)
+
+
+def migrate_instance_settings(home: Path) -> bool:
+    """Rewrite the ``module:`` lines of ``<home>/dagster.yaml`` that name a module of
+    :data:`MOVED_MODULES` (a ``$DAGSTER_HOME`` set up by an earlier version), leaving every
+    other line as it is. Written to a temporary file, then renamed. Returns whether the
+    file changed."""
+    path = Path(home) / "dagster.yaml"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return False
+
+    def moved(m: re.Match[str]) -> str:
+        module = MOVED_MODULES.get(m["module"], m["module"])
+        return f"{m['head']}{module}{m['tail']}"
+
+    new = _MODULE_LINE.sub(moved, text)
+    if new == text:
+        return False
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+    logger.warning(
+        "%s: renamed the moved modules %s in the instance settings",
+        path,
+        ", ".join(f"{was} -> {now}" for was, now in MOVED_MODULES.items()),
+    )
+    return True
 
 
 def add_partitions(instance: dg.DagsterInstance, name: str, keys: Sequence[str]) -> None:

@@ -22,9 +22,9 @@ from cw_pipeline.compute.shards import plan_shards
 from cw_pipeline.config import ProjectConfig
 from cw_pipeline.core.datasets import DEFAULT_IMAGE_EXTENSIONS
 from cw_pipeline.defs.partitions import current_shards, partitions_def
-from cw_pipeline.defs.recovery import pool_wait_line, process_tags, recover_dead_runs
 from cw_pipeline.defs.versions import graph_order, is_stale
-from cw_pipeline.instance import add_partitions
+from cw_pipeline.runtime.instance import add_partitions
+from cw_pipeline.runtime.recovery import pool_wait_line, process_tags, recover_dead_runs
 from cw_pipeline.runtime.run_tags import active_index_shards, index_run_tags
 from cw_pipeline.store import FeatureStore, features_path
 
@@ -140,7 +140,7 @@ def _materialize(
         partition_key=partition_key,
         run_id=run_id,
         # The run executes in this process: tagged with it, so that a later command finds
-        # the run whose process was killed (cw_pipeline.defs.recovery).
+        # the run whose process was killed (cw_pipeline.runtime.recovery).
         tags={**(tags or {}), **process_tags()},
         run_config=None
         if level is None
@@ -184,7 +184,7 @@ def index_dataset(
     command) is never indexed twice at once: this waits for that run (up to
     ``wait_seconds``, saying so in the log), then indexes the shard only if it still differs.
     Runs whose process is gone are marked failed first, and their pool slots freed
-    (:func:`cw_pipeline.defs.recovery.recover_dead_runs`).
+    (:func:`cw_pipeline.runtime.recovery.recover_dead_runs`).
     """
     t0 = time.perf_counter()
     recover_dead_runs(instance)
