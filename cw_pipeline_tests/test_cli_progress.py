@@ -1,4 +1,4 @@
-"""Progress bars of the command line (:mod:`cw_pipeline.progress`), and the listener hook that
+"""Progress bars of the command line (:mod:`cw_pipeline.cli.progress`), and the listener hook that
 feeds them from the assets' progress reports. The ``index`` bar is tested in
 ``test_cli_datasets.py``."""
 
@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from cw_pipeline.cli import main
+from cw_pipeline.cli.progress import ImageBar, bars_enabled
 from cw_pipeline.compute.features import progress_listener, progress_logger
-from cw_pipeline.progress import ImageBar, bars_enabled
 from cw_pipeline_tests.cli_project import CliProject
 
 

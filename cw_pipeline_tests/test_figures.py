@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cw_pipeline import reports
+from cw_pipeline.compute import reports
+from cw_pipeline.compute.report_figures import data_uri
 from cw_pipeline.core.evaluation import average_precision, precision_recall_points
 from cw_pipeline.core.images import ImageLoadError
 from cw_pipeline.figures import (
@@ -30,7 +31,6 @@ from cw_pipeline.figures import (
     sheet_tile_box,
     sheets,
 )
-from cw_pipeline.report_figures import data_uri
 
 GREY = (128, 128, 128)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cw_pipeline import reports
+from cw_pipeline.compute import reports
 from cw_pipeline.compute.published import database_table, publish_rankings
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.aggregation import PCAWhitening

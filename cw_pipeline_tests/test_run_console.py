@@ -1,4 +1,4 @@
-"""What ``cw-pipeline demo`` prints while it runs the pipeline (:mod:`cw_pipeline.run_console`):
+"""What ``cw-pipeline demo`` prints while it runs the pipeline (:mod:`cw_pipeline.cli.run_console`):
 one line per finished step with its counts and seconds, Dagster's events and Python warnings in
 the log file only, and the mAP table."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from cw_pipeline.run_console import StepReporter, log_to_file, map_table, step_counts
+from cw_pipeline.cli.run_console import StepReporter, log_to_file, map_table, step_counts
 from cw_pipeline.runtime.runs import _materialize, console_log_level, run_events
 
 

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cw_pipeline import report_figures
 from cw_pipeline import store as store_mod
+from cw_pipeline.compute import report_figures
 from cw_pipeline.store import (
     CorruptFileError,
     CorruptShardError,

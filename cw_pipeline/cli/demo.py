@@ -18,9 +18,9 @@ from typing import Any
 
 from cw_pipeline.cli.common import DEFAULT_UI_HOST, CLIError, is_loopback
 from cw_pipeline.cli.index import dagster_home, generate_demos, load_pipeline
+from cw_pipeline.cli.run_console import StepReporter, log_to_file, map_table, terminal
 from cw_pipeline.config import project_root
 from cw_pipeline.core.jsonsafe import dumps as strict_json
-from cw_pipeline.run_console import StepReporter, log_to_file, map_table, terminal
 from cw_pipeline.runtime.instance import open_instance
 from cw_pipeline.store import REPORT_JSON, FeatureStore, report_path
 

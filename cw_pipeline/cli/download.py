@@ -9,7 +9,7 @@ from typing import Any
 
 from cw_pipeline import download
 from cw_pipeline.cli.common import CLIError
-from cw_pipeline.progress import bars_enabled
+from cw_pipeline.cli.progress import bars_enabled
 
 
 def add_parser(sub: Any) -> None:

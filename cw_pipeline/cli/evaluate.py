@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from cw_pipeline.cli.common import DEFAULT_METHOD, DEFAULT_N_PCA, CLIError, logger
+from cw_pipeline.cli.progress import ImageBar, bars_enabled
 from cw_pipeline.compute.features import progress_logger
 from cw_pipeline.core.backbones import BACKBONES, DEFAULT_BACKBONE, check_device
 from cw_pipeline.core.datasets import scan_image_folder
@@ -32,7 +33,6 @@ from cw_pipeline.core.runner import (
 )
 from cw_pipeline.core.search import RerankConfig
 from cw_pipeline.core.validation import error_message
-from cw_pipeline.progress import ImageBar, bars_enabled
 
 
 def add_parser(sub: Any) -> None:

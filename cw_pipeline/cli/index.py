@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from cw_pipeline.cli.common import CLIError
+from cw_pipeline.cli.progress import ImageBar, bars_enabled
 from cw_pipeline.compute.features import progress_listener
 from cw_pipeline.config import load_config, project_root
 from cw_pipeline.core.backbones import DeviceUnavailableError, check_device
 from cw_pipeline.core.demo import generate_demo
-from cw_pipeline.progress import ImageBar, bars_enabled
 from cw_pipeline.runtime.instance import INSTANCE_YAML, open_instance
 from cw_pipeline.store import FeatureStore
 

@@ -19,7 +19,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from cw_pipeline import reports
+from cw_pipeline.compute import reports
 from cw_pipeline.compute.features import (
     ShardUpdate,
     load_features,

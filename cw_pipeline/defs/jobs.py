@@ -22,10 +22,16 @@ if TYPE_CHECKING:
 __all__ = ["index_job", "index_requests"]
 
 
+def index_job_name(dataset: str) -> str:
+    """The name of a dataset's indexing job (``index_<ds>``), also that of the CLI's indexing
+    runs."""
+    return f"index_{ident(dataset)}"
+
+
 def index_job(ds: DatasetConfig) -> "UnresolvedAssetJobDefinition":
     """Manifest + features of one dataset, run per shard (``index_<ds>``)."""
     return dg.define_asset_job(
-        name=f"index_{ident(ds.name)}",
+        name=index_job_name(ds.name),
         selection=dg.AssetSelection.assets(manifest_key(ds), features_key(ds)),
         description=f"Index new or changed shards of {ds.name}.",
     )

@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -21,7 +21,8 @@ import dagster as dg
 from cw_pipeline.compute.shards import plan_shards
 from cw_pipeline.config import ProjectConfig
 from cw_pipeline.core.datasets import DEFAULT_IMAGE_EXTENSIONS
-from cw_pipeline.defs.partitions import current_shards, partitions_def
+from cw_pipeline.defs.jobs import index_job_name
+from cw_pipeline.defs.partitions import current_shards, ident, partitions_def
 from cw_pipeline.defs.versions import graph_order, is_stale
 from cw_pipeline.runtime.instance import add_partitions
 from cw_pipeline.runtime.recovery import pool_wait_line, process_tags, recover_dead_runs
@@ -110,8 +111,19 @@ def run_events(listener: Callable[[dg.EventLogEntry], None]) -> Iterator[None]:
         _EVENT_LISTENER.reset(token)
 
 
-#: The job name of the runs :func:`_materialize` executes (that of ``dg.materialize``).
-EPHEMERAL_JOB = "__ephemeral_asset_job__"
+#: Keys named one by one in a refresh run's job name; more are counted.
+JOB_NAME_KEYS = 2
+
+
+def refresh_job_name(keys: Sequence[dg.AssetKey]) -> str:
+    """The job name of a CLI run that refreshes ``keys``: ``refresh_`` then the keys as
+    Dagster identifiers (``refresh_demo_eval__rankings``), the first
+    :data:`JOB_NAME_KEYS` named, the rest counted (``…_and_3_more``)."""
+    if not keys:
+        raise ValueError("a refresh run needs at least one asset key")
+    named = "_and_".join("__".join(ident(p) for p in k.path) for k in keys[:JOB_NAME_KEYS])
+    more = len(keys) - JOB_NAME_KEYS
+    return f"refresh_{named}" + (f"_and_{more}_more" if more > 0 else "")
 
 
 def _materialize(
@@ -120,17 +132,20 @@ def _materialize(
     keys: Iterable[dg.AssetKey],
     partition_key: str | None = None,
     tags: dict[str, str] | None = None,
+    job_name: str | None = None,
 ):
-    """``dg.materialize`` of ``keys`` on ``instance``, with this module's console level and
-    event listener (a run id chosen here, so that the listener is subscribed before it runs)."""
+    """``dg.materialize`` of ``keys`` on ``instance`` as a job named ``job_name`` (default
+    :func:`refresh_job_name`), with this module's console level and event listener (a run id
+    chosen here, so that the listener is subscribed before it runs)."""
     keys = list(keys)
+    name = job_name or refresh_job_name(keys)
     level = _CONSOLE_LEVEL.get()
     _say_pool_waits(defs, instance, keys)
     job = dg.Definitions(
-        jobs=[dg.define_asset_job(EPHEMERAL_JOB, selection=dg.AssetSelection.assets(*keys))],
+        jobs=[dg.define_asset_job(name, selection=dg.AssetSelection.assets(*keys))],
         assets=_assets(defs),
         resources=defs.resources,
-    ).resolve_job_def(EPHEMERAL_JOB)
+    ).resolve_job_def(name)
     run_id = str(uuid.uuid4())
     listener = _EVENT_LISTENER.get()
     if listener is not None:
@@ -213,9 +228,14 @@ def index_dataset(
                 continue
         result.indexed_shards.append(shard)
         run = _materialize(
-            defs, instance, keys, partition_key=shard, tags=index_run_tags(name, shard)
+            defs,
+            instance,
+            keys,
+            partition_key=shard,
+            tags=index_run_tags(name, shard),
+            job_name=index_job_name(name),
         )
-        for mat in run.asset_materializations_for_node(f"{_op(name)}__cam_features"):
+        for mat in run.asset_materializations_for_node(f"{ident(name)}__cam_features"):
             md = mat.metadata
             result.forward_passes += int(md["forward_passes"].value)
             result.reused += int(md["reused"].value)
@@ -254,10 +274,6 @@ def _wait_for_other_runs(
             )
         time.sleep(1.0)
     return waited
-
-
-def _op(name: str) -> str:
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
 
 
 def refresh(

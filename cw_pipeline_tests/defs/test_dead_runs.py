@@ -391,8 +391,8 @@ def test_a_crashed_attempt_is_retried_a_failed_one_is_not(tmp_path, monkeypatch)
     """An attempt marked crashed (its process was gone) does not count as a failure:
     automation retries the asset, where it waits for an input to change after a failure."""
     from cw_pipeline.config import load_config
-    from cw_pipeline.defs.graph import build_definitions
     from cw_pipeline.defs.assets import rankings as ranking_assets
+    from cw_pipeline.defs.graph import build_definitions
     from cw_pipeline.runtime.runs import index_dataset, refresh
 
     config = load_config(make_ukbench_project(tmp_path))

@@ -14,7 +14,7 @@ import dagster as dg
 from cw_pipeline.config import load_config
 from cw_pipeline.defs.graph import build_definitions
 from cw_pipeline.defs.partitions import partitions_def
-from cw_pipeline.runtime.runs import materialize_missing
+from cw_pipeline.runtime.runs import materialize_missing, refresh_job_name
 from cw_pipeline_tests.defs.project import (
     DATASETS,
     DISTRACTOR_EVAL,
@@ -194,3 +194,50 @@ def test_full_materialization_every_check_passes(indexed_project):
         )
         for shard in shards:
             assert (check_key, shard) in seen, (check_key, shard)
+
+
+def test_cli_runs_are_named_for_what_they_did(indexed_project):
+    """Runs of ``cw-pipeline index`` are listed under the dataset's indexing job, refresh runs
+    under a job naming what they refreshed: never Dagster's ``__ephemeral_asset_job__``."""
+    project = indexed_project
+    runs = project.instance.get_runs()
+    assert runs
+    index_jobs = {f"index_{name.replace('-', '_')}" for name in project.config.datasets}
+    for run in runs:
+        keys = sorted(
+            {
+                e.dagster_event.asset_key
+                for e in project.instance.all_logs(
+                    run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+                )
+            }
+        )
+        assert keys, run.job_name
+        if run.job_name in index_jobs:
+            dataset = run.job_name.removeprefix("index_")
+            assert {k.path[-1] for k in keys} == {"manifest", "cam_features"}
+            assert {k.path[0].replace("-", "_") for k in keys} == {dataset}
+        else:
+            assert run.job_name.startswith("refresh_"), run.job_name
+            idents = {"__".join(p.replace("-", "_") for p in k.path) for k in keys}
+            named = run.job_name.removeprefix("refresh_").split("_and_")
+            more = len(keys) - 2
+            if more > 0:
+                assert named.pop() == f"{more}_more", run.job_name
+            assert len(named) == min(len(keys), 2) and set(named) <= idents, run.job_name
+    names = {run.job_name for run in runs}
+    assert index_jobs <= names
+    assert any(n.startswith("refresh_") for n in names)
+
+
+def test_refresh_job_names_name_two_keys_and_count_the_rest():
+    key = dg.AssetKey
+    assert refresh_job_name([key(["demo-eval", "rankings"])]) == "refresh_demo_eval__rankings"
+    assert (
+        refresh_job_name([key(["a", "pca_model"]), key(["b.c", "pca_model"])])
+        == "refresh_a__pca_model_and_b_c__pca_model"
+    )
+    many = [key([f"ds{i}", "descriptors"]) for i in range(5)]
+    assert refresh_job_name(many) == "refresh_ds0__descriptors_and_ds1__descriptors_and_3_more"
+    for keys in ([key(["x"])], many):
+        dg.define_asset_job(refresh_job_name(keys))  # a valid Dagster job name

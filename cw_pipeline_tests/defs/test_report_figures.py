@@ -12,14 +12,14 @@ import dagster as dg
 import pyarrow as pa
 from PIL import Image
 
-from cw_pipeline import report_figures
 from cw_pipeline.cli import main
+from cw_pipeline.compute import report_figures
 from cw_pipeline.compute.features import dataset_extractor
 from cw_pipeline.compute.queries import load_groundtruth
+from cw_pipeline.compute.report_figures import EMBED_BUDGET, FigureOptions, report_with_figures
+from cw_pipeline.compute.reports import evaluation_image_ids
 from cw_pipeline.defs.partitions import current_shards
 from cw_pipeline.figures import FRAME_COLOURS, sheet_tile_box
-from cw_pipeline.report_figures import EMBED_BUDGET, FigureOptions, report_with_figures
-from cw_pipeline.reports import evaluation_image_ids
 from cw_pipeline_tests.defs.project import METHODS, materialize
 from cw_pipeline_tests.published import rankings_rel
 

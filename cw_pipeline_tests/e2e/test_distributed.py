@@ -31,13 +31,13 @@ import yaml
 from celery import Celery
 
 from cw_pipeline.config import CONFIG_ENV, load_config
-from cw_pipeline.defs.graph import build_definitions
 from cw_pipeline.defs.executors import (
     CELERY_CONFIG_ENV,
     CELERY_QUEUE_TAG,
     CNN_CELERY_QUEUE_ENV,
     EXECUTOR_ENV,
 )
+from cw_pipeline.defs.graph import build_definitions
 from cw_pipeline.store import FeatureStore
 from cw_pipeline_tests.defs.project import synthetic_jpeg
 from cw_pipeline_tests.e2e.processes import free_port, stop_group

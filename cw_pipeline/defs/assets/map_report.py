@@ -5,7 +5,7 @@ import time
 
 import dagster as dg
 
-from cw_pipeline import report_figures, reports
+from cw_pipeline.compute import report_figures, reports
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
 from cw_pipeline.defs.assets.rankings import rankings_key
 from cw_pipeline.defs.assets.support import cpu_seconds, evaluation_shards, versioned

@@ -10,7 +10,7 @@
 * ``ap_per_query.png`` — per-query AP of every method.
 
 It returns the written paths and small PNG data URIs of a few of them, for markdown shown in the
-Dagster UI (:func:`cw_pipeline.reports.markdown` takes both as ``images``).
+Dagster UI (:func:`cw_pipeline.compute.reports.markdown` takes both as ``images``).
 
 A refresh redraws only the figures whose inputs changed: ``figures.json`` in the report folder
 records, per file, a hash of what it was drawn from (ranked image contents by sha1, scores,
@@ -34,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from cw_pipeline import figures, reports
+from cw_pipeline import figures
+from cw_pipeline.compute import reports
 from cw_pipeline.compute.catalog import stored_shards
 from cw_pipeline.compute.features import dataset_extractor
 from cw_pipeline.compute.published import rankings_file
@@ -515,7 +516,7 @@ def write_report_figures(
     """Draw an evaluation's figures from its stored rankings into ``<reports_root>/<ev>/``.
 
     ``shards`` lists the current shards of the dataset and of each distractor set (as for
-    :func:`cw_pipeline.reports.build_report`, whose result ``report`` supplies the mAP and
+    :func:`cw_pipeline.compute.reports.build_report`, whose result ``report`` supplies the mAP and
     per-query AP). CAM overlays need ``extractor`` (one forward pass per sample); without it
     none are drawn. Files of earlier runs in ``queries/`` and ``cams/`` that this run did not
     write are removed. Every file is written atomically.
