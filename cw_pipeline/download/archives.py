@@ -1,6 +1,7 @@
 """Safe archive extraction (:func:`safe_extract`): every tar member checked before anything is
 written (absolute paths, ``..``, devices, links leaving the target), extraction into a
-temporary folder moved into place only once the whole archive passed."""
+temporary folder beside the target, moved into place only once the whole archive passed. A
+hidden marker ``.<archive>.extracted`` makes later runs skip an extracted archive."""
 
 from __future__ import annotations
 

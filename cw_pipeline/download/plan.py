@@ -1,6 +1,16 @@
 """Planning a download: which files a catalogue entry needs, where the datasets YAML (or the
 default layout) puts them, a mirror applied to their URLs (:func:`plan_download`), and the
-human description of a plan (:func:`describe_plan`)."""
+human description of a plan (:func:`describe_plan`).
+
+Targets: when the config file defines a dataset named like the entry, its ``images`` and
+``groundtruth`` are used (read with :func:`cw_pipeline.config.dataset_location`, which does not
+require them to exist). Otherwise — the entries ship commented out — the *default layout* is
+used: the paths of the commented entries in ``data/datasets.yaml``, relative to the config
+file's folder (or to ``root``); uncomment the entry afterwards.
+
+Mirror (``--mirror URL`` or ``$CW_PIPELINE_MIRROR``): each source ``scheme://host/path`` is
+fetched from ``URL/host/path`` — the tree ``wget -x`` (or ``wget --mirror``) writes, served by
+any HTTP server."""
 
 from __future__ import annotations
 

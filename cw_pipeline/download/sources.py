@@ -1,7 +1,23 @@
 """The catalogue of downloadable benchmarks: their official URLs (Oxford5k, Paris6k, the
 classic and revisited ground truth, the revisitop1m distractors), the archives of each entry and
 the layout they provide, the aliases, the verified facts (:data:`KNOWN`) about source files,
-and the sources of the real test data (``test-data``)."""
+and the sources of the real test data (``test-data``).
+
+=============  ==============================================================================
+``oxford5k``   ``oxbuild_images-v1.tgz`` (flat) + ground truth: ``gt_files_170407.tgz`` and
+               ``gnd_oxford5k.pkl`` (layout ``oxford``) or the pickle alone (layout ``gnd``)
+``paris6k``    ``paris_1-v1.tgz``, ``paris_2-v1.tgz`` (``paris/<landmark>/`` →
+               ``<images>/<landmark>/``) + ``paris_120310.tgz`` and ``gnd_paris6k.pkl``
+``roxford5k``  the Oxford images + ``gnd_roxford5k.pkl`` (layout ``revisited``)
+``rparis6k``   the Paris images + ``gnd_rparis6k.pkl``
+``flickr100k`` the first N (default 10, i.e. 100k images) ``revisitop1m.<i>.tar.gz`` archives
+               of the Revisited 1M distractors, each into ``<images>/revisitop1m.<i>/``
+=============  ==============================================================================
+
+The text ground truth (``gt_files_170407.tgz``, ``paris_120310.tgz``) is not in the paper
+notes' list; it comes from the same official VGG pages as the images, and the ``oxford`` /
+``paris`` layouts of the shipped config read it. The distractors are the Revisited 1M images
+(the original Oxford 100k Flickr set has no archive among the listed sources)."""
 
 from __future__ import annotations
 

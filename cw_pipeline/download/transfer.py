@@ -1,6 +1,11 @@
 """Fetching one file (:func:`fetch`): resumable HTTP(S) transfers into a ``.part`` file under an
 exclusive lock, checked against the server's length and the known size and sha256, retried
-with back-off, and the content checks of particular files (a ground-truth pickle)."""
+with back-off, and the content checks of particular files (a ground-truth pickle).
+
+A cut connection is retried from where it stopped (HTTP ``Range``), a later run resumes a kept
+``.part``; unknown sizes and sha256 (:data:`~cw_pipeline.download.sources.KNOWN`) are skipped
+and the computed sha256 is printed; ground-truth pickles are loaded with the restricted
+unpickler; then the file is renamed into place atomically."""
 
 from __future__ import annotations
 

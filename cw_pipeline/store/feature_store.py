@@ -2,7 +2,29 @@
 fsspec, and the errors that name a file that does not decode.
 
 Where each artefact lives is :mod:`cw_pipeline.store.layout`'s business; this module reads
-and writes whatever relative path it is given (see the package docstring for atomicity).
+and writes whatever relative path it is given. The root is a local folder or any fsspec URL
+(``s3://bucket/prefix``, ``memory://name``, ``file:///abs/path``).
+
+Writes are atomic, so readers never see a partial file and concurrent writers of one path
+leave one complete file (the last rename wins):
+
+* local files are written to ``.<name>.<uuid>.tmp`` in the target folder, fsynced, then
+  moved into place with :func:`os.replace`;
+* other filesystems (object stores, ``memory://``) get the final key in a single put, which
+  is atomic there: an S3 object appears complete or not at all (a multipart upload, used
+  above 100 MiB, is aborted on failure and never visible). The data is built in memory first,
+  so a writer that fails leaves nothing behind, and there are no temporary keys.
+
+On S3-compatible stores (``s3://bucket/prefix``, through s3fs) endpoint and credentials come
+from the standard variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE``) or
+``storage_options``; directory listings are not cached, so files written by other processes
+are seen at once.
+
+Temporary files start with ``.`` and never end in ``.parquet``; :meth:`FeatureStore.list`
+and :meth:`FeatureStore.dataset` skip every name starting with ``.``. Parquet files are
+zstd-compressed and carry page checksums, verified on read: a truncated or damaged file
+raises :class:`CorruptShardError` naming it.
 """
 
 from __future__ import annotations
