@@ -21,12 +21,12 @@ from cw_pipeline.config import (
     MethodSpec,
     ProjectConfig,
     RuntimeConfig,
-    SearchParams,
     UnknownNameError,
     default_config_path,
     load_config,
     project_root,
 )
+from cw_pipeline.core.search_settings import SearchParams
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CONFIG = REPO / "data" / "datasets.yaml"

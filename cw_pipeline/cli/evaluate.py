@@ -18,9 +18,9 @@ from cw_pipeline.cli.common import DEFAULT_METHOD, DEFAULT_N_PCA, CLIError, logg
 from cw_pipeline.compute.features import progress_logger
 from cw_pipeline.core.backbones import BACKBONES, DEFAULT_BACKBONE, check_device
 from cw_pipeline.core.datasets import scan_image_folder
-from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, settings_record
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
-from cw_pipeline.core.methods import AGGREGATIONS
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.methods import AGGREGATIONS, Method
 from cw_pipeline.core.runner import (
     LAYOUTS,
     evaluate_methods,
@@ -31,6 +31,8 @@ from cw_pipeline.core.runner import (
     pca_groups,
 )
 from cw_pipeline.core.search import RerankConfig
+from cw_pipeline.core.search_settings import SearchParams
+from cw_pipeline.core.settings_record import settings_record
 from cw_pipeline.core.validation import error_message
 from cw_pipeline.progress import ImageBar, bars_enabled
 

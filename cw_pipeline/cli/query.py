@@ -13,8 +13,7 @@ from typing import Any
 from cw_pipeline.cli.common import DEFAULT_METHOD, DEFAULT_UI_HOST, CLIError, is_loopback
 from cw_pipeline.compute.catalog import format_table, list_datasets
 from cw_pipeline.config import load_config
-from cw_pipeline.core.experiment import Method
-from cw_pipeline.core.methods import AGGREGATIONS
+from cw_pipeline.core.methods import AGGREGATIONS, Method
 from cw_pipeline.figures import SheetItem, results_sheet, save_png
 from cw_pipeline.query import format_results, search
 from cw_pipeline.report_figures import FigureOptions, redraw

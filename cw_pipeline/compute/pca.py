@@ -16,12 +16,8 @@ import numpy as np
 from cw_pipeline.compute.published import current_pca, pca_role
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.core.aggregation import PCAWhitening
-from cw_pipeline.core.experiment import (
-    FeatureSet,
-    Method,
-    fit_pca_space,
-)
-from cw_pipeline.core.methods import PCA_SPACES
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.methods import PCA_SPACES, Method, fit_pca_space
 from cw_pipeline.core.runner import PcaGroup, group_labels, pca_groups
 from cw_pipeline.store import FEATURES, FeatureStore, shard_folder
 from cw_pipeline.store.commits import Commit

@@ -43,12 +43,9 @@ from cw_pipeline.config.models import (
     ProjectConfig,
 )
 from cw_pipeline.config.yaml_file import ConfigError, UnknownNameError
-from cw_pipeline.core.experiment import SearchParams
 from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
-from cw_pipeline.core.methods import AGGREGATIONS
 
 __all__ = [
-    "AGGREGATIONS",
     "CONFIG_ENV",
     "DEFAULT_METHODS",
     "LAYOUTS",
@@ -63,7 +60,6 @@ __all__ = [
     "MethodSpec",
     "ProjectConfig",
     "RuntimeConfig",
-    "SearchParams",
     "UnknownNameError",
     "dataset_location",
     "default_config_path",

@@ -30,9 +30,9 @@ from cw_pipeline.config.models import (
 )
 from cw_pipeline.config.yaml_file import ConfigError, ConfigFile
 from cw_pipeline.core.demo import DEMO_DATASETS
-from cw_pipeline.core.experiment import SearchParams
 from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
 from cw_pipeline.core.methods import Method
+from cw_pipeline.core.search_settings import SearchParams
 from cw_pipeline.core.validation import error_message
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")

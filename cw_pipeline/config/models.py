@@ -15,9 +15,9 @@ from typing import Any, Literal, get_args
 from pydantic import field_validator, model_validator
 
 from cw_pipeline.config.yaml_file import UnknownNameError
-from cw_pipeline.core.experiment import SearchParams
 from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
 from cw_pipeline.core.methods import Method
+from cw_pipeline.core.search_settings import SearchParams
 from cw_pipeline.core.validation import Settings, bounded_int
 
 #: Methods as the YAML writes them (``MethodSpec`` is :class:`core.methods.Method`).

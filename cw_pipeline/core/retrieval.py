@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from cw_pipeline.core.aggregation import PCAWhitening, aggregate
-from cw_pipeline.core.experiment import FeatureSet, SearchParams, offline_descriptors
 from cw_pipeline.core.extract import FeatureExtractor, FeatureMaps
+from cw_pipeline.core.feature_set import FeatureSet
 from cw_pipeline.core.lru import ByteLRU
-from cw_pipeline.core.methods import Method
+from cw_pipeline.core.methods import Method, offline_descriptors
 from cw_pipeline.core.search import (
     FullOrder,
     OnlineIndex,
@@ -40,6 +40,7 @@ from cw_pipeline.core.search import (
     rerank_order,
     rerank_scores,
 )
+from cw_pipeline.core.search_settings import SearchParams
 
 logger = logging.getLogger(__name__)
 

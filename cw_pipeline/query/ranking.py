@@ -16,8 +16,9 @@ from threadpoolctl import ThreadpoolController
 from cw_pipeline.compute.features import dataset_extractor
 from cw_pipeline.compute.pca import method_pca
 from cw_pipeline.config import ProjectConfig
-from cw_pipeline.core.experiment import FeatureSet, Method, offline_descriptors
 from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.methods import Method, offline_descriptors
 from cw_pipeline.core.retrieval import ComputedMaps, MapCache
 from cw_pipeline.core.retrieval import search as search_method
 from cw_pipeline.core.search import FullOrder, stable_top
