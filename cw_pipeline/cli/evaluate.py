@@ -30,8 +30,7 @@ from cw_pipeline.core.runner import (
     load_benchmark,
     pca_groups,
 )
-from cw_pipeline.core.search import RerankConfig
-from cw_pipeline.core.search_settings import SearchParams
+from cw_pipeline.core.search_settings import RerankConfig, SearchParams
 from cw_pipeline.core.settings_record import settings_record
 from cw_pipeline.core.validation import error_message
 from cw_pipeline.progress import ImageBar, bars_enabled

@@ -33,8 +33,8 @@ from cw_pipeline.core.evaluation import score
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.feature_set import FeatureSet
 from cw_pipeline.core.methods import Method
+from cw_pipeline.core.ranking import Ranking
 from cw_pipeline.core.retrieval import ComputedMaps, PairCache, SubsetMaps, search
-from cw_pipeline.core.search import Ranking
 from cw_pipeline.core.search_settings import SearchParams
 from cw_pipeline.store import (
     FeatureStore,

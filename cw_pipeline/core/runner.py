@@ -31,8 +31,8 @@ from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.feature_set import FeatureSet
 from cw_pipeline.core.images import load_image
 from cw_pipeline.core.methods import Method, fit_pca, offline_descriptors
+from cw_pipeline.core.ranking import Ranking
 from cw_pipeline.core.retrieval import InMemoryMaps, search
-from cw_pipeline.core.search import Ranking
 from cw_pipeline.core.search_settings import SearchParams
 
 logger = logging.getLogger(__name__)

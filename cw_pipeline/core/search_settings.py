@@ -1,9 +1,39 @@
-"""The search settings (the YAML's ``search`` block): :class:`SearchParams`."""
+"""The search settings (the YAML's ``search`` block): :class:`SearchParams`, with its
+``rerank`` block :class:`RerankConfig`."""
 
 from __future__ import annotations
 
-from cw_pipeline.core.search import RerankConfig
+from pydantic import Field, model_validator
+
+from cw_pipeline.core.cams import BOX_THRESHOLDS
 from cw_pipeline.core.validation import Settings, bounded_int
+
+
+class RerankConfig(Settings):
+    """CAM-box re-ranking settings (the paper's Sec. 4.3 / NOTES.md); how many results are
+    re-ranked (R) is part of the method string (``ofa+r100``).
+
+    Attributes:
+        query_classes: the query's top classes whose CAMs are computed on each image and
+            aggregated into each region's descriptor (the code used 6).
+        box_classes: how many of them are averaged into the heatmap (2).
+        thresholds: fractions of the heatmap maximum giving one box each.
+        min_cells: boxes of fewer feature-map cells are skipped.
+    """
+
+    query_classes: bounded_int(1, 1000) = 6  # type: ignore[valid-type]
+    box_classes: bounded_int(1) = 2  # type: ignore[valid-type]
+    thresholds: tuple[float, ...] = Field(default=BOX_THRESHOLDS, strict=False)
+    min_cells: bounded_int(1) = 5  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _boxes_within_query_classes(self) -> RerankConfig:
+        if self.box_classes > self.query_classes:
+            raise ValueError(
+                f"box_classes must be in 1..query_classes ({self.query_classes}), "
+                f"got {self.box_classes}"
+            )
+        return self
 
 
 class SearchParams(Settings):

@@ -1,7 +1,7 @@
-"""Small random feature sets built exactly as the extractor builds them (``K`` channels, ``C``
-classes, ``N_C`` class vectors stored per image), for the tests of the steps over feature sets:
-:func:`scene` (a training set, a database and queries taken from it) and the settings
-:data:`PARAMS` those tests search with."""
+"""Small random features for the core tests: feature sets built exactly as the extractor builds
+them (``K`` channels, ``C`` classes, ``N_C`` class vectors stored per image) for the steps over
+feature sets (:func:`scene`: a training set, a database and queries taken from it, and the
+settings :data:`PARAMS` those tests search with), and feature maps (:func:`random_maps`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import torch
 
 from cw_pipeline.core.extract import FeatureMaps, ImageFeatures, encode_maps
 from cw_pipeline.core.feature_set import FeatureSet
-from cw_pipeline.core.search import RerankConfig
-from cw_pipeline.core.search_settings import SearchParams
+from cw_pipeline.core.search_settings import RerankConfig, SearchParams
 
 K, C, N_C = 6, 12, 4  # channels, classes, stored class vectors per image
 
@@ -69,3 +68,15 @@ def scene() -> Scene:
     database = random_feature_set(10, seed=2, classifier=clf, prefix="db")
     queries = database.subset([7, 2, 4])
     return clf, train, database, queries
+
+
+def random_maps(
+    rng: np.random.Generator, shapes, k: int = 5, k_a: int | None = None
+) -> list[FeatureMaps]:
+    """Maps of ``k`` channels (and ``k_a`` separate CAM channels) per (h, w) of ``shapes``."""
+    out = []
+    for h, w in shapes:
+        x = np.maximum(rng.normal(size=(k, h, w)), 0).astype(np.float16)
+        a = None if k_a is None else np.maximum(rng.normal(size=(k_a, h, w)), 0).astype(np.float16)
+        out.append(FeatureMaps(features=x, cam_maps=a, input_size=(w * 32, h * 32)))
+    return out

@@ -26,7 +26,7 @@ from cw_pipeline.core.backbones import load_backbone
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, ImageFeatures
 from cw_pipeline.core.feature_set import FeatureSet
 from cw_pipeline.core.methods import Method, fit_pca
-from cw_pipeline.core.search import rank
+from cw_pipeline.core.ranking import rank
 from cw_pipeline.core.search_settings import SearchParams
 from cw_pipeline.store import FeatureStore
 

@@ -11,10 +11,11 @@ import pytest
 from cw_pipeline.core.aggregation import aggregate, l2_normalize
 from cw_pipeline.core.extract import FeatureMaps
 from cw_pipeline.core.methods import Method, fit_pca, offline_descriptors
+from cw_pipeline.core.online_aggregation import online_descriptors
+from cw_pipeline.core.reranking import rerank
 from cw_pipeline.core.retrieval import InMemoryMaps, MapCache, PairCache, search
 from cw_pipeline.core.runner import evaluate_search, pca_groups
-from cw_pipeline.core.search import RerankConfig, online_descriptors, rerank
-from cw_pipeline.core.search_settings import SearchParams
+from cw_pipeline.core.search_settings import RerankConfig, SearchParams
 from cw_pipeline_tests.core.random_features import N_C, PARAMS, random_feature_set
 
 
