@@ -29,14 +29,13 @@ from cw_pipeline.core.evaluation import score  # noqa: E402
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, FeatureMaps  # noqa: E402
 from cw_pipeline.core.feature_set import FeatureSet  # noqa: E402
 from cw_pipeline.core.methods import Method, fit_pca  # noqa: E402
+from cw_pipeline.core.pca_split import group_labels, pca_groups  # noqa: E402
 from cw_pipeline.core.runner import (  # noqa: E402
     evaluate_search,
     extract_features,
     extract_queries,
-    group_labels,
     grouped_groundtruth,
     load_benchmark,
-    pca_groups,
 )
 from cw_pipeline.core.search_settings import SearchParams  # noqa: E402
 

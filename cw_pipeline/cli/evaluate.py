@@ -21,6 +21,7 @@ from cw_pipeline.core.datasets import scan_image_folder
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 from cw_pipeline.core.feature_set import FeatureSet
 from cw_pipeline.core.methods import AGGREGATIONS, Method
+from cw_pipeline.core.pca_split import pca_groups
 from cw_pipeline.core.runner import (
     LAYOUTS,
     evaluate_methods,
@@ -28,7 +29,6 @@ from cw_pipeline.core.runner import (
     extract_queries,
     grouped_groundtruth,
     load_benchmark,
-    pca_groups,
 )
 from cw_pipeline.core.search_settings import RerankConfig, SearchParams
 from cw_pipeline.core.settings_record import settings_record

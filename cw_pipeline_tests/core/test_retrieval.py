@@ -14,7 +14,7 @@ from cw_pipeline.core.methods import Method, fit_pca, offline_descriptors
 from cw_pipeline.core.online_aggregation import online_descriptors
 from cw_pipeline.core.reranking import rerank
 from cw_pipeline.core.retrieval import InMemoryMaps, MapCache, PairCache, search
-from cw_pipeline.core.runner import evaluate_search, pca_groups
+from cw_pipeline.core.runner import evaluate_search
 from cw_pipeline.core.search_settings import RerankConfig, SearchParams
 from cw_pipeline_tests.core.random_features import N_C, PARAMS, random_feature_set
 
@@ -316,22 +316,3 @@ def test_an_added_or_changed_image_gets_its_pairs_computed_the_others_reused(sce
         new_heads = heads(db, maps, keys)
         assert pairs.computed["region"] == len(new_heads - old_heads) > 0
         assert pairs.reused["region"] == len(new_heads & old_heads)
-
-
-def test_pca_groups_whole_set_and_self_split_halves() -> None:
-    """The one self-split helper: a whole set is one group; with object labels, two halves of
-    the objects, each trained on the other (half 1 = the first objects in label order)."""
-    (whole,) = pca_groups(5)
-    np.testing.assert_array_equal(whole.rows, np.arange(5))
-    assert whole.half is None and whole.training is None and whole.training_half is None
-    labels = np.array([7, 3, 3, 9, 7, 1, 9, 1])  # objects 1, 3 | 7, 9
-    first, second = pca_groups(len(labels), labels)
-    np.testing.assert_array_equal(first.rows, [1, 2, 5, 7])
-    np.testing.assert_array_equal(second.rows, [0, 3, 4, 6])
-    np.testing.assert_array_equal(first.training, second.rows)
-    np.testing.assert_array_equal(second.training, first.rows)
-    assert (first.half, first.training_half, second.half, second.training_half) == (1, 2, 2, 1)
-    with pytest.raises(ValueError, match="3 object labels for 4 images"):
-        pca_groups(4, labels[:3])
-    with pytest.raises(ValueError, match="at least two objects"):
-        pca_groups(2, np.array([5, 5]))
