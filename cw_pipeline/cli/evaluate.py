@@ -18,12 +18,12 @@ from cw_pipeline.cli.common import DEFAULT_METHOD, DEFAULT_N_PCA, CLIError, logg
 from cw_pipeline.compute.features import progress_logger
 from cw_pipeline.core.backbones import BACKBONES, DEFAULT_BACKBONE, check_device
 from cw_pipeline.core.datasets import scan_image_folder
+from cw_pipeline.core.datasets.layouts import EVALUATE_LAYOUTS
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
 from cw_pipeline.core.feature_set import FeatureSet
 from cw_pipeline.core.methods import AGGREGATIONS, Method
 from cw_pipeline.core.pca_split import pca_groups
 from cw_pipeline.core.runner import (
-    LAYOUTS,
     evaluate_methods,
     extract_features,
     extract_queries,
@@ -39,7 +39,7 @@ from cw_pipeline.progress import ImageBar, bars_enabled
 def add_parser(sub: Any) -> None:
     """The ``evaluate`` sub-command."""
     ev = sub.add_parser("evaluate", help="evaluate methods on an image folder with ground truth")
-    ev.add_argument("--layout", required=True, choices=LAYOUTS)
+    ev.add_argument("--layout", required=True, choices=EVALUATE_LAYOUTS)
     ev.add_argument("--images", required=True, type=Path, help="image folder")
     ev.add_argument("--groundtruth", type=Path, default=None, help="gt folder or gnd_*.pkl")
     ev.add_argument(

@@ -33,7 +33,6 @@ from cw_pipeline.config.load import (
 from cw_pipeline.config.models import (
     CONFIG_ENV,
     DEFAULT_METHODS,
-    LAYOUTS,
     SELF_SPLIT,
     DatasetConfig,
     DatasetDefaults,
@@ -48,7 +47,6 @@ from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
 __all__ = [
     "CONFIG_ENV",
     "DEFAULT_METHODS",
-    "LAYOUTS",
     "SELF_SPLIT",
     "ConfigError",
     "DatasetConfig",

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from cw_pipeline.core.datasets import (
     ukbench_groundtruth,
     validate_groundtruth,
 )
+from cw_pipeline.core.datasets.layouts import EVALUATE_LAYOUTS, FLAT_ID_LAYOUTS, GROUPED_LAYOUTS
 from cw_pipeline.core.evaluation import score
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.feature_set import FeatureSet
@@ -36,10 +37,6 @@ from cw_pipeline.core.retrieval import InMemoryMaps, search
 from cw_pipeline.core.search_settings import SearchParams
 
 logger = logging.getLogger(__name__)
-
-Layout = Literal["oxford", "paris", "gnd", "ukbench", "holidays"]
-LAYOUTS: tuple[str, ...] = ("oxford", "paris", "gnd", "ukbench", "holidays")
-GROUPED_LAYOUTS = ("ukbench", "holidays")
 
 
 @dataclass
@@ -61,12 +58,13 @@ class Benchmark:
 def load_benchmark(layout: str, images: Path, groundtruth: Path | None = None) -> Benchmark:
     """Read an image folder and its ground truth; fails early with a message naming the path."""
     images = Path(images)
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout not in EVALUATE_LAYOUTS:
+        raise ValueError(
+            f"unknown layout {layout!r}; expected one of {', '.join(EVALUATE_LAYOUTS)}"
+        )
     if not images.is_dir():
         raise FileNotFoundError(f"image folder not found: {images}")
-    flat = layout in ("oxford", "paris", "gnd")
-    found = scan_image_folder(images, flat=flat)
+    found = scan_image_folder(images, flat=layout in FLAT_ID_LAYOUTS)
     if not found:
         raise ValueError(f"no images found under {images}")
     rel = dict(found)
