@@ -39,7 +39,6 @@ from PIL import Image
 
 from cw_pipeline.compute.manifests import build_manifest
 from cw_pipeline.compute.shards import (
-    FLAT_ID_LAYOUTS,
     FileStat,
     fingerprint,
     scan_files,
@@ -47,6 +46,7 @@ from cw_pipeline.compute.shards import (
 )
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.datasets import DEFAULT_IMAGE_EXTENSIONS
+from cw_pipeline.core.datasets.layouts import FLAT_ID_LAYOUTS
 from cw_pipeline.store import FeatureStore
 
 TARGET_SCAN_S = 20.0

@@ -26,18 +26,18 @@ from benchmarks._machine import machine_info, ukbench_images  # noqa: E402
 from cw_pipeline.compute.feature_maps import encode_maps_file  # noqa: E402
 from cw_pipeline.core.demo import generate_demo  # noqa: E402
 from cw_pipeline.core.evaluation import score  # noqa: E402
-from cw_pipeline.core.experiment import FeatureSet, SearchParams, fit_pca  # noqa: E402
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, FeatureMaps  # noqa: E402
-from cw_pipeline.core.methods import Method  # noqa: E402
+from cw_pipeline.core.feature_set import FeatureSet  # noqa: E402
+from cw_pipeline.core.methods import Method, fit_pca  # noqa: E402
+from cw_pipeline.core.pca_split import group_labels, pca_groups  # noqa: E402
 from cw_pipeline.core.runner import (  # noqa: E402
     evaluate_search,
     extract_features,
     extract_queries,
-    group_labels,
     grouped_groundtruth,
     load_benchmark,
-    pca_groups,
 )
+from cw_pipeline.core.search_settings import SearchParams  # noqa: E402
 
 TOLERANCE = 0.002
 PARAMS = SearchParams(aggregated_classes=64, n_pca=8)

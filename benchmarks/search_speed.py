@@ -1,4 +1,4 @@
-"""Search speed of ``cw_pipeline.core.search.rank`` on an Oxford105k-sized database.
+"""Search speed of ``cw_pipeline.core.ranking.rank`` on an Oxford105k-sized database.
 
 Usage: python benchmarks/search_speed.py [--size N] [--queries Q] [--repeats R]
 
@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from _machine import machine_info
 
-from cw_pipeline.core import search
-from cw_pipeline.core.search import rank
+from cw_pipeline.core.ranking import rank, stable_top
 
 TARGET_BATCH_S = 0.3
 TARGET_ONE_S = 0.030
@@ -48,12 +47,12 @@ def fast_top(scores: np.ndarray, k: int) -> np.ndarray:
     out = np.take_along_axis(part, np.argsort(-vals, axis=1, kind="stable"), axis=1)
     kth = vals.min(axis=1, keepdims=True)
     for i in np.flatnonzero((scores >= kth).sum(axis=1) > k):
-        out[i] = search.stable_top(scores[i : i + 1], k)[0]
+        out[i] = stable_top(scores[i : i + 1], k)[0]
     return out
 
 
 #: The library's own top-k now picks candidates with ``torch.topk`` (it was the prototype here).
-torch_top = search.stable_top
+torch_top = stable_top
 
 
 def fast_rank(
@@ -69,7 +68,7 @@ def check_ties() -> bool:
     for levels in (2, 5, 50):
         scores = rng.integers(0, levels, (9, 300)).astype(np.float32)
         for k in (1, 7, 150, 299, 300):
-            ref = search.stable_top(scores, k)
+            ref = stable_top(scores, k)
             if not (
                 np.array_equal(fast_top(scores, k), ref)
                 and np.array_equal(torch_top(scores, k), ref)
@@ -112,7 +111,7 @@ def bench_dim(dim: int, args: argparse.Namespace, rng: np.random.Generator, fais
     for r in range(args.repeats):
         add("rank 55", timed(lambda: rank(q, db, top_k=TOP_K)))
         add("matmul 55", timed(lambda: q @ db.T))
-        add("stable_top 55", timed(lambda: search.stable_top(scores, TOP_K)))
+        add("stable_top 55", timed(lambda: stable_top(scores, TOP_K)))
         add("fast_top 55", timed(lambda: fast_top(scores, TOP_K)))
         add("torch_top 55", timed(lambda: torch_top(scores, TOP_K)))
         add("fast rank 55", timed(lambda: fast_rank(q, db, TOP_K)))

@@ -21,9 +21,12 @@ from _machine import ukbench_images
 
 from cw_pipeline.core.datasets import ukbench_groundtruth, ukbench_labels
 from cw_pipeline.core.evaluation import score
-from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
-from cw_pipeline.core.runner import evaluate_search, pca_groups
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.methods import Method, fit_pca
+from cw_pipeline.core.pca_split import pca_groups
+from cw_pipeline.core.runner import evaluate_search
+from cw_pipeline.core.search_settings import SearchParams
 
 ROOT = Path(__file__).resolve().parents[1]
 

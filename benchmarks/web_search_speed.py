@@ -44,7 +44,8 @@ from starlette.testclient import TestClient
 from cw_pipeline.core.aggregation import PCAWhitening
 from cw_pipeline.core.datasets import Query
 from cw_pipeline.core.evaluation import average_precision, average_precision_at
-from cw_pipeline.core.experiment import FeatureSet, Method, offline_descriptors
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.methods import Method, offline_descriptors
 from cw_pipeline.core.retrieval import search
 from cw_pipeline.query import SearchIndex
 from cw_pipeline.web.app import create_app

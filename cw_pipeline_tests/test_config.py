@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from cw_pipeline import config as cfg
 from cw_pipeline.config import (
     CONFIG_ENV,
     DEFAULT_METHODS,
@@ -21,12 +20,13 @@ from cw_pipeline.config import (
     MethodSpec,
     ProjectConfig,
     RuntimeConfig,
-    SearchParams,
     UnknownNameError,
     default_config_path,
     load_config,
     project_root,
 )
+from cw_pipeline.core.datasets.layouts import LAYOUTS
+from cw_pipeline.core.search_settings import SearchParams
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CONFIG = REPO / "data" / "datasets.yaml"
@@ -748,7 +748,7 @@ def test_config_error_parts() -> None:
     assert str(err) == "x.yaml: dataset 'a': bad"
     assert str(ConfigError("bad")) == "bad"
     assert isinstance(UnknownNameError("x"), KeyError)
-    assert cfg.LAYOUTS == ("oxford", "paris", "gnd", "revisited", "ukbench", "holidays", "folder")
+    assert LAYOUTS == ("oxford", "paris", "gnd", "revisited", "ukbench", "holidays", "folder")
 
 
 def test_relative_config_path_gives_absolute_paths(

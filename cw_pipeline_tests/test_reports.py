@@ -19,8 +19,9 @@ from cw_pipeline.compute.published import database_table, publish_rankings
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.aggregation import PCAWhitening
 from cw_pipeline.core.datasets import GroundTruth, Query
-from cw_pipeline.core.experiment import Method, SearchParams
 from cw_pipeline.core.jsonsafe import dumps, finite
+from cw_pipeline.core.methods import Method
+from cw_pipeline.core.search_settings import SearchParams
 from cw_pipeline.store import FeatureStore
 
 

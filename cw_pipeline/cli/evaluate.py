@@ -19,26 +19,27 @@ from cw_pipeline.cli.progress import ImageBar, bars_enabled
 from cw_pipeline.compute.features import progress_logger
 from cw_pipeline.core.backbones import BACKBONES, DEFAULT_BACKBONE, check_device
 from cw_pipeline.core.datasets import scan_image_folder
-from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, settings_record
+from cw_pipeline.core.datasets.layouts import EVALUATE_LAYOUTS
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor
-from cw_pipeline.core.methods import AGGREGATIONS
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.methods import AGGREGATIONS, Method
+from cw_pipeline.core.pca_split import pca_groups
 from cw_pipeline.core.runner import (
-    LAYOUTS,
     evaluate_methods,
     extract_features,
     extract_queries,
     grouped_groundtruth,
     load_benchmark,
-    pca_groups,
 )
-from cw_pipeline.core.search import RerankConfig
+from cw_pipeline.core.search_settings import RerankConfig, SearchParams
+from cw_pipeline.core.settings_record import settings_record
 from cw_pipeline.core.validation import error_message
 
 
 def add_parser(sub: Any) -> None:
     """The ``evaluate`` sub-command."""
     ev = sub.add_parser("evaluate", help="evaluate methods on an image folder with ground truth")
-    ev.add_argument("--layout", required=True, choices=LAYOUTS)
+    ev.add_argument("--layout", required=True, choices=EVALUATE_LAYOUTS)
     ev.add_argument("--images", required=True, type=Path, help="image folder")
     ev.add_argument("--groundtruth", type=Path, default=None, help="gt folder or gnd_*.pkl")
     ev.add_argument(

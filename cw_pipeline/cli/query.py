@@ -14,10 +14,9 @@ from cw_pipeline.cli.common import DEFAULT_METHOD, DEFAULT_UI_HOST, CLIError, is
 from cw_pipeline.compute.catalog import format_table, list_datasets
 from cw_pipeline.compute.report_figures import FigureOptions, redraw
 from cw_pipeline.config import load_config
-from cw_pipeline.core.experiment import Method
-from cw_pipeline.core.methods import AGGREGATIONS
+from cw_pipeline.core.methods import AGGREGATIONS, Method
 from cw_pipeline.figures import SheetItem, results_sheet, save_png
-from cw_pipeline.query import format_results, search
+from cw_pipeline.query import format_results, search_dataset
 from cw_pipeline.web import DEFAULT_PORT, serve
 from cw_pipeline.web.engine import (
     DEFAULT_MAP_CACHE_BYTES,
@@ -152,7 +151,7 @@ def cmd_search(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.sheet is not None and args.sheet.suffix.lower() != ".png":
         raise CLIError(f"--sheet writes a PNG: give a file ending in .png, not {args.sheet}")
     config = load_config(args.config)
-    result = search(
+    result = search_dataset(
         config,
         args.dataset,
         args.image,

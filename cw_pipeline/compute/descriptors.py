@@ -15,13 +15,9 @@ import pyarrow as pa
 from cw_pipeline.compute.pca import method_pca, pca_groups_of, pca_models_for
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.core.aggregation import PCAWhitening
-from cw_pipeline.core.experiment import (
-    FeatureSet,
-    Method,
-    SearchParams,
-    offline_descriptors,
-)
-from cw_pipeline.core.methods import AGGREGATIONS, stored_descriptors
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.methods import AGGREGATIONS, Method, offline_descriptors, stored_descriptors
+from cw_pipeline.core.search_settings import SearchParams
 from cw_pipeline.store import FeatureStore
 from cw_pipeline.store.commits import Commit
 

@@ -4,7 +4,7 @@
 :mod:`cw_pipeline.compute.checkpoints`) by sha1 and runs the network only on new or changed
 images; unreadable images go to a ``rejected`` table with their reason. Also the Arrow
 layout of feature rows (class vectors stored as int8 or float16), its code version, loading a
-dataset's stored features back as a :class:`~cw_pipeline.core.experiment.FeatureSet`, and the
+dataset's stored features back as a :class:`~cw_pipeline.core.feature_set.FeatureSet`, and the
 progress reports of extraction.
 """
 
@@ -25,10 +25,8 @@ from cw_pipeline.core import allocator
 from cw_pipeline.core.datasets import (
     image_path,
 )
-from cw_pipeline.core.experiment import (
-    FeatureSet,
-)
 from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
+from cw_pipeline.core.feature_set import FeatureSet
 from cw_pipeline.core.retrieval import MapStore
 from cw_pipeline.store import (
     FEATURES,

@@ -16,19 +16,15 @@ import numpy as np
 from cw_pipeline.compute.published import current_pca, pca_role
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.core.aggregation import PCAWhitening
-from cw_pipeline.core.experiment import (
-    FeatureSet,
-    Method,
-    fit_pca_space,
-)
-from cw_pipeline.core.methods import PCA_SPACES
-from cw_pipeline.core.runner import PcaGroup, group_labels, pca_groups
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.methods import PCA_SPACES, Method, fit_pca_space
+from cw_pipeline.core.pca_split import PcaGroup, group_labels, pca_groups
 from cw_pipeline.store import FEATURES, FeatureStore, shard_folder
 from cw_pipeline.store.commits import Commit
 
 
 def pca_groups_of(ds: DatasetConfig, ids: Sequence[str]) -> list[PcaGroup]:
-    """The images ``ids`` of ``ds`` by the PCA model they use (:func:`core.runner.pca_groups`):
+    """The images ``ids`` of ``ds`` by the PCA model they use (:func:`core.pca_split.pca_groups`):
     the two halves of its objects when it is self-split, else one group of all of them."""
     if not ds.self_split:
         return pca_groups(len(ids))

@@ -24,6 +24,7 @@ from cw_pipeline.core.datasets import (
     read_oxford_groundtruth,
     ukbench_groundtruth,
 )
+from cw_pipeline.core.datasets.layouts import GT_FILE_LAYOUTS, GT_FOLDER_LAYOUTS
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.images import load_image
 from cw_pipeline.store import (
@@ -36,9 +37,9 @@ QUERY_EXTRA = [("bbox", pa.list_(pa.float32(), 4)), ("query_name", pa.string())]
 
 def load_groundtruth(ds: DatasetConfig, image_ids: Sequence[str]) -> GroundTruth:
     """Ground truth of a dataset for the given database ids."""
-    if ds.layout in ("oxford", "paris"):
+    if ds.layout in GT_FOLDER_LAYOUTS:
         return read_oxford_groundtruth(ds.groundtruth, image_ids=list(image_ids), dataset=ds.name)  # type: ignore[arg-type]
-    if ds.layout in ("gnd", "revisited"):
+    if ds.layout in GT_FILE_LAYOUTS:
         return load_gnd_pickle(ds.groundtruth)  # type: ignore[arg-type]
     if ds.layout == "ukbench":
         return ukbench_groundtruth(list(image_ids))

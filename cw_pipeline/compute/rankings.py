@@ -30,10 +30,12 @@ from cw_pipeline.compute.queries import check_groundtruth_images, load_groundtru
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core.datasets import GroundTruth, image_path
 from cw_pipeline.core.evaluation import score
-from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams
 from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.methods import Method
+from cw_pipeline.core.ranking import Ranking
 from cw_pipeline.core.retrieval import ComputedMaps, PairCache, SubsetMaps, search
-from cw_pipeline.core.search import Ranking
+from cw_pipeline.core.search_settings import SearchParams
 from cw_pipeline.store import (
     FeatureStore,
     distractor_descriptors_path,

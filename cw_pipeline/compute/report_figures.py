@@ -46,7 +46,7 @@ from cw_pipeline.core.datasets import Query
 from cw_pipeline.core.evaluation import average_precision, precision_recall_points
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.images import ImageLoadError
-from cw_pipeline.core.search import RerankConfig
+from cw_pipeline.core.search_settings import RerankConfig
 from cw_pipeline.figures.cams import query_cam_figure
 from cw_pipeline.store import (
     CorruptFileError,

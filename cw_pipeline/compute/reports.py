@@ -23,7 +23,7 @@ from cw_pipeline.compute.published import (
 from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.compute.rankings import score_rankings
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
-from cw_pipeline.core.experiment import settings_record
+from cw_pipeline.core.settings_record import settings_record
 from cw_pipeline.store import (
     REPORT_JSON,
     REPORT_MARKDOWN,

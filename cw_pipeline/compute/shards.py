@@ -22,6 +22,7 @@ from cw_pipeline.core.datasets import (
     SkippedFile,
     scan_folder,
 )
+from cw_pipeline.core.datasets.layouts import FLAT_ID_LAYOUTS
 from cw_pipeline.store import (
     FeatureStore,
     encode_component,
@@ -31,7 +32,6 @@ from cw_pipeline.store import (
 )
 
 ROOT_SHARD = "_root"
-FLAT_ID_LAYOUTS = ("oxford", "paris", "gnd", "revisited")
 
 
 @dataclass(frozen=True)

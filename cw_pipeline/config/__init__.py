@@ -33,7 +33,6 @@ from cw_pipeline.config.load import (
 from cw_pipeline.config.models import (
     CONFIG_ENV,
     DEFAULT_METHODS,
-    LAYOUTS,
     SELF_SPLIT,
     DatasetConfig,
     DatasetDefaults,
@@ -43,15 +42,11 @@ from cw_pipeline.config.models import (
     ProjectConfig,
 )
 from cw_pipeline.config.yaml_file import ConfigError, UnknownNameError
-from cw_pipeline.core.experiment import SearchParams
 from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
-from cw_pipeline.core.methods import AGGREGATIONS
 
 __all__ = [
-    "AGGREGATIONS",
     "CONFIG_ENV",
     "DEFAULT_METHODS",
-    "LAYOUTS",
     "SELF_SPLIT",
     "ConfigError",
     "DatasetConfig",
@@ -63,7 +58,6 @@ __all__ = [
     "MethodSpec",
     "ProjectConfig",
     "RuntimeConfig",
-    "SearchParams",
     "UnknownNameError",
     "dataset_location",
     "default_config_path",

@@ -17,10 +17,6 @@ from pydantic import ValidationError
 from cw_pipeline.config.models import (
     CONFIG_ENV,
     DEFAULT_METHODS,
-    GT_FILE_LAYOUTS,
-    GT_FOLDER_LAYOUTS,
-    LAYOUTS,
-    NAMED_GT_LAYOUTS,
     SELF_SPLIT,
     DatasetConfig,
     DatasetDefaults,
@@ -29,10 +25,16 @@ from cw_pipeline.config.models import (
     ProjectConfig,
 )
 from cw_pipeline.config.yaml_file import ConfigError, ConfigFile
+from cw_pipeline.core.datasets.layouts import (
+    GROUPED_LAYOUTS,
+    GT_FILE_LAYOUTS,
+    GT_FOLDER_LAYOUTS,
+    LAYOUTS,
+)
 from cw_pipeline.core.demo import DEMO_DATASETS
-from cw_pipeline.core.experiment import SearchParams
 from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
 from cw_pipeline.core.methods import Method
+from cw_pipeline.core.search_settings import SearchParams
 from cw_pipeline.core.validation import error_message
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -298,7 +300,7 @@ def _check_pca_source(f: ConfigFile, ds: DatasetConfig, datasets: dict[str, Data
             raise f.error(
                 entry,
                 f"pca_from: {SELF_SPLIT} needs a layout that groups images into "
-                f"objects ({', '.join(sorted(NAMED_GT_LAYOUTS))}), not {ds.layout!r}",
+                f"objects ({', '.join(sorted(GROUPED_LAYOUTS))}), not {ds.layout!r}",
             )
     elif src == ds.name:
         hint = f"; use {SELF_SPLIT!r}" if grouped else ""

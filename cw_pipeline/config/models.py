@@ -1,7 +1,8 @@
 """The validated configuration: :class:`ProjectConfig` (warehouse, reports, datasets,
 evaluations, what was disabled and why), :class:`DatasetConfig`, :class:`EvaluationConfig` and
-:class:`DatasetDefaults` (pydantic models), and the vocabulary they accept (layouts, shard
-modes, query protocols, generators, the default methods). Loading the YAML into them is
+:class:`DatasetDefaults` (pydantic models), and the vocabulary they accept (shard modes,
+query protocols, generators, the default methods; the layouts are core's,
+:mod:`cw_pipeline.core.datasets.layouts`). Loading the YAML into them is
 :mod:`cw_pipeline.config.load`."""
 
 from __future__ import annotations
@@ -15,9 +16,15 @@ from typing import Any, Literal, get_args
 from pydantic import field_validator, model_validator
 
 from cw_pipeline.config.yaml_file import UnknownNameError
-from cw_pipeline.core.experiment import SearchParams
+from cw_pipeline.core.datasets.layouts import (
+    GROUPED_LAYOUTS,
+    GT_FILE_LAYOUTS,
+    GT_FOLDER_LAYOUTS,
+    Layout,
+)
 from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
 from cw_pipeline.core.methods import Method
+from cw_pipeline.core.search_settings import SearchParams
 from cw_pipeline.core.validation import Settings, bounded_int
 
 #: Methods as the YAML writes them (``MethodSpec`` is :class:`core.methods.Method`).
@@ -26,23 +33,15 @@ MethodSpec = Method
 #: Environment variable naming the config file (overrides ``<project>/data/datasets.yaml``).
 CONFIG_ENV = "CW_PIPELINE_CONFIG"
 
-Layout = Literal["oxford", "paris", "gnd", "revisited", "ukbench", "holidays", "folder"]
 ShardBy = Literal["folder", "batch"]
 QueryProtocol = Literal["paper", "crop"]
 
-LAYOUTS: tuple[str, ...] = get_args(Layout)
 SHARD_BY: tuple[str, ...] = get_args(ShardBy)
 QUERY_PROTOCOLS: tuple[str, ...] = get_args(QueryProtocol)
 GENERATORS: tuple[str, ...] = ("demo",)
 
 #: ``pca_from`` value: split the dataset's objects in halves, each uses the other's PCA.
 SELF_SPLIT = "self-split"
-#: Layouts whose ground truth is a folder of Oxford-style text files.
-GT_FOLDER_LAYOUTS = frozenset({"oxford", "paris"})
-#: Layouts whose ground truth is a ``gnd_*.pkl`` file.
-GT_FILE_LAYOUTS = frozenset({"gnd", "revisited"})
-#: Layouts whose ground truth follows from the file names (no ``groundtruth`` entry).
-NAMED_GT_LAYOUTS = frozenset({"ukbench", "holidays"})
 
 DEFAULT_METHODS: tuple[str, ...] = (
     "raw",
@@ -112,7 +111,7 @@ class DatasetConfig(Settings):
         if layout not in GT_FOLDER_LAYOUTS | GT_FILE_LAYOUTS and self.groundtruth is not None:
             why = (
                 "it follows from the file names"
-                if layout in NAMED_GT_LAYOUTS
+                if layout in GROUPED_LAYOUTS
                 else ("a folder layout has no queries")
             )
             raise ValueError(f"layout {layout!r} takes no 'groundtruth' ({why})")
@@ -127,7 +126,7 @@ class DatasetConfig(Settings):
     def grouped(self) -> bool:
         """Images grouped into objects (ukbench, holidays): every image is a query of its
         object, and the dataset may learn its PCA by ``self-split``."""
-        return self.layout in NAMED_GT_LAYOUTS
+        return self.layout in GROUPED_LAYOUTS
 
     @property
     def self_split(self) -> bool:

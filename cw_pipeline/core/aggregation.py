@@ -5,7 +5,7 @@
   (:meth:`PCAWhitening.npz_bytes`); the feature store keeps them beside their JSON metadata.
 * Offline aggregation (OfA): an image's own top N_C class vectors, at indexing time.
 * Online aggregation (OnA): the query's top N_C classes applied to every database image, at
-  search time (see ``search.online_descriptors``).
+  search time (see :mod:`cw_pipeline.core.online_aggregation`).
 """
 
 from __future__ import annotations

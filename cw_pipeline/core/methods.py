@@ -1,4 +1,4 @@
-"""The aggregation registry and method strings.
+"""The aggregation registry, method strings, and the two offline steps of a method.
 
 An aggregation turns an image's stored features into one descriptor; a *method* is an
 aggregation, optionally followed by CAM-box re-ranking of the top R and query expansion with the
@@ -20,6 +20,10 @@ Adding a method is one function and one entry::
 
 ``cw-pipeline evaluate --method top2``, the YAML's ``methods: [top2]``, the descriptors and
 rankings assets and ``cw-pipeline search`` then all know it.
+
+The offline steps every method goes through the registry for: :func:`fit_pca` (its PCA,
+fitted on a *training* set) and :func:`offline_descriptors` (the descriptors stored at
+indexing time); the search itself is :func:`cw_pipeline.core.retrieval.search`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,9 +41,8 @@ from cw_pipeline.core.aggregation import (
     pca_training_vectors,
     raw_descriptors,
 )
-
-if TYPE_CHECKING:
-    from cw_pipeline.core.experiment import FeatureSet, SearchParams
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.search_settings import SearchParams
 
 __all__ = [
     "AGGREGATIONS",
@@ -48,10 +50,13 @@ __all__ = [
     "Aggregation",
     "Method",
     "PCASpace",
+    "fit_pca",
+    "fit_pca_space",
+    "offline_descriptors",
     "stored_descriptors",
 ]
 
-Describe = Callable[["FeatureSet", "PCAWhitening | None", "SearchParams"], np.ndarray]
+Describe = Callable[[FeatureSet, PCAWhitening | None, SearchParams], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -201,3 +206,32 @@ class Method:
     @property
     def needs_maps(self) -> bool:
         return self.spec.online or self.rerank > 0
+
+
+def fit_pca(
+    method: Method,
+    train: FeatureSet,
+    params: SearchParams,
+    metadata: dict | None = None,
+) -> PCAWhitening | None:
+    """PCA-whitening for a method, fitted on a training set (never the evaluated images);
+    None for a method without PCA."""
+    space = method.spec.pca_space
+    return None if space is None else fit_pca_space(space, train, params, metadata)
+
+
+def fit_pca_space(
+    space: str, train: FeatureSet, params: SearchParams, metadata: dict | None = None
+) -> PCAWhitening:
+    """PCA-whitening of one registered space (:data:`PCA_SPACES`) fitted on ``train``."""
+    spec = PCA_SPACES[space]
+    meta = {"n_pca": params.n_pca, "training_images": len(train), **(metadata or {})}
+    meta["vectors"] = spec.vectors
+    return PCAWhitening.fit(spec.training_vectors(train, params), params.pca_dims, metadata=meta)
+
+
+def offline_descriptors(
+    method: Method, features: FeatureSet, pca: PCAWhitening | None, params: SearchParams
+) -> np.ndarray:
+    """Descriptors stored at indexing time for the method's aggregation (its ``describe``)."""
+    return method.spec.describe(features, pca, params)

@@ -27,19 +27,14 @@ import numpy as np
 import torch
 
 from cw_pipeline.core.aggregation import PCAWhitening, aggregate
-from cw_pipeline.core.experiment import FeatureSet, SearchParams, offline_descriptors
 from cw_pipeline.core.extract import FeatureExtractor, FeatureMaps
+from cw_pipeline.core.feature_set import FeatureSet
 from cw_pipeline.core.lru import ByteLRU
-from cw_pipeline.core.methods import Method
-from cw_pipeline.core.search import (
-    FullOrder,
-    OnlineIndex,
-    Ranking,
-    expand_queries,
-    rank,
-    rerank_order,
-    rerank_scores,
-)
+from cw_pipeline.core.methods import Method, offline_descriptors
+from cw_pipeline.core.online_aggregation import OnlineIndex
+from cw_pipeline.core.ranking import FullOrder, Ranking, expand_queries, rank
+from cw_pipeline.core.reranking import rerank_order, rerank_scores
+from cw_pipeline.core.search_settings import SearchParams
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +311,7 @@ def search(
     has a content key (:meth:`ComputedMaps.key`): those it holds are not computed again.
 
     ``full_order`` also returns each query's order of the whole database
-    (:attr:`Ranking.orders`, a :class:`~cw_pipeline.core.search.FullOrder`) without sorting
+    (:attr:`Ranking.orders`, a :class:`~cw_pipeline.core.ranking.FullOrder`) without sorting
     it: the top ``top_k`` are the same, and its first ``top_k`` rows are these.
 
     ``database`` holds the stored (offline) descriptors of the method's aggregation

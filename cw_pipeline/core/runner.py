@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,27 +23,20 @@ from cw_pipeline.core.datasets import (
     read_oxford_groundtruth,
     scan_image_folder,
     ukbench_groundtruth,
-    ukbench_labels,
     validate_groundtruth,
 )
+from cw_pipeline.core.datasets.layouts import EVALUATE_LAYOUTS, FLAT_ID_LAYOUTS, GROUPED_LAYOUTS
 from cw_pipeline.core.evaluation import score
-from cw_pipeline.core.experiment import (
-    FeatureSet,
-    Method,
-    SearchParams,
-    fit_pca,
-    offline_descriptors,
-)
 from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.core.feature_set import FeatureSet
 from cw_pipeline.core.images import load_image
+from cw_pipeline.core.methods import Method, fit_pca, offline_descriptors
+from cw_pipeline.core.pca_split import group_labels
+from cw_pipeline.core.ranking import Ranking
 from cw_pipeline.core.retrieval import InMemoryMaps, search
-from cw_pipeline.core.search import Ranking
+from cw_pipeline.core.search_settings import SearchParams
 
 logger = logging.getLogger(__name__)
-
-Layout = Literal["oxford", "paris", "gnd", "ukbench", "holidays"]
-LAYOUTS: tuple[str, ...] = ("oxford", "paris", "gnd", "ukbench", "holidays")
-GROUPED_LAYOUTS = ("ukbench", "holidays")
 
 
 @dataclass
@@ -65,12 +58,13 @@ class Benchmark:
 def load_benchmark(layout: str, images: Path, groundtruth: Path | None = None) -> Benchmark:
     """Read an image folder and its ground truth; fails early with a message naming the path."""
     images = Path(images)
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout not in EVALUATE_LAYOUTS:
+        raise ValueError(
+            f"unknown layout {layout!r}; expected one of {', '.join(EVALUATE_LAYOUTS)}"
+        )
     if not images.is_dir():
         raise FileNotFoundError(f"image folder not found: {images}")
-    flat = layout in ("oxford", "paris", "gnd")
-    found = scan_image_folder(images, flat=flat)
+    found = scan_image_folder(images, flat=layout in FLAT_ID_LAYOUTS)
     if not found:
         raise ValueError(f"no images found under {images}")
     rel = dict(found)
@@ -109,15 +103,6 @@ def grouped_groundtruth(layout: str, ids: Sequence[str]) -> GroundTruth:
         return ukbench_groundtruth(ids)
     if layout == "holidays":
         return holidays_groundtruth(ids)
-    raise ValueError(f"layout {layout!r} has no object groups")
-
-
-def group_labels(layout: str, ids: Sequence[str]) -> np.ndarray:
-    """Object label of each image of a grouped layout."""
-    if layout == "ukbench":
-        return ukbench_labels(ids)
-    if layout == "holidays":
-        return np.array([int(Path(i).name[:4]) for i in ids])
     raise ValueError(f"layout {layout!r} has no object groups")
 
 
@@ -247,48 +232,3 @@ def evaluate_search(
         rows = np.arange(len(database)) if query_rows is None else np.asarray(query_rows)
         queries, qd = database.subset(rows), db[rows]
     return search(method, queries, db, pca, maps, params, query_descriptors=qd)
-
-
-@dataclass(frozen=True)
-class PcaGroup:
-    """Images that share one PCA model: a whole set, or one half of a self-split set.
-
-    Attributes:
-        rows: indices of the group's images (searched, described, scored with its PCA).
-        half: 1 or 2 for a half of a self-split set (its PCA's store name), None for a
-            whole set.
-        training: a self-split half's training rows: the *other* half; None for a whole set
-            (its PCA is learned elsewhere).
-    """
-
-    rows: np.ndarray
-    half: int | None = None
-    training: np.ndarray | None = None
-
-    @property
-    def training_half(self) -> int | None:
-        """The half its PCA is learned on (the other one), or None."""
-        return None if self.half is None else 3 - self.half
-
-
-def pca_groups(n_images: int, labels: np.ndarray | None = None) -> list[PcaGroup]:
-    """The images of a set by the PCA model they use: with object ``labels`` (self-split),
-    the two halves of the objects (:func:`split_by_group`), each learning its PCA on the
-    other; without, one group of all ``n_images``. The one place the self-split loop is
-    written: evaluate, the assets and ``search`` iterate over these groups."""
-    if labels is None:
-        return [PcaGroup(np.arange(n_images))]
-    if len(labels) != n_images:
-        raise ValueError(f"{len(labels)} object labels for {n_images} images")
-    first, second = split_by_group(np.asarray(labels))
-    return [PcaGroup(first, 1, second), PcaGroup(second, 2, first)]
-
-
-def split_by_group(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split image indices into two halves of the objects (sorted labels; first half, second)."""
-    groups = np.unique(labels)
-    if groups.size < 2:
-        raise ValueError("a split needs at least two objects")
-    first = set(groups[: groups.size // 2].tolist())
-    mask = np.array([lab in first for lab in labels])
-    return np.flatnonzero(mask), np.flatnonzero(~mask)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from cw_pipeline.config import dataset_location, default_config_path
+from cw_pipeline.core.datasets.layouts import GT_FOLDER_LAYOUTS
 from cw_pipeline.download.sources import (
     ALIASES,
     CATALOGUE,
@@ -212,7 +213,7 @@ def _benchmark_items(
 ) -> list[Item]:
     """The image archives, the ground-truth archive (text layouts) and the ``gnd`` pickle."""
     items = [_archive(src, images, cache_dir, mirror) for src in entry.images]
-    if layout in ("oxford", "paris"):  # a folder of text files (+ the pickle beside them)
+    if layout in GT_FOLDER_LAYOUTS:  # a folder of text files (+ the pickle beside them)
         assert entry.gt_archive is not None
         items.append(_archive(entry.gt_archive, groundtruth, cache_dir, mirror))
         pkl_dest = groundtruth / posixpath.basename(entry.gnd_pickle or "")

@@ -13,7 +13,7 @@ from PIL import Image
 from cw_pipeline.core.cams import boxes_to_pixels, heatmap_boxes, mean_cam
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.images import load_image
-from cw_pipeline.core.search import RerankConfig
+from cw_pipeline.core.search_settings import RerankConfig
 from cw_pipeline.figures.charts import cam_overlay
 
 #: CAM overlays of narrower images are enlarged to this width (display only).

@@ -34,7 +34,7 @@ from cw_pipeline.query.common import (
     load_query_image,
 )
 from cw_pipeline.query.loading import index_problem, load_evaluation_index, load_index
-from cw_pipeline.query.ranking import format_results, search, search_image
+from cw_pipeline.query.ranking import format_results, search_dataset, search_image
 
 __all__ = [
     "BrokenIndexError",
@@ -50,6 +50,6 @@ __all__ = [
     "load_evaluation_index",
     "load_index",
     "load_query_image",
-    "search",
+    "search_dataset",
     "search_image",
 ]

@@ -18,7 +18,7 @@ from cw_pipeline.core.aggregation import PCAWhitening
 from cw_pipeline.core.extract import ImageFeatures
 from cw_pipeline.core.images import ImageLoadError, load_image
 from cw_pipeline.core.methods import Method
-from cw_pipeline.core.search import FullOrder
+from cw_pipeline.core.ranking import FullOrder
 
 #: What a source says of its PCA (dropped for a method without PCA).
 _PCA_NOTE = re.compile(r" \((?:PCA learned on [^)]*|each half with the PCA of the other)\)")

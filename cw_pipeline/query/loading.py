@@ -33,8 +33,7 @@ from cw_pipeline.compute.published import current_index, current_pca, descriptor
 from cw_pipeline.compute.shards import stored_code_version
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core.aggregation import PCAWhitening, raw_descriptors
-from cw_pipeline.core.experiment import Method
-from cw_pipeline.core.methods import AGGREGATIONS, stored_descriptors
+from cw_pipeline.core.methods import AGGREGATIONS, Method, stored_descriptors
 from cw_pipeline.query.common import (
     BrokenIndexError,
     InconsistentIndexError,

@@ -1,5 +1,7 @@
-"""Ranking a database for one query image: the search of ``cw-pipeline search`` and of the
-search page (:func:`search_image`), and the CLI's table of results."""
+"""Ranking a database for one query image: the search of ``cw-pipeline search``
+(:func:`search_dataset`: an image file against a configured dataset's index) and of the search
+page (:func:`search_image`: an image in memory against a loaded index), and the CLI's table of
+results."""
 
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ from threadpoolctl import ThreadpoolController
 from cw_pipeline.compute.features import dataset_extractor
 from cw_pipeline.compute.pca import method_pca
 from cw_pipeline.config import ProjectConfig
-from cw_pipeline.core.experiment import FeatureSet, Method, offline_descriptors
 from cw_pipeline.core.extract import FeatureExtractor
-from cw_pipeline.core.retrieval import ComputedMaps, MapCache
-from cw_pipeline.core.retrieval import search as search_method
-from cw_pipeline.core.search import FullOrder, stable_top
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.methods import Method, offline_descriptors
+from cw_pipeline.core.ranking import FullOrder, stable_top
+from cw_pipeline.core.retrieval import ComputedMaps, MapCache, search
 from cw_pipeline.query.common import (
     Hit,
     QueryError,
@@ -32,10 +34,10 @@ from cw_pipeline.query.common import (
 from cw_pipeline.query.loading import load_index
 from cw_pipeline.store import FeatureStore
 
-__all__ = ["format_results", "search", "search_image"]
+__all__ = ["format_results", "search_dataset", "search_image"]
 
 
-def search(
+def search_dataset(
     config: ProjectConfig,
     dataset: str,
     image: Path,
@@ -171,7 +173,7 @@ def _search_groups(
         pca = method_pca(method, pcas)
         with _one_blas_thread():
             q = offline_descriptors(method, qfs, pca, params)
-        r = search_method(
+        r = search(
             method,
             qfs,
             db if is_all else db[rows],  # a copy of a 105k database costs more than ranking it

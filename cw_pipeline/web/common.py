@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.extract import ImageFeatures
+from cw_pipeline.core.methods import Method
 from cw_pipeline.query import SearchIndex
 
 #: Uploads larger than this are refused (``cw-pipeline serve --max-upload-mb``).

@@ -13,9 +13,9 @@ import numpy as np
 from cw_pipeline.compute.pca import method_pca
 from cw_pipeline.core.aggregation import aggregate
 from cw_pipeline.core.cams import boxes_to_pixels, mean_cam
-from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.images import ImageLoadError, load_image
-from cw_pipeline.core.search import region_scores
+from cw_pipeline.core.methods import Method
+from cw_pipeline.core.reranking import region_scores
 from cw_pipeline.figures import cam_overlay, png_bytes
 from cw_pipeline.web.common import (
     WebError,

@@ -58,9 +58,9 @@ from cw_pipeline.config import (
 from cw_pipeline.core import allocator
 from cw_pipeline.core.backbones import set_num_threads
 from cw_pipeline.core.datasets import GroundTruth, Query, image_path
-from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.lru import ByteLRU
+from cw_pipeline.core.methods import Method
 from cw_pipeline.core.retrieval import MapCache
 from cw_pipeline.query import (
     BrokenIndexError,

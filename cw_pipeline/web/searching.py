@@ -18,10 +18,10 @@ from PIL import Image
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.datasets import Query
 from cw_pipeline.core.evaluation import average_precision_at
-from cw_pipeline.core.experiment import Method
 from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
 from cw_pipeline.core.images import ImageLoadError, load_image
-from cw_pipeline.core.search import FullOrder
+from cw_pipeline.core.methods import Method
+from cw_pipeline.core.ranking import FullOrder
 from cw_pipeline.query import (
     Hit,
     QueryError,

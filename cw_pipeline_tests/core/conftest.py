@@ -1,4 +1,5 @@
-"""Fixtures shared by the core tests that run the real default backbone."""
+"""Fixtures shared by the core tests: the real default backbone, and a small random scene of
+feature sets (:mod:`cw_pipeline_tests.core.random_features`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from cw_pipeline.core.backbones import load_backbone
+from cw_pipeline_tests.core import random_features
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,3 +22,9 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def lite0():
     return load_backbone()
+
+
+@pytest.fixture(scope="module")
+def scene() -> random_features.Scene:
+    """The classifier, a training set, a database and queries taken from it."""
+    return random_features.scene()

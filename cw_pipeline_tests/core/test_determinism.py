@@ -23,9 +23,11 @@ from PIL import Image
 from cw_pipeline.compute.features import records_to_table
 from cw_pipeline.core.aggregation import aggregate, raw_descriptors
 from cw_pipeline.core.backbones import load_backbone
-from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca
 from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, ImageFeatures
-from cw_pipeline.core.search import rank
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.methods import Method, fit_pca
+from cw_pipeline.core.ranking import rank
+from cw_pipeline.core.search_settings import SearchParams
 from cw_pipeline.store import FeatureStore
 
 CONFIG = ExtractionConfig(stored_classes=8, resize="fixed:64x64")

@@ -20,7 +20,7 @@ from cw_pipeline.core.evaluation import (
     ukbench_map,
     ukbench_ns_score,
 )
-from cw_pipeline.core.search import FullOrder
+from cw_pipeline.core.ranking import FullOrder
 
 # Hand derivation for 4 positives at 1-based ranks 1, 2, 4, 7 (0-based 0, 1, 3, 6), nres = 4:
 #   j=0 r=0: p0 = 1,   p1 = 1/1 -> 2

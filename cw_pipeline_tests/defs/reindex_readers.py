@@ -27,7 +27,7 @@ from PIL import Image
 from cw_pipeline.compute import published
 from cw_pipeline.compute.features import dataset_extractor
 from cw_pipeline.compute.queries import load_groundtruth
-from cw_pipeline.core.experiment import Method
+from cw_pipeline.core.methods import Method
 from cw_pipeline.query import load_evaluation_index, load_index, search_image
 from cw_pipeline.runtime.runs import refresh
 from cw_pipeline.store import commit_path

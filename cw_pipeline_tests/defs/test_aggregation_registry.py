@@ -18,10 +18,11 @@ from cw_pipeline.compute.features import load_features, table_to_featureset
 from cw_pipeline.compute.pca import pca_models_for
 from cw_pipeline.core import methods
 from cw_pipeline.core.aggregation import PCAWhitening, aggregate
-from cw_pipeline.core.experiment import FeatureSet, Method, SearchParams, fit_pca
 from cw_pipeline.core.extract import ExtractionConfig
-from cw_pipeline.core.methods import Aggregation
+from cw_pipeline.core.feature_set import FeatureSet
+from cw_pipeline.core.methods import Aggregation, Method, fit_pca
 from cw_pipeline.core.runner import evaluate_search
+from cw_pipeline.core.search_settings import SearchParams
 from cw_pipeline.store import query_features_path
 from cw_pipeline_tests.defs.project import materialize
 from cw_pipeline_tests.published import descriptors_rel, rankings_rel

@@ -10,7 +10,7 @@ from cw_pipeline.compute.features import load_features, table_to_featureset
 from cw_pipeline.compute.queries import load_groundtruth
 from cw_pipeline.compute.rankings import score_rankings
 from cw_pipeline.core.evaluation import score
-from cw_pipeline.core.experiment import Method, fit_pca
+from cw_pipeline.core.methods import Method, fit_pca
 from cw_pipeline.core.runner import evaluate_search
 from cw_pipeline.store import query_features_path
 from cw_pipeline_tests.published import rankings_rel

@@ -1,4 +1,5 @@
-"""Tests for cw_pipeline.core.experiment and the search over feature sets."""
+"""Tests for cw_pipeline.core.retrieval: the one search path over feature sets (ranking, OnA,
+re-ranking, QE), full orders, the map cache and kept pair values."""
 
 from __future__ import annotations
 
@@ -6,194 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cw_pipeline.core.aggregation import aggregate, l2_normalize
-from cw_pipeline.core.experiment import (
-    FeatureSet,
-    Method,
-    SearchParams,
-    fit_pca,
-    offline_descriptors,
-)
-from cw_pipeline.core.extract import FeatureMaps, ImageFeatures, encode_maps
+from cw_pipeline.core.extract import FeatureMaps
+from cw_pipeline.core.methods import Method, fit_pca, offline_descriptors
+from cw_pipeline.core.online_aggregation import online_descriptors
+from cw_pipeline.core.reranking import rerank
 from cw_pipeline.core.retrieval import InMemoryMaps, MapCache, PairCache, search
-from cw_pipeline.core.runner import evaluate_search, pca_groups
-from cw_pipeline.core.search import RerankConfig, online_descriptors, rerank
-
-K, C, N_C = 6, 12, 4  # channels, classes, stored class vectors per image
-
-
-def _classifier(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(C, K, generator=gen), torch.randn(C, generator=gen)
-
-
-def _records(n: int, seed: int, classifier, keep_maps: bool = True) -> list[ImageFeatures]:
-    """Records built from random maps exactly as the extractor builds them."""
-    rng = np.random.default_rng(seed)
-    weight, bias = classifier
-    out = []
-    for _ in range(n):
-        x16 = np.maximum(rng.normal(size=(K, 3, 4)), 0).astype(np.float16)
-        x = torch.from_numpy(x16.astype(np.float32))[None]
-        ids, probs, cv = encode_maps(x, x, weight, bias, n_classes=N_C)
-        out.append(
-            ImageFeatures(
-                class_ids=ids[0].numpy().astype(np.int16),
-                class_probs=probs[0].numpy(),
-                class_vectors=cv[0].numpy(),
-                sum_pooled=x[0].sum(dim=(1, 2)).numpy(),
-                boxes=np.full((5, 4), np.nan, dtype=np.float32),
-                grid=(3, 4),
-                input_size=(128, 96),
-                image_size=(128, 96),
-                maps=FeatureMaps(features=x16, input_size=(128, 96)) if keep_maps else None,
-            )
-        )
-    return out
-
-
-def _set(n: int, seed: int, classifier, prefix: str, keep_maps: bool = True) -> FeatureSet:
-    recs = _records(n, seed, classifier, keep_maps)
-    return FeatureSet.from_records([f"{prefix}{i}" for i in range(n)], recs)
-
-
-@pytest.fixture(scope="module")
-def scene():
-    clf = _classifier()
-    train = _set(30, seed=1, classifier=clf, prefix="train")
-    database = _set(10, seed=2, classifier=clf, prefix="db")
-    queries = database.subset([7, 2, 4])
-    return clf, train, database, queries
-
-
-PARAMS = SearchParams(
-    aggregated_classes=N_C, n_pca=1, rerank=RerankConfig(query_classes=3, min_cells=1)
-)
+from cw_pipeline.core.runner import evaluate_search
+from cw_pipeline.core.search_settings import RerankConfig, SearchParams
+from cw_pipeline_tests.core.random_features import N_C, PARAMS, random_feature_set
 
 
 def _brute_rank(q: np.ndarray, db: np.ndarray) -> list[list[int]]:
     s = q.astype(np.float32) @ db.astype(np.float32).T
     return [sorted(range(db.shape[0]), key=lambda j, r=row: (-r[j], j)) for row in s]
-
-
-# --------------------------------------------------------------------------- Method
-
-
-@pytest.mark.parametrize("name", ["raw", "raw+pca", "ofa", "ona", "ona+qe10", "ofa+r100+qe10"])
-def test_method_parse_round_trips(name):
-    method = Method.parse(name)
-    assert method.name == name
-    assert Method.parse(method.name) == method
-
-
-def test_method_parse_fields():
-    assert Method.parse("ofa+r100+qe10") == Method("ofa", rerank=100, qe=10)
-    assert Method.parse("ona+qe10") == Method("ona", rerank=0, qe=10)
-    assert Method.parse("raw+pca") == Method("raw+pca")
-    assert Method.parse("  OFA+QE5 ") == Method("ofa", qe=5)
-    # Options in either order; the name is normalised to r before qe.
-    assert Method.parse("ofa+qe10+r100").name == "ofa+r100+qe10"
-    assert not Method.parse("raw").uses_pca
-    assert Method.parse("raw+pca").uses_pca and Method.parse("ofa").uses_pca
-    assert Method.parse("ona").needs_maps and Method.parse("ofa+r10").needs_maps
-    assert not Method.parse("ofa+qe10").needs_maps
-
-
-@pytest.mark.parametrize(
-    "junk",
-    ["", "foo", "ofa+", "ofa+qe", "ofa+x10", "raw+pca+pca", "ona qe10", "ofa+qe-1", "pca", "ofa+"],
-)
-def test_method_parse_rejects_junk(junk):
-    with pytest.raises(ValueError, match="invalid method"):
-        Method.parse(junk)
-
-
-# --------------------------------------------------------------------------- FeatureSet
-
-
-def test_feature_set_from_records_subset(scene):
-    _, _, database, _ = scene
-    assert len(database) == 10
-    assert database.class_ids.shape == (10, N_C)
-    assert database.class_vectors.shape == (10, N_C, K)
-    assert database.sum_pooled.shape == (10, K)
-    assert database.boxes.shape == (10, 5, 4)
-    assert database.maps is not None and len(database.maps) == 10
-    sub = database.subset([3, 1])
-    assert sub.ids == ["db3", "db1"]
-    np.testing.assert_array_equal(sub.class_vectors[0], database.class_vectors[3])
-    assert sub.maps[1] is database.maps[1]
-
-
-def test_feature_set_from_records_errors():
-    recs = _records(2, seed=3, classifier=_classifier())
-    with pytest.raises(ValueError, match="1 ids for 2 records"):
-        FeatureSet.from_records(["a"], recs)
-    with pytest.raises(ValueError, match="empty"):
-        FeatureSet.from_records([], [])
-
-
-# --------------------------------------------------------------------------- PCA
-
-
-def test_fit_pca_uses_only_the_training_set(scene):
-    _, train, database, _ = scene
-    pca = fit_pca(Method.parse("ofa"), train, PARAMS, metadata={"dataset": "train"})
-    train_vecs = l2_normalize(train.class_vectors[:, 0])
-    db_vecs = l2_normalize(database.class_vectors[:, 0])
-    np.testing.assert_allclose(pca.mean, train_vecs.mean(axis=0), atol=1e-6)
-    assert not np.allclose(pca.mean, db_vecs.mean(axis=0), atol=1e-3)
-    assert pca.metadata["training_images"] == 30
-    assert pca.metadata["training_vectors"] == 30
-    assert pca.metadata["vectors"] == "class_vectors"
-    assert pca.metadata["dataset"] == "train"
-    # Whitens the training vectors (and only those) to identity covariance.
-    y = pca.transform(train_vecs).astype(np.float64)
-    np.testing.assert_allclose(np.cov(y, rowvar=False), np.eye(K), atol=1e-3)
-    y_db = pca.transform(db_vecs).astype(np.float64)
-    assert not np.allclose(np.cov(y_db, rowvar=False), np.eye(K), atol=1e-1)
-    # Same model whatever the database: the database is not an input.
-    again = fit_pca(Method.parse("ofa"), train, PARAMS)
-    np.testing.assert_array_equal(again.components, pca.components)
-
-
-def test_fit_pca_n_pca_and_raw_spaces(scene):
-    _, train, _, _ = scene
-    params2 = SearchParams(aggregated_classes=N_C, n_pca=2)
-    pca2 = fit_pca(Method.parse("ona"), train, params2)
-    assert pca2.metadata["training_vectors"] == 60
-    ref = l2_normalize(train.class_vectors[:, :2].reshape(-1, K)).mean(axis=0)
-    np.testing.assert_allclose(pca2.mean, ref, atol=1e-6)
-    raw = fit_pca(Method.parse("raw+pca"), train, SearchParams(pca_dims=3))
-    assert raw.metadata["vectors"] == "sum_pooled"
-    assert raw.output_dim == 3
-    np.testing.assert_allclose(raw.mean, l2_normalize(train.sum_pooled).mean(axis=0), atol=1e-6)
-    assert fit_pca(Method.parse("raw"), train, PARAMS) is None
-
-
-# --------------------------------------------------------------------------- descriptors
-
-
-def test_offline_descriptors_by_hand():
-    fs = FeatureSet(
-        ids=["a", "b"],
-        class_ids=np.zeros((2, 2), dtype=np.int16),
-        class_probs=np.zeros((2, 2), dtype=np.float32),
-        class_vectors=np.array([[[3.0, 4.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]]),
-        sum_pooled=np.array([[3.0, 4.0], [0.0, 2.0]]),
-        boxes=np.zeros((2, 0, 4)),
-    )
-    raw = offline_descriptors(Method.parse("raw"), fs, None, SearchParams())
-    np.testing.assert_allclose(raw, [[0.6, 0.8], [0.0, 1.0]])
-    ofa = offline_descriptors(Method.parse("ofa"), fs, None, SearchParams(aggregated_classes=2))
-    np.testing.assert_allclose(ofa, [np.array([0.6, 1.8]) / np.sqrt(3.6), [1.0, 0.0]], atol=1e-6)
-    # N_C = 64 asked, 2 stored: an error (the configuration is checked once, never clamped).
-    with pytest.raises(ValueError, match=r"N_C=64 outside 1\.\.2 stored class vectors"):
-        offline_descriptors(Method.parse("ofa"), fs, None, SearchParams(aggregated_classes=64))
-    one = offline_descriptors(Method.parse("ofa"), fs, None, SearchParams(aggregated_classes=1))
-    np.testing.assert_allclose(one, [[0.6, 0.8], [1.0, 0.0]], atol=1e-6)
 
 
 # --------------------------------------------------------------------------- search
@@ -272,7 +100,7 @@ def test_search_ona_equals_per_query_online_descriptors(scene):
 
 def test_search_needs_maps_and_classifier(scene):
     clf, _, database, queries = scene
-    no_maps = _set(4, seed=5, classifier=clf, prefix="n", keep_maps=False)
+    no_maps = random_feature_set(4, seed=5, classifier=clf, prefix="n", keep_maps=False)
     with pytest.raises(ValueError, match="'ona' needs stored feature maps"):
         evaluate_search(Method.parse("ona"), no_maps, queries, None, PARAMS, classifier=clf)
     with pytest.raises(ValueError, match="'ofa\\+r10' needs stored feature maps"):
@@ -348,25 +176,6 @@ def test_top_k_is_the_prefix_of_the_full_search(scene):
         full = search(method, queries, db, pca, maps, PARAMS)
         top = search(method, queries, db, pca, maps, PARAMS, top_k=4)
         np.testing.assert_array_equal(top.indices, full.indices[:, :4])
-
-
-def test_pca_groups_whole_set_and_self_split_halves() -> None:
-    """The one self-split helper: a whole set is one group; with object labels, two halves of
-    the objects, each trained on the other (half 1 = the first objects in label order)."""
-    (whole,) = pca_groups(5)
-    np.testing.assert_array_equal(whole.rows, np.arange(5))
-    assert whole.half is None and whole.training is None and whole.training_half is None
-    labels = np.array([7, 3, 3, 9, 7, 1, 9, 1])  # objects 1, 3 | 7, 9
-    first, second = pca_groups(len(labels), labels)
-    np.testing.assert_array_equal(first.rows, [1, 2, 5, 7])
-    np.testing.assert_array_equal(second.rows, [0, 3, 4, 6])
-    np.testing.assert_array_equal(first.training, second.rows)
-    np.testing.assert_array_equal(second.training, first.rows)
-    assert (first.half, first.training_half, second.half, second.training_half) == (1, 2, 2, 1)
-    with pytest.raises(ValueError, match="3 object labels for 4 images"):
-        pca_groups(4, labels[:3])
-    with pytest.raises(ValueError, match="at least two objects"):
-        pca_groups(2, np.array([5, 5]))
 
 
 @pytest.mark.parametrize(
