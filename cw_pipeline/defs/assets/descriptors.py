@@ -4,7 +4,7 @@ import time
 
 import dagster as dg
 
-from cw_pipeline.compute.data_versions import array_version
+from cw_pipeline.compute.data_versions import array_version, version_of
 from cw_pipeline.compute.descriptors import dataset_descriptors, descriptor_table
 from cw_pipeline.compute.features import load_features
 from cw_pipeline.compute.pca import pca_models_for, pca_version
@@ -13,9 +13,10 @@ from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.pca import pca_key
 from cw_pipeline.defs.assets.support import cpu_seconds, versioned
+from cw_pipeline.defs.automation import refresh_when_inputs_change
+from cw_pipeline.defs.dependencies import Dep
 from cw_pipeline.defs.partitions import current_shards, ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import Dep, refresh_when_inputs_change, version_of
 
 
 def descriptors_key(ds: DatasetConfig) -> dg.AssetKey:

@@ -11,9 +11,10 @@ from cw_pipeline.config import EvaluationConfig, ProjectConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.pca import pca_key
 from cw_pipeline.defs.assets.support import StoreFactory, cpu_seconds, versioned
+from cw_pipeline.defs.automation import AtOnce, at_once_or_on_cron
+from cw_pipeline.defs.dependencies import Dep
 from cw_pipeline.defs.partitions import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import AtOnce, Dep, at_once_or_on_cron
 from cw_pipeline.store import distractor_descriptors_path, features_path
 
 

@@ -7,6 +7,7 @@ import dagster as dg
 import pyarrow as pa
 
 from cw_pipeline.compute.checkpoints import ShardCheckpoints
+from cw_pipeline.compute.data_versions import version_of
 from cw_pipeline.compute.feature_maps import maps_wanted_at_indexing, warehouse_maps
 from cw_pipeline.compute.features import feature_code_version, progress_logger, update_features
 from cw_pipeline.compute.manifests import manifest_version
@@ -17,7 +18,6 @@ from cw_pipeline.defs.checks import features_check_specs, features_checks
 from cw_pipeline.defs.executors import cnn_op_tags
 from cw_pipeline.defs.partitions import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import version_of
 from cw_pipeline.store import FEATURES, features_path, manifest_path, rejected_path
 
 #: The pool of the forward-pass steps (``dagster.yaml``'s ``pools.default_limit`` bounds it).

@@ -6,13 +6,15 @@ import time
 import dagster as dg
 
 from cw_pipeline import report_figures, reports
+from cw_pipeline.compute.data_versions import version_of
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
 from cw_pipeline.defs.assets.rankings import rankings_key
 from cw_pipeline.defs.assets.support import cpu_seconds, evaluation_shards, versioned
+from cw_pipeline.defs.automation import refresh_when_inputs_change
 from cw_pipeline.defs.checks import report_check_specs, report_checks
+from cw_pipeline.defs.dependencies import Dep
 from cw_pipeline.defs.partitions import ident
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import Dep, refresh_when_inputs_change, version_of
 from cw_pipeline.store import REPORT_MARKDOWN, FeatureStore, report_path
 
 

@@ -11,9 +11,10 @@ from cw_pipeline.compute.published import publish_pca
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.support import cpu_seconds, versioned
+from cw_pipeline.defs.automation import refresh_when_inputs_change
+from cw_pipeline.defs.dependencies import Dep
 from cw_pipeline.defs.partitions import current_shards, ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import Dep, refresh_when_inputs_change
 
 
 def pca_key(ds: DatasetConfig) -> dg.AssetKey:

@@ -10,9 +10,10 @@ from cw_pipeline.compute.queries import compute_query_features, query_input_vers
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.assets.manifest import manifest_key
 from cw_pipeline.defs.assets.support import StoreFactory, cpu_seconds
+from cw_pipeline.defs.automation import refresh_when_inputs_change
+from cw_pipeline.defs.dependencies import INPUT_VERSION_TAG, Dep
 from cw_pipeline.defs.partitions import current_shards, ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import INPUT_VERSION_TAG, Dep, refresh_when_inputs_change
 from cw_pipeline.store import manifest_path, query_features_path
 
 

@@ -12,15 +12,15 @@ from cw_pipeline.compute.rankings import evaluation_input_problems, evaluation_r
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
 from cw_pipeline.defs.assets.pca import pca_key
 from cw_pipeline.defs.assets.support import cpu_seconds, evaluation_shards, versioned
-from cw_pipeline.defs.checks import inputs_inconsistent, rankings_check_specs, rankings_checks
-from cw_pipeline.defs.partitions import ident
-from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import (
-    Dep,
+from cw_pipeline.defs.automation import (
     DerivedParent,
     refresh_when_derived_parents_usable,
     refresh_when_inputs_change,
 )
+from cw_pipeline.defs.checks import inputs_inconsistent, rankings_check_specs, rankings_checks
+from cw_pipeline.defs.dependencies import Dep
+from cw_pipeline.defs.partitions import ident
+from cw_pipeline.defs.resources import PipelineResource
 
 #: Rankings metadata on what was reused: kept maps (``maps_reused``, ``maps_written``,
 #: ``maps_over_budget``), region scores and OnA descriptors of (query, image) pairs.

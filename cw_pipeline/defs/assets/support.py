@@ -10,14 +10,9 @@ import pyarrow as pa
 from cw_pipeline.config import ProjectConfig
 from cw_pipeline.core import allocator
 from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.defs.automation import DerivedParent, input_version_when_current
+from cw_pipeline.defs.dependencies import INPUT_VERSION_TAG, Dep, input_version
 from cw_pipeline.defs.partitions import current_shards
-from cw_pipeline.defs.versions import (
-    INPUT_VERSION_TAG,
-    Dep,
-    DerivedParent,
-    input_version,
-    input_version_when_current,
-)
 from cw_pipeline.store import CorruptFileError, FeatureStore
 
 __all__ = [
