@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["array_version", "combine", "table_version", "version_of"]
+__all__ = ["array_version", "combine", "manifest_version", "table_version", "version_of"]
 
 
 def combine(items: Iterable[tuple[str, str]]) -> str:
@@ -56,4 +56,14 @@ def array_version(arrays: dict[str, np.ndarray], ids: Sequence[str] = ()) -> str
         h.update(a.tobytes())
     for i in ids:
         h.update(f"{i}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def manifest_version(manifest: pa.Table) -> str:
+    """Data version of a manifest shard: hash of its (id, sha1) pairs."""
+    h = hashlib.sha1()
+    ids = manifest.column("image_id").to_pylist()
+    shas = manifest.column("sha1").to_pylist()
+    for i, s in sorted(zip(ids, shas, strict=True)):
+        h.update(f"{i}\0{s}\n".encode())
     return h.hexdigest()[:16]

@@ -103,13 +103,3 @@ def build_manifest(
             error = str(exc)
         rows.append(_manifest_row(f, sha1, error, (width, height)))
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), hashed
-
-
-def manifest_version(manifest: pa.Table) -> str:
-    """Data version of a manifest shard: hash of its (id, sha1) pairs."""
-    h = hashlib.sha1()
-    ids = manifest.column("image_id").to_pylist()
-    shas = manifest.column("sha1").to_pylist()
-    for i, s in sorted(zip(ids, shas, strict=True)):
-        h.update(f"{i}\0{s}\n".encode())
-    return h.hexdigest()[:16]

@@ -7,10 +7,9 @@ import dagster as dg
 import pyarrow as pa
 
 from cw_pipeline.compute.checkpoints import ShardCheckpoints
-from cw_pipeline.compute.data_versions import version_of
+from cw_pipeline.compute.data_versions import manifest_version, version_of
 from cw_pipeline.compute.feature_maps import maps_wanted_at_indexing, warehouse_maps
 from cw_pipeline.compute.features import feature_code_version, progress_logger, update_features
-from cw_pipeline.compute.manifests import manifest_version
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.assets.manifest import manifest_key
 from cw_pipeline.defs.assets.support import (

@@ -2,7 +2,8 @@
 
 import dagster as dg
 
-from cw_pipeline.compute.manifests import build_manifest, manifest_version
+from cw_pipeline.compute.data_versions import manifest_version
+from cw_pipeline.compute.manifests import build_manifest
 from cw_pipeline.compute.shards import fingerprint, scan, shard_files, shard_skipped
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.datasets import skipped_summary
