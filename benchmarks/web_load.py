@@ -46,7 +46,7 @@ from skimage import data as skdata
 from web_search_speed import synthetic_index
 
 from cw_pipeline.web.app import create_app
-from cw_pipeline.web.common import Target, _Loaded
+from cw_pipeline.web.common import LoadedIndex, Target
 from cw_pipeline.web.engine import SearchEngine
 
 DIMS = 512  #: OfA descriptors of the synthetic target (PCA from 1280)
@@ -62,9 +62,9 @@ class LoadEngine(SearchEngine):
         super().__init__(config, max_searches=max_searches)
         ds = self.config().dataset("bench")
         index = synthetic_index(ds, size, DIMS)
-        self.bench = _Loaded((), index, {i: k for k, i in enumerate(index.ids)}, 0.0)
+        self.bench = LoadedIndex((), index, {i: k for k, i in enumerate(index.ids)}, 0.0)
 
-    def index(self, target: Target, method) -> _Loaded:
+    def index(self, target: Target, method) -> LoadedIndex:
         if target == Target("dataset", "bench"):
             return self.bench
         return super().index(target, method)

@@ -49,7 +49,8 @@ from cw_pipeline.core.methods import Method, offline_descriptors
 from cw_pipeline.core.retrieval import search
 from cw_pipeline.query import SearchIndex
 from cw_pipeline.web.app import create_app
-from cw_pipeline.web.engine import SearchEngine, Target, _Loaded
+from cw_pipeline.web.common import LoadedIndex, Target
+from cw_pipeline.web.engine import SearchEngine
 
 TARGET_MS = 150.0
 K = 1280  # efficientnet_lite0's channels
@@ -62,11 +63,11 @@ class SyntheticEngine(SearchEngine):
         super().__init__(config)
         self.synthetic = index
         self.query_file = query_file
-        self.loaded = _Loaded((), index, {i: k for k, i in enumerate(index.ids)}, 0.0)
+        self.loaded = LoadedIndex((), index, {i: k for k, i in enumerate(index.ids)}, 0.0)
         positives = frozenset(index.ids[k] for k in range(0, len(index.ids), 2000))
         self.gt = Query("q", None, positives, frozenset(), name="q")
 
-    def index(self, target: Target, method) -> _Loaded:
+    def index(self, target: Target, method) -> LoadedIndex:
         return self.loaded
 
     def image_path(self, dataset: str, image_id: str) -> Path:

@@ -41,9 +41,8 @@ from cw_pipeline.compute.features import (
     load_features,
     update_features,
 )
-from cw_pipeline.compute.manifests import build_manifest, sha1_file
+from cw_pipeline.compute.manifests import build_manifest, manifest_paths, sha1_file
 from cw_pipeline.compute.queries import compute_query_features
-from cw_pipeline.compute.rankings import manifest_paths
 from cw_pipeline.compute.shards import ROOT_SHARD, scan_files, shard_key
 from cw_pipeline.config import ConfigError, load_config
 from cw_pipeline.core.datasets import folder as folder_module

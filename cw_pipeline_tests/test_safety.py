@@ -29,9 +29,8 @@ from cw_pipeline import cli
 from cw_pipeline.cli import demo
 from cw_pipeline.cli.common import DEFAULT_UI_HOST, is_loopback
 from cw_pipeline.compute.features import update_features
-from cw_pipeline.compute.manifests import MANIFEST_SCHEMA
+from cw_pipeline.compute.manifests import MANIFEST_SCHEMA, manifest_paths
 from cw_pipeline.compute.queries import load_groundtruth
-from cw_pipeline.compute.rankings import manifest_paths
 from cw_pipeline.compute.shards import scan_files
 from cw_pipeline.config import ConfigError, DatasetConfig, load_config
 from cw_pipeline.core.datasets import (

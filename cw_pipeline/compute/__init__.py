@@ -5,7 +5,8 @@ the feature store, one module per step of the data flow, each reading its inputs
 writing its results to :class:`cw_pipeline.store.FeatureStore` at the paths the store names:
 
 * :mod:`~cw_pipeline.compute.shards` — files by ``stat``, shard keys, what to (re)index;
-* :mod:`~cw_pipeline.compute.manifests` — per-shard manifests with sha1 reuse;
+* :mod:`~cw_pipeline.compute.manifests` — per-shard manifests with sha1 reuse, and their
+  readers;
 * :mod:`~cw_pipeline.compute.features` — feature shards (sha1 reuse, extraction, layout),
   with :mod:`~cw_pipeline.compute.checkpoints` for the batches of a shard being built;
 * :mod:`~cw_pipeline.compute.queries` — ground truth and query features;

@@ -2,7 +2,9 @@
 
 ``build_manifest`` reuses sha1 and size from the previous manifest when a file's size and
 mtime match, so a rescan hashes only new or changed files; files that cannot be read as
-images keep a row with their ``error`` (they get no features).
+images keep a row with their ``error`` (they get no features). ``manifest_rows`` (and
+``evaluation_manifest_rows``, over an evaluation's dataset and distractor sets) read the
+readable rows back: image id → path and sha1.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from cw_pipeline.compute.shards import FileStat
-from cw_pipeline.config import DatasetConfig
+from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core import images as imgs
 from cw_pipeline.core.datasets import (
     image_path,
     shown_name,
 )
+from cw_pipeline.store import FeatureStore, manifest_path
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -105,11 +108,40 @@ def build_manifest(
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), hashed
 
 
-def manifest_version(manifest: pa.Table) -> str:
-    """Data version of a manifest shard: hash of its (id, sha1) pairs."""
-    h = hashlib.sha1()
-    ids = manifest.column("image_id").to_pylist()
-    shas = manifest.column("sha1").to_pylist()
-    for i, s in sorted(zip(ids, shas, strict=True)):
-        h.update(f"{i}\0{s}\n".encode())
-    return h.hexdigest()[:16]
+def manifest_paths(
+    store: FeatureStore, ds: DatasetConfig, shards: Sequence[str]
+) -> dict[str, Path]:
+    """image id → absolute path, from the stored manifests of the given shards.
+
+    Rows with an ``error`` (quarantined files, which have no features) are left out: their
+    names may be no valid relative path (a backslash, say)."""
+    return {i: path for i, (path, _) in manifest_rows(store, ds, shards).items()}
+
+
+def manifest_rows(
+    store: FeatureStore, ds: DatasetConfig, shards: Sequence[str]
+) -> dict[str, tuple[Path, str]]:
+    """image id → (absolute path, sha1) of the readable rows of the given shards' manifests
+    (as :func:`manifest_paths`)."""
+    out: dict[str, tuple[Path, str]] = {}
+    for shard in shards:
+        rel = manifest_path(ds.name, shard)
+        for row in store.read_table(rel, ["image_id", "relpath", "sha1", "error"]).to_pylist():
+            if not row["error"]:
+                out[row["image_id"]] = (image_path(ds.images, row["relpath"]), row["sha1"])
+    return out
+
+
+def evaluation_manifest_rows(
+    config: ProjectConfig,
+    store: FeatureStore,
+    ev: EvaluationConfig,
+    shards: dict[str, list[str]],
+) -> dict[str, tuple[Path, str]]:
+    """image id → (absolute path, sha1) of the readable images of an evaluation: those of
+    the current ``shards`` of its dataset and of each of its distractor sets (as
+    :func:`manifest_rows`)."""
+    rows = manifest_rows(store, config.dataset(ev.dataset), shards[ev.dataset])
+    for dname in ev.distractors:
+        rows.update(manifest_rows(store, config.dataset(dname), shards.get(dname, [])))
+    return rows

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,11 +23,12 @@ from cw_pipeline.compute.descriptors import (
 )
 from cw_pipeline.compute.feature_maps import warehouse_maps
 from cw_pipeline.compute.features import load_features, stored_image_count, table_to_featureset
+from cw_pipeline.compute.manifests import evaluation_manifest_rows
 from cw_pipeline.compute.pca import method_pca, pca_groups_of, pca_models_for, pca_version
 from cw_pipeline.compute.published import current_index, descriptors_file
 from cw_pipeline.compute.queries import check_groundtruth_images, load_groundtruth
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
-from cw_pipeline.core.datasets import GroundTruth, image_path
+from cw_pipeline.core.datasets import GroundTruth
 from cw_pipeline.core.evaluation import score
 from cw_pipeline.core.extract import FeatureExtractor
 from cw_pipeline.core.feature_set import FeatureSet
@@ -84,30 +84,6 @@ def score_rankings(
     if s.revisited is not None:
         out["revisited"] = s.revisited
     out["aps"] = s.aps
-    return out
-
-
-def manifest_paths(
-    store: FeatureStore, ds: DatasetConfig, shards: Sequence[str]
-) -> dict[str, Path]:
-    """image id → absolute path, from the stored manifests of the given shards.
-
-    Rows with an ``error`` (quarantined files, which have no features) are left out: their
-    names may be no valid relative path (a backslash, say)."""
-    return {i: path for i, (path, _) in manifest_rows(store, ds, shards).items()}
-
-
-def manifest_rows(
-    store: FeatureStore, ds: DatasetConfig, shards: Sequence[str]
-) -> dict[str, tuple[Path, str]]:
-    """image id → (absolute path, sha1) of the readable rows of the given shards' manifests
-    (as :func:`manifest_paths`)."""
-    out: dict[str, tuple[Path, str]] = {}
-    for shard in shards:
-        rel = manifest_path(ds.name, shard)
-        for row in store.read_table(rel, ["image_id", "relpath", "sha1", "error"]).to_pylist():
-            if not row["error"]:
-                out[row["image_id"]] = (image_path(ds.images, row["relpath"]), row["sha1"])
     return out
 
 
@@ -253,9 +229,7 @@ def _database_maps(
     if extractor is None:
         raise ValueError(f"evaluation {ev.name}: OnA/re-ranking need a feature extractor")
     ds = config.dataset(ev.dataset)
-    rows = manifest_rows(store, ds, shards[ds.name])
-    for dname in ev.distractors:
-        rows.update(manifest_rows(store, config.dataset(dname), shards[dname]))
+    rows = evaluation_manifest_rows(config, store, ev, shards)
     unknown = [i for i in db_ids if i not in rows]
     if unknown:
         raise ValueError(

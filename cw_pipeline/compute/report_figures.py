@@ -38,9 +38,9 @@ from cw_pipeline import figures
 from cw_pipeline.compute import reports
 from cw_pipeline.compute.catalog import stored_shards
 from cw_pipeline.compute.features import dataset_extractor
+from cw_pipeline.compute.manifests import evaluation_manifest_rows
 from cw_pipeline.compute.published import rankings_file
 from cw_pipeline.compute.queries import load_groundtruth
-from cw_pipeline.compute.rankings import manifest_rows
 from cw_pipeline.config import DatasetConfig, EvaluationConfig, ProjectConfig
 from cw_pipeline.core.datasets import Query
 from cw_pipeline.core.evaluation import average_precision, precision_recall_points
@@ -151,16 +151,6 @@ class ReportFigures:
 
 
 # ------------------------------------------------------------------------------ data
-
-
-def _image_rows(
-    config: ProjectConfig, store: FeatureStore, ev: EvaluationConfig, shards: dict[str, list[str]]
-) -> dict[str, tuple[Path, str]]:
-    """image id -> (path, sha1) of the evaluation's images, from the current manifests."""
-    rows = manifest_rows(store, config.dataset(ev.dataset), shards[ev.dataset])
-    for dname in ev.distractors:
-        rows.update(manifest_rows(store, config.dataset(dname), shards.get(dname, [])))
-    return rows
 
 
 def _inputs_hash(*parts: Any) -> str:
@@ -538,7 +528,7 @@ def write_report_figures(
     rankings = reports.published_rankings(store, ev)  # tables and database of one run
     ds_ids, db_ids = reports.database_ids(config, store, ev, shards, rankings)
     pos = {i: k for k, i in enumerate(db_ids)}
-    images = _image_rows(config, store, ev, shards)
+    images = evaluation_manifest_rows(config, store, ev, shards)
     by_query = {q.image_id: q for q in load_groundtruth(ds, ds_ids).queries}
     tables: dict[str, pa.Table] = {m: store.read_table(rankings_file(rankings, m)) for m in methods}
 

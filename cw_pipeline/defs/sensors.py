@@ -130,7 +130,7 @@ def automation_sensor() -> dg.AutomationConditionSensorDefinition:
             minimum_interval_seconds=_interval(
                 AUTOMATION_INTERVAL_ENV, DEFAULT_AUTOMATION_INTERVAL
             ),
-            # The conditions compare data versions in Python (cw_pipeline.defs.versions):
+            # The conditions compare data versions in Python (cw_pipeline.defs.automation):
             # they are evaluated in the code location's process.
             use_user_code_server=True,
             description="Refreshes PCA, descriptors, rankings and reports whose inputs' data "

@@ -1,5 +1,5 @@
 """What automation will refresh, and when: the assets whose inputs' data changed since they
-were computed (or that were never computed), as :func:`cw_pipeline.defs.versions.is_stale`
+were computed (or that were never computed), as :func:`cw_pipeline.defs.automation.is_stale`
 and the daemon's ``refresh_downstream`` sensor see them.
 
 ``cw-pipeline index`` reports them beside what it refreshed itself: an asset gated by its
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import dagster as dg
 from dagster._utils.schedules import cron_string_iterator
 
-from cw_pipeline.defs.versions import at_once_node, graph_order, inputs_changed_node, is_stale
+from cw_pipeline.defs.automation import at_once_node, inputs_changed_node, is_stale
+from cw_pipeline.defs.dependencies import graph_order
 from cw_pipeline.runtime.run_tags import ACTIVE_STATUSES
 
 __all__ = ["Pending", "daemon_running", "pending_refreshes"]

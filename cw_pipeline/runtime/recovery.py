@@ -10,7 +10,7 @@ declarative automation would take the run's assets as in progress.
 :func:`recover_dead_runs`, called by the CLI before it indexes or refreshes, finds the queued
 or running runs whose recorded process on this host is gone, marks them failed (tag
 :data:`CRASHED_TAG`, so automation retries their assets, see
-:func:`cw_pipeline.defs.versions.failed_attempt`), and frees the slots they hold; it also frees
+:func:`cw_pipeline.defs.dependencies.failed_attempt`), and frees the slots they hold; it also frees
 slots still held by runs that already ended. Runs of another host, and runs without these
 tags, are left alone. A run launched by the daemon (a ``dagster api execute_run`` process per
 run) tags itself with its run worker's process when its resources are set up

@@ -21,9 +21,10 @@ import dagster as dg
 from cw_pipeline.compute.shards import plan_shards
 from cw_pipeline.config import ProjectConfig
 from cw_pipeline.core.datasets import DEFAULT_IMAGE_EXTENSIONS
+from cw_pipeline.defs.automation import is_stale
+from cw_pipeline.defs.dependencies import graph_order
 from cw_pipeline.defs.jobs import index_job_name
 from cw_pipeline.defs.partitions import current_shards, ident, partitions_def
-from cw_pipeline.defs.versions import graph_order, is_stale
 from cw_pipeline.runtime.instance import add_partitions
 from cw_pipeline.runtime.recovery import pool_wait_line, process_tags, recover_dead_runs
 from cw_pipeline.runtime.run_tags import active_index_shards, index_run_tags
@@ -288,7 +289,7 @@ def refresh(
     (cron-gated evaluations would otherwise wait for their tick). Returns the asset keys
     materialized.
 
-    The conditions compare data versions (:mod:`cw_pipeline.defs.versions`), so ``refresh``
+    The conditions compare data versions (:mod:`cw_pipeline.defs.automation`), so ``refresh``
     and the daemon's automation sensor agree on what is stale: what one refreshed, the other
     finds current. ``refresh`` keeps its own cursor (in the instance) only for the cron ticks.
     """

@@ -39,7 +39,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cw_pipeline.core.jsonsafe import dumps as strict_json
-from cw_pipeline.web.common import DEFAULT_TOP, Target, WebError, _too_large, parse_box
+from cw_pipeline.web.common import DEFAULT_TOP, Target, WebError, parse_box, upload_too_large
 from cw_pipeline.web.engine import SearchEngine
 from cw_pipeline.web.metrics import CONTENT_TYPE, Metrics
 
@@ -88,12 +88,12 @@ async def _body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) past ``limit`` bytes without reading all of it."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise WebError(413, _too_large(int(declared), limit))
+        raise WebError(413, upload_too_large(int(declared), limit))
     data = bytearray()
     async for chunk in request.stream():
         data += chunk
         if len(data) > limit:
-            raise WebError(413, _too_large(len(data), limit) + " (at least)")
+            raise WebError(413, upload_too_large(len(data), limit) + " (at least)")
     return bytes(data)
 
 

@@ -1,14 +1,12 @@
-"""What the search page's modules share: limits, errors, the search target, cached
-entries, and the small helpers that build its JSON (image links, listing items, boxes)."""
+"""What the search page's modules share: limits, errors, the search target, the entries kept
+of a loaded database and of a query, and small helpers (image links, ImageNet class names,
+boxes, the upload limit's message)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import urllib.parse
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from cw_pipeline.core.extract import ImageFeatures
 from cw_pipeline.core.methods import Method
@@ -54,8 +52,8 @@ class Target:
 
 
 @dataclass
-class _Loaded:
-    """A loaded database and what it was loaded from."""
+class LoadedIndex:
+    """A loaded database and what it was loaded from (kept per target and aggregation)."""
 
     signature: tuple
     index: SearchIndex
@@ -64,8 +62,8 @@ class _Loaded:
 
 
 @dataclass
-class _Query:
-    """A query kept for its result views."""
+class KeptQuery:
+    """A query kept for its result views (by the token its search answered with)."""
 
     target: Target
     method: Method
@@ -73,26 +71,14 @@ class _Query:
     loaded_at: tuple  #: the index signature the results came from
 
 
-@dataclass
-class _Manifest:
-    signature: tuple
-    rows: dict[str, dict[str, Any]]  #: image id -> relpath, width, height (readable files)
-    checked: float = 0.0  #: when the stored manifests were last compared (monotonic)
-
-
-def _imagenet_categories(n: int) -> list[str] | None:
-    """ImageNet-1k class names (shipped inside torchvision, nothing is fetched)."""
+def imagenet_categories(n: int) -> list[str] | None:
+    """ImageNet-1k class names for a classifier of ``n`` classes (None unless ``n`` is 1000;
+    shipped inside torchvision, nothing is fetched)."""
     if n != 1000:
         return None
     from torchvision.models import ResNet50_Weights
 
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat(timespec="seconds")
 
 
 def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
@@ -109,37 +95,13 @@ def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _image_url(dataset: str, image_id: str) -> str:
+def image_url(dataset: str, image_id: str) -> str:
+    """The page's link to an indexed image (``/api/image``)."""
     return "/api/image?" + urllib.parse.urlencode({"dataset": dataset, "id": image_id})
 
 
-def _item(
-    dataset: str,
-    image_id: str,
-    row: dict[str, Any],
-    query: str | None = None,
-    box: Sequence[float] | None = None,
-) -> dict[str, Any]:
-    return {
-        "id": image_id,
-        "dataset": dataset,
-        "query": query,
-        "box": None if box is None else [float(v) for v in box],
-        "width": row["width"],
-        "height": row["height"],
-        "image": _image_url(dataset, image_id),
-    }
-
-
-def _too_large(size: int, limit: int) -> str:
+def upload_too_large(size: int, limit: int) -> str:
+    """The message refusing an upload of ``size`` bytes over ``limit`` (HTTP 413)."""
     return (
         f"the upload is {size / 2**20:.1f} MiB, over the limit of {limit / 2**20:.1f} MiB "
         "(cw-pipeline serve --max-upload-mb)"

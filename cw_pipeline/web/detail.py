@@ -19,7 +19,7 @@ from cw_pipeline.core.reranking import region_scores
 from cw_pipeline.figures import cam_overlay, png_bytes
 from cw_pipeline.web.common import (
     WebError,
-    _imagenet_categories,
+    imagenet_categories,
 )
 
 
@@ -72,7 +72,7 @@ class DetailMixin:
             out_regions.append({"box": [round(v, 1) for v in px], "score": round(score, 6)})
         best_box = np.array([out_regions[best]["box"]]) * scale
         overlay = cam_overlay(shown, heat_np, best_box, [f"re-ranking box {regions[best][1]:.3f}"])
-        categories = _imagenet_categories(int(weight.shape[0]))
+        categories = imagenet_categories(int(weight.shape[0]))
         cls = [int(c) for c in q.record.class_ids[: cfg.box_classes]]
         return {
             "id": image_id,

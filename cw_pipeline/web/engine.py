@@ -41,6 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +85,10 @@ from cw_pipeline.web.common import (
     DEFAULT_MAP_CACHE_BYTES,
     DEFAULT_MAX_UPLOAD_BYTES,
     THUMB_CACHE_BYTES,
+    KeptQuery,
+    LoadedIndex,
     Target,
     WebError,
-    _Loaded,
-    _Manifest,
-    _Query,
 )
 from cw_pipeline.web.detail import DetailMixin
 from cw_pipeline.web.listing import ListingMixin
@@ -114,6 +114,15 @@ _ABSOLUTE_PATH = re.compile(r"(?<![\w.~<>-])/(?:[^\s'\"/:,;()]+/)+([^\s'\"/:,;()
 MANIFEST_CHECK_SECONDS = 2.0
 #: Searches (and CAM views) running at once by default: one per core of a small server.
 DEFAULT_MAX_SEARCHES = 2
+
+
+@dataclass
+class _Manifest:
+    """A dataset's manifests as last read (:meth:`SearchEngine.manifest`)."""
+
+    signature: tuple
+    rows: dict[str, dict[str, Any]]  #: image id -> relpath, width, height (readable files)
+    checked: float = 0.0  #: when the stored manifests were last compared (monotonic)
 
 
 class _ExtractorPool:
@@ -173,13 +182,13 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         self._config_state: tuple[int, ProjectConfig] | None = None
         self._store: FeatureStore | None = None
         self._extractors: dict[str, _ExtractorPool] = {}
-        self._indexes: dict[tuple[Target, str], _Loaded] = {}
+        self._indexes: dict[tuple[Target, str], LoadedIndex] = {}
         self._manifests: dict[str, _Manifest] = {}
         self._groundtruth: dict[str, tuple[tuple, GroundTruth | None]] = {}
         self._freshness: dict[str, tuple[float, dict[str, Any]]] = {}
         #: dataset -> why it cannot be read, as the latest listing found (no scan per request)
         self._problems: dict[str, str] = {}
-        self._queries: OrderedDict[str, _Query] = OrderedDict()
+        self._queries: OrderedDict[str, KeptQuery] = OrderedDict()
         self._thumbs: ByteLRU[tuple, bytes] = ByteLRU(THUMB_CACHE_BYTES, len)
         self._lock = threading.Lock()  # the caches: held for dictionary updates only
         self._config_lock = threading.Lock()
@@ -351,7 +360,7 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         return out
 
     # ------------------------------------------------------------------ databases
-    def index(self, target: Target, method: Method) -> _Loaded:
+    def index(self, target: Target, method: Method) -> LoadedIndex:
         """The loaded database of ``target`` for ``method``'s stored aggregation (reloaded
         when its stored files changed)."""
         key = (target, method.stored_aggregation)
@@ -368,7 +377,7 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
         finally:
             lock.release()
 
-    def _index_locked(self, key: tuple[Target, str], target: Target, method: Method) -> _Loaded:
+    def _index_locked(self, key: tuple[Target, str], target: Target, method: Method) -> LoadedIndex:
         """:meth:`index`, holding the database's lock."""
         loaded = self._indexes.get(key)
         now = time.monotonic()
@@ -402,7 +411,7 @@ class SearchEngine(ListingMixin, SearchMixin, DetailMixin):
             raise WebError(400, str(exc)) from exc
         replaced = loaded is not None
         rows = {image_id: i for i, image_id in enumerate(index.ids)}
-        loaded = _Loaded(signature, index, rows, time.monotonic())
+        loaded = LoadedIndex(signature, index, rows, time.monotonic())
         with self._lock:
             if replaced:  # a new materialization: its images may have changed too
                 self._map_caches.clear()

@@ -3,9 +3,11 @@ target's images (ground-truth queries first), and thumbnails of indexed images."
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +24,44 @@ from cw_pipeline.store import (
     distractor_descriptors_folder,
     shard_folder,
 )
-from cw_pipeline.web.common import (
-    FRESHNESS_SECONDS,
-    THUMB_SIZES,
-    Target,
-    WebError,
-    _is_number,
-    _iso,
-    _item,
-)
+from cw_pipeline.web.common import FRESHNESS_SECONDS, THUMB_SIZES, Target, WebError, image_url
 
 logger = logging.getLogger(__name__)
+
+
+def _iso(ts: float | None) -> str | None:
+    """A POSIX time as ISO 8601 UTC, to the second (None stays None)."""
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat(timespec="seconds")
+
+
+def _is_number(text: str) -> bool:
+    """Whether ``text`` reads as a float."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _item(
+    dataset: str,
+    image_id: str,
+    row: dict[str, Any],
+    query: str | None = None,
+    box: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """A listed image (JSON): its id, dataset, query name and box, size and link."""
+    return {
+        "id": image_id,
+        "dataset": dataset,
+        "query": query,
+        "box": None if box is None else [float(v) for v in box],
+        "width": row["width"],
+        "height": row["height"],
+        "image": image_url(dataset, image_id),
+    }
 
 
 def _error_info(datasets: list[str], error: str) -> dict[str, Any]:

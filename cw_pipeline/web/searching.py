@@ -34,13 +34,13 @@ from cw_pipeline.web.common import (
     MAX_EXPANSION,
     MAX_TOP,
     QUERY_CACHE,
+    KeptQuery,
+    LoadedIndex,
     Target,
     WebError,
-    _image_url,
-    _imagenet_categories,
-    _Loaded,
-    _Query,
-    _too_large,
+    image_url,
+    imagenet_categories,
+    upload_too_large,
 )
 
 
@@ -163,7 +163,7 @@ class SearchMixin:
         top: int,
         protocol: str | None,
         full_ranking: bool,
-    ) -> tuple[_Loaded, QueryResult, str, float]:
+    ) -> tuple[LoadedIndex, QueryResult, str, float]:
         """Rank the target's database (loaded if needed) with :func:`search_image` and keep the
         query for its result views: the database, the result, the query's token and the
         seconds a (re)load of the database took (0 when none)."""
@@ -196,7 +196,7 @@ class SearchMixin:
         token = secrets.token_urlsafe(12)
         assert result.record is not None
         with self._lock:
-            self._queries[token] = _Query(target, m, result.record, loaded.signature)
+            self._queries[token] = KeptQuery(target, m, result.record, loaded.signature)
             while len(self._queries) > QUERY_CACHE:
                 self._queries.popitem(last=False)
         return loaded, result, token, index_seconds
@@ -235,7 +235,7 @@ class SearchMixin:
         return image, name, query, gt_query
 
     def _hits(
-        self, target: Target, loaded: _Loaded, found: list[Hit], labels: dict[int, str] | None
+        self, target: Target, loaded: LoadedIndex, found: list[Hit], labels: dict[int, str] | None
     ) -> list[dict[str, Any]]:
         """The answer's results: each hit with its dataset, ground-truth label (``labels``
         None: no ground truth), image link and Dagster asset link."""
@@ -254,14 +254,14 @@ class SearchMixin:
                     "dataset": owner,
                     "score": round(hit.score, 6),
                     "label": None if labels is None else labels.get(row, "negative"),
-                    "image": _image_url(owner, hit.image_id),
+                    "image": image_url(owner, hit.image_id),
                     "dagster": links[owner],
                 }
             )
         return hits
 
     def _labels(
-        self, loaded: _Loaded, q: Query, order: FullOrder
+        self, loaded: LoadedIndex, q: Query, order: FullOrder
     ) -> tuple[dict[int, str], float, int]:
         """Ground-truth label of each database row, the query's AP over the whole ranking
         (Oxford AP, junk ignored; from where its positives and junk stand, without sorting
@@ -289,7 +289,7 @@ class SearchMixin:
     def _decode_upload(self, data: bytes, name: str, max_pixels: int | None) -> Image.Image:
         """Decode an upload with indexing's limits (bomb limit, EXIF, odd modes)."""
         if len(data) > self.max_upload_bytes:
-            raise WebError(413, _too_large(len(data), self.max_upload_bytes))
+            raise WebError(413, upload_too_large(len(data), self.max_upload_bytes))
         if not data:
             raise WebError(400, f"the uploaded file {name!r} is empty")
         fd, tmp = tempfile.mkstemp(prefix="cw-upload-", suffix=Path(name).suffix[:10])
@@ -323,7 +323,7 @@ class SearchMixin:
 def _query_classes(extractor: FeatureExtractor, rec: ImageFeatures | None) -> list[dict[str, Any]]:
     """The query's top 5 ImageNet classes (id, name, probability)."""
     assert rec is not None
-    categories = _imagenet_categories(int(extractor.backbone.classifier_weight.shape[0]))
+    categories = imagenet_categories(int(extractor.backbone.classifier_weight.shape[0]))
     return [
         {
             "id": int(c),

@@ -1,7 +1,7 @@
 """Declarative automation: what the automation sensor requests after indexing, when, and how
 `refresh` (the CLI's synchronous stand-in for it) follows it.
 
-The conditions compare data versions (``cw_pipeline.defs.versions``): an asset runs when the
+The conditions compare data versions (``cw_pipeline.defs.automation``): an asset runs when the
 data of its inputs changed, not when they were merely re-materialized, and never while a
 parent is missing, running or failed.
 """
@@ -20,8 +20,8 @@ from cw_pipeline.compute.descriptors import dataset_descriptors, offline_aggrega
 from cw_pipeline.compute.features import dataset_extractor
 from cw_pipeline.compute.rankings import evaluation_input_problems, evaluation_rankings
 from cw_pipeline.defs.assets import descriptors as descriptor_assets
+from cw_pipeline.defs.dependencies import INPUT_VERSION_TAG
 from cw_pipeline.defs.partitions import current_shards
-from cw_pipeline.defs.versions import INPUT_VERSION_TAG
 from cw_pipeline.runtime.runs import index_dataset, materialize_missing, refresh
 from cw_pipeline.store import commit_path, distractor_descriptors_path, features_path
 from cw_pipeline_tests.defs.project import (

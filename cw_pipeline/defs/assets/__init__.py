@@ -29,9 +29,10 @@ from cw_pipeline.defs.assets.pca import pca_asset, pca_key
 from cw_pipeline.defs.assets.queries import query_features_asset, query_features_key
 from cw_pipeline.defs.assets.rankings import rankings_asset
 from cw_pipeline.defs.assets.support import StoreFactory
+from cw_pipeline.defs.automation import DerivedParent, InputsChanged
 from cw_pipeline.defs.checks import shards_readable_check
+from cw_pipeline.defs.dependencies import Dep
 from cw_pipeline.defs.partitions import partitions_def
-from cw_pipeline.defs.versions import Dep, DerivedParent, InputsChanged
 from cw_pipeline.store import FeatureStore
 
 __all__ = ["CNN_POOL", "DEFAULT_EVALUATION_CRON", "dataset_assets", "evaluation_assets"]

@@ -1,10 +1,8 @@
 """``<ds>/descriptors``: raw, raw+PCA and OfA descriptors of a ground-truth dataset."""
 
-import time
-
 import dagster as dg
 
-from cw_pipeline.compute.data_versions import array_version
+from cw_pipeline.compute.data_versions import array_version, version_of
 from cw_pipeline.compute.descriptors import dataset_descriptors, descriptor_table
 from cw_pipeline.compute.features import load_features
 from cw_pipeline.compute.pca import pca_models_for, pca_version
@@ -12,10 +10,11 @@ from cw_pipeline.compute.published import current_pca, publish_index
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.pca import pca_key
-from cw_pipeline.defs.assets.support import cpu_seconds, versioned
-from cw_pipeline.defs.partitions import current_shards, ident, partitions_def
+from cw_pipeline.defs.assets.support import start_step
+from cw_pipeline.defs.automation import refresh_when_inputs_change
+from cw_pipeline.defs.dependencies import Dep
+from cw_pipeline.defs.partitions import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import Dep, refresh_when_inputs_change, version_of
 
 
 def descriptors_key(ds: DatasetConfig) -> dg.AssetKey:
@@ -36,10 +35,8 @@ def descriptors_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefi
         f"{ds.name}'s PCA.",
     )
     def descriptors(context: dg.AssetExecutionContext, pipeline: PipelineResource):
-        cpu0 = time.process_time()
-        _, tags = versioned(context, deps)
-        store = pipeline.store()
-        shards = current_shards(context.instance, ds.name)
+        step = start_step(context, pipeline, deps)
+        store, shards = step.store, step.shards(ds.name)
         feats = load_features(store, ds.name, shards, ds.images)
         pca = current_pca(store, ds)  # read once: every table is projected with it
         if pca is None:
@@ -55,11 +52,11 @@ def descriptors_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefi
         commit = publish_index(store, ds, tables, pca, metadata=meta)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version_of(versions)),
-            tags=tags,
+            tags=step.tags,
             metadata={
                 "images": len(feats),
                 "dims": dims,
-                "cpu_seconds": cpu_seconds(cpu0),
+                "cpu_seconds": step.cpu_seconds(),
                 "generation": commit.generation,
             },
         )

@@ -1,7 +1,5 @@
 """``<ev>/<d>_descriptors``: a distractor set's descriptors under one evaluation's PCA."""
 
-import time
-
 import dagster as dg
 
 from cw_pipeline.compute.descriptors import descriptor_sets, descriptor_table, offline_aggregations
@@ -10,10 +8,11 @@ from cw_pipeline.compute.pca import pca_models_for, pca_version
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
 from cw_pipeline.defs.assets.features import features_key
 from cw_pipeline.defs.assets.pca import pca_key
-from cw_pipeline.defs.assets.support import StoreFactory, cpu_seconds, versioned
+from cw_pipeline.defs.assets.support import StoreFactory, start_step
+from cw_pipeline.defs.automation import AtOnce, at_once_or_on_cron
+from cw_pipeline.defs.dependencies import Dep
 from cw_pipeline.defs.partitions import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import AtOnce, Dep, at_once_or_on_cron
 from cw_pipeline.store import distractor_descriptors_path, features_path
 
 
@@ -71,10 +70,8 @@ def distractor_descriptors_asset(
         f"(reproject_at_once), else after the evaluation's cron ({cron}).",
     )
     def distractor_descriptors(context: dg.AssetExecutionContext, pipeline: PipelineResource):
-        cpu0 = time.process_time()
-        shard = context.partition_key
-        version, tags = versioned(context, deps, shard)
-        store = pipeline.store()
+        step = start_step(context, pipeline, deps)
+        store, shard = step.store, step.shard
         images = store.read_table(features_path(dname, shard), ["image_id"]).num_rows
         if images == 0:
             for agg in offline_aggregations():  # drop descriptors of removed images
@@ -91,9 +88,9 @@ def distractor_descriptors_asset(
                 store.write_table(rel, descriptor_table(feats.ids, mat), metadata=meta)
         # A deterministic function of this shard's features and the PCA: its input version.
         return dg.MaterializeResult(
-            data_version=dg.DataVersion(version),
-            tags=tags,
-            metadata={"images": images, "cpu_seconds": cpu_seconds(cpu0)},
+            data_version=dg.DataVersion(step.input_version),
+            tags=step.tags,
+            metadata={"images": images, "cpu_seconds": step.cpu_seconds()},
         )
 
     return distractor_descriptors

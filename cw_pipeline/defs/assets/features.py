@@ -7,17 +7,21 @@ import dagster as dg
 import pyarrow as pa
 
 from cw_pipeline.compute.checkpoints import ShardCheckpoints
+from cw_pipeline.compute.data_versions import manifest_version, version_of
 from cw_pipeline.compute.feature_maps import maps_wanted_at_indexing, warehouse_maps
 from cw_pipeline.compute.features import feature_code_version, progress_logger, update_features
-from cw_pipeline.compute.manifests import manifest_version
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.assets.manifest import manifest_key
-from cw_pipeline.defs.assets.support import cpu_seconds, forward_usage_metadata, read_optional
+from cw_pipeline.defs.assets.support import (
+    cpu_seconds,
+    forward_usage_metadata,
+    read_optional,
+    start_step,
+)
 from cw_pipeline.defs.checks import features_check_specs, features_checks
 from cw_pipeline.defs.executors import cnn_op_tags
 from cw_pipeline.defs.partitions import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import version_of
 from cw_pipeline.store import FEATURES, features_path, manifest_path, rejected_path
 
 #: The pool of the forward-pass steps (``dagster.yaml``'s ``pools.default_limit`` bounds it).
@@ -63,7 +67,8 @@ def features_asset(ds: DatasetConfig) -> dg.AssetsDefinition:
         check_specs=features_check_specs(key),
     )
     def cam_features(context: dg.AssetExecutionContext, pipeline: PipelineResource):
-        store, shard = pipeline.store(), context.partition_key
+        step = start_step(context, pipeline)
+        store, shard = step.store, step.shard
         manifest_table = store.read_table(manifest_path(ds.name, shard))
         rel = features_path(ds.name, shard)
         previous = _reusable(read_optional(store, rel, context.log), code_version, context.log)
@@ -73,7 +78,7 @@ def features_asset(ds: DatasetConfig) -> dg.AssetsDefinition:
         # Maps an evaluation will read are kept now: those images get no second forward pass.
         project = pipeline.project()
         maps = warehouse_maps(project, store, ds) if maps_wanted_at_indexing(project, ds) else None
-        cpu0 = time.process_time()
+        cpu0 = time.process_time()  # the forward passes' CPU, not the network's loading
         usage0 = extractor.stats.forward_usage()
         update = update_features(
             ds,

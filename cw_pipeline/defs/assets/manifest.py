@@ -1,14 +1,13 @@
 """``<ds>/manifest``: the files of each shard of a dataset."""
 
-import time
-
 import dagster as dg
 
-from cw_pipeline.compute.manifests import build_manifest, manifest_version
+from cw_pipeline.compute.data_versions import manifest_version
+from cw_pipeline.compute.manifests import build_manifest
 from cw_pipeline.compute.shards import fingerprint, scan, shard_files, shard_skipped
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.core.datasets import skipped_summary
-from cw_pipeline.defs.assets.support import cpu_seconds, read_optional
+from cw_pipeline.defs.assets.support import read_optional, start_step
 from cw_pipeline.defs.checks import manifest_check_specs, manifest_checks
 from cw_pipeline.defs.partitions import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
@@ -34,9 +33,8 @@ def manifest_asset(ds: DatasetConfig) -> dg.AssetsDefinition:
         check_specs=manifest_check_specs(key),
     )
     def manifest(context: dg.AssetExecutionContext, pipeline: PipelineResource):
-        cpu0 = time.process_time()
-        store = pipeline.store()
-        shard = context.partition_key
+        step = start_step(context, pipeline)
+        store, shard = step.store, step.shard
         found = scan(ds)
         files = shard_files(ds, found.files, store).get(shard, [])
         skipped = shard_skipped(ds, found.skipped, store, len(found.files)).get(shard, [])
@@ -47,7 +45,7 @@ def manifest_asset(ds: DatasetConfig) -> dg.AssetsDefinition:
         errors = [e for e in table.column("error").to_pylist() if e]
         return dg.MaterializeResult(
             metadata={
-                "cpu_seconds": cpu_seconds(cpu0),
+                "cpu_seconds": step.cpu_seconds(),
                 "images": len(ids),
                 "hashed": hashed,
                 "unreadable": len(errors),

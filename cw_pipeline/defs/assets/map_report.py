@@ -1,18 +1,19 @@
 """``<ev>/map_report``: mAP per method and per query, with its figures."""
 
 import json
-import time
 
 import dagster as dg
 
 from cw_pipeline.compute import report_figures, reports
+from cw_pipeline.compute.data_versions import version_of
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
 from cw_pipeline.defs.assets.rankings import rankings_key
-from cw_pipeline.defs.assets.support import cpu_seconds, evaluation_shards, versioned
+from cw_pipeline.defs.assets.support import start_step
+from cw_pipeline.defs.automation import refresh_when_inputs_change
 from cw_pipeline.defs.checks import report_check_specs, report_checks
+from cw_pipeline.defs.dependencies import Dep
 from cw_pipeline.defs.partitions import ident
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import Dep, refresh_when_inputs_change, version_of
 from cw_pipeline.store import REPORT_MARKDOWN, FeatureStore, report_path
 
 
@@ -37,16 +38,14 @@ def map_report_asset(config: ProjectConfig, ev: EvaluationConfig) -> dg.AssetsDe
         check_specs=report_check_specs(ev, key),
     )
     def map_report(context: dg.AssetExecutionContext, pipeline: PipelineResource):
-        cpu0 = time.process_time()
-        _, tags = versioned(context, deps)
-        store = pipeline.store()
-        shards = evaluation_shards(config, context.instance, ev.name)
+        step = start_step(context, pipeline, deps)
+        store, shards = step.store, step.evaluation_shards(config, ev.name)
         reports_store = FeatureStore(pipeline.reports_dir())
         report, figs, _ = report_figures.report_with_figures(
             config, store, ev, shards, reports_store.root, pipeline.extractor(ds)
         )
         meta = {
-            "cpu_seconds": cpu_seconds(cpu0),
+            "cpu_seconds": step.cpu_seconds(),
             "report": dg.MetadataValue.md(reports.markdown(report, figs.embedded)),
             "path": dg.MetadataValue.path(reports_store.url(report_path(ev.name, REPORT_MARKDOWN))),
             "figures": dg.MetadataValue.path(str(figs.folder)),
@@ -57,7 +56,7 @@ def map_report_asset(config: ProjectConfig, ev: EvaluationConfig) -> dg.AssetsDe
         version = version_of(json.dumps(report["results"], sort_keys=True, default=str))
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
-            tags=tags,
+            tags=step.tags,
             metadata=meta,
             check_results=report_checks(ev, report),
         )

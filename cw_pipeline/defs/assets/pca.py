@@ -1,7 +1,5 @@
 """``<ds>/pca_model``: PCA-whitening learned on the paired dataset's features."""
 
-import time
-
 import dagster as dg
 
 from cw_pipeline.compute.data_versions import array_version
@@ -10,10 +8,11 @@ from cw_pipeline.compute.pca import fit_pca_models
 from cw_pipeline.compute.published import publish_pca
 from cw_pipeline.config import DatasetConfig, ProjectConfig
 from cw_pipeline.defs.assets.features import features_key
-from cw_pipeline.defs.assets.support import cpu_seconds, versioned
-from cw_pipeline.defs.partitions import current_shards, ident, partitions_def
+from cw_pipeline.defs.assets.support import start_step
+from cw_pipeline.defs.automation import refresh_when_inputs_change
+from cw_pipeline.defs.dependencies import Dep
+from cw_pipeline.defs.partitions import ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import Dep, refresh_when_inputs_change
 
 
 def pca_key(ds: DatasetConfig) -> dg.AssetKey:
@@ -38,10 +37,8 @@ def pca_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefinition:
         f"(features of {paired.name}/cam_features).",
     )
     def pca_model(context: dg.AssetExecutionContext, pipeline: PipelineResource):
-        cpu0 = time.process_time()
-        _, tags = versioned(context, deps)
-        store = pipeline.store()
-        shards = current_shards(context.instance, paired.name)
+        step = start_step(context, pipeline, deps)
+        store, shards = step.store, step.shards(paired.name)
         train = load_features(store, paired.name, shards, paired.images)
         models = fit_pca_models(config, ds, train)
         commit = publish_pca(store, ds, models)  # one generation, visible at once
@@ -53,9 +50,9 @@ def pca_asset(config: ProjectConfig, ds: DatasetConfig) -> dg.AssetsDefinition:
         }
         return dg.MaterializeResult(
             data_version=dg.DataVersion(array_version(arrays)),
-            tags=tags,
+            tags=step.tags,
             metadata={
-                "cpu_seconds": cpu_seconds(cpu0),
+                "cpu_seconds": step.cpu_seconds(),
                 "training_set": str(first.metadata.get("training_set")),
                 "training_images": len(train),
                 "models": len(models),

@@ -9,10 +9,11 @@ from cw_pipeline.compute.features import feature_code_version
 from cw_pipeline.compute.queries import compute_query_features, query_input_version
 from cw_pipeline.config import DatasetConfig
 from cw_pipeline.defs.assets.manifest import manifest_key
-from cw_pipeline.defs.assets.support import StoreFactory, cpu_seconds
+from cw_pipeline.defs.assets.support import StoreFactory, start_step
+from cw_pipeline.defs.automation import refresh_when_inputs_change
+from cw_pipeline.defs.dependencies import INPUT_VERSION_TAG, Dep
 from cw_pipeline.defs.partitions import current_shards, ident, partitions_def
 from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import INPUT_VERSION_TAG, Dep, refresh_when_inputs_change
 from cw_pipeline.store import manifest_path, query_features_path
 
 
@@ -43,9 +44,8 @@ def query_features_asset(ds: DatasetConfig, store_factory: StoreFactory) -> dg.A
         f"truth ({ds.query_protocol} protocol).",
     )
     def query_features(context: dg.AssetExecutionContext, pipeline: PipelineResource):
-        cpu0 = time.process_time()
-        store = pipeline.store()
-        shards = current_shards(context.instance, ds.name)
+        step = start_step(context, pipeline)
+        store, shards = step.store, step.shards(ds.name)
         version = query_input_version(store, ds, shards, code_version) or "missing"
         manifest = pa.concat_tables([store.read_table(manifest_path(ds.name, s)) for s in shards])
         t0 = time.perf_counter()
@@ -57,7 +57,7 @@ def query_features_asset(ds: DatasetConfig, store_factory: StoreFactory) -> dg.A
             metadata={
                 "queries": table.num_rows,
                 "seconds": round(time.perf_counter() - t0, 2),
-                "cpu_seconds": cpu_seconds(cpu0),
+                "cpu_seconds": step.cpu_seconds(),
             },
         )
 

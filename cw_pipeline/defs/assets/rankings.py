@@ -1,7 +1,5 @@
 """``<ev>/rankings``: one ranking table per method of an evaluation."""
 
-import time
-
 import dagster as dg
 import pyarrow as pa
 
@@ -11,16 +9,16 @@ from cw_pipeline.compute.published import current_index, database_table, publish
 from cw_pipeline.compute.rankings import evaluation_input_problems, evaluation_rankings
 from cw_pipeline.config import EvaluationConfig, ProjectConfig
 from cw_pipeline.defs.assets.pca import pca_key
-from cw_pipeline.defs.assets.support import cpu_seconds, evaluation_shards, versioned
-from cw_pipeline.defs.checks import inputs_inconsistent, rankings_check_specs, rankings_checks
-from cw_pipeline.defs.partitions import ident
-from cw_pipeline.defs.resources import PipelineResource
-from cw_pipeline.defs.versions import (
-    Dep,
+from cw_pipeline.defs.assets.support import start_step
+from cw_pipeline.defs.automation import (
     DerivedParent,
     refresh_when_derived_parents_usable,
     refresh_when_inputs_change,
 )
+from cw_pipeline.defs.checks import inputs_inconsistent, rankings_check_specs, rankings_checks
+from cw_pipeline.defs.dependencies import Dep
+from cw_pipeline.defs.partitions import ident
+from cw_pipeline.defs.resources import PipelineResource
 
 #: Rankings metadata on what was reused: kept maps (``maps_reused``, ``maps_written``,
 #: ``maps_over_budget``), region scores and OnA descriptors of (query, image) pairs.
@@ -93,10 +91,8 @@ def rankings_asset(
         check_specs=rankings_check_specs(key),
     )
     def rankings(context: dg.AssetExecutionContext, pipeline: PipelineResource):
-        cpu0 = time.process_time()
-        _, tags = versioned(context, deps, derived=distractors or ())
-        store = pipeline.store()
-        shards = evaluation_shards(config, context.instance, ev.name)
+        step = start_step(context, pipeline, deps, derived=distractors or ())
+        store, shards = step.store, step.evaluation_shards(config, ev.name)
         index = current_index(store, ds)  # read once: checked and ranked as one state
         problems = evaluation_input_problems(config, store, ev, shards, index)
         if problems:
@@ -115,9 +111,9 @@ def rankings_asset(
         )
         return dg.MaterializeResult(
             data_version=dg.DataVersion(table_version(tables)),
-            tags=tags,
+            tags=step.tags,
             metadata={
-                "cpu_seconds": cpu_seconds(cpu0),
+                "cpu_seconds": step.cpu_seconds(),
                 "methods": methods,
                 "database_images": stats["database"],
                 "queries": stats["queries"],

@@ -1,8 +1,10 @@
-"""What the asset factories share: input versions, CPU time, optional reads (wiring only)."""
+"""What the asset factories share: the opening of every asset's step (:func:`start_step`),
+CPU time, optional reads (wiring only)."""
 
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import dagster as dg
 import pyarrow as pa
@@ -10,23 +12,19 @@ import pyarrow as pa
 from cw_pipeline.config import ProjectConfig
 from cw_pipeline.core import allocator
 from cw_pipeline.core.extract import FeatureExtractor
+from cw_pipeline.defs.automation import DerivedParent, input_version_when_current
+from cw_pipeline.defs.dependencies import INPUT_VERSION_TAG, Dep, input_version
 from cw_pipeline.defs.partitions import current_shards
-from cw_pipeline.defs.versions import (
-    INPUT_VERSION_TAG,
-    Dep,
-    DerivedParent,
-    input_version,
-    input_version_when_current,
-)
+from cw_pipeline.defs.resources import PipelineResource
 from cw_pipeline.store import CorruptFileError, FeatureStore
 
 __all__ = [
+    "AssetStep",
     "StoreFactory",
     "cpu_seconds",
-    "evaluation_shards",
     "forward_usage_metadata",
     "read_optional",
-    "versioned",
+    "start_step",
 ]
 
 #: Gives the feature store outside a run (automation conditions read it at evaluation time).
@@ -35,21 +33,59 @@ StoreFactory = Callable[[], FeatureStore]
 logger = logging.getLogger(__name__)
 
 
-def versioned(
+@dataclass(frozen=True)
+class AssetStep:
+    """What an asset's step starts from (:func:`start_step`)."""
+
+    instance: dg.DagsterInstance
+    store: FeatureStore  #: the feature store (its I/O errors name the asset)
+    partition: str | None  #: the shard being materialized (None: an unpartitioned asset)
+    input_version: str  #: of the asset's inputs, read before them ("missing": one is missing)
+    tags: dict[str, str]  #: the materialization's tags recording ``input_version`` ({}: none)
+    cpu_start: float  #: ``time.process_time()`` when the step started
+
+    @property
+    def shard(self) -> str:
+        """The shard being materialized (an asset partitioned by shard)."""
+        if self.partition is None:
+            raise ValueError("an unpartitioned asset has no shard")
+        return self.partition
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of this process since the step started (:func:`cpu_seconds`)."""
+        return cpu_seconds(self.cpu_start)
+
+    def shards(self, dataset: str) -> list[str]:
+        """The current shards of ``dataset``."""
+        return current_shards(self.instance, dataset)
+
+    def evaluation_shards(self, config: ProjectConfig, evaluation: str) -> dict[str, list[str]]:
+        """The current shards of an evaluation's dataset and of each of its distractor sets."""
+        ev = config.evaluation(evaluation)
+        return {name: self.shards(name) for name in (ev.dataset, *ev.distractors)}
+
+
+def start_step(
     context: dg.AssetExecutionContext,
-    deps: list[Dep],
-    partition: str | None = None,
+    pipeline: PipelineResource,
+    deps: Sequence[Dep] = (),
     derived: Sequence[DerivedParent] = (),
-) -> tuple[str, dict[str, str]]:
-    """The input version of a run (read *before* its inputs) and the tags recording it;
-    ``derived`` parents count as they are once current (:func:`input_version_when_current`,
-    as the asset's automation condition counts them)."""
+) -> AssetStep:
+    """The opening of an asset's step: its CPU clock, its partition, the input version of
+    ``deps`` read *before* its inputs (and the tags recording it; none without ``deps``) and
+    the feature store. ``derived`` parents count as they are once current
+    (:func:`input_version_when_current`, as the asset's automation condition counts them)."""
+    cpu0 = time.process_time()
     instance = context.instance
-    if derived:
-        version = input_version_when_current(instance, deps, derived) or "missing"
-    else:
-        version = input_version(instance, deps, partition) or "missing"
-    return version, {INPUT_VERSION_TAG: version}
+    partition = context.partition_key if context.has_partition_key else None
+    version, tags = "missing", {}
+    if deps:
+        if derived:
+            version = input_version_when_current(instance, deps, derived) or "missing"
+        else:
+            version = input_version(instance, deps, partition) or "missing"
+        tags = {INPUT_VERSION_TAG: version}
+    return AssetStep(instance, pipeline.store(), partition, version, tags, cpu0)
 
 
 def cpu_seconds(start: float) -> float:
@@ -83,11 +119,3 @@ def read_optional(
     except CorruptFileError as exc:
         (log or logger).warning("%s: rebuilding it", exc)
         return None
-
-
-def evaluation_shards(
-    config: ProjectConfig, instance: dg.DagsterInstance, evaluation: str
-) -> dict[str, list[str]]:
-    """The current shards of an evaluation's dataset and of each of its distractor sets."""
-    ev = config.evaluation(evaluation)
-    return {name: current_shards(instance, name) for name in (ev.dataset, *ev.distractors)}
