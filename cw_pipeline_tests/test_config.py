@@ -16,16 +16,15 @@ from cw_pipeline.config import (
     ConfigError,
     DatasetConfig,
     DatasetDefaults,
-    ExtractionConfig,
-    MethodSpec,
     ProjectConfig,
-    RuntimeConfig,
     UnknownNameError,
     default_config_path,
     load_config,
     project_root,
 )
 from cw_pipeline.core.datasets.layouts import LAYOUTS
+from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
+from cw_pipeline.core.methods import Method
 from cw_pipeline.core.search_settings import SearchParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,7 +386,7 @@ def test_explicit_evaluation_and_methods(tmp_path: Path) -> None:
     )
     ev = config.evaluation("oxford105k")
     assert not ev.implicit and ev.distractors == ("flickr",) and ev.schedule == "@daily"
-    assert ev.methods == (MethodSpec("raw+pca", rerank=50), MethodSpec("ofa", 100, 10))
+    assert ev.methods == (Method("raw+pca", rerank=50), Method("ofa", 100, 10))
     assert [m.name for m in config.evaluation("oxford5k").methods] == ["ofa", "ona+qe5"]
     assert not config.evaluation("paris6k").implicit  # the explicit one replaces it
     assert [e.name for e in config.evaluations_for("oxford5k")] == ["oxford105k", "oxford5k"]
@@ -470,24 +469,24 @@ def test_unknown_names_are_key_errors_listing_known_ones(tmp_path: Path) -> None
 
 
 # --------------------------------------------------------------------------------------------
-# MethodSpec
+# Method
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("text", "spec"),
     [
-        ("raw", MethodSpec("raw")),
-        ("raw+pca", MethodSpec("raw+pca")),
-        ("ofa", MethodSpec("ofa")),
-        ("ona+qe10", MethodSpec("ona", qe=10)),
-        ("ofa+r100", MethodSpec("ofa", rerank=100)),
-        ("ofa+r100+qe10", MethodSpec("ofa", rerank=100, qe=10)),
-        ("raw+pca+r5+qe1", MethodSpec("raw+pca", rerank=5, qe=1)),
+        ("raw", Method("raw")),
+        ("raw+pca", Method("raw+pca")),
+        ("ofa", Method("ofa")),
+        ("ona+qe10", Method("ona", qe=10)),
+        ("ofa+r100", Method("ofa", rerank=100)),
+        ("ofa+r100+qe10", Method("ofa", rerank=100, qe=10)),
+        ("raw+pca+r5+qe1", Method("raw+pca", rerank=5, qe=1)),
     ],
 )
-def test_method_spec_round_trips(text: str, spec: MethodSpec) -> None:
-    assert MethodSpec.parse(text) == spec
+def test_method_spec_round_trips(text: str, spec: Method) -> None:
+    assert Method.parse(text) == spec
     assert spec.name == text == str(spec)
     assert spec.uses_pca == (spec.aggregation != "raw")
 
@@ -507,9 +506,9 @@ def test_method_spec_rejects_unknown_tokens(tmp_path: Path, text: str) -> None:
 
 def test_method_spec_validates_fields() -> None:
     with pytest.raises(ValueError, match="unknown aggregation"):
-        MethodSpec("max")  # type: ignore[arg-type]
+        Method("max")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="qe must be >= 0"):
-        MethodSpec("ofa", qe=-1)
+        Method("ofa", qe=-1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from cw_pipeline.compute.features import update_features
 from cw_pipeline.compute.manifests import build_manifest
 from cw_pipeline.compute.rankings import load_pair_cache, save_pair_cache
 from cw_pipeline.compute.shards import scan_files
-from cw_pipeline.config import DatasetConfig, ExtractionConfig, load_config
-from cw_pipeline.core.extract import FeatureExtractor, FeatureMaps
+from cw_pipeline.config import DatasetConfig, load_config
+from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, FeatureMaps
 from cw_pipeline.core.retrieval import ComputedMaps, PairCache
 from cw_pipeline.store import FEATURE_MAPS, FeatureStore, feature_maps_path
 

@@ -24,8 +24,8 @@ from cw_pipeline.compute.features import (
 )
 from cw_pipeline.compute.manifests import build_manifest
 from cw_pipeline.compute.shards import fingerprint, scan_files, shard_files
-from cw_pipeline.config import DatasetConfig, ExtractionConfig
-from cw_pipeline.core.extract import FeatureExtractor, ImageFeatures
+from cw_pipeline.config import DatasetConfig
+from cw_pipeline.core.extract import ExtractionConfig, FeatureExtractor, ImageFeatures
 from cw_pipeline.store import FeatureStore, features_path
 
 

@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 from cw_pipeline.compute.features import dataset_extractor, update_features
 from cw_pipeline.compute.manifests import build_manifest
 from cw_pipeline.compute.shards import scan_files
-from cw_pipeline.config import DatasetConfig, ExtractionConfig, RuntimeConfig
-from cw_pipeline.core.extract import DEFAULT_BATCH_PIXELS
+from cw_pipeline.config import DatasetConfig
+from cw_pipeline.core.extract import DEFAULT_BATCH_PIXELS, ExtractionConfig, RuntimeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADROOM = 1 << 30  # bytes of address space allowed beyond the loaded network

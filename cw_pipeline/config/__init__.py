@@ -38,11 +38,9 @@ from cw_pipeline.config.models import (
     DatasetDefaults,
     EvaluationConfig,
     FeatureMapsConfig,
-    MethodSpec,
     ProjectConfig,
 )
 from cw_pipeline.config.yaml_file import ConfigError, UnknownNameError
-from cw_pipeline.core.extract import ExtractionConfig, RuntimeConfig
 
 __all__ = [
     "CONFIG_ENV",
@@ -53,11 +51,8 @@ __all__ = [
     "DatasetDefaults",
     "DatasetLocation",
     "EvaluationConfig",
-    "ExtractionConfig",
     "FeatureMapsConfig",
-    "MethodSpec",
     "ProjectConfig",
-    "RuntimeConfig",
     "UnknownNameError",
     "dataset_location",
     "default_config_path",

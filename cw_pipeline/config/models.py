@@ -27,9 +27,6 @@ from cw_pipeline.core.methods import Method
 from cw_pipeline.core.search_settings import SearchParams
 from cw_pipeline.core.validation import Settings, bounded_int
 
-#: Methods as the YAML writes them (``MethodSpec`` is :class:`core.methods.Method`).
-MethodSpec = Method
-
 #: Environment variable naming the config file (overrides ``<project>/data/datasets.yaml``).
 CONFIG_ENV = "CW_PIPELINE_CONFIG"
 
@@ -231,7 +228,7 @@ class ProjectConfig:
     datasets: dict[str, DatasetConfig]
     evaluations: dict[str, EvaluationConfig]
     search: SearchParams
-    methods: tuple[MethodSpec, ...]
+    methods: tuple[Method, ...]
     disabled_datasets: dict[str, str] = field(default_factory=dict)  #: name -> reason
     disabled_evaluations: dict[str, str] = field(default_factory=dict)  #: name -> reason
     warnings: tuple[str, ...] = ()

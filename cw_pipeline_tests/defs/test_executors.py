@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from cw_pipeline.config import ConfigError, load_config
+from cw_pipeline.defs import resources
 from cw_pipeline.defs.executors import (
     CELERY_CONFIG_ENV,
     CELERY_QUEUE_TAG,
@@ -21,7 +22,7 @@ from cw_pipeline.defs.executors import (
     cnn_op_tags,
     executor_from_env,
 )
-from cw_pipeline.defs.graph import build_definitions, resources
+from cw_pipeline.defs.graph import build_definitions
 from cw_pipeline.defs.resources import DEVICE_ENV, PipelineResource
 from cw_pipeline_tests.defs.project import synthetic_jpeg
 

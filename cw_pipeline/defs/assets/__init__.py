@@ -35,7 +35,7 @@ from cw_pipeline.defs.dependencies import Dep
 from cw_pipeline.defs.partitions import partitions_def
 from cw_pipeline.store import FeatureStore
 
-__all__ = ["CNN_POOL", "DEFAULT_EVALUATION_CRON", "dataset_assets", "evaluation_assets"]
+__all__ = ["CNN_POOL", "dataset_assets", "evaluation_assets"]
 
 
 def dataset_assets(
