@@ -12,7 +12,11 @@ writing its results to :class:`cw_pipeline.store.FeatureStore` at the paths the 
 * :mod:`~cw_pipeline.compute.queries` — ground truth and query features;
 * :mod:`~cw_pipeline.compute.pca` — PCA models;
 * :mod:`~cw_pipeline.compute.descriptors` — offline (and distractor) descriptors;
-* :mod:`~cw_pipeline.compute.rankings` — rankings and their scores;
+* :mod:`~cw_pipeline.compute.feature_maps` — the feature maps kept for OnA and re-ranking;
+* :mod:`~cw_pipeline.compute.rankings` — rankings, their scores, the kept pair values;
+* :mod:`~cw_pipeline.compute.published` — the generations readers open (commit points);
+* :mod:`~cw_pipeline.compute.reports` and :mod:`~cw_pipeline.compute.report_figures` — the
+  mAP report of an evaluation and its pictures;
 * :mod:`~cw_pipeline.compute.data_versions` — content hashes used as data versions;
 * :mod:`~cw_pipeline.compute.catalog` — the state of every dataset's index (``datasets``).
 
