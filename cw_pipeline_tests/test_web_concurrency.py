@@ -54,7 +54,7 @@ def engine(cli_project: CliProject) -> Iterator[SearchEngine]:
     engine = SearchEngine(cli_project.config_path, max_searches=2)
     client = TestClient(create_app(engine))
     item = _query(client)
-    engine.search(ALPHA, image_id=item, top=5)  # network and database loaded
+    engine.answer_search(ALPHA, image_id=item, top=5)  # network and database loaded
     yield engine
 
 
@@ -67,7 +67,7 @@ def _searching(
     engine: SearchEngine, image_id: str, n: int, answers: list
 ) -> list[threading.Thread]:
     def run() -> None:
-        answers.append(engine.search(ALPHA, image_id=image_id, top=5))
+        answers.append(engine.answer_search(ALPHA, image_id=image_id, top=5))
 
     threads = [threading.Thread(target=run) for _ in range(n)]
     for t in threads:
@@ -103,7 +103,7 @@ def test_searches_run_at_once_up_to_the_limit(engine: SearchEngine, monkeypatch)
     answers with the same results as alone, and says how long it waited."""
     client = TestClient(create_app(engine))
     image_id = _query(client)
-    alone = engine.search(ALPHA, image_id=image_id, top=5)
+    alone = engine.answer_search(ALPHA, image_id=image_id, top=5)
     gate, answers = Gate(monkeypatch), []
     threads = _searching(engine, image_id, 3, answers)
     try:

@@ -166,7 +166,7 @@ class _Handlers:
             "upload": upload,
             "upload_name": (q.get("filename") or "upload")[:200],
         }
-        out = await run_in_threadpool(lambda: self.engine.search(t, **kwargs))
+        out = await run_in_threadpool(lambda: self.engine.answer_search(t, **kwargs))
         return _JSON(out, headers=SECURITY_HEADERS)
 
     async def check_upload(self, request: Request) -> Response:

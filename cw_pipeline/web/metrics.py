@@ -95,7 +95,10 @@ class Metrics:
         self.requests.labels(endpoint, method, str(status)).inc()
         self.request_seconds.labels(endpoint).observe(seconds)
 
-    def search(self, method: Method, features: float, ranking: float, map_passes: int) -> None:
+    def record_search(
+        self, method: Method, features: float, ranking: float, map_passes: int
+    ) -> None:
+        """Count one search: its query's feature and ranking seconds, forward passes for maps."""
         self.features_seconds.observe(features)
         self.ranking_seconds.labels(method_label(method)).observe(ranking)
         if map_passes:

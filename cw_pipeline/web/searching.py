@@ -48,7 +48,7 @@ class SearchMixin:
     """How :class:`~cw_pipeline.web.engine.SearchEngine` searches and answers."""
 
     # ------------------------------------------------------------------ search
-    def search(
+    def answer_search(
         self,
         target: Target,
         *,
@@ -115,7 +115,7 @@ class SearchMixin:
             target, main, m, extractor, image, name, box, top, protocol, gt_query is not None
         )
         index = loaded.index
-        self.metrics.search(
+        self.metrics.record_search(
             m, result.timings["features"], result.timings["ranking"], result.map_forward_passes
         )
         labels: dict[int, str] = {}

@@ -90,7 +90,7 @@ def search_during_reindex(
             method = METHODS[(n + k) % len(METHODS)]
             kind = "evaluation" if (n + k) % 3 == 2 else "dataset"
             target = Target(kind, DISTRACTOR_EVAL if kind == "evaluation" else "beta")
-            answer = engine.search(
+            answer = engine.answer_search(
                 target, method=method, top=TOP, image_id=query, image_dataset="beta"
             )
             hits = tuple((h["id"], h["score"]) for h in answer["results"])
