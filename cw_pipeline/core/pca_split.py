@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from cw_pipeline.core.datasets import ukbench_labels
+from cw_pipeline.core.datasets import holidays_labels, ukbench_labels
 
 
 def group_labels(layout: str, ids: Sequence[str]) -> np.ndarray:
@@ -20,7 +19,7 @@ def group_labels(layout: str, ids: Sequence[str]) -> np.ndarray:
     if layout == "ukbench":
         return ukbench_labels(ids)
     if layout == "holidays":
-        return np.array([int(Path(i).name[:4]) for i in ids])
+        return holidays_labels(ids)
     raise ValueError(f"layout {layout!r} has no object groups")
 
 

@@ -33,5 +33,8 @@ def test_group_labels_of_the_grouped_layouts() -> None:
     np.testing.assert_array_equal(ukbench, [0, 0, 1, 2])
     holidays = group_labels("holidays", ["100000", "100001", "sub/100100"])
     np.testing.assert_array_equal(holidays, [1000, 1000, 1001])
+    # read as the ground truth reads them: a name that is no Holidays id is refused, named
+    with pytest.raises(ValueError, match=r"not an INRIA Holidays image id.*'1234ab'"):
+        group_labels("holidays", ["100000", "1234ab"])
     with pytest.raises(ValueError, match="'oxford' has no object groups"):
         group_labels("oxford", ["a"])

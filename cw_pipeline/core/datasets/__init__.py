@@ -19,7 +19,7 @@ from cw_pipeline.core.datasets.folder import (
     skipped_summary,
 )
 from cw_pipeline.core.datasets.gnd import load_gnd_pickle
-from cw_pipeline.core.datasets.holidays import holidays_groundtruth
+from cw_pipeline.core.datasets.holidays import holidays_groundtruth, holidays_labels
 from cw_pipeline.core.datasets.model import (
     DEFAULT_IMAGE_EXTENSIONS,
     GroundTruth,
@@ -58,6 +58,7 @@ __all__ = [
     "decode_text",
     "file_kind",
     "holidays_groundtruth",
+    "holidays_labels",
     "image_path",
     "load_gnd_pickle",
     "name_problem",

@@ -6,9 +6,24 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
 from cw_pipeline.core.datasets.model import GroundTruth, Query, basename_stem, check_unique_ids
 
 _HOLIDAYS_RE = re.compile(r"(\d{4})(\d{2})")
+
+
+def _group_and_suffix(image_id: str) -> tuple[str, str]:
+    """(group, suffix) of a Holidays id: ``123401`` → (``1234``, ``01``)."""
+    m = _HOLIDAYS_RE.fullmatch(basename_stem(image_id))
+    if m is None:
+        raise ValueError(f"not an INRIA Holidays image id (six digits, e.g. 123400): {image_id!r}")
+    return m.group(1), m.group(2)
+
+
+def holidays_labels(image_ids: Sequence[str]) -> np.ndarray:
+    """Object label (the group, its first four digits) of each Holidays id."""
+    return np.array([int(_group_and_suffix(str(i))[0]) for i in image_ids], dtype=np.int64)
 
 
 def holidays_groundtruth(image_ids: Sequence[str]) -> GroundTruth:
@@ -20,12 +35,8 @@ def holidays_groundtruth(image_ids: Sequence[str]) -> GroundTruth:
     ids = check_unique_ids(list(image_ids), "holidays image_ids")
     groups: dict[str, list[tuple[str, str]]] = {}
     for image_id in ids:
-        m = _HOLIDAYS_RE.fullmatch(basename_stem(image_id))
-        if m is None:
-            raise ValueError(
-                f"not an INRIA Holidays image id (six digits, e.g. 123400): {image_id!r}"
-            )
-        groups.setdefault(m.group(1), []).append((m.group(2), image_id))
+        group, suffix = _group_and_suffix(image_id)
+        groups.setdefault(group, []).append((suffix, image_id))
     queries = []
     for group in sorted(groups):
         members = groups[group]
